@@ -1,0 +1,209 @@
+"""Merge math of MiniCache: SLERP of directions, magnitudes, retention, restore.
+
+This is the one reference implementation. The runtime cache, the calibrator and the GPU kernels'
+tests all call these functions, so what is measured is what ships.
+
+Notation (DESIGN.md §2): for one KV head and token, ``x_a`` is the vector of the shallower layer
+(l-1) and ``x_b`` that of the deeper layer (l). ``m = ‖x‖``, ``u = x / ‖x‖``, ``Ω = ∠(u_a, u_b)``.
+The merged direction is ``e = sin((1-t)Ω)/sin Ω · u_a + sin(tΩ)/sin Ω · u_b`` (``t`` weights the
+deeper layer), and a layer is restored as ``x̂ = m · e / ‖e‖``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Below this sin Ω, SLERP's weights are 0/0: interpolate linearly and renormalise instead.
+_SIN_EPS = 1e-4
+# Norms below this count as zero vectors (their direction is the zero vector, never NaN).
+_NORM_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class PairMerge:
+    """Result of merging two layers' vectors token by token.
+
+    Attributes
+    ----------
+    direction : torch.Tensor
+        ``[..., head_dim]`` float32, the shared direction ``e`` (unit norm, or zero when both
+        inputs are zero or exactly opposite at ``t = 0.5``).
+    magnitudes : torch.Tensor
+        ``[..., 2]`` float32, ``(‖x_a‖, ‖x_b‖)``.
+    distance : torch.Tensor
+        ``[...]`` float32, angular distance ``Ω / π`` in ``[0, 1]``.
+    """
+
+    direction: torch.Tensor
+    magnitudes: torch.Tensor
+    distance: torch.Tensor
+
+
+def unit_and_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``x`` (``[..., D]``) into float32 unit directions ``[..., D]`` and norms ``[...]``.
+
+    Zero vectors get a zero direction, so nothing downstream divides 0 by 0.
+    """
+    x = x.float()
+    norm = torch.linalg.vector_norm(x, dim=-1)
+    unit = x / norm.clamp_min(_NORM_EPS).unsqueeze(-1)
+    return unit, norm
+
+
+def angle_between(u_a: torch.Tensor, u_b: torch.Tensor) -> torch.Tensor:
+    """Angle Ω in ``[0, π]`` between unit vectors ``[..., D]`` → ``[...]``.
+
+    Uses ``2·atan2(‖u_a − u_b‖, ‖u_a + u_b‖)``, which stays accurate near 0 and π where
+    ``arccos`` of a clamped cosine loses half the digits.
+    """
+    diff = torch.linalg.vector_norm(u_a - u_b, dim=-1)
+    summ = torch.linalg.vector_norm(u_a + u_b, dim=-1)
+    return 2.0 * torch.atan2(diff, summ)
+
+
+def slerp_pair(x_a: torch.Tensor, x_b: torch.Tensor, t: float) -> PairMerge:
+    """Merge two layers' vectors by SLERP of their directions, in float32.
+
+    Parameters
+    ----------
+    x_a, x_b : torch.Tensor
+        ``[..., head_dim]`` keys or values of the shallower and the deeper layer, any float dtype.
+    t : float
+        Interpolation weight of the deeper layer, in ``[0, 1]``.
+
+    Returns
+    -------
+    PairMerge
+        Direction ``[..., head_dim]``, magnitudes ``[..., 2]`` and angular distance ``[...]``.
+    """
+    if x_a.shape != x_b.shape:
+        raise ValueError(f"cannot merge tensors of different shapes {tuple(x_a.shape)} and {tuple(x_b.shape)}")
+    u_a, m_a = unit_and_norm(x_a)
+    u_b, m_b = unit_and_norm(x_b)
+    omega = angle_between(u_a, u_b)
+    sin_omega = torch.sin(omega)
+    small = sin_omega < _SIN_EPS
+    safe_sin = torch.where(small, torch.ones_like(sin_omega), sin_omega)
+    w_a = torch.where(small, torch.full_like(omega, 1.0 - t), torch.sin((1.0 - t) * omega) / safe_sin)
+    w_b = torch.where(small, torch.full_like(omega, t), torch.sin(t * omega) / safe_sin)
+    e = w_a.unsqueeze(-1) * u_a + w_b.unsqueeze(-1) * u_b
+    # SLERP keeps unit norm in exact arithmetic; the linear fallback and zero inputs do not.
+    e_norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
+    e = e / e_norm.clamp_min(_NORM_EPS)
+    return PairMerge(direction=e, magnitudes=torch.stack([m_a, m_b], dim=-1), distance=omega / torch.pi)
+
+
+def restore(direction: torch.Tensor, magnitude: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rebuild one layer's vectors from the shared direction: ``x̂ = m · e / ‖e‖``.
+
+    Parameters
+    ----------
+    direction : torch.Tensor
+        ``[..., head_dim]`` stored direction (any float dtype; renormalised in float32 because the
+        stored copy may be rounded to the model dtype).
+    magnitude : torch.Tensor
+        ``[...]`` that layer's norms.
+    dtype : torch.dtype, optional
+        Output dtype; defaults to ``direction.dtype``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[..., head_dim]`` restored vectors.
+    """
+    e = direction.float()
+    e = e / torch.linalg.vector_norm(e, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
+    out = e * magnitude.float().unsqueeze(-1)
+    return out.to(dtype or direction.dtype)
+
+
+def retention_mask(
+    distance: torch.Tensor,
+    gamma: float,
+    rule: str = "distinct",
+    *,
+    valid: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
+    window: int | None = None,
+    count: int | None = None,
+) -> torch.Tensor:
+    """Decide which tokens keep their exact per-layer vectors instead of being merged.
+
+    The threshold is relative to the range of angular distances ``[d_min, d_max]`` of one sequence,
+    KV head and component, taken over a window of that sequence's own valid tokens:
+
+    * ``distinct`` (our reading of the paper): retain ``d ≥ d_max − (d_max − d_min)·γ``;
+    * ``similar`` (xKV's reading, kept for A/B): retain ``d ≤ d_min + (d_max − d_min)·γ``.
+
+    ``γ = 0`` retains nothing (the most compression), rather than only the extreme token.
+    Sink tokens are always retained and never enter the range; invalid (padding) tokens are
+    never retained and never enter the range. A range needs at least two valid tokens.
+
+    Parameters
+    ----------
+    distance : torch.Tensor
+        ``[B, H, N]`` angular distances ``Ω/π``.
+    gamma : float
+        Retention fraction of the distance range, in ``[0, 1]``.
+    rule : {"distinct", "similar"}
+    valid : torch.Tensor, optional
+        ``[B, N]`` (or broadcastable to ``[B, H, N]``) bool, False for padding. Default: all valid.
+    sink : torch.Tensor, optional
+        ``[B, N]`` bool, True for sink tokens. Default: none.
+    window : int, optional
+        Size of the forward window ``[i, i + window)`` whose range decides token ``i``. Because the
+        window is made of the sequence's own tokens, the decision does not depend on other
+        sequences in the batch, on left padding, or on how the tokens were chunked. ``None``: one
+        range over all ``N`` tokens.
+    count : int, optional
+        Decide only the first ``count`` tokens (the rest only serve as look-ahead). Default: ``N``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, H, count]`` bool, True where the token is retained.
+    """
+    if rule not in ("distinct", "similar"):
+        raise ValueError(f"retention rule {rule!r} is not one of 'distinct', 'similar'")
+    b, h, n = distance.shape
+    count = n if count is None else count
+    if valid is None:
+        valid = torch.ones(b, n, dtype=torch.bool, device=distance.device)
+    if sink is None:
+        sink = torch.zeros(b, n, dtype=torch.bool, device=distance.device)
+    valid = valid.expand(b, n) if valid.dim() == 2 else valid
+    sink = sink.expand(b, n) if sink.dim() == 2 else sink
+    in_range = (valid & ~sink)
+    in_range = in_range.unsqueeze(1).expand(b, h, n) if in_range.dim() == 2 else in_range
+    sink_bh = sink.unsqueeze(1).expand(b, h, n) if sink.dim() == 2 else sink
+    sink_bh = sink_bh[..., :count]
+    if gamma <= 0.0:
+        return sink_bh.clone()
+
+    d = distance.float()
+    hi = torch.where(in_range, d, torch.full_like(d, -torch.inf))
+    lo = torch.where(in_range, d, torch.full_like(d, torch.inf))
+    n_valid = in_range.float()
+    if window is None:
+        d_max = hi.amax(dim=-1, keepdim=True).expand(b, h, count)
+        d_min = lo.amin(dim=-1, keepdim=True).expand(b, h, count)
+        n_in = n_valid.sum(dim=-1, keepdim=True).expand(b, h, count)
+    else:
+        # Forward windows [i, i+window), truncated at the end (padding beyond N is out of range).
+        pad = window - 1
+        d_max = F.pad(hi, (0, pad), value=-torch.inf).unfold(-1, window, 1)[..., :count, :].amax(-1)
+        d_min = F.pad(lo, (0, pad), value=torch.inf).unfold(-1, window, 1)[..., :count, :].amin(-1)
+        n_in = F.pad(n_valid, (0, pad)).unfold(-1, window, 1)[..., :count, :].sum(-1)
+    spread = d_max - d_min
+    d_c = d[..., :count]
+    if gamma >= 1.0:  # the whole range; avoids rounding at its ends
+        keep = torch.ones_like(d_c, dtype=torch.bool)
+    elif rule == "distinct":
+        keep = d_c >= d_max - spread * gamma
+    else:
+        keep = d_c <= d_min + spread * gamma
+    keep = keep & in_range[..., :count] & (n_in >= 2)
+    return keep | sink_bh

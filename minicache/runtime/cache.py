@@ -40,6 +40,8 @@ from minicache.profile import PROFILE_FILENAME, MergeGroup, MergeProfile, MergeS
 from minicache.runtime.merge import restore, retention_mask, slerp_pair
 
 _COMPONENTS = ("keys", "values")
+#: Magnitude stored for retained tokens (norms are never negative).
+RETAINED_MAGNITUDE = -1.0
 
 
 def _magnitude_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -123,7 +125,11 @@ class _ComponentStore:
         )
         dtype = x_a.dtype
         direction = pair.direction[..., :count, :].to(dtype)
-        magnitude = pair.magnitudes[..., :count, :].to(_magnitude_dtype(dtype))
+        # A retained token's magnitudes are never used (its exact vectors are stored aside), so
+        # they carry the flag RETAINED_MAGNITUDE instead: a fused attention kernel streaming the
+        # dense store can then skip these tokens without reading the sparse list.
+        magnitude = pair.magnitudes[..., :count, :].masked_fill(keep.unsqueeze(-1), RETAINED_MAGNITUDE)
+        magnitude = magnitude.to(_magnitude_dtype(dtype))
         self.direction = direction if self.direction is None else torch.cat([self.direction, direction], dim=-2)
         self.magnitude = magnitude if self.magnitude is None else torch.cat([self.magnitude, magnitude], dim=-2)
 

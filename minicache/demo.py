@@ -75,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     mask = torch.ones_like(ids)
     gen = {"max_new_tokens": args.new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     with torch.inference_mode():
-        full = model.generate(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config), **gen)
-        merged = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **gen)
+        full = model.generate(input_ids=ids, attention_mask=mask, cache=DynamicCache(config=model.config), **gen)
+        merged = model.generate(input_ids=ids, attention_mask=mask, cache=cache, **gen)
         # Teacher-forced agreement: feed the full-cache continuation through a fresh merged cache
         # and compare next-token choices step by step, so one early divergence does not hide the rest.
         forced_cache = MiniCache(profile, model, allow_model_mismatch=args.allow_model_mismatch)
-        logits = model(input_ids=full, attention_mask=torch.ones_like(full), past_key_values=forced_cache).logits
+        logits = model(input_ids=full, attention_mask=torch.ones_like(full), cache=forced_cache).logits
         full_logits = model(input_ids=full, attention_mask=torch.ones_like(full)).logits
     n = ids.shape[1]
     new_full, new_merged = full[0, n:], merged[0, n:]

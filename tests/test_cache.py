@@ -50,7 +50,7 @@ def greedy(model, ids, mask, cache, new_tokens=12, **kwargs):
     return model.generate(
         input_ids=ids,
         attention_mask=mask,
-        past_key_values=cache,
+        cache=cache,
         max_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=0,
@@ -201,7 +201,7 @@ def test_beam_search_and_sampling_run_and_reorder_the_shared_store():
     torch.manual_seed(0)
     cache = MiniCache(profile_for(model), model)
     out = model.generate(
-        input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10, do_sample=True, top_k=5
+        input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=10, do_sample=True, top_k=5
     )
     assert out.shape == (2, 40)
 

@@ -103,33 +103,61 @@ class _ComponentStore:
             dense[b, h, n] = self.retained_value[:, member]
         return torch.cat([dense, window], dim=-2)
 
-    def merge(self, count: int, window: int, real: torch.Tensor, real_before: torch.Tensor) -> None:
+    def merge(
+        self,
+        count: int,
+        window: int,
+        real: torch.Tensor,
+        real_before: torch.Tensor,
+        *,
+        use_kernel: bool = False,
+    ) -> None:
         """Merge the oldest ``count`` tokens of the residual window into the shared store.
 
         ``real`` ``[B, r]`` flags real tokens of the whole window (the part beyond ``count`` is
         the retention look-ahead); ``real_before`` ``[B]`` counts real tokens already merged.
+        ``use_kernel`` computes the same with the Triton merge kernel (CUDA, or CPU under
+        ``TRITON_INTERPRET=1``).
         """
         x_a, x_b = self.residual
         merged_before = 0 if self.direction is None else self.direction.shape[-2]
-        pair = slerp_pair(x_a, x_b, self.settings.t)
         exclusive_rank = real_before.unsqueeze(1) + real.long().cumsum(dim=1) - real.long()
         sink = real & (exclusive_rank < self.settings.sink_tokens)
-        keep = retention_mask(
-            pair.distance,
-            self.settings.gamma,
-            self.settings.retention,
-            valid=real,
-            sink=sink,
-            window=window,
-            count=count,
-        )
         dtype = x_a.dtype
-        direction = pair.direction[..., :count, :].to(dtype)
-        # A retained token's magnitudes are never used (its exact vectors are stored aside), so
-        # they carry the flag RETAINED_MAGNITUDE instead: a fused attention kernel streaming the
-        # dense store can then skip these tokens without reading the sparse list.
-        magnitude = pair.magnitudes[..., :count, :].masked_fill(keep.unsqueeze(-1), RETAINED_MAGNITUDE)
-        magnitude = magnitude.to(_magnitude_dtype(dtype))
+        if use_kernel:
+            from minicache.runtime.kernels.merge import merge_block
+
+            s = self.settings
+            block = merge_block(
+                x_a,
+                x_b,
+                s.t,
+                s.gamma,
+                s.retention,
+                valid=real,
+                sink=sink,
+                window=window,
+                count=count,
+                magnitude_dtype=_magnitude_dtype(dtype),
+            )
+            direction, magnitude, keep = block.direction, block.magnitude, block.keep
+        else:
+            pair = slerp_pair(x_a, x_b, self.settings.t)
+            keep = retention_mask(
+                pair.distance,
+                self.settings.gamma,
+                self.settings.retention,
+                valid=real,
+                sink=sink,
+                window=window,
+                count=count,
+            )
+            direction = pair.direction[..., :count, :].to(dtype)
+            # A retained token's magnitudes are never used (its exact vectors are stored aside), so
+            # they carry the flag RETAINED_MAGNITUDE instead: a fused attention kernel streaming the
+            # dense store can then skip these tokens without reading the sparse list.
+            magnitude = pair.magnitudes[..., :count, :].masked_fill(keep.unsqueeze(-1), RETAINED_MAGNITUDE)
+            magnitude = magnitude.to(_magnitude_dtype(dtype))
         self.direction = direction if self.direction is None else torch.cat([self.direction, direction], dim=-2)
         self.magnitude = magnitude if self.magnitude is None else torch.cat([self.magnitude, magnitude], dim=-2)
 
@@ -180,7 +208,19 @@ class MergedPairStore:
         Tokens are merged in multiples of this many; also the retention look-ahead window.
     padding : PaddingInfo
         Shared with the owning cache, which updates it from the model's attention mask.
+
+    Attributes
+    ----------
+    merge_kernel : bool
+        Merge with the Triton kernel instead of the torch reference (see `MiniCache.use_kernels`).
+    fused_decode : bool
+        On single-token steps, :meth:`update` returns :class:`MergedKVView` snapshots instead of
+        restored tensors, for the fused decode attention kernel (which must then be the model's
+        attention function; see ``minicache.runtime.kernels.enable_fused_attention``).
     """
+
+    merge_kernel: bool = False
+    fused_decode: bool = False
 
     def __init__(self, group: MergeGroup, residual_length: int, block_size: int, padding: PaddingInfo):
         if len(group.layers) != 2:
@@ -231,7 +271,10 @@ class MergedPairStore:
                     f"{states.device}); place both layers of a group on one device"
                 )
             comp.append(member, states)
-        out = keys.restored(member), values.restored(member)
+        if self.fused_decode and key_states.shape[-2] == 1:
+            out = self.kernel_views(member)
+        else:
+            out = keys.restored(member), values.restored(member)
         # The deeper layer's update completes a step: both windows now hold the same tokens.
         # Merge after computing `out`, so this step's attention still saw exact keys/values.
         if member == len(self.layers) - 1:
@@ -247,7 +290,34 @@ class MergedPairStore:
         sample = self.components["keys"].residual[0]
         real, before = self.padding.window(start, start + window, sample.shape[0], sample.device)
         for component in self.components.values():
-            component.merge(count, self.block_size, real, before)
+            component.merge(count, self.block_size, real, before, use_kernel=self.merge_kernel)
+
+    def kernel_views(self, member: int) -> tuple[MergedKVView, MergedKVView]:
+        """Snapshots of one member's keys and values in the layout the fused kernels read.
+
+        The CSR lists of retained tokens are built once per change of the retained lists (a merge
+        that retained something, a batch selection) and reused by every decode step in between.
+
+        Returns
+        -------
+        tuple of MergedKVView
+            Keys and values of layer ``self.layers[member]``.
+        """
+        keys, values = self.components["keys"], self.components["values"]
+        cached = getattr(self, "_csr_cache", None)
+        if keys.direction is None:
+            csr_k = csr_v = None
+        elif cached is not None and cached[0] is keys.retained_index and cached[1] is values.retained_index:
+            csr_k, csr_v = cached[2]
+        else:
+            b, h = keys.direction.shape[:2]
+            csr_k, csr_v = retained_csr_pair(keys.retained_index, values.retained_index, b, h)
+            # Holding the index tensors keeps their identity meaningful (no id reuse).
+            self._csr_cache = (keys.retained_index, values.retained_index, (csr_k, csr_v))
+        return (
+            MergedKVView.from_component(keys, member, csr_k),
+            MergedKVView.from_component(values, member, csr_v),
+        )
 
     def select_batch(self, index: torch.Tensor) -> None:
         for component in self.components.values():
@@ -337,7 +407,7 @@ class MiniCache(Cache):
     Examples
     --------
     >>> cache = MiniCache(MergeProfile.preset("paper", model.config), model)
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+    >>> out = model.generate(**inputs, cache=cache, max_new_tokens=32)
     >>> cache.memory_report()["compression_ratio"]
     """
 
@@ -401,6 +471,21 @@ class MiniCache(Cache):
             self.padding.real = attention_mask.bool()
         else:
             self.padding.real = None
+
+    # -- kernels -----------------------------------------------------------------------------
+    def use_kernels(self, merge: bool | None = None, fused_decode: bool | None = None) -> None:
+        """Switch the Triton kernels on or off for every merged group (None leaves a switch as is).
+
+        ``merge``: merge blocks with the Triton merge kernel. ``fused_decode``: single-token steps
+        return :class:`MergedKVView` snapshots instead of restored tensors, which only the fused
+        attention function understands; prefer ``minicache.runtime.kernels.enable_fused_attention``,
+        which sets this switch together with the model's attention function, on CUDA only.
+        """
+        for store in self.stores:
+            if merge is not None:
+                store.merge_kernel = bool(merge)
+            if fused_decode is not None:
+                store.fused_decode = bool(fused_decode)
 
     # -- batch operations: once per store, not once per member layer ---------------------------
     def _unmerged(self) -> Iterator[CacheLayerMixin]:
@@ -530,8 +615,165 @@ def install_padding_hook(model: torch.nn.Module) -> None:
             bound = signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
             bound = kwargs
-        cache = bound.get("past_key_values")
-        if isinstance(cache, MiniCache):
+        extra = bound.get("kwargs") or {}
+        # transformers renamed ``past_key_values`` to ``cache`` in 5.x; accept either spelling.
+        candidates = (bound.get("cache"), bound.get("past_key_values"), extra.get("cache"), extra.get("past_key_values"))
+        cache = next((c for c in candidates if isinstance(c, MiniCache)), None)
+        if cache is not None:
             cache.observe_attention_mask(bound.get("attention_mask"))
 
     model._minicache_padding_hook = model.register_forward_pre_hook(observe, with_kwargs=True)
+
+
+@dataclass(frozen=True)
+class RetainedCSR:
+    """Retained tokens of one component grouped by (sequence, KV head), for kernels.
+
+    Attributes
+    ----------
+    offsets : torch.Tensor
+        ``[B*H + 1]`` int32; the entries of row ``b*H + h`` are ``offsets[bh]:offsets[bh+1]``.
+    pos : torch.Tensor
+        ``[nnz]`` int32 token index in the merged prefix, ascending within a row.
+    row : torch.Tensor
+        ``[nnz]`` int32 row of the component's ``retained_value`` (kept in store order: no copy).
+    cross : torch.Tensor
+        ``[nnz]`` int32 row of the same (b, h, token) in the *other* component's
+        ``retained_value``, or -1 when the other component merged that token.
+    max_count : int
+        Largest number of retained tokens of one row.
+    """
+
+    offsets: torch.Tensor
+    pos: torch.Tensor
+    row: torch.Tensor
+    cross: torch.Tensor
+    max_count: int
+
+
+def retained_csr_pair(
+    keys_index: torch.Tensor | None, values_index: torch.Tensor | None, batch: int, heads: int
+) -> tuple[RetainedCSR, RetainedCSR]:
+    """Build the CSR lists of retained keys and values (see :class:`RetainedCSR`).
+
+    Parameters
+    ----------
+    keys_index, values_index : torch.Tensor or None
+        ``[nnz, 3]`` int32 COO ``(b, h, n)`` of a store's retained keys / values, in store order.
+    batch, heads : int
+        ``B`` and ``H`` of the store.
+    """
+
+    def grouped(index: torch.Tensor | None):
+        device = None if index is None else index.device
+        if index is None or index.shape[0] == 0:
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            return empty, empty, empty, torch.zeros(batch * heads, dtype=torch.long, device=device)
+        index = index.long()
+        bh = index[:, 0] * heads + index[:, 1]
+        # One sortable key per (b, h, n); n < 2**32 always holds for a KV cache.
+        key = bh * (1 << 32) + index[:, 2]
+        order = torch.argsort(key)
+        return key[order], order, index[order, 2], torch.bincount(bh, minlength=batch * heads)
+
+    def cross(key: torch.Tensor, other_key: torch.Tensor, other_order: torch.Tensor) -> torch.Tensor:
+        if other_key.numel() == 0:
+            return torch.full_like(key, -1, dtype=torch.int32)
+        at = torch.searchsorted(other_key, key).clamp_max(other_key.numel() - 1)
+        found = other_key[at] == key
+        return torch.where(found, other_order[at], -1).to(torch.int32)
+
+    k_key, k_order, k_pos, k_count = grouped(keys_index)
+    v_key, v_order, v_pos, v_count = grouped(values_index)
+    out = []
+    for key, order, pos, count, other_key, other_order in (
+        (k_key, k_order, k_pos, k_count, v_key, v_order),
+        (v_key, v_order, v_pos, v_count, k_key, k_order),
+    ):
+        offsets = torch.zeros(batch * heads + 1, dtype=torch.int32, device=count.device)
+        offsets[1:] = count.cumsum(0)
+        out.append(
+            RetainedCSR(
+                offsets=offsets,
+                pos=pos.to(torch.int32),
+                row=order.to(torch.int32),
+                cross=cross(key, other_key, other_order),
+                max_count=int(count.max()) if count.numel() else 0,
+            )
+        )
+    return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class MergedKVView:
+    """Read-only snapshot of one member layer's keys (or values) in a merged store.
+
+    Stands in for the ``[B, H, M + r, D]`` tensor that :meth:`_ComponentStore.restored` would
+    build (restored merged prefix, retained tokens written back, exact residual window), for
+    kernels that read the store's parts directly. It holds references to the store's tensors at
+    snapshot time; a merge replaces those tensors (it never writes into them), so the view keeps
+    describing the state the snapshot was taken in.
+
+    Attributes
+    ----------
+    member : int
+        0 for the shallower layer of the pair, 1 for the deeper one.
+    residual : torch.Tensor
+        ``[B, H, r, D]`` exact window (model dtype).
+    direction : torch.Tensor or None
+        ``[B, H, M, D]`` shared directions (model dtype); None when nothing is merged yet.
+    magnitude : torch.Tensor or None
+        ``[B, H, M, 2]`` both layers' norms; ``RETAINED_MAGNITUDE`` for retained tokens.
+    retained_value : torch.Tensor or None
+        ``[nnz, 2, D]`` exact vectors of retained tokens, in store order.
+    retained : RetainedCSR or None
+        Retained tokens grouped by (b, h).
+    """
+
+    member: int
+    residual: torch.Tensor
+    direction: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    retained_value: torch.Tensor | None = None
+    retained: RetainedCSR | None = None
+
+    @classmethod
+    def from_component(cls, component: _ComponentStore, member: int, csr: RetainedCSR | None) -> MergedKVView:
+        return cls(
+            member=member,
+            residual=component.residual[member],
+            direction=component.direction,
+            magnitude=component.magnitude,
+            retained_value=component.retained_value,
+            retained=csr,
+        )
+
+    @property
+    def merged_length(self) -> int:
+        return 0 if self.direction is None else self.direction.shape[-2]
+
+    @property
+    def shape(self) -> torch.Size:
+        b, h, r, d = self.residual.shape
+        return torch.Size((b, h, self.merged_length + r, d))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.residual.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.residual.device
+
+    def materialize(self) -> torch.Tensor:
+        """The restored ``[B, H, M + r, D]`` tensor (what the torch path returns)."""
+        if self.direction is None:
+            return self.residual
+        dense = restore(self.direction, self.magnitude[..., self.member], self.residual.dtype)
+        if self.retained is not None and self.retained.pos.numel():
+            b, h = dense.shape[:2]
+            counts = (self.retained.offsets[1:] - self.retained.offsets[:-1]).long()
+            bh = torch.repeat_interleave(torch.arange(b * h, device=dense.device), counts)
+            exact = self.retained_value[self.retained.row.long(), self.member]
+            dense[bh // h, bh % h, self.retained.pos.long()] = exact
+        return torch.cat([dense, self.residual], dim=-2)

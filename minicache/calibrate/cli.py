@@ -1,0 +1,123 @@
+"""`minicache-calibrate`: measure, search and verify a merge profile for a model."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+from minicache.data import DataError, read_samples
+from minicache.profile import ProfileError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minicache-calibrate",
+        description=(
+            "Calibrate MiniCache for a model: capture KV similarity between adjacent layers on sample data, "
+            "search which layer pairs to merge (and their t, γ) to save the most KV memory while the quality "
+            "loss on a held-out part of the data stays within --budget, verify it with the real runtime, and "
+            "write the merge profile (minicache_config.yaml) plus a report with plots. With no arguments it "
+            "calibrates the built-in SmolLM2-135M-Instruct on text the model generates itself."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf file, hub id (local cache) or alias")
+    parser.add_argument(
+        "--data",
+        help="JSON Lines with one of text / messages / input_ids per line, or a .txt file; "
+        "default: data-free calibration on text the model generates from built-in prompts",
+    )
+    parser.add_argument(
+        "--out",
+        help="where the profile goes: a .yaml file, or a directory (a model directory gets minicache_config.yaml "
+        "next to the weights); default: ./minicache-<model>/",
+    )
+    parser.add_argument("--budget", type=float, default=0.01, help="largest quality loss accepted (0.01 = +1%% ppl)")
+    parser.add_argument("--budget-metric", choices=["ppl_increase", "kl_mean"], default="ppl_increase")
+    parser.add_argument("--preset", choices=["paper"], help="write this preset without searching; still measured")
+    parser.add_argument("--num-samples", type=int, default=32, help="calibration windows of --max-length tokens")
+    parser.add_argument("--eval-windows", type=int, default=8, help="held-out windows used to measure quality")
+    parser.add_argument("--max-length", type=int, default=768, help="tokens per window")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration / held-out split")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype")
+    parser.add_argument("--residual-length", type=int, default=128, help="exact window of most recent tokens")
+    parser.add_argument("--block-size", type=int, default=64, help="tokens merged at a time")
+    parser.add_argument("--probes", type=int, default=6, help="single-pair measurements that calibrate the search")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing profile")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _default_out(model: str) -> Path:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name or model).strip("-") or "model"
+    return Path(f"minicache-{name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("num_samples", "eval_windows", "max_length", "block_size", "probes"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    from minicache.calibrate.api import calibrate, resolve_output
+    from minicache.calibrate.report import write_report
+    from minicache.calibrate.search import Budget
+    from minicache.profile import Defaults
+
+    try:
+        budget = Budget(args.budget_metric, args.budget)
+        defaults = Defaults(residual_length=args.residual_length, block_size=args.block_size)
+        if args.data:
+            read_samples(args.data)  # fail on bad data before loading the model
+        profile_path, report_dir = resolve_output(args.out or _default_out(args.model))
+        if profile_path.exists() and not args.force:
+            raise FileExistsError(f"{profile_path} exists; pass --force to overwrite it")
+    except (DataError, ProfileError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from minicache.models import load_model, resolve_model_source
+
+    started = time.perf_counter()
+    try:
+        model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+        source = resolve_model_source(args.model)
+        print(f"loaded {source.name_or_path} ({model.config.num_hidden_layers} layers) in "
+              f"{time.perf_counter() - started:.0f}s", flush=True)
+        result = calibrate(
+            model,
+            tokenizer,
+            args.data,
+            model_name=source.name_or_path,
+            budget=budget,
+            preset=args.preset,
+            num_samples=args.num_samples,
+            max_length=args.max_length,
+            eval_windows=args.eval_windows,
+            seed=args.seed,
+            defaults=defaults,
+            probes=args.probes,
+            progress=not args.no_progress,
+            log=lambda line: print(line, flush=True),
+        )
+        written = write_report(report_dir, result.profile, result.statistics, result.search, budget.metric,
+                               budget.max, result.summary)
+        path = result.profile.save(profile_path, overwrite=args.force)
+    except (DataError, ProfileError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {', '.join(str(p) for p in written)}")
+    print(f"profile written to {path}")
+    print(f"{result.summary} [{time.perf_counter() - started:.0f}s]")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

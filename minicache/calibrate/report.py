@@ -1,0 +1,206 @@
+"""Calibration report: `minicache_report.md` and PNG plots next to the profile."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from minicache.calibrate.search import SearchResult
+from minicache.calibrate.statistics import PairStatistics
+from minicache.profile import MergeProfile
+
+REPORT_FILENAME = "minicache_report.md"
+PLOT_SIMILARITY = "minicache_similarity.png"
+PLOT_GROUPS = "minicache_groups.png"
+PLOT_SEARCH = "minicache_search.png"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_figure(fig, path: Path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    # Fixed metadata so that the same calibration writes the same bytes.
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    _atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_similarity(stats: PairStatistics, path: Path) -> None:
+    """Heatmaps of mean cos Ω per pair and KV head (keys, values), and median angle per pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cos = stats.mean_cosine()  # [P, 2, H]
+    median = stats.angle_quantiles((0.5,))[..., 0] * 180.0  # degrees, [P, 2, H]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [1, 1, 1.3]})
+    limit = max(float(cos.abs().max()), 0.05)
+    for ax, comp, name in ((axes[0], 0, "keys"), (axes[1], 1, "values")):
+        im = ax.imshow(cos[:, comp].T.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(f"{name}: mean cos between layers l and l+1")
+        ax.set_xlabel("pair (l, l+1): l")
+        ax.set_ylabel("KV head")
+        fig.colorbar(im, ax=ax)
+    pairs = range(cos.shape[0])
+    for comp, name in ((0, "keys"), (1, "values")):
+        axes[2].plot(pairs, median[:, comp].mean(-1).numpy(), marker="o", label=name)
+    axes[2].axhline(90, color="grey", lw=0.8, ls="--", label="90° (unrelated)")
+    axes[2].set_title("median angle between adjacent layers (mean over heads)")
+    axes[2].set_xlabel("pair (l, l+1): l")
+    axes[2].set_ylabel("degrees")
+    axes[2].legend()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_groups(num_layers: int, profile: MergeProfile, predicted: dict[int, float], path: Path) -> None:
+    """Which layers are merged, over the predicted damage of merging each pair alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 3.5))
+    if predicted:
+        pairs = sorted(predicted)
+        ax.bar(pairs, [max(predicted[p], 1e-6) for p in pairs], color="lightgrey", label="damage of merging pair alone")
+        ax.set_yscale("log")
+    for group in profile.groups:
+        ax.axvspan(group.layers[0] - 0.4, group.layers[-1] - 0.6, color="tab:green", alpha=0.35)
+    ax.set_xlim(-0.5, num_layers - 1.5)
+    ax.set_xlabel("pair (l, l+1): l   (green: merged groups)")
+    ax.set_ylabel("predicted / measured damage")
+    ax.set_title(f"groups chosen: {len(profile.groups)} of {num_layers // 2} possible pairs")
+    if predicted:
+        ax.legend(loc="upper right")
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_search(search: SearchResult, metric: str, budget: float, path: Path) -> None:
+    """Quality loss vs KV memory saved for every profile measured during the search."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, marker in (("probe", "o"), ("verify", "s")):
+        steps = [s for s in search.steps if s.kind == kind]
+        if steps:
+            saved = [1 - 1 / s.result.compression_ratio for s in steps]
+            ax.scatter(saved, [getattr(s.result, metric) for s in steps], marker=marker, label=kind)
+    if search.final is not None:
+        ax.scatter([1 - 1 / search.final.compression_ratio], [getattr(search.final, metric)], s=160,
+                   facecolors="none", edgecolors="tab:red", label="chosen")
+    ax.axhline(budget, color="tab:red", ls="--", lw=1, label=f"budget {budget:g}")
+    ax.set_yscale("symlog", linthresh=max(budget / 10, 1e-6))
+    ax.set_xlabel("KV memory saved (fraction of the full cache)")
+    ax.set_ylabel(metric)
+    ax.set_title("quality vs memory along the search (held-out data)")
+    ax.legend()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def write_report(
+    directory: Path,
+    profile: MergeProfile,
+    stats: PairStatistics,
+    search: SearchResult | None,
+    metric: str,
+    budget: float,
+    summary: str,
+) -> list[Path]:
+    """Write the Markdown report and its plots into ``directory``; returns the paths written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    plot_similarity(stats, directory / PLOT_SIMILARITY)
+    written.append(directory / PLOT_SIMILARITY)
+    predicted = search.predicted_damage if search else {}
+    plot_groups(stats.num_layers, profile, predicted, directory / PLOT_GROUPS)
+    written.append(directory / PLOT_GROUPS)
+    if search and search.steps:
+        plot_search(search, metric, budget, directory / PLOT_SEARCH)
+        written.append(directory / PLOT_SEARCH)
+
+    cal = profile.calibration or {}
+    measured = cal.get("measured", {})
+    lines = [
+        "# MiniCache calibration report",
+        "",
+        summary,
+        "",
+        f"- model: `{profile.model.name_or_path if profile.model else 'unknown'}`",
+        f"- data: `{cal.get('data', {}).get('path')}` ({cal.get('data', {}).get('samples')} samples, "
+        f"{cal.get('data', {}).get('tokens')} tokens captured, seed {cal.get('data', {}).get('seed')})",
+        f"- budget: {metric} ≤ {budget:g} on held-out data",
+        "",
+        "## Result on held-out data",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for key in ("ppl_full", "ppl", "ppl_increase", "kl_mean", "kl_q95", "top1_agreement", "compression_ratio",
+                "kv_bytes", "kv_bytes_full", "tokens_scored"):
+        if key in measured:
+            value = measured[key]
+            lines.append(f"| {key} | {value:.6g} |" if isinstance(value, float) else f"| {key} | {value} |")
+    lines += ["", "## Groups", ""]
+    if profile.groups:
+        lines += ["| layers | keys t / γ | values t / γ |", "|---|---|---|"]
+        for g in profile.groups:
+            lines.append(f"| {list(g.layers)} | {g.keys.t:g} / {g.keys.gamma:g} | {g.values.t:g} / {g.values.gamma:g} |")
+    else:
+        lines.append("No group fits the budget: the profile merges nothing (the cache behaves as a full cache).")
+    lines += ["", f"![groups]({PLOT_GROUPS})", ""]
+    lines += [
+        "## Similarity between adjacent layers",
+        "",
+        "Mean cosine of the directions of the same token and KV head in layers l and l+1 (0 = unrelated).",
+        "",
+        "| pair | keys mean cos | values mean cos | keys median angle | values median angle | retained at γ |",
+        "|---|---|---|---|---|---|",
+    ]
+    cos = stats.mean_cosine().mean(-1)
+    median = stats.angle_quantiles((0.5,))[..., 0].mean(-1) * 180
+    gamma_index = min(range(len(stats.gammas)), key=lambda g: abs(stats.gammas[g] - profile.defaults.gamma))
+    retained = stats.retained_fraction()[..., gamma_index].mean(dim=(1, 2))
+    for p in range(cos.shape[0]):
+        lines.append(
+            f"| {p}-{p + 1} | {cos[p, 0]:+.3f} | {cos[p, 1]:+.3f} | {median[p, 0]:.1f}° | {median[p, 1]:.1f}° "
+            f"| {retained[p]:.1%} |"
+        )
+    lines += ["", f"![similarity]({PLOT_SIMILARITY})", ""]
+    if search and search.steps:
+        lines += [
+            "## Search",
+            "",
+            "Every profile measured on held-out data (probes: one pair alone; verify: a candidate set).",
+            "",
+            f"| step | groups | {metric} | compression |",
+            "|---|---|---|---|",
+        ]
+        for s in search.steps:
+            lines.append(
+                f"| {s.kind} | {[[p, p + 1] for p in s.pairs]} | {getattr(s.result, metric):+.5f} "
+                f"| {s.result.compression_ratio:.4f}x |"
+            )
+        lines += ["", f"![search]({PLOT_SEARCH})", ""]
+    path = directory / REPORT_FILENAME
+    _atomic_write_bytes(path, "\n".join(lines).encode())
+    written.append(path)
+    return written
+

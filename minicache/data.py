@@ -1,0 +1,159 @@
+"""Sample data for calibration and evaluation: JSON Lines or plain text, validated before any model loads.
+
+Accepted JSON Lines records (one JSON object per line, blank lines ignored):
+
+* ``{"text": "..."}`` – plain text;
+* ``{"messages": [{"role": "user", "content": "..."}, ...]}`` – a chat, rendered with the
+  tokenizer's chat template;
+* ``{"input_ids": [1, 2, 3]}`` – already tokenized.
+
+A ``.txt`` file is one text. Data flows one way: samples → token windows → capture/evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_FIELDS = ("text", "messages", "input_ids")
+
+
+class DataError(ValueError):
+    """Bad sample data; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One validated record. Exactly one of ``text``, ``messages``, ``input_ids`` is set."""
+
+    line: int
+    text: str | None = None
+    messages: tuple[dict, ...] | None = None
+    input_ids: tuple[int, ...] | None = None
+
+    def tokenize(self, tokenizer) -> list[int]:
+        if self.input_ids is not None:
+            return list(self.input_ids)
+        if self.messages is not None:
+            if not getattr(tokenizer, "chat_template", None):
+                raise DataError(f"line {self.line}: 'messages' needs a tokenizer with a chat template; this one has none")
+            ids = tokenizer.apply_chat_template(list(self.messages), tokenize=True, return_dict=False)
+            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return tokenizer(self.text, add_special_tokens=True, verbose=False).input_ids
+
+
+def _validate_record(record: object, where: str) -> Sample:
+    line = int(where.rsplit(":", 1)[-1])
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with one of {_FIELDS}, got {type(record).__name__}")
+    present = [f for f in _FIELDS if f in record]
+    if len(present) != 1:
+        found = ", ".join(sorted(record)) or "no keys"
+        raise DataError(f"{where}: expected exactly one of the fields {_FIELDS}; found {found}")
+    field = present[0]
+    value = record[field]
+    if field == "text":
+        if not isinstance(value, str):
+            raise DataError(f"{where}: 'text' must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise DataError(f"{where}: 'text' is empty")
+        return Sample(line=line, text=value)
+    if field == "messages":
+        if not isinstance(value, list) or not value:
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        for i, message in enumerate(value):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+        if not any(m["content"].strip() for m in value):
+            raise DataError(f"{where}: every message's 'content' is empty")
+        return Sample(line=line, messages=tuple(value))
+    if not isinstance(value, list) or not value or not all(isinstance(i, int) and i >= 0 for i in value):
+        raise DataError(f"{where}: 'input_ids' must be a non-empty list of non-negative integers")
+    return Sample(line=line, input_ids=tuple(value))
+
+
+def read_samples(path: str | os.PathLike) -> list[Sample]:
+    """Read and validate every record of a ``.jsonl``/``.json`` or ``.txt`` file.
+
+    Raises
+    ------
+    DataError
+        With ``file:line`` for bad JSON, a missing field, an empty text, or an empty file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise DataError(f"{path}: the text file is empty")
+        return [Sample(line=1, text=text)]
+    samples = []
+    with path.open(encoding="utf-8") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            samples.append(_validate_record(record, where))
+    if not samples:
+        raise DataError(f"{path}: no records (expected JSON Lines with one of {_FIELDS} per line)")
+    return samples
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def split_samples(samples: list[Sample], held_out: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Seeded split into (calibration, held-out) parts, both non-empty when there are 2+ samples."""
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    n_held = min(len(samples) - 1, max(1, round(len(samples) * held_out))) if len(samples) > 1 else 0
+    held = sorted(order[:n_held])
+    calib = sorted(order[n_held:])
+    return [samples[i] for i in calib], [samples[i] for i in held]
+
+
+def token_windows(
+    samples: list[Sample], tokenizer, length: int, max_windows: int | None = None
+) -> torch.Tensor:
+    """Cut the samples' tokens into non-overlapping windows of ``length`` tokens.
+
+    Samples are joined into one stream separated by the EOS token, as in language-model
+    pre-training, so short samples still contribute.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[num_windows, length]`` int64 token ids (possibly zero windows).
+    """
+    stream: list[int] = []
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    vocab = len(tokenizer)
+    for sample in samples:
+        ids = sample.tokenize(tokenizer)
+        bad = [i for i in ids if i >= vocab]
+        if bad:
+            raise DataError(f"line {sample.line}: token id {bad[0]} is outside the vocabulary (size {vocab})")
+        stream.extend(ids + separator)
+        if max_windows is not None and len(stream) >= length * max_windows:
+            break
+    count = len(stream) // length
+    if max_windows is not None:
+        count = min(count, max_windows)
+    return torch.tensor(stream[: count * length], dtype=torch.long).view(count, length)

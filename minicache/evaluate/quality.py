@@ -1,0 +1,168 @@
+"""Quality of a merge profile against the full cache, on prefix + continuation windows.
+
+For each window the prefix goes through the cache (merged), then the continuation is fed
+teacher-forced in chunks through the same cache (so decode-time merging happens too) and scored
+against one forward pass of the whole window with the full cache: perplexity of the continuation,
+KL divergence of next-token distributions, top-1 agreement. The cache's memory is reported after
+the prefix. The calibrator calls this same code to measure candidate profiles.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from minicache.profile import MergeProfile
+from minicache.runtime.cache import MiniCache
+
+
+@dataclass(frozen=True)
+class QualityResult:
+    """Metrics of one profile on a set of windows (relative values: 0.01 = +1 %)."""
+
+    ppl_full: float
+    ppl: float
+    ppl_increase: float
+    kl_mean: float
+    kl_q95: float
+    top1_agreement: float
+    kv_bytes_full: int
+    kv_bytes: int
+    compression_ratio: float
+    tokens_scored: int
+    windows: int
+    prefix_length: int
+    continuation_length: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ReferenceRun:
+    """Full-cache log-probabilities of the continuation positions, computed once per data set.
+
+    Attributes
+    ----------
+    log_probs : list[torch.Tensor]
+        One ``[batch, continuation_length, vocab]`` float32 tensor per batch of windows.
+    nll : torch.Tensor
+        ``[num_windows, continuation_length]`` negative log-likelihood of the true tokens.
+    """
+
+    log_probs: list[torch.Tensor]
+    nll: torch.Tensor
+
+
+def _batches(windows: torch.Tensor, batch_size: int):
+    for start in range(0, windows.shape[0], batch_size):
+        yield windows[start : start + batch_size]
+
+
+def _continuation_log_probs(logits: torch.Tensor, prefix_length: int) -> torch.Tensor:
+    """Log-probs at the positions that predict the continuation tokens: ``[B, C, V]``."""
+    return F.log_softmax(logits[:, prefix_length - 1 : -1].float(), dim=-1)
+
+
+@torch.inference_mode()
+def reference_run(model, windows: torch.Tensor, prefix_length: int, batch_size: int = 4) -> ReferenceRun:
+    """One forward pass of each whole window with a full cache (the exact baseline)."""
+    log_probs, nll = [], []
+    device = next(model.parameters()).device
+    for batch in _batches(windows, batch_size):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits
+        lp = _continuation_log_probs(logits, prefix_length)
+        log_probs.append(lp.cpu())
+        target = batch[:, prefix_length:]
+        nll.append(-lp.gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu())
+    return ReferenceRun(log_probs=log_probs, nll=torch.cat(nll))
+
+
+@torch.inference_mode()
+def evaluate_profile(
+    model,
+    windows: torch.Tensor,
+    prefix_length: int,
+    profile: MergeProfile,
+    *,
+    reference: ReferenceRun | None = None,
+    batch_size: int = 4,
+    chunk_size: int = 64,
+    cache_factory: Callable[[MergeProfile, object], object] | None = None,
+    allow_model_mismatch: bool = False,
+) -> QualityResult:
+    """Measure ``profile`` on ``windows`` (``[N, prefix_length + continuation_length]`` token ids).
+
+    Parameters
+    ----------
+    reference : ReferenceRun, optional
+        Full-cache results for the same windows; computed here when absent. Pass it when scoring
+        several profiles on the same data (the calibrator does).
+    chunk_size : int
+        Continuation tokens fed per forward pass. Smaller is closer to token-by-token decoding.
+    cache_factory : callable, optional
+        ``(profile, model) -> Cache``; defaults to :class:`MiniCache`.
+    """
+    if windows.dim() != 2 or windows.shape[1] <= prefix_length:
+        raise ValueError(f"windows must be [N, prefix + continuation] with a continuation, got {tuple(windows.shape)}")
+    if windows.shape[0] == 0:
+        raise ValueError("no windows to evaluate: the data is shorter than one prefix + continuation window")
+    reference = reference or reference_run(model, windows, prefix_length, batch_size)
+    factory = cache_factory or (lambda p, m: MiniCache(p, m, allow_model_mismatch=allow_model_mismatch))
+    device = next(model.parameters()).device
+    nll, kl, agree = [], [], []
+    kv_bytes = kv_bytes_full = 0
+    for batch, ref_lp in zip(_batches(windows, batch_size), reference.log_probs):
+        batch = batch.to(device)
+        cache = factory(profile, model)
+        prefix = batch[:, :prefix_length]
+        out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), cache=cache)
+        if isinstance(cache, MiniCache):
+            report = cache.memory_report()
+            kv_bytes += report["kv_bytes"]
+            kv_bytes_full += report["kv_bytes_full"]
+        else:  # a plain transformers cache: everything it holds is full-size
+            held = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+            kv_bytes += held
+            kv_bytes_full += held
+        logits = [out.logits[:, -1:]]
+        seen = prefix_length
+        for start in range(prefix_length, batch.shape[1] - 1, chunk_size):
+            chunk = batch[:, start : min(start + chunk_size, batch.shape[1] - 1)]
+            seen += chunk.shape[1]
+            mask = torch.ones(batch.shape[0], seen, dtype=torch.long, device=device)
+            logits.append(model(input_ids=chunk, attention_mask=mask, cache=cache).logits)
+        lp = F.log_softmax(torch.cat(logits, dim=1).float(), dim=-1).cpu()
+        target = batch[:, prefix_length:].cpu()
+        nll.append(-lp.gather(-1, target.unsqueeze(-1)).squeeze(-1))
+        kl.append((ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0.0))
+        agree.append(lp.argmax(-1) == ref_lp.argmax(-1))
+    nll_t, kl_t, agree_t = torch.cat(nll), torch.cat(kl), torch.cat(agree)
+    ppl_full = math.exp(reference.nll.double().mean().item())
+    ppl = math.exp(nll_t.double().mean().item())
+    return QualityResult(
+        ppl_full=ppl_full,
+        ppl=ppl,
+        ppl_increase=ppl / ppl_full - 1.0,
+        kl_mean=kl_t.double().mean().item(),
+        kl_q95=torch.quantile(kl_t.flatten().double(), 0.95).item(),
+        top1_agreement=agree_t.double().mean().item(),
+        kv_bytes_full=int(kv_bytes_full),
+        kv_bytes=int(kv_bytes),
+        compression_ratio=kv_bytes_full / kv_bytes if kv_bytes else 1.0,
+        tokens_scored=int(nll_t.numel()),
+        windows=int(windows.shape[0]),
+        prefix_length=prefix_length,
+        continuation_length=windows.shape[1] - prefix_length,
+    )
+
+
+def full_cache_factory(profile: MergeProfile, model) -> DynamicCache:
+    """Cache factory for the ``--baseline full`` run: transformers' own `DynamicCache`."""
+    return DynamicCache(config=model.config)

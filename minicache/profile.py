@@ -1,0 +1,1196 @@
+"""Merge profiles: which layers MiniCache merges and how (schema, YAML, validation, presets, fingerprint).
+
+A profile is plain data (DESIGN.md §4). It ships as ``minicache_config.yaml`` next to the model
+weights, the way PEFT ships ``adapter_config.json``::
+
+    format_version: 1
+    producer: {name: minicache, version: 0.1.0}
+    model:
+      name_or_path: HuggingFaceTB/SmolLM2-135M-Instruct
+      model_type: llama
+      ...
+    defaults: {t: 0.6, gamma: 0.05, retention: distinct, sink_tokens: 1, residual_length: 128, block_size: 64}
+    groups:
+    - layers: [20, 21]
+      keys: {t: 0.6, gamma: 0.05, retention: distinct, sink_tokens: 1}
+      values: {t: 0.6, gamma: 0.05, retention: distinct, sink_tokens: 1}
+    calibration: {...}
+
+Every field is validated when an object is built, so a bad profile fails when it is loaded, with
+an error that names the field path, the bad value and what is allowed, never halfway through
+generation. This module only depends on the standard library and PyYAML; transformers configs are
+read duck-typed, so the runtime stays light.
+
+Examples
+--------
+>>> profile = MergeProfile.preset("paper", model.config)   # S = L/2, t = 0.6, γ = 0.05
+>>> profile.save("my-model/")                              # my-model/minicache_config.yaml
+>>> MergeProfile.load("my-model/").check_model(model.config)
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import numbers
+import os
+import pathlib
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PRESETS",
+    "PROFILE_FILENAME",
+    "RETENTION_RULES",
+    "SUPPORTED_FORMAT_VERSIONS",
+    "TENSORS_FILENAME",
+    "Defaults",
+    "MergeGroup",
+    "MergeProfile",
+    "MergeSettings",
+    "ModelFingerprint",
+    "ModelMismatchWarning",
+    "ProfileError",
+    "layer_attention_types",
+    "layer_rope_signatures",
+]
+
+#: How retained tokens are chosen: "distinct" keeps the most distinct pairs (the paper's
+#: reading, our default); "similar" is the literal reading found in xKV's re-implementation.
+RETENTION_RULES = ("distinct", "similar")
+#: Version written by this code; bump it on any change that an older reader would misread.
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+PROFILE_FILENAME = "minicache_config.yaml"
+TENSORS_FILENAME = "minicache_tensors.safetensors"
+#: Built-in profiles: "paper" = the paper's layout, "none" = no groups (the full-cache baseline).
+PRESETS = ("paper", "none")
+
+_UNIT = "a number in [0, 1]"
+_LAYERS_ALLOWED = "a list of at least 2 strictly consecutive layer indices, e.g. [20, 21]"
+
+
+def _version() -> str:
+    # Not `minicache.__version__`: `minicache/__init__.py` imports this module before it sets it.
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("minicache")
+    except (ImportError, PackageNotFoundError):
+        return "0.1.0"
+
+
+def _default_producer() -> dict:
+    return {"name": "minicache", "version": _version()}
+
+
+# ---- errors ------------------------------------------------------------------------------------
+class ProfileError(ValueError):
+    """A profile that is malformed or does not fit the model.
+
+    The message reads ``"<path>: <problem>; allowed: <what is allowed>"``, e.g.
+    ``"groups[2].keys.t: 1.5 is out of range; allowed: a number in [0, 1]"``.
+
+    Attributes
+    ----------
+    path : str
+        Field path inside the profile (``"groups[2].keys.t"``); empty for the whole document.
+    detail : str
+        The message without the path.
+    source : str or None
+        The file the profile was read from, when there is one.
+    """
+
+    def __init__(self, detail: str, path: str = "", source: str | None = None):
+        self.path, self.detail, self.source = path, detail, source
+        message = f"{path}: {detail}" if path else detail
+        super().__init__(f"{source}: {message}" if source else message)
+
+    def within(self, prefix: str) -> ProfileError:
+        """The same error with its path placed under ``prefix`` (``"t"`` -> ``"groups[2].keys.t"``)."""
+        if not self.path:
+            path = prefix
+        elif self.path.startswith("["):
+            path = prefix + self.path
+        else:
+            path = f"{prefix}.{self.path}"
+        return ProfileError(self.detail, path, self.source)
+
+
+class ModelMismatchWarning(UserWarning):
+    """A profile made for another model is used anyway (``allow_mismatch=True``)."""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_unit(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ProfileError(f"{_show(value)} is a {_type_name(value)}; allowed: {_UNIT}", path)
+    if not 0.0 <= value <= 1.0:  # NaN fails this comparison too
+        raise ProfileError(f"{_show(value)} is out of range; allowed: {_UNIT}", path)
+    return float(value)
+
+
+def _check_int(value: Any, path: str, minimum: int) -> int:
+    allowed = f"an integer >= {minimum}"
+    # bool is an int in Python, but `sink_tokens: true` is a typo, not a count.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ProfileError(f"{_show(value)} is a {_type_name(value)}; allowed: {allowed}", path)
+    if value < minimum:
+        raise ProfileError(f"{_show(value)} is out of range; allowed: {allowed}", path)
+    return int(value)
+
+
+def _check_retention(value: Any, path: str) -> str:
+    if value not in RETENTION_RULES or not isinstance(value, str):
+        allowed = ", ".join(repr(r) for r in RETENTION_RULES)
+        raise ProfileError(f"{_show(value)} is not a retention rule; allowed: one of {allowed}", path)
+    return str(value)
+
+
+def _check_format_version(value: Any) -> int:
+    allowed = f"one of {list(SUPPORTED_FORMAT_VERSIONS)}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ProfileError(f"{_show(value)} is a {_type_name(value)}; allowed: {allowed}", "format_version")
+    if value not in SUPPORTED_FORMAT_VERSIONS:
+        newer = (
+            " (written by a newer minicache: upgrade minicache to read it)" if value > FORMAT_VERSION else ""
+        )
+        raise ProfileError(f"{value} is not supported{newer}; allowed: {allowed}", "format_version")
+    return int(value)
+
+
+def _check_str(value: Any, path: str, allowed: str = "a non-empty string") -> str:
+    if not isinstance(value, str) or not value:
+        raise ProfileError(f"{_show(value)} is a {_type_name(value)}; allowed: {allowed}", path)
+    return value
+
+
+def _check_instance(value: Any, cls: type, path: str) -> None:
+    if not isinstance(value, cls):
+        raise ProfileError(f"{_show(value)} is a {_type_name(value)}; allowed: a {cls.__name__}", path)
+
+
+def _check_keys(data: Any, path: str, allowed: Sequence[str], required: Sequence[str] = ()) -> Mapping:
+    """``data`` as a mapping with only ``allowed`` keys and all ``required`` ones."""
+    where = path or "the top level"
+    if not isinstance(data, Mapping):
+        raise ProfileError(
+            f"{_show(data)} is a {_type_name(data)}; allowed: a mapping with keys {', '.join(allowed)}", path
+        )
+    for key in data:
+        if key not in allowed:
+            hint = difflib.get_close_matches(str(key), allowed, n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            key_path = f"{path}.{key}" if path else str(key)
+            raise ProfileError(
+                f"unknown key {key!r}{did_you_mean}; allowed keys at {where}: {', '.join(allowed)}", key_path
+            )
+    for key in required:
+        if key not in data:
+            raise ProfileError(
+                f"required key {key!r} is missing; allowed keys at {where}: {', '.join(allowed)}", path
+            )
+    return data
+
+
+def _plain(value: Any, path: str) -> Any:
+    """A copy of ``value`` as YAML-safe plain data (dict/list/str/int/float/bool/None)."""
+    # Converting subclasses (NumPy scalars, str enums) here keeps `yaml.safe_dump` from failing at
+    # save time, long after the value was set; tuples become lists because YAML has no tuples.
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ProfileError(f"key {_show(key)} is a {_type_name(key)}; allowed: string keys", path)
+            out[key] = _plain(item, f"{path}.{key}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    raise ProfileError(
+        f"{_show(value)} is a {_type_name(value)}; allowed: plain data (mappings with string keys, lists, "
+        "strings, numbers, booleans, null)",
+        path,
+    )
+
+
+# ---- schema ------------------------------------------------------------------------------------
+def _validate_settings(obj: Any) -> None:
+    # Shared by MergeSettings and Defaults; frozen dataclasses need object.__setattr__ to store
+    # the normalised values (t given as the int 1 is stored as 1.0, so equal profiles compare equal).
+    object.__setattr__(obj, "t", _check_unit(obj.t, "t"))
+    object.__setattr__(obj, "gamma", _check_unit(obj.gamma, "gamma"))
+    object.__setattr__(obj, "retention", _check_retention(obj.retention, "retention"))
+    object.__setattr__(obj, "sink_tokens", _check_int(obj.sink_tokens, "sink_tokens", 0))
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """How one component (keys or values) of one group is merged.
+
+    Attributes
+    ----------
+    t : float
+        SLERP weight of the deeper layer, in [0, 1] (0 = the shallower layer's direction).
+    gamma : float
+        Retention threshold as a fraction of the range of angular distances, in [0, 1]; tokens
+        with ``d >= d_max - (d_max - d_min) * gamma`` stay unmerged (``retention="distinct"``).
+    retention : str
+        One of :data:`RETENTION_RULES`.
+    sink_tokens : int
+        The first tokens of every sequence that are never merged (the BOS/sink token is the most
+        divergent pair of all).
+    """
+
+    t: float = 0.6
+    gamma: float = 0.05
+    retention: str = "distinct"
+    sink_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        _validate_settings(self)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Profile-wide settings: group settings that a group does not set, and the merge schedule.
+
+    Attributes
+    ----------
+    t, gamma, retention, sink_tokens
+        Inherited by every group's ``keys`` and ``values`` that do not set them (see
+        :class:`MergeSettings`).
+    residual_length : int
+        Most recent tokens kept exact (unmerged); 0 is the paper's merge-every-step behaviour.
+    block_size : int
+        Tokens merged at a time out of the residual window.
+    """
+
+    t: float = 0.6
+    gamma: float = 0.05
+    retention: str = "distinct"
+    sink_tokens: int = 1
+    residual_length: int = 128
+    block_size: int = 64
+
+    def __post_init__(self) -> None:
+        _validate_settings(self)
+        object.__setattr__(self, "residual_length", _check_int(self.residual_length, "residual_length", 0))
+        object.__setattr__(self, "block_size", _check_int(self.block_size, "block_size", 1))
+
+    def settings(self) -> MergeSettings:
+        """The :class:`MergeSettings` a group gets when it sets nothing itself."""
+        return MergeSettings(
+            t=self.t, gamma=self.gamma, retention=self.retention, sink_tokens=self.sink_tokens
+        )
+
+
+@dataclass(frozen=True)
+class MergeGroup:
+    """Consecutive layers whose caches are merged into one shared store.
+
+    Attributes
+    ----------
+    layers : tuple of int
+        At least 2 strictly consecutive layer indices, e.g. ``(20, 21)``. The format allows
+        longer groups; the runtime currently merges pairs only and says so.
+    keys, values : MergeSettings
+        Settings for the keys and for the values.
+    """
+
+    layers: tuple[int, ...]
+    keys: MergeSettings
+    values: MergeSettings
+
+    def __post_init__(self) -> None:
+        layers = self.layers
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+            raise ProfileError(
+                f"{_show(layers)} is a {_type_name(layers)}; allowed: {_LAYERS_ALLOWED}", "layers"
+            )
+        for i, layer in enumerate(layers):
+            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+                raise ProfileError(
+                    f"{_show(layer)} is a {_type_name(layer)}; allowed: a layer index (integer >= 0)",
+                    f"layers[{i}]",
+                )
+            if layer < 0:
+                raise ProfileError(
+                    f"{layer} is negative; allowed: a layer index (integer >= 0)", f"layers[{i}]"
+                )
+        layers = tuple(int(layer) for layer in layers)
+        if len(layers) < 2:
+            raise ProfileError(
+                f"{list(layers)} has fewer than 2 layers; allowed: {_LAYERS_ALLOWED}", "layers"
+            )
+        for a, b in itertools.pairwise(layers):
+            if b != a + 1:
+                raise ProfileError(
+                    f"{list(layers)} is non-adjacent ({b} does not directly follow {a}); "
+                    f"allowed: {_LAYERS_ALLOWED}",
+                    "layers",
+                )
+        object.__setattr__(self, "layers", layers)
+        _check_instance(self.keys, MergeSettings, "keys")
+        _check_instance(self.values, MergeSettings, "values")
+
+    @property
+    def label(self) -> str:
+        """``"20-21"``: the first and last layer."""
+        return f"{self.layers[0]}-{self.layers[-1]}"
+
+
+# ---- model configs -----------------------------------------------------------------------------
+def _text_config(config: Any) -> Any:
+    """The decoder's config: a model's config, and the text part of multimodal configs (Gemma 3)."""
+    if not hasattr(config, "num_hidden_layers") and hasattr(config, "config"):
+        config = config.config  # a model was passed
+    get = getattr(config, "get_text_config", None)
+    if callable(get):
+        try:
+            return get(decoder=True)
+        except TypeError:  # older signature without `decoder`
+            return get()
+    return config
+
+
+def _attr(config: Any, name: str, default: Any = None) -> Any:
+    try:
+        value = getattr(config, name, default)
+    except RuntimeError:
+        # transformers' heterogeneous configs raise on reading a per-layer attribute globally.
+        return default
+    return default if value is None else value
+
+
+def _num_layers(config: Any) -> int:
+    value = _attr(config, "num_hidden_layers")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ProfileError(
+            f"the model config has num_hidden_layers={value!r}; allowed: an integer >= 1", "model"
+        )
+    return int(value)
+
+
+def _layer_configs(config: Any) -> list[Any]:
+    """One config per layer: per-layer views of transformers' heterogeneous configs, else the config."""
+    n = _num_layers(config)
+    if _attr(config, "is_heterogeneous", False):
+        view = config.per_layer_config
+        return [view[i] for i in range(n)]
+    return [config] * n
+
+
+def _kv_shape(config: Any) -> tuple[int, int]:
+    """(num_key_value_heads, head_dim) of one layer's config."""
+    heads = _attr(config, "num_attention_heads")
+    kv_heads = _attr(config, "num_key_value_heads") or heads  # absent = multi-head attention
+    head_dim = _attr(config, "head_dim")
+    if head_dim is None:  # Qwen2 and Phi-3 configs have no head_dim
+        hidden = _attr(config, "hidden_size")
+        head_dim = hidden // heads if hidden and heads else None
+    if kv_heads is None or head_dim is None:
+        raise ProfileError(
+            "the model config names neither num_key_value_heads/num_attention_heads nor "
+            "head_dim/hidden_size; allowed: a decoder config with attention heads",
+            "model",
+        )
+    return int(kv_heads), int(head_dim)
+
+
+def layer_attention_types(config: Any) -> list[str]:
+    """Attention type of every layer, as transformers' cache sees it.
+
+    ``config.layer_types`` when the config has it (Gemma 2/3, Qwen2, ...), else inferred per layer
+    like transformers does: ``"sliding_attention"`` when a ``sliding_window`` is set (Mistral),
+    ``"chunked_attention"`` with an ``attention_chunk_size``, else ``"full_attention"``.
+
+    Parameters
+    ----------
+    config : transformers.PretrainedConfig
+        The model's config (multimodal configs are reduced to their text part).
+
+    Returns
+    -------
+    list of str
+        One entry per hidden layer.
+    """
+    config = _text_config(config)
+    n = _num_layers(config)
+    try:
+        # The runtime builds its cache from this function; agree with it exactly where it exists.
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types = list(get_layer_types_and_kwargs(config)[0])
+    except (ImportError, AttributeError, TypeError):
+        types = _infer_layer_types(config)
+    if len(types) < n:
+        raise ProfileError(
+            f"config.layer_types has {len(types)} entries; allowed: one per layer ({n})", "model"
+        )
+    return [str(t) for t in types[:n]]
+
+
+def _infer_layer_types(config: Any) -> list[str]:
+    types = _attr(config, "layer_types")
+    if types is None:
+        types = []
+        for layer in _layer_configs(config):
+            if _attr(layer, "sliding_window") is not None:
+                types.append("sliding_attention")
+            elif _attr(layer, "attention_chunk_size") is not None:
+                types.append("chunked_attention")
+            else:
+                types.append("full_attention")
+    return list(types)
+
+
+def _canonical(value: Any) -> Any:
+    """JSON-ready canonical form: sorted mappings, lists, integral floats as ints."""
+    # A config.json may say rope_theta 10000 where a default says 10000.0: same model, same hash.
+    if isinstance(value, Mapping):
+        return {
+            str(k): _canonical(v)
+            for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+            if v is not None
+        }
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return int(value) if value.is_integer() and abs(value) < 2**53 else value
+    item = getattr(value, "item", None)  # 0-d tensors
+    return _canonical(item()) if callable(item) else str(value)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple((k, _freeze(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _rope_dicts(config: Any, types: list[str]) -> list[dict | None]:
+    """Canonical rotary settings of every layer (None for a layer without RoPE)."""
+    layers = _layer_configs(config)
+    return [_rope_dict(config, layer, i, t) for i, (layer, t) in enumerate(zip(layers, types, strict=True))]
+
+
+def _rope_dict(config: Any, layer: Any, layer_idx: int, layer_type: str) -> dict | None:
+    """Canonical rotary settings of one layer, or None for a layer without RoPE (NoPE)."""
+    no_rope = _attr(config, "no_rope_layers")  # SmolLM3 / Llama 4: 1 = RoPE, 0 = NoPE
+    if isinstance(no_rope, Sequence) and layer_idx < len(no_rope) and not no_rope[layer_idx]:
+        return None
+    params = _attr(layer, "rope_parameters")
+    if params is None:  # transformers 4.x style
+        params = dict(_attr(layer, "rope_scaling") or {})
+        if _attr(layer, "rope_theta") is not None:
+            params["rope_theta"] = _attr(layer, "rope_theta")
+    if isinstance(params, Mapping) and isinstance(params.get(layer_type), Mapping):
+        params = params[layer_type]  # keyed by layer type: Gemma 3's local vs global rope_theta
+    params = dict(params) if isinstance(params, Mapping) else {"rope_parameters": params}
+    for name in ("partial_rotary_factor", "rotary_dim"):
+        if name not in params and _attr(layer, name) is not None:
+            params[name] = _attr(layer, name)
+    return _canonical(params)
+
+
+def layer_rope_signatures(config: Any) -> list[tuple | None]:
+    """Rotary settings of every layer, as hashable values that compare equal when RoPE is the same.
+
+    Post-RoPE keys of two layers can only be merged exactly when both layers rotate them the same
+    way (DESIGN.md §2), so a group must not span layers whose signatures differ.
+
+    Parameters
+    ----------
+    config : transformers.PretrainedConfig
+        The model's config. Handles a flat ``rope_parameters`` dict, one keyed by layer type
+        (Gemma 3), per-layer configs, ``partial_rotary_factor`` and ``no_rope_layers``.
+
+    Returns
+    -------
+    list
+        One entry per hidden layer: a tuple of sorted ``(name, value)`` pairs, or None for a layer
+        without rotary embedding.
+    """
+    config = _text_config(config)
+    types = layer_attention_types(config)
+    return [None if rope is None else _freeze(rope) for rope in _rope_dicts(config, types)]
+
+
+def _format_rope(signature: tuple | None) -> str:
+    if signature is None:
+        return "no rotary embedding (NoPE)"
+    return "{" + ", ".join(f"{k}: {v}" for k, v in signature) + "}"
+
+
+def _windows(config: Any, types: list[str]) -> list[int | None]:
+    out = []
+    for layer, layer_type in zip(_layer_configs(config), types, strict=True):
+        window = None
+        if layer_type != "full_attention":
+            window = _attr(layer, "sliding_window") or _attr(layer, "attention_chunk_size")
+        out.append(None if window is None else int(window))
+    return out
+
+
+def _one_or_list(values: list) -> Any:
+    return values[0] if len(set(map(repr, values))) == 1 else values
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """Which model a profile was made for.
+
+    Attributes
+    ----------
+    name_or_path : str or None
+        For people; not compared.
+    model_type, num_hidden_layers, num_key_value_heads, head_dim : str, int, int, int
+        The basic shape of the KV cache.
+    config_sha256 : str
+        SHA-256 of a canonical JSON of the KV-relevant config fields: model_type, layer count,
+        attention and KV heads, head_dim, hidden_size, per-layer attention types, rotary settings
+        and sliding windows.
+    """
+
+    name_or_path: str | None
+    model_type: str
+    num_hidden_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    config_sha256: str
+
+    #: Fields compared by :meth:`differences` (name_or_path is only informative).
+    COMPARED = ("model_type", "num_hidden_layers", "num_key_value_heads", "head_dim", "config_sha256")
+
+    def __post_init__(self) -> None:
+        if self.name_or_path is not None:
+            _check_str(self.name_or_path, "name_or_path", "a string or null")
+        _check_str(self.model_type, "model_type")
+        object.__setattr__(
+            self, "num_hidden_layers", _check_int(self.num_hidden_layers, "num_hidden_layers", 1)
+        )
+        object.__setattr__(
+            self, "num_key_value_heads", _check_int(self.num_key_value_heads, "num_key_value_heads", 1)
+        )
+        object.__setattr__(self, "head_dim", _check_int(self.head_dim, "head_dim", 1))
+        sha = self.config_sha256
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise ProfileError(
+                f"{_show(sha)} is not a SHA-256; allowed: 64 lowercase hex digits", "config_sha256"
+            )
+
+    @staticmethod
+    def config_fields(config: Any) -> dict:
+        """The canonical KV-relevant fields of ``config`` that :attr:`config_sha256` hashes."""
+        config = _text_config(config)
+        layers = _layer_configs(config)
+        types = layer_attention_types(config)
+        shapes = [_kv_shape(layer) for layer in layers]
+        return _canonical(
+            {
+                "model_type": _attr(config, "model_type") or type(config).__name__,
+                "num_hidden_layers": len(layers),
+                "num_attention_heads": _one_or_list(
+                    [_attr(layer, "num_attention_heads") for layer in layers]
+                ),
+                "num_key_value_heads": _one_or_list([kv for kv, _ in shapes]),
+                "head_dim": _one_or_list([hd for _, hd in shapes]),
+                "hidden_size": _attr(config, "hidden_size"),
+                "layer_types": types,
+                "rope": _rope_dicts(config, types),
+                "sliding_window": _windows(config, types),
+            }
+        )
+
+    @classmethod
+    def from_config(cls, config: Any, name_or_path: str | None = None) -> ModelFingerprint:
+        """Fingerprint of a transformers config (or model).
+
+        Parameters
+        ----------
+        config : transformers.PretrainedConfig
+            The model's config; multimodal configs are reduced to their text part.
+        name_or_path : str, optional
+            Recorded for people; defaults to the config's own ``name_or_path`` when it has one.
+        """
+        config = _text_config(config)
+        if name_or_path is None:
+            name_or_path = _attr(config, "name_or_path") or None
+        payload = cls.config_fields(config)
+        digest = hashlib.sha256(
+            json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()
+        kv_heads, head_dim = _kv_shape(_layer_configs(config)[0])
+        return cls(
+            name_or_path=None if name_or_path is None else str(name_or_path),
+            model_type=str(payload["model_type"]),
+            num_hidden_layers=payload["num_hidden_layers"],
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            config_sha256=digest,
+        )
+
+    def differences(self, other: ModelFingerprint) -> list[tuple[str, Any, Any]]:
+        """``(field, this value, other value)`` for every compared field that differs."""
+        return [
+            (f, getattr(self, f), getattr(other, f))
+            for f in self.COMPARED
+            if getattr(self, f) != getattr(other, f)
+        ]
+
+    def matches(self, other: ModelFingerprint) -> bool:
+        """Whether both fingerprints describe the same model (``name_or_path`` aside)."""
+        return not self.differences(other)
+
+
+# ---- YAML --------------------------------------------------------------------------------------
+# Never fold long strings (paths, notes) over several lines: one value, one line, easy diffs.
+_NO_WRAP = 1_000_000
+
+
+class _FlowDict(dict):
+    """A mapping written on one line (``{t: 0.6, gamma: 0.05}``)."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """Safe dumper with DESIGN.md §4's layout: short settings and layer lists on one line."""
+
+    def represent_list(self, data):  # lists of scalars (layers, per-head numbers) on one line
+        flow = all(d is None or isinstance(d, (str, int, float, bool)) for d in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+    def increase_indent(self, flow=False, indentless=False):
+        # Indent list items under their key (`groups:\n  - layers: ...`), the common YAML style.
+        return super().increase_indent(flow, False)
+
+
+_Dumper.add_representer(list, _Dumper.represent_list)
+_Dumper.add_representer(
+    _FlowDict, lambda dumper, data: dumper.represent_mapping("tag:yaml.org,2002:map", data, flow_style=True)
+)
+
+
+def _sorted_plain(value: Any) -> Any:
+    # Free-form calibration data is written with sorted keys: equal dicts built in different
+    # orders must give the same bytes.
+    if isinstance(value, dict):
+        return {k: _sorted_plain(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_plain(v) for v in value]
+    return value
+
+
+# ---- the profile -------------------------------------------------------------------------------
+_TOP_KEYS = ("format_version", "producer", "model", "defaults", "groups", "calibration")
+_PRODUCER_KEYS = ("name", "version")
+_MODEL_KEYS = tuple(f.name for f in fields(ModelFingerprint))
+_DEFAULTS_KEYS = tuple(f.name for f in fields(Defaults))
+_SETTINGS_KEYS = tuple(f.name for f in fields(MergeSettings))
+_GROUP_KEYS = ("layers", "keys", "values")
+
+
+@dataclass
+class MergeProfile:
+    """Which layers MiniCache merges, with which settings, for which model.
+
+    Attributes
+    ----------
+    groups : tuple of MergeGroup
+        Groups of consecutive layers merged together; a layer belongs to at most one group.
+        No groups = the full cache.
+    defaults : Defaults
+        Merge schedule (residual window, block size) and the settings groups inherit in YAML.
+    model : ModelFingerprint or None
+        The model the profile was made for; checked by :meth:`check_model`. None accepts any
+        model whose layers fit.
+    calibration : dict or None
+        Provenance and measured quality (free-form YAML-safe plain data); None for presets.
+    producer : dict
+        ``{"name": ..., "version": ...}`` of the program that wrote the profile.
+    format_version : int
+        Version of the file format, one of :data:`SUPPORTED_FORMAT_VERSIONS`.
+    """
+
+    groups: tuple[MergeGroup, ...] = ()
+    defaults: Defaults = field(default_factory=Defaults)
+    model: ModelFingerprint | None = None
+    calibration: dict | None = None
+    producer: dict = field(default_factory=_default_producer)
+    format_version: int = FORMAT_VERSION
+    # Name of the preset that built this profile, for describe(); not saved, not compared.
+    _preset: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.format_version = _check_format_version(self.format_version)
+
+        producer = _check_keys(self.producer, "producer", _PRODUCER_KEYS, required=_PRODUCER_KEYS)
+        self.producer = {k: _check_str(producer[k], f"producer.{k}") for k in _PRODUCER_KEYS}
+
+        _check_instance(self.defaults, Defaults, "defaults")
+        if self.model is not None:
+            _check_instance(self.model, ModelFingerprint, "model")
+        if self.calibration is not None:
+            if not isinstance(self.calibration, Mapping):
+                raise ProfileError(
+                    f"{_show(self.calibration)} is a {_type_name(self.calibration)}; "
+                    "allowed: a mapping or null",
+                    "calibration",
+                )
+            self.calibration = _plain(self.calibration, "calibration")
+
+        groups = self.groups
+        if isinstance(groups, (str, bytes, Mapping)) or not isinstance(groups, Sequence):
+            raise ProfileError(
+                f"{_show(groups)} is a {_type_name(groups)}; allowed: a list of groups", "groups"
+            )
+        owner: dict[int, int] = {}
+        for i, group in enumerate(groups):
+            _check_instance(group, MergeGroup, f"groups[{i}]")
+            for layer in group.layers:
+                if layer in owner:
+                    j = owner[layer]
+                    raise ProfileError(
+                        f"{list(group.layers)} overlaps groups[{j}] ({list(groups[j].layers)}) "
+                        f"at layer {layer}; allowed: each layer in at most one group",
+                        f"groups[{i}].layers",
+                    )
+                owner[layer] = i
+        self.groups = tuple(groups)
+
+    # -- queries ---------------------------------------------------------------------------------
+    @property
+    def merged_layers(self) -> set[int]:
+        """Every layer that belongs to a group."""
+        return {layer for group in self.groups for layer in group.layers}
+
+    def group_of(self, layer_idx: int) -> tuple[MergeGroup, int] | None:
+        """``(group, position of the layer inside the group)``, or None when the layer is not merged."""
+        for group in self.groups:
+            if layer_idx in group.layers:
+                return group, group.layers.index(layer_idx)
+        return None
+
+    def describe(self) -> str:
+        """One line for people and CLIs.
+
+        E.g. ``"paper preset: 7 groups [15-16, 17-18, ...] of 30 layers; t 0.6, gamma 0.05, ..."``.
+        """
+        method = (self.calibration or {}).get("method")
+        if self._preset:
+            origin = f"{self._preset} preset: "
+        elif isinstance(method, str) and method.startswith("preset:"):
+            origin = f"{method.split(':', 1)[1]} preset (calibrated): "
+        elif self.calibration is not None:
+            origin = "calibrated: "
+        else:
+            origin = ""
+        of = f" of {self.model.num_hidden_layers} layers" if self.model else ""
+        if not self.groups:
+            return f"{origin}no groups: full cache{of}"
+        n = len(self.groups)
+        text = f"{origin}{n} group{'s' if n != 1 else ''} [{', '.join(g.label for g in self.groups)}]{of}"
+        settings = {s for g in self.groups for s in (g.keys, g.values)}
+        if len(settings) == 1:
+            (s,) = settings
+            text += f"; t {s.t:g}, gamma {s.gamma:g}, retention {s.retention}, sink {s.sink_tokens}"
+        else:
+            text += "; per-group t/gamma"
+        d = self.defaults
+        return text + f"; residual {d.residual_length}, block {d.block_size}"
+
+    def __repr__(self) -> str:
+        return f"MergeProfile({self.describe()})"
+
+    # -- model checks ----------------------------------------------------------------------------
+    def check_model(self, config: Any, allow_mismatch: bool = False) -> None:
+        """Check that this profile fits a model.
+
+        Parameters
+        ----------
+        config : transformers.PretrainedConfig
+            The model's config (a model, or a multimodal config, is reduced to its text config).
+        allow_mismatch : bool
+            Downgrade a fingerprint mismatch (profile made for another model) to a
+            :class:`ModelMismatchWarning`. Layers out of range and groups mixing attention types,
+            rotary settings or KV shapes always raise: they cannot work.
+
+        Raises
+        ------
+        ProfileError
+            Naming the group or fingerprint field at fault and what is allowed.
+        """
+        config = _text_config(config)
+        if self.model is not None:
+            actual = ModelFingerprint.from_config(config)
+            diffs = self.model.differences(actual)
+            if diffs:
+                listed = "; ".join(f"{name}: profile {want!r}, model {got!r}" for name, want, got in diffs)
+                made_for = f" ({self.model.name_or_path})" if self.model.name_or_path else ""
+                detail = (
+                    f"this profile was made for another model{made_for}: {listed}; allowed: the same model, "
+                    "or pass allow_mismatch=True (command line: --allow-model-mismatch) to use it anyway"
+                )
+                if not allow_mismatch:
+                    raise ProfileError(detail, "model")
+                warnings.warn(f"model: {detail}", ModelMismatchWarning, stacklevel=2)
+
+        n = _num_layers(config)
+        for i, group in enumerate(self.groups):
+            for layer in group.layers:
+                if layer >= n:
+                    raise ProfileError(
+                        f"layer {layer} out of range; "
+                        f"allowed: 0..{n - 1} for this model (num_hidden_layers={n})",
+                        f"groups[{i}].layers",
+                    )
+        if not self.groups:
+            return
+        types = layer_attention_types(config)
+        ropes = layer_rope_signatures(config)
+        windows = _windows(config, types)
+        shapes = [_kv_shape(layer) for layer in _layer_configs(config)]
+        # Why each must agree: one shared store is attended by every member layer, and post-RoPE
+        # keys merge exactly only when both layers rotate them the same way (DESIGN.md §2).
+        attend = "a merged cache is attended the same way by every layer of its group"
+        checks = (
+            ("attention type", types, repr, attend),
+            ("sliding window", windows, repr, attend),
+            (
+                "rotary settings",
+                ropes,
+                _format_rope,
+                "post-RoPE keys merge exactly only under the same rotation",
+            ),
+            ("KV shape (num_key_value_heads, head_dim)", shapes, repr, "a merged cache has one shape"),
+        )
+        for i, group in enumerate(self.groups):
+            first = group.layers[0]
+            for layer in group.layers[1:]:
+                for what, per_layer, fmt, why in checks:
+                    if per_layer[layer] != per_layer[first]:
+                        raise ProfileError(
+                            f"{list(group.layers)}: layers {first} and {layer} differ in {what} "
+                            f"({fmt(per_layer[first])} vs {fmt(per_layer[layer])}); allowed: layers with "
+                            f"the same {what} in one group ({why})",
+                            f"groups[{i}].layers",
+                        )
+
+    # -- presets ---------------------------------------------------------------------------------
+    @classmethod
+    def preset(
+        cls,
+        name: str,
+        config: Any,
+        t: float = 0.6,
+        gamma: float = 0.05,
+        start: int | None = None,
+        **default_overrides: Any,
+    ) -> MergeProfile:
+        """A built-in profile for the model of ``config``.
+
+        Parameters
+        ----------
+        name : str
+            ``"paper"``: the paper's layout, pairs ``(S, S+1), (S+2, S+3), ...`` from ``S = L // 2``
+            while a pair fits. ``"none"``: no groups (the full-cache baseline).
+        config : transformers.PretrainedConfig
+            The model's config; the profile gets its fingerprint.
+        t, gamma : float
+            SLERP weight and retention fraction of every group.
+        start : int, optional
+            First layer ``S`` of the paper layout (default ``num_hidden_layers // 2``).
+        **default_overrides
+            Other :class:`Defaults` fields (``residual_length``, ``block_size``, ``sink_tokens``,
+            ``retention``).
+
+        Raises
+        ------
+        ProfileError
+            Unknown preset, bad settings, or a layout that does not fit the model (e.g. the paper's
+            pairs on a model that alternates sliding and full attention layers).
+        """
+        if name not in PRESETS:
+            allowed = ", ".join(repr(p) for p in PRESETS)
+            raise ProfileError(f"{_show(name)} is not a known preset; allowed: one of {allowed}", "preset")
+        unknown = sorted(set(default_overrides) - set(_DEFAULTS_KEYS))
+        if unknown:
+            others = ", ".join(k for k in _DEFAULTS_KEYS if k not in ("t", "gamma"))
+            raise ProfileError(
+                f"unknown setting {unknown[0]!r}; allowed: {others}",
+                f"defaults.{unknown[0]}",
+            )
+        try:
+            defaults = Defaults(t=t, gamma=gamma, **default_overrides)
+        except ProfileError as err:
+            raise err.within("defaults") from None
+        config = _text_config(config)
+        n = _num_layers(config)
+        if name == "none":
+            if start is not None:
+                raise ProfileError(
+                    f"{_show(start)} given; allowed: no start layer for the 'none' preset", "start"
+                )
+            groups: tuple[MergeGroup, ...] = ()
+        else:
+            if start is None:
+                start = n // 2
+            if isinstance(start, bool) or not isinstance(start, numbers.Integral) or not 0 <= start <= n - 2:
+                raise ProfileError(
+                    f"{_show(start)} leaves no pair of layers; "
+                    f"allowed: 0..{n - 2} for this model (num_hidden_layers={n})",
+                    "start",
+                )
+            settings = defaults.settings()
+            groups = tuple(MergeGroup((s, s + 1), settings, settings) for s in range(int(start), n - 1, 2))
+        profile = cls(groups=groups, defaults=defaults, model=ModelFingerprint.from_config(config))
+        try:
+            profile.check_model(config)
+        except ProfileError as err:
+            raise ProfileError(f"the {name!r} preset does not fit this model: {err}", "preset") from None
+        profile._preset = name
+        return profile
+
+    # -- plain data ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain data in DESIGN.md §4's layout, every group's settings fully resolved."""
+        data: dict[str, Any] = {"format_version": self.format_version, "producer": dict(self.producer)}
+        if self.model is not None:
+            data["model"] = asdict(self.model)
+        data["defaults"] = asdict(self.defaults)
+        data["groups"] = [
+            {"layers": list(g.layers), "keys": asdict(g.keys), "values": asdict(g.values)}
+            for g in self.groups
+        ]
+        if self.calibration is not None:
+            data["calibration"] = _plain(self.calibration, "calibration")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> MergeProfile:
+        """Build a profile from plain data (parsed YAML), validating every field strictly.
+
+        A group's ``keys``/``values`` may be omitted or partial: missing fields come from
+        ``defaults``. ``format_version`` is required; everything else has a default.
+
+        Raises
+        ------
+        ProfileError
+            Naming the path of the first bad field, the bad value and what is allowed.
+        """
+        data = _check_keys(data, "", _TOP_KEYS, required=("format_version",))
+        # Check the version first: a newer file may fail every other check for a good reason.
+        fv = _check_format_version(data["format_version"])
+
+        producer = data.get("producer")
+        producer = _default_producer() if producer is None else producer
+
+        model = None
+        if data.get("model") is not None:
+            raw = _check_keys(data["model"], "model", _MODEL_KEYS, required=_MODEL_KEYS[1:])
+            model = _build(ModelFingerprint, "model", {"name_or_path": None, **raw})
+
+        raw_defaults = data.get("defaults")
+        raw_defaults = {} if raw_defaults is None else _check_keys(raw_defaults, "defaults", _DEFAULTS_KEYS)
+        defaults = _build(Defaults, "defaults", raw_defaults)
+        inherited = asdict(defaults.settings())
+
+        raw_groups = data.get("groups")
+        raw_groups = [] if raw_groups is None else raw_groups
+        if not isinstance(raw_groups, list):
+            raise ProfileError(
+                f"{_show(raw_groups)} is a {_type_name(raw_groups)}; allowed: a list of groups", "groups"
+            )
+        groups = []
+        for i, raw in enumerate(raw_groups):
+            path = f"groups[{i}]"
+            raw = _check_keys(raw, path, _GROUP_KEYS, required=("layers",))
+            parts = {}
+            for component in ("keys", "values"):
+                given = raw.get(component)
+                given = {} if given is None else _check_keys(given, f"{path}.{component}", _SETTINGS_KEYS)
+                parts[component] = _build(MergeSettings, f"{path}.{component}", {**inherited, **given})
+            layers = raw["layers"]
+            if not isinstance(layers, list):  # YAML gives lists; a string here is a typo like "20-21"
+                raise ProfileError(
+                    f"{_show(layers)} is a {_type_name(layers)}; allowed: {_LAYERS_ALLOWED}", f"{path}.layers"
+                )
+            groups.append(_build(MergeGroup, path, {"layers": tuple(layers), **parts}))
+
+        return _build(
+            cls,
+            "",
+            {
+                "groups": tuple(groups),
+                "defaults": defaults,
+                "model": model,
+                "calibration": data.get("calibration"),
+                "producer": producer,
+                "format_version": fv,
+            },
+        )
+
+    def to_yaml(self) -> str:
+        """The profile as YAML text; equal profiles give byte-identical text (no timestamps)."""
+        data = self.to_dict()
+        data["producer"] = _FlowDict(data["producer"])
+        data["defaults"] = _FlowDict(data["defaults"])
+        for group in data["groups"]:
+            group["keys"], group["values"] = _FlowDict(group["keys"]), _FlowDict(group["values"])
+        if "calibration" in data:
+            data["calibration"] = _sorted_plain(data["calibration"])
+        body = yaml.dump(
+            data,
+            Dumper=_Dumper,
+            sort_keys=False,
+            default_flow_style=False,
+            allow_unicode=True,
+            width=_NO_WRAP,
+        )
+        return (
+            "# MiniCache merge profile (arXiv 2405.14366); read it with minicache.MergeProfile.load\n" + body
+        )
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str | None = None) -> MergeProfile:
+        """Parse and validate YAML text (``yaml.safe_load`` only: a profile can never run code)."""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ProfileError(f"not valid YAML: {err}; allowed: a YAML mapping", source=source) from None
+        if data is None:
+            raise ProfileError(
+                "the document is empty; allowed: a YAML mapping with format_version, groups, ...",
+                source=source,
+            )
+        try:
+            return cls.from_dict(data)
+        except ProfileError as err:
+            raise ProfileError(err.detail, err.path, source) from None
+
+    # -- files -----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path_or_model_dir: str | os.PathLike) -> MergeProfile:
+        """Read a profile: a ``.yaml``/``.yml`` file, or a model directory holding ``minicache_config.yaml``.
+
+        Raises
+        ------
+        FileNotFoundError
+            No profile at that path.
+        ProfileError
+            The file is not a valid profile (the message starts with the file's path).
+        """
+        path = pathlib.Path(path_or_model_dir)
+        if path.is_dir():
+            file = path / PROFILE_FILENAME
+            if not file.is_file():
+                raise FileNotFoundError(
+                    f"{path} is a directory without {PROFILE_FILENAME}: no MiniCache profile ships with it; "
+                    "pass the profile file itself, or write one with minicache-calibrate"
+                )
+        elif path.is_file():
+            file = path
+        else:
+            raise FileNotFoundError(
+                f"no MiniCache profile at {path}: expected a .yaml file or a model directory "
+                f"holding {PROFILE_FILENAME}"
+            )
+        return cls.from_yaml(file.read_text(encoding="utf-8"), source=str(file))
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
+        """Write the profile atomically and return the file written.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A ``.yaml``/``.yml`` file, or a directory (created if needed) that gets
+            ``minicache_config.yaml`` (e.g. a model directory).
+        overwrite : bool
+            Replace an existing profile. Without it an existing file is never touched.
+
+        Raises
+        ------
+        FileExistsError
+            The file exists and ``overwrite`` is False.
+        """
+        path = pathlib.Path(path)
+        if path.suffix.lower() in (".yaml", ".yml") and not path.is_dir():
+            target = path
+        elif path.exists() and not path.is_dir():
+            raise ValueError(f"{path}: a profile is written to a .yaml/.yml file or into a directory")
+        else:
+            target = path / PROFILE_FILENAME
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and not overwrite:
+            raise FileExistsError(_exists_message(target))
+        text = self.to_yaml()
+        # Temp file in the same directory: os.replace/os.link are atomic only within one file system.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        tmp = pathlib.Path(tmp_name)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a shipped profile must be readable
+            if overwrite:
+                os.replace(tmp, target)
+            else:
+                _link_no_clobber(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
+
+
+def _exists_message(target: pathlib.Path) -> str:
+    return f"{target} exists; refusing to overwrite it (pass overwrite=True, or --force on the command line)"
+
+
+def _link_no_clobber(tmp: pathlib.Path, target: pathlib.Path) -> None:
+    # A hard link fails if the target appeared since our check, so a concurrent writer is never
+    # clobbered; file systems without hard links fall back to check-then-replace.
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise FileExistsError(_exists_message(target)) from None
+    except OSError:
+        if target.exists():
+            raise FileExistsError(_exists_message(target)) from None
+        os.replace(tmp, target)
+
+
+def _build(cls: type, path: str, kwargs: dict) -> Any:
+    """``cls(**kwargs)`` with validation errors placed under ``path``."""
+    try:
+        return cls(**kwargs)
+    except ProfileError as err:
+        raise (err.within(path) if path else err) from None

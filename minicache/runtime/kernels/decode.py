@@ -1,0 +1,617 @@
+"""Fused decode attention over a merged store (Triton), never materialising restored keys/values.
+
+For one query token per sequence, the logical keys of a member layer are
+``k̂_n = m_n · e_n / ‖e_n‖`` over the merged prefix (exact vectors for retained tokens) followed by
+the exact residual window; values likewise. Since ``q · k̂_n = (m_n / ‖e_n‖) · (q · e_n)``, the
+kernel streams the shared directions and applies the magnitude as a per-token scalar on the logits
+(keys) and on the probabilities (values).
+
+Stage 1 (``_decode_partial_kernel``), grid ``(B · H_kv, n_splits)``; one program holds the ``G``
+query heads of one KV head (GQA: the directions are read once for all of them) and runs an online
+softmax over one split, writing its running max ``m``, sum ``l`` and numerator ``acc``:
+
+* **dense splits** ``[0, n_dense)``: contiguous chunks of the merged prefix, tile by tile. Tokens
+  whose key is retained (magnitude flag ``< 0``) are skipped; tokens whose *value* alone is
+  retained add their probability to ``l`` but nothing to ``acc`` (their exact value is added by
+  the retained split).
+* **retained splits** ``[n_dense, n_dense + n_ret)``: each takes a share of the (b, h) row's CSR
+  lists. Retained keys: exact key; exact value if the value is retained too (found through the
+  precomputed cross index), else the restored value gathered from the dense store; adds to ``l``
+  and ``acc``. Retained values whose key is merged: logit from the dense key, exact value, adds to
+  ``acc`` only (``l`` already has it).
+* **residual splits**: the exact window, as plain flash decoding.
+
+Stage 2 (``_decode_combine_kernel``), grid ``(B · H_kv,)``: log-sum-exp merge of the splits,
+``out = Σ acc_s 2^(m_s − M) / Σ l_s 2^(m_s − M)``. A split may have ``l = 0`` and ``acc ≠ 0``
+(value corrections), so partials are kept un-normalised.
+
+Logits are kept in the log2 domain (scale folded with ``log2 e``) so the kernel uses ``exp2``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from minicache.runtime.cache import MergedKVView
+from minicache.runtime.kernels import check_usable, interpreter_enabled
+from minicache.runtime.kernels.reference import decode_mask_row
+from minicache.runtime.merge import _NORM_EPS
+
+_LOG2E = 1.4426950408889634
+# Bytes of one [BLOCK_N, D] tile; 16 KiB keeps the pipelined K and V tiles in shared memory on
+# every recent GPU (64 tokens of bf16 at D = 128, 32 tokens of fp32).
+_TILE_BYTES = 16384
+# Retained entries per tile (gathered rows, so tiles are small; 16 is tl.dot's minimum).
+_BLOCK_R = 16
+# A dense split covers at least this many tokens, so that writing its partial result (G·D floats)
+# stays small next to reading its directions.
+_MIN_SPLIT_TOKENS = 256
+_RESIDUAL_CHUNK = 256
+_RETAINED_PER_SPLIT = 256
+_MAX_RETAINED_SPLITS = 16
+
+
+# How ``_dot`` multiplies: the inputs' own precision (fp16/bf16 on GPUs), full fp32 products for
+# fp32 models (the default would round inputs to tf32 on GPUs), or upcast to fp32 first (Triton's
+# interpreter computes bf16 dots wrongly; products of bf16 values are exact in fp32, so the result is
+# what a GPU computes).
+_DOT_NATIVE, _DOT_IEEE, _DOT_UPCAST = 0, 1, 2
+
+
+@triton.jit
+def _dot(a, b, DOT_MODE: tl.constexpr):
+    if DOT_MODE == 1:
+        return tl.dot(a, b, input_precision="ieee")
+    elif DOT_MODE == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _row_norm(x, NORM_EPS: tl.constexpr):
+    x = x.to(tl.float32)
+    return tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), NORM_EPS)
+
+
+@triton.jit
+def _mask_bias(mask_row, stride_mask_t, pos, ok, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr):
+    """Additive log2-domain bias ``[BLOCK]`` of key positions ``pos`` (0 where no mask)."""
+    if HAS_MASK:
+        if MASK_BOOL:
+            keep = tl.load(mask_row + pos * stride_mask_t, mask=ok, other=0)
+            bias = tl.where(keep != 0, 0.0, float("-inf"))
+        else:
+            bias = tl.load(mask_row + pos * stride_mask_t, mask=ok, other=0.0).to(tl.float32)
+            # finfo.min-style masks would overflow to -inf in log2 units; any value below the
+            # running-max start (-1e30) already contributes exactly 0.
+            bias = tl.maximum(bias, -1e30) * 1.4426950408889634
+    else:
+        bias = tl.zeros(pos.shape, tl.float32)
+    return bias
+
+
+@triton.jit
+def _softmax_step(m_i, l_i, acc, s, v, col_scale, COUNT_L: tl.constexpr, DOT_MODE: tl.constexpr):
+    """Online-softmax update with logits ``s`` ``[BG, BN]`` (log2 domain, −inf = skip) and values
+    ``v`` ``[BN, BD]``; ``col_scale`` ``[BN]`` multiplies each token's probability in the numerator
+    only. ``COUNT_L`` False adds to the numerator but not to the normaliser."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    if COUNT_L:  # noqa: SIM108 (a constexpr branch, resolved at compile time)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+    else:
+        l_i = l_i * alpha
+    pv = (p * col_scale[None, :]).to(v.dtype)
+    acc = acc * alpha[:, None] + _dot(pv, v, DOT_MODE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_partial_kernel(
+    q_ptr,
+    stride_q_b,
+    stride_q_h,
+    kd_ptr,
+    stride_kd_b,
+    stride_kd_h,
+    stride_kd_n,
+    km_ptr,
+    stride_km_b,
+    stride_km_h,
+    stride_km_n,
+    kr_ptr,
+    stride_kr_b,
+    stride_kr_h,
+    stride_kr_n,
+    vd_ptr,
+    stride_vd_b,
+    stride_vd_h,
+    stride_vd_n,
+    vm_ptr,
+    stride_vm_b,
+    stride_vm_h,
+    stride_vm_n,
+    vr_ptr,
+    stride_vr_b,
+    stride_vr_h,
+    stride_vr_n,
+    k_off_ptr,
+    k_pos_ptr,
+    k_row_ptr,
+    k_cross_ptr,
+    k_val_ptr,
+    stride_kval,
+    v_off_ptr,
+    v_pos_ptr,
+    v_row_ptr,
+    v_cross_ptr,
+    v_val_ptr,
+    stride_vval,
+    mask_ptr,
+    stride_mask_b,
+    stride_mask_t,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    H_KV,
+    M,
+    R,
+    qk_scale,
+    n_dense,
+    dense_chunk,
+    n_ret,
+    res_chunk,
+    n_splits,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_MAG: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+    NORM_EPS: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // H_KV
+    h = pid_bh % H_KV
+    # 64-bit row offsets: B·H·M·D exceeds 2**31 elements at long contexts.
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_ok = offs_g < G
+    d_ok = offs_d < D
+    q = tl.load(
+        q_ptr + b64 * stride_q_b + (h * G + offs_g)[:, None] * stride_q_h + offs_d[None, :],
+        mask=g_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    # A finite start value: fully skipped tiles then give exp2(-inf - m) = 0 and alpha = 1, never NaN.
+    m_i = tl.full([BLOCK_G], -1e30, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    mask_row = mask_ptr + b64 * stride_mask_b
+    kd_row = kd_ptr + b64 * stride_kd_b + h64 * stride_kd_h
+    vd_row = vd_ptr + b64 * stride_vd_b + h64 * stride_vd_h
+    km_row = km_ptr + b64 * stride_km_b + h64 * stride_km_h
+    vm_row = vm_ptr + b64 * stride_vm_b + h64 * stride_vm_h
+
+    if pid_s < n_dense:
+        # ---- dense split: stream directions, magnitudes as per-token scalars ----------------
+        start = pid_s * dense_chunk
+        end = tl.minimum(start + dense_chunk, M)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < end
+            tile_ok = n_ok[:, None] & d_ok[None, :]
+            ek = tl.load(kd_row + offs_n[:, None] * stride_kd_n + offs_d[None, :], mask=tile_ok, other=0.0)
+            ev = tl.load(vd_row + offs_n[:, None] * stride_vd_n + offs_d[None, :], mask=tile_ok, other=0.0)
+            s = _dot(q, tl.trans(ek), DOT_MODE)
+            if HAS_MAG:
+                mk = tl.load(km_row + offs_n * stride_km_n, mask=n_ok, other=-1.0).to(tl.float32)
+                mv = tl.load(vm_row + offs_n * stride_vm_n, mask=n_ok, other=-1.0).to(tl.float32)
+                use = n_ok & (mk >= 0.0)
+                k_scale = mk / _row_norm(ek, NORM_EPS)
+                # A retained value counts in the normaliser here; its exact value is added later.
+                v_scale = tl.where(mv >= 0.0, mv / _row_norm(ev, NORM_EPS), 0.0)
+            else:
+                use = n_ok
+                k_scale = tl.full([BLOCK_N], 1.0, tl.float32)
+                v_scale = tl.full([BLOCK_N], 1.0, tl.float32)
+            s = s * (k_scale * qk_scale)[None, :]
+            s += _mask_bias(mask_row, stride_mask_t, offs_n, n_ok, HAS_MASK, MASK_BOOL)[None, :]
+            s = tl.where(use[None, :], s, float("-inf"))
+            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, ev, v_scale, True, DOT_MODE)
+    elif pid_s < n_dense + n_ret:
+        # ---- retained split: this program's share of the (b, h) row's CSR lists ---------------
+        j = pid_s - n_dense
+        ones_r = tl.full([BLOCK_R], 1.0, tl.float32)
+        # Retained keys (values exact via the cross index, or restored from the dense store).
+        lo = tl.load(k_off_ptr + pid_bh)
+        hi = tl.load(k_off_ptr + pid_bh + 1)
+        per = (hi - lo + n_ret - 1) // n_ret
+        first = lo + j * per
+        last = tl.minimum(first + per, hi)
+        for i0 in range(first, last, BLOCK_R):
+            offs_i = i0 + tl.arange(0, BLOCK_R)
+            i_ok = offs_i < last
+            pos = tl.load(k_pos_ptr + offs_i, mask=i_ok, other=0)
+            row = tl.load(k_row_ptr + offs_i, mask=i_ok, other=0).to(tl.int64)
+            cross = tl.load(k_cross_ptr + offs_i, mask=i_ok, other=-1)
+            kx = tl.load(
+                k_val_ptr + row[:, None] * stride_kval + offs_d[None, :],
+                mask=i_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            s = _dot(q, tl.trans(kx), DOT_MODE) * qk_scale
+            s += _mask_bias(mask_row, stride_mask_t, pos, i_ok, HAS_MASK, MASK_BOOL)[None, :]
+            s = tl.where(i_ok[None, :], s, float("-inf"))
+            exact_v = i_ok & (cross >= 0)
+            dense_v = i_ok & (cross < 0)
+            vx = tl.load(
+                v_val_ptr + cross.to(tl.int64)[:, None] * stride_vval + offs_d[None, :],
+                mask=exact_v[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            ev = tl.load(
+                vd_row + pos[:, None] * stride_vd_n + offs_d[None, :],
+                mask=dense_v[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            if HAS_MAG:
+                mv = tl.load(vm_row + pos * stride_vm_n, mask=dense_v, other=0.0).to(tl.float32)
+                vr = ev.to(tl.float32) * (mv / _row_norm(ev, NORM_EPS))[:, None]
+            else:
+                vr = ev.to(tl.float32)
+            v = tl.where(dense_v[:, None], vr.to(vx.dtype), vx)
+            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, v, ones_r, True, DOT_MODE)
+        # Retained values whose key is merged: numerator corrections only.
+        lo = tl.load(v_off_ptr + pid_bh)
+        hi = tl.load(v_off_ptr + pid_bh + 1)
+        per = (hi - lo + n_ret - 1) // n_ret
+        first = lo + j * per
+        last = tl.minimum(first + per, hi)
+        for i0 in range(first, last, BLOCK_R):
+            offs_i = i0 + tl.arange(0, BLOCK_R)
+            i_ok = offs_i < last
+            pos = tl.load(v_pos_ptr + offs_i, mask=i_ok, other=0)
+            row = tl.load(v_row_ptr + offs_i, mask=i_ok, other=0).to(tl.int64)
+            cross = tl.load(v_cross_ptr + offs_i, mask=i_ok, other=0)
+            active = i_ok & (cross < 0)
+            ek = tl.load(
+                kd_row + pos[:, None] * stride_kd_n + offs_d[None, :],
+                mask=active[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            s = _dot(q, tl.trans(ek), DOT_MODE)
+            if HAS_MAG:
+                mk = tl.load(km_row + pos * stride_km_n, mask=active, other=0.0).to(tl.float32)
+                s = s * (mk / _row_norm(ek, NORM_EPS) * qk_scale)[None, :]
+            else:
+                s = s * qk_scale
+            s += _mask_bias(mask_row, stride_mask_t, pos, active, HAS_MASK, MASK_BOOL)[None, :]
+            s = tl.where(active[None, :], s, float("-inf"))
+            vx = tl.load(
+                v_val_ptr + row[:, None] * stride_vval + offs_d[None, :],
+                mask=active[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, vx, ones_r, False, DOT_MODE)
+    else:
+        # ---- residual split: the exact window, plain flash decoding ----------------------------
+        j = pid_s - n_dense - n_ret
+        start = j * res_chunk
+        end = tl.minimum(start + res_chunk, R)
+        kr_row = kr_ptr + b64 * stride_kr_b + h64 * stride_kr_h
+        vr_row = vr_ptr + b64 * stride_vr_b + h64 * stride_vr_h
+        ones_n = tl.full([BLOCK_N], 1.0, tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < end
+            tile_ok = n_ok[:, None] & d_ok[None, :]
+            kk = tl.load(kr_row + offs_n[:, None] * stride_kr_n + offs_d[None, :], mask=tile_ok, other=0.0)
+            vv = tl.load(vr_row + offs_n[:, None] * stride_vr_n + offs_d[None, :], mask=tile_ok, other=0.0)
+            s = _dot(q, tl.trans(kk), DOT_MODE) * qk_scale
+            s += _mask_bias(mask_row, stride_mask_t, M + offs_n, n_ok, HAS_MASK, MASK_BOOL)[None, :]
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, vv, ones_n, True, DOT_MODE)
+
+    part = (pid_bh * n_splits + pid_s).to(tl.int64) * G
+    tl.store(part_m_ptr + part + offs_g, m_i, mask=g_ok)
+    tl.store(part_l_ptr + part + offs_g, l_i, mask=g_ok)
+    tl.store(
+        part_acc_ptr + (part + offs_g)[:, None] * D + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :]
+    )
+
+
+@triton.jit
+def _decode_combine_kernel(
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    out_ptr,
+    stride_o_b,
+    stride_o_h,
+    H_KV,
+    n_splits,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H_KV
+    h = pid_bh % H_KV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_ok = offs_g < G
+    tile_ok = g_ok[:, None] & (offs_d < D)[None, :]
+    m = tl.full([BLOCK_G], -1e30, tl.float32)
+    total = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s in range(0, n_splits):
+        part = (pid_bh * n_splits + s).to(tl.int64) * G
+        m_s = tl.load(part_m_ptr + part + offs_g, mask=g_ok, other=-1e30)
+        l_s = tl.load(part_l_ptr + part + offs_g, mask=g_ok, other=0.0)
+        acc_s = tl.load(part_acc_ptr + (part + offs_g)[:, None] * D + offs_d[None, :], mask=tile_ok, other=0)
+        m_new = tl.maximum(m, m_s)
+        alpha = tl.exp2(m - m_new)
+        beta = tl.exp2(m_s - m_new)
+        total = total * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m = m_new
+    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+    tl.store(
+        out_ptr + b.to(tl.int64) * stride_o_b + (h * G + offs_g)[:, None] * stride_o_h + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=tile_ok,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _int32_zeros(n: int, device: torch.device) -> torch.Tensor:
+    # Read-only stand-ins, cached so that a decode step launches no fill kernels for them.
+    return torch.zeros(n, dtype=torch.int32, device=device)
+
+
+def num_stages(dtype: torch.dtype) -> int:
+    """Software-pipelining depth: 2 for fp32 tiles (3 would need ~140 KB of shared memory), else 3."""
+    return 2 if dtype == torch.float32 else 3
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one after another: fewer, longer splits are faster
+
+
+def plan_splits(
+    batch_heads: int,
+    merged: int,
+    residual: int,
+    max_retained: int,
+    device: torch.device,
+    split_tokens: int | None = None,
+    block_n: int = 64,
+) -> tuple[int, int, int, int, int]:
+    """Choose the split-K layout: ``(n_dense, dense_chunk, n_ret, n_res, res_chunk)``.
+
+    Enough programs to fill the GPU (about four waves of ``B · H_kv · splits`` over the SMs), but
+    dense splits no shorter than ``_MIN_SPLIT_TOKENS`` tokens. ``split_tokens`` fixes the tokens
+    per split of every kind instead (tests use it to get many splits out of small shapes).
+    """
+    n_dense = dense_chunk = 0
+    res_chunk, ret_per_split = _RESIDUAL_CHUNK, _RETAINED_PER_SPLIT
+    if split_tokens is not None:
+        res_chunk = ret_per_split = split_tokens
+    if merged > 0:
+        if split_tokens is None:
+            target = max(1, math.ceil(4 * _multiprocessors(device) / max(batch_heads, 1)))
+            n_dense = max(1, min(target, math.ceil(merged / _MIN_SPLIT_TOKENS)))
+            dense_chunk = triton.cdiv(merged, n_dense)
+        else:
+            dense_chunk = split_tokens
+        dense_chunk = triton.cdiv(dense_chunk, block_n) * block_n
+        n_dense = triton.cdiv(merged, dense_chunk)
+    n_ret = 0
+    if merged > 0 and max_retained > 0:
+        n_ret = min(_MAX_RETAINED_SPLITS, triton.cdiv(max_retained, ret_per_split))
+    return n_dense, dense_chunk, n_ret, triton.cdiv(residual, res_chunk), res_chunk
+
+
+def fused_decode_attention(
+    query: torch.Tensor,
+    keys: MergedKVView,
+    values: MergedKVView,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    *,
+    use_magnitude: bool = True,
+    split_tokens: int | None = None,
+) -> torch.Tensor:
+    """Decode attention (one query token) read straight from a merged store.
+
+    Parameters
+    ----------
+    query : torch.Tensor
+        ``[B, Hq, 1, D]`` (head dim contiguous); ``Hq = G · H`` with ``G`` query heads per KV head.
+    keys, values : MergedKVView
+        One member layer's keys and values (``[B, H, M + r, D]`` logically).
+    attention_mask : torch.Tensor, optional
+        ``[B or 1, 1, 1, M + r]`` bool (True = attend) or additive float decode mask, or ``[B, M + r]``;
+        handles left padding and any other per-sequence key mask.
+    scaling : float, optional
+        Logit scale; default ``D ** -0.5``.
+    use_magnitude : bool
+        False runs the same kernel as plain split-K flash decoding over the stored directions and
+        the residual window: no magnitudes, no retained flags, no retained splits. It is the
+        benchmark's baseline for what merging costs the kernel; not a correct attention.
+    split_tokens : int, optional
+        Tokens per split (dense splits round it up to a whole number of tiles); default: chosen from the
+        shape and the GPU's number of SMs.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, 1, Hq, D]`` in ``query.dtype``.
+    """
+    check_usable(query.device)
+    b, hq, q_len, d = query.shape
+    if q_len != 1:
+        raise ValueError(f"fused decode attention takes one query token, got {q_len}")
+    kb, h, r, kd = keys.residual.shape
+    if (kb, kd) != (b, d) or hq % h:
+        raise ValueError(f"query {tuple(query.shape)} does not fit keys {tuple(keys.shape)}")
+    if values.residual.shape != keys.residual.shape or values.merged_length != keys.merged_length:
+        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in shape")
+    group = hq // h
+    m_len = keys.merged_length
+    scaling = d**-0.5 if scaling is None else scaling
+    device, dtype = query.device, keys.dtype
+    q = query[:, :, 0, :]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if q.dtype != dtype:
+        q = q.to(dtype)
+
+    # Absent parts get a stand-in pointer; the split plan never reads them.
+    dummy = keys.residual
+    idx_dummy = _int32_zeros(2, device)
+
+    def dense_parts(view: MergedKVView):
+        if view.direction is None:
+            return dummy, (0, 0, 0), dummy, (0, 0, 0)
+        mag = view.magnitude[..., view.member]
+        return view.direction, view.direction.stride()[:3], mag, mag.stride()[:3]
+
+    def csr_parts(view: MergedKVView):
+        csr = view.retained
+        if csr is None or view.retained_value is None or csr.pos.numel() == 0:
+            offsets = _int32_zeros(b * h + 1, device) if csr is None else csr.offsets
+            return offsets, idx_dummy, idx_dummy, idx_dummy, dummy, 0
+        val = view.retained_value[:, view.member]
+        return csr.offsets, csr.pos, csr.row, csr.cross, val, val.stride(0)
+
+    kd_t, kd_s, km_t, km_s = dense_parts(keys)
+    vd_t, vd_s, vm_t, vm_s = dense_parts(values)
+    # The cross index of keys points into the *values'* list and vice versa.
+    k_off, k_pos, k_row, k_cross, k_val, k_val_stride = csr_parts(keys)
+    v_off, v_pos, v_row, v_cross, v_val, v_val_stride = csr_parts(values)
+    for t in (keys.residual, values.residual, kd_t, vd_t, k_val, v_val):
+        if t.stride(-1) != 1:
+            raise ValueError("the kernel reads the head dimension with unit stride")
+
+    row = decode_mask_row(attention_mask, b, m_len + r)
+    if row is None:
+        mask_t, mask_s, has_mask, mask_bool = idx_dummy, (0, 0), False, False
+    elif row.dtype == torch.bool:
+        mask_t = row.view(torch.uint8)
+        mask_s, has_mask, mask_bool = mask_t.stride(), True, True
+    else:
+        mask_t, mask_s, has_mask, mask_bool = row, row.stride(), True, False
+
+    max_ret = 0
+    for view in (keys, values):
+        if view.retained is not None and use_magnitude:
+            max_ret = max(max_ret, view.retained.max_count)
+    block_d = max(16, triton.next_power_of_2(d))
+    block_n = max(16, min(64, _TILE_BYTES // (block_d * dtype.itemsize)))
+    plan = plan_splits(b * h, m_len, r, max_ret, device, split_tokens, block_n)
+    n_dense, dense_chunk, n_ret, n_res, res_chunk = plan
+    n_splits = n_dense + n_ret + n_res
+    out = torch.empty(b, 1, hq, d, dtype=query.dtype, device=device)
+    if n_splits == 0:
+        return out.zero_()
+    part_m = torch.empty(b * h * n_splits * group, dtype=torch.float32, device=device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(b * h * n_splits * group, d, dtype=torch.float32, device=device)
+    block_g = max(16, triton.next_power_of_2(group))
+    if dtype == torch.float32:
+        dot_mode = _DOT_IEEE
+    elif dtype == torch.bfloat16 and interpreter_enabled():
+        dot_mode = _DOT_UPCAST
+    else:
+        dot_mode = _DOT_NATIVE
+
+    _decode_partial_kernel[(b * h, n_splits)](
+        q,
+        q.stride(0),
+        q.stride(1),
+        kd_t,
+        *kd_s,
+        km_t,
+        *km_s,
+        keys.residual,
+        *keys.residual.stride()[:3],
+        vd_t,
+        *vd_s,
+        vm_t,
+        *vm_s,
+        values.residual,
+        *values.residual.stride()[:3],
+        k_off,
+        k_pos,
+        k_row,
+        k_cross,
+        k_val,
+        k_val_stride,
+        v_off,
+        v_pos,
+        v_row,
+        v_cross,
+        v_val,
+        v_val_stride,
+        mask_t,
+        *mask_s,
+        part_m,
+        part_l,
+        part_acc,
+        h,
+        m_len,
+        r,
+        float(scaling) * _LOG2E,
+        n_dense,
+        dense_chunk,
+        n_ret,
+        res_chunk,
+        n_splits,
+        G=group,
+        BLOCK_G=block_g,
+        BLOCK_N=block_n,
+        BLOCK_R=_BLOCK_R,
+        D=d,
+        BLOCK_D=block_d,
+        HAS_MAG=use_magnitude,
+        HAS_MASK=has_mask,
+        MASK_BOOL=mask_bool,
+        DOT_MODE=dot_mode,
+        NORM_EPS=_NORM_EPS,
+        num_stages=num_stages(dtype),
+    )
+    _decode_combine_kernel[(b * h,)](
+        part_m,
+        part_l,
+        part_acc,
+        out,
+        out.stride(0),
+        out.stride(2),
+        h,
+        n_splits,
+        G=group,
+        BLOCK_G=block_g,
+        D=d,
+        BLOCK_D=block_d,
+    )
+    return out

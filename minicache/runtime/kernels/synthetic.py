@@ -1,0 +1,75 @@
+"""Random merged stores in the runtime's exact layout, for kernel tests and benchmarks (no triton needed)."""
+
+from __future__ import annotations
+
+import torch
+
+from minicache.runtime.cache import RETAINED_MAGNITUDE, MergedKVView, _magnitude_dtype, retained_csr_pair
+
+
+def random_merged_views(
+    batch: int,
+    kv_heads: int,
+    merged: int,
+    residual: int,
+    head_dim: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    retained: float | torch.Tensor = 0.05,
+    member: int = 0,
+    seed: int = 0,
+    shuffle: bool = True,
+) -> tuple[MergedKVView, MergedKVView]:
+    """Keys and values of one member layer of a random merged pair, as the store holds them.
+
+    Parameters
+    ----------
+    batch, kv_heads, merged, residual, head_dim : int
+        ``B``, ``H``, merged prefix length ``M``, residual window ``r``, ``D``.
+    dtype : torch.dtype
+        Model dtype (directions, residual, retained vectors); magnitudes use the store's rule.
+    device : torch.device or str
+    retained : float or torch.Tensor
+        Fraction of merged tokens retained, one number or ``[B, H]`` per row (ragged retention;
+        0 gives rows without retained tokens). Keys and values draw their retained sets independently.
+    member : int
+        Which layer of the pair the views describe.
+    seed : int
+    shuffle : bool
+        Store the COO list in random order (the store only sorts within each merge call).
+
+    Returns
+    -------
+    tuple of MergedKVView
+        Keys and values, ``[B, H, M + r, D]`` logically.
+    """
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    rate = torch.as_tensor(retained, dtype=torch.float32, device=device).expand(batch, kv_heads)
+    parts = []
+    for _ in range(2):
+        e = torch.randn(batch, kv_heads, merged, head_dim, generator=g, device=device)
+        e = (e / torch.linalg.vector_norm(e, dim=-1, keepdim=True)).to(dtype)
+        mag = torch.rand(batch, kv_heads, merged, 2, generator=g, device=device) * 3.0 + 0.5
+        keep = torch.rand(batch, kv_heads, merged, generator=g, device=device) < rate.unsqueeze(-1)
+        mag = mag.masked_fill(keep.unsqueeze(-1), RETAINED_MAGNITUDE).to(_magnitude_dtype(dtype))
+        index = keep.nonzero()
+        if shuffle:
+            index = index[torch.randperm(index.shape[0], generator=g, device=device)]
+        index = index.to(torch.int32)
+        value = (torch.randn(index.shape[0], 2, head_dim, generator=g, device=device) * 2.0).to(dtype)
+        window = torch.randn(batch, kv_heads, residual, head_dim, generator=g, device=device).to(dtype)
+        parts.append((e, mag, index, value, window))
+    csr = retained_csr_pair(parts[0][2], parts[1][2], batch, kv_heads)
+    return tuple(
+        MergedKVView(
+            member=member,
+            residual=window,
+            direction=e if merged else None,
+            magnitude=mag if merged else None,
+            retained_value=value if merged else None,
+            retained=c if merged else None,
+        )
+        for (e, mag, _, value, window), c in zip(parts, csr, strict=True)
+    )

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The main job (README): set up the environment, then calibrate the built-in model.
+#
+#   bash scripts/run.sh                       # minicache-calibrate with no arguments
+#   bash scripts/run.sh --data sample.jsonl   # extra arguments go to minicache-calibrate
+#
+# With no arguments this calibrates SmolLM2-135M-Instruct (built in) on text the model generates
+# from built-in seed prompts, writes ./minicache-smollm2-135m/minicache_config.yaml plus a report,
+# and prints where they went.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/setup.sh"
+exec "$ROOT/.venv/bin/minicache-calibrate" "$@"

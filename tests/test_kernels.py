@@ -1,0 +1,416 @@
+"""Triton kernels (merge, fused decode attention) against the torch reference.
+
+Without a GPU the kernels run on CPU tensors through Triton's interpreter. ``TRITON_INTERPRET``
+is read when a kernel is *decorated*, i.e. when its module is imported, so it is set here before
+anything imports the kernel modules (and modules imported earlier are reloaded). On a CUDA machine
+the same tests run the compiled kernels on the GPU.
+
+Tolerances (kernel vs the float32 reference on the same stored data):
+
+* merge: distances 1e-6 absolute (our float32 atan2 is within ~1.5e-7 rad of torch's);
+  directions within one unit of the model dtype's precision (``finfo.eps``; 1e-6 for fp32);
+  magnitudes 1e-6 relative for fp32, and the fp16 storage rounding (1e-3 relative) otherwise;
+  retention decisions identical.
+* decode attention: fp32 1e-5 (abs and rel); fp16 3e-3; bf16 2e-2 (the output's own rounding
+  is up to 8e-3 at |x| ≈ 2, plus probabilities rounded to bf16 before the P·V product, as in
+  flash attention).
+* generate: identical tokens, logits within 1e-4 (fp32 tiny model).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ON_CUDA = torch.cuda.is_available()
+if not ON_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton", reason="the kernels need triton (pip install 'minicache[kernels]')")
+for _name in ("minicache.runtime.kernels.merge", "minicache.runtime.kernels.decode"):
+    if _name in sys.modules:  # decorated before TRITON_INTERPRET was set: decorate again
+        importlib.reload(sys.modules[_name])
+
+from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
+from minicache import MergeProfile, MiniCache  # noqa: E402
+from minicache.profile import Defaults, MergeGroup, MergeSettings  # noqa: E402
+from minicache.runtime import kernels  # noqa: E402
+from minicache.runtime.cache import MergedKVView, MergedPairStore, PaddingInfo  # noqa: E402
+from minicache.runtime.kernels import decode as decode_module  # noqa: E402
+from minicache.runtime.kernels.attention import minicache_attention_forward  # noqa: E402
+from minicache.runtime.kernels.decode import fused_decode_attention  # noqa: E402
+from minicache.runtime.kernels.merge import merge_block  # noqa: E402
+from minicache.runtime.kernels.reference import fused_decode_reference  # noqa: E402
+from minicache.runtime.kernels.synthetic import random_merged_views  # noqa: E402
+from minicache.runtime.merge import retention_mask, slerp_pair  # noqa: E402
+
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DECODE_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---- merge kernel ------------------------------------------------------------------------------
+def _merge_inputs(dtype: torch.dtype, b=2, h=3, n=40, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_a = torch.randn(b, h, n, d, generator=g)
+    x_b = torch.randn(b, h, n, d, generator=g)
+    x_b[0, 0, 3] = x_a[0, 0, 3]  # identical: Ω = 0, linear fallback
+    x_b[0, 0, 4] = -x_a[0, 0, 4]  # opposite: Ω = π
+    x_b[0, 1, 5] = x_a[0, 1, 5] + 1e-6 * torch.randn(d, generator=g)  # sin Ω below the fallback threshold
+    x_a[1, 1, 6] = 0.0  # one zero vector
+    x_a[1, 1, 7] = x_b[1, 1, 7] = 0.0  # both zero
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, :5] = False  # left padding
+    sink = torch.zeros(b, n, dtype=torch.bool)
+    sink[0, 0] = sink[1, 5] = True
+    return x_a.to(dtype).to(DEVICE), x_b.to(dtype).to(DEVICE), valid.to(DEVICE), sink.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_merge_kernel_matches_slerp_pair(dtype):
+    x_a, x_b, valid, sink = _merge_inputs(dtype)
+    count, window, t, gamma = 32, 8, 0.6, 0.2
+    mag_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+    out = merge_block(
+        x_a, x_b, t, gamma, valid=valid, sink=sink, window=window, count=count, magnitude_dtype=mag_dtype
+    )
+    ref = slerp_pair(x_a, x_b, t)
+    torch.testing.assert_close(out.distance, ref.distance, rtol=0, atol=1e-6)
+    eps = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(
+        out.direction.float(), ref.direction[..., :count, :].to(dtype).float(), rtol=0, atol=eps
+    )
+    assert out.direction.dtype == dtype and out.magnitude.dtype == mag_dtype
+    keep_ref = retention_mask(ref.distance, gamma, valid=valid, sink=sink, window=window, count=count)
+    keep_own = retention_mask(out.distance, gamma, valid=valid, sink=sink, window=window, count=count)
+    assert torch.equal(out.keep, keep_own), "in-kernel retention = retention_mask on the kernel's distances"
+    assert torch.equal(out.keep, keep_ref)
+    assert out.keep.any() and not out.keep.all()
+    magnitude = ref.magnitudes[..., :count, :].masked_fill(keep_ref.unsqueeze(-1), -1.0)
+    rtol = 1e-6 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(out.magnitude.float(), magnitude, rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rule", "gamma", "window"),
+    [
+        ("similar", 0.3, 8),
+        ("distinct", 0.0, 8),
+        ("distinct", 1.0, 8),
+        ("distinct", 0.1, None),
+        ("similar", 0.5, 40),
+    ],
+)
+def test_merge_kernel_retention_settings(rule, gamma, window):
+    x_a, x_b, valid, sink = _merge_inputs(torch.float32, n=24, seed=1)
+    out = merge_block(x_a, x_b, 0.5, gamma, rule, valid=valid, sink=sink, window=window, count=20)
+    keep = retention_mask(out.distance, gamma, rule, valid=valid, sink=sink, window=window, count=20)
+    assert torch.equal(out.keep, keep)
+    assert torch.equal(out.magnitude[..., 0] < 0, keep)
+
+
+def _store(merge_kernel: bool, padding: PaddingInfo) -> MergedPairStore:
+    settings = MergeSettings(t=0.6, gamma=0.2, sink_tokens=1)
+    store = MergedPairStore(
+        MergeGroup((0, 1), settings, settings), residual_length=5, block_size=4, padding=padding
+    )
+    store.merge_kernel = merge_kernel
+    return store
+
+
+def test_store_merge_with_kernel_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    ka, kb, va, vb = (torch.randn(3, 2, 27, 32, generator=g).to(DEVICE) for _ in range(4))
+    real = torch.ones(3, 40, dtype=torch.bool, device=DEVICE)
+    real[1, :6] = False
+    stores = [_store(flag, PaddingInfo(real)) for flag in (False, True)]
+    for store in stores:
+        for lo, hi in ((0, 21), (21, 25), (25, 27)):  # a prefill chunk, then short steps
+            store.update(0, ka[..., lo:hi, :], va[..., lo:hi, :])
+            store.update(1, kb[..., lo:hi, :], vb[..., lo:hi, :])
+    torch_store, kernel_store = stores
+    assert kernel_store.merged_length == torch_store.merged_length == 20
+    for name in ("keys", "values"):
+        want, got = torch_store.components[name], kernel_store.components[name]
+        torch.testing.assert_close(got.direction, want.direction, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got.magnitude, want.magnitude, rtol=1e-6, atol=1e-6)
+        assert torch.equal(got.retained_index, want.retained_index)
+        assert torch.equal(got.retained_value, want.retained_value)
+        for member in range(2):
+            assert torch.equal(got.residual[member], want.residual[member])
+
+
+# ---- fused decode attention ----------------------------------------------------------------------
+def _decode_case(
+    dtype, group, head_dim, *, batch=2, kv_heads=2, merged=150, residual=9, retained=None, seed=0
+):
+    if retained is None:  # ragged: a row with none, rows with few and many retained tokens
+        retained = torch.tensor([[0.0, 0.3], [0.1, 0.6]])[:batch, :kv_heads]
+    keys, values = random_merged_views(
+        batch,
+        kv_heads,
+        merged,
+        residual,
+        head_dim,
+        dtype=dtype,
+        device=DEVICE,
+        retained=retained,
+        member=1,
+        seed=seed,
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    query = torch.randn(batch, kv_heads * group, 1, head_dim, generator=g).to(dtype).to(DEVICE)
+    mask = torch.ones(batch, 1, 1, merged + residual, dtype=torch.bool, device=DEVICE)
+    if batch > 1:
+        mask[1, ..., : min(17, (merged + residual) // 2)] = False  # left padding of the second sequence
+    return query, keys, values, mask
+
+
+def _assert_decode_close(got, query, keys, values, mask, dtype, **kwargs):
+    want = fused_decode_reference(query.float(), keys, values, mask, **kwargs)
+    tol = DECODE_TOL[dtype]
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fused_decode_matches_reference(dtype, group, head_dim):
+    query, keys, values, mask = _decode_case(dtype, group, head_dim)
+    counts = keys.retained.offsets.diff()
+    assert (counts == 0).any() and counts.max() > 32, "ragged retention, including an empty row"
+    # 64-token splits: several dense splits, two retained splits for the busiest row.
+    got = fused_decode_attention(query, keys, values, mask, split_tokens=64)
+    _assert_decode_close(got, query, keys, values, mask, dtype)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["nothing_merged", "nothing_retained", "everything_retained", "no_mask", "float_mask", "default_plan"],
+)
+def test_fused_decode_edge_cases(case):
+    dtype = torch.float32
+    kwargs = {"merged": 0} if case == "nothing_merged" else {}
+    if case in ("nothing_retained", "everything_retained"):
+        kwargs["retained"] = 0.0 if case == "nothing_retained" else 1.0
+    query, keys, values, mask = _decode_case(dtype, 4, 64, **kwargs)
+    if case == "no_mask":
+        mask = None
+    elif case == "float_mask":
+        mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+        mask[0, ..., 40] = -2.5  # any additive bias, not only -inf
+    split = None if case == "default_plan" else 64
+    got = fused_decode_attention(query, keys, values, mask, scaling=0.3, split_tokens=split)
+    _assert_decode_close(got, query, keys, values, mask, dtype, scaling=0.3)
+
+
+def test_fused_decode_without_magnitudes_is_the_benchmark_baseline():
+    query, keys, values, mask = _decode_case(torch.float32, 4, 64)
+    got = fused_decode_attention(query, keys, values, mask, use_magnitude=False, split_tokens=64)
+    _assert_decode_close(got, query, keys, values, mask, torch.float32, use_magnitude=False)
+
+
+def test_kernel_views_of_a_store_restore_like_the_torch_path():
+    store = _store(False, PaddingInfo())
+    g = torch.Generator().manual_seed(3)
+    ka, kb, va, vb = (torch.randn(2, 3, 23, 16, generator=g).to(DEVICE) for _ in range(4))
+    store.update(0, ka, va)
+    store.update(1, kb, vb)
+    for member in range(2):
+        keys, values = store.kernel_views(member)
+        assert isinstance(keys, MergedKVView) and keys.shape == (2, 3, 23, 16)
+        assert torch.equal(keys.materialize(), store.components["keys"].restored(member))
+        assert torch.equal(values.materialize(), store.components["values"].restored(member))
+    csr = store.kernel_views(0)[0].retained
+    assert store.kernel_views(1)[0].retained is csr, "CSR lists are built once per change"
+    store.select_batch(torch.tensor([1, 0, 1]))
+    keys, _ = store.kernel_views(0)
+    assert keys.retained is not csr
+    assert torch.equal(keys.materialize(), store.components["keys"].restored(0))
+
+
+# ---- transformers integration ----------------------------------------------------------------------
+def _tiny_llama(kv_heads: int = 2, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(0)
+    overrides = {
+        "num_hidden_layers": 4,
+        "hidden_size": 128,
+        "num_attention_heads": 8,
+        "num_key_value_heads": kv_heads,
+    }
+    try:
+        from tests.tiny_configs import tiny_config
+
+        config = tiny_config("llama", **overrides)
+    except ImportError:
+        config = LlamaConfig(vocab_size=256, intermediate_size=256, max_position_embeddings=512, **overrides)
+    return AutoModelForCausalLM.from_config(config).to(device=DEVICE, dtype=dtype).eval()
+
+
+def _profile() -> MergeProfile:
+    defaults = Defaults(residual_length=8, block_size=4, gamma=0.1)
+    groups = tuple(
+        MergeGroup(layers, defaults.settings(), defaults.settings()) for layers in ((0, 1), (2, 3))
+    )
+    return MergeProfile(groups=groups, defaults=defaults)
+
+
+def _generate(model, cache, new_tokens=12):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (2, 26), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :7], mask[1, :7] = 0, 0  # left padding
+    return model.generate(
+        input_ids=ids.to(DEVICE),
+        attention_mask=mask.to(DEVICE),
+        cache=cache,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+
+
+def _count_calls(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_generate_through_the_fused_path_matches_the_torch_path(monkeypatch):
+    model = _tiny_llama(kv_heads=2)  # 4 query heads per KV head
+    want = _generate(model, MiniCache(_profile(), model))
+    fused_calls = _count_calls(monkeypatch, decode_module, "fused_decode_attention")
+    merge_calls = _count_calls(
+        monkeypatch, importlib.import_module("minicache.runtime.kernels.merge"), "merge_block"
+    )
+    assert kernels.enable_fused_attention(model, force=True)
+    assert model.config._attn_implementation == "minicache"
+    cache = MiniCache(_profile(), model)
+    got = _generate(model, cache)
+    kernels.disable_fused_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(store.fused_decode for store in cache.stores), "the switch is off outside the model"
+
+    # 11 decode steps x 4 merged layers (the first new token comes from prefill).
+    assert len(fused_calls) == 44
+    assert merge_calls, "merged with the Triton kernel"
+    assert cache.memory_report()["groups"][0]["merged_tokens"] > 0
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_heads", [8, 1])
+def test_generate_fused_other_gqa_ratios(kv_heads):
+    model = _tiny_llama(kv_heads=kv_heads)
+    want = _generate(model, MiniCache(_profile(), model), new_tokens=8)
+    assert kernels.enable_fused_attention(model, force=True)
+    got = _generate(model, MiniCache(_profile(), model), new_tokens=8)
+    kernels.disable_fused_attention(model)
+    assert torch.equal(got.sequences, want.sequences)
+
+
+def test_enable_is_a_noop_with_a_message_without_a_gpu(caplog):
+    if ON_CUDA:
+        pytest.skip("this machine has a GPU")
+    model = _tiny_llama()
+    with caplog.at_level(logging.WARNING):
+        assert not kernels.enable_fused_attention(model)  # CPU, not forced
+    assert model.config._attn_implementation == "sdpa"
+    assert "fused attention not enabled" in caplog.text
+
+
+def test_attention_function_falls_back_when_the_kernel_cannot_serve(caplog, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("minicache.runtime.kernels.attention"), "_WARNED", set())
+    query, keys, values, _ = _decode_case(torch.float32, 4, 64)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 4
+    with caplog.at_level(logging.WARNING):
+        out, weights = minicache_attention_forward(module, query, keys, values, None, output_attentions=True)
+    assert "not used" in caplog.text and weights is None
+    k, v = keys.materialize(), values.materialize()
+    want = torch.nn.functional.scaled_dot_product_attention(query, k, v, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- compiling for a GPU without one; the benchmark's logic -------------------------------------------
+def _run_clean(args, env_updates, timeout):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_updates)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_kernels_compile_for_h100():
+    """Catch compile errors that only a real target shows (the interpreter skips the compiler)."""
+    pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
+    proc = _run_clean(["-m", "minicache.runtime.kernels.aot_check", "--arch", "90"], {}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = json.loads(proc.stdout)
+    assert {r["kernel"] for r in reports} == {
+        "_merge_kernel",
+        "_decode_partial_kernel",
+        "_decode_combine_kernel",
+    }
+
+
+def test_benchmark_reduced_mode_writes_its_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run_clean(
+        ["benchmarks/kernels.py", "--reduced", "--out", str(out)], {"TRITON_INTERPRET": "1"}, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in (
+        "device",
+        "torch_version",
+        "triton_version",
+        "command",
+        "copy_bandwidth_gbs",
+        "targets",
+        "results",
+    ):
+        assert key in result, key
+    assert result["reduced"] is True and result["results"]
+    for row in result["results"]:
+        for key in (
+            "shape",
+            "batch",
+            "context",
+            "bytes_read",
+            "ms",
+            "bandwidth_gbs",
+            "ratios",
+            "max_abs_error",
+        ):
+            assert key in row, key
+        assert set(row["ms"]) == {"fused", "fused_no_magnitude", "restore_then_sdpa", "sdpa_full"}
+        assert row["ms"]["restore_then_sdpa"] > 0 and row["ms"]["sdpa_full"] > 0
+        if row["ms"]["fused"] is not None:  # the interpreter ran the kernel
+            assert row["max_abs_error"] < 1e-4
+    assert "fused" in proc.stdout and "target" in proc.stdout

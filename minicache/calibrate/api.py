@@ -174,7 +174,9 @@ def calibrate(
         measured = evaluate(profile)
     else:
         log(f"searching within {budget.metric} <= {budget.max:g} on held-out data")
-        result_search = search(stats, evaluate, defaults, budget, make_profile=make_profile, probes=probes, log=log)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        result_search = search(stats, evaluate, defaults, budget, make_profile=make_profile, probes=probes,
+                               head_dim=head_dim, dtype=next(model.parameters()).dtype, log=log)
         profile = make_profile(tuple(c.group() for c in result_search.chosen))
         measured = result_search.final if result_search.final is not None else evaluate(profile)
 
@@ -188,6 +190,11 @@ def calibrate(
     }
     profile = MergeProfile(groups=profile.groups, defaults=defaults, model=fingerprint, calibration=calibration)
     saved = 1 - 1 / measured.compression_ratio if measured.compression_ratio else 0.0
+    if not profile.groups:
+        log(
+            f"no group fits the budget {budget.metric} <= {budget.max:g}: the profile merges nothing "
+            "(a valid profile; the cache then behaves as a full cache). Try a larger --budget."
+        )
     summary = (
         f"{len(profile.groups)} groups merged {[list(g.layers) for g in profile.groups]}: KV memory -{saved:.1%} "
         f"(compression {measured.compression_ratio:.3f}x at {prefix_length} tokens), "

@@ -190,12 +190,13 @@ def write_report(
             "",
             "Every profile measured on held-out data (probes: one pair alone; verify: a candidate set).",
             "",
-            f"| step | groups | {metric} | compression |",
-            "|---|---|---|---|",
+            f"| step | groups | γ | {metric} | compression |",
+            "|---|---|---|---|---|",
         ]
         for s in search.steps:
             lines.append(
-                f"| {s.kind} | {[[p, p + 1] for p in s.pairs]} | {getattr(s.result, metric):+.5f} "
+                f"| {s.kind} | {[[p, p + 1] for p in s.pairs]} | {', '.join(f'{g:g}' for g in s.gammas)} "
+                f"| {getattr(s.result, metric):+.5f} "
                 f"| {s.result.compression_ratio:.4f}x |"
             )
         lines += ["", f"![search]({PLOT_SEARCH})", ""]

@@ -50,6 +50,19 @@ def _magnitude_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype.itemsize >= 4 else torch.float16
 
 
+def merged_bytes_per_token(head_dim: int, dtype: torch.dtype, retained_fraction: float) -> float:
+    """Bytes a merged pair holds per (sequence, KV head, token) for keys or for values.
+
+    The layout of :class:`MergedPairStore`: one shared direction ``[D]`` in the model dtype and two
+    magnitudes for every merged token, plus, for the retained fraction, both layers' exact vectors
+    ``[2, D]`` and a ``[3]`` int32 index. Two unmerged layers hold ``2 * D`` elements instead.
+    The calibrator's search uses this to predict what a group saves.
+    """
+    element = torch.empty((), dtype=dtype).element_size()
+    magnitude = torch.empty((), dtype=_magnitude_dtype(dtype)).element_size()
+    return head_dim * element + 2 * magnitude + retained_fraction * (2 * head_dim * element + 3 * 4)
+
+
 @dataclass
 class PaddingInfo:
     """Which positions of the batch are real tokens, as seen by the model's attention mask.

@@ -1,0 +1,232 @@
+"""Calibration: statistics (incl. data-parallel reduction), search logic, and the CLI end to end."""
+
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from minicache.calibrate.search import Budget, Candidate, scale_to_gamma, search, select_options, select_pairs
+from minicache.calibrate.statistics import PairStatistics
+from minicache.evaluate.quality import QualityResult
+from minicache.profile import Defaults, MergeProfile, MergeSettings
+
+
+def random_kv(seed: int, layers: int = 4, batch: int = 2, heads: int = 2, tokens: int = 40, dim: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, tokens, dim, generator=g) for _ in range(layers)]
+
+
+# -- statistics ------------------------------------------------------------------------------------
+def test_statistics_known_answers():
+    stats = PairStatistics(num_layers=3, num_heads=2, window=4)
+    x = random_kv(0, layers=1)[0]
+    stats.add_pair(0, 0, x, x.clone())  # identical layers
+    stats.add_pair(1, 0, x, -x)  # opposite layers
+    tokens_per_head = 2 * (40 - 1)  # batch 2, sink token excluded
+    assert torch.equal(stats.tokens[0, 0], torch.full((2,), float(tokens_per_head), dtype=torch.float64))
+    torch.testing.assert_close(stats.mean_cosine()[0, 0], torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(stats.mean_cosine()[1, 0], -torch.ones(2, dtype=torch.float64))
+    # identical layers restore without error at every t and γ; opposite ones lose everything at t = 0.5
+    assert stats.relative_error()[0, 0].abs().max() < 1e-6
+    t_half = stats.ts.index(0.5)
+    gamma0 = stats.gammas.index(0.0)
+    assert math.isclose(float(stats.relative_error()[1, 0, gamma0, t_half]), 2.0, rel_tol=1e-5)
+    assert stats.angle_quantiles((0.5,))[0, 0, :, 0].max() < 0.05
+    assert stats.angle_quantiles((0.5,))[1, 0, :, 0].min() > 0.95
+    mean, std = stats.magnitude_log_ratio()
+    assert mean[0, 0].abs().max() < 1e-6 and std[0, 0].abs().max() < 1e-3
+
+
+def test_statistics_add_across_batches():
+    kv = random_kv(1)
+    whole = PairStatistics(num_layers=4, num_heads=2, window=4)
+    parts = PairStatistics(num_layers=4, num_heads=2, window=4)
+    for p in range(3):
+        whole.add_pair(p, 1, kv[p], kv[p + 1])
+        parts.add_pair(p, 1, kv[p][:1], kv[p + 1][:1])
+        parts.add_pair(p, 1, kv[p][1:], kv[p + 1][1:])
+    for name, tensor in whole.sums().items():
+        torch.testing.assert_close(parts.sums()[name], tensor, rtol=1e-5, atol=1e-4, msg=name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reduce_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        kv = random_kv(2)
+        stats = PairStatistics(num_layers=4, num_heads=2, window=4)
+        for p in range(3):  # each process sees its own sequence of the batch
+            stats.add_pair(p, 0, kv[p][rank : rank + 1], kv[p + 1][rank : rank + 1])
+        stats.all_reduce()
+        torch.save(stats.sums(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_over_two_gloo_processes(tmp_path):
+    mp.spawn(_reduce_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    kv = random_kv(2)
+    expected = PairStatistics(num_layers=4, num_heads=2, window=4)
+    for p in range(3):
+        expected.add_pair(p, 0, kv[p], kv[p + 1])
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, tensor in expected.sums().items():
+            torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-4, msg=f"rank {rank}: {name}")
+
+
+# -- search ------------------------------------------------------------------------------------------
+def test_select_pairs_never_overlaps_and_respects_allowance():
+    predicted = {0: 0.001, 1: 0.0005, 2: 0.002, 3: 0.004, 4: 0.0001}
+    chosen = select_pairs(predicted, allowance=0.003)
+    assert all(abs(a - b) >= 2 for a in chosen for b in chosen if a != b)
+    assert sum(predicted[p] for p in chosen) <= 0.003
+    assert chosen == [1, 4]  # cheapest first: 4, then 1 (0 and 2 overlap with 1)
+    assert select_pairs(predicted, allowance=1e-6) == []
+
+
+def test_select_options_prefers_memory_per_damage():
+    predicted = {(0, 0): 0.004, (0, 1): 0.001, (2, 0): 0.003}
+    saving = {(0, 0): 0.45, (0, 1): 0.3, (2, 0): 0.45}
+    # (0, 1) saves 300 per unit of damage, (2, 0) 150, (0, 0) 112: one option per pair
+    assert select_options(predicted, saving, allowance=0.01) == [(0, 1), (2, 0)]
+    assert select_options(predicted, saving, allowance=0.002) == [(0, 1)]
+
+
+def test_scale_to_gamma_follows_restore_error():
+    settings = MergeSettings()
+    base = Candidate(3, settings, settings, (0.4, 0.6), 0.05)
+    other = Candidate(3, settings, settings, (0.2, 0.3), 0.2)
+    assert math.isclose(scale_to_gamma(base, other, 0.02), 0.01)
+    assert other.saving() < base.saving()
+
+
+def _fake_result(damage: float, groups: int) -> QualityResult:
+    ratio = 1 / (1 - 0.45 * groups / 8) if groups else 1.0
+    return QualityResult(
+        ppl_full=10.0, ppl=10.0 * (1 + damage), ppl_increase=damage, kl_mean=damage, kl_q95=damage,
+        top1_agreement=1.0, kv_bytes_full=1000, kv_bytes=int(1000 / ratio), compression_ratio=ratio,
+        tokens_scored=100, windows=1, prefix_length=10, continuation_length=10,
+    )
+
+
+def test_search_finds_a_set_within_budget_and_measures_few_profiles():
+    torch.manual_seed(0)
+    layers = 8
+    stats = PairStatistics(num_layers=layers, num_heads=2, window=4)
+    kv = random_kv(3, layers=layers)
+    for p in range(layers - 1):
+        stats.add_pair(p, 0, kv[p], kv[p + 1])
+        stats.add_pair(p, 1, kv[p], kv[p + 1])
+    # Ground truth: deeper pairs hurt less; damage adds up over groups.
+    damage = {p: 0.02 * 0.5**p for p in range(layers - 1)}
+    calls = []
+
+    def evaluate(profile: MergeProfile) -> QualityResult:
+        calls.append(profile)
+        return _fake_result(sum(damage[g.layers[0]] for g in profile.groups), len(profile.groups))
+
+    budget = Budget("ppl_increase", 0.01)
+    result = search(stats, evaluate, Defaults(), budget, make_profile=lambda g: MergeProfile(groups=g),
+                    probes=4, log=lambda _: None)
+    assert result.final is not None and budget.fits(result.final)
+    pairs = [c.pair for c in result.chosen]
+    assert len(pairs) >= 2 and all(abs(a - b) >= 2 for a in pairs for b in pairs if a != b)
+    assert sum(damage[p] for p in pairs) <= 0.01
+    assert len(calls) <= 4 + 5  # probes + verification passes, not one per pair and γ
+
+    impossible = search(stats, evaluate, Defaults(), Budget("ppl_increase", 1e-9),
+                        make_profile=lambda g: MergeProfile(groups=g), probes=4, log=lambda _: None)
+    assert impossible.chosen == () and impossible.final is None
+
+
+def test_budget_validation():
+    with pytest.raises(ValueError, match="not one of"):
+        Budget("accuracy", 0.01)
+    with pytest.raises(ValueError, match="positive"):
+        Budget("ppl_increase", 0.0)
+
+
+# -- the CLI on the real model -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def calib_data(tmp_path_factory, license_text):
+    path = tmp_path_factory.mktemp("data") / "sample.jsonl"
+    chunks = [license_text[i : i + 2500] for i in range(0, 60000, 2500)]
+    path.write_text("".join(json.dumps({"text": c}) + "\n" for c in chunks))
+    return path
+
+
+SMALL = ["--num-samples", "3", "--max-length", "256", "--eval-windows", "2", "--probes", "3",
+         "--residual-length", "16", "--block-size", "16", "--no-progress"]
+
+
+def run_cli(args, capsys):
+    from minicache.calibrate.cli import main
+
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_refuses_bad_data_before_loading_and_writes_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": ""}\n')
+    out = tmp_path / "out"
+    code, _, err = run_cli(["--model", "/nonexistent/model", "--data", str(bad), "--out", str(out)], capsys)
+    assert code == 2 and f"{bad}:2" in err and "'text' is empty" in err
+    assert not out.exists()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code, _, err = run_cli(["--model", "/nonexistent/model", "--data", str(empty), "--out", str(out)], capsys)
+    assert code == 2 and "no records" in err and not out.exists()
+
+
+def test_cli_refuses_existing_output_without_force(tmp_path, capsys, calib_data):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "minicache_config.yaml").write_text("keep me\n")
+    code, _, err = run_cli(["--data", str(calib_data), "--out", str(out)], capsys)
+    assert code == 2 and "--force" in err
+    assert (out / "minicache_config.yaml").read_text() == "keep me\n"
+    assert sorted(p.name for p in out.iterdir()) == ["minicache_config.yaml"]
+
+
+@pytest.mark.slow  # two calibrations: ~1 min on an idle 2-core machine
+def test_cli_same_seed_gives_byte_identical_profile(tmp_path, capsys, calib_data, smollm2):
+    outputs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        code, stdout, err = run_cli(["--data", str(calib_data), "--out", str(out), "--budget", "0.05", *SMALL], capsys)
+        assert code == 0, err
+        assert f"profile written to {out / 'minicache_config.yaml'}" in stdout
+        outputs.append(out)
+    a, b = ((o / "minicache_config.yaml").read_bytes() for o in outputs)
+    assert a == b
+    assert (outputs[0] / "minicache_report.md").read_bytes() == (outputs[1] / "minicache_report.md").read_bytes()
+    profile = MergeProfile.load(outputs[0])
+    cal = profile.calibration
+    assert cal["data"]["seed"] == 0 and len(cal["data"]["sha256"]) == 64
+    assert cal["measured"]["ppl_increase"] <= 0.05
+    profile.check_model(smollm2[0].config)
+
+
+def test_cli_impossible_budget_gives_valid_empty_profile(tmp_path, capsys, calib_data):
+    out = tmp_path / "p.yaml"
+    code, stdout, _ = run_cli(["--data", str(calib_data), "--out", str(out), "--budget", "1e-9", *SMALL], capsys)
+    assert code == 0
+    assert "no group fits the budget" in stdout
+    profile = MergeProfile.load(out)
+    assert profile.groups == ()
+    assert (tmp_path / "minicache_report.md").exists()

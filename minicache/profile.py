@@ -163,6 +163,20 @@ def _check_retention(value: Any, path: str) -> str:
     return str(value)
 
 
+def _check_weights(value: Any, path: str) -> tuple[float, ...]:
+    allowed = "a list of non-negative numbers summing to 1, one per layer of the group"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) < 2:
+        raise ProfileError(f"{_show(value)} is not a list of weights; allowed: {allowed}", path)
+    out = []
+    for i, w in enumerate(value):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0.0 <= w <= 1.0:
+            raise ProfileError(f"{_show(w)} is not a weight; allowed: {allowed}", f"{path}[{i}]")
+        out.append(float(w))
+    if abs(sum(out) - 1.0) > 1e-6:
+        raise ProfileError(f"{_show(value)} sums to {sum(out):g}; allowed: {allowed}", path)
+    return tuple(out)
+
+
 def _check_format_version(value: Any) -> int:
     allowed = f"one of {list(SUPPORTED_FORMAT_VERSIONS)}"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -263,15 +277,36 @@ class MergeSettings:
     sink_tokens : int
         The first tokens of every sequence that are never merged (the BOS/sink token is the most
         divergent pair of all).
+    align : bool
+        Merge in a calibrated aligned frame: every member has an orthogonal matrix per KV head,
+        stored in the profile's tensors sidecar (issue 7). Written to YAML only when true.
+    weights : tuple of float or None
+        Groups of more than two layers only: each member's weight in the shared direction
+        (non-negative, summing to 1); None = uniform. Pairs use ``t``. Written only when set.
     """
 
     t: float = 0.6
     gamma: float = 0.05
     retention: str = "distinct"
     sink_tokens: int = 1
+    align: bool = False
+    weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _validate_settings(self)
+        if not isinstance(self.align, bool):
+            raise ProfileError(f"{_show(self.align)} is a {_type_name(self.align)}; allowed: true or false", "align")
+        if self.weights is not None:
+            object.__setattr__(self, "weights", _check_weights(self.weights, "weights"))
+
+    def to_dict(self) -> dict:
+        """Plain data; ``align`` and ``weights`` only when set, so that paper-style profiles keep their layout."""
+        data = {"t": self.t, "gamma": self.gamma, "retention": self.retention, "sink_tokens": self.sink_tokens}
+        if self.align:
+            data["align"] = True
+        if self.weights is not None:
+            data["weights"] = list(self.weights)
+        return data
 
 
 @dataclass(frozen=True)
@@ -315,8 +350,7 @@ class MergeGroup:
     Attributes
     ----------
     layers : tuple of int
-        At least 2 strictly consecutive layer indices, e.g. ``(20, 21)``. The format allows
-        longer groups; the runtime currently merges pairs only and says so.
+        At least 2 strictly consecutive layer indices, e.g. ``(20, 21)`` or ``(20, 21, 22)``.
     keys, values : MergeSettings
         Settings for the keys and for the values.
     """
@@ -356,6 +390,20 @@ class MergeGroup:
         object.__setattr__(self, "layers", layers)
         _check_instance(self.keys, MergeSettings, "keys")
         _check_instance(self.values, MergeSettings, "values")
+        for component in ("keys", "values"):
+            weights = getattr(self, component).weights
+            if weights is None:
+                continue
+            if len(layers) == 2:
+                raise ProfileError(
+                    f"{list(weights)} given for a pair; allowed: t for pairs, weights for groups of 3+ layers",
+                    f"{component}.weights",
+                )
+            if len(weights) != len(layers):
+                raise ProfileError(
+                    f"{len(weights)} weights for {len(layers)} layers; allowed: one weight per layer",
+                    f"{component}.weights",
+                )
 
     @property
     def label(self) -> str:
@@ -711,7 +759,8 @@ def _sorted_plain(value: Any) -> Any:
 
 
 # ---- the profile -------------------------------------------------------------------------------
-_TOP_KEYS = ("format_version", "producer", "model", "defaults", "groups", "calibration")
+_TOP_KEYS = ("format_version", "producer", "model", "defaults", "groups", "calibration", "tensors")
+_TENSORS_KEYS = ("file", "sha256")
 _PRODUCER_KEYS = ("name", "version")
 _MODEL_KEYS = tuple(f.name for f in fields(ModelFingerprint))
 _DEFAULTS_KEYS = tuple(f.name for f in fields(Defaults))
@@ -739,6 +788,10 @@ class MergeProfile:
         ``{"name": ..., "version": ...}`` of the program that wrote the profile.
     format_version : int
         Version of the file format, one of :data:`SUPPORTED_FORMAT_VERSIONS`.
+    tensors : ProfileTensors or None
+        Tensors of the sidecar (:mod:`minicache.sidecar`): the alignment of every component with
+        ``align: true``, validated against the groups and the model fingerprint. None when no
+        group is aligned.
     """
 
     groups: tuple[MergeGroup, ...] = ()
@@ -747,6 +800,7 @@ class MergeProfile:
     calibration: dict | None = None
     producer: dict = field(default_factory=_default_producer)
     format_version: int = FORMAT_VERSION
+    tensors: Any = None
     # Name of the preset that built this profile, for describe(); not saved, not compared.
     _preset: str | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -786,6 +840,26 @@ class MergeProfile:
                     )
                 owner[layer] = i
         self.groups = tuple(groups)
+        if self.tensors is not None or self.aligned:
+            from minicache.sidecar import ProfileTensors, validate_profile_tensors
+
+            if self.tensors is not None and not isinstance(self.tensors, ProfileTensors):
+                self.tensors = ProfileTensors(self.tensors)
+            shape = None if self.model is None else (self.model.num_key_value_heads, self.model.head_dim)
+            validate_profile_tensors(self.groups, self.tensors, shape)
+
+    @property
+    def aligned(self) -> bool:
+        """Whether any group merges keys or values in a calibrated aligned frame."""
+        return any(g.keys.align or g.values.align for g in self.groups)
+
+    def rotation(self, group: MergeGroup, component: str):
+        """``[k, H, D, D]`` float32 alignment of one group's component, or None when it is not aligned."""
+        if not getattr(group, component).align:
+            return None
+        from minicache.sidecar import rotation_name
+
+        return self.tensors[rotation_name(group.label, component)]
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -988,7 +1062,7 @@ class MergeProfile:
             data["model"] = asdict(self.model)
         data["defaults"] = asdict(self.defaults)
         data["groups"] = [
-            {"layers": list(g.layers), "keys": asdict(g.keys), "values": asdict(g.values)}
+            {"layers": list(g.layers), "keys": g.keys.to_dict(), "values": g.values.to_dict()}
             for g in self.groups
         ]
         if self.calibration is not None:
@@ -996,11 +1070,13 @@ class MergeProfile:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> MergeProfile:
+    def from_dict(cls, data: Mapping, tensors: Any = None) -> MergeProfile:
         """Build a profile from plain data (parsed YAML), validating every field strictly.
 
         A group's ``keys``/``values`` may be omitted or partial: missing fields come from
         ``defaults``. ``format_version`` is required; everything else has a default.
+        ``tensors`` (:class:`~minicache.sidecar.ProfileTensors`) is the loaded sidecar, required
+        when a group is aligned; the ``tensors`` entry of ``data`` only names the file.
 
         Raises
         ------
@@ -1022,7 +1098,10 @@ class MergeProfile:
         raw_defaults = data.get("defaults")
         raw_defaults = {} if raw_defaults is None else _check_keys(raw_defaults, "defaults", _DEFAULTS_KEYS)
         defaults = _build(Defaults, "defaults", raw_defaults)
-        inherited = asdict(defaults.settings())
+        inherited = defaults.settings().to_dict()
+        if data.get("tensors") is not None:
+            entry = _check_keys(data["tensors"], "tensors", _TENSORS_KEYS, required=_TENSORS_KEYS)
+            _check_tensors_entry(entry)
 
         raw_groups = data.get("groups")
         raw_groups = [] if raw_groups is None else raw_groups
@@ -1038,6 +1117,9 @@ class MergeProfile:
             for component in ("keys", "values"):
                 given = raw.get(component)
                 given = {} if given is None else _check_keys(given, f"{path}.{component}", _SETTINGS_KEYS)
+                given = dict(given)
+                if isinstance(given.get("weights"), list):
+                    given["weights"] = tuple(given["weights"])
                 parts[component] = _build(MergeSettings, f"{path}.{component}", {**inherited, **given})
             layers = raw["layers"]
             if not isinstance(layers, list):  # YAML gives lists; a string here is a typo like "20-21"
@@ -1056,12 +1138,19 @@ class MergeProfile:
                 "calibration": data.get("calibration"),
                 "producer": producer,
                 "format_version": fv,
+                "tensors": tensors,
             },
         )
 
-    def to_yaml(self) -> str:
-        """The profile as YAML text; equal profiles give byte-identical text (no timestamps)."""
+    def to_yaml(self, tensors_entry: Mapping | None = None) -> str:
+        """The profile as YAML text; equal profiles give byte-identical text (no timestamps).
+
+        ``tensors_entry`` (``{"file": ..., "sha256": ...}``) names the sidecar; :meth:`save`
+        passes it for profiles with tensors.
+        """
         data = self.to_dict()
+        if tensors_entry is not None:
+            data["tensors"] = _FlowDict(_check_tensors_entry(dict(tensors_entry)))
         data["producer"] = _FlowDict(data["producer"])
         data["defaults"] = _FlowDict(data["defaults"])
         for group in data["groups"]:
@@ -1081,8 +1170,11 @@ class MergeProfile:
         )
 
     @classmethod
-    def from_yaml(cls, text: str, source: str | None = None) -> MergeProfile:
-        """Parse and validate YAML text (``yaml.safe_load`` only: a profile can never run code)."""
+    def from_yaml(cls, text: str, source: str | None = None, tensors: Any = None) -> MergeProfile:
+        """Parse and validate YAML text (``yaml.safe_load`` only: a profile can never run code).
+
+        ``tensors``: the sidecar's tensors, for aligned profiles (:meth:`load` reads them).
+        """
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -1093,7 +1185,7 @@ class MergeProfile:
                 source=source,
             )
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(data, tensors=tensors)
         except ProfileError as err:
             raise ProfileError(err.detail, err.path, source) from None
 
@@ -1124,7 +1216,8 @@ class MergeProfile:
                 f"no MiniCache profile at {path}: expected a .yaml file or a model directory "
                 f"holding {PROFILE_FILENAME}"
             )
-        return cls.from_yaml(file.read_text(encoding="utf-8"), source=str(file))
+        text = file.read_text(encoding="utf-8")
+        return cls.from_yaml(text, source=str(file), tensors=_read_sidecar(file, text))
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
         """Write the profile atomically and return the file written.
@@ -1141,6 +1234,15 @@ class MergeProfile:
         ------
         FileExistsError
             The file exists and ``overwrite`` is False.
+
+        Notes
+        -----
+        A profile with tensors also writes its sidecar next to the YAML
+        (``minicache_tensors.safetensors`` beside ``minicache_config.yaml``, ``<name>.safetensors``
+        beside any other ``<name>.yaml``). The sidecar is renamed into place first and the YAML,
+        which records the sidecar's SHA-256, last: a reader sees the old profile, the new one, or
+        (after a crash between the renames) an old YAML whose recorded hash no longer matches,
+        which :meth:`load` refuses with a clear error.
         """
         path = pathlib.Path(path)
         if path.suffix.lower() in (".yaml", ".yml") and not path.is_dir():
@@ -1152,23 +1254,95 @@ class MergeProfile:
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists() and not overwrite:
             raise FileExistsError(_exists_message(target))
-        text = self.to_yaml()
-        # Temp file in the same directory: os.replace/os.link are atomic only within one file system.
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        tmp = pathlib.Path(tmp_name)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a shipped profile must be readable
-            if overwrite:
-                os.replace(tmp, target)
-            else:
-                _link_no_clobber(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        entry = None
+        if self.tensors is not None and len(self.tensors):
+            from minicache.sidecar import sha256_hex
+
+            blob = self.tensors.to_bytes()
+            sidecar = target.parent / sidecar_filename(target)
+            if sidecar.exists() and not overwrite:
+                raise FileExistsError(_exists_message(sidecar))
+            entry = {"file": sidecar.name, "sha256": sha256_hex(blob)}
+            text = self.to_yaml(entry)  # before any write: a profile that cannot be dumped writes nothing
+            _atomic_write(sidecar, blob, overwrite)
+        else:
+            text = self.to_yaml()
+        _atomic_write(target, text.encode("utf-8"), overwrite)
         return target
+
+
+def sidecar_filename(profile_file: str | os.PathLike) -> str:
+    """File name of the tensors sidecar of a profile file (same directory)."""
+    profile_file = pathlib.Path(profile_file)
+    if profile_file.name == PROFILE_FILENAME:
+        return TENSORS_FILENAME
+    return profile_file.stem + ".safetensors"
+
+
+def _check_tensors_entry(entry: Mapping) -> dict:
+    name = entry.get("file")
+    if not isinstance(name, str) or not name.endswith(".safetensors") or "/" in name or "\\" in name or name.startswith("."):
+        raise ProfileError(
+            f"{_show(name)} is not a sidecar file name; allowed: a plain file name ending in .safetensors, "
+            "in the profile's directory",
+            "tensors.file",
+        )
+    sha = entry.get("sha256")
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise ProfileError(f"{_show(sha)} is not a SHA-256; allowed: 64 lowercase hex digits", "tensors.sha256")
+    return {"file": name, "sha256": sha}
+
+
+def _read_sidecar(file: pathlib.Path, text: str) -> Any:
+    """The sidecar named by the profile at ``file`` (None when it names none), hash-checked."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None  # from_yaml reports it
+    entry = data.get("tensors") if isinstance(data, Mapping) else None
+    if entry is None:
+        return None
+    try:
+        entry = _check_tensors_entry(_check_keys(entry, "tensors", _TENSORS_KEYS, required=_TENSORS_KEYS))
+    except ProfileError as err:
+        raise ProfileError(err.detail, err.path, str(file)) from None
+    sidecar = file.parent / entry["file"]
+    if not sidecar.is_file():
+        raise ProfileError(
+            f"names the tensors sidecar {entry['file']}, but {sidecar} does not exist; allowed: the profile and "
+            "its sidecar side by side (copy both files, or re-run minicache-calibrate)",
+            "tensors.file",
+            str(file),
+        )
+    from minicache.sidecar import ProfileTensors, sha256_hex
+
+    blob = sidecar.read_bytes()
+    if sha256_hex(blob) != entry["sha256"]:
+        raise ProfileError(
+            f"{sidecar} does not belong to this profile (its SHA-256 differs from the one recorded); allowed: "
+            "the sidecar saved together with this profile",
+            "tensors.sha256",
+            str(file),
+        )
+    return ProfileTensors.from_bytes(blob, source=str(sidecar))
+
+
+def _atomic_write(target: pathlib.Path, data: bytes, overwrite: bool) -> None:
+    # Temp file in the same directory: os.replace/os.link are atomic only within one file system.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = pathlib.Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shipped profile must be readable
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            _link_no_clobber(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _exists_message(target: pathlib.Path) -> str:

@@ -1,17 +1,22 @@
-"""`MiniCache`: a transformers `Cache` that stores merged layer pairs once.
+"""`MiniCache`: a transformers `Cache` that stores merged groups of layers once.
 
-Layout (DESIGN.md §2–3). Each merged group owns ONE :class:`MergedPairStore`; the model sees one
-:class:`MergedLayer` per member layer, a thin view that forwards to the shared store. Layers that
-no group names use transformers' own dynamic layers, so they behave exactly like `DynamicCache`.
+Layout (DESIGN.md §2–3). Each merged group of ``k ≥ 2`` adjacent layers owns ONE
+:class:`MergedPairStore`; the model sees one :class:`MergedLayer` per member layer, a thin view
+that forwards to the shared store. Layers that no group names use transformers' own dynamic
+layers, so they behave exactly like `DynamicCache`.
 
 A store keeps, for keys and for values separately:
 
 * an exact **residual window** per member layer, ``[B, H, r, D]`` in the model dtype: the most
   recent tokens, not merged yet (prefill attention therefore runs on exact KV);
 * the merged prefix of ``M`` tokens: one shared **direction** ``[B, H, M, D]`` (model dtype) and
-  per-layer **magnitudes** ``[B, H, M, 2]``;
+  per-layer **magnitudes** ``[B, H, M, k]``;
 * **retained** tokens that are too different to merge, as a sparse list: their positions
-  ``[nnz, 3]`` (batch, head, token; int32) and both layers' exact vectors ``[nnz, 2, D]``.
+  ``[nnz, 3]`` (batch, head, token; int32) and every member's exact vectors ``[nnz, k, D]``;
+* for aligned components (issue 7), the group's **rotation** ``[k, H, D, D]`` float32 from the
+  profile's sidecar: directions live in the aligned frame and member ``i`` is restored through
+  ``R_iᵀ``. It is shared by every cache built from the same profile and counted by
+  :meth:`MiniCache.memory_report` anyway (conservatively, once per cache).
 
 When the residual window holds at least ``residual_length + block_size`` tokens, the oldest whole
 blocks are merged. Retention is decided per token from the range of angular distances over a
@@ -37,7 +42,7 @@ from transformers.cache_utils import (
 )
 
 from minicache.profile import PROFILE_FILENAME, MergeGroup, MergeProfile, MergeSettings
-from minicache.runtime.merge import restore, retention_mask, slerp_pair
+from minicache.runtime.merge import merge_group, restore, retention_mask, rotate
 
 _COMPONENTS = ("keys", "values")
 #: Magnitude stored for retained tokens (norms are never negative).
@@ -86,11 +91,13 @@ class PaddingInfo:
 
 
 class _ComponentStore:
-    """Keys or values of one merged pair (see module docstring for shapes)."""
+    """Keys or values of one merged group (see module docstring for shapes)."""
 
-    def __init__(self, settings: MergeSettings):
+    def __init__(self, settings: MergeSettings, members: int = 2, rotation: torch.Tensor | None = None):
         self.settings = settings
-        self.residual: list[torch.Tensor | None] = [None, None]
+        self.members = members
+        self.rotation = rotation  # [k, H, D, D] float32 or None; moved to the data's device on first use
+        self.residual: list[torch.Tensor | None] = [None] * members
         self.direction: torch.Tensor | None = None
         self.magnitude: torch.Tensor | None = None
         self.retained_index: torch.Tensor | None = None
@@ -100,6 +107,17 @@ class _ComponentStore:
         for t in (*self.residual, self.direction, self.magnitude, self.retained_index, self.retained_value):
             if t is not None:
                 yield t
+        if self.rotation is not None:
+            yield self.rotation
+
+    def rotation_of(self, member: int) -> torch.Tensor | None:
+        """``[H, D, D]`` alignment of one member on the data's device, or None."""
+        if self.rotation is None:
+            return None
+        device = next((r.device for r in self.residual if r is not None), self.rotation.device)
+        if self.rotation.device != device:
+            self.rotation = self.rotation.to(device)
+        return self.rotation[member]
 
     def append(self, member: int, states: torch.Tensor) -> None:
         old = self.residual[member]
@@ -110,7 +128,7 @@ class _ComponentStore:
         window = self.residual[member]
         if self.direction is None:
             return window
-        dense = restore(self.direction, self.magnitude[..., member], window.dtype)
+        dense = restore(self.direction, self.magnitude[..., member], window.dtype, self.rotation_of(member))
         if self.retained_index is not None and self.retained_index.shape[0]:
             b, h, n = self.retained_index.long().unbind(-1)
             dense[b, h, n] = self.retained_value[:, member]
@@ -132,18 +150,26 @@ class _ComponentStore:
         ``use_kernel`` computes the same with the Triton merge kernel (CUDA, or CPU under
         ``TRITON_INTERPRET=1``).
         """
-        x_a, x_b = self.residual
+        xs = self.residual
         merged_before = 0 if self.direction is None else self.direction.shape[-2]
         exclusive_rank = real_before.unsqueeze(1) + real.long().cumsum(dim=1) - real.long()
         sink = real & (exclusive_rank < self.settings.sink_tokens)
-        dtype = x_a.dtype
-        if use_kernel:
+        dtype = xs[0].dtype
+        rotations = None
+        if self.rotation is not None:
+            self.rotation_of(0)  # move to the data's device once
+            rotations = self.rotation
+        # The merge kernel handles pairs; an aligned pair enters it already rotated (one matmul per block).
+        if use_kernel and self.members == 2:
             from minicache.runtime.kernels.merge import merge_block
 
             s = self.settings
+            k_a, k_b = xs
+            if rotations is not None:
+                k_a, k_b = rotate(k_a, rotations[0]), rotate(k_b, rotations[1])
             block = merge_block(
-                x_a,
-                x_b,
+                k_a,
+                k_b,
                 s.t,
                 s.gamma,
                 s.retention,
@@ -153,9 +179,10 @@ class _ComponentStore:
                 count=count,
                 magnitude_dtype=_magnitude_dtype(dtype),
             )
-            direction, magnitude, keep = block.direction, block.magnitude, block.keep
+            direction, magnitude, keep = block.direction.to(dtype), block.magnitude, block.keep
         else:
-            pair = slerp_pair(x_a, x_b, self.settings.t)
+            s = self.settings
+            pair = merge_group(xs, s.t, weights=s.weights, rotations=rotations)
             keep = retention_mask(
                 pair.distance,
                 self.settings.gamma,
@@ -177,7 +204,7 @@ class _ComponentStore:
         index = keep.nonzero()  # [nnz, 3] (b, h, n within this block)
         if index.shape[0] or self.retained_index is None:
             b, h, n = index.unbind(-1)
-            value = torch.stack([x_a[b, h, n], x_b[b, h, n]], dim=1)
+            value = torch.stack([x[b, h, n] for x in xs], dim=1)
             index = index.clone()
             index[:, 2] += merged_before
             index = index.to(torch.int32)
@@ -209,18 +236,20 @@ class _ComponentStore:
 
 
 class MergedPairStore:
-    """The single shared store of one merged pair of layers.
+    """The single shared store of one merged group of layers (a pair, or k > 2 adjacent layers).
 
     Parameters
     ----------
     group : MergeGroup
-        Two adjacent layers and their keys/values settings.
+        ``k ≥ 2`` adjacent layers and their keys/values settings.
     residual_length : int
         Minimum number of most recent tokens kept exact.
     block_size : int
         Tokens are merged in multiples of this many; also the retention look-ahead window.
     padding : PaddingInfo
         Shared with the owning cache, which updates it from the model's attention mask.
+    rotations : dict, optional
+        ``{"keys": R, "values": R}`` with ``R`` ``[k, H, D, D]`` float32 for aligned components.
 
     Attributes
     ----------
@@ -235,14 +264,29 @@ class MergedPairStore:
     merge_kernel: bool = False
     fused_decode: bool = False
 
-    def __init__(self, group: MergeGroup, residual_length: int, block_size: int, padding: PaddingInfo):
-        if len(group.layers) != 2:
-            raise ValueError(
-                f"group {list(group.layers)} has {len(group.layers)} layers; this runtime merges pairs of "
-                "adjacent layers only (groups of more than two layers are a format feature a later runtime adds)"
-            )
+    def __init__(
+        self,
+        group: MergeGroup,
+        residual_length: int,
+        block_size: int,
+        padding: PaddingInfo,
+        rotations: dict[str, torch.Tensor | None] | None = None,
+    ):
         self.layers = tuple(group.layers)
-        self.components = {"keys": _ComponentStore(group.keys), "values": _ComponentStore(group.values)}
+        rotations = rotations or {}
+        for name in _COMPONENTS:
+            rotation = rotations.get(name)
+            if getattr(group, name).align and rotation is None:
+                raise ValueError(f"group {list(self.layers)}: {name} are aligned but no rotation was given")
+            if rotation is not None and (rotation.dim() != 4 or rotation.shape[0] != len(self.layers)):
+                raise ValueError(
+                    f"group {list(self.layers)}: {name} rotation must be [{len(self.layers)}, H, D, D], "
+                    f"got {list(rotation.shape)}"
+                )
+        k = len(self.layers)
+        self.components = {
+            name: _ComponentStore(getattr(group, name), k, rotations.get(name)) for name in _COMPONENTS
+        }
         self.residual_length = residual_length
         self.block_size = block_size
         self.padding = padding
@@ -259,6 +303,10 @@ class MergedPairStore:
 
     def seen(self, member: int) -> int:
         return self.merged_length + self.residual_length_of(member)
+
+    def window_length(self) -> int:
+        """Tokens every member's exact window holds (the members differ only within a step)."""
+        return min(self.residual_length_of(m) for m in range(len(self.layers)))
 
     def tensors(self) -> Iterator[torch.Tensor]:
         for component in self.components.values():
@@ -277,12 +325,12 @@ class MergedPairStore:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.components["keys"], self.components["values"]
         for comp, states in ((keys, key_states), (values, value_states)):
-            other = comp.residual[1 - member]
-            if other is not None and other.device != states.device:
-                raise RuntimeError(
-                    f"layers {self.layers} of a merged group live on different devices ({other.device} and "
-                    f"{states.device}); place both layers of a group on one device"
-                )
+            for other in comp.residual:
+                if other is not None and other.device != states.device:
+                    raise RuntimeError(
+                        f"layers {self.layers} of a merged group live on different devices ({other.device} and "
+                        f"{states.device}); place all layers of a group on one device"
+                    )
             comp.append(member, states)
         if self.fused_decode and key_states.shape[-2] == 1:
             out = self.kernel_views(member)
@@ -295,7 +343,7 @@ class MergedPairStore:
         return out
 
     def _maybe_merge(self) -> None:
-        window = min(self.residual_length_of(0), self.residual_length_of(1))
+        window = self.window_length()
         count = (window - self.residual_length) // self.block_size * self.block_size
         if count <= 0:
             return
@@ -337,7 +385,7 @@ class MergedPairStore:
             component.select_batch(index)
 
     def crop(self, count: int) -> None:
-        window = min(self.residual_length_of(0), self.residual_length_of(1))
+        window = self.window_length()
         if count > window:
             raise ValueError(
                 f"cannot crop {count} tokens from merged layers {list(self.layers)}: only the exact residual "
@@ -348,7 +396,8 @@ class MergedPairStore:
 
     def reset(self) -> None:
         for name in _COMPONENTS:
-            self.components[name] = _ComponentStore(self.components[name].settings)
+            old = self.components[name]
+            self.components[name] = _ComponentStore(old.settings, old.members, old.rotation)
 
     def nbytes(self) -> int:
         """Bytes held, computed from shapes (tests check this against the tensors themselves)."""
@@ -442,8 +491,9 @@ class MiniCache(Cache):
                         f"group {list(group.layers)}: layer {layer} is a {layer_types[layer]!r} layer; "
                         "MiniCache merges full-attention layers only"
                     )
+            rotations = {name: profile.rotation(group, name) for name in _COMPONENTS}
             store = MergedPairStore(
-                group, profile.defaults.residual_length, profile.defaults.block_size, self.padding
+                group, profile.defaults.residual_length, profile.defaults.block_size, self.padding, rotations
             )
             self.stores.append(store)
             for member, layer in enumerate(group.layers):
@@ -540,7 +590,7 @@ class MiniCache(Cache):
         if count == 0:
             return
         for store in self.stores:  # check every store before changing anything
-            window = min(store.residual_length_of(0), store.residual_length_of(1))
+            window = store.window_length()
             if count > window:
                 store.crop(count)  # raises with the explanation
         for store in self.stores:
@@ -573,7 +623,7 @@ class MiniCache(Cache):
             (``kv_bytes_full / kv_bytes``), ``seq_length``, ``merged_tokens`` per group,
             ``retained_tokens`` per group and component, and a per-part breakdown.
         """
-        parts = {"plain_layers": 0, "directions": 0, "magnitudes": 0, "retained": 0, "residual": 0}
+        parts = {"plain_layers": 0, "directions": 0, "magnitudes": 0, "retained": 0, "residual": 0, "alignment": 0}
         full = 0
         for layer in self._unmerged():
             for t in (layer.keys, layer.values):
@@ -588,9 +638,10 @@ class MiniCache(Cache):
                     ("magnitudes", [comp.magnitude]),
                     ("retained", [comp.retained_index, comp.retained_value]),
                     ("residual", comp.residual),
+                    ("alignment", [comp.rotation]),
                 ):
                     parts[name] += sum(t.numel() * t.element_size() for t in tensors if t is not None)
-                for member in range(2):
+                for member in range(len(store.layers)):
                     window = comp.residual[member]
                     if window is not None:
                         b, h, _, d = window.shape
@@ -741,6 +792,9 @@ class MergedKVView:
         ``[nnz, 2, D]`` exact vectors of retained tokens, in store order.
     retained : RetainedCSR or None
         Retained tokens grouped by (b, h).
+    rotation : torch.Tensor or None
+        ``[H, D, D]`` float32 alignment ``R`` of this member: the directions live in the aligned
+        frame and this layer's vectors are ``m · e Rᵀ`` (None: not aligned).
     """
 
     member: int
@@ -749,6 +803,7 @@ class MergedKVView:
     magnitude: torch.Tensor | None = None
     retained_value: torch.Tensor | None = None
     retained: RetainedCSR | None = None
+    rotation: torch.Tensor | None = None
 
     @classmethod
     def from_component(cls, component: _ComponentStore, member: int, csr: RetainedCSR | None) -> MergedKVView:
@@ -759,6 +814,7 @@ class MergedKVView:
             magnitude=component.magnitude,
             retained_value=component.retained_value,
             retained=csr,
+            rotation=component.rotation_of(member),
         )
 
     @property
@@ -782,7 +838,7 @@ class MergedKVView:
         """The restored ``[B, H, M + r, D]`` tensor (what the torch path returns)."""
         if self.direction is None:
             return self.residual
-        dense = restore(self.direction, self.magnitude[..., self.member], self.residual.dtype)
+        dense = restore(self.direction, self.magnitude[..., self.member], self.residual.dtype, self.rotation)
         if self.retained is not None and self.retained.pos.numel():
             b, h = dense.shape[:2]
             counts = (self.retained.offsets[1:] - self.retained.offsets[:-1]).long()

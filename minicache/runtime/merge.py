@@ -7,10 +7,17 @@ Notation (DESIGN.md §2): for one KV head and token, ``x_a`` is the vector of th
 (l-1) and ``x_b`` that of the deeper layer (l). ``m = ‖x‖``, ``u = x / ‖x‖``, ``Ω = ∠(u_a, u_b)``.
 The merged direction is ``e = sin((1-t)Ω)/sin Ω · u_a + sin(tΩ)/sin Ω · u_b`` (``t`` weights the
 deeper layer), and a layer is restored as ``x̂ = m · e / ‖e‖``.
+
+Beyond the paper (issue 7): groups of ``k ≥ 2`` layers and calibrated orthogonal alignment. Member
+``i`` of a group has an orthogonal ``R_i`` (``[H, D, D]``, one per KV head; identity when the group
+is not aligned) that maps its unit vectors into the group's common frame, ``u_i' = u_i R_i`` (row
+vectors). The shared direction is the weighted spherical mean of the ``u_i'`` by incremental SLERP
+(for two layers exactly SLERP with ``t``), and member ``i`` is restored as ``x̂_i = m_i · e R_iᵀ``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,21 +90,111 @@ def slerp_pair(x_a: torch.Tensor, x_b: torch.Tensor, t: float) -> PairMerge:
         raise ValueError(f"cannot merge tensors of different shapes {tuple(x_a.shape)} and {tuple(x_b.shape)}")
     u_a, m_a = unit_and_norm(x_a)
     u_b, m_b = unit_and_norm(x_b)
+    e, omega = _slerp_units(u_a, u_b, t)
+    return PairMerge(direction=e, magnitudes=torch.stack([m_a, m_b], dim=-1), distance=omega / torch.pi)
+
+
+def _slerp_units(u_a: torch.Tensor, u_b: torch.Tensor, t: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SLERP of float32 unit (or zero) vectors ``[..., D]``: normalised direction and the angle Ω ``[...]``.
+
+    ``t`` is a float or a tensor broadcastable to ``[...]``.
+    """
     omega = angle_between(u_a, u_b)
     sin_omega = torch.sin(omega)
     small = sin_omega < _SIN_EPS
     safe_sin = torch.where(small, torch.ones_like(sin_omega), sin_omega)
-    w_a = torch.where(small, torch.full_like(omega, 1.0 - t), torch.sin((1.0 - t) * omega) / safe_sin)
-    w_b = torch.where(small, torch.full_like(omega, t), torch.sin(t * omega) / safe_sin)
+    t = torch.as_tensor(t, dtype=omega.dtype, device=omega.device).expand_as(omega)
+    w_a = torch.where(small, 1.0 - t, torch.sin((1.0 - t) * omega) / safe_sin)
+    w_b = torch.where(small, t, torch.sin(t * omega) / safe_sin)
     e = w_a.unsqueeze(-1) * u_a + w_b.unsqueeze(-1) * u_b
     # SLERP keeps unit norm in exact arithmetic; the linear fallback and zero inputs do not.
     e_norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
-    e = e / e_norm.clamp_min(_NORM_EPS)
-    return PairMerge(direction=e, magnitudes=torch.stack([m_a, m_b], dim=-1), distance=omega / torch.pi)
+    return e / e_norm.clamp_min(_NORM_EPS), omega
 
 
-def restore(direction: torch.Tensor, magnitude: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rebuild one layer's vectors from the shared direction: ``x̂ = m · e / ‖e‖``.
+def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``x R`` per KV head, in float32: ``x`` ``[B, H, N, D]``, ``rotation`` ``[H, D, D]`` → ``[B, H, N, D]``."""
+    return torch.einsum("bhnd,hde->bhne", x.float(), rotation.to(device=x.device, dtype=torch.float32))
+
+
+def rotate_back(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``x Rᵀ`` per KV head (the inverse of :func:`rotate` for orthogonal ``R``), in float32."""
+    return torch.einsum("bhne,hde->bhnd", x.float(), rotation.to(device=x.device, dtype=torch.float32))
+
+
+def merge_group(
+    xs: Sequence[torch.Tensor],
+    t: float = 0.6,
+    *,
+    weights: Sequence[float] | None = None,
+    rotations: torch.Tensor | None = None,
+) -> PairMerge:
+    """Merge ``k ≥ 2`` layers' vectors token by token into one shared direction, in float32.
+
+    Member ``i`` is first aligned into the group's frame, ``u_i' = u_i R_i``; the shared direction
+    is the weighted spherical mean of the ``u_i'`` by incremental SLERP: ``e_0 = u_0'``,
+    ``e_i = slerp(e_{i-1}, u_i', w_i / (w_0 + … + w_i))``. For two layers this is SLERP with
+    weight ``t`` on the deeper layer; without rotations it equals :func:`slerp_pair` bit for bit.
+
+    Parameters
+    ----------
+    xs : sequence of torch.Tensor
+        ``k`` tensors ``[B, H, N, D]``, shallowest layer first.
+    t : float
+        Weight of the deeper layer of a pair (``k = 2``, ``weights`` None).
+    weights : sequence of float, optional
+        ``k`` non-negative weights summing to 1; default ``(1 - t, t)`` for a pair, uniform for
+        ``k > 2``.
+    rotations : torch.Tensor, optional
+        ``[k, H, D, D]`` orthogonal alignment of every member (float32); None = no alignment.
+
+    Returns
+    -------
+    PairMerge
+        Direction ``[B, H, N, D]`` (in the aligned frame), magnitudes ``[B, H, N, k]`` and the
+        angular distance ``[B, H, N]``: the largest pairwise angle between aligned members, / π
+        (for a pair, ``Ω / π``).
+    """
+    k = len(xs)
+    if k < 2:
+        raise ValueError(f"a group merges at least 2 layers, got {k}")
+    if any(x.shape != xs[0].shape for x in xs):
+        raise ValueError(f"cannot merge tensors of different shapes {[tuple(x.shape) for x in xs]}")
+    if weights is not None and len(weights) != k:
+        raise ValueError(f"{len(weights)} weights for a group of {k} layers")
+    if rotations is not None and (rotations.dim() != 4 or rotations.shape[0] != k):
+        raise ValueError(f"rotations must be [k={k}, H, D, D], got {tuple(rotations.shape)}")
+    units, norms = [], []
+    for i, x in enumerate(xs):
+        u, m = unit_and_norm(x)
+        if rotations is not None:
+            u = rotate(u, rotations[i])
+        units.append(u)
+        norms.append(m)
+    if k == 2 and weights is None:
+        e, omega = _slerp_units(units[0], units[1], t)
+        distance = omega / torch.pi
+    else:
+        w = [1.0 / k] * k if weights is None else [float(v) for v in weights]
+        e, total = units[0], w[0]
+        for i in range(1, k):
+            total += w[i]
+            e, _ = _slerp_units(e, units[i], w[i] / total if total > 0 else 0.0)
+        omega = torch.zeros_like(norms[0])
+        for i in range(k):
+            for j in range(i + 1, k):
+                omega = torch.maximum(omega, angle_between(units[i], units[j]))
+        distance = omega / torch.pi
+    return PairMerge(direction=e, magnitudes=torch.stack(norms, dim=-1), distance=distance)
+
+
+def restore(
+    direction: torch.Tensor,
+    magnitude: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    rotation: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rebuild one layer's vectors from the shared direction: ``x̂ = m · e / ‖e‖`` (``· Rᵀ`` if aligned).
 
     Parameters
     ----------
@@ -108,6 +205,9 @@ def restore(direction: torch.Tensor, magnitude: torch.Tensor, dtype: torch.dtype
         ``[...]`` that layer's norms.
     dtype : torch.dtype, optional
         Output dtype; defaults to ``direction.dtype``.
+    rotation : torch.Tensor, optional
+        ``[H, D, D]`` this layer's alignment ``R`` (direction ``[B, H, N, D]``); the restored
+        vectors are rotated back into the layer's own frame by ``Rᵀ``.
 
     Returns
     -------
@@ -117,6 +217,8 @@ def restore(direction: torch.Tensor, magnitude: torch.Tensor, dtype: torch.dtype
     e = direction.float()
     e = e / torch.linalg.vector_norm(e, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
     out = e * magnitude.float().unsqueeze(-1)
+    if rotation is not None:
+        out = rotate_back(out, rotation)
     return out.to(dtype or direction.dtype)
 
 

@@ -26,6 +26,12 @@ Stage 2 (``_decode_combine_kernel``), grid ``(B · H_kv,)``: log-sum-exp merge o
 (value corrections), so partials are kept un-normalised.
 
 Logits are kept in the log2 domain (scale folded with ``log2 e``) so the kernel uses ``exp2``.
+
+Aligned groups (issue 7): the directions live in the group's aligned frame and a member's vectors
+are ``m · e Rᵀ``. Since ``q · (m e Rᵀ) = m (q R) · e``, keys need the query rotated once per step
+(``q R``, computed before the launch) wherever a logit reads a direction; values need the part of
+the numerator built from directions rotated back by ``Rᵀ`` once per dense split (and per tile of
+the few retained keys whose value is merged), never once per token.
 """
 
 from __future__ import annotations
@@ -118,6 +124,10 @@ def _decode_partial_kernel(
     q_ptr,
     stride_q_b,
     stride_q_h,
+    qr_ptr,
+    stride_qr_b,
+    stride_qr_h,
+    rv_ptr,
     kd_ptr,
     stride_kd_b,
     stride_kd_h,
@@ -180,6 +190,7 @@ def _decode_partial_kernel(
     MASK_BOOL: tl.constexpr,
     DOT_MODE: tl.constexpr,
     NORM_EPS: tl.constexpr,
+    HAS_VROT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -198,6 +209,20 @@ def _decode_partial_kernel(
         mask=g_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
+    # The query in the aligned frame (q R, rotated once per step before the launch), for logits that
+    # read directions; the same tensor as q when the keys are not aligned.
+    q_al = tl.load(
+        qr_ptr + b64 * stride_qr_b + (h * G + offs_g)[:, None] * stride_qr_h + offs_d[None, :],
+        mask=g_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if HAS_VROT:
+        # Rᵀ of this KV head's value alignment as a [D, D] tile: element (i, j) is R[j, i].
+        rv_t = tl.load(
+            rv_ptr + h64 * D * D + offs_d[None, :] * D + offs_d[:, None],
+            mask=d_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
     # A finite start value: fully skipped tiles then give exp2(-inf - m) = 0 and alpha = 1, never NaN.
     m_i = tl.full([BLOCK_G], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -218,7 +243,7 @@ def _decode_partial_kernel(
             tile_ok = n_ok[:, None] & d_ok[None, :]
             ek = tl.load(kd_row + offs_n[:, None] * stride_kd_n + offs_d[None, :], mask=tile_ok, other=0.0)
             ev = tl.load(vd_row + offs_n[:, None] * stride_vd_n + offs_d[None, :], mask=tile_ok, other=0.0)
-            s = _dot(q, tl.trans(ek), DOT_MODE)
+            s = _dot(q_al, tl.trans(ek), DOT_MODE)
             if HAS_MAG:
                 mk = tl.load(km_row + offs_n * stride_km_n, mask=n_ok, other=-1.0).to(tl.float32)
                 mv = tl.load(vm_row + offs_n * stride_vm_n, mask=n_ok, other=-1.0).to(tl.float32)
@@ -234,6 +259,9 @@ def _decode_partial_kernel(
             s += _mask_bias(mask_row, stride_mask_t, offs_n, n_ok, HAS_MASK, MASK_BOOL)[None, :]
             s = tl.where(use[None, :], s, float("-inf"))
             m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, ev, v_scale, True, DOT_MODE)
+        if HAS_VROT:
+            # Everything this split added to the numerator came from directions: rotate it back once.
+            acc = tl.dot(acc, rv_t, input_precision="ieee")
     elif pid_s < n_dense + n_ret:
         # ---- retained split: this program's share of the (b, h) row's CSR lists ---------------
         j = pid_s - n_dense
@@ -275,6 +303,8 @@ def _decode_partial_kernel(
                 vr = ev.to(tl.float32) * (mv / _row_norm(ev, NORM_EPS))[:, None]
             else:
                 vr = ev.to(tl.float32)
+            if HAS_VROT:
+                vr = tl.dot(vr, rv_t, input_precision="ieee")
             v = tl.where(dense_v[:, None], vr.to(vx.dtype), vx)
             m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, v, ones_r, True, DOT_MODE)
         # Retained values whose key is merged: numerator corrections only.
@@ -295,7 +325,7 @@ def _decode_partial_kernel(
                 mask=active[:, None] & d_ok[None, :],
                 other=0.0,
             )
-            s = _dot(q, tl.trans(ek), DOT_MODE)
+            s = _dot(q_al, tl.trans(ek), DOT_MODE)
             if HAS_MAG:
                 mk = tl.load(km_row + pos * stride_km_n, mask=active, other=0.0).to(tl.float32)
                 s = s * (mk / _row_norm(ek, NORM_EPS) * qk_scale)[None, :]
@@ -485,6 +515,19 @@ def fused_decode_attention(
         q = q.contiguous()
     if q.dtype != dtype:
         q = q.to(dtype)
+    # Alignment (only meaningful with magnitudes: the no-magnitude variant is the benchmark baseline).
+    k_rot = keys.rotation if (use_magnitude and keys.direction is not None) else None
+    v_rot = values.rotation if (use_magnitude and values.direction is not None) else None
+    if k_rot is not None:
+        # q · (m e Rᵀ) = m (q R) · e: one [G, D] × [D, D] product per KV head and step.
+        q_al = torch.einsum("bhgd,hde->bhge", q.float().reshape(b, h, group, d), k_rot.float())
+        q_al = q_al.reshape(b, hq, d).to(dtype).contiguous()
+    else:
+        q_al = q
+    if v_rot is not None:
+        v_rot = v_rot.to(device=device, dtype=torch.float32).contiguous()
+        if tuple(v_rot.shape) != (h, d, d):
+            raise ValueError(f"value rotation {tuple(v_rot.shape)} does not fit {h} heads of dim {d}")
 
     # Absent parts get a stand-in pointer; the split plan never reads them.
     dummy = keys.residual
@@ -549,6 +592,10 @@ def fused_decode_attention(
         q,
         q.stride(0),
         q.stride(1),
+        q_al,
+        q_al.stride(0),
+        q_al.stride(1),
+        part_m if v_rot is None else v_rot,
         kd_t,
         *kd_s,
         km_t,
@@ -598,6 +645,7 @@ def fused_decode_attention(
         MASK_BOOL=mask_bool,
         DOT_MODE=dot_mode,
         NORM_EPS=_NORM_EPS,
+        HAS_VROT=v_rot is not None,
         num_stages=num_stages(dtype),
     )
     _decode_combine_kernel[(b * h,)](

@@ -967,6 +967,15 @@ class MergeProfile:
             ),
             ("KV shape (num_key_value_heads, head_dim)", shapes, repr, "a merged cache has one shape"),
         )
+        if self.aligned:
+            from minicache.sidecar import check_rotation, rotation_name
+
+            for i, group in enumerate(self.groups):
+                for component in ("keys", "values"):
+                    if getattr(group, component).align:
+                        name = rotation_name(group.label, component)
+                        check_rotation(self.tensors[name], f"groups[{i}].{component}.align", name,
+                                       len(group.layers), shapes[group.layers[0]])
         for i, group in enumerate(self.groups):
             first = group.layers[0]
             for layer in group.layers[1:]:

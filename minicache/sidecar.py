@@ -21,6 +21,9 @@ uses tensors, so plain profiles stay readable with PyYAML alone.
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +35,12 @@ __all__ = ["ORTHOGONALITY_TOLERANCE", "ProfileTensors", "rotation_name", "sha256
 #: orthogonal to ~1e-6; anything far above is not a rotation and would scale restored vectors.
 ORTHOGONALITY_TOLERANCE = 1e-4
 _METADATA = {"format": "minicache-tensors", "format_version": "1"}
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+}
+if sys.byteorder != "little":  # pragma: no cover - safetensors stores little-endian data
+    raise ImportError("minicache.sidecar writes safetensors files on little-endian machines only")
 
 
 def rotation_name(label: str, component: str) -> str:
@@ -107,10 +116,27 @@ class ProfileTensors:
 
     # -- files ----------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        """The safetensors serialisation (deterministic: same tensors, same bytes)."""
-        from safetensors.torch import save
+        """The safetensors serialisation, deterministic: same tensors, same bytes.
 
-        return save({n: self._tensors[n] for n in self.names()}, metadata=dict(_METADATA))
+        Written here rather than by ``safetensors.torch.save``, whose header order varies from call
+        to call; the layout is the safetensors format (8-byte little-endian header length, JSON
+        header with sorted keys padded to 8 bytes, raw little-endian data) and is read back with
+        safetensors itself.
+        """
+        header: dict[str, Any] = {"__metadata__": dict(_METADATA)}
+        chunks, offset = [], 0
+        for name in self.names():
+            tensor = self._tensors[name]
+            if tensor.dtype not in _DTYPE_NAMES:
+                raise _error(f"{name} has dtype {tensor.dtype}, which the sidecar cannot store", "tensors")
+            data = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+            header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                            "data_offsets": [offset, offset + len(data)]}
+            chunks.append(data)
+            offset += len(data)
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str | None = None) -> ProfileTensors:

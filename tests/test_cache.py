@@ -250,10 +250,25 @@ def test_crop_only_inside_residual_window():
     assert cache.get_seq_length() == seen - 2, "a refused crop changes nothing"
 
 
-def test_groups_of_three_layers_are_refused_by_this_runtime():
-    model = make_model("llama")
-    with pytest.raises(ValueError, match="pairs"):
-        MiniCache(profile_for(model, groups=((0, 1, 2),)), model)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_groups_of_three_and_four_layers_generate_and_store_less(arch):
+    model = make_model(arch, num_hidden_layers=6)
+    ids, mask = left_padded_batch(model.config.vocab_size, [40, 31])
+    cache = MiniCache(profile_for(model, groups=((0, 1, 2), (3, 4, 5))), model)
+    want = greedy(model, ids, mask, DynamicCache(config=model.config), new_tokens=1)
+    out = greedy(model, ids, mask, cache, new_tokens=10)
+    assert torch.equal(out[:, : want.shape[1]], want), "prefill attends exact KV: first token identical"
+    report = cache.memory_report()
+    assert report["kv_bytes"] == sum_of_storages(cache)
+    assert [g["layers"] for g in report["groups"]] == [[0, 1, 2], [3, 4, 5]]
+    store = cache.stores[0]
+    assert store.components["keys"].magnitude.shape[-1] == 3, "one magnitude per member layer"
+    assert store.components["keys"].retained_value.shape[1] == 3
+    # Three layers share one direction: the merged prefix costs a third of the plain one, plus magnitudes.
+    assert report["kv_bytes"] < 0.8 * report["kv_bytes_full"]
+    four = MiniCache(profile_for(model, groups=((1, 2, 3, 4),)), model)
+    greedy(model, ids, mask, four, new_tokens=10)
+    assert four.memory_report()["groups"][0]["merged_tokens"] > 0
 
 
 def test_sliding_window_layers_are_refused():

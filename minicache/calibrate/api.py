@@ -6,7 +6,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from minicache.calibrate.statistics import PairStatistics, capture_statistics
 from minicache.data import DataError, Sample, file_sha256, read_samples, split_samples, token_windows
 from minicache.evaluate.quality import QualityResult, evaluate_profile, reference_run
 from minicache.profile import PROFILE_FILENAME, Defaults, MergeGroup, MergeProfile, ModelFingerprint
+from minicache.sidecar import rotation_name
 
 #: Prompts the model continues itself when no data is given (data-free calibration).
 SEED_PROMPTS = (
@@ -98,6 +99,8 @@ def calibrate(
     probes: int = 6,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    align: bool = False,
+    max_group_size: int = 2,
 ) -> CalibrationResult:
     """Measure KV similarity on sample data and choose a merge profile within a quality budget.
 
@@ -117,6 +120,12 @@ def calibrate(
         Default: two thirds of ``max_length``.
     eval_windows : int
         Held-out windows used to measure quality.
+    align : bool
+        Fit an orthogonal alignment per group, KV head and K/V on the calibration windows
+        (issue 7). With ``preset``: the preset's groups, all aligned. Without: the search also
+        considers aligned candidates and keeps, per component, whichever restores better.
+    max_group_size : int
+        Largest group the search considers (2 = pairs only, as in the paper).
 
     Returns
     -------
@@ -150,10 +159,28 @@ def calibrate(
         f"windows of {max_length} tokens (seed {seed})"
     )
 
-    stats = capture_statistics(
-        model, calib_windows, batch_size=batch_size, window=defaults.block_size,
-        sink_tokens=defaults.sink_tokens, progress=progress,
-    )
+    if max_group_size < 2:
+        raise ValueError(f"max_group_size must be at least 2, got {max_group_size}")
+    capture = None
+    if align or max_group_size > 2:
+        from minicache.calibrate.alignment import candidate_keys, capture_alignment
+
+        n_layers = config.num_hidden_layers
+        span = max_group_size if preset is None else 2
+        capture = capture_alignment(
+            model, calib_windows, batch_size=batch_size, window=defaults.block_size,
+            sink_tokens=defaults.sink_tokens, max_group_size=span, progress=progress,
+            group_keys=None if preset is not None else candidate_keys(n_layers, max_group_size, align),
+        )
+        stats = capture.statistics
+        capture.cross.all_reduce()
+        if capture.groups is not None:
+            capture.groups.all_reduce()
+    else:
+        stats = capture_statistics(
+            model, calib_windows, batch_size=batch_size, window=defaults.block_size,
+            sink_tokens=defaults.sink_tokens, progress=progress,
+        )
     stats.all_reduce()
 
     reference = reference_run(model, held_windows, prefix_length, batch_size)
@@ -164,14 +191,39 @@ def calibrate(
 
     fingerprint = ModelFingerprint.from_config(config, name_or_path=model_name)
 
-    def make_profile(groups: tuple[MergeGroup, ...]) -> MergeProfile:
-        return MergeProfile(groups=groups, defaults=defaults, model=fingerprint)
+    fitted: dict = {}
+
+    def make_profile(groups: tuple[MergeGroup, ...], calibration: dict | None = None) -> MergeProfile:
+        # Aligned groups carry their rotations, fitted on every calibration window (cached per group).
+        tensors = {}
+        for g in groups:
+            for name in ("keys", "values"):
+                if getattr(g, name).align:
+                    if g.layers not in fitted:
+                        fitted[g.layers] = capture.cross.fit(g.layers)
+                    tensors[rotation_name(g.label, name)] = fitted[g.layers][name]
+        return MergeProfile(groups=groups, defaults=defaults, model=fingerprint, calibration=calibration,
+                            tensors=tensors or None)
 
     result_search: SearchResult | None = None
     if preset is not None:
         profile = MergeProfile.preset(preset, config)
-        profile = make_profile(profile.groups)
+        groups = profile.groups
+        if align:
+            groups = tuple(
+                MergeGroup(g.layers, replace(g.keys, align=True), replace(g.values, align=True)) for g in groups
+            )
+        profile = make_profile(groups)
         measured = evaluate(profile)
+    elif capture is not None:
+        from minicache.calibrate.group_search import group_search
+
+        log(f"searching groups of 2..{max_group_size} layers{' (aligned or not)' if align else ''} within "
+            f"{budget.metric} <= {budget.max:g} on held-out data")
+        result_search = group_search(capture.groups, evaluate, defaults, budget, config.num_hidden_layers,
+                                     make_profile=make_profile, probes=probes, log=log)
+        profile = make_profile(tuple(c.group() for c in result_search.chosen))
+        measured = result_search.final if result_search.final is not None else evaluate(profile)
     else:
         log(f"searching within {budget.metric} <= {budget.max:g} on held-out data")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -188,7 +240,12 @@ def calibrate(
         "measured": {k: (_round(v) if isinstance(v, float) else v) for k, v in measured.to_dict().items()},
         "method": "preset:" + preset if preset else "search",
     }
-    profile = MergeProfile(groups=profile.groups, defaults=defaults, model=fingerprint, calibration=calibration)
+    if capture is not None:
+        calibration["alignment"] = {
+            "fitted": bool(align), "max_group_size": max_group_size,
+            "aligned_groups": [g.label for g in profile.groups if g.keys.align or g.values.align],
+        }
+    profile = make_profile(profile.groups, calibration)
     saved = 1 - 1 / measured.compression_ratio if measured.compression_ratio else 0.0
     if not profile.groups:
         log(

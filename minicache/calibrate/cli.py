@@ -48,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--residual-length", type=int, default=128, help="exact window of most recent tokens")
     parser.add_argument("--block-size", type=int, default=64, help="tokens merged at a time")
     parser.add_argument("--probes", type=int, default=6, help="single-pair measurements that calibrate the search")
+    parser.add_argument(
+        "--align",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fit an orthogonal alignment per group, KV head and K/V (orthogonal Procrustes on the calibration "
+        "windows, shipped in minicache_tensors.safetensors); with --preset paper: the paper's groups, aligned. "
+        "The search keeps alignment per component only where it restores better",
+    )
+    parser.add_argument("--max-group-size", type=int, default=3,
+                        help="largest group of adjacent layers the search considers (2 = pairs, as in the paper)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing profile")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -60,6 +70,9 @@ def _default_out(model: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.max_group_size < 2:
+        print("error: --max-group-size must be at least 2", file=sys.stderr)
+        return 2
     for name in ("num_samples", "eval_windows", "max_length", "block_size", "probes"):
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
@@ -104,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             defaults=defaults,
             probes=args.probes,
+            align=args.align,
+            max_group_size=args.max_group_size,
             progress=not args.no_progress,
             log=lambda line: print(line, flush=True),
         )

@@ -1,0 +1,332 @@
+"""Issue 7: calibrated orthogonal alignment between layers, groups of k > 2 layers, the tensors sidecar."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from minicache import MergeProfile, MiniCache
+from minicache.calibrate.alignment import (
+    CrossCovariance,
+    GroupKey,
+    GroupStatistics,
+    capture_alignment,
+    fit_rotations,
+)
+from minicache.profile import Defaults, MergeGroup, MergeSettings, ProfileError
+from minicache.runtime.merge import merge_group, restore, rotate, slerp_pair
+from minicache.sidecar import ProfileTensors, rotation_name
+from tests.alignment_helpers import aligned_profile, random_rotations
+from tests.test_cache import greedy, left_padded_batch, sum_of_storages
+from tests.tiny_configs import tiny_config
+
+
+def _tiny(arch="llama", layers=6):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, num_hidden_layers=layers)).eval()
+
+
+# ---- merge math ------------------------------------------------------------------------------------
+def test_identity_rotation_reproduces_the_unaligned_merge_exactly():
+    g = torch.Generator().manual_seed(0)
+    x_a, x_b = torch.randn(2, 3, 20, 16, generator=g), torch.randn(2, 3, 20, 16, generator=g)
+    eye = torch.eye(16).expand(2, 3, 16, 16).contiguous()
+    for t in (0.0, 0.6, 1.0):
+        plain = slerp_pair(x_a, x_b, t)
+        grouped = merge_group([x_a, x_b], t)
+        aligned = merge_group([x_a, x_b], t, rotations=eye)
+        for got in (grouped, aligned):
+            assert torch.equal(got.direction, plain.direction)
+            assert torch.equal(got.magnitudes, plain.magnitudes)
+            assert torch.equal(got.distance, plain.distance)
+        for m in range(2):
+            assert torch.equal(restore(plain.direction, plain.magnitudes[..., m], rotation=eye[m]),
+                               restore(plain.direction, plain.magnitudes[..., m]))
+
+
+def test_rotation_round_trip_and_aligned_restore():
+    rot = random_rotations(2, 3, 16, seed=1, identity_last=False)
+    x = torch.randn(2, 3, 5, 16)
+    from minicache.runtime.merge import rotate_back
+
+    torch.testing.assert_close(rotate_back(rotate(x, rot[0]), rot[0]), x, atol=1e-5, rtol=1e-5)
+    # A layer that is an exact rotation of another (times a scale) merges losslessly once aligned.
+    x_b = rotate(x, rot[0]) * 1.7
+    merged = merge_group([x, x_b], 0.6, rotations=torch.stack([rot[0], torch.eye(16).expand(3, 16, 16)]))
+    assert merged.distance.max() < 1e-3
+    torch.testing.assert_close(restore(merged.direction, merged.magnitudes[..., 0], rotation=rot[0]), x,
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(restore(merged.direction, merged.magnitudes[..., 1]), x_b, atol=1e-4, rtol=1e-4)
+
+
+def test_three_layer_merge_weights_distance_and_lossless_case():
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(1, 2, 30, 8, generator=g) for _ in range(3)]
+    out = merge_group(xs)
+    assert out.magnitudes.shape == (1, 2, 30, 3)
+    assert torch.allclose(out.direction.norm(dim=-1), torch.ones(1, 2, 30), atol=1e-5)
+    # distance: the largest pairwise angle
+    from minicache.runtime.merge import angle_between, unit_and_norm
+
+    us = [unit_and_norm(x)[0] for x in xs]
+    widest = torch.stack([angle_between(us[i], us[j]) for i, j in ((0, 1), (0, 2), (1, 2))]).amax(0)
+    torch.testing.assert_close(out.distance, widest / torch.pi)
+    # weights (1, 0, 0) give the first layer's direction, (0, 0, 1) the last
+    for w, i in (((1.0, 0.0, 0.0), 0), ((0.0, 0.0, 1.0), 2)):
+        got = merge_group(xs, weights=w)
+        torch.testing.assert_close(got.direction, us[i], atol=1e-5, rtol=1e-5)
+    # the same direction in every layer: lossless whatever the scales
+    same = [xs[0], 2 * xs[0], 0.5 * xs[0]]
+    m = merge_group(same)
+    for i in range(3):
+        torch.testing.assert_close(restore(m.direction, m.magnitudes[..., i]), same[i], atol=1e-5, rtol=1e-5)
+    # uniform weights sit between the members: no member is closer than the mean direction to all
+    assert (out.direction * us[1]).sum(-1).mean() > 0
+
+
+def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
+
+
+def test_a_known_rotation_between_layers_is_recovered():
+    g = torch.Generator().manual_seed(3)
+    heads, dim = 2, 16
+    q = random_rotations(3, heads, dim, seed=7, identity_last=False)
+    base_k = torch.randn(4, heads, 200, dim, generator=g)
+    base_v = torch.randn(4, heads, 200, dim, generator=g)
+    # layer 1 = layer 0 rotated by q[0] (+ noise); layer 2 = layer 1 rotated by q[1]
+    noise = lambda x: x + 0.05 * torch.randn(x.shape, generator=g)  # noqa: E731
+    k1, v1 = noise(rotate(base_k, q[0])), noise(rotate(base_v, q[0]))
+    k2, v2 = noise(rotate(k1, q[1])), noise(rotate(v1, q[1]))
+    cache = _cache_from([(base_k, base_v), (k1, v1), (k2, v2)])
+    cov = CrossCovariance(3, heads, dim, max_offset=2)
+    cov.add_cache(cache, sink_tokens=1)
+    r = fit_rotations(cov, (0, 1), 0)
+    assert torch.allclose(r[1], torch.eye(dim).expand(heads, dim, dim)), "the deeper layer is the reference"
+    assert (r[0] - q[0]).abs().max() < 0.05, "Procrustes recovers the rotation"
+    assert cov.aligned_cosine((0, 1), 0, r).min() > 0.98
+    assert cov.aligned_cosine((0, 1), 0, torch.eye(dim).expand(2, heads, dim, dim)).abs().max() < 0.2
+    # merging in the aligned frame is nearly lossless; without alignment it is not
+    aligned = merge_group([base_k, k1], 0.5, rotations=r)
+    plain = merge_group([base_k, k1], 0.5)
+    err = lambda m, rot: (restore(m.direction, m.magnitudes[..., 0], rotation=rot) - base_k).norm() / base_k.norm()  # noqa: E731
+    assert err(aligned, r[0]) < 0.05 < 0.5 < err(plain, None)
+    # a three-layer group: every member aligned to the last
+    r3 = fit_rotations(cov, (0, 1, 2), 1)
+    assert cov.aligned_cosine((0, 1, 2), 1, r3).min() > 0.97
+    three = merge_group([base_v, v1, v2], rotations=r3)
+    for i, x in enumerate((base_v, v1, v2)):
+        rel = (restore(three.direction, three.magnitudes[..., i], rotation=r3[i]) - x).norm() / x.norm()
+        assert rel < 0.06
+
+
+def test_group_statistics_and_capture_on_a_tiny_model():
+    model = _tiny(layers=4)
+    windows = torch.randint(3, 128, (4, 48), generator=torch.Generator().manual_seed(0))
+    keys = [GroupKey((0, 1), False), GroupKey((0, 1), True), GroupKey((1, 2, 3), True)]
+    cap = capture_alignment(model, windows, batch_size=2, window=8, max_group_size=3, group_keys=keys,
+                            progress=False)
+    assert float(cap.cross.tokens) == 4 * 47
+    assert cap.groups is not None and cap.groups.sums[keys[0], 0]["tokens"].sum() == 2 * 47 * 2
+    for key in keys:
+        err = cap.groups.relative_error(key, 0)
+        assert err.shape[0] == len(cap.groups.gammas) and torch.isfinite(err).all()
+    # in-sample alignment never restores worse than no alignment at gamma 0, t 0.5
+    stats = GroupStatistics(keys[:2], {((0, 1), n): r for n, r in cap.cross.fit((0, 1)).items()}, 2, window=8)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=windows, cache=cache)
+    stats.add_cache(cache)
+    t5 = stats.ts.index(0.5)
+    assert stats.relative_error(keys[1], 0)[0, t5] <= stats.relative_error(keys[0], 0)[0, t5]
+
+
+# ---- runtime: aligned and k-layer groups through generate ---------------------------------------------
+@pytest.mark.parametrize("groups", [((1, 2),), ((0, 1, 2), (3, 4))])
+def test_aligned_groups_generate_and_memory_report_is_a_walk(groups):
+    model = _tiny()
+    heads, dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    profile = aligned_profile(groups, heads, dim, seed=4)
+    ids, mask = left_padded_batch(model.config.vocab_size, [40, 31])
+    cache = MiniCache(profile, model)
+    want = greedy(model, ids, mask, DynamicCache(config=model.config), new_tokens=1)
+    out = greedy(model, ids, mask, cache, new_tokens=10)
+    assert torch.equal(out[:, : want.shape[1]], want)
+    report = cache.memory_report()
+    assert report["kv_bytes"] == sum_of_storages(cache)
+    assert report["parts"]["alignment"] == sum(2 * len(g) * heads * dim * dim * 4 for g in groups)
+    # The rotations are a fixed cost per group (counted); at this tiny length they outweigh the saving.
+    assert report["kv_bytes"] - report["parts"]["alignment"] < report["kv_bytes_full"]
+
+
+def test_aligned_store_restores_through_the_transpose():
+    """The cache's restored layers equal merge_group + restore with the profile's rotations."""
+    model = _tiny(layers=4)
+    heads, dim = 2, 16
+    profile = aligned_profile(((0, 1, 2),), heads, dim, seed=9)
+    cache = MiniCache(profile, model)
+    store = cache.stores[0]
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, heads, 21, dim, generator=g) for _ in range(3)]
+    for member, x in enumerate(xs):
+        store.update(member, x, x.flip(-1))
+    n = store.merged_length
+    assert n == 12
+    rot = profile.rotation(profile.groups[0], "keys")
+    merged = merge_group([x[..., :n, :] for x in xs], rotations=rot)
+    comp = store.components["keys"]
+    index = comp.retained_index.long()
+    for member in range(3):
+        got = comp.restored(member)[..., :n, :]
+        want = restore(merged.direction, merged.magnitudes[..., member], rotation=rot[member])
+        want[index[:, 0], index[:, 1], index[:, 2]] = xs[member][index[:, 0], index[:, 1], index[:, 2]]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ---- profile + sidecar ------------------------------------------------------------------------------
+def _saved_profile(tmp_path, groups=((1, 2),)):
+    model = _tiny()
+    profile = aligned_profile(groups, 2, 16, seed=1)
+    profile = MergeProfile(groups=profile.groups, defaults=profile.defaults, tensors=profile.tensors,
+                           model=__import__("minicache.profile").profile.ModelFingerprint.from_config(model.config))
+    path = profile.save(tmp_path)
+    return model, profile, path
+
+
+def test_profile_and_sidecar_round_trip(tmp_path):
+    model, profile, path = _saved_profile(tmp_path, ((0, 1, 2), (3, 4)))
+    sidecar = tmp_path / "minicache_tensors.safetensors"
+    assert sidecar.is_file()
+    text = path.read_text()
+    assert "align: true" in text and "minicache_tensors.safetensors" in text
+    loaded = MergeProfile.load(tmp_path)
+    assert loaded == profile and loaded.tensors == profile.tensors
+    loaded.check_model(model.config)
+    # saving the same profile again writes the same bytes (hash recorded in the YAML stays valid)
+    again = tmp_path / "again"
+    profile.save(again)
+    assert (again / "minicache_tensors.safetensors").read_bytes() == sidecar.read_bytes()
+    with pytest.raises(FileExistsError):
+        profile.save(tmp_path)
+    # another profile name in the same directory gets its own sidecar
+    other = profile.save(tmp_path / "other.yaml")
+    assert (tmp_path / "other.safetensors").is_file()
+    assert MergeProfile.load(other) == profile
+
+
+def test_missing_sidecar_is_a_clear_error(tmp_path):
+    _, _, path = _saved_profile(tmp_path)
+    (tmp_path / "minicache_tensors.safetensors").unlink()
+    with pytest.raises(ProfileError, match="does not exist") as err:
+        MergeProfile.load(tmp_path)
+    assert "tensors.file" in str(err.value)
+    # align: true with no sidecar named at all
+    text = "\n".join(line for line in path.read_text().splitlines() if not line.startswith("tensors:"))
+    with pytest.raises(ProfileError, match=r"groups\[0\]\.keys\.align: true, but no tensors sidecar"):
+        MergeProfile.from_yaml(text)
+
+
+def test_sidecar_from_another_profile_is_refused(tmp_path):
+    _, profile, _ = _saved_profile(tmp_path)
+    other = aligned_profile(((1, 2),), 2, 16, seed=2)
+    (tmp_path / "minicache_tensors.safetensors").write_bytes(other.tensors.to_bytes())
+    with pytest.raises(ProfileError, match="does not belong to this profile"):
+        MergeProfile.load(tmp_path)
+
+
+def _with_tensor(profile: MergeProfile, name: str, tensor: torch.Tensor, model=None) -> MergeProfile:
+    tensors = {n: profile.tensors[n] for n in profile.tensors.names()}
+    tensors[name] = tensor
+    return MergeProfile(groups=profile.groups, defaults=profile.defaults, model=profile.model,
+                        tensors=ProfileTensors(tensors))
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("dtype", "dtype float16; allowed: float32"),
+        ("members", r"shape \[3, 2, 16, 16\]; allowed: \[2, 2, 16, 16\]"),
+        ("heads", r"shape \[2, 3, 16, 16\]; allowed: \[2, 2, 16, 16\]"),
+        ("not_orthogonal", "not orthogonal"),
+        ("nan", "non-finite"),
+        ("extra", "which no aligned group uses"),
+    ],
+)
+def test_sidecar_validation(tmp_path, case, match):
+    _, profile, _ = _saved_profile(tmp_path)
+    name = rotation_name("1-2", "keys")
+    good = profile.tensors[name]
+    bad = {
+        "dtype": good.half(),
+        "members": random_rotations(3, 2, 16),
+        "heads": random_rotations(2, 3, 16),
+        "not_orthogonal": good * 1.01,
+        "nan": good.clone().fill_(float("nan")),
+        "extra": None,
+    }[case]
+    with pytest.raises(ProfileError, match=match):
+        if case == "extra":
+            _with_tensor(profile, rotation_name("3-4", "keys"), good)
+        else:
+            _with_tensor(profile, name, bad)
+    # the same checks run on load: write a bad sidecar whose hash the YAML records
+    if case not in ("extra",):
+        tensors = ProfileTensors({n: (bad if n == name else profile.tensors[n]) for n in profile.tensors.names()})
+        blob = tensors.to_bytes()
+        (tmp_path / "minicache_tensors.safetensors").write_bytes(blob)
+        text = (tmp_path / "minicache_config.yaml").read_text()
+        import hashlib
+        import re
+
+        text = re.sub(r"sha256: [0-9a-f]{64}}", f"sha256: {hashlib.sha256(blob).hexdigest()}}}", text)
+        (tmp_path / "minicache_config.yaml").write_text(text)
+        with pytest.raises(ProfileError, match=match):
+            MergeProfile.load(tmp_path)
+
+
+def test_sidecar_is_never_unpickled(tmp_path):
+    _, _, _ = _saved_profile(tmp_path)
+    import pickle
+
+    payload = pickle.dumps({"x": 1})
+    (tmp_path / "minicache_tensors.safetensors").write_bytes(payload)
+    text = (tmp_path / "minicache_config.yaml").read_text()
+    import hashlib
+    import re
+
+    text = re.sub(r"sha256: [0-9a-f]{64}}", f"sha256: {hashlib.sha256(payload).hexdigest()}}}", text)
+    (tmp_path / "minicache_config.yaml").write_text(text)
+    with pytest.raises(ProfileError, match="not a valid safetensors file"):
+        MergeProfile.load(tmp_path)
+
+
+def test_rotation_shape_is_checked_against_the_model():
+    model = _tiny()
+    profile = aligned_profile(((1, 2),), 2, 16)  # no fingerprint: shapes checked by check_model / MiniCache
+    MiniCache(profile, model)
+    wrong = aligned_profile(((1, 2),), 2, 8)
+    with pytest.raises(ProfileError, match=r"allowed: \[2, 2, 16, 16\]"):
+        MiniCache(wrong, model)
+
+
+def test_weights_settings_validation():
+    s = MergeSettings(weights=(0.2, 0.3, 0.5))
+    MergeGroup((0, 1, 2), s, s)
+    with pytest.raises(ProfileError, match="one weight per layer"):
+        MergeGroup((0, 1, 2, 3), s, s)
+    with pytest.raises(ProfileError, match="t for pairs"):
+        MergeGroup((0, 1), MergeSettings(weights=(0.5, 0.5)), MergeSettings())
+    with pytest.raises(ProfileError, match="sums to"):
+        MergeSettings(weights=(0.5, 0.6, 0.1))
+    with pytest.raises(ProfileError, match="true or false"):
+        MergeSettings(align="yes")
+    text = MergeProfile(groups=(MergeGroup((0, 1, 2), s, MergeSettings()),), defaults=Defaults()).to_yaml()
+    assert "weights: [0.2, 0.3, 0.5]" in text
+    assert MergeProfile.from_yaml(text).groups[0].keys.weights == (0.2, 0.3, 0.5)
+    assert dataclasses.asdict(MergeSettings())["align"] is False

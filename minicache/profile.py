@@ -295,13 +295,16 @@ class MergeSettings:
     def __post_init__(self) -> None:
         _validate_settings(self)
         if not isinstance(self.align, bool):
-            raise ProfileError(f"{_show(self.align)} is a {_type_name(self.align)}; allowed: true or false", "align")
+            raise ProfileError(
+                f"{_show(self.align)} is a {_type_name(self.align)}; allowed: true or false", "align"
+            )
         if self.weights is not None:
             object.__setattr__(self, "weights", _check_weights(self.weights, "weights"))
 
     def to_dict(self) -> dict:
-        """Plain data; ``align`` and ``weights`` only when set, so that paper-style profiles keep their layout."""
-        data = {"t": self.t, "gamma": self.gamma, "retention": self.retention, "sink_tokens": self.sink_tokens}
+        """Plain data; ``align`` and ``weights`` only when set (paper-style profiles keep their layout)."""
+        data = {"t": self.t, "gamma": self.gamma, "retention": self.retention}
+        data["sink_tokens"] = self.sink_tokens
         if self.align:
             data["align"] = True
         if self.weights is not None:
@@ -396,7 +399,8 @@ class MergeGroup:
                 continue
             if len(layers) == 2:
                 raise ProfileError(
-                    f"{list(weights)} given for a pair; allowed: t for pairs, weights for groups of 3+ layers",
+                    f"{list(weights)} given for a pair; allowed: t for pairs, weights for groups of 3+ "
+                    "layers",
                     f"{component}.weights",
                 )
             if len(weights) != len(layers):
@@ -1290,7 +1294,8 @@ def sidecar_filename(profile_file: str | os.PathLike) -> str:
 
 def _check_tensors_entry(entry: Mapping) -> dict:
     name = entry.get("file")
-    if not isinstance(name, str) or not name.endswith(".safetensors") or "/" in name or "\\" in name or name.startswith("."):
+    plain = isinstance(name, str) and "/" not in name and "\\" not in name and not name.startswith(".")
+    if not plain or not name.endswith(".safetensors"):
         raise ProfileError(
             f"{_show(name)} is not a sidecar file name; allowed: a plain file name ending in .safetensors, "
             "in the profile's directory",
@@ -1298,7 +1303,9 @@ def _check_tensors_entry(entry: Mapping) -> dict:
         )
     sha = entry.get("sha256")
     if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
-        raise ProfileError(f"{_show(sha)} is not a SHA-256; allowed: 64 lowercase hex digits", "tensors.sha256")
+        raise ProfileError(
+            f"{_show(sha)} is not a SHA-256; allowed: 64 lowercase hex digits", "tensors.sha256"
+        )
     return {"file": name, "sha256": sha}
 
 
@@ -1318,8 +1325,8 @@ def _read_sidecar(file: pathlib.Path, text: str) -> Any:
     sidecar = file.parent / entry["file"]
     if not sidecar.is_file():
         raise ProfileError(
-            f"names the tensors sidecar {entry['file']}, but {sidecar} does not exist; allowed: the profile and "
-            "its sidecar side by side (copy both files, or re-run minicache-calibrate)",
+            f"names the tensors sidecar {entry['file']}, but {sidecar} does not exist; allowed: the "
+            "profile and its sidecar side by side (copy both files, or re-run minicache-calibrate)",
             "tensors.file",
             str(file),
         )
@@ -1328,8 +1335,8 @@ def _read_sidecar(file: pathlib.Path, text: str) -> Any:
     blob = sidecar.read_bytes()
     if sha256_hex(blob) != entry["sha256"]:
         raise ProfileError(
-            f"{sidecar} does not belong to this profile (its SHA-256 differs from the one recorded); allowed: "
-            "the sidecar saved together with this profile",
+            f"{sidecar} does not belong to this profile (its SHA-256 differs from the one recorded); "
+            "allowed: the sidecar saved together with this profile",
             "tensors.sha256",
             str(file),
         )

@@ -36,8 +36,14 @@ __all__ = ["ORTHOGONALITY_TOLERANCE", "ProfileTensors", "rotation_name", "sha256
 ORTHOGONALITY_TOLERANCE = 1e-4
 _METADATA = {"format": "minicache-tensors", "format_version": "1"}
 _DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 if sys.byteorder != "little":  # pragma: no cover - safetensors stores little-endian data
     raise ImportError("minicache.sidecar writes safetensors files on little-endian machines only")
@@ -95,7 +101,8 @@ class ProfileTensors:
         if not isinstance(other, ProfileTensors):
             return NotImplemented
         return self.names() == other.names() and all(
-            self._tensors[n].dtype == other._tensors[n].dtype and torch.equal(self._tensors[n], other._tensors[n])
+            self._tensors[n].dtype == other._tensors[n].dtype
+            and torch.equal(self._tensors[n], other._tensors[n])
             for n in self.names()
         )
 
@@ -130,8 +137,11 @@ class ProfileTensors:
             if tensor.dtype not in _DTYPE_NAMES:
                 raise _error(f"{name} has dtype {tensor.dtype}, which the sidecar cannot store", "tensors")
             data = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-            header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                            "data_offsets": [offset, offset + len(data)]}
+            header[name] = {
+                "dtype": _DTYPE_NAMES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + len(data)],
+            }
             chunks.append(data)
             offset += len(data)
         text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
@@ -146,8 +156,11 @@ class ProfileTensors:
         try:
             tensors = load(data)
         except Exception as err:  # safetensors raises its own SafetensorError for corrupt files
-            raise _error(f"not a valid safetensors file ({err}); allowed: a file written by minicache",
-                         "tensors", source) from None
+            raise _error(
+                f"not a valid safetensors file ({err}); allowed: a file written by minicache",
+                "tensors",
+                source,
+            ) from None
         return cls(tensors)
 
 
@@ -170,8 +183,11 @@ def check_rotation(
         ``(H, D)`` of the model when known.
     """
     if tensor is None:
-        raise _error(f"true, but the tensors sidecar has no {name!r}; allowed: a sidecar written with this "
-                     "profile (minicache-calibrate --align writes both)", path)
+        raise _error(
+            f"true, but the tensors sidecar has no {name!r}; allowed: a sidecar written with this "
+            "profile (minicache-calibrate --align writes both)",
+            path,
+        )
     if tensor.dtype != torch.float32:
         raise _error(f"{name} has dtype {str(tensor.dtype).replace('torch.', '')}; allowed: float32", path)
     heads = "H" if shape is None else shape[0]
@@ -181,19 +197,27 @@ def check_rotation(
     if ok and shape is not None:
         ok = tuple(tensor.shape[1:3]) == shape
     if not ok:
-        raise _error(f"{name} has shape {list(tensor.shape)}; allowed: {want} (k layers of the group, KV heads, "
-                     "head_dim, head_dim)", path)
+        raise _error(
+            f"{name} has shape {list(tensor.shape)}; allowed: {want} (k layers of the group, KV heads, "
+            "head_dim, head_dim)",
+            path,
+        )
     if not torch.isfinite(tensor).all():
         raise _error(f"{name} has non-finite entries; allowed: orthogonal matrices", path)
     r = tensor.double()
     eye = torch.eye(r.shape[-1], dtype=torch.float64)
     worst = float((r.transpose(-1, -2) @ r - eye).abs().max()) if r.numel() else 0.0
     if worst > ORTHOGONALITY_TOLERANCE:
-        raise _error(f"{name} is not orthogonal (|RᵀR - I| up to {worst:.2g}); allowed: orthogonal matrices "
-                     f"(|RᵀR - I| <= {ORTHOGONALITY_TOLERANCE:g})", path)
+        raise _error(
+            f"{name} is not orthogonal (|RᵀR - I| up to {worst:.2g}); allowed: orthogonal matrices "
+            f"(|RᵀR - I| <= {ORTHOGONALITY_TOLERANCE:g})",
+            path,
+        )
 
 
-def validate_profile_tensors(groups: Any, tensors: ProfileTensors | None, model_shape: tuple[int, int] | None) -> None:
+def validate_profile_tensors(
+    groups: Any, tensors: ProfileTensors | None, model_shape: tuple[int, int] | None
+) -> None:
     """Check that ``tensors`` holds exactly what the aligned groups need, in valid form."""
     needed = set()
     for i, group in enumerate(groups):
@@ -205,13 +229,18 @@ def validate_profile_tensors(groups: Any, tensors: ProfileTensors | None, model_
             path = f"groups[{i}].{component}.align"
             if tensors is None:
                 raise _error(
-                    "true, but no tensors sidecar was loaded with this profile; allowed: a profile saved with its "
-                    "minicache_tensors.safetensors next to it (MergeProfile.load reads both), or align: false",
+                    "true, but no tensors sidecar was loaded with this profile; allowed: a profile saved "
+                    "with its minicache_tensors.safetensors next to it (MergeProfile.load reads both), "
+                    "or align: false",
                     path,
                 )
-            check_rotation(tensors[name] if name in tensors else None, path, name, len(group.layers), model_shape)
+            found = tensors[name] if name in tensors else None  # noqa: SIM401 (not a dict)
+            check_rotation(found, path, name, len(group.layers), model_shape)
     if tensors is not None:
         extra = sorted(set(tensors.names()) - needed)
         if extra:
-            raise _error(f"the sidecar holds {extra[0]!r}, which no aligned group uses; allowed: only the tensors "
-                         "of this profile's aligned groups (was the sidecar written for another profile?)", "tensors")
+            raise _error(
+                f"the sidecar holds {extra[0]!r}, which no aligned group uses; allowed: only the tensors "
+                "of this profile's aligned groups (was the sidecar written for another profile?)",
+                "tensors",
+            )

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from minicache.profile import Defaults, MergeGroup, MergeProfile
+from minicache.profile import Defaults, MergeGroup, MergeProfile, MergeSettings
 from minicache.sidecar import ProfileTensors, rotation_name
 
 
 def random_rotations(k: int, heads: int, dim: int, seed: int = 0, identity_last: bool = True) -> torch.Tensor:
-    """``[k, H, D, D]`` float32 random orthogonal matrices (the last member the identity, like calibration)."""
+    """``[k, H, D, D]`` float32 random orthogonal matrices (the last the identity, as calibration fits)."""
     g = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(k, heads, dim, dim, generator=g, dtype=torch.float64))
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
@@ -41,10 +41,11 @@ def aligned_profile(
                 label = f"{layers[0]}-{layers[-1]}"
                 given = (rotations or {}).get((label, component))
                 tensors[rotation_name(label, component)] = (
-                    given if given is not None else random_rotations(len(layers), heads, dim, seed + 10 * i + j)
+                    given
+                    if given is not None
+                    else random_rotations(len(layers), heads, dim, seed + 10 * i + j)
                 )
         made.append(MergeGroup(tuple(layers), parts["keys"], parts["values"]))
-    return MergeProfile(groups=tuple(made), defaults=defaults, tensors=ProfileTensors(tensors) if tensors else None)
-
-
-from minicache.profile import MergeSettings  # noqa: E402  (kept below for readability of the helpers)
+    return MergeProfile(
+        groups=tuple(made), defaults=defaults, tensors=ProfileTensors(tensors) if tensors else None
+    )

@@ -43,8 +43,10 @@ def test_identity_rotation_reproduces_the_unaligned_merge_exactly():
             assert torch.equal(got.magnitudes, plain.magnitudes)
             assert torch.equal(got.distance, plain.distance)
         for m in range(2):
-            assert torch.equal(restore(plain.direction, plain.magnitudes[..., m], rotation=eye[m]),
-                               restore(plain.direction, plain.magnitudes[..., m]))
+            assert torch.equal(
+                restore(plain.direction, plain.magnitudes[..., m], rotation=eye[m]),
+                restore(plain.direction, plain.magnitudes[..., m]),
+            )
 
 
 def test_rotation_round_trip_and_aligned_restore():
@@ -57,9 +59,12 @@ def test_rotation_round_trip_and_aligned_restore():
     x_b = rotate(x, rot[0]) * 1.7
     merged = merge_group([x, x_b], 0.6, rotations=torch.stack([rot[0], torch.eye(16).expand(3, 16, 16)]))
     assert merged.distance.max() < 1e-3
-    torch.testing.assert_close(restore(merged.direction, merged.magnitudes[..., 0], rotation=rot[0]), x,
-                               atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(restore(merged.direction, merged.magnitudes[..., 1]), x_b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        restore(merged.direction, merged.magnitudes[..., 0], rotation=rot[0]), x, atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        restore(merged.direction, merged.magnitudes[..., 1]), x_b, atol=1e-4, rtol=1e-4
+    )
 
 
 def test_three_layer_merge_weights_distance_and_lossless_case():
@@ -115,7 +120,10 @@ def test_a_known_rotation_between_layers_is_recovered():
     # merging in the aligned frame is nearly lossless; without alignment it is not
     aligned = merge_group([base_k, k1], 0.5, rotations=r)
     plain = merge_group([base_k, k1], 0.5)
-    err = lambda m, rot: (restore(m.direction, m.magnitudes[..., 0], rotation=rot) - base_k).norm() / base_k.norm()  # noqa: E731
+
+    def err(m, rot):
+        return (restore(m.direction, m.magnitudes[..., 0], rotation=rot) - base_k).norm() / base_k.norm()
+
     assert err(aligned, r[0]) < 0.05 < 0.5 < err(plain, None)
     # a three-layer group: every member aligned to the last
     r3 = fit_rotations(cov, (0, 1, 2), 1)
@@ -130,8 +138,9 @@ def test_group_statistics_and_capture_on_a_tiny_model():
     model = _tiny(layers=4)
     windows = torch.randint(3, 128, (4, 48), generator=torch.Generator().manual_seed(0))
     keys = [GroupKey((0, 1), False), GroupKey((0, 1), True), GroupKey((1, 2, 3), True)]
-    cap = capture_alignment(model, windows, batch_size=2, window=8, max_group_size=3, group_keys=keys,
-                            progress=False)
+    cap = capture_alignment(
+        model, windows, batch_size=2, window=8, max_group_size=3, group_keys=keys, progress=False
+    )
     assert float(cap.cross.tokens) == 4 * 47
     assert cap.groups is not None and cap.groups.sums[keys[0], 0]["tokens"].sum() == 2 * 47 * 2
     for key in keys:
@@ -151,7 +160,10 @@ def test_group_statistics_and_capture_on_a_tiny_model():
 @pytest.mark.parametrize("groups", [((1, 2),), ((0, 1, 2), (3, 4))])
 def test_aligned_groups_generate_and_memory_report_is_a_walk(groups):
     model = _tiny()
-    heads, dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    heads, dim = (
+        model.config.num_key_value_heads,
+        model.config.hidden_size // model.config.num_attention_heads,
+    )
     profile = aligned_profile(groups, heads, dim, seed=4)
     ids, mask = left_padded_batch(model.config.vocab_size, [40, 31])
     cache = MiniCache(profile, model)
@@ -193,8 +205,12 @@ def test_aligned_store_restores_through_the_transpose():
 def _saved_profile(tmp_path, groups=((1, 2),)):
     model = _tiny()
     profile = aligned_profile(groups, 2, 16, seed=1)
-    profile = MergeProfile(groups=profile.groups, defaults=profile.defaults, tensors=profile.tensors,
-                           model=__import__("minicache.profile").profile.ModelFingerprint.from_config(model.config))
+    profile = MergeProfile(
+        groups=profile.groups,
+        defaults=profile.defaults,
+        tensors=profile.tensors,
+        model=__import__("minicache.profile").profile.ModelFingerprint.from_config(model.config),
+    )
     path = profile.save(tmp_path)
     return model, profile, path
 
@@ -233,7 +249,7 @@ def test_missing_sidecar_is_a_clear_error(tmp_path):
 
 
 def test_sidecar_from_another_profile_is_refused(tmp_path):
-    _, profile, _ = _saved_profile(tmp_path)
+    _saved_profile(tmp_path)
     other = aligned_profile(((1, 2),), 2, 16, seed=2)
     (tmp_path / "minicache_tensors.safetensors").write_bytes(other.tensors.to_bytes())
     with pytest.raises(ProfileError, match="does not belong to this profile"):
@@ -243,8 +259,9 @@ def test_sidecar_from_another_profile_is_refused(tmp_path):
 def _with_tensor(profile: MergeProfile, name: str, tensor: torch.Tensor, model=None) -> MergeProfile:
     tensors = {n: profile.tensors[n] for n in profile.tensors.names()}
     tensors[name] = tensor
-    return MergeProfile(groups=profile.groups, defaults=profile.defaults, model=profile.model,
-                        tensors=ProfileTensors(tensors))
+    return MergeProfile(
+        groups=profile.groups, defaults=profile.defaults, model=profile.model, tensors=ProfileTensors(tensors)
+    )
 
 
 @pytest.mark.parametrize(
@@ -277,7 +294,9 @@ def test_sidecar_validation(tmp_path, case, match):
             _with_tensor(profile, name, bad)
     # the same checks run on load: write a bad sidecar whose hash the YAML records
     if case not in ("extra",):
-        tensors = ProfileTensors({n: (bad if n == name else profile.tensors[n]) for n in profile.tensors.names()})
+        tensors = ProfileTensors(
+            {n: (bad if n == name else profile.tensors[n]) for n in profile.tensors.names()}
+        )
         blob = tensors.to_bytes()
         (tmp_path / "minicache_tensors.safetensors").write_bytes(blob)
         text = (tmp_path / "minicache_config.yaml").read_text()

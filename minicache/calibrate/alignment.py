@@ -108,7 +108,9 @@ class CrossCovariance:
         """Rotations of one group: ``{"keys": R, "values": R}``, each ``[k, H, D, D]`` float32."""
         return {name: fit_rotations(self, tuple(layers), c) for c, name in enumerate(COMPONENTS)}
 
-    def aligned_cosine(self, layers: tuple[int, ...], component: int, rotations: torch.Tensor) -> torch.Tensor:
+    def aligned_cosine(
+        self, layers: tuple[int, ...], component: int, rotations: torch.Tensor
+    ) -> torch.Tensor:
         """``[H]`` mean cosine between aligned members' directions, over all member pairs of the group."""
         total = torch.zeros(self.num_heads, dtype=torch.float64)
         count = 0
@@ -221,12 +223,15 @@ class GroupStatistics:
         for o, t in enumerate(self.t_options(key)):
             merged = merge_group(xs, 0.5 if t is None else t, rotations=rot)
             if keeps is None:
-                keeps = [retention_mask(merged.distance, g, window=self.window, sink=sink) for g in self.gammas]
+                keeps = [
+                    retention_mask(merged.distance, g, window=self.window, sink=sink) for g in self.gammas
+                ]
                 for gi, keep in enumerate(keeps):
                     s["retained"][:, gi] += (keep & counted).double().sum(dim=(0, 2))
             # ‖m e − m u'‖² = m² ‖e − u'‖² for each member (rotations are orthogonal).
             err = sum(
-                energy[..., i] * (merged.direction - units[i]).square().sum(-1).double() for i in range(len(xs))
+                energy[..., i] * (merged.direction - units[i]).square().sum(-1).double()
+                for i in range(len(xs))
             )
             for gi, keep in enumerate(keeps):
                 s["error"][:, gi, o] += (err * (~keep & counted)).sum(dim=(0, 2))

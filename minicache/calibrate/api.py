@@ -211,7 +211,8 @@ def calibrate(
         groups = profile.groups
         if align:
             groups = tuple(
-                MergeGroup(g.layers, replace(g.keys, align=True), replace(g.values, align=True)) for g in groups
+                MergeGroup(g.layers, replace(g.keys, align=True), replace(g.values, align=True))
+                for g in groups
             )
         profile = make_profile(groups)
         measured = evaluate(profile)

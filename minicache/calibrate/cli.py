@@ -52,12 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--align",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="fit an orthogonal alignment per group, KV head and K/V (orthogonal Procrustes on the calibration "
-        "windows, shipped in minicache_tensors.safetensors); with --preset paper: the paper's groups, aligned. "
-        "The search keeps alignment per component only where it restores better",
+        help="fit an orthogonal alignment per group, KV head and K/V (orthogonal Procrustes on the "
+        "calibration windows, shipped in minicache_tensors.safetensors); with --preset paper: the paper's "
+        "groups, aligned (--no-align: the paper's literal recipe). The search keeps alignment per "
+        "component only where it restores the calibration tokens better",
     )
-    parser.add_argument("--max-group-size", type=int, default=3,
-                        help="largest group of adjacent layers the search considers (2 = pairs, as in the paper)")
+    parser.add_argument(
+        "--max-group-size", type=int, default=3,
+        help="largest group of adjacent layers the search considers (2 = pairs, as in the paper)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite an existing profile")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser

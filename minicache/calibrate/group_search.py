@@ -65,8 +65,11 @@ class GroupSearchStep:
 
     def to_dict(self) -> dict:
         keys = ("ppl_increase", "kl_mean", "top1_agreement", "compression_ratio")
-        return {"kind": self.kind, "groups": [list(g) for g in self.groups],
-                **{k: self.result.to_dict()[k] for k in keys}}
+        return {
+            "kind": self.kind,
+            "groups": [list(g) for g in self.groups],
+            **{k: self.result.to_dict()[k] for k in keys},
+        }
 
 
 @dataclass
@@ -79,7 +82,9 @@ class GroupSearchResult:
     candidates: dict[tuple[int, ...], GroupCandidate] = field(default_factory=dict)
 
 
-def choose_group_candidates(groups: GroupStatistics, defaults: Defaults) -> dict[tuple[int, ...], GroupCandidate]:
+def choose_group_candidates(
+    groups: GroupStatistics, defaults: Defaults
+) -> dict[tuple[int, ...], GroupCandidate]:
     """Per run of layers and component: aligned or not, and ``t`` for pairs, by least restore error at γ."""
     gi = min(range(len(groups.gammas)), key=lambda g: abs(groups.gammas[g] - defaults.gamma))
     gamma = groups.gammas[gi]
@@ -97,10 +102,15 @@ def choose_group_candidates(groups: GroupStatistics, defaults: Defaults) -> dict
                 if best is None or float(err[o]) < best[0]:
                     best = (float(err[o]), key, groups.t_options(key)[o])
             err, key, t = best
-            settings.append(MergeSettings(
-                t=defaults.t if t is None else t, gamma=gamma, retention=defaults.retention,
-                sink_tokens=defaults.sink_tokens, align=key.aligned,
-            ))
+            settings.append(
+                MergeSettings(
+                    t=defaults.t if t is None else t,
+                    gamma=gamma,
+                    retention=defaults.retention,
+                    sink_tokens=defaults.sink_tokens,
+                    align=key.aligned,
+                )
+            )
             errors.append(err)
         out[layers] = GroupCandidate(layers, settings[0], settings[1], (errors[0], errors[1]))
     return out
@@ -108,12 +118,18 @@ def choose_group_candidates(groups: GroupStatistics, defaults: Defaults) -> dict
 
 def _features(c: GroupCandidate, num_layers: int) -> list[float]:
     depth = (c.layers[0] + c.layers[-1]) / 2 / max(num_layers - 1, 1)
-    return [depth, math.log(max(c.restore_error[0], 1e-9)), math.log(max(c.restore_error[1], 1e-9)),
-            math.log(c.saved_layers)]
+    return [
+        depth,
+        math.log(max(c.restore_error[0], 1e-9)),
+        math.log(max(c.restore_error[1], 1e-9)),
+        math.log(c.saved_layers),
+    ]
 
 
 def predict_group_damage(
-    candidates: dict[tuple[int, ...], GroupCandidate], measured: dict[tuple[int, ...], float], num_layers: int,
+    candidates: dict[tuple[int, ...], GroupCandidate],
+    measured: dict[tuple[int, ...], float],
+    num_layers: int,
     floor: float = 1e-6,
 ) -> dict[tuple[int, ...], float]:
     """Ridge fit of log damage on the probes; measured groups keep their measurement."""
@@ -124,7 +140,8 @@ def predict_group_damage(
         worst = max(measured.values(), default=1.0)
         return {g: measured.get(g, worst) for g in candidates}
     model = Ridge(alpha=1e-2).fit(
-        [_features(candidates[g], num_layers) for g in probes], [math.log(max(measured[g], floor)) for g in probes]
+        [_features(candidates[g], num_layers) for g in probes],
+        [math.log(max(measured[g], floor)) for g in probes],
     )
     order = sorted(candidates)
     predicted = model.predict([_features(candidates[g], num_layers) for g in order])
@@ -134,13 +151,17 @@ def predict_group_damage(
 
 
 def select_groups(
-    candidates: dict[tuple[int, ...], GroupCandidate], predicted: dict[tuple[int, ...], float], allowance: float,
+    candidates: dict[tuple[int, ...], GroupCandidate],
+    predicted: dict[tuple[int, ...], float],
+    allowance: float,
     exclude: set[tuple[int, ...]] = frozenset(),
 ) -> list[tuple[int, ...]]:
     """Cheapest damage per saved layer first, non-overlapping, summed damage within ``allowance``."""
     used: set[int] = set()
     chosen, total = [], 0.0
-    order = sorted(candidates, key=lambda g: (max(predicted[g], 0.0) / candidates[g].saved_layers, -g[0], -len(g)))
+    order = sorted(
+        candidates, key=lambda g: (max(predicted[g], 0.0) / candidates[g].saved_layers, -g[0], -len(g))
+    )
     for g in order:
         if g in exclude or used.intersection(g):
             continue
@@ -191,8 +212,10 @@ def group_search(
         chosen = sorted(chosen)
         measured = evaluate(make_profile(tuple(candidates[g].group() for g in chosen)))
         result.steps.append(GroupSearchStep(kind, tuple(chosen), measured))
-        log(f"  {kind:6s} groups {[candidates[g].describe() for g in chosen]}: "
-            f"{budget.metric} {budget.value(measured):+.4f}, compression {measured.compression_ratio:.3f}x")
+        log(
+            f"  {kind:6s} groups {[candidates[g].describe() for g in chosen]}: "
+            f"{budget.metric} {budget.value(measured):+.4f}, compression {measured.compression_ratio:.3f}x"
+        )
         return measured
 
     measured: dict[tuple[int, ...], float] = {}
@@ -210,7 +233,9 @@ def group_search(
             best = ([g], next(s.result for s in result.steps if s.groups == (g,)))
     tried: set[tuple[tuple[int, ...], ...]] = set()
     for _ in range(max_verify):
-        chosen = select_groups(candidates, {g: v * scale for g, v in predicted.items()}, budget.max * 0.9, excluded)
+        chosen = select_groups(
+            candidates, {g: v * scale for g, v in predicted.items()}, budget.max * 0.9, excluded
+        )
         if not chosen or tuple(chosen) in tried:
             break
         tried.add(tuple(chosen))

@@ -115,6 +115,17 @@ def plot_search(search: SearchResult, metric: str, budget: float, path: Path) ->
     plt.close(fig)
 
 
+def _step_groups(step) -> list[list[int]]:
+    # Group-search steps name their groups; pair-search steps name the first layer of each pair.
+    groups = getattr(step, "groups", None)
+    return [list(g) for g in groups] if groups is not None else [[p, p + 1] for p in step.pairs]
+
+
+def _settings(s) -> str:
+    weight = f"{s.t:g}" if s.weights is None else "/".join(f"{w:g}" for w in s.weights)
+    return f"{weight} / {s.gamma:g}" + (" (aligned)" if s.align else "")
+
+
 def write_report(
     directory: Path,
     profile: MergeProfile,
@@ -162,7 +173,7 @@ def write_report(
     if profile.groups:
         lines += ["| layers | keys t / γ | values t / γ |", "|---|---|---|"]
         for g in profile.groups:
-            lines.append(f"| {list(g.layers)} | {g.keys.t:g} / {g.keys.gamma:g} | {g.values.t:g} / {g.values.gamma:g} |")
+            lines.append(f"| {list(g.layers)} | {_settings(g.keys)} | {_settings(g.values)} |")
     else:
         lines.append("No group fits the budget: the profile merges nothing (the cache behaves as a full cache).")
     lines += ["", f"![groups]({PLOT_GROUPS})", ""]
@@ -195,7 +206,7 @@ def write_report(
         ]
         for s in search.steps:
             lines.append(
-                f"| {s.kind} | {[[p, p + 1] for p in s.pairs]} | {', '.join(f'{g:g}' for g in s.gammas)} "
+                f"| {s.kind} | {_step_groups(s)} | {', '.join(f'{g:g}' for g in getattr(s, 'gammas', ()))} "
                 f"| {getattr(s.result, metric):+.5f} "
                 f"| {s.result.compression_ratio:.4f}x |"
             )

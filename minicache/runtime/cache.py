@@ -328,8 +328,8 @@ class MergedPairStore:
             for other in comp.residual:
                 if other is not None and other.device != states.device:
                     raise RuntimeError(
-                        f"layers {self.layers} of a merged group live on different devices ({other.device} and "
-                        f"{states.device}); place all layers of a group on one device"
+                        f"layers {self.layers} of a merged group live on different devices "
+                        f"({other.device} and {states.device}); place all layers of a group on one device"
                     )
             comp.append(member, states)
         if self.fused_decode and key_states.shape[-2] == 1:
@@ -623,7 +623,8 @@ class MiniCache(Cache):
             (``kv_bytes_full / kv_bytes``), ``seq_length``, ``merged_tokens`` per group,
             ``retained_tokens`` per group and component, and a per-part breakdown.
         """
-        parts = {"plain_layers": 0, "directions": 0, "magnitudes": 0, "retained": 0, "residual": 0, "alignment": 0}
+        parts = {"plain_layers": 0, "directions": 0, "magnitudes": 0, "retained": 0, "residual": 0}
+        parts["alignment"] = 0  # rotations of aligned groups (a fixed cost per group, counted per cache)
         full = 0
         for layer in self._unmerged():
             for t in (layer.keys, layer.values):

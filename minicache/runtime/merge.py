@@ -94,7 +94,9 @@ def slerp_pair(x_a: torch.Tensor, x_b: torch.Tensor, t: float) -> PairMerge:
     return PairMerge(direction=e, magnitudes=torch.stack([m_a, m_b], dim=-1), distance=omega / torch.pi)
 
 
-def _slerp_units(u_a: torch.Tensor, u_b: torch.Tensor, t: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _slerp_units(
+    u_a: torch.Tensor, u_b: torch.Tensor, t: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SLERP of float32 unit (or zero) vectors ``[..., D]``: normalised direction and the angle Ω ``[...]``.
 
     ``t`` is a float or a tensor broadcastable to ``[...]``.
@@ -113,7 +115,7 @@ def _slerp_units(u_a: torch.Tensor, u_b: torch.Tensor, t: float | torch.Tensor) 
 
 
 def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """``x R`` per KV head, in float32: ``x`` ``[B, H, N, D]``, ``rotation`` ``[H, D, D]`` → ``[B, H, N, D]``."""
+    """``x R`` per KV head, in float32: ``x`` ``[B, H, N, D]``, ``rotation`` ``[H, D, D]``."""
     return torch.einsum("bhnd,hde->bhne", x.float(), rotation.to(device=x.device, dtype=torch.float32))
 
 
@@ -194,7 +196,7 @@ def restore(
     dtype: torch.dtype | None = None,
     rotation: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rebuild one layer's vectors from the shared direction: ``x̂ = m · e / ‖e‖`` (``· Rᵀ`` if aligned).
+    """Rebuild one layer's vectors from the shared direction: ``x̂ = m · e / ‖e‖`` (then ``· Rᵀ``).
 
     Parameters
     ----------

@@ -60,17 +60,19 @@ def _compile(fn, pointers, floats, constexprs, arch: int, options: dict | None =
 
 
 def decode_variants(full: bool) -> list[dict[str, Any]]:
-    """(dtype, G, D, use_magnitude, mask kind) combinations the decode kernel is launched with."""
+    """(dtype, G, D, use_magnitude, mask kind, value rotation) combinations the decode kernel is launched with."""
     if not full:
         return [
-            {"dtype": "bf16", "G": 8, "D": 128, "mag": True, "mask": "bool"},
-            {"dtype": "fp32", "G": 1, "D": 64, "mag": True, "mask": None},
+            {"dtype": "bf16", "G": 8, "D": 128, "mag": True, "mask": "bool", "vrot": False},
+            {"dtype": "bf16", "G": 3, "D": 64, "mag": True, "mask": "bool", "vrot": True},
+            {"dtype": "fp32", "G": 1, "D": 64, "mag": True, "mask": None, "vrot": True},
         ]
     out = []
     for dtype in ("bf16", "fp16", "fp32"):
         for g, d in ((1, 64), (4, 128), (8, 128), (1, 256)):
             for mag, mask in ((True, "bool"), (True, "float"), (True, None), (False, None)):
-                out.append({"dtype": dtype, "G": g, "D": d, "mag": mag, "mask": mask})
+                for vrot in (False, True) if mag else (False,):
+                    out.append({"dtype": dtype, "G": g, "D": d, "mag": mag, "mask": mask, "vrot": vrot})
     return out
 
 
@@ -105,7 +107,8 @@ def compile_all(arch: int = 90, full: bool = False) -> list[dict]:
         dtype, d = v["dtype"], v["D"]
         itemsize = 4 if dtype == "fp32" else 2
         block_n = max(16, min(64, decode._TILE_BYTES // (d * itemsize)))
-        dense = ("q_ptr", "kd_ptr", "vd_ptr", "kr_ptr", "vr_ptr", "k_val_ptr", "v_val_ptr")
+        # qr_ptr: the query in the keys' aligned frame, in the cache dtype; rv_ptr: value rotations, fp32.
+        dense = ("q_ptr", "qr_ptr", "kd_ptr", "vd_ptr", "kr_ptr", "vr_ptr", "k_val_ptr", "v_val_ptr")
         pointers = {n: f"*{dtype}" for n in dense}
         pointers.update({n: "*fp32" if dtype == "fp32" else "*fp16" for n in ("km_ptr", "vm_ptr")})
         for c in "kv":
@@ -119,6 +122,7 @@ def compile_all(arch: int = 90, full: bool = False) -> list[dict]:
             "D": d,
             "BLOCK_D": d,
             "HAS_MAG": v["mag"],
+            "HAS_VROT": v["vrot"],
             "HAS_MASK": v["mask"] is not None,
             "MASK_BOOL": v["mask"] == "bool",
             "DOT_MODE": decode._DOT_IEEE if dtype == "fp32" else decode._DOT_NATIVE,

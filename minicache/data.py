@@ -42,7 +42,9 @@ class Sample:
             return list(self.input_ids)
         if self.messages is not None:
             if not getattr(tokenizer, "chat_template", None):
-                raise DataError(f"line {self.line}: 'messages' needs a tokenizer with a chat template; this one has none")
+                raise DataError(
+                    f"line {self.line}: 'messages' needs a tokenizer with a chat template; this one has none"
+                )
             ids = tokenizer.apply_chat_template(list(self.messages), tokenize=True, return_dict=False)
             return list(ids["input_ids"] if isinstance(ids, dict) else ids)
         return tokenizer(self.text, add_special_tokens=True, verbose=False).input_ids

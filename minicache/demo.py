@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
             "paper preset, a 2,048-token prompt of license text."
         ),
     )
-    parser.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf file, hub id (local cache) or alias")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="HF directory, .gguf file, hub id (local cache) or alias"
+    )
     parser.add_argument("--profile", help="merge profile (YAML file or model directory); default: the paper preset")
     parser.add_argument("--prompt-tokens", type=int, default=2048, help="length of the text prompt in tokens")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens to generate")
@@ -95,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         f"KV cache: {report['kv_bytes'] / 2**20:.2f} MiB vs {report['kv_bytes_full'] / 2**20:.2f} MiB full "
         f"-> {saved:.1%} saved (compression {report['compression_ratio']:.3f}x) at {report['seq_length']} tokens"
     )
-    print(f"greedy tokens identical to the full cache: first {prefix} of {len(new_full)} ({same.float().mean():.1%} of positions)")
+    print(
+        f"greedy tokens identical to the full cache: first {prefix} of {len(new_full)} "
+        f"({same.float().mean():.1%} of positions)"
+    )
     print(f"teacher-forced top-1 agreement with the full cache: {top1:.1%}")
     print("full   :", repr(tokenizer.decode(new_full[:40])))
     print("merged :", repr(tokenizer.decode(new_merged[:40])))

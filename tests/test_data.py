@@ -1,6 +1,7 @@
 """Sample data: validation with line numbers, seeded split, token windows."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -79,10 +80,7 @@ class ToyTokenizer:
         return 100
 
     def __call__(self, text, **kwargs):
-        class Out:
-            input_ids = [int(w) for w in text.split()]
-
-        return Out()
+        return SimpleNamespace(input_ids=[int(w) for w in text.split()])
 
 
 def test_token_windows_join_samples_with_eos():

@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf file, hub id (local cache) or alias")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="HF directory, .gguf file, hub id (local cache) or alias"
+    )
     parser.add_argument(
         "--data",
         help="JSON Lines with one of text / messages / input_ids per line, or a .txt file; "

@@ -165,7 +165,7 @@ def predict_damage(
     y = [math.log(max(measured[p], floor)) for p in pairs]
     model = Ridge(alpha=1e-3).fit(x, y)
     predicted = model.predict([_features(candidates[p], num_pairs) for p in sorted(candidates)])
-    out = {p: float(math.exp(v)) for p, v in zip(sorted(candidates), predicted)}
+    out = {p: float(math.exp(v)) for p, v in zip(sorted(candidates), predicted, strict=True)}
     out.update(measured)
     return out
 

@@ -102,7 +102,8 @@ class PairStatistics:
         self.cos_sum[pair, component] += (torch.cos(omega).double() * c).sum(dim=(0, 2))
         bins = (merged.distance * HIST_BINS).long().clamp(0, HIST_BINS - 1)
         hist = torch.zeros(omega.shape[1], HIST_BINS, dtype=torch.float64)
-        hist.scatter_add_(1, bins.transpose(0, 1).reshape(omega.shape[1], -1), c.transpose(0, 1).reshape(omega.shape[1], -1))
+        width = omega.shape[1]
+        hist.scatter_add_(1, bins.transpose(0, 1).reshape(width, -1), c.transpose(0, 1).reshape(width, -1))
         self.angle_hist[pair, component] += hist
         log_ratio = (torch.log(m_b.clamp_min(1e-12)) - torch.log(m_a.clamp_min(1e-12))).double()
         self.log_ratio_sum[pair, component] += (log_ratio * c).sum(dim=(0, 2))

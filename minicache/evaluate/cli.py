@@ -25,12 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf file, hub id (local cache) or alias")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="HF directory, .gguf file, hub id (local cache) or alias"
+    )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--profile", help="merge profile: a YAML file or a model directory holding minicache_config.yaml")
     what.add_argument("--preset", choices=["paper"], help="a built-in profile (paper: S = L/2, t = 0.6, γ = 0.05)")
     what.add_argument("--baseline", choices=["full"], help="full: transformers' DynamicCache (sanity check, 0 loss)")
-    parser.add_argument("--data", required=True, help="JSON Lines (text / messages / input_ids per line) or a .txt file")
+    parser.add_argument(
+        "--data", required=True, help="JSON Lines (text / messages / input_ids per line) or a .txt file"
+    )
     parser.add_argument("--prefix-length", type=int, default=512, help="tokens merged before scoring")
     parser.add_argument("--continuation-length", type=int, default=256, help="tokens scored after the prefix")
     parser.add_argument("--num-windows", type=int, default=16, help="at most this many windows")
@@ -100,7 +104,8 @@ def format_result(out: dict) -> str:
     return "\n".join(
         [
             f"profile            {out['profile']} ({out['dtype']})",
-            f"windows            {out['windows']} x ({out['prefix_length']} prefix + {out['continuation_length']} scored)",
+            f"windows            {out['windows']} x "
+            f"({out['prefix_length']} prefix + {out['continuation_length']} scored)",
             f"perplexity         {out['ppl']:.4f} vs {out['ppl_full']:.4f} full ({out['ppl_increase']:+.2%})",
             f"KL mean / q95      {out['kl_mean']:.5f} / {out['kl_q95']:.5f} nats",
             f"top-1 agreement    {out['top1_agreement']:.2%}",

@@ -118,7 +118,7 @@ def evaluate_profile(
     device = next(model.parameters()).device
     nll, kl, agree = [], [], []
     kv_bytes = kv_bytes_full = 0
-    for batch, ref_lp in zip(_batches(windows, batch_size), reference.log_probs):
+    for batch, ref_lp in zip(_batches(windows, batch_size), reference.log_probs, strict=True):
         batch = batch.to(device)
         cache = factory(profile, model)
         prefix = batch[:, :prefix_length]

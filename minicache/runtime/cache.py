@@ -37,7 +37,6 @@ from transformers.cache_utils import (
     DYNAMIC_LAYER_TYPE_MAPPING,
     Cache,
     CacheLayerMixin,
-    DynamicLayer,
     get_layer_types_and_kwargs,
 )
 
@@ -498,7 +497,7 @@ class MiniCache(Cache):
             self.stores.append(store)
             for member, layer in enumerate(group.layers):
                 members[layer] = MergedLayer(store, member)
-        for idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
+        for idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
             if idx in members:
                 layers.append(members[idx])
             else:
@@ -682,7 +681,9 @@ def install_padding_hook(model: torch.nn.Module) -> None:
             bound = kwargs
         extra = bound.get("kwargs") or {}
         # transformers renamed ``past_key_values`` to ``cache`` in 5.x; accept either spelling.
-        candidates = (bound.get("cache"), bound.get("past_key_values"), extra.get("cache"), extra.get("past_key_values"))
+        candidates = (
+            bound.get("cache"), bound.get("past_key_values"), extra.get("cache"), extra.get("past_key_values")
+        )
         cache = next((c for c in candidates if isinstance(c, MiniCache)), None)
         if cache is not None:
             cache.observe_attention_mask(bound.get("attention_mask"))

@@ -1277,10 +1277,10 @@ class MergeProfile:
                 raise FileExistsError(_exists_message(sidecar))
             entry = {"file": sidecar.name, "sha256": sha256_hex(blob)}
             text = self.to_yaml(entry)  # before any write: a profile that cannot be dumped writes nothing
-            _atomic_write(sidecar, blob, overwrite)
+            atomic_write(sidecar, blob, overwrite)
         else:
             text = self.to_yaml()
-        _atomic_write(target, text.encode("utf-8"), overwrite)
+        atomic_write(target, text.encode("utf-8"), overwrite)
         return target
 
 
@@ -1343,7 +1343,8 @@ def _read_sidecar(file: pathlib.Path, text: str) -> Any:
     return ProfileTensors.from_bytes(blob, source=str(sidecar))
 
 
-def _atomic_write(target: pathlib.Path, data: bytes, overwrite: bool) -> None:
+def atomic_write(target: pathlib.Path, data: bytes, overwrite: bool) -> None:
+    """Write ``data`` to ``target`` all at once or not at all (readable by others, like any shipped file)."""
     # Temp file in the same directory: os.replace/os.link are atomic only within one file system.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     tmp = pathlib.Path(tmp_name)

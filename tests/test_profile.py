@@ -643,3 +643,17 @@ def test_tiny_configs_build_models(arch):
     assert logits.shape == (2, 12, config.vocab_size)
     fp = ModelFingerprint.from_config(config)
     assert (fp.num_key_value_heads, fp.head_dim) == (2, 16)
+
+
+def test_atomic_write_makes_a_readable_file_and_refuses_to_clobber(tmp_path):
+    from minicache.profile import atomic_write
+
+    target = tmp_path / "report.md"
+    atomic_write(target, b"one", overwrite=False)
+    assert target.read_bytes() == b"one"
+    assert target.stat().st_mode & 0o777 == 0o644  # shipped next to weights: readable by others
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        atomic_write(target, b"two", overwrite=False)
+    atomic_write(target, b"two", overwrite=True)
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temporary file left behind

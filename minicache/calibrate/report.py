@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from minicache.calibrate.search import SearchResult
 from minicache.calibrate.statistics import PairStatistics
-from minicache.profile import MergeProfile
+from minicache.profile import MergeProfile, atomic_write
 
 REPORT_FILENAME = "minicache_report.md"
 PLOT_SIMILARITY = "minicache_similarity.png"
@@ -17,14 +15,7 @@ PLOT_SEARCH = "minicache_search.png"
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data, overwrite=True)
 
 
 def _save_figure(fig, path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -162,6 +163,7 @@ def calibrate(
     if max_group_size < 2:
         raise ValueError(f"max_group_size must be at least 2, got {max_group_size}")
     capture = None
+    started = time.perf_counter()
     if align or max_group_size > 2:
         from minicache.calibrate.alignment import candidate_keys, capture_alignment
 
@@ -182,12 +184,21 @@ def calibrate(
             sink_tokens=defaults.sink_tokens, progress=progress,
         )
     stats.all_reduce()
+    elapsed = time.perf_counter() - started
+    log(f"statistics of {int(calib_windows.numel())} tokens in {elapsed:.0f}s "
+        f"({calib_windows.numel() / max(elapsed, 1e-9):.0f} tokens/s)")
 
-    reference = reference_run(model, held_windows, prefix_length, batch_size)
+    started = time.perf_counter()
+    reference = reference_run(model, held_windows, prefix_length, batch_size, keep_prefix_kv=True)
+    passes = [time.perf_counter() - started]
 
     def evaluate(profile: MergeProfile) -> QualityResult:
-        return evaluate_profile(model, held_windows, prefix_length, profile, reference=reference,
-                                batch_size=batch_size)
+        # Every quality measurement of the search goes through here: timed, so the log says where time goes.
+        began = time.perf_counter()
+        result = evaluate_profile(model, held_windows, prefix_length, profile, reference=reference,
+                                  batch_size=batch_size)
+        passes.append(time.perf_counter() - began)
+        return result
 
     fingerprint = ModelFingerprint.from_config(config, name_or_path=model_name)
 
@@ -233,6 +244,8 @@ def calibrate(
         profile = make_profile(tuple(c.group() for c in result_search.chosen))
         measured = result_search.final if result_search.final is not None else evaluate(profile)
 
+    log(f"quality: reference pass {passes[0]:.0f}s + {len(passes) - 1} evaluation passes "
+        f"{sum(passes[1:]):.0f}s on {held_windows.shape[0]} held-out windows")
     calibration = {
         "data": {**data_info, "samples": len(samples), "tokens": int(calib_windows.numel()), "seed": seed,
                  "held_out_windows": int(held_windows.shape[0]), "max_length": max_length,

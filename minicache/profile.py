@@ -435,8 +435,8 @@ class Quantization:
         One of :data:`QUANT_BITS`.
     group_size : int
         Tokens per key group and channels per value group (capped at ``head_dim``). Larger groups
-        store fewer scales and zero points: at ``head_dim`` 64, 4 bits and a 4,096-token context,
-        128 reaches a 3.4x compression where 32 reaches 2.9x.
+        store fewer scales and zero points: at ``head_dim`` 64, 4 bits, bf16 and a 4,096-token
+        context, quantization alone compresses 3.4x with 128 and 3.0x with 32.
     residual_length : int
         Most recent tokens of unmerged layers kept exact in the model dtype; older tokens are
         quantized ``group_size`` at a time and never re-quantized. (Merged groups keep the
@@ -813,7 +813,7 @@ def _sorted_plain(value: Any) -> Any:
 
 # ---- the profile -------------------------------------------------------------------------------
 _TOP_KEYS = (
-    "format_version", "producer", "model", "defaults", "quantization", "groups", "calibration", "tensors"
+    "format_version", "producer", "model", "defaults", "groups", "calibration", "tensors", "quantization"
 )
 _QUANT_KEYS = tuple(f.name for f in fields(Quantization))
 _TENSORS_KEYS = ("file", "sha256")

@@ -18,6 +18,12 @@ A store keeps, for keys and for values separately:
   ``R_iᵀ``. It is shared by every cache built from the same profile and counted by
   :meth:`MiniCache.memory_report` anyway (conservatively, once per cache).
 
+With a profile's ``quantization`` (issue 6, :mod:`minicache.runtime.quant`) the merged directions
+and the retained vectors are stored packed (keys per channel, values and retained vectors per
+token), magnitudes stay fp16, and unmerged full-attention layers become
+:class:`~minicache.runtime.quant.QuantizedDynamicLayer`. Quantized stores always take the torch
+path (dequantize, then attend); the fused decode kernel does not read packed data yet.
+
 When the residual window holds at least ``residual_length + block_size`` tokens, the oldest whole
 blocks are merged. Retention is decided per token from the range of angular distances over a
 forward window of the sequence's own next ``block_size`` tokens, which are still exact at merge

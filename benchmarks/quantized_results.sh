@@ -3,7 +3,7 @@
 # compression of {full, 4-bit, 2-bit, MiniCache (paper preset), MiniCache + 4-bit, MiniCache + 2-bit,
 # transformers' QuantizedCache (fp8; quanto 4/2-bit where optimum-quanto is installed)}, all measured by
 # minicache-eval on the same windows. Writes one JSON per row, table.md and log.txt to
-# benchmarks/results/quantized-cpu/ (overwrites). About 45 minutes on 2 CPU cores.
+# benchmarks/results/quantized-cpu/ (overwrites). About 45 minutes on 2 idle CPU cores.
 #
 #   bash benchmarks/quantized_results.sh            # PYTHON=... to use another interpreter
 #
@@ -29,11 +29,13 @@ evaluate() {  # name, then minicache-eval arguments
   cat "$OUT/$name.json"; echo
 }
 
-evaluate minicache-4bit --preset paper --kv-bits 4
 evaluate full --baseline full
 evaluate 4bit --preset none --kv-bits 4
 evaluate 2bit --preset none --kv-bits 2
+# Quantization alone at 2 bits with key groups of 64 tokens: more scales, better quality, still >= 5x.
+evaluate 2bit-g64 --preset none --kv-bits 2 --kv-group-size 64
 evaluate minicache --preset paper
+evaluate minicache-4bit --preset paper --kv-bits 4
 evaluate minicache-2bit --preset paper --kv-bits 2
 evaluate quantized-cache-fp8 --baseline quantized-cache-fp8
 if "$PY" -c "import optimum.quanto" 2>/dev/null; then

@@ -8,6 +8,7 @@ ROWS = (
     ("full", "full (DynamicCache)"),
     ("4bit", "4-bit"),
     ("2bit", "2-bit"),
+    ("2bit-g64", "2-bit"),
     ("minicache", "MiniCache (paper preset)"),
     ("minicache-4bit", "MiniCache + 4-bit"),
     ("minicache-2bit", "MiniCache + 2-bit"),

@@ -16,7 +16,7 @@ from minicache.calibrate.search import Budget, SearchResult, search
 from minicache.calibrate.statistics import PairStatistics, capture_statistics
 from minicache.data import DataError, Sample, file_sha256, read_samples, split_samples, token_windows
 from minicache.evaluate.quality import QualityResult, evaluate_profile, reference_run
-from minicache.profile import PROFILE_FILENAME, Defaults, MergeGroup, MergeProfile, ModelFingerprint
+from minicache.profile import PROFILE_FILENAME, Defaults, MergeGroup, MergeProfile, ModelFingerprint, Quantization
 from minicache.sidecar import rotation_name
 
 #: Prompts the model continues itself when no data is given (data-free calibration).
@@ -102,6 +102,7 @@ def calibrate(
     log: Callable[[str], None] = print,
     align: bool = False,
     max_group_size: int = 2,
+    quantization: Quantization | None = None,
 ) -> CalibrationResult:
     """Measure KV similarity on sample data and choose a merge profile within a quality budget.
 
@@ -127,6 +128,9 @@ def calibrate(
         considers aligned candidates and keeps, per component, whichever restores better.
     max_group_size : int
         Largest group the search considers (2 = pairs only, as in the paper).
+    quantization : Quantization, optional
+        Quantized storage for every candidate profile and the result (issue 6): quality is
+        measured with it on, so the budget covers quantization and merging together.
 
     Returns
     -------
@@ -214,7 +218,7 @@ def calibrate(
                         fitted[g.layers] = capture.cross.fit(g.layers)
                     tensors[rotation_name(g.label, name)] = fitted[g.layers][name]
         return MergeProfile(groups=groups, defaults=defaults, model=fingerprint, calibration=calibration,
-                            tensors=tensors or None)
+                            tensors=tensors or None, quantization=quantization)
 
     result_search: SearchResult | None = None
     if preset is not None:

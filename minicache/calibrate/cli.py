@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-group-size", type=int, default=3,
         help="largest group of adjacent layers the search considers (2 = pairs, as in the paper)",
     )
+    parser.add_argument(
+        "--kv-bits", type=int, choices=[2, 4],
+        help="write a profile that also quantizes the cache to this many bits (KIVI-style, issue 6); quality is "
+        "then measured, and the budget spent, with quantization on",
+    )
+    parser.add_argument(
+        "--kv-group-size", type=int, default=128, help="with --kv-bits: tokens per key group, channels per value group"
+    )
     parser.add_argument("--force", action="store_true", help="overwrite an existing profile")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -85,11 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     from minicache.calibrate.api import calibrate, resolve_output
     from minicache.calibrate.report import write_report
     from minicache.calibrate.search import Budget
-    from minicache.profile import Defaults
+    from minicache.profile import Defaults, Quantization
 
     try:
         budget = Budget(args.budget_metric, args.budget)
         defaults = Defaults(residual_length=args.residual_length, block_size=args.block_size)
+        quantization = None
+        if args.kv_bits is not None:
+            quantization = Quantization(bits=args.kv_bits, group_size=args.kv_group_size,
+                                        residual_length=args.residual_length)
         if args.data:
             read_samples(args.data)  # fail on bad data before loading the model
         profile_path, report_dir = resolve_output(args.out or _default_out(args.model))
@@ -124,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             probes=args.probes,
             align=args.align,
             max_group_size=args.max_group_size,
+            quantization=quantization,
             progress=not args.no_progress,
             log=lambda line: print(line, flush=True),
         )

@@ -169,10 +169,10 @@ def evaluate_profile(
             report = cache.memory_report()
             kv_bytes += report["kv_bytes"]
             kv_bytes_full += report["kv_bytes_full"]
-        else:  # a plain transformers cache: everything it holds is full-size
-            held = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+        else:  # a transformers cache: DynamicCache, or QuantizedCache (baseline)
+            held, full = transformers_cache_bytes(cache, model.config, prefix.shape[0], out.logits.dtype)
             kv_bytes += held
-            kv_bytes_full += held
+            kv_bytes_full += full
         logits = [first]
         seen = prefix_length
         for start in range(prefix_length, batch.shape[1] - 1, chunk_size):
@@ -208,3 +208,76 @@ def evaluate_profile(
 def full_cache_factory(profile: MergeProfile, model) -> DynamicCache:
     """Cache factory for the ``--baseline full`` run: transformers' own `DynamicCache`."""
     return DynamicCache(config=model.config)
+
+
+#: transformers' `QuantizedCache` backends (``--baseline quantized-cache-<backend>``).
+QUANTIZED_CACHE_BACKENDS = ("fp8", "quanto", "hqq")
+
+
+def quantized_cache_factory(
+    backend: str, bits: int = 4, group_size: int = 64, residual_length: int = 128
+) -> Callable[[MergeProfile, object], object]:
+    """Cache factory for transformers' `QuantizedCache` (the comparison baseline of issue 6).
+
+    ``fp8`` quantizes per tensor and takes no group-wise options (it runs on CPU); ``quanto`` and
+    ``hqq`` need their packages and quantize keys and values along ``axis 0`` in groups.
+    """
+    if backend not in QUANTIZED_CACHE_BACKENDS:
+        raise ValueError(f"unknown QuantizedCache backend {backend!r}; allowed: {', '.join(QUANTIZED_CACHE_BACKENDS)}")
+    from transformers import QuantizedCache
+
+    def factory(profile: MergeProfile, model):
+        if backend == "fp8":
+            return QuantizedCache("fp8", model.config)
+        return QuantizedCache(
+            backend, model.config, nbits=bits, q_group_size=group_size, residual_length=residual_length
+        )
+
+    return factory
+
+
+def _tensors_in(obj, seen: set[int]):
+    """Every plain tensor reachable from ``obj`` (tuples, lists, dicts, tensor subclasses, objects)."""
+    if id(obj) in seen or obj is None:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        flatten = getattr(obj, "__tensor_flatten__", None)
+        if type(obj) is not torch.Tensor and flatten is not None:  # quanto's QTensor: its parts
+            names, _ = flatten()
+            for name in names:
+                yield from _tensors_in(getattr(obj, name), seen)
+        else:
+            yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v, seen)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+        for v in vars(obj).values():
+            yield from _tensors_in(v, seen)
+
+
+def transformers_cache_bytes(cache, config, batch: int, dtype: torch.dtype) -> tuple[int, int]:
+    """``(bytes held, bytes a DynamicCache of dtype would hold)`` for a transformers cache.
+
+    Counts every tensor a layer holds: the exact residual window and, for `QuantizedCache`
+    layers, the quantized states with their scales and zero points (whatever the backend keeps).
+    """
+    text = config.get_text_config(decoder=True)
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    item = torch.empty((), dtype=dtype).element_size()
+    held = full = 0
+    for layer in cache.layers:
+        seen: set[int] = set()
+        storages = {}
+        for t in _tensors_in(vars(layer), seen):
+            storages[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = (
+                t.numel() * t.element_size()
+            )
+        held += sum(storages.values())
+        full += 2 * batch * kv_heads * layer.get_seq_length() * head_dim * item
+    return held, full

@@ -18,6 +18,12 @@ A store keeps, for keys and for values separately:
   ``R_iᵀ``. It is shared by every cache built from the same profile and counted by
   :meth:`MiniCache.memory_report` anyway (conservatively, once per cache).
 
+With a profile's ``quantization`` (issue 6, :mod:`minicache.runtime.quant`) the merged directions
+and the retained vectors are stored packed (keys per channel, values and retained vectors per
+token), magnitudes stay fp16, and unmerged full-attention layers become
+:class:`~minicache.runtime.quant.QuantizedDynamicLayer`. Quantized stores always take the torch
+path (dequantize, then attend); the fused decode kernel does not read packed data yet.
+
 When the residual window holds at least ``residual_length + block_size`` tokens, the oldest whole
 blocks are merged. Retention is decided per token from the range of angular distances over a
 forward window of the sequence's own next ``block_size`` tokens, which are still exact at merge
@@ -40,8 +46,15 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from minicache.profile import PROFILE_FILENAME, MergeGroup, MergeProfile, MergeSettings
+from minicache.profile import PROFILE_FILENAME, MergeGroup, MergeProfile, MergeSettings, Quantization
 from minicache.runtime.merge import merge_group, restore, retention_mask, rotate
+from minicache.runtime.quant import (
+    QuantizedDynamicLayer,
+    QuantizedTensor,
+    append,
+    quantize_keys,
+    quantize_values,
+)
 
 _COMPONENTS = ("keys", "values")
 #: Magnitude stored for retained tokens (norms are never negative).
@@ -90,24 +103,62 @@ class PaddingInfo:
 
 
 class _ComponentStore:
-    """Keys or values of one merged group (see module docstring for shapes)."""
+    """Keys or values of one merged group (see module docstring for shapes).
 
-    def __init__(self, settings: MergeSettings, members: int = 2, rotation: torch.Tensor | None = None):
+    With ``quant`` (issue 6) the merged prefix of ``M`` tokens is split in a packed part
+    ``qdirection`` (``[B, H, Mq, D]`` quantized; keys per channel, values per token) and
+    ``direction``, the ``M - Mq`` newest merged directions in the model dtype that do not fill a
+    whole key group yet (always empty for values); retained tokens' exact vectors are quantized
+    per token into ``retained_q`` (``[nnz, k, D]``) and ``retained_value`` stays None. Magnitudes
+    are never quantized.
+    """
+
+    def __init__(
+        self,
+        settings: MergeSettings,
+        members: int = 2,
+        rotation: torch.Tensor | None = None,
+        quant: Quantization | None = None,
+        name: str = "keys",
+    ):
         self.settings = settings
         self.members = members
         self.rotation = rotation  # [k, H, D, D] float32 or None; moved to the data's device on first use
+        self.quant = quant
+        self.name = name
         self.residual: list[torch.Tensor | None] = [None] * members
+        self.length = 0  # merged tokens M
         self.direction: torch.Tensor | None = None
+        self.qdirection: QuantizedTensor | None = None
         self.magnitude: torch.Tensor | None = None
         self.retained_index: torch.Tensor | None = None
         self.retained_value: torch.Tensor | None = None
+        self.retained_q: QuantizedTensor | None = None
+
+    def quantized_tensors(self) -> Iterator[QuantizedTensor]:
+        yield from (q for q in (self.qdirection, self.retained_q) if q is not None)
 
     def tensors(self) -> Iterator[torch.Tensor]:
         for t in (*self.residual, self.direction, self.magnitude, self.retained_index, self.retained_value):
             if t is not None:
                 yield t
+        for q in self.quantized_tensors():
+            yield from q.tensors()
         if self.rotation is not None:
             yield self.rotation
+
+    def full_direction(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``[B, H, M, D]`` directions of the merged prefix (dequantized where packed)."""
+        if self.qdirection is None:
+            return self.direction
+        packed = self.qdirection.dequantize(dtype)
+        return packed if self.direction is None else torch.cat([packed, self.direction], dim=-2)
+
+    def retained_values(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``[nnz, k, D]`` exact (or dequantized) vectors of the retained tokens."""
+        if self.retained_q is not None:
+            return self.retained_q.dequantize(dtype)
+        return self.retained_value
 
     def rotation_of(self, member: int) -> torch.Tensor | None:
         """``[H, D, D]`` alignment of one member on the data's device, or None."""
@@ -125,12 +176,13 @@ class _ComponentStore:
     def restored(self, member: int) -> torch.Tensor:
         """Full ``[B, H, M + r, D]`` tensor for one member: restored merged prefix + exact window."""
         window = self.residual[member]
-        if self.direction is None:
+        if self.length == 0:
             return window
-        dense = restore(self.direction, self.magnitude[..., member], window.dtype, self.rotation_of(member))
+        direction = self.full_direction(window.dtype)
+        dense = restore(direction, self.magnitude[..., member], window.dtype, self.rotation_of(member))
         if self.retained_index is not None and self.retained_index.shape[0]:
             b, h, n = self.retained_index.long().unbind(-1)
-            dense[b, h, n] = self.retained_value[:, member]
+            dense[b, h, n] = self.retained_values(window.dtype)[:, member]
         return torch.cat([dense, window], dim=-2)
 
     def merge(
@@ -150,7 +202,7 @@ class _ComponentStore:
         ``TRITON_INTERPRET=1``).
         """
         xs = self.residual
-        merged_before = 0 if self.direction is None else self.direction.shape[-2]
+        merged_before = self.length
         exclusive_rank = real_before.unsqueeze(1) + real.long().cumsum(dim=1) - real.long()
         sink = real & (exclusive_rank < self.settings.sink_tokens)
         dtype = xs[0].dtype
@@ -191,7 +243,8 @@ class _ComponentStore:
                 window=window,
                 count=count,
             )
-            direction = pair.direction[..., :count, :].to(dtype)
+            # A copy, not a view: a view would keep the look-ahead tokens' float32 storage alive.
+            direction = pair.direction[..., :count, :].to(dtype, copy=True)
             # A retained token's magnitudes are never used (its exact vectors are stored aside), so
             # they carry the flag RETAINED_MAGNITUDE instead: a fused attention kernel streaming the
             # dense store can then skip these tokens without reading the sparse list.
@@ -199,6 +252,9 @@ class _ComponentStore:
             magnitude = magnitude.to(_magnitude_dtype(dtype))
         self.direction = direction if self.direction is None else torch.cat([self.direction, direction], dim=-2)
         self.magnitude = magnitude if self.magnitude is None else torch.cat([self.magnitude, magnitude], dim=-2)
+        self.length += count
+        if self.quant is not None:
+            self._quantize_directions()
 
         index = keep.nonzero()  # [nnz, 3] (b, h, n within this block)
         if index.shape[0] or self.retained_index is None:
@@ -207,7 +263,11 @@ class _ComponentStore:
             index = index.clone()
             index[:, 2] += merged_before
             index = index.to(torch.int32)
-            if self.retained_index is None:
+            if self.quant is not None:
+                # A sparse list has no token groups: per-token groups along head_dim, keys too.
+                self.retained_q = append(self.retained_q, quantize_values(value, self.quant), dim=0)
+                self.retained_index = index if self.retained_index is None else torch.cat([self.retained_index, index])
+            elif self.retained_index is None:
                 self.retained_index, self.retained_value = index, value
             else:
                 self.retained_index = torch.cat([self.retained_index, index])
@@ -215,20 +275,40 @@ class _ComponentStore:
         # Clone so that the old window's storage is freed, not kept alive by a view.
         self.residual = [r[..., count:, :].clone() for r in self.residual]
 
+    def _quantize_directions(self) -> None:
+        """Pack the merged directions: keys whole groups of tokens at a time, values all at once."""
+        pending = self.direction
+        if self.name == "keys":
+            count = pending.shape[-2] // self.quant.group_size * self.quant.group_size
+            if count == 0:
+                return
+            packed = quantize_keys(pending[..., :count, :], self.quant)
+            rest = pending[..., count:, :]
+            self.direction = rest.clone() if rest.shape[-2] else None
+        else:
+            packed, self.direction = quantize_values(pending, self.quant), None
+        self.qdirection = append(self.qdirection, packed)
+
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep/reorder/repeat sequences: new sequence ``i`` is old sequence ``index[i]``."""
         self.residual = [None if r is None else r.index_select(0, index.to(r.device)) for r in self.residual]
-        if self.direction is None:
+        if self.length == 0:
             return
-        index = index.to(self.direction.device)
-        self.direction = self.direction.index_select(0, index)
+        index = index.to(self.magnitude.device)
+        if self.direction is not None:
+            self.direction = self.direction.index_select(0, index)
+        if self.qdirection is not None:
+            self.qdirection = self.qdirection.index_select(0, index)
         self.magnitude = self.magnitude.index_select(0, index)
         old_batch = self.retained_index[:, 0].long()
         new_b, entry = (old_batch.unsqueeze(0) == index.unsqueeze(1)).nonzero().unbind(-1)
         retained_index = self.retained_index[entry].clone()
         retained_index[:, 0] = new_b.to(torch.int32)
         self.retained_index = retained_index
-        self.retained_value = self.retained_value[entry]
+        if self.retained_q is not None:
+            self.retained_q = self.retained_q.index_select(0, entry)
+        else:
+            self.retained_value = self.retained_value[entry]
 
     def crop(self, count: int) -> None:
         self.residual = [None if r is None else r[..., : r.shape[-2] - count, :].clone() for r in self.residual]
@@ -270,8 +350,10 @@ class MergedPairStore:
         block_size: int,
         padding: PaddingInfo,
         rotations: dict[str, torch.Tensor | None] | None = None,
+        quant: Quantization | None = None,
     ):
         self.layers = tuple(group.layers)
+        self.quant = quant
         rotations = rotations or {}
         for name in _COMPONENTS:
             rotation = rotations.get(name)
@@ -284,7 +366,7 @@ class MergedPairStore:
                 )
         k = len(self.layers)
         self.components = {
-            name: _ComponentStore(getattr(group, name), k, rotations.get(name)) for name in _COMPONENTS
+            name: _ComponentStore(getattr(group, name), k, rotations.get(name), quant, name) for name in _COMPONENTS
         }
         self.residual_length = residual_length
         self.block_size = block_size
@@ -293,8 +375,7 @@ class MergedPairStore:
     # -- bookkeeping -------------------------------------------------------------------------
     @property
     def merged_length(self) -> int:
-        direction = self.components["keys"].direction
-        return 0 if direction is None else direction.shape[-2]
+        return self.components["keys"].length
 
     def residual_length_of(self, member: int) -> int:
         window = self.components["keys"].residual[member]
@@ -331,7 +412,8 @@ class MergedPairStore:
                         f"({other.device} and {states.device}); place all layers of a group on one device"
                     )
             comp.append(member, states)
-        if self.fused_decode and key_states.shape[-2] == 1:
+        # The fused kernel reads model-dtype directions; quantized stores take the torch path.
+        if self.fused_decode and key_states.shape[-2] == 1 and self.quant is None:
             out = self.kernel_views(member)
         else:
             out = keys.restored(member), values.restored(member)
@@ -396,7 +478,7 @@ class MergedPairStore:
     def reset(self) -> None:
         for name in _COMPONENTS:
             old = self.components[name]
-            self.components[name] = _ComponentStore(old.settings, old.members, old.rotation)
+            self.components[name] = _ComponentStore(old.settings, old.members, old.rotation, old.quant, name)
 
     def nbytes(self) -> int:
         """Bytes held, computed from shapes (tests check this against the tensors themselves)."""
@@ -492,7 +574,12 @@ class MiniCache(Cache):
                     )
             rotations = {name: profile.rotation(group, name) for name in _COMPONENTS}
             store = MergedPairStore(
-                group, profile.defaults.residual_length, profile.defaults.block_size, self.padding, rotations
+                group,
+                profile.defaults.residual_length,
+                profile.defaults.block_size,
+                self.padding,
+                rotations,
+                quant=profile.quantization,
             )
             self.stores.append(store)
             for member, layer in enumerate(group.layers):
@@ -500,6 +587,8 @@ class MiniCache(Cache):
         for idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
             if idx in members:
                 layers.append(members[idx])
+            elif profile.quantization is not None and layer_type == "full_attention":
+                layers.append(QuantizedDynamicLayer(profile.quantization))
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
         super().__init__(layers=layers)
@@ -607,6 +696,9 @@ class MiniCache(Cache):
         for store in self.stores:
             yield from store.tensors()
         for layer in self._unmerged():
+            if isinstance(layer, QuantizedDynamicLayer):
+                yield from layer.tensors()
+                continue
             for t in (layer.keys, layer.values):
                 if isinstance(t, torch.Tensor):
                     yield t
@@ -618,14 +710,33 @@ class MiniCache(Cache):
         -------
         dict
             ``kv_bytes`` (everything held: directions, magnitudes, retained tokens and their
-            indices, residual windows, plain layers), ``kv_bytes_full``, ``compression_ratio``
-            (``kv_bytes_full / kv_bytes``), ``seq_length``, ``merged_tokens`` per group,
-            ``retained_tokens`` per group and component, and a per-part breakdown.
+            indices, residual windows, plain layers, packed codes, scales and zero points),
+            ``kv_bytes_full``, ``compression_ratio`` (``kv_bytes_full / kv_bytes``),
+            ``seq_length``, ``merged_tokens`` per group, ``retained_tokens`` per group and
+            component, and a per-part breakdown. With quantization, ``packed`` counts the codes
+            (directions, retained tokens, unmerged layers), ``scales`` their scales and zero
+            points, and ``residual`` every exact window; ``directions`` and ``retained`` then
+            count only what is still in the model dtype.
         """
         parts = {"plain_layers": 0, "directions": 0, "magnitudes": 0, "retained": 0, "residual": 0}
         parts["alignment"] = 0  # rotations of aligned groups (a fixed cost per group, counted per cache)
+        parts["packed"] = parts["scales"] = 0
         full = 0
+
+        def count_quantized(q: QuantizedTensor | None) -> None:
+            if q is not None:
+                parts["packed"] += q.data.numel() * q.data.element_size()
+                parts["scales"] += sum(t.numel() * t.element_size() for t in (q.scale, q.zero))
+
         for layer in self._unmerged():
+            if isinstance(layer, QuantizedDynamicLayer):
+                if layer.is_initialized:
+                    b, h, _, d = layer.keys.shape
+                    full += 2 * b * h * layer.get_seq_length() * d * layer.keys.element_size()
+                    parts["residual"] += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+                    count_quantized(layer.qkeys)
+                    count_quantized(layer.qvalues)
+                continue
             for t in (layer.keys, layer.values):
                 if isinstance(t, torch.Tensor) and t.numel():
                     parts["plain_layers"] += t.numel() * t.element_size()
@@ -641,6 +752,8 @@ class MiniCache(Cache):
                     ("alignment", [comp.rotation]),
                 ):
                     parts[name] += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+                for q in comp.quantized_tensors():
+                    count_quantized(q)
                 for member in range(len(store.layers)):
                     window = comp.residual[member]
                     if window is not None:

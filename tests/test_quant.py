@@ -1,0 +1,347 @@
+"""Quantized storage (issue 6): packing, round-trip error, block-at-a-time quantization, accounting, CLIs."""
+
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from minicache import MergeProfile, MiniCache
+from minicache.profile import MergeGroup, MergeSettings, ProfileError, Quantization
+from minicache.runtime.cache import MergedPairStore, PaddingInfo
+from minicache.runtime.quant import (
+    QuantizedDynamicLayer,
+    pack,
+    quantize,
+    quantize_keys,
+    quantize_values,
+    unpack,
+)
+from tests.test_cache import greedy, left_padded_batch, make_model, profile_for, sum_of_storages
+
+
+# ---- packing -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 4])
+def test_pack_round_trip_and_bit_layout(bits):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 1 << bits, (3, 5, 16), generator=g, dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 16 * bits // 8)
+    assert torch.equal(unpack(packed, bits), codes)
+    # The first code of a byte sits in its lowest bits.
+    per = 8 // bits
+    want = sum(int(codes[0, 0, j]) << (j * bits) for j in range(per))
+    assert int(packed[0, 0, 0]) == want
+    with pytest.raises(ValueError, match="whole bytes"):
+        pack(codes[..., :3], 2 if bits == 4 else 4)
+
+
+# ---- quantize / dequantize ------------------------------------------------------------------------
+def _error_bound(q, x):
+    """Per-element bound: half a step, plus the zero point's rounding, broadcast to ``x``."""
+    scale, zero = q.scale.float(), q.zero.float()
+    slack = zero.abs() * 2.0**-10 + 1e-6
+    if q.axis == "tokens":
+        *lead, n, d = x.shape
+        bound = (scale / 2 + slack).unsqueeze(-2).expand(*lead, n // q.group_size, q.group_size, d)
+    else:
+        *lead, n, d = x.shape
+        bound = (scale / 2 + slack).unsqueeze(-1).expand(*lead, n, d // q.group_size, q.group_size)
+    return bound.reshape(x.shape)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("axis", ["tokens", "channels"])
+def test_round_trip_error_is_within_half_a_step(bits, axis):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 16) * 3 + torch.linspace(-5, 5, 16)  # channels with different offsets
+    x[0, 0, 5, 2] = 40.0  # an outlier only inflates its own group's step
+    q = quantize(x, bits, 8, axis)
+    back = q.dequantize(torch.float32)
+    err = (back - x).abs()
+    assert (err <= _error_bound(q, x)).all()
+    # A float reference of the same grid: codes of the min and max are 0 and 2^bits - 1.
+    codes = unpack(q.data, bits)
+    assert int(codes.max()) == (1 << bits) - 1 and int(codes.min()) == 0
+    if axis == "tokens":
+        assert q.scale.shape == (2, 3, 4, 16)
+    else:
+        assert q.scale.shape == (2, 3, 32, 2)
+    # Half-precision models keep fp16 scales and zero points; the model dtype comes back.
+    half = quantize(x.to(torch.bfloat16), bits, 8, axis)
+    assert half.scale.dtype == torch.float16 and half.dequantize(torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_constant_groups_and_zeros_round_trip_exactly():
+    x = torch.zeros(1, 1, 8, 4)
+    x[..., 1] = 2.5
+    for axis in ("tokens", "channels"):
+        back = quantize(x, 4, 4, axis).dequantize(torch.float32)
+        assert torch.isfinite(back).all()
+    assert torch.equal(quantize(x, 4, 4, "tokens").dequantize(torch.float32), x)
+
+
+def test_group_shape_errors():
+    with pytest.raises(ValueError, match="multiple of 8 tokens"):
+        quantize(torch.zeros(1, 1, 12, 16), 4, 8, "tokens")
+    with pytest.raises(ValueError, match="divisible by 6"):
+        quantize(torch.zeros(1, 1, 12, 16), 4, 6, "channels")
+    with pytest.raises(ValueError, match="bits"):
+        quantize(torch.zeros(1, 1, 8, 16), 3, 8, "tokens")
+
+
+# ---- the unmerged layer ------------------------------------------------------------------------
+def _feed(layer, keys, values, chunks):
+    start, outs = 0, []
+    for size in chunks:
+        outs.append(layer.update(keys[..., start : start + size, :], values[..., start : start + size, :]))
+        start += size
+    return outs
+
+
+def test_layer_quantizes_a_block_at_a_time_and_never_requantizes():
+    torch.manual_seed(0)
+    spec = Quantization(bits=4, group_size=4, residual_length=6)
+    keys, values = torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 16)
+    layer = QuantizedDynamicLayer(spec)
+    k_out, _ = layer.update(keys[..., :13, :], values[..., :13, :])
+    assert torch.equal(k_out, keys[..., :13, :]), "this step's attention sees exact keys"
+    assert layer.quantized_length == 4 and layer.keys.shape[-2] == 9  # 13 - 6 = 7 -> one whole group of 4
+    old = [t.clone() for t in (layer.qkeys.data, layer.qkeys.scale, layer.qvalues.data, layer.qvalues.zero)]
+    for i in range(13, 40):
+        k_out, _ = layer.update(keys[..., i : i + 1, :], values[..., i : i + 1, :])
+        assert k_out.shape[-2] == i + 1 == layer.get_seq_length()
+        assert 6 <= layer.keys.shape[-2] < 6 + 4, "the exact window stays within [residual, residual + group)"
+    assert layer.quantized_length == 32
+    new = (layer.qkeys.data, layer.qkeys.scale, layer.qvalues.data, layer.qvalues.zero)
+    for before, after in zip(old, new, strict=True):
+        assert torch.equal(after[..., : before.shape[-2], :], before), "old tokens keep their packed codes"
+    # Chunking does not matter: one call quantizes the same groups to the same codes.
+    once = QuantizedDynamicLayer(spec)
+    once.update(keys, values)
+    assert torch.equal(once.qkeys.data, layer.qkeys.data) and torch.equal(once.qvalues.scale, layer.qvalues.scale)
+    # What attention sees: the dequantized prefix, then the exact window.
+    k_all, v_all = layer.update(keys[..., :0, :], values[..., :0, :])
+    torch.testing.assert_close(k_all[..., :32, :], quantize_keys(keys[..., :32, :], spec).dequantize(torch.float32))
+    torch.testing.assert_close(
+        v_all[..., :32, :], quantize_values(values[..., :32, :], spec).dequantize(torch.float32)
+    )
+    assert torch.equal(k_all[..., 32:, :], keys[..., 32:, :])
+
+
+def test_layer_crop_and_batch_operations():
+    torch.manual_seed(0)
+    spec = Quantization(bits=2, group_size=4, residual_length=4)
+    keys, values = torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
+    layer = QuantizedDynamicLayer(spec)
+    layer.update(keys, values)
+    want = layer.update(keys[..., :0, :], values[..., :0, :])[0]
+    index = torch.tensor([2, 0, 2])
+    layer.reorder_cache(index)
+    assert torch.equal(layer.update(keys[..., :0, :], values[..., :0, :])[0], want[index])
+    layer.batch_select_indices(torch.tensor([True, False, True]))
+    assert layer.qkeys.data.shape[0] == 2 and layer.keys.shape[0] == 2
+    layer.batch_repeat_interleave(2)
+    assert layer.qvalues.scale.shape[0] == 4
+    seen = layer.get_seq_length()
+    layer.crop(-2)
+    assert layer.get_seq_length() == seen - 2
+    with pytest.raises(ValueError, match="residual window"):
+        layer.crop(-10)
+
+
+# ---- inside MiniCache --------------------------------------------------------------------------
+def quantized_profile(model, groups=((1, 2),), bits=4, group_size=4, residual_length=8, **defaults):
+    return profile_for(model, groups=groups, **defaults).with_quantization(
+        Quantization(bits=bits, group_size=group_size, residual_length=residual_length)
+    )
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_memory_report_counts_every_tensor_held(bits):
+    model = make_model("llama")
+    ids, mask = left_padded_batch(model.config.vocab_size, [60, 45, 50])
+    plain = MiniCache(profile_for(model, groups=((0, 1),)), model)
+    greedy(model, ids, mask, plain, new_tokens=9)
+    cache = MiniCache(quantized_profile(model, groups=((0, 1),), bits=bits), model)
+    greedy(model, ids, mask, cache, new_tokens=9)
+    report = cache.memory_report()
+    assert report["kv_bytes"] == sum_of_storages(cache) == sum(t.numel() * t.element_size() for t in cache.tensors())
+    assert report["parts"]["packed"] > 0 and report["parts"]["scales"] > 0
+    assert report["parts"]["plain_layers"] == 0, "unmerged layers are quantized too"
+    assert isinstance(cache.layers[3], QuantizedDynamicLayer)
+    dynamic = DynamicCache(config=model.config)
+    greedy(model, ids, mask, dynamic, new_tokens=9)
+    full = sum(t.numel() * t.element_size() for layer in dynamic.layers for t in (layer.keys, layer.values))
+    assert report["kv_bytes_full"] == full
+    assert report["kv_bytes"] < plain.memory_report()["kv_bytes"]
+    store = cache.stores[0].components["keys"]
+    assert store.retained_value is None and store.retained_q.data.shape[:2] == (store.retained_index.shape[0], 2)
+
+
+def test_merged_store_quantizes_directions_block_at_a_time():
+    torch.manual_seed(0)
+    settings = MergeSettings(t=0.6, gamma=0.2, sink_tokens=1)
+    group = MergeGroup((0, 1), settings, settings)
+    spec = Quantization(bits=4, group_size=8, residual_length=5)
+    kwargs = {"residual_length": 5, "block_size": 4, "padding": PaddingInfo()}
+    plain = MergedPairStore(group, **kwargs)
+    quant = MergedPairStore(group, quant=spec, **kwargs)
+    ka, kb, va, vb = (torch.randn(2, 3, 60, 16) for _ in range(4))
+    for store in (plain, quant):
+        store.update(0, ka[..., :23, :], va[..., :23, :])
+        store.update(1, kb[..., :23, :], vb[..., :23, :])
+    keys, values = quant.components["keys"], quant.components["values"]
+    assert quant.merged_length == 16 and keys.qdirection.length == 16 and keys.direction is None
+    old_keys, old_values = keys.qdirection.data.clone(), values.qdirection.data.clone()
+    for i in range(23, 60):
+        for store in (plain, quant):
+            store.update(0, ka[..., i : i + 1, :], va[..., i : i + 1, :])
+            store.update(1, kb[..., i : i + 1, :], vb[..., i : i + 1, :])
+    assert quant.merged_length == plain.merged_length == 52
+    # Keys wait for a whole group of 8 merged tokens (4 pending); values are packed per token at once.
+    assert keys.qdirection.length == 48 and keys.direction.shape[-2] == 4
+    assert values.qdirection.length == 52 and values.direction is None
+    assert torch.equal(keys.qdirection.data[..., :16, :], old_keys)
+    assert torch.equal(values.qdirection.data[..., :16, :], old_values)
+    # Restored vectors stay close to the unquantized store's (4-bit unit directions, exact magnitudes).
+    for name in ("keys", "values"):
+        for member in (0, 1):
+            want = plain.components[name].restored(member)
+            got = quant.components[name].restored(member)
+            assert got.shape == want.shape
+            assert torch.equal(got[..., 52:, :], want[..., 52:, :]), "the residual window stays exact"
+            rel = (got - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-6)
+            assert rel.max() < 0.25 and rel.mean() < 0.1, (name, member, rel.max(), rel.mean())
+    assert plain.components["keys"].retained_index.shape == keys.retained_index.shape
+
+
+def test_quantized_select_batch_equals_running_the_subset():
+    torch.manual_seed(0)
+    settings = MergeSettings(t=0.5, gamma=0.3)
+    group = MergeGroup((0, 1), settings, settings)
+    spec = Quantization(bits=2, group_size=2, residual_length=3)
+    full = MergedPairStore(group, 3, 2, PaddingInfo(), quant=spec)
+    sub = MergedPairStore(group, 3, 2, PaddingInfo(), quant=spec)
+    ka, kb = torch.randn(3, 2, 15, 8), torch.randn(3, 2, 15, 8)
+    index = torch.tensor([2, 0, 2])
+    for store, a, b in ((full, ka, kb), (sub, ka[index], kb[index])):
+        store.update(0, a, a)
+        store.update(1, b, b)
+    full.select_batch(index)
+    for name in ("keys", "values"):
+        for member in (0, 1):
+            assert torch.equal(full.components[name].restored(member), sub.components[name].restored(member))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantized_minicache_generates_with_batches_and_beams(bits):
+    model = make_model("qwen2")
+    ids, mask = left_padded_batch(model.config.vocab_size, [30, 22])
+    cache = MiniCache(quantized_profile(model, groups=((0, 1),), bits=bits), model)
+    out = greedy(model, ids, mask, cache, new_tokens=10, num_beams=3)
+    assert out.shape == (2, 40)
+    assert cache.stores[0].components["keys"].qdirection.data.shape[0] == 6  # 2 sequences x 3 beams
+    assert cache.layers[2].qkeys.data.shape[0] == 6
+    report = cache.memory_report()
+    assert report["kv_bytes"] == sum_of_storages(cache)
+    # Prefill attends exact KV: the first generated token is the full cache's.
+    first = greedy(model, ids, mask, DynamicCache(config=model.config), new_tokens=1)
+    quant_first = greedy(model, ids, mask, MiniCache(quantized_profile(model, bits=bits), model), new_tokens=1)
+    assert torch.equal(first, quant_first)
+
+
+def test_quantization_alone_is_close_to_the_full_cache():
+    model = make_model("llama")
+    ids, mask = left_padded_batch(model.config.vocab_size, [64, 64])
+    full = model(input_ids=ids, attention_mask=mask).logits[:, -16:]
+    cache = MiniCache(MergeProfile().with_quantization(Quantization(4, 8, 8)), model)
+    model(input_ids=ids[:, :48], attention_mask=mask[:, :48], cache=cache)
+    logits = model(input_ids=ids[:, 48:], attention_mask=mask, cache=cache).logits
+    assert cache.layers[0].quantized_length == 56  # 40 after the prefix, then two more groups
+    torch.testing.assert_close(logits, full, atol=0.05, rtol=0.05)
+    assert not torch.equal(logits, full), "old tokens really are quantized"
+
+
+# ---- profile fields --------------------------------------------------------------------------------
+def _profile_dict(**quantization):
+    return {
+        "format_version": 1,
+        "groups": [{"layers": [1, 2]}],
+        "quantization": quantization,
+    }
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "path"),
+    [
+        ("bits", 3, "quantization.bits"),
+        ("bits", True, "quantization.bits"),
+        ("group_size", 1, "quantization.group_size"),
+        ("group_size", "64", "quantization.group_size"),
+        ("residual_length", -1, "quantization.residual_length"),
+        ("group", 64, "quantization.group"),
+    ],
+)
+def test_profile_quantization_errors_name_the_field(field, value, path):
+    with pytest.raises(ProfileError) as info:
+        MergeProfile.from_dict(_profile_dict(**{field: value}))
+    assert info.value.path == path, str(info.value)
+
+
+def test_profile_quantization_round_trips_and_checks_head_dim(tmp_path):
+    model = make_model("llama")  # head_dim 16
+    profile = MergeProfile.preset("paper", model.config).with_quantization(Quantization(2, 64, 32))
+    assert "2-bit KV (group 64, residual 32)" in profile.describe()
+    path = profile.save(tmp_path / "p.yaml")
+    assert "quantization: {bits: 2, group_size: 64, residual_length: 32}" in path.read_text()
+    loaded = MergeProfile.load(path)
+    assert loaded.quantization == Quantization(2, 64, 32) and loaded == profile
+    assert MergeProfile.from_dict({"format_version": 1, "quantization": {}}).quantization == Quantization()
+    bad = MergeProfile.preset("paper", model.config)
+    with pytest.raises(ProfileError) as info:
+        bad.with_quantization(Quantization(4, 12, 8))  # 16 channels do not split into groups of 12
+    assert info.value.path == "quantization.group_size"
+    unfingerprinted = MergeProfile(quantization=Quantization(4, 12, 8))
+    with pytest.raises(ProfileError, match=r"quantization\.group_size"):
+        MiniCache(unfingerprinted, model)
+
+
+# ---- CLIs -------------------------------------------------------------------------------------------
+def test_eval_cli_kv_bits_arguments(tmp_path, capsys):
+    from minicache.evaluate.cli import build_parser, main
+
+    assert build_parser().parse_args(["--preset", "none", "--kv-bits", "2", "--data", "x"]).kv_bits == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--preset", "paper", "--kv-bits", "3", "--data", "x"])
+    data = tmp_path / "d.txt"
+    data.write_text("hello")
+    assert main(["--baseline", "full", "--kv-bits", "4", "--data", str(data)]) == 2
+    assert "--kv-bits does not apply" in capsys.readouterr().err
+
+
+def test_calibrate_cli_takes_kv_bits():
+    from minicache.calibrate.cli import build_parser
+
+    args = build_parser().parse_args(["--kv-bits", "4", "--kv-group-size", "64"])
+    assert (args.kv_bits, args.kv_group_size) == (4, 64)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--kv-bits", "8"])
+
+
+def test_eval_cli_quantized_run_on_the_real_model(tmp_path, capsys, license_text, smollm2):
+    from minicache.evaluate.cli import main
+
+    data = tmp_path / "eval.txt"
+    data.write_text(license_text[:20000])
+    args = ["--data", str(data), "--prefix-length", "256", "--continuation-length", "16", "--num-windows", "1",
+            "--json"]
+    assert main(["--preset", "none", "--kv-bits", "4", "--kv-group-size", "64", *args]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["kv_bits"], out["kv_group_size"], out["profile"]) == (4, 64, "preset:none")
+    # 256 tokens, 128 exact: 128 quantized at 4 bits + one fp32 scale and zero per group of 64.
+    assert 1.5 < out["compression_ratio"] < 2.0
+    assert out["ppl_increase"] < 0.05
+    assert main(["--baseline", "quantized-cache-fp8", *args]) == 0
+    fp8 = json.loads(capsys.readouterr().out)
+    assert fp8["compression_ratio"] == pytest.approx(4.0, rel=0.01)  # fp32 model: 4 bytes -> 1

@@ -47,6 +47,7 @@ import yaml
 
 __all__ = [
     "FORMAT_VERSION",
+    "MERGE_METHODS",
     "PRESETS",
     "PROFILE_FILENAME",
     "RETENTION_RULES",
@@ -55,7 +56,6 @@ __all__ = [
     "Defaults",
     "MergeGroup",
     "MergeProfile",
-    "MERGE_METHODS",
     "MergeSettings",
     "ModelFingerprint",
     "ModelMismatchWarning",

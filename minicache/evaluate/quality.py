@@ -69,6 +69,50 @@ def _continuation_log_probs(logits: torch.Tensor, prefix_length: int) -> torch.T
     return F.log_softmax(logits[:, prefix_length - 1 : -1].float(), dim=-1)
 
 
+# ---- metrics (pure functions, unit-tested on known answers) -------------------------------------
+def token_nll(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of the true tokens: ``log_probs`` ``[..., V]``, ``target`` ``[...]`` → ``[...]``."""
+    return -log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+def perplexity(nll: torch.Tensor) -> float:
+    """``exp(mean NLL)`` over all positions of ``nll`` (any shape), accumulated in float64."""
+    return math.exp(nll.double().mean().item())
+
+
+def kl_divergence(ref_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """``KL(P_ref ‖ P)`` in nats per position: log-probs ``[..., V]`` → ``[...]``.
+
+    Clamped at 0: float rounding can make the KL of (nearly) identical distributions a tiny
+    negative number, and a KL is never negative.
+    """
+    return (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1).clamp_min(0.0)
+
+
+def top1_agreement(ref_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """Whether both distributions have the same most likely token: ``[..., V]`` → bool ``[...]``."""
+    return log_probs.argmax(-1) == ref_log_probs.argmax(-1)
+
+
+def cache_bytes(cache) -> tuple[int, int]:
+    """``(bytes held, bytes a DynamicCache would hold)`` of a cache after use.
+
+    A :class:`MiniCache` reports both (``memory_report``); a plain transformers cache holds
+    everything at full size.
+    """
+    if isinstance(cache, MiniCache):
+        report = cache.memory_report()
+        return int(report["kv_bytes"]), int(report["kv_bytes_full"])
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if isinstance(t, torch.Tensor))
+    return int(held), int(held)
+
+
+def compression_ratio(kv_bytes_full: int, kv_bytes: int) -> float:
+    """Full-cache bytes ÷ bytes held (1.0 for an empty cache)."""
+    return kv_bytes_full / kv_bytes if kv_bytes else 1.0
+
+
 @torch.inference_mode()
 def reference_run(model, windows: torch.Tensor, prefix_length: int, batch_size: int = 4) -> ReferenceRun:
     """One forward pass of each whole window with a full cache (the exact baseline)."""
@@ -79,8 +123,7 @@ def reference_run(model, windows: torch.Tensor, prefix_length: int, batch_size: 
         logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits
         lp = _continuation_log_probs(logits, prefix_length)
         log_probs.append(lp.cpu())
-        target = batch[:, prefix_length:]
-        nll.append(-lp.gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu())
+        nll.append(token_nll(lp, batch[:, prefix_length:]).cpu())
     return ReferenceRun(log_probs=log_probs, nll=torch.cat(nll))
 
 
@@ -123,14 +166,9 @@ def evaluate_profile(
         cache = factory(profile, model)
         prefix = batch[:, :prefix_length]
         out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), cache=cache)
-        if isinstance(cache, MiniCache):
-            report = cache.memory_report()
-            kv_bytes += report["kv_bytes"]
-            kv_bytes_full += report["kv_bytes_full"]
-        else:  # a plain transformers cache: everything it holds is full-size
-            held = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-            kv_bytes += held
-            kv_bytes_full += held
+        held, full = cache_bytes(cache)
+        kv_bytes += held
+        kv_bytes_full += full
         logits = [out.logits[:, -1:]]
         seen = prefix_length
         for start in range(prefix_length, batch.shape[1] - 1, chunk_size):
@@ -139,13 +177,12 @@ def evaluate_profile(
             mask = torch.ones(batch.shape[0], seen, dtype=torch.long, device=device)
             logits.append(model(input_ids=chunk, attention_mask=mask, cache=cache).logits)
         lp = F.log_softmax(torch.cat(logits, dim=1).float(), dim=-1).cpu()
-        target = batch[:, prefix_length:].cpu()
-        nll.append(-lp.gather(-1, target.unsqueeze(-1)).squeeze(-1))
-        kl.append((ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0.0))
-        agree.append(lp.argmax(-1) == ref_lp.argmax(-1))
+        nll.append(token_nll(lp, batch[:, prefix_length:].cpu()))
+        kl.append(kl_divergence(ref_lp, lp))
+        agree.append(top1_agreement(ref_lp, lp))
     nll_t, kl_t, agree_t = torch.cat(nll), torch.cat(kl), torch.cat(agree)
-    ppl_full = math.exp(reference.nll.double().mean().item())
-    ppl = math.exp(nll_t.double().mean().item())
+    ppl_full = perplexity(reference.nll)
+    ppl = perplexity(nll_t)
     return QualityResult(
         ppl_full=ppl_full,
         ppl=ppl,
@@ -155,7 +192,7 @@ def evaluate_profile(
         top1_agreement=agree_t.double().mean().item(),
         kv_bytes_full=int(kv_bytes_full),
         kv_bytes=int(kv_bytes),
-        compression_ratio=kv_bytes_full / kv_bytes if kv_bytes else 1.0,
+        compression_ratio=compression_ratio(kv_bytes_full, kv_bytes),
         tokens_scored=int(nll_t.numel()),
         windows=int(windows.shape[0]),
         prefix_length=prefix_length,

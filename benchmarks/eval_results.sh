@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Comparison table (full cache, paper preset, averaging baseline, shipped profile) on held-out text,
+# and passkey retrieval accuracy of the same methods at 1k/2k/4k tokens. Writes JSON, Markdown and a
+# log to benchmarks/results/compare-cpu/ and benchmarks/results/passkey-cpu/ (overwrites). About 30
+# minutes on 2 (shared) CPU cores.
+#
+#   bash benchmarks/eval_results.sh              # both
+#   bash benchmarks/eval_results.sh compare      # or only one of them
+#   PYTHON=/path/to/python bash benchmarks/eval_results.sh
+#
+# Held-out text: Apache-2.0 + GPL-2 + LGPL-2.1 (Debian's licence texts), never in the calibration
+# data of profiles/smollm2-135m-instruct (GPL-3, GFDL, MPL, LGPL-3, CC0, Artistic, BSD).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-.venv/bin/python}
+export PYTHONPATH=.  # this checkout's code, whatever the environment has installed
+WHAT=${1:-all}
+METHODS=full,paper,average,profiles/smollm2-135m-instruct
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+L=/usr/share/common-licenses
+cat "$L/Apache-2.0" "$L/GPL-2" "$L/LGPL-2.1" >"$WORK/eval.txt"
+
+if [[ $WHAT == all || $WHAT == compare ]]; then
+  OUT=benchmarks/results/compare-cpu
+  mkdir -p "$OUT"
+  {
+    echo "machine: $(nproc) CPU cores, $(uname -m); $(date -u +%F)"
+    echo "== minicache-eval --compare $METHODS --data eval.txt --prefix-length 512 --continuation-length 256 --num-windows 8"
+    "$PY" -m minicache.evaluate.cli --compare "$METHODS" --data "$WORK/eval.txt" \
+      --prefix-length 512 --continuation-length 256 --num-windows 8 \
+      --json-out "$OUT/compare-512.json" --markdown-out "$OUT/compare-512.md"
+  } 2>&1 | grep -v "^Loading weights" | tee "$OUT/log.txt"
+fi
+
+if [[ $WHAT == all || $WHAT == passkey ]]; then
+  OUT=benchmarks/results/passkey-cpu
+  mkdir -p "$OUT"
+  {
+    echo "machine: $(nproc) CPU cores, $(uname -m); $(date -u +%F)"
+    echo "== minicache-eval --task passkey --compare $METHODS --context-lengths 1024,2048,4096 --depths 0.1,0.5,0.9 --samples-per-cell 2"
+    "$PY" -m minicache.evaluate.cli --task passkey --compare "$METHODS" \
+      --context-lengths 1024,2048,4096 --depths 0.1,0.5,0.9 --samples-per-cell 2 --batch-size 2 \
+      --json-out "$OUT/passkey.json" --markdown-out "$OUT/passkey.md"
+  } 2>&1 | grep -v "^Loading weights" | tee "$OUT/log.txt"
+fi

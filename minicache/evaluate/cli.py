@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
 
-    def progress(message: str) -> None:
-        if args.compare is not None:
+    def progress(message: str) -> None:  # on stderr: stdout stays one table or one JSON object
+        if args.compare is not None or args.task == "passkey":
             print(f"[{time.perf_counter() - started:6.0f}s] {message}", file=sys.stderr, flush=True)
 
     try:
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 max_new_tokens=args.max_new_tokens,
                 allow_model_mismatch=args.allow_model_mismatch,
+                progress=progress,
             )
     except (DataError, ProfileError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

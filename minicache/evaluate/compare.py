@@ -171,6 +171,7 @@ def compare_passkey(
     batch_size: int = 4,
     max_new_tokens: int = 8,
     allow_model_mismatch: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Passkey accuracy of every method, and of the full cache, on the same prompts.
 
@@ -192,7 +193,8 @@ def compare_passkey(
         runnable.append(PasskeyMethod(spec.label, _cache_maker(profile, factory, allow_model_mismatch)))
     prompts = make_passkey_prompts(tokenizer, context_lengths, depths, samples_per_cell, seed)
     records, compression = run_passkey(
-        model, tokenizer, prompts, runnable, batch_size=batch_size, max_new_tokens=max_new_tokens
+        model, tokenizer, prompts, runnable, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        progress=progress,
     )
     table = accuracy_table(records)
 

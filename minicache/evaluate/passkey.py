@@ -263,6 +263,7 @@ def run_passkey(
     batch_size: int = 4,
     max_new_tokens: int = 8,
     share_prefill: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[list[PasskeyRecord], dict[str, dict[int, float]]]:
     """Answer every prompt with every method.
 
@@ -276,6 +277,8 @@ def run_passkey(
         Compute the context's keys/values once with a `DynamicCache` and replay them into every
         method's cache (equal to running the model on each cache; see the module docstring).
         False runs the context through the model once per method.
+    progress : callable, optional
+        Called with one line per batch of prompts (how many each method got right).
 
     Returns
     -------
@@ -329,6 +332,12 @@ def run_passkey(
                         correct=score_passkey(text, prompt.passkey),
                     )
                 )
+        if progress is not None:
+            new = records[-len(batch) * len(methods):]
+            hits = ", ".join(
+                f"{m.label} {sum(r.correct for r in new if r.method == m.label)}/{len(batch)}" for m in methods
+            )
+            progress(f"length {batch[0].context_length}, depth {batch[0].depth:g}: {hits}")
     compression: dict[str, dict[int, float]] = {}
     for (label, length), (kv_bytes, kv_full) in held.items():
         compression.setdefault(label, {})[length] = compression_ratio(kv_full, kv_bytes)

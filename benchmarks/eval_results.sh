@@ -30,7 +30,7 @@ if [[ $WHAT == all || $WHAT == compare ]]; then
     "$PY" -m minicache.evaluate.cli --compare "$METHODS" --data "$WORK/eval.txt" \
       --prefix-length 512 --continuation-length 256 --num-windows 8 \
       --json-out "$OUT/compare-512.json" --markdown-out "$OUT/compare-512.md"
-  } 2>&1 | grep -v "Loading weights" | tee "$OUT/log.txt"
+  } 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/log.txt"
 fi
 
 if [[ $WHAT == all || $WHAT == passkey ]]; then
@@ -42,5 +42,5 @@ if [[ $WHAT == all || $WHAT == passkey ]]; then
     "$PY" -m minicache.evaluate.cli --task passkey --compare "$METHODS" \
       --context-lengths 1024,2048,4096 --depths 0.1,0.5,0.9 --samples-per-cell 2 --batch-size 2 \
       --json-out "$OUT/passkey.json" --markdown-out "$OUT/passkey.md"
-  } 2>&1 | grep -v "Loading weights" | tee "$OUT/log.txt"
+  } 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/log.txt"
 fi

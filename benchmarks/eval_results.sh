@@ -14,6 +14,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=.  # this checkout's code, whatever the environment has installed
+# One thread unless told otherwise: on a 2-core machine shared with other jobs, two OpenMP threads
+# spin-waiting made decode steps ~10x slower. The results do not depend on it (timings aside).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 WHAT=${1:-all}
 METHODS=full,paper,average,profiles/smollm2-135m-instruct
 WORK="$(mktemp -d)"

@@ -19,6 +19,9 @@ export PYTHONPATH=.  # this checkout's code, whatever the environment has instal
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 WHAT=${1:-all}
 METHODS=full,paper,average,profiles/smollm2-135m-instruct
+# A second calibrated profile: the paper's layout with calibrated alignment (minicache-calibrate
+# --preset paper --align on the shipped profile's calibration data), kept next to the results.
+ALIGNED=benchmarks/results/compare-cpu/paper-aligned
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 L=/usr/share/common-licenses
@@ -26,11 +29,15 @@ cat "$L/Apache-2.0" "$L/GPL-2" "$L/LGPL-2.1" >"$WORK/eval.txt"
 
 if [[ $WHAT == all || $WHAT == compare ]]; then
   OUT=benchmarks/results/compare-cpu
-  mkdir -p "$OUT"
+  mkdir -p "$OUT" "$ALIGNED"
   {
-    echo "machine: $(nproc) CPU cores, $(uname -m); $(date -u +%F)"
-    echo "== minicache-eval --compare $METHODS --data eval.txt --prefix-length 512 --continuation-length 256 --num-windows 8"
-    "$PY" -m minicache.evaluate.cli --compare "$METHODS" --data "$WORK/eval.txt" \
+    echo "machine: $(nproc --all) CPU cores (OMP_NUM_THREADS=$OMP_NUM_THREADS), $(uname -m); $(date -u +%F)"
+    echo "== minicache-calibrate --preset paper --align"
+    "$PY" -m minicache.calibrate.cli --data profiles/smollm2-135m-instruct/calibration-data.jsonl \
+      --preset paper --align --out "$WORK/paper-aligned" --no-progress
+    cp "$WORK"/paper-aligned/minicache_{config.yaml,tensors.safetensors} "$ALIGNED/"
+    echo "== minicache-eval --compare $METHODS,$ALIGNED --data eval.txt --prefix-length 512 --continuation-length 256 --num-windows 8"
+    "$PY" -m minicache.evaluate.cli --compare "$METHODS,$ALIGNED" --data "$WORK/eval.txt" \
       --prefix-length 512 --continuation-length 256 --num-windows 8 \
       --json-out "$OUT/compare-512.json" --markdown-out "$OUT/compare-512.md"
   } 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/log.txt"
@@ -40,7 +47,7 @@ if [[ $WHAT == all || $WHAT == passkey ]]; then
   OUT=benchmarks/results/passkey-cpu
   mkdir -p "$OUT"
   {
-    echo "machine: $(nproc) CPU cores, $(uname -m); $(date -u +%F)"
+    echo "machine: $(nproc --all) CPU cores (OMP_NUM_THREADS=$OMP_NUM_THREADS), $(uname -m); $(date -u +%F)"
     echo "== minicache-eval --task passkey --compare $METHODS --context-lengths 1024,2048,4096 --depths 0.1,0.5,0.9 --samples-per-cell 2"
     "$PY" -m minicache.evaluate.cli --task passkey --compare "$METHODS" \
       --context-lengths 1024,2048,4096 --depths 0.1,0.5,0.9 --samples-per-cell 2 --batch-size 2 \

@@ -180,3 +180,23 @@ def test_full_cache_answers_like_plain_greedy_generation():
                           pad_token_id=0)[0, 400:]
     assert records[0].answer == tok.decode(want.tolist())
     assert records[0].correct == score_passkey(records[0].answer, prompt.passkey)
+
+
+@pytest.mark.slow
+def test_smollm2_full_cache_finds_a_late_needle(smollm2):
+    # Acceptance check on the real model (about a minute on 2 CPU cores): SmolLM2-135M-Instruct with
+    # the full cache retrieves a passkey near the end of a 1,024-token prompt (it fails at depths
+    # 0.1 and 0.5; benchmarks/results/passkey-cpu/ has the whole grid), and the shipped profile,
+    # which merges layers 27-29 only, answers the same prompts the same way.
+    model, tok = smollm2
+    prompts = make_passkey_prompts(tok, [1024], [0.9], 2, seed=0)
+    shipped = MergeProfile.load("profiles/smollm2-135m-instruct")
+    methods = [
+        PasskeyMethod("full", lambda m: full_cache_factory(None, m)),
+        PasskeyMethod("shipped", lambda m: MiniCache(shipped, m)),
+    ]
+    records, compression = run_passkey(model, tok, prompts, methods, batch_size=2)
+    table = accuracy_table(records)
+    assert table["by_length"]["full"][1024] == 1.0, [r.answer for r in records]
+    assert table["by_length"]["shipped"][1024] == 1.0, [r.answer for r in records]
+    assert compression["shipped"][1024] > 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -190,7 +192,7 @@ def test_smollm2_full_cache_finds_a_late_needle(smollm2):
     # which merges layers 27-29 only, answers the same prompts the same way.
     model, tok = smollm2
     prompts = make_passkey_prompts(tok, [1024], [0.9], 2, seed=0)
-    shipped = MergeProfile.load("profiles/smollm2-135m-instruct")
+    shipped = MergeProfile.load(pathlib.Path(__file__).parents[1] / "profiles" / "smollm2-135m-instruct")
     methods = [
         PasskeyMethod("full", lambda m: full_cache_factory(None, m)),
         PasskeyMethod("shipped", lambda m: MiniCache(shipped, m)),

@@ -48,8 +48,9 @@ if [[ $WHAT == all || $WHAT == passkey ]]; then
   mkdir -p "$OUT"
   {
     echo "machine: $(nproc --all) CPU cores (OMP_NUM_THREADS=$OMP_NUM_THREADS), $(uname -m); $(date -u +%F)"
-    echo "== minicache-eval --task passkey --compare $METHODS --context-lengths 1024,2048,4096 --depths 0.1,0.5,0.9 --samples-per-cell 2"
-    "$PY" -m minicache.evaluate.cli --task passkey --compare "$METHODS" \
+    echo "== minicache-eval --task passkey --compare $METHODS,$ALIGNED --context-lengths 1024,2048,4096 --depths 0.1,0.5,0.9 --samples-per-cell 2"
+    [[ -f $ALIGNED/minicache_config.yaml ]] || { echo "run '$0 compare' first: it calibrates $ALIGNED"; exit 1; }
+    "$PY" -m minicache.evaluate.cli --task passkey --compare "$METHODS,$ALIGNED" \
       --context-lengths 1024,2048,4096 --depths 0.1,0.5,0.9 --samples-per-cell 2 --batch-size 2 \
       --json-out "$OUT/passkey.json" --markdown-out "$OUT/passkey.md"
   } 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/log.txt"

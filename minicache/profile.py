@@ -41,13 +41,14 @@ import pathlib
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import yaml
 
 __all__ = [
     "FORMAT_VERSION",
+    "MERGE_METHODS",
     "PRESETS",
     "PROFILE_FILENAME",
     "QUANT_BITS",
@@ -69,6 +70,10 @@ __all__ = [
 #: How retained tokens are chosen: "distinct" keeps the most distinct pairs (the paper's
 #: reading, our default); "similar" is the literal reading found in xKV's re-implementation.
 RETENTION_RULES = ("distinct", "similar")
+#: How a group's vectors are merged: "slerp" (MiniCache, the default) or "average" (the paper's
+#: averaging baseline: every member restored as the weighted mean vector). Mirrors
+#: ``minicache.runtime.merge.MERGE_METHODS`` (this module must not import torch).
+MERGE_METHODS = ("slerp", "average")
 #: Version written by this code; bump it on any change that an older reader would misread.
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -165,6 +170,13 @@ def _check_retention(value: Any, path: str) -> str:
     if value not in RETENTION_RULES or not isinstance(value, str):
         allowed = ", ".join(repr(r) for r in RETENTION_RULES)
         raise ProfileError(f"{_show(value)} is not a retention rule; allowed: one of {allowed}", path)
+    return str(value)
+
+
+def _check_method(value: Any, path: str) -> str:
+    if value not in MERGE_METHODS or not isinstance(value, str):
+        allowed = ", ".join(repr(m) for m in MERGE_METHODS)
+        raise ProfileError(f"{_show(value)} is not a merge method; allowed: one of {allowed}", path)
     return str(value)
 
 
@@ -288,6 +300,11 @@ class MergeSettings:
     weights : tuple of float or None
         Groups of more than two layers only: each member's weight in the shared direction
         (non-negative, summing to 1); None = uniform. Pairs use ``t``. Written only when set.
+    method : str
+        One of :data:`MERGE_METHODS`. ``"average"`` (the paper's baseline) restores every member
+        as the weighted mean of the group's vectors, with the same weights (``t`` for a pair:
+        ``t = 0.5`` is the plain average) and the same retention as SLERP. Written only when not
+        ``"slerp"``, so SLERP profiles keep their layout.
     """
 
     t: float = 0.6
@@ -296,6 +313,7 @@ class MergeSettings:
     sink_tokens: int = 1
     align: bool = False
     weights: tuple[float, ...] | None = None
+    method: str = "slerp"
 
     def __post_init__(self) -> None:
         _validate_settings(self)
@@ -305,15 +323,18 @@ class MergeSettings:
             )
         if self.weights is not None:
             object.__setattr__(self, "weights", _check_weights(self.weights, "weights"))
+        object.__setattr__(self, "method", _check_method(self.method, "method"))
 
     def to_dict(self) -> dict:
-        """Plain data; ``align`` and ``weights`` only when set (paper-style profiles keep their layout)."""
+        """Plain data; ``align``, ``weights``, ``method`` only when set (paper-style profiles keep their layout)."""
         data = {"t": self.t, "gamma": self.gamma, "retention": self.retention}
         data["sink_tokens"] = self.sink_tokens
         if self.align:
             data["align"] = True
         if self.weights is not None:
             data["weights"] = list(self.weights)
+        if self.method != "slerp":
+            data["method"] = self.method
         return data
 
 
@@ -971,6 +992,8 @@ class MergeProfile:
         if len(settings) == 1:
             (s,) = settings
             text += f"; t {s.t:g}, gamma {s.gamma:g}, retention {s.retention}, sink {s.sink_tokens}"
+            if s.method != "slerp":
+                text += f", method {s.method}"
         else:
             text += "; per-group t/gamma"
         d = self.defaults
@@ -1074,6 +1097,7 @@ class MergeProfile:
         t: float = 0.6,
         gamma: float = 0.05,
         start: int | None = None,
+        method: str = "slerp",
         **default_overrides: Any,
     ) -> MergeProfile:
         """A built-in profile for the model of ``config``.
@@ -1089,6 +1113,9 @@ class MergeProfile:
             SLERP weight and retention fraction of every group.
         start : int, optional
             First layer ``S`` of the paper layout (default ``num_hidden_layers // 2``).
+        method : str
+            Merge method of every group, one of :data:`MERGE_METHODS`; ``"average"`` with
+            ``t=0.5`` is the paper's averaging baseline.
         **default_overrides
             Other :class:`Defaults` fields (``residual_length``, ``block_size``, ``sink_tokens``,
             ``retention``).
@@ -1130,7 +1157,7 @@ class MergeProfile:
                     f"allowed: 0..{n - 2} for this model (num_hidden_layers={n})",
                     "start",
                 )
-            settings = defaults.settings()
+            settings = replace(defaults.settings(), method=method)  # a bad method names the path "method"
             groups = tuple(MergeGroup((s, s + 1), settings, settings) for s in range(int(start), n - 1, 2))
         profile = cls(groups=groups, defaults=defaults, model=ModelFingerprint.from_config(config))
         try:

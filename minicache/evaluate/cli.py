@@ -1,27 +1,54 @@
-"""`minicache-eval`: quality and memory of a merge profile against the full cache."""
+"""`minicache-eval`: quality and memory of merge profiles, presets and baselines against the full cache."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 import time
+from dataclasses import replace
 
 from minicache.data import DataError, read_samples, token_windows
-from minicache.profile import MergeProfile, ProfileError, Quantization
+from minicache.profile import MergeProfile, ProfileError, Quantization, atomic_write
 
 DTYPES = ("float32", "bfloat16", "float16")
+TASKS = ("perplexity", "passkey")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
+    return values
+
+
+def _depth_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if any(not 0.0 <= v <= 1.0 for v in values):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r}: every depth must be in [0, 1]")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minicache-eval",
         description=(
-            "Measure what a MiniCache merge profile costs in quality and saves in memory. Each window of "
-            "the data is split into a prefix, which goes through the merged cache, and a continuation, "
-            "fed teacher-forced through the same cache and scored against one pass with the full cache: "
-            "perplexity, KL divergence of next-token distributions (mean, q95) and top-1 agreement. "
-            "Memory is the cache after the prefix; compression_ratio = full-cache bytes / bytes held."
+            "Measure what a MiniCache merge profile costs in quality and saves in memory. "
+            "--task perplexity (default): each window of the data is split into a prefix, which goes "
+            "through the merged cache, and a continuation, fed teacher-forced through the same cache and "
+            "scored against one pass with the full cache: perplexity, KL divergence of next-token "
+            "distributions (mean, q95) and top-1 agreement; memory is the cache after the prefix, "
+            "compression_ratio = full-cache bytes / bytes held. --task passkey: a 5-digit number hidden at "
+            "several depths in filler text of several lengths, asked for at the end; exact-match accuracy "
+            "of the full cache and of the method(s) on the same prompts. --compare runs several methods "
+            "on the same data and prints a Markdown table."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -37,18 +64,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument(
         "--baseline",
-        choices=["full", "quantized-cache-fp8", "quantized-cache-quanto", "quantized-cache-hqq"],
-        help="full: transformers' DynamicCache (sanity check, 0 loss); quantized-cache-<backend>: transformers' "
-        "QuantizedCache (fp8 runs anywhere; quanto/hqq need their packages and take --kv-bits/--kv-group-size)",
+        choices=["full", "average", "quantized-cache-fp8", "quantized-cache-quanto", "quantized-cache-hqq"],
+        help="full: transformers' DynamicCache (sanity check, 0 loss); average: the paper preset's pairs "
+        "merged by plain averaging (x̂ = (x^{l-1} + x^l)/2 for both layers), same retention and cache; "
+        "quantized-cache-<backend>: transformers' QuantizedCache (fp8 runs anywhere; quanto/hqq need their "
+        "packages and take --kv-bits/--kv-group-size)",
     )
+    what.add_argument(
+        "--compare",
+        metavar="METHODS",
+        help="comma-separated methods measured on the same data in one run: full, paper, average, "
+        "baseline:NAME, preset:NAME, or profile paths (e.g. full,paper,average,profiles/smollm2-135m-instruct)",
+    )
+    parser.add_argument("--task", choices=TASKS, default="perplexity", help="what to measure")
     parser.add_argument(
-        "--data", required=True, help="JSON Lines (text / messages / input_ids per line) or a .txt file"
+        "--data", help="perplexity task: JSON Lines (text / messages / input_ids per line) or a .txt file"
     )
-    parser.add_argument("--prefix-length", type=int, default=512, help="tokens merged before scoring")
-    parser.add_argument("--continuation-length", type=int, default=256, help="tokens scored after the prefix")
-    parser.add_argument("--num-windows", type=int, default=16, help="at most this many windows")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
-    parser.add_argument("--chunk-size", type=int, default=64, help="continuation tokens per forward pass")
+    ppl = parser.add_argument_group("perplexity task")
+    ppl.add_argument("--prefix-length", type=int, default=512, help="tokens merged before scoring")
+    ppl.add_argument("--continuation-length", type=int, default=256, help="tokens scored after the prefix")
+    ppl.add_argument("--num-windows", type=int, default=16, help="at most this many windows")
+    ppl.add_argument("--chunk-size", type=int, default=64, help="continuation tokens per forward pass")
+    passkey = parser.add_argument_group("passkey task")
+    passkey.add_argument(
+        "--context-lengths", type=_int_list, default=[1024, 2048, 4096], metavar="N,N,...",
+        help="prompt lengths in tokens",
+    )
+    passkey.add_argument(
+        "--depths", type=_depth_list, default=[0.1, 0.5, 0.9], metavar="D,D,...",
+        help="needle depths, as fractions of the filler",
+    )
+    passkey.add_argument("--samples-per-cell", type=int, default=4, help="prompts per (length, depth)")
+    passkey.add_argument("--seed", type=int, default=0, help="seed of the passkeys")
+    passkey.add_argument("--max-new-tokens", type=int, default=8, help="greedy answer tokens")
+    parser.add_argument("--batch-size", type=int, default=4, help="windows or prompts per forward pass")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model and cache dtype")
     parser.add_argument(
         "--kv-bits", type=int, choices=[2, 4], help="quantize the cache KIVI-style to this many bits (issue 6)"
@@ -58,78 +107,136 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--allow-model-mismatch", action="store_true", help="use a profile made for another model")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--json-out", metavar="FILE", help="also write the JSON result to FILE")
+    parser.add_argument("--markdown-out", metavar="FILE", help="also write the Markdown table(s) to FILE")
     return parser
 
 
+def _methods(args):
+    """The MethodSpecs to run; loads (and so validates) profiles before any model is loaded."""
+    from minicache.evaluate.compare import MethodSpec, parse_methods
+
+    if args.compare is not None:
+        return parse_methods(args.compare)
+    if args.profile:
+        return [MethodSpec(args.profile, "profile", args.profile, MergeProfile.load(args.profile))]
+    if args.preset:
+        return [MethodSpec(f"preset:{args.preset}", "preset", args.preset)]
+    return [MethodSpec(f"baseline:{args.baseline}", "baseline", args.baseline)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    for name in ("prefix_length", "continuation_length", "num_windows", "batch_size", "chunk_size"):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    counts = ["batch_size"]
+    counts += (
+        ["prefix_length", "continuation_length", "num_windows", "chunk_size"]
+        if args.task == "perplexity"
+        else ["samples_per_cell", "max_new_tokens"]
+    )
+    for name in counts:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
     if args.kv_bits is not None and args.baseline in ("full", "quantized-cache-fp8"):
         print(f"error: --kv-bits does not apply to --baseline {args.baseline}", file=sys.stderr)
         return 2
+    if args.task == "perplexity" and not args.data:
+        print("error: --task perplexity needs --data", file=sys.stderr)
+        return 2
     try:
-        samples = read_samples(args.data)  # validate before spending time on the model
-        profile = MergeProfile.load(args.profile) if args.profile else None
+        samples = read_samples(args.data) if args.task == "perplexity" else None  # before the model loads
         quantization = None
         if args.kv_bits is not None:
             quantization = Quantization(bits=args.kv_bits, group_size=args.kv_group_size)
-    except (DataError, ProfileError, OSError) as err:
+        methods = [replace(m, quantization=quantization) for m in _methods(args)]
+    except (DataError, ProfileError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
     import torch
 
-    from minicache.evaluate.quality import evaluate_profile, full_cache_factory, quantized_cache_factory
+    from minicache.evaluate import compare
     from minicache.models import load_model
 
     started = time.perf_counter()
+
+    def progress(message: str) -> None:  # on stderr: stdout stays one table or one JSON object
+        if args.compare is not None or args.task == "passkey":
+            print(f"[{time.perf_counter() - started:6.0f}s] {message}", file=sys.stderr, flush=True)
+
     try:
         model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-        length = args.prefix_length + args.continuation_length
-        windows = token_windows(samples, tokenizer, length, max_windows=args.num_windows)
-        if windows.shape[0] == 0:
-            raise DataError(f"{args.data}: fewer than {length} tokens, not one prefix + continuation window")
-        factory = None
-        if args.preset:
-            profile = MergeProfile.preset(args.preset, model.config)
-        elif args.baseline == "full":
-            profile, factory = MergeProfile(), full_cache_factory
-        elif args.baseline:
-            backend = args.baseline.removeprefix("quantized-cache-")
-            profile = MergeProfile()
-            factory = quantized_cache_factory(backend, args.kv_bits or 4, args.kv_group_size)
-        if quantization is not None and not args.baseline:
-            profile = profile.with_quantization(quantization)
-        result = evaluate_profile(
-            model,
-            windows,
-            args.prefix_length,
-            profile,
-            batch_size=args.batch_size,
-            chunk_size=args.chunk_size,
-            cache_factory=factory,
-            allow_model_mismatch=args.allow_model_mismatch,
-        )
+        compare.check_methods(methods, model.config, args.allow_model_mismatch)
+        if args.task == "perplexity":
+            length = args.prefix_length + args.continuation_length
+            windows = token_windows(samples, tokenizer, length, max_windows=args.num_windows)
+            if windows.shape[0] == 0:
+                raise DataError(f"{args.data}: fewer than {length} tokens, not one prefix + continuation window")
+            rows = compare.compare_quality(
+                model,
+                windows,
+                args.prefix_length,
+                methods,
+                batch_size=args.batch_size,
+                chunk_size=args.chunk_size,
+                allow_model_mismatch=args.allow_model_mismatch,
+                progress=progress,
+            )
+        else:
+            passkey = compare.compare_passkey(
+                model,
+                tokenizer,
+                methods,
+                args.context_lengths,
+                args.depths,
+                args.samples_per_cell,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+                allow_model_mismatch=args.allow_model_mismatch,
+                progress=progress,
+            )
     except (DataError, ProfileError, OSError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = result.to_dict()
-    out["profile"] = args.profile or (f"preset:{args.preset}" if args.preset else f"baseline:{args.baseline}")
-    out["dtype"] = args.dtype
-    if args.baseline and args.baseline.startswith("quantized-cache-") and args.baseline != "quantized-cache-fp8":
-        out["kv_bits"], out["kv_group_size"] = args.kv_bits or 4, args.kv_group_size
-    elif profile is not None and profile.quantization is not None:
-        out["kv_bits"], out["kv_group_size"] = profile.quantization.bits, profile.quantization.group_size
-        out["kv_residual_length"] = profile.quantization.residual_length
-    out["seconds"] = round(time.perf_counter() - started, 1)
-    if args.json:
-        print(json.dumps(out))
+    seconds = round(time.perf_counter() - started, 1)
+
+    if args.task == "perplexity" and args.compare is None:
+        # The single-run output of earlier versions, key for key.
+        row = rows[0]
+        out = {k: v for k, v in row.items() if k not in ("method", "describe", "seconds")}
+        out.update(profile=row["method"], dtype=args.dtype)
+        out.update({k: row[k] for k in ("kv_bits", "kv_group_size", "kv_residual_length") if k in row})
+        out["seconds"] = seconds
+        text = format_result(out)
+        markdown = compare.quality_markdown(rows)
     else:
-        print(format_result(out))
+        out = {"task": args.task, "model": args.model, "dtype": args.dtype}
+        if args.task == "perplexity":
+            out.update(data=args.data, results=rows)
+            markdown = compare.quality_markdown(rows)
+        else:
+            out.update(passkey)
+            markdown = compare.passkey_markdown(passkey)
+        out["seconds"] = seconds
+        text = markdown
+    print(json.dumps(out) if args.json else text)
+    try:
+        if args.json_out:
+            _write(args.json_out, json.dumps(out, indent=1) + "\n")
+        if args.markdown_out:
+            _write(args.markdown_out, markdown + "\n")
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _write(path: str, text: str) -> None:
+    target = pathlib.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, text.encode("utf-8"), overwrite=True)
 
 
 def format_result(out: dict) -> str:

@@ -82,6 +82,54 @@ def _replayable(cache: DynamicCache) -> bool:
     return all(not getattr(layer, "is_sliding", False) for layer in cache.layers)
 
 
+# ---- metrics (pure functions, unit-tested on known answers) -------------------------------------
+def token_nll(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of the true tokens: ``log_probs`` ``[..., V]``, ``target`` ``[...]`` → ``[...]``."""
+    return -log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+def perplexity(nll: torch.Tensor) -> float:
+    """``exp(mean NLL)`` over all positions of ``nll`` (any shape), accumulated in float64."""
+    return math.exp(nll.double().mean().item())
+
+
+def kl_divergence(ref_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """``KL(P_ref ‖ P)`` in nats per position: log-probs ``[..., V]`` → ``[...]``.
+
+    Clamped at 0: float rounding can make the KL of (nearly) identical distributions a tiny
+    negative number, and a KL is never negative.
+    """
+    return (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1).clamp_min(0.0)
+
+
+def top1_agreement(ref_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """Whether both distributions have the same most likely token: ``[..., V]`` → bool ``[...]``."""
+    return log_probs.argmax(-1) == ref_log_probs.argmax(-1)
+
+
+def cache_bytes(cache, config=None, batch: int | None = None, dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """``(bytes held, bytes a DynamicCache would hold)`` of a cache after use.
+
+    A :class:`MiniCache` reports both (``memory_report``). For a transformers cache, with the
+    model's ``config``, the ``batch`` size and ``dtype`` every tensor its layers hold is counted
+    (a `QuantizedCache`'s packed states, scales and zero points too; see
+    :func:`transformers_cache_bytes`); without them its keys and values count at full size.
+    """
+    if isinstance(cache, MiniCache):
+        report = cache.memory_report()
+        return int(report["kv_bytes"]), int(report["kv_bytes_full"])
+    if config is not None and batch is not None and dtype is not None:
+        return transformers_cache_bytes(cache, config, batch, dtype)
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if isinstance(t, torch.Tensor))
+    return int(held), int(held)
+
+
+def compression_ratio(kv_bytes_full: int, kv_bytes: int) -> float:
+    """Full-cache bytes ÷ bytes held (1.0 for an empty cache)."""
+    return kv_bytes_full / kv_bytes if kv_bytes else 1.0
+
+
 @torch.inference_mode()
 def reference_run(
     model, windows: torch.Tensor, prefix_length: int, batch_size: int = 4, *, keep_prefix_kv: bool = False
@@ -103,8 +151,7 @@ def reference_run(
         ).logits
         lp = F.log_softmax(logits[:, -continuation - 1 : -1].float(), dim=-1)
         log_probs.append(lp.cpu())
-        target = batch[:, prefix_length:]
-        nll.append(-lp.gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu())
+        nll.append(token_nll(lp, batch[:, prefix_length:]).cpu())
         if prefix_kv is not None and cache is not None and _replayable(cache):
             prefix_kv.append(
                 [(layer.keys[..., :prefix_length, :].clone(), layer.values[..., :prefix_length, :].clone())
@@ -165,14 +212,9 @@ def evaluate_profile(
             out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), cache=cache,
                         **_logits_kwargs(model, 1))
             first = out.logits[:, -1:]
-        if isinstance(cache, MiniCache):
-            report = cache.memory_report()
-            kv_bytes += report["kv_bytes"]
-            kv_bytes_full += report["kv_bytes_full"]
-        else:  # a transformers cache: DynamicCache, or QuantizedCache (baseline)
-            held, full = transformers_cache_bytes(cache, model.config, prefix.shape[0], out.logits.dtype)
-            kv_bytes += held
-            kv_bytes_full += full
+        held, full = cache_bytes(cache, model.config, prefix.shape[0], next(model.parameters()).dtype)
+        kv_bytes += held
+        kv_bytes_full += full
         logits = [first]
         seen = prefix_length
         for start in range(prefix_length, batch.shape[1] - 1, chunk_size):
@@ -181,13 +223,12 @@ def evaluate_profile(
             mask = torch.ones(batch.shape[0], seen, dtype=torch.long, device=device)
             logits.append(model(input_ids=chunk, attention_mask=mask, cache=cache).logits)
         lp = F.log_softmax(torch.cat([x.float() for x in logits], dim=1), dim=-1).cpu()
-        target = batch[:, prefix_length:].cpu()
-        nll.append(-lp.gather(-1, target.unsqueeze(-1)).squeeze(-1))
-        kl.append((ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0.0))
-        agree.append(lp.argmax(-1) == ref_lp.argmax(-1))
+        nll.append(token_nll(lp, batch[:, prefix_length:].cpu()))
+        kl.append(kl_divergence(ref_lp, lp))
+        agree.append(top1_agreement(ref_lp, lp))
     nll_t, kl_t, agree_t = torch.cat(nll), torch.cat(kl), torch.cat(agree)
-    ppl_full = math.exp(reference.nll.double().mean().item())
-    ppl = math.exp(nll_t.double().mean().item())
+    ppl_full = perplexity(reference.nll)
+    ppl = perplexity(nll_t)
     return QualityResult(
         ppl_full=ppl_full,
         ppl=ppl,
@@ -197,7 +238,7 @@ def evaluate_profile(
         top1_agreement=agree_t.double().mean().item(),
         kv_bytes_full=int(kv_bytes_full),
         kv_bytes=int(kv_bytes),
-        compression_ratio=kv_bytes_full / kv_bytes if kv_bytes else 1.0,
+        compression_ratio=compression_ratio(kv_bytes_full, kv_bytes),
         tokens_scored=int(nll_t.numel()),
         windows=int(windows.shape[0]),
         prefix_length=prefix_length,

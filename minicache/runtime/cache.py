@@ -199,7 +199,8 @@ class _ComponentStore:
         ``real`` ``[B, r]`` flags real tokens of the whole window (the part beyond ``count`` is
         the retention look-ahead); ``real_before`` ``[B]`` counts real tokens already merged.
         ``use_kernel`` computes the same with the Triton merge kernel (CUDA, or CPU under
-        ``TRITON_INTERPRET=1``).
+        ``TRITON_INTERPRET=1``) for SLERP pairs; other groups and the averaging baseline, which
+        the kernel does not implement, fall back to the torch reference.
         """
         xs = self.residual
         merged_before = self.length
@@ -210,8 +211,9 @@ class _ComponentStore:
         if self.rotation is not None:
             self.rotation_of(0)  # move to the data's device once
             rotations = self.rotation
-        # The merge kernel handles pairs; an aligned pair enters it already rotated (one matmul per block).
-        if use_kernel and self.members == 2:
+        # The merge kernel handles SLERP of pairs; an aligned pair enters it already rotated (one
+        # matmul per block). The averaging baseline always takes the torch path below.
+        if use_kernel and self.members == 2 and self.settings.method == "slerp":
             from minicache.runtime.kernels.merge import merge_block
 
             s = self.settings
@@ -233,7 +235,7 @@ class _ComponentStore:
             direction, magnitude, keep = block.direction.to(dtype), block.magnitude, block.keep
         else:
             s = self.settings
-            pair = merge_group(xs, s.t, weights=s.weights, rotations=rotations)
+            pair = merge_group(xs, s.t, weights=s.weights, rotations=rotations, method=s.method)
             keep = retention_mask(
                 pair.distance,
                 self.settings.gamma,
@@ -627,7 +629,8 @@ class MiniCache(Cache):
     def use_kernels(self, merge: bool | None = None, fused_decode: bool | None = None) -> None:
         """Switch the Triton kernels on or off for every merged group (None leaves a switch as is).
 
-        ``merge``: merge blocks with the Triton merge kernel. ``fused_decode``: single-token steps
+        ``merge``: merge blocks with the Triton merge kernel (SLERP pairs; groups of 3+ layers and
+        ``method: average`` groups keep the torch reference). ``fused_decode``: single-token steps
         return :class:`MergedKVView` snapshots instead of restored tensors, which only the fused
         attention function understands; prefer ``minicache.runtime.kernels.enable_fused_attention``,
         which sets this switch together with the model's attention function, on CUDA only.

@@ -13,6 +13,13 @@ Beyond the paper (issue 7): groups of ``k ≥ 2`` layers and calibrated orthogon
 is not aligned) that maps its unit vectors into the group's common frame, ``u_i' = u_i R_i`` (row
 vectors). The shared direction is the weighted spherical mean of the ``u_i'`` by incremental SLERP
 (for two layers exactly SLERP with ``t``), and member ``i`` is restored as ``x̂_i = m_i · e R_iᵀ``.
+
+Baseline (issue 4): ``method="average"`` is the paper's plain-averaging baseline. The group keeps the
+weighted mean of its (aligned) vectors, ``x̄ = Σ w_i x_i R_i`` (a pair: ``(1-t)·x_a + t·x_b``, so
+``t = 0.5`` is ``(x_a + x_b)/2``), and every member is restored as that same vector, ``x̂_i = x̄ R_iᵀ``:
+no per-layer magnitudes. It is stored in the SLERP layout (unit direction ``x̄/‖x̄‖`` and, per member,
+the magnitude ``‖x̄‖``), so the cache, :func:`restore` and the attention kernels need no second code
+path; the angular distance that drives retention is the same as for SLERP.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import torch.nn.functional as F
 _SIN_EPS = 1e-4
 # Norms below this count as zero vectors (their direction is the zero vector, never NaN).
 _NORM_EPS = 1e-12
+#: How a group's vectors become one shared vector: "slerp" (MiniCache) or "average" (the baseline).
+MERGE_METHODS = ("slerp", "average")
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,7 @@ def merge_group(
     *,
     weights: Sequence[float] | None = None,
     rotations: torch.Tensor | None = None,
+    method: str = "slerp",
 ) -> PairMerge:
     """Merge ``k ≥ 2`` layers' vectors token by token into one shared direction, in float32.
 
@@ -149,13 +159,17 @@ def merge_group(
         ``k > 2``.
     rotations : torch.Tensor, optional
         ``[k, H, D, D]`` orthogonal alignment of every member (float32); None = no alignment.
+    method : {"slerp", "average"}
+        ``"average"``: the shared vector is the weighted mean ``x̄`` of the aligned vectors
+        (same weights as above) and every member's magnitude is ``‖x̄‖``, so that
+        :func:`restore` rebuilds ``x̄`` for every member (the paper's averaging baseline).
 
     Returns
     -------
     PairMerge
         Direction ``[B, H, N, D]`` (in the aligned frame), magnitudes ``[B, H, N, k]`` and the
         angular distance ``[B, H, N]``: the largest pairwise angle between aligned members, / π
-        (for a pair, ``Ω / π``).
+        (for a pair, ``Ω / π``), whatever the method.
     """
     k = len(xs)
     if k < 2:
@@ -166,6 +180,8 @@ def merge_group(
         raise ValueError(f"{len(weights)} weights for a group of {k} layers")
     if rotations is not None and (rotations.dim() != 4 or rotations.shape[0] != k):
         raise ValueError(f"rotations must be [k={k}, H, D, D], got {tuple(rotations.shape)}")
+    if method not in MERGE_METHODS:
+        raise ValueError(f"merge method {method!r} is not one of {', '.join(map(repr, MERGE_METHODS))}")
     units, norms = [], []
     for i, x in enumerate(xs):
         u, m = unit_and_norm(x)
@@ -173,6 +189,8 @@ def merge_group(
             u = rotate(u, rotations[i])
         units.append(u)
         norms.append(m)
+    if method == "average":
+        return _average(units, norms, t, weights)
     if k == 2 and weights is None:
         e, omega = _slerp_units(units[0], units[1], t)
         distance = omega / torch.pi
@@ -182,12 +200,31 @@ def merge_group(
         for i in range(1, k):
             total += w[i]
             e, _ = _slerp_units(e, units[i], w[i] / total if total > 0 else 0.0)
-        omega = torch.zeros_like(norms[0])
-        for i in range(k):
-            for j in range(i + 1, k):
-                omega = torch.maximum(omega, angle_between(units[i], units[j]))
-        distance = omega / torch.pi
+        distance = _max_pairwise_distance(units)
     return PairMerge(direction=e, magnitudes=torch.stack(norms, dim=-1), distance=distance)
+
+
+def _max_pairwise_distance(units: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Largest angle between any two of the unit vectors ``[..., D]``, / π: ``[...]``."""
+    omega = torch.zeros(units[0].shape[:-1], dtype=units[0].dtype, device=units[0].device)
+    for i in range(len(units)):
+        for j in range(i + 1, len(units)):
+            omega = torch.maximum(omega, angle_between(units[i], units[j]))
+    return omega / torch.pi
+
+
+def _average(
+    units: Sequence[torch.Tensor], norms: Sequence[torch.Tensor], t: float, weights: Sequence[float] | None
+) -> PairMerge:
+    """The averaging baseline of :func:`merge_group` from aligned float32 units and norms."""
+    k = len(units)
+    if weights is None:
+        weights = (1.0 - t, t) if k == 2 else [1.0 / k] * k
+    # Σ w_i x_i R_i, rebuilt from the aligned units (x R = m · u R): rotations are applied once.
+    mean = sum(float(w) * m.unsqueeze(-1) * u for w, m, u in zip(weights, norms, units, strict=True))
+    direction, norm = unit_and_norm(mean)
+    magnitudes = norm.unsqueeze(-1).expand(*norm.shape, k).contiguous()
+    return PairMerge(direction=direction, magnitudes=magnitudes, distance=_max_pairwise_distance(units))
 
 
 def restore(

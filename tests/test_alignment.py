@@ -349,3 +349,70 @@ def test_weights_settings_validation():
     assert "weights: [0.2, 0.3, 0.5]" in text
     assert MergeProfile.from_yaml(text).groups[0].keys.weights == (0.2, 0.3, 0.5)
     assert dataclasses.asdict(MergeSettings())["align"] is False
+
+
+# -- group search on synthetic measurements ------------------------------------------------------
+def _fake_result(damage: float, saved_layers: int):
+    from minicache.evaluate.quality import QualityResult
+
+    return QualityResult(
+        ppl_full=10.0, ppl=10.0 * (1 + damage), ppl_increase=damage, kl_mean=damage, kl_q95=damage,
+        top1_agreement=1 - damage, kv_bytes_full=3000, kv_bytes=3000 - 50 * saved_layers,
+        compression_ratio=3000 / (3000 - 50 * saved_layers), tokens_scored=1, windows=1, prefix_length=1,
+        continuation_length=1,
+    )
+
+
+INTERACTION = 0.6
+
+
+def test_group_search_stays_within_budget_extends_greedily_and_measures_little():
+    from minicache.calibrate.alignment import GroupStatistics, candidate_keys
+    from minicache.calibrate.group_search import group_search
+    from minicache.calibrate.search import Budget
+    from minicache.profile import Defaults, MergeProfile
+
+    layers = 12
+    keys = candidate_keys(layers, 3, align=False)
+    stats = GroupStatistics(keys, {}, num_heads=1)
+    # Deeper groups restore better (smaller error) and so hurt less.
+    damage_of = {}
+    for key in keys:
+        depth = key.layers[0] / layers
+        err = 0.5 * (1.2 - depth) * (key.size - 1)
+        for c in range(2):
+            s = stats.sums[key, c]
+            s["energy"] += 1.0
+            s["error"] += err
+        damage_of[key.layers] = 0.004 * (1.2 - depth) ** 3 * (key.size - 1)
+
+    calls = []
+
+    def evaluate(profile: MergeProfile):
+        groups = [g.layers for g in profile.groups]
+        calls.append(groups)
+        # Groups together hurt less than the sum of their single measurements (as seen on SmolLM2),
+        # so a selection by predicted sums leaves room that only measured extensions find.
+        damage = sum(damage_of[g] for g in groups) * (INTERACTION if len(groups) > 1 else 1.0)
+        return _fake_result(damage, sum(len(g) - 1 for g in groups))
+
+    budget = Budget("ppl_increase", 0.01)
+    result = group_search(
+        stats, evaluate, Defaults(), budget, layers,
+        make_profile=lambda groups: MergeProfile(groups=groups), probes=4, log=lambda _: None,
+    )
+    chosen = [c.layers for c in result.chosen]
+    assert chosen, "something fits this budget"
+    used = [layer for g in chosen for layer in g]
+    assert len(used) == len(set(used)), "groups never overlap"
+    assert result.final is not None and budget.fits(result.final)
+    expected = sum(damage_of[g] for g in chosen) * (INTERACTION if len(chosen) > 1 else 1)
+    assert result.final.ppl_increase == pytest.approx(expected)
+    assert len(calls) <= 4 + 4 + 6  # probes + verifications + extensions
+    extended = [s for s in result.steps if s.kind == "extend"]
+    assert extended, "the search tries to grow the verified set"
+    assert any(budget.fits(s.result) for s in extended), "in this setting an extension fits"
+    # No single measured extension that fitted was thrown away: the final set is the last fitting one.
+    fitting = [s for s in result.steps if s.kind == "extend" and budget.fits(s.result)]
+    if fitting:
+        assert tuple(sorted(chosen)) == fitting[-1].groups

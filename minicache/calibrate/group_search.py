@@ -13,6 +13,8 @@ with less error, measured out-of-sample by :class:`~minicache.calibrate.alignmen
   one direction instead of ``k``: ``k − 1`` layers saved), non-overlapping, within the budget.
 * **Verification**: the chosen set is measured with the real runtime on held-out windows and the
   prediction scale corrected, as in the pair search.
+* **Extension**: from the best set that fits, single groups are added one measurement at a time
+  (cheapest predicted first) and kept while the set stays within the budget.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class GroupCandidate:
 
 @dataclass
 class GroupSearchStep:
-    kind: str  # "probe" or "verify"
+    kind: str  # "probe", "verify" or "extend"
     groups: tuple[tuple[int, ...], ...]
     result: QualityResult
 
@@ -202,9 +204,16 @@ def group_search(
     make_profile: Callable[[tuple[MergeGroup, ...]], MergeProfile],
     probes: int = 6,
     max_verify: int = 4,
+    extend: int = 6,
     log: Callable[[str], None] = print,
 ) -> GroupSearchResult:
-    """Probe → predict → select → verify over groups of 2..k layers (see the module docstring)."""
+    """Probe → predict → select → verify → extend over groups of 2..k layers (see the module docstring).
+
+    ``extend``: after the verified selection, at most this many single-group additions are
+    measured, cheapest predicted damage per saved layer first; each one that keeps the set within
+    the budget is kept. Damage does not add up exactly across groups, so a measured step from the
+    best set found beats trusting the prediction for the whole set.
+    """
     candidates = choose_group_candidates(groups, defaults)
     result = GroupSearchResult(chosen=(), final=None, candidates=candidates)
 
@@ -251,6 +260,21 @@ def group_search(
         else:
             scale = budget.value(outcome) / max(predicted_sum, 1e-12) * 1.1
     if best is not None:
+        tried_groups = 0
+        order = sorted(
+            (g for g in candidates if g not in excluded),
+            key=lambda g: (max(predicted[g], 0.0) / candidates[g].saved_layers, -g[0], -len(g)),
+        )
+        for g in order:
+            if tried_groups >= extend:
+                break
+            if any(set(g) & set(c) for c in best[0]):
+                continue
+            tried_groups += 1
+            chosen = sorted([*best[0], g])
+            outcome = run("extend", chosen)
+            if budget.fits(outcome):
+                best = (chosen, outcome)
         result.chosen = tuple(candidates[g] for g in sorted(best[0]))
         result.final = best[1]
     return result

@@ -88,7 +88,7 @@ def plot_search(search: SearchResult, metric: str, budget: float, path: Path) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, marker in (("probe", "o"), ("verify", "s")):
+    for kind, marker in (("probe", "o"), ("verify", "s"), ("extend", "^")):
         steps = [s for s in search.steps if s.kind == kind]
         if steps:
             saved = [1 - 1 / s.result.compression_ratio for s in steps]

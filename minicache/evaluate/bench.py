@@ -536,9 +536,8 @@ def plot_figure(result: dict):
     caches = [c["name"] for c in result["caches"]]
     batches = sorted({r["batch_size"] for r in rows})
     lengths = sorted({r["context_length"] for r in rows})
-    panels = 4 if budget else 3
-    fig = Figure(figsize=(5 * panels, 4.2), layout="constrained")
-    axes = fig.subplots(1, panels)
+    fig = Figure(figsize=(11, 8.5), layout="constrained")
+    axes = fig.subplots(2, 2).flatten()
     colors = {name: f"C{i}" for i, name in enumerate(caches)}
     styles = ["-", "--", ":", "-."]
     for ax, field, title in ((axes[0], "prefill_tokens_per_s", "prefill"), (axes[1], "decode_tokens_per_s", "decode")):
@@ -579,6 +578,8 @@ def plot_figure(result: dict):
         ax.set_ylabel("sequences")
         ax.set_title(f"largest batch in {budget['kv_budget_bytes'] / MIB:g} MiB of KV")
         ax.legend(fontsize=7)
+    else:
+        axes[3].set_axis_off()
     model = result.get("model", {}).get("name_or_path", "")
     where = result.get("machine", {}).get("gpu") or result.get("machine", {}).get("cpu_model") or ""
     fig.suptitle(f"minicache-bench: {model} ({result.get('model', {}).get('dtype', '')}) on {where}", fontsize=10)

@@ -88,6 +88,8 @@ def test_minicache_stores_less_and_ratios_come_from_the_same_run(run):
         assert entry["kv_bytes_prefill"] == mine["kv_bytes_prefill"] / full["kv_bytes_prefill"]
         assert entry["prefill_tokens_per_s"] == mine["prefill_tokens_per_s"] / full["prefill_tokens_per_s"]
         assert entry["decode_tokens_per_s"] == mine["decode_tokens_per_s"] / full["decode_tokens_per_s"]
+        paired = statistics.median(f / m for f, m in zip(full["prefill_s"], mine["prefill_s"], strict=True))
+        assert entry["prefill_tokens_per_s_paired"] == paired
 
 
 def test_budget_is_computed_from_measured_bytes_and_verified(run):
@@ -152,6 +154,9 @@ def test_summarize_and_ratios_on_known_numbers():
     assert entry["prefill_tokens_per_s"] == pytest.approx(0.5)  # 100 vs 200 tokens/s
     assert entry["decode_tokens_per_s"] == pytest.approx(2.0)  # 10 vs 5 tokens/s
     assert entry["kv_bytes_prefill"] == 0.5 and entry["kv_bytes_end"] == 0.5
+    # Paired: full 1.0 s vs (2, 1, 4) s per repeat -> prefill ratios (0.5, 1, 0.25), median 0.5;
+    # decode 4.0 s vs (1, 4, 2) s -> (4, 1, 2), median 2.
+    assert entry["prefill_tokens_per_s_paired"] == 0.5 and entry["decode_tokens_per_s_paired"] == 2.0
 
 
 @pytest.mark.parametrize(

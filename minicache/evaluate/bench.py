@@ -1,7 +1,8 @@
 """`minicache-bench`: prefill/decode speed and KV memory of MiniCache against the full cache.
 
 Every point (cache, context length, batch size) runs ``repeats`` times, the caches interleaved
-within each repeat so that drift in the machine's load hits all of them alike. Reported:
+within each repeat (order rotated between repeats) so that drift in the machine's load hits all
+of them alike. Reported:
 
 * **prefill** tokens/s: one forward over the ``[B, T]`` prompt (``B·T / median seconds``);
 * **decode** tokens/s: ``decode_tokens`` greedy single-token steps with the cache
@@ -281,7 +282,10 @@ RATIO_FIELDS = ("prefill_tokens_per_s", "decode_tokens_per_s", "kv_bytes_prefill
 def ratios(rows: Sequence[dict]) -> list[dict]:
     """Each cache's medians divided by the full cache's at the same point of the same run.
 
-    Speed ratios above 1 mean faster than the full cache; byte ratios below 1 mean smaller.
+    Speed ratios above 1 mean faster than the full cache; byte ratios below 1 mean smaller. The
+    ``*_paired`` speed ratios are the median over repeats of the ratio within one repeat (full
+    seconds / cache seconds; the two ran next to each other), which a slow drift of the machine's
+    load disturbs less than the ratio of medians.
     """
     full = {(r["context_length"], r["batch_size"]): r for r in rows if r["cache"] == FULL}
     out = []
@@ -294,6 +298,10 @@ def ratios(rows: Sequence[dict]) -> list[dict]:
             a, b = row.get(name), base.get(name)
             if a is not None and b:
                 entry[name] = a / b
+        for phase in ("prefill", "decode"):
+            pairs = list(zip(base[f"{phase}_s"], row[f"{phase}_s"], strict=True))
+            if pairs and all(mine > 0 for _, mine in pairs):
+                entry[f"{phase}_tokens_per_s_paired"] = statistics.median(full / mine for full, mine in pairs)
         out.append(entry)
     return out
 
@@ -447,8 +455,10 @@ def run_benchmark(
             prompt = prompts.batch(batch, length)
             samples: dict[str, list[dict]] = {s.name: [] for s in specs}
             for repeat in range(settings.repeats):
-                # Interleaved: a change in the machine's load during the point affects every cache.
-                for spec in specs:
+                # Interleaved, in an order rotated every repeat: a change in the machine's load during
+                # the point affects every cache, and no cache always runs first (cold) or last.
+                shift = repeat % len(specs)
+                for spec in specs[shift:] + specs[:shift]:
                     samples[spec.name].append(measure_once(model, spec, prompt, settings.decode_tokens, **kw))
                 log(f"T={length} B={batch} repeat {repeat + 1}/{settings.repeats}: " + ", ".join(
                     f"{n} {s[-1]['prefill_s']:.2f}s+{s[-1]['decode_s']:.2f}s" for n, s in samples.items()))
@@ -497,8 +507,9 @@ def format_table(result: dict) -> str:
     """Markdown table of a run: tokens/s and KV MiB per cache and point, ratios to the full cache."""
     ratio = {(r["cache"], r["context_length"], r["batch_size"]): r for r in result["ratios"]}
     lines = [
-        "| cache | context | batch | prefill tok/s | decode tok/s | KV MiB | prefill × | decode × | KV × |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| cache | context | batch | prefill tok/s | decode tok/s | KV MiB | prefill × | decode × | KV × "
+        "| prefill × paired | decode × paired |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["results"]:
         r = ratio.get((row["cache"], row["context_length"], row["batch_size"]), {})
@@ -507,7 +518,9 @@ def format_table(result: dict) -> str:
             f"| {_fmt(row['prefill_tokens_per_s'], '.0f')} | {_fmt(row['decode_tokens_per_s'], '.1f')} "
             f"| {row['kv_bytes_prefill'] / MIB:.1f} "
             f"| {_fmt(r.get('prefill_tokens_per_s'), '.2f')} | {_fmt(r.get('decode_tokens_per_s'), '.2f')} "
-            f"| {_fmt(r.get('kv_bytes_prefill'), '.3f')} |"
+            f"| {_fmt(r.get('kv_bytes_prefill'), '.3f')} "
+            f"| {_fmt(r.get('prefill_tokens_per_s_paired'), '.2f')} "
+            f"| {_fmt(r.get('decode_tokens_per_s_paired'), '.2f')} |"
         )
     budget = result.get("budget")
     if budget:

@@ -47,6 +47,7 @@ def similarity_figure(stats: PairStatistics):
         ax.set_title(f"{name}: mean cos between layers l and l+1")
         ax.set_xlabel("pair (l, l+1): l")
         ax.set_ylabel("KV head")
+        ax.set_yticks(range(cos.shape[-1]))
         fig.colorbar(im, ax=ax)
     pairs = range(cos.shape[0])
     for comp, name in ((0, "keys"), (1, "values")):
@@ -121,6 +122,7 @@ def magnitude_ratio_figure(stats: PairStatistics):
         ax.set_title(f"{name}: norm ratio m(l+1) / m(l) (geometric mean)")
         ax.set_xlabel("pair (l, l+1): l")
         ax.set_ylabel("KV head")
+        ax.set_yticks(range(ratio.shape[-1]))
         fig.colorbar(im, ax=ax)
     pairs = range(ratio.shape[0])
     for comp, name in ((0, "keys"), (1, "values")):

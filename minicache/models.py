@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ALIASES",
     "DTYPES",
+    "MODEL_SHAPES",
     "SMOLLM2_HUB_ID",
     "SOURCE_FILENAME",
     "MissingDependencyError",
@@ -58,6 +59,7 @@ __all__ = [
     "find_smollm2_gguf",
     "load_model",
     "minicache_home",
+    "random_model",
     "resolve_dtype",
     "resolve_model_source",
     "save_model_directory",
@@ -654,3 +656,73 @@ def load_model(
     model.config.name_or_path = source.name_or_path
     model.eval()
     return model, tokenizer
+
+
+#: Llama-architecture shapes for :func:`random_model` (config fields only; weights are random).
+#: ``tiny`` matches ``tests/tiny_configs.py``'s llama; the others are the published shapes of
+#: SmolLM2-135M, Llama-2-7B and Llama-3-8B, for speed and memory measurements that need a model
+#: of a given size but not its trained weights (GPU runs with no checkpoint on the machine).
+MODEL_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
+    },
+    "smollm2-135m": {
+        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192,
+        "rope_theta": 100000.0, "tie_word_embeddings": True,
+    },
+    "llama2-7b": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 4096,
+    },
+    "llama3-8b": {
+        "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+    },
+}
+
+
+def random_model(
+    shape: str,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    **overrides: Any,
+) -> PreTrainedModel:
+    """A randomly initialised Llama model of a named shape, built from its config alone.
+
+    Parameters
+    ----------
+    shape : str
+        A key of :data:`MODEL_SHAPES`.
+    dtype : torch.dtype or str, optional
+        Parameter dtype (default float32).
+    device : str or torch.device, optional
+        Where the parameters are created (default CPU); building on the GPU directly avoids a
+        host copy of a 7B model.
+    seed : int
+        ``torch.manual_seed`` before initialisation, so the same shape gives the same weights.
+    **overrides
+        Config fields, e.g. ``num_hidden_layers=8``.
+
+    Returns
+    -------
+    PreTrainedModel
+        In eval mode; ``config.name_or_path`` is ``"random:<shape>"``. Its outputs are meaningless:
+        use it for speed and memory, never for quality.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if shape not in MODEL_SHAPES:
+        raise ModelSourceError(f"unknown model shape {shape!r}; known: {', '.join(MODEL_SHAPES)}")
+    resolved = resolve_dtype(dtype)
+    resolved = torch.float32 if resolved in (None, "auto") else resolved
+    config = LlamaConfig(**{**MODEL_SHAPES[shape], **overrides})
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=resolved)
+    model.config.name_or_path = f"random:{shape}"
+    model.eval()
+    return model

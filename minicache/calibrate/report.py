@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from minicache.calibrate.search import SearchResult
 from minicache.calibrate.statistics import PairStatistics
@@ -27,22 +30,24 @@ def _save_figure(fig, path: Path) -> None:
     _atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_similarity(stats: PairStatistics, path: Path) -> None:
-    """Heatmaps of mean cos Ω per pair and KV head (keys, values), and median angle per pair."""
-    import matplotlib
+def similarity_figure(stats: PairStatistics):
+    """Heatmaps of mean cos Ω per pair and KV head (keys, values), and median angle per pair.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Returns a matplotlib `Figure` (no pyplot state: notebooks display it, reports save it).
+    """
+    from matplotlib.figure import Figure
 
     cos = stats.mean_cosine()  # [P, 2, H]
     median = stats.angle_quantiles((0.5,))[..., 0] * 180.0  # degrees, [P, 2, H]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [1, 1, 1.3]})
+    fig = Figure(figsize=(15, 4.5))
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.3]})
     limit = max(float(cos.abs().max()), 0.05)
     for ax, comp, name in ((axes[0], 0, "keys"), (axes[1], 1, "values")):
         im = ax.imshow(cos[:, comp].T.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
         ax.set_title(f"{name}: mean cos between layers l and l+1")
         ax.set_xlabel("pair (l, l+1): l")
         ax.set_ylabel("KV head")
+        ax.set_yticks(range(cos.shape[-1]))
         fig.colorbar(im, ax=ax)
     pairs = range(cos.shape[0])
     for comp, name in ((0, "keys"), (1, "values")):
@@ -52,8 +57,81 @@ def plot_similarity(stats: PairStatistics, path: Path) -> None:
     axes[2].set_xlabel("pair (l, l+1): l")
     axes[2].set_ylabel("degrees")
     axes[2].legend()
-    _save_figure(fig, path)
-    plt.close(fig)
+    return fig
+
+
+def plot_similarity(stats: PairStatistics, path: Path) -> None:
+    """Write :func:`similarity_figure` as a PNG."""
+    _save_figure(similarity_figure(stats), path)
+
+
+def angle_histogram_figure(stats: PairStatistics, pairs: Sequence[int] | None = None):
+    """Distribution of the angle Ω between adjacent layers, per pair, for keys and values.
+
+    Top row: the histogram of every pair as one column of an image (heads summed, each column
+    normalised). Bottom row: the histograms of ``pairs`` (default: first, middle and last pair)
+    as curves, with 90° (unrelated directions) marked.
+    """
+    from matplotlib.figure import Figure
+
+    hist = stats.angle_hist.sum(dim=2)  # [P, 2, bins]
+    density = hist / hist.sum(-1, keepdim=True).clamp_min(1)
+    count = hist.shape[0]
+    pairs = list(pairs) if pairs is not None else sorted({0, count // 2, count - 1})
+    edges = torch.linspace(0, 180, hist.shape[-1] + 1)
+    centres = (edges[1:] + edges[:-1]) / 2
+    fig = Figure(figsize=(13, 7.5), layout="constrained")
+    axes = fig.subplots(2, 2)
+    for comp, name in ((0, "keys"), (1, "values")):
+        ax = axes[0, comp]
+        im = ax.imshow(density[:, comp].T.numpy(), aspect="auto", origin="lower", cmap="viridis",
+                       extent=(-0.5, count - 0.5, 0, 180))
+        ax.axhline(90, color="white", lw=0.8, ls="--")
+        ax.set_title(f"{name}: angle between layers l and l+1 (fraction of tokens)")
+        ax.set_xlabel("pair (l, l+1): l")
+        ax.set_ylabel("angle Ω (degrees)")
+        fig.colorbar(im, ax=ax)
+        ax = axes[1, comp]
+        for p in pairs:
+            ax.plot(centres.numpy(), density[p, comp].numpy(), label=f"pair {p}-{p + 1}")
+        ax.axvline(90, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("angle Ω (degrees)")
+        ax.set_ylabel("fraction of tokens")
+        ax.set_title(f"{name}: angle histograms of selected pairs")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def magnitude_ratio_figure(stats: PairStatistics):
+    """Ratio of the norms of the same token in layers l+1 and l, per pair and KV head.
+
+    Heatmaps of the geometric mean ``exp(mean log(m_b / m_a))`` (log colour scale around 1) for keys
+    and values, and the spread (std of the log ratio) per pair. SLERP merging keeps both norms, so a
+    ratio far from 1 costs nothing in itself; a wide spread says the layers scale tokens differently.
+    """
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    mean, std = stats.magnitude_log_ratio()  # [P, 2, H]
+    ratio = mean.exp()
+    fig = Figure(figsize=(15, 4.5), layout="constrained")
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.3]})
+    span = max(float(ratio.max()), 1 / float(ratio.min().clamp_min(1e-6)), 1.1)
+    for ax, comp, name in ((axes[0], 0, "keys"), (axes[1], 1, "values")):
+        im = ax.imshow(ratio[:, comp].T.numpy(), aspect="auto", cmap="PuOr_r", norm=LogNorm(1 / span, span))
+        ax.set_title(f"{name}: norm ratio m(l+1) / m(l) (geometric mean)")
+        ax.set_xlabel("pair (l, l+1): l")
+        ax.set_ylabel("KV head")
+        ax.set_yticks(range(ratio.shape[-1]))
+        fig.colorbar(im, ax=ax)
+    pairs = range(ratio.shape[0])
+    for comp, name in ((0, "keys"), (1, "values")):
+        axes[2].plot(pairs, std[:, comp].mean(-1).numpy(), marker="o", label=name)
+    axes[2].set_title("spread of log(m(l+1) / m(l)) over tokens (mean over heads)")
+    axes[2].set_xlabel("pair (l, l+1): l")
+    axes[2].set_ylabel("std of the log ratio")
+    axes[2].legend()
+    return fig
 
 
 def plot_groups(num_layers: int, profile: MergeProfile, predicted: dict[int, float], path: Path) -> None:

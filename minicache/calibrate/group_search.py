@@ -152,6 +152,18 @@ def predict_group_damage(
     return out
 
 
+def cheapest_first(
+    candidates: dict[tuple[int, ...], GroupCandidate],
+    predicted: dict[tuple[int, ...], float],
+    exclude: set[tuple[int, ...]] = frozenset(),
+) -> list[tuple[int, ...]]:
+    """Candidates by predicted damage per saved layer (ties: deeper, then larger groups first)."""
+    return sorted(
+        (g for g in candidates if g not in exclude),
+        key=lambda g: (max(predicted[g], 0.0) / candidates[g].saved_layers, -g[0], -len(g)),
+    )
+
+
 def select_groups(
     candidates: dict[tuple[int, ...], GroupCandidate],
     predicted: dict[tuple[int, ...], float],
@@ -161,10 +173,7 @@ def select_groups(
     """Cheapest damage per saved layer first, non-overlapping, summed damage within ``allowance``."""
     used: set[int] = set()
     chosen, total = [], 0.0
-    order = sorted(
-        candidates, key=lambda g: (max(predicted[g], 0.0) / candidates[g].saved_layers, -g[0], -len(g))
-    )
-    for g in order:
+    for g in cheapest_first(candidates, predicted):
         if g in exclude or used.intersection(g):
             continue
         cost = max(predicted[g], 0.0)
@@ -261,11 +270,7 @@ def group_search(
             scale = budget.value(outcome) / max(predicted_sum, 1e-12) * 1.1
     if best is not None:
         tried_groups = 0
-        order = sorted(
-            (g for g in candidates if g not in excluded),
-            key=lambda g: (max(predicted[g], 0.0) / candidates[g].saved_layers, -g[0], -len(g)),
-        )
-        for g in order:
+        for g in cheapest_first(candidates, predicted, exclude=excluded):
             if tried_groups >= extend:
                 break
             if any(set(g) & set(c) for c in best[0]):

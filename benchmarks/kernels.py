@@ -79,6 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--contexts", nargs="+", type=int, default=None)
     p.add_argument("--residual", type=int, default=None, help="exact residual window (tokens)")
     p.add_argument("--retained", type=float, default=0.05, help="fraction of merged tokens retained")
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=[2, 4],
+        default=None,
+        help="pack the merged store as a quantized MiniCache does (keys per channel in groups of 128 tokens, "
+        "values and retained vectors per token); the fused kernel then dequantizes in registers",
+    )
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument(
@@ -144,20 +152,28 @@ def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int) -> float:
 
 
 # ---- one case -----------------------------------------------------------------------------------
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
 def fused_read_bytes(query: torch.Tensor, keys: MergedKVView, values: MergedKVView) -> int:
-    """Bytes the fused kernel must read: query, residual windows, directions, magnitudes (both slots:
-    the member's slot is strided, so whole sectors come in), retained vectors and their CSR lists."""
-    total = query.numel() * query.element_size()
+    """Bytes the fused kernel must read: query, residual windows, directions (packed codes, scales and
+    zero points where quantized), magnitudes (both slots: the member's slot is strided, so whole
+    sectors come in), this member's retained vectors and their CSR lists."""
+    total = _nbytes(query)
     for view in (keys, values):
-        total += view.residual.numel() * view.residual.element_size()
-        if view.direction is None:
+        total += _nbytes(view.residual)
+        if view.merged_length == 0:
             continue
-        total += view.direction.numel() * view.direction.element_size()
-        total += view.magnitude.numel() * view.magnitude.element_size()
-        csr = view.retained
-        nnz = csr.pos.numel()
-        total += nnz * view.direction.shape[-1] * view.direction.element_size()
-        total += 4 * (3 * nnz + csr.offsets.numel())
+        total += _nbytes(view.direction) + _nbytes(view.magnitude)
+        if view.qdirection is not None:
+            total += view.qdirection.nbytes
+        members = view.magnitude.shape[-1]
+        if view.retained_q is not None:
+            total += view.retained_q.nbytes // members
+        else:
+            total += _nbytes(view.retained_value) // members
+        total += 4 * (3 * view.retained.pos.numel() + view.retained.offsets.numel())
     return total
 
 
@@ -183,6 +199,14 @@ def run_case(name: str, shape: dict, batch: int, context: int, args, timer: Time
         retained=args.retained,
         seed=context + batch,
     )
+    if args.kv_bits is not None and merged:
+        from minicache.runtime.kernels.synthetic import quantize_views
+
+        # As a quantized store holds them: whole groups of 128 key tokens packed, the rest dense.
+        key_group = min(128, merged)
+        keys, values = quantize_views(
+            keys, values, args.kv_bits, key_group=key_group, value_group=min(128, d), key_tail=merged % key_group
+        )
     g = torch.Generator(device=device).manual_seed(1)
     query = torch.randn(batch, hq, 1, d, generator=g, device=device).to(dtype)
     full_k = torch.randn(batch, hkv, context, d, generator=g, device=device).to(dtype)
@@ -244,6 +268,7 @@ def run_case(name: str, shape: dict, batch: int, context: int, args, timer: Time
         "context": context,
         "merged": merged,
         "residual": residual,
+        "kv_bits": args.kv_bits,
         "retained_tokens": {
             "keys": 0 if keys.retained is None else keys.retained.pos.numel(),
             "values": 0 if values.retained is None else values.retained.pos.numel(),
@@ -275,7 +300,8 @@ def fmt(x, spec: str) -> str:
 def print_table(report: dict) -> None:
     t = TARGETS
     print(f"device: {report['device']}  copy bandwidth: {report['copy_bandwidth_gbs']:.1f} GB/s", end="  ")
-    print(f"dtype: {report['dtype']}")
+    bits = report.get("kv_bits")
+    print(f"dtype: {report['dtype']}" + (f"  store packed to {bits} bits" if bits else ""))
     print(
         f"targets ({t['source']}): fused ≥ {t['bandwidth_fraction_min']:.0%} of copy bandwidth when it reads "
         f"≥ {t['bandwidth_min_read_bytes'] // 2**20} MB; fused ≤ {t['no_magnitude_ratio_max']:.2f}× the "
@@ -379,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": str(args.dtype).removeprefix("torch."),
         "retained_fraction": args.retained,
+        "kv_bits": args.kv_bits,
         "residual": args.residual,
         "repeats": args.repeats,
         "warmup": args.warmup,
@@ -395,12 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     if out is None:
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or device.type
+        bits = "" if args.kv_bits is None else f"-{args.kv_bits}bit"
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
         out = (
             ROOT
             / "benchmarks"
             / "results"
-            / f"kernels-{'reduced-' if args.reduced else ''}{slug}-{stamp}.json"
+            / f"kernels-{'reduced-' if args.reduced else ''}{slug}{bits}-{stamp}.json"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

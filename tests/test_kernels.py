@@ -466,3 +466,105 @@ def test_generate_fused_aligned_three_layer_group_matches_the_torch_path():
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+
+# ---- packed (quantized) stores, issue 6 ------------------------------------------------------------
+def _quantized_case(dtype, group, bits, **kwargs):
+    from minicache.runtime.kernels.synthetic import quantize_views
+
+    query, keys, values, mask = _decode_case(dtype, group, 64, merged=166, **kwargs)
+    # 160 key tokens packed in groups of 32, the newest 6 still dense; values packed per token.
+    qkeys, qvalues = quantize_views(keys, values, bits, key_group=32, value_group=32, key_tail=6)
+    return query, (keys, values), (qkeys, qvalues), mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("group", [1, 4])
+def test_fused_decode_reads_packed_data_like_the_reference(dtype, bits, group):
+    query, dense, (qkeys, qvalues), mask = _quantized_case(dtype, group, bits)
+    assert qkeys.packed_length == 160 and qkeys.merged_length == 166 and qvalues.packed_length == 166
+    assert qkeys.retained_q is not None and qkeys.retained_value is None
+    got = fused_decode_attention(query, qkeys, qvalues, mask, split_tokens=64)
+    # The reference restores the dequantized store: the kernel must attend on exactly that data.
+    _assert_decode_close(got, query, qkeys, qvalues, mask, dtype)
+    # ... which is not the unquantized store (the test would pass vacuously otherwise).
+    unquantized = fused_decode_reference(query.float(), *dense, mask)
+    assert (got.float() - unquantized).abs().max() > 5 * DECODE_TOL[dtype]
+
+
+def test_fused_decode_packed_and_aligned():
+    import dataclasses
+
+    from tests.alignment_helpers import random_rotations
+
+    dtype = torch.bfloat16
+    query, _, (qkeys, qvalues), mask = _quantized_case(dtype, 4, 4)
+    rot = random_rotations(2, 2, 64, seed=5, identity_last=False).to(DEVICE)
+    qkeys, qvalues = dataclasses.replace(qkeys, rotation=rot[0]), dataclasses.replace(qvalues, rotation=rot[1])
+    got = fused_decode_attention(query, qkeys, qvalues, mask, split_tokens=64)
+    _assert_decode_close(got, query, qkeys, qvalues, mask, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+def test_fused_decode_of_an_unmerged_quantized_layer_is_plain_attention(dtype):
+    from minicache.runtime.quant import quantize
+
+    g = torch.Generator().manual_seed(7)
+    k, v = (torch.randn(2, 2, 136, 64, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    packed_k, packed_v = quantize(k[..., :128, :], 4, 32, "tokens"), quantize(v[..., :128, :], 4, 32, "channels")
+    keys = MergedKVView.of_quantized_layer(k[..., 128:, :], packed_k)
+    values = MergedKVView.of_quantized_layer(v[..., 128:, :], packed_v)
+    query = torch.randn(2, 8, 1, 64, generator=g).to(dtype).to(DEVICE)
+    mask = torch.ones(2, 1, 1, 136, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., :9] = False
+    got = fused_decode_attention(query, keys, values, mask, split_tokens=64)
+    # sdpa over the dequantized prefix + exact window, i.e. what the torch path attends on.
+    full_k = torch.cat([packed_k.dequantize(dtype), k[..., 128:, :]], dim=-2)
+    full_v = torch.cat([packed_v.dequantize(dtype), v[..., 128:, :]], dim=-2)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), full_k.float().repeat_interleave(4, 1), full_v.float().repeat_interleave(4, 1), mask
+    )
+    tol = DECODE_TOL[dtype]
+    torch.testing.assert_close(got.float(), want.transpose(1, 2), rtol=tol, atol=tol)
+
+
+def test_fused_decode_rejects_mixed_bit_widths():
+    import dataclasses
+
+    from minicache.runtime.kernels.synthetic import quantize_views
+
+    _, keys, values, mask = _decode_case(torch.float32, 1, 64, merged=166)
+    query = torch.randn(2, 2, 1, 64, device=DEVICE)
+    k4, v4 = quantize_views(keys, values, 4, key_group=32, value_group=32, key_tail=6)
+    _, v2 = quantize_views(keys, values, 2, key_group=32, value_group=32, key_tail=6)
+    with pytest.raises(ValueError, match="different bit widths"):
+        fused_decode_attention(query, k4, v2, mask)
+    unpacked_retained = dataclasses.replace(k4, retained_q=None, retained_value=keys.retained_value)
+    with pytest.raises(ValueError, match="retained_q"):
+        fused_decode_attention(query, unpacked_retained, v4, mask)
+
+
+def _quantized_profile(groups=((0, 1),)) -> MergeProfile:
+    from minicache.profile import Quantization
+
+    defaults = Defaults(residual_length=8, block_size=4, gamma=0.1)
+    merged = tuple(MergeGroup(layers, defaults.settings(), defaults.settings()) for layers in groups)
+    return MergeProfile(groups=merged, defaults=defaults).with_quantization(Quantization(4, 8, 8))
+
+
+def test_generate_fused_on_a_quantized_cache_matches_the_torch_path(monkeypatch):
+    model = _tiny_llama(kv_heads=2)
+    want = _generate(model, MiniCache(_quantized_profile(), model))
+    fused_calls = _count_calls(monkeypatch, decode_module, "fused_decode_attention")
+    assert kernels.enable_fused_attention(model, force=True)
+    cache = MiniCache(_quantized_profile(), model)
+    got = _generate(model, cache)
+    kernels.disable_fused_attention(model)
+    # Layers 0-1 merged and packed; layers 2-3 unmerged and packed: every layer attends on packed data.
+    assert cache.stores[0].components["keys"].qdirection is not None
+    assert cache.layers[2].qkeys is not None
+    assert len(fused_calls) == 11 * 4
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")

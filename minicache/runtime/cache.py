@@ -21,8 +21,9 @@ A store keeps, for keys and for values separately:
 With a profile's ``quantization`` (issue 6, :mod:`minicache.runtime.quant`) the merged directions
 and the retained vectors are stored packed (keys per channel, values and retained vectors per
 token), magnitudes stay fp16, and unmerged full-attention layers become
-:class:`~minicache.runtime.quant.QuantizedDynamicLayer`. Quantized stores always take the torch
-path (dequantize, then attend); the fused decode kernel does not read packed data yet.
+:class:`~minicache.runtime.quant.QuantizedDynamicLayer`. On the torch path a quantized store
+dequantizes, then attends; the fused decode kernel reads the packed codes, scales and zero points
+directly (merged groups and unmerged quantized layers alike) and dequantizes in registers.
 
 When the residual window holds at least ``residual_length + block_size`` tokens, the oldest whole
 blocks are merged. Retention is decided per token from the range of angular distances over a
@@ -414,8 +415,7 @@ class MergedPairStore:
                         f"({other.device} and {states.device}); place all layers of a group on one device"
                     )
             comp.append(member, states)
-        # The fused kernel reads model-dtype directions; quantized stores take the torch path.
-        if self.fused_decode and key_states.shape[-2] == 1 and self.quant is None:
+        if self.fused_decode and key_states.shape[-2] == 1:
             out = self.kernel_views(member)
         else:
             out = keys.restored(member), values.restored(member)
@@ -449,12 +449,12 @@ class MergedPairStore:
         """
         keys, values = self.components["keys"], self.components["values"]
         cached = getattr(self, "_csr_cache", None)
-        if keys.direction is None:
+        if keys.length == 0:
             csr_k = csr_v = None
         elif cached is not None and cached[0] is keys.retained_index and cached[1] is values.retained_index:
             csr_k, csr_v = cached[2]
         else:
-            b, h = keys.direction.shape[:2]
+            b, h = keys.residual[member].shape[:2]
             csr_k, csr_v = retained_csr_pair(keys.retained_index, values.retained_index, b, h)
             # Holding the index tensors keeps their identity meaningful (no id reuse).
             self._csr_cache = (keys.retained_index, values.retained_index, (csr_k, csr_v))
@@ -627,11 +627,12 @@ class MiniCache(Cache):
 
     # -- kernels -----------------------------------------------------------------------------
     def use_kernels(self, merge: bool | None = None, fused_decode: bool | None = None) -> None:
-        """Switch the Triton kernels on or off for every merged group (None leaves a switch as is).
+        """Switch the Triton kernels on or off (None leaves a switch as is).
 
         ``merge``: merge blocks with the Triton merge kernel (SLERP pairs; groups of 3+ layers and
-        ``method: average`` groups keep the torch reference). ``fused_decode``: single-token steps
-        return :class:`MergedKVView` snapshots instead of restored tensors, which only the fused
+        ``method: average`` groups keep the torch reference). ``fused_decode``: single-token steps of
+        merged groups and of quantized unmerged layers return :class:`MergedKVView` snapshots
+        instead of restored (dequantized) tensors, which only the fused
         attention function understands; prefer ``minicache.runtime.kernels.enable_fused_attention``,
         which sets this switch together with the model's attention function, on CUDA only.
         """
@@ -640,6 +641,10 @@ class MiniCache(Cache):
                 store.merge_kernel = bool(merge)
             if fused_decode is not None:
                 store.fused_decode = bool(fused_decode)
+        if fused_decode is not None:
+            for layer in self.layers:
+                if isinstance(layer, QuantizedDynamicLayer):
+                    layer.fused_decode = bool(fused_decode)
 
     # -- batch operations: once per store, not once per member layer ---------------------------
     def _unmerged(self) -> Iterator[CacheLayerMixin]:
@@ -896,23 +901,34 @@ class MergedKVView:
     snapshot time; a merge replaces those tensors (it never writes into them), so the view keeps
     describing the state the snapshot was taken in.
 
+    The merged prefix of ``M = Mq + Md`` tokens is ``qdirection`` (``Mq`` packed tokens, quantized
+    stores only) followed by ``direction`` (``Md`` tokens in the model dtype). Without
+    ``magnitude`` the prefix holds the vectors themselves: that is how an unmerged quantized layer
+    (:class:`~minicache.runtime.quant.QuantizedDynamicLayer`) is described to the same kernel.
+
     Attributes
     ----------
     member : int
-        0 for the shallower layer of the pair, 1 for the deeper one.
+        Which layer of the group (0 = the shallowest).
     residual : torch.Tensor
         ``[B, H, r, D]`` exact window (model dtype).
     direction : torch.Tensor or None
-        ``[B, H, M, D]`` shared directions (model dtype); None when nothing is merged yet.
+        ``[B, H, Md, D]`` shared directions (model dtype), the newest merged tokens when
+        ``qdirection`` holds the older ones; None when there are none.
     magnitude : torch.Tensor or None
-        ``[B, H, M, 2]`` both layers' norms; ``RETAINED_MAGNITUDE`` for retained tokens.
+        ``[B, H, M, k]`` every member's norms; ``RETAINED_MAGNITUDE`` for retained tokens.
     retained_value : torch.Tensor or None
-        ``[nnz, 2, D]`` exact vectors of retained tokens, in store order.
+        ``[nnz, k, D]`` exact vectors of retained tokens, in store order (model dtype; None when
+        they are packed in ``retained_q``).
     retained : RetainedCSR or None
         Retained tokens grouped by (b, h).
     rotation : torch.Tensor or None
         ``[H, D, D]`` float32 alignment ``R`` of this member: the directions live in the aligned
         frame and this layer's vectors are ``m · e Rᵀ`` (None: not aligned).
+    qdirection : QuantizedTensor or None
+        ``[B, H, Mq, D]`` packed directions (keys per channel, values per token).
+    retained_q : QuantizedTensor or None
+        ``[nnz, k, D]`` packed retained vectors (per token).
     """
 
     member: int
@@ -922,6 +938,8 @@ class MergedKVView:
     retained_value: torch.Tensor | None = None
     retained: RetainedCSR | None = None
     rotation: torch.Tensor | None = None
+    qdirection: QuantizedTensor | None = None
+    retained_q: QuantizedTensor | None = None
 
     @classmethod
     def from_component(cls, component: _ComponentStore, member: int, csr: RetainedCSR | None) -> MergedKVView:
@@ -933,11 +951,23 @@ class MergedKVView:
             retained_value=component.retained_value,
             retained=csr,
             rotation=component.rotation_of(member),
+            qdirection=component.qdirection,
+            retained_q=component.retained_q,
         )
+
+    @classmethod
+    def of_quantized_layer(cls, residual: torch.Tensor, packed: QuantizedTensor) -> MergedKVView:
+        """An unmerged quantized layer's keys or values: packed prefix + exact window, no magnitudes."""
+        return cls(member=0, residual=residual, qdirection=packed)
+
+    @property
+    def packed_length(self) -> int:
+        """``Mq``: merged tokens held packed."""
+        return 0 if self.qdirection is None else self.qdirection.length
 
     @property
     def merged_length(self) -> int:
-        return 0 if self.direction is None else self.direction.shape[-2]
+        return self.packed_length + (0 if self.direction is None else self.direction.shape[-2])
 
     @property
     def shape(self) -> torch.Size:
@@ -952,15 +982,31 @@ class MergedKVView:
     def device(self) -> torch.device:
         return self.residual.device
 
+    def full_direction(self) -> torch.Tensor | None:
+        """``[B, H, M, D]`` stored prefix in the model dtype (packed part dequantized), or None."""
+        if self.qdirection is None:
+            return self.direction
+        packed = self.qdirection.dequantize(self.dtype)
+        return packed if self.direction is None else torch.cat([packed, self.direction], dim=-2)
+
+    def retained_vectors(self) -> torch.Tensor | None:
+        """``[nnz, k, D]`` retained vectors in the model dtype (dequantized when packed)."""
+        if self.retained_q is not None:
+            return self.retained_q.dequantize(self.dtype)
+        return self.retained_value
+
     def materialize(self) -> torch.Tensor:
         """The restored ``[B, H, M + r, D]`` tensor (what the torch path returns)."""
-        if self.direction is None:
+        if self.merged_length == 0:
             return self.residual
-        dense = restore(self.direction, self.magnitude[..., self.member], self.residual.dtype, self.rotation)
+        prefix = self.full_direction()
+        if self.magnitude is None:  # an unmerged layer: the prefix holds the vectors
+            return torch.cat([prefix, self.residual], dim=-2)
+        dense = restore(prefix, self.magnitude[..., self.member], self.residual.dtype, self.rotation)
         if self.retained is not None and self.retained.pos.numel():
             b, h = dense.shape[:2]
             counts = (self.retained.offsets[1:] - self.retained.offsets[:-1]).long()
             bh = torch.repeat_interleave(torch.arange(b * h, device=dense.device), counts)
-            exact = self.retained_value[self.retained.row.long(), self.member]
+            exact = self.retained_vectors()[self.retained.row.long(), self.member]
             dense[bh // h, bh % h, self.retained.pos.long()] = exact
         return torch.cat([dense, self.residual], dim=-2)

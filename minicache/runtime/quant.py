@@ -208,7 +208,8 @@ class QuantizedDynamicLayer(CacheLayerMixin):
     transformers' dynamic layers); ``qkeys``/``qvalues`` are the quantized prefix of ``Q`` tokens.
     Whenever the window holds at least ``residual_length + group_size`` tokens, its oldest whole
     groups are quantized (after this step's attention, which therefore sees exact new tokens).
-    :meth:`update` returns the dequantized prefix followed by the window: ``[B, H, Q + r, D]``.
+    :meth:`update` returns the dequantized prefix followed by the window: ``[B, H, Q + r, D]``
+    (or, with ``fused_decode`` on a single-token step, views the fused kernel reads packed).
 
     Parameters
     ----------
@@ -225,6 +226,9 @@ class QuantizedDynamicLayer(CacheLayerMixin):
         self.spec = spec
         self.qkeys: QuantizedTensor | None = None
         self.qvalues: QuantizedTensor | None = None
+        # Set by MiniCache.use_kernels: single-token steps then return MergedKVView snapshots of the
+        # packed prefix and the window, which the fused decode kernel reads without dequantizing.
+        self.fused_decode = False
 
     def __repr__(self) -> str:
         return f"QuantizedDynamicLayer({self.spec.describe()})"
@@ -247,6 +251,13 @@ class QuantizedDynamicLayer(CacheLayerMixin):
         self.values = torch.cat([self.values, value_states], dim=-2)
         if self.qkeys is None:
             out = self.keys, self.values
+        elif self.fused_decode and key_states.shape[-2] == 1:
+            from minicache.runtime.cache import MergedKVView  # cache imports this module
+
+            out = (
+                MergedKVView.of_quantized_layer(self.keys, self.qkeys),
+                MergedKVView.of_quantized_layer(self.values, self.qvalues),
+            )
         else:
             out = (
                 torch.cat([self.qkeys.dequantize(self.dtype), self.keys], dim=-2),

@@ -60,19 +60,25 @@ def _compile(fn, pointers, floats, constexprs, arch: int, options: dict | None =
 
 
 def decode_variants(full: bool) -> list[dict[str, Any]]:
-    """(dtype, G, D, use_magnitude, mask kind, value rotation) combinations the decode kernel is launched with."""
+    """(dtype, G, D, use_magnitude, mask kind, value rotation, packed bits) combinations the decode
+    kernel is launched with (``bits`` 0: model-dtype store; ``mag`` False with bits: an unmerged
+    quantized layer)."""
     if not full:
         return [
-            {"dtype": "bf16", "G": 8, "D": 128, "mag": True, "mask": "bool", "vrot": False},
-            {"dtype": "bf16", "G": 3, "D": 64, "mag": True, "mask": "bool", "vrot": True},
-            {"dtype": "fp32", "G": 1, "D": 64, "mag": True, "mask": None, "vrot": True},
+            {"dtype": "bf16", "G": 8, "D": 128, "mag": True, "mask": "bool", "vrot": False, "bits": 0},
+            {"dtype": "bf16", "G": 3, "D": 64, "mag": True, "mask": "bool", "vrot": True, "bits": 0},
+            {"dtype": "fp32", "G": 1, "D": 64, "mag": True, "mask": None, "vrot": True, "bits": 0},
+            {"dtype": "bf16", "G": 3, "D": 64, "mag": True, "mask": "bool", "vrot": True, "bits": 4},
+            {"dtype": "bf16", "G": 8, "D": 128, "mag": False, "mask": "bool", "vrot": False, "bits": 2},
         ]
     out = []
     for dtype in ("bf16", "fp16", "fp32"):
         for g, d in ((1, 64), (4, 128), (8, 128), (1, 256)):
             for mag, mask in ((True, "bool"), (True, "float"), (True, None), (False, None)):
                 for vrot in (False, True) if mag else (False,):
-                    out.append({"dtype": dtype, "G": g, "D": d, "mag": mag, "mask": mask, "vrot": vrot})
+                    for bits in (0, 4, 2):
+                        v = {"dtype": dtype, "G": g, "D": d, "mag": mag, "mask": mask, "vrot": vrot, "bits": bits}
+                        out.append(v)
     return out
 
 
@@ -114,6 +120,12 @@ def compile_all(arch: int = 90, full: bool = False) -> list[dict]:
         for c in "kv":
             pointers.update({f"{c}_{n}_ptr": "*i32" for n in ("off", "pos", "row", "cross")})
         pointers["mask_ptr"] = "*u8" if v["mask"] in ("bool", None) else "*fp32"
+        # Packed parts: codes as bytes; scales and zero points fp16 (fp32 for fp32 models); stand-ins
+        # of the same types when nothing is packed.
+        scale_type = "*fp32" if (dtype == "fp32" and v["bits"]) else "*fp16"
+        pointers.update({n: "*u8" for n in ("kq_ptr", "vq_ptr", "krq_ptr", "vrq_ptr")})
+        for n in ("ks", "kz", "vs", "vz", "krs", "krz", "vrs", "vrz"):
+            pointers[f"{n}_ptr"] = scale_type
         constexprs = {
             "G": v["G"],
             "BLOCK_G": max(16, triton.next_power_of_2(v["G"])),
@@ -127,6 +139,13 @@ def compile_all(arch: int = 90, full: bool = False) -> list[dict]:
             "MASK_BOOL": v["mask"] == "bool",
             "DOT_MODE": decode._DOT_IEEE if dtype == "fp32" else decode._DOT_NATIVE,
             "NORM_EPS": 1e-12,
+            "QBITS": v["bits"],
+            "K_GROUP": 128 if v["bits"] else 1,
+            "K_PER_TOKEN": False,
+            "V_GROUP": min(128, d) if v["bits"] else 1,
+            "V_PER_TOKEN": True,
+            "R_GROUP": min(128, d) if v["bits"] else 1,
+            "RTNE": False,
         }
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         options = {"num_stages": decode.num_stages(torch_dtype)}

@@ -25,6 +25,15 @@ Stage 2 (``_decode_combine_kernel``), grid ``(B · H_kv,)``: log-sum-exp merge o
 ``out = Σ acc_s 2^(m_s − M) / Σ l_s 2^(m_s − M)``. A split may have ``l = 0`` and ``acc ≠ 0``
 (value corrections), so partials are kept un-normalised.
 
+Quantized stores (issue 6): the oldest ``Mq`` merged tokens of a component are packed
+(:mod:`minicache.runtime.quant`: keys per channel in groups of tokens, values per token in groups of
+channels, ``8 // bits`` codes per byte) and the newest ``M - Mq`` stay dense. Every load of a
+direction, in a dense split or gathered by a retained split, reads the codes, scale and zero point and
+dequantizes in registers (``code · scale + zero``, float32, then the model dtype, as
+:meth:`QuantizedTensor.dequantize` does); retained vectors are packed per token and read the same
+way. Nothing is dequantized in memory. An unmerged quantized layer is the same kernel without
+magnitudes: its packed prefix holds the keys and values themselves.
+
 Logits are kept in the log2 domain (scale folded with ``log2 e``) so the kernel uses ``exp2``.
 
 Aligned groups (issue 7): the directions live in the group's aligned frame and a member's vectors
@@ -83,6 +92,71 @@ def _dot(a, b, DOT_MODE: tl.constexpr):
 def _row_norm(x, NORM_EPS: tl.constexpr):
     x = x.to(tl.float32)
     return tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), NORM_EPS)
+
+
+@triton.jit
+def _dequant(q_row, stride_qn, s_row, z_row, stride_sn, pos, ok, offs_d, d_ok, QBITS: tl.constexpr,
+             GROUP: tl.constexpr, PER_TOKEN: tl.constexpr):
+    """Float32 ``[BLOCK, BLOCK_D]`` rows ``pos`` of a packed tensor: ``code · scale + zero``.
+
+    ``8 // QBITS`` codes share a byte, the first in the lowest bits (:func:`minicache.runtime.quant.pack`).
+    ``PER_TOKEN``: scale/zero ``[N, D // GROUP]`` (values, retained vectors); else ``[N // GROUP, D]``
+    (keys, per channel).
+    """
+    PER: tl.constexpr = 8 // QBITS
+    ok2 = ok[:, None] & d_ok[None, :]
+    byte = tl.load(q_row + pos[:, None] * stride_qn + (offs_d // PER)[None, :], mask=ok2, other=0)
+    code = (byte.to(tl.int32) >> ((offs_d % PER) * QBITS)[None, :]) & ((1 << QBITS) - 1)
+    if PER_TOKEN:
+        s_off = pos[:, None] * stride_sn + (offs_d // GROUP)[None, :]
+    else:
+        s_off = (pos // GROUP)[:, None] * stride_sn + offs_d[None, :]
+    scale = tl.load(s_row + s_off, mask=ok2, other=0.0).to(tl.float32)
+    zero = tl.load(z_row + s_off, mask=ok2, other=0.0).to(tl.float32)
+    return code.to(tl.float32) * scale + zero
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, RTNE: tl.constexpr):
+    """``x`` (float32) in ``dtype``. ``RTNE`` rounds to nearest even by hand first: Triton's
+    interpreter truncates float32 → bfloat16 where GPUs (and torch) round to nearest even."""
+    if RTNE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)  # exactly representable now: truncation is exact
+    return x.to(dtype)
+
+
+@triton.jit
+def _load_prefix(dense_row, stride_dn, q_row, stride_qn, s_row, z_row, stride_sn, n_q, pos, ok, offs_d, d_ok,
+                 QBITS: tl.constexpr, GROUP: tl.constexpr, PER_TOKEN: tl.constexpr, RTNE: tl.constexpr):
+    """Rows ``pos`` ``[BLOCK, BLOCK_D]`` of a merged prefix in the model dtype: dequantized from the
+    packed part below ``n_q``, loaded from the dense part (which starts at token ``n_q``) above."""
+    if QBITS == 0:
+        x = tl.load(dense_row + pos[:, None] * stride_dn + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        packed = ok & (pos < n_q)
+        tail = ok & (pos >= n_q)
+        x = tl.load(
+            dense_row + tl.maximum(pos - n_q, 0)[:, None] * stride_dn + offs_d[None, :],
+            mask=tail[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        deq = _dequant(q_row, stride_qn, s_row, z_row, stride_sn, pos, packed, offs_d, d_ok, QBITS, GROUP, PER_TOKEN)
+        x = tl.where(packed[:, None], _round_to(deq, x.dtype, RTNE), x)
+    return x
+
+
+@triton.jit
+def _load_retained(val_ptr, stride_val, rq_ptr, stride_rq, rs_ptr, rz_ptr, stride_rs, rows, ok, offs_d, d_ok,
+                   out_dtype: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr, RTNE: tl.constexpr):
+    """Exact (or, packed per token, dequantized) retained vectors of list rows ``rows``."""
+    if QBITS == 0:
+        x = tl.load(val_ptr + rows[:, None] * stride_val + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        x = _dequant(rq_ptr, stride_rq, rs_ptr, rz_ptr, stride_rs, rows, ok, offs_d, d_ok, QBITS, GROUP, True)
+        x = _round_to(x, out_dtype, RTNE)
+    return x
 
 
 @triton.jit
@@ -152,6 +226,36 @@ def _decode_partial_kernel(
     stride_vr_b,
     stride_vr_h,
     stride_vr_n,
+    kq_ptr,
+    stride_kq_b,
+    stride_kq_h,
+    stride_kq_n,
+    ks_ptr,
+    kz_ptr,
+    stride_ks_b,
+    stride_ks_h,
+    stride_ks_n,
+    vq_ptr,
+    stride_vq_b,
+    stride_vq_h,
+    stride_vq_n,
+    vs_ptr,
+    vz_ptr,
+    stride_vs_b,
+    stride_vs_h,
+    stride_vs_n,
+    MQ_K,
+    MQ_V,
+    krq_ptr,
+    stride_krq,
+    krs_ptr,
+    krz_ptr,
+    stride_krs,
+    vrq_ptr,
+    stride_vrq,
+    vrs_ptr,
+    vrz_ptr,
+    stride_vrs,
     k_off_ptr,
     k_pos_ptr,
     k_row_ptr,
@@ -191,6 +295,13 @@ def _decode_partial_kernel(
     DOT_MODE: tl.constexpr,
     NORM_EPS: tl.constexpr,
     HAS_VROT: tl.constexpr,
+    QBITS: tl.constexpr,
+    K_GROUP: tl.constexpr,
+    K_PER_TOKEN: tl.constexpr,
+    V_GROUP: tl.constexpr,
+    V_PER_TOKEN: tl.constexpr,
+    R_GROUP: tl.constexpr,
+    RTNE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -232,6 +343,13 @@ def _decode_partial_kernel(
     vd_row = vd_ptr + b64 * stride_vd_b + h64 * stride_vd_h
     km_row = km_ptr + b64 * stride_km_b + h64 * stride_km_h
     vm_row = vm_ptr + b64 * stride_vm_b + h64 * stride_vm_h
+    # Packed parts (QBITS > 0): codes, scales and zero points of the oldest MQ_K / MQ_V merged tokens.
+    kq_row = kq_ptr + b64 * stride_kq_b + h64 * stride_kq_h
+    ks_row = ks_ptr + b64 * stride_ks_b + h64 * stride_ks_h
+    kz_row = kz_ptr + b64 * stride_ks_b + h64 * stride_ks_h
+    vq_row = vq_ptr + b64 * stride_vq_b + h64 * stride_vq_h
+    vs_row = vs_ptr + b64 * stride_vs_b + h64 * stride_vs_h
+    vz_row = vz_ptr + b64 * stride_vs_b + h64 * stride_vs_h
 
     if pid_s < n_dense:
         # ---- dense split: stream directions, magnitudes as per-token scalars ----------------
@@ -240,9 +358,10 @@ def _decode_partial_kernel(
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < end
-            tile_ok = n_ok[:, None] & d_ok[None, :]
-            ek = tl.load(kd_row + offs_n[:, None] * stride_kd_n + offs_d[None, :], mask=tile_ok, other=0.0)
-            ev = tl.load(vd_row + offs_n[:, None] * stride_vd_n + offs_d[None, :], mask=tile_ok, other=0.0)
+            ek = _load_prefix(kd_row, stride_kd_n, kq_row, stride_kq_n, ks_row, kz_row, stride_ks_n, MQ_K,
+                              offs_n, n_ok, offs_d, d_ok, QBITS, K_GROUP, K_PER_TOKEN, RTNE)
+            ev = _load_prefix(vd_row, stride_vd_n, vq_row, stride_vq_n, vs_row, vz_row, stride_vs_n, MQ_V,
+                              offs_n, n_ok, offs_d, d_ok, QBITS, V_GROUP, V_PER_TOKEN, RTNE)
             s = _dot(q_al, tl.trans(ek), DOT_MODE)
             if HAS_MAG:
                 mk = tl.load(km_row + offs_n * stride_km_n, mask=n_ok, other=-1.0).to(tl.float32)
@@ -278,26 +397,17 @@ def _decode_partial_kernel(
             pos = tl.load(k_pos_ptr + offs_i, mask=i_ok, other=0)
             row = tl.load(k_row_ptr + offs_i, mask=i_ok, other=0).to(tl.int64)
             cross = tl.load(k_cross_ptr + offs_i, mask=i_ok, other=-1)
-            kx = tl.load(
-                k_val_ptr + row[:, None] * stride_kval + offs_d[None, :],
-                mask=i_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
+            kx = _load_retained(k_val_ptr, stride_kval, krq_ptr, stride_krq, krs_ptr, krz_ptr, stride_krs, row,
+                                i_ok, offs_d, d_ok, q.dtype, QBITS, R_GROUP, RTNE)
             s = _dot(q, tl.trans(kx), DOT_MODE) * qk_scale
             s += _mask_bias(mask_row, stride_mask_t, pos, i_ok, HAS_MASK, MASK_BOOL)[None, :]
             s = tl.where(i_ok[None, :], s, float("-inf"))
             exact_v = i_ok & (cross >= 0)
             dense_v = i_ok & (cross < 0)
-            vx = tl.load(
-                v_val_ptr + cross.to(tl.int64)[:, None] * stride_vval + offs_d[None, :],
-                mask=exact_v[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            ev = tl.load(
-                vd_row + pos[:, None] * stride_vd_n + offs_d[None, :],
-                mask=dense_v[:, None] & d_ok[None, :],
-                other=0.0,
-            )
+            vx = _load_retained(v_val_ptr, stride_vval, vrq_ptr, stride_vrq, vrs_ptr, vrz_ptr, stride_vrs,
+                                cross.to(tl.int64), exact_v, offs_d, d_ok, q.dtype, QBITS, R_GROUP, RTNE)
+            ev = _load_prefix(vd_row, stride_vd_n, vq_row, stride_vq_n, vs_row, vz_row, stride_vs_n, MQ_V,
+                              pos, dense_v, offs_d, d_ok, QBITS, V_GROUP, V_PER_TOKEN, RTNE)
             if HAS_MAG:
                 mv = tl.load(vm_row + pos * stride_vm_n, mask=dense_v, other=0.0).to(tl.float32)
                 vr = ev.to(tl.float32) * (mv / _row_norm(ev, NORM_EPS))[:, None]
@@ -320,11 +430,8 @@ def _decode_partial_kernel(
             row = tl.load(v_row_ptr + offs_i, mask=i_ok, other=0).to(tl.int64)
             cross = tl.load(v_cross_ptr + offs_i, mask=i_ok, other=0)
             active = i_ok & (cross < 0)
-            ek = tl.load(
-                kd_row + pos[:, None] * stride_kd_n + offs_d[None, :],
-                mask=active[:, None] & d_ok[None, :],
-                other=0.0,
-            )
+            ek = _load_prefix(kd_row, stride_kd_n, kq_row, stride_kq_n, ks_row, kz_row, stride_ks_n, MQ_K,
+                              pos, active, offs_d, d_ok, QBITS, K_GROUP, K_PER_TOKEN, RTNE)
             s = _dot(q_al, tl.trans(ek), DOT_MODE)
             if HAS_MAG:
                 mk = tl.load(km_row + pos * stride_km_n, mask=active, other=0.0).to(tl.float32)
@@ -333,11 +440,8 @@ def _decode_partial_kernel(
                 s = s * qk_scale
             s += _mask_bias(mask_row, stride_mask_t, pos, active, HAS_MASK, MASK_BOOL)[None, :]
             s = tl.where(active[None, :], s, float("-inf"))
-            vx = tl.load(
-                v_val_ptr + row[:, None] * stride_vval + offs_d[None, :],
-                mask=active[:, None] & d_ok[None, :],
-                other=0.0,
-            )
+            vx = _load_retained(v_val_ptr, stride_vval, vrq_ptr, stride_vrq, vrs_ptr, vrz_ptr, stride_vrs, row,
+                                active, offs_d, d_ok, q.dtype, QBITS, R_GROUP, RTNE)
             m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, vx, ones_r, False, DOT_MODE)
     else:
         # ---- residual split: the exact window, plain flash decoding ----------------------------
@@ -416,6 +520,46 @@ def _int32_zeros(n: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.int32, device=device)
 
 
+@functools.lru_cache(maxsize=64)
+def _stand_in(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # A pointer of the right element type for an absent packed part (the kernel never reads it).
+    return torch.zeros(1, dtype=dtype, device=device)
+
+
+def _quant_layout(keys: MergedKVView, values: MergedKVView) -> tuple[int, int, bool, int, bool, int]:
+    """``(bits, key group, keys per token, value group, values per token, retained group)``; bits 0
+    when nothing is packed. Every packed part of one step must share its bit width."""
+    packed = {
+        "key directions": keys.qdirection,
+        "value directions": values.qdirection,
+        "retained keys": keys.retained_q,
+        "retained values": values.retained_q,
+    }
+    bits = {q.bits for q in packed.values() if q is not None}
+    if not bits:
+        return 0, 1, False, 1, True, 1
+    if len(bits) > 1:
+        raise ValueError(f"packed parts of one layer use different bit widths: {sorted(bits)}")
+    for name, q in packed.items():
+        if q is not None and name.startswith("retained") and q.axis != "channels":
+            raise ValueError(f"{name} must be packed per token (axis 'channels'), got {q.axis!r}")
+    for view in (keys, values):
+        if view.retained_value is not None and view.retained_q is None and view.retained is not None:
+            raise ValueError("a quantized store keeps its retained vectors packed (retained_q)")
+    groups = {q.group_size for q in (keys.retained_q, values.retained_q) if q is not None}
+    if len(groups) > 1:
+        raise ValueError(f"retained keys and values are packed in different groups: {sorted(groups)}")
+    kq, vq = keys.qdirection, values.qdirection
+    return (
+        bits.pop(),
+        1 if kq is None else kq.group_size,
+        kq is not None and kq.axis == "channels",
+        1 if vq is None else vq.group_size,
+        vq is None or vq.axis == "channels",
+        groups.pop() if groups else 1,
+    )
+
+
 def num_stages(dtype: torch.dtype) -> int:
     """Software-pipelining depth: 2 for fp32 tiles (3 would need ~140 KB of shared memory), else 3."""
     return 2 if dtype == torch.float32 else 3
@@ -478,7 +622,8 @@ def fused_decode_attention(
     query : torch.Tensor
         ``[B, Hq, 1, D]`` (head dim contiguous); ``Hq = G · H`` with ``G`` query heads per KV head.
     keys, values : MergedKVView
-        One member layer's keys and values (``[B, H, M + r, D]`` logically).
+        One member layer's keys and values (``[B, H, M + r, D]`` logically), packed or not; views
+        without magnitudes (an unmerged quantized layer) are attended as they are stored.
     attention_mask : torch.Tensor, optional
         ``[B or 1, 1, 1, M + r]`` bool (True = attend) or additive float decode mask, or ``[B, M + r]``;
         handles left padding and any other per-sequence key mask.
@@ -516,8 +661,9 @@ def fused_decode_attention(
     if q.dtype != dtype:
         q = q.to(dtype)
     # Alignment (only meaningful with magnitudes: the no-magnitude variant is the benchmark baseline).
-    k_rot = keys.rotation if (use_magnitude and keys.direction is not None) else None
-    v_rot = values.rotation if (use_magnitude and values.direction is not None) else None
+    has_mag = use_magnitude and m_len > 0 and keys.magnitude is not None and values.magnitude is not None
+    k_rot = keys.rotation if has_mag else None
+    v_rot = values.rotation if has_mag else None
     if k_rot is not None:
         # q · (m e Rᵀ) = m (q R) · e: one [G, D] × [D, D] product per KV head and step.
         q_al = torch.einsum("bhgd,hde->bhge", q.float().reshape(b, h, group, d), k_rot.float())
@@ -532,27 +678,50 @@ def fused_decode_attention(
     # Absent parts get a stand-in pointer; the split plan never reads them.
     dummy = keys.residual
     idx_dummy = _int32_zeros(2, device)
+    qbits, k_group, k_per_token, v_group, v_per_token, r_group = _quant_layout(keys, values)
+    code_dummy = _stand_in(torch.uint8, device)
+    scale_dummy = _stand_in(torch.float16, device)
 
     def dense_parts(view: MergedKVView):
-        if view.direction is None:
-            return dummy, (0, 0, 0), dummy, (0, 0, 0)
+        """The dense tail of directions (the whole prefix when nothing is packed) and magnitudes."""
+        tail = (view.direction, view.direction.stride()[:3]) if view.direction is not None else (dummy, (0, 0, 0))
+        if not has_mag:
+            return (*tail, dummy, (0, 0, 0))
         mag = view.magnitude[..., view.member]
-        return view.direction, view.direction.stride()[:3], mag, mag.stride()[:3]
+        return (*tail, mag, mag.stride()[:3])
+
+    def packed_parts(view: MergedKVView):
+        """Codes, their strides, scales, zero points, their strides, and ``Mq``."""
+        qt = view.qdirection
+        if qt is None:
+            return code_dummy, (0, 0, 0), scale_dummy, scale_dummy, (0, 0, 0), 0
+        if qt.data.stride(-1) != 1 or qt.scale.stride(-1) != 1 or qt.zero.stride() != qt.scale.stride():
+            raise ValueError("packed directions need unit-stride last dims and zero points laid out like scales")
+        return qt.data, qt.data.stride()[:3], qt.scale, qt.zero, qt.scale.stride()[:3], qt.length
 
     def csr_parts(view: MergedKVView):
+        """CSR lists, exact retained vectors (+ row stride) and packed ones (codes, stride, scale, zero, stride)."""
         csr = view.retained
-        if csr is None or view.retained_value is None or csr.pos.numel() == 0:
+        no_packed = (code_dummy, 0, scale_dummy, scale_dummy, 0)
+        if csr is None or (view.retained_value is None and view.retained_q is None) or csr.pos.numel() == 0:
             offsets = _int32_zeros(b * h + 1, device) if csr is None else csr.offsets
-            return offsets, idx_dummy, idx_dummy, idx_dummy, dummy, 0
+            return offsets, idx_dummy, idx_dummy, idx_dummy, dummy, 0, *no_packed
+        if view.retained_q is not None:
+            rq = view.retained_q
+            data, scale, zero = (t[:, view.member] for t in rq.tensors())
+            packed = (data, data.stride(0), scale, zero, scale.stride(0))
+            return csr.offsets, csr.pos, csr.row, csr.cross, dummy, 0, *packed
         val = view.retained_value[:, view.member]
-        return csr.offsets, csr.pos, csr.row, csr.cross, val, val.stride(0)
+        return csr.offsets, csr.pos, csr.row, csr.cross, val, val.stride(0), *no_packed
 
     kd_t, kd_s, km_t, km_s = dense_parts(keys)
     vd_t, vd_s, vm_t, vm_s = dense_parts(values)
     # The cross index of keys points into the *values'* list and vice versa.
-    k_off, k_pos, k_row, k_cross, k_val, k_val_stride = csr_parts(keys)
-    v_off, v_pos, v_row, v_cross, v_val, v_val_stride = csr_parts(values)
-    for t in (keys.residual, values.residual, kd_t, vd_t, k_val, v_val):
+    kq_t, kq_s, ks_t, kz_t, ks_s, mq_k = packed_parts(keys)
+    vq_t, vq_s, vs_t, vz_t, vs_s, mq_v = packed_parts(values)
+    k_off, k_pos, k_row, k_cross, k_val, k_val_stride, *k_packed = csr_parts(keys)
+    v_off, v_pos, v_row, v_cross, v_val, v_val_stride, *v_packed = csr_parts(values)
+    for t in (keys.residual, values.residual, kd_t, vd_t, k_val, v_val, k_packed[0], v_packed[0]):
         if t.stride(-1) != 1:
             raise ValueError("the kernel reads the head dimension with unit stride")
 
@@ -567,7 +736,7 @@ def fused_decode_attention(
 
     max_ret = 0
     for view in (keys, values):
-        if view.retained is not None and use_magnitude:
+        if view.retained is not None and has_mag:
             max_ret = max(max_ret, view.retained.max_count)
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, min(64, _TILE_BYTES // (block_d * dtype.itemsize)))
@@ -608,6 +777,20 @@ def fused_decode_attention(
         *vm_s,
         values.residual,
         *values.residual.stride()[:3],
+        kq_t,
+        *kq_s,
+        ks_t,
+        kz_t,
+        *ks_s,
+        vq_t,
+        *vq_s,
+        vs_t,
+        vz_t,
+        *vs_s,
+        mq_k,
+        mq_v,
+        *k_packed,
+        *v_packed,
         k_off,
         k_pos,
         k_row,
@@ -640,12 +823,19 @@ def fused_decode_attention(
         BLOCK_R=_BLOCK_R,
         D=d,
         BLOCK_D=block_d,
-        HAS_MAG=use_magnitude,
+        HAS_MAG=has_mag,
         HAS_MASK=has_mask,
         MASK_BOOL=mask_bool,
         DOT_MODE=dot_mode,
         NORM_EPS=_NORM_EPS,
         HAS_VROT=v_rot is not None,
+        QBITS=qbits,
+        K_GROUP=k_group,
+        K_PER_TOKEN=k_per_token,
+        V_GROUP=v_group,
+        V_PER_TOKEN=v_per_token,
+        R_GROUP=r_group,
+        RTNE=dtype == torch.bfloat16 and interpreter_enabled(),
         num_stages=num_stages(dtype),
     )
     _decode_combine_kernel[(b * h,)](

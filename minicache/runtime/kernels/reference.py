@@ -73,7 +73,7 @@ def fused_decode_reference(
         k, v = keys.materialize(), values.materialize()
     else:
         k, v = (
-            view.residual if view.direction is None else torch.cat([view.direction, view.residual], dim=-2)
+            view.residual if view.merged_length == 0 else torch.cat([view.full_direction(), view.residual], dim=-2)
             for view in (keys, values)
         )
     h = k.shape[1]

@@ -73,3 +73,42 @@ def random_merged_views(
         )
         for (e, mag, _, value, window), c in zip(parts, csr, strict=True)
     )
+
+
+def quantize_views(
+    keys: MergedKVView,
+    values: MergedKVView,
+    bits: int,
+    *,
+    key_group: int = 32,
+    value_group: int = 32,
+    key_tail: int = 0,
+) -> tuple[MergedKVView, MergedKVView]:
+    """Pack random merged views the way a quantized store does (:mod:`minicache.runtime.quant`).
+
+    Key directions are packed per channel in groups of ``key_group`` tokens except the newest
+    ``key_tail`` tokens (which must leave a whole number of groups packed); value directions per
+    token in groups of ``value_group`` channels; retained vectors of both per token.
+
+    Returns
+    -------
+    tuple of MergedKVView
+        Keys and values holding packed parts (``qdirection``, ``retained_q``) instead of dense ones.
+    """
+    import dataclasses
+
+    from minicache.runtime.quant import quantize
+
+    if keys.direction is None:
+        return keys, values
+    m = keys.direction.shape[-2]
+    if (m - key_tail) % key_group:
+        raise ValueError(f"{m - key_tail} packed key tokens are not a whole number of groups of {key_group}")
+    out = []
+    layouts = ((keys, m - key_tail, key_group, "tokens"), (values, m, value_group, "channels"))
+    for view, packed_tokens, group, axis in layouts:
+        qdir = quantize(view.direction[..., :packed_tokens, :], bits, group, axis) if packed_tokens else None
+        tail = view.direction[..., packed_tokens:, :].contiguous() if packed_tokens < m else None
+        rq = quantize(view.retained_value, bits, value_group, "channels")
+        out.append(dataclasses.replace(view, direction=tail, qdirection=qdir, retained_value=None, retained_q=rq))
+    return out[0], out[1]

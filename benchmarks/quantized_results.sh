@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quantized MiniCache (issue 6) on SmolLM2-135M-Instruct, bfloat16, 4,096-token context: quality and
 # compression of {full, 4-bit, 2-bit, MiniCache (paper preset), MiniCache + 4-bit, MiniCache + 2-bit,
-# transformers' QuantizedCache (fp8; quanto 4/2-bit where optimum-quanto is installed)}, all measured by
+# transformers' QuantizedCache (fp8; quanto / HQQ 4/2-bit where installed)}, all measured by
 # minicache-eval on the same windows. Writes one JSON per row, table.md and log.txt to
 # benchmarks/results/quantized-cpu/ (overwrites). About 45 minutes on 2 idle CPU cores.
 #
@@ -43,5 +43,11 @@ if "$PY" -c "import optimum.quanto" 2>/dev/null; then
   evaluate quantized-cache-quanto-2bit --baseline quantized-cache-quanto --kv-bits 2
 else
   echo "optimum-quanto is not installed: no quanto rows"
+fi
+if "$PY" -c "import hqq" 2>/dev/null; then
+  evaluate quantized-cache-hqq-4bit --baseline quantized-cache-hqq --kv-bits 4
+  evaluate quantized-cache-hqq-2bit --baseline quantized-cache-hqq --kv-bits 2
+else
+  echo "hqq is not installed (pip install 'minicache[hqq]'): no HQQ rows"
 fi
 "$PY" benchmarks/quantized_table.py "$OUT" | tee "$OUT/table.md"

@@ -15,6 +15,8 @@ ROWS = (
     ("quantized-cache-fp8", "QuantizedCache fp8"),
     ("quantized-cache-quanto-4bit", "QuantizedCache quanto 4-bit"),
     ("quantized-cache-quanto-2bit", "QuantizedCache quanto 2-bit"),
+    ("quantized-cache-hqq-4bit", "QuantizedCache HQQ 4-bit"),
+    ("quantized-cache-hqq-2bit", "QuantizedCache HQQ 2-bit"),
 )
 
 

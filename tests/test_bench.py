@@ -257,3 +257,31 @@ def test_cli_rejects_bad_flags(args, capsys):
         bench.main(["--preset", "paper", *args])
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_cli_kv_bits_adds_quantized_copies_and_records_the_kernels(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    paper = tmp_path / "paper.yaml"
+    from minicache.models import random_model
+
+    MergeProfile.preset("paper", random_model("tiny").config, **SMALL).save(paper)
+    code = bench.main(_cli(tmp_path, "--profile", str(paper), "--preset", "none", "--kv-bits", "4",
+                           "--kv-group-size", "4", "--kv-residual-length", "4", "--context-lengths", "24",
+                           "--json-out", str(out)))
+    assert code == 0
+    data = json.loads(out.read_text())
+    names = [c["name"] for c in data["caches"]]
+    assert names == [FULL, "none", "paper", "none-4bit", "paper-4bit"]
+    held = {r["cache"]: r["kv_bytes_prefill"] for r in data["results"]}
+    # Measured bytes: packing stores less than the same layout unpacked; "none" is the full cache's layout.
+    assert held["none"] == held[FULL]
+    assert held["none-4bit"] < held["none"] and held["paper-4bit"] < held["paper"]
+    # On CPU "auto" keeps the torch path, and says why.
+    assert data["kernels"]["enabled"] is False and data["kernels"]["why_not"]
+
+
+def test_cli_kernels_on_fails_clearly_without_a_gpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is available")
+    assert bench.main(_cli(tmp_path, "--preset", "paper", "--kernels", "on")) == 2
+    assert "--kernels on:" in capsys.readouterr().err

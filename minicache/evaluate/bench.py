@@ -637,9 +637,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a randomly initialised Llama of this shape instead of trained weights (speed/memory only)")
     parser.add_argument("--profile", action="append", default=[],
                         help="merge profile (YAML or model directory); repeat to compare several")
-    parser.add_argument("--preset", action="append", default=[], choices=["paper"],
+    parser.add_argument("--preset", action="append", default=[], choices=["paper", "none"],
                         help="built-in profile (paper: S = L/2, t = 0.6, γ = 0.05); may be combined with --profile")
     parser.add_argument("--allow-model-mismatch", action="store_true", help="use a profile made for another model")
+    parser.add_argument("--kv-bits", type=int, choices=[2, 4],
+                        help="also measure a KIVI-quantized copy of every MiniCache variant (named <name>-<bits>bit); "
+                             "--preset none --kv-bits 4 is quantization alone")
+    parser.add_argument("--kv-group-size", type=int, default=128,
+                        help="with --kv-bits: tokens per key group, channels per value group")
+    parser.add_argument("--kv-residual-length", type=int, default=128,
+                        help="with --kv-bits: recent tokens of unmerged layers kept exact")
+    parser.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
+                        help="Triton kernels for MiniCache decode attention and merging: auto = on with CUDA and "
+                             "triton (the restore-then-attend torch path otherwise); on = fail if they cannot run")
     parser.add_argument("--context-lengths", type=_int_list, default=(512, 2048), help="comma-separated")
     parser.add_argument("--batch-sizes", type=_int_list, default=(1, 4), help="comma-separated")
     parser.add_argument("--decode-tokens", type=int, default=32, help="greedy single-token steps timed")
@@ -673,6 +683,10 @@ def _check_args(args) -> str | None:
         return "--kv-budget-mib must be a finite number ≥ 0"
     if not args.profile and not args.preset:
         return "give at least one MiniCache variant: --profile PATH and/or --preset paper"
+    if args.kv_group_size < 2:
+        return "--kv-group-size must be at least 2"
+    if args.kv_residual_length < 0:
+        return "--kv-residual-length must be ≥ 0"
     if args.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda: no CUDA device is available"
     for out in (args.json_out, args.plot_out):
@@ -697,7 +711,37 @@ def _cache_specs(args, config) -> list[CacheSpec]:
         while label in {s.name for s in specs}:
             label, n = f"{base}-{n}", n + 1
         specs.append(CacheSpec(label, MergeProfile.load(path), path))
+    if args.kv_bits is not None:
+        from minicache.profile import Quantization
+
+        spec = Quantization(args.kv_bits, args.kv_group_size, args.kv_residual_length)
+        specs += [
+            CacheSpec(
+                f"{s.name}-{args.kv_bits}bit", s.profile.with_quantization(spec), f"{s.source}; {spec.describe()}"
+            )
+            for s in specs
+            if s.profile is not None
+        ]
     return specs
+
+
+def _switch_kernels(model, mode: str) -> tuple[bool, str | None]:
+    """Turn the fused kernels on for ``mode`` ``auto``/``on``: ``(enabled, why not)``."""
+    if mode == "off":
+        return False, "--kernels off"
+    from minicache.runtime.kernels import why_unusable
+
+    device = next(model.parameters()).device
+    reason = why_unusable(device, allow_interpreter=False)
+    if reason is None:
+        from minicache.runtime.kernels import enable_fused_attention
+
+        if enable_fused_attention(model):
+            return True, None
+        reason = f"{type(model).__name__} cannot change its attention implementation"
+    if mode == "on":
+        raise ValueError(f"--kernels on: {reason}")
+    return False, reason
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -745,6 +789,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             prompts = PromptSource.random(config.vocab_size, max(settings.context_lengths) * max(settings.batch_sizes),
                                           args.seed)
+        kernels, kernels_off_reason = _switch_kernels(model, args.kernels)
+        log("fused kernels: on" if kernels else f"fused kernels: off ({kernels_off_reason})")
         result = run_benchmark(model, specs, settings, prompts, allow_model_mismatch=args.allow_model_mismatch,
                                log=log)
     except (DataError, ProfileError, ModelSourceError, OSError, ValueError) as err:
@@ -765,6 +811,9 @@ def main(argv: list[str] | None = None) -> int:
             "head_dim": getattr(text_config, "head_dim", None),
             "dtype": dtype_name,
         },
+        # MiniCache decode attention and merging: the fused Triton kernels, or the torch path
+        # (restore, then attend); the full cache always runs transformers' sdpa.
+        "kernels": {"enabled": kernels, "why_not": kernels_off_reason},
         **result,
         "seconds": round(time.perf_counter() - started, 1),
     }

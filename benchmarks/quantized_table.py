@@ -12,6 +12,8 @@ ROWS = (
     ("minicache", "MiniCache (paper preset)"),
     ("minicache-4bit", "MiniCache + 4-bit"),
     ("minicache-2bit", "MiniCache + 2-bit"),
+    ("shipped", "MiniCache (shipped profile)"),
+    ("shipped-4bit", "MiniCache (shipped profile) + 4-bit"),
     ("quantized-cache-fp8", "QuantizedCache fp8"),
     ("quantized-cache-quanto-4bit", "QuantizedCache quanto 4-bit"),
     ("quantized-cache-quanto-2bit", "QuantizedCache quanto 2-bit"),

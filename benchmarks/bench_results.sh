@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Speed and KV memory of MiniCache (paper preset, shipped profile) against the full cache on
+# Speed and KV memory of MiniCache (paper preset, shipped profile, each also packed to 4 bits)
+# against the full cache on
 # SmolLM2-135M-Instruct, CPU, float32: prefill and decode tokens/s at contexts 512 and 2048, batch
 # 1 and 4, 16 decode tokens, medians of 3 repeats, ratios against the full cache of the same run;
 # largest batch within 256 MiB of KV. Writes benchmarks/results/bench-cpu/bench.{json,png} and a
-# log (overwrites). About 10 minutes on 2 CPU cores.
+# log (overwrites). About 20 minutes on 2 CPU cores.
 #
 #   bash benchmarks/bench_results.sh            # uses .venv/bin/python
 #   PY=/path/to/python bash benchmarks/bench_results.sh
@@ -27,7 +28,7 @@ exec > >(tee "$OUT/log.txt") 2>&1
 echo "machine: $(nproc) CPU cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs); $(date -u +%F)"
 
 PYTHONPATH=. "$PY" -m minicache.evaluate.bench --model smollm2-135m --dtype float32 --device cpu \
-  --preset paper --profile profiles/smollm2-135m-instruct \
+  --preset paper --profile profiles/smollm2-135m-instruct --kv-bits 4 \
   --context-lengths 512,2048 --batch-sizes 1,4 --decode-tokens 16 --repeats 3 --warmup 1 \
   --kv-budget-mib 256 --threads "$THREADS" --data "$WORK/prompts.txt" --note "$NOTE" \
   --json-out "$OUT/bench.json" --plot-out "$OUT/bench.png" --force

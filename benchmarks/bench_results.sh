@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PY:-.venv/bin/python}"
 THREADS="${THREADS:-1}"
-NOTE="${NOTE:-2-core machine shared with 3 other jobs during the run; compare ratios, not absolute tokens/s}"
+NOTE="${NOTE:-say what else ran on the machine (NOTE=...); compare ratios, not absolute tokens/s}"
 OUT=benchmarks/results/bench-cpu
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT

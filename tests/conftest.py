@@ -1,8 +1,18 @@
 """Shared fixtures: the real test model (SmolLM2-135M-Instruct) and real text (Debian license texts)."""
 
+import os
 import pathlib
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run through Triton's interpreter (tests/test_kernels.py). Triton
+# decides at *its own* import whether its standard library (tl.sum, ...) is interpreted, so the
+# switch must be set before anything imports triton, and other packages do: with hqq installed,
+# `import transformers.cache_utils` imports torch._dynamo, which imports triton. Here is the
+# earliest place (importing torch does not import triton).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 LICENSE_DIR = pathlib.Path("/usr/share/common-licenses")
 #: Concatenated in this order by ``license_text`` (about 120 KB, ~30k SmolLM2 tokens).

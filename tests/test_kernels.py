@@ -32,6 +32,8 @@ import torch
 
 ON_CUDA = torch.cuda.is_available()
 if not ON_CUDA:
+    # tests/conftest.py sets this before anything imports triton (Triton's own jit'd standard
+    # library is decorated at its import); setting it here too keeps this file runnable alone.
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="the kernels need triton (pip install 'minicache[kernels]')")
 for _name in ("minicache.runtime.kernels.merge", "minicache.runtime.kernels.decode"):
@@ -568,3 +570,18 @@ def test_generate_fused_on_a_quantized_cache_matches_the_torch_path(monkeypatch)
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+
+def test_interpreter_switched_on_after_triton_import_is_reported():
+    script = (
+        "import os, triton, torch\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from minicache.runtime.kernels import why_unusable\n"
+        "print(why_unusable('cpu'))\n"
+    )
+    proc = _run_clean(["-c", script], {}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "TRITON_INTERPRET=1 was set after triton was imported" in proc.stdout
+    # Set first, as tests/conftest.py does: usable.
+    proc = _run_clean(["-c", script.replace("import os, triton, torch", "import os")], {}, timeout=120)
+    assert proc.stdout.strip().endswith("None"), proc.stdout + proc.stderr[-2000:]

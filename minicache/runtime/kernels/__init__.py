@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from typing import Any
 
 import torch
@@ -80,8 +81,26 @@ def why_unusable(device: torch.device | str, *, allow_interpreter: bool = True) 
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "CUDA is not available"
     if device.type == "cpu" and interpreter_enabled():
-        return None if allow_interpreter else "CPU tensors run the kernels only when forced (interpreter)"
+        if not allow_interpreter:
+            return "CPU tensors run the kernels only when forced (interpreter)"
+        return _interpreter_set_too_late()
     return f"the kernels need a CUDA device (got {device.type}; CPU works only under TRITON_INTERPRET=1)"
+
+
+def _interpreter_set_too_late() -> str | None:
+    """Triton decides at its own import whether its jit'd standard library (``tl.sum``, ...) is
+    interpreted; ``TRITON_INTERPRET=1`` set later gives kernels that fail on every call."""
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:
+        return None
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(getattr(standard, "sum", None), InterpretedFunction):
+        return None
+    return (
+        "TRITON_INTERPRET=1 was set after triton was imported (packages such as hqq import it through "
+        "torch._dynamo); set it before importing torch-based libraries"
+    )
 
 
 def kernels_usable(device: torch.device | str, *, allow_interpreter: bool = True) -> bool:

@@ -285,3 +285,10 @@ def test_cli_kernels_on_fails_clearly_without_a_gpu(tmp_path, capsys):
         pytest.skip("a GPU is available")
     assert bench.main(_cli(tmp_path, "--preset", "paper", "--kernels", "on")) == 2
     assert "--kernels on:" in capsys.readouterr().err
+
+
+def test_cli_kernels_torch_runs_the_blockwise_path(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(_cli(tmp_path, "--preset", "paper", "--kernels", "torch", "--json-out", str(out))) == 0
+    data = json.loads(out.read_text())
+    assert data["kernels"] == {"enabled": True, "mode": "torch", "why_not": None}

@@ -647,9 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --kv-bits: tokens per key group, channels per value group")
     parser.add_argument("--kv-residual-length", type=int, default=128,
                         help="with --kv-bits: recent tokens of unmerged layers kept exact")
-    parser.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
+    parser.add_argument("--kernels", choices=["auto", "on", "off", "torch"], default="auto",
                         help="Triton kernels for MiniCache decode attention and merging: auto = on with CUDA and "
-                             "triton (the restore-then-attend torch path otherwise); on = fail if they cannot run")
+                             "triton (the restore-then-attend torch path otherwise); on = fail if they cannot run; "
+                             "torch = no kernels, decode attends a block of restored tokens at a time (any device)")
     parser.add_argument("--context-lengths", type=_int_list, default=(512, 2048), help="comma-separated")
     parser.add_argument("--batch-sizes", type=_int_list, default=(1, 4), help="comma-separated")
     parser.add_argument("--decode-tokens", type=int, default=32, help="greedy single-token steps timed")
@@ -729,6 +730,12 @@ def _switch_kernels(model, mode: str) -> tuple[bool, str | None]:
     """Turn the fused kernels on for ``mode`` ``auto``/``on``: ``(enabled, why not)``."""
     if mode == "off":
         return False, "--kernels off"
+    if mode == "torch":
+        from minicache.runtime.kernels import enable_fused_attention
+
+        if enable_fused_attention(model, backend="torch"):
+            return True, None
+        raise ValueError(f"--kernels torch: {type(model).__name__} cannot change its attention implementation")
     from minicache.runtime.kernels import why_unusable
 
     device = next(model.parameters()).device
@@ -813,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         # MiniCache decode attention and merging: the fused Triton kernels, or the torch path
         # (restore, then attend); the full cache always runs transformers' sdpa.
-        "kernels": {"enabled": kernels, "why_not": kernels_off_reason},
+        "kernels": {"enabled": kernels, "mode": args.kernels, "why_not": kernels_off_reason},
         **result,
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -995,18 +995,47 @@ class MergedKVView:
             return self.retained_q.dequantize(self.dtype)
         return self.retained_value
 
+    @property
+    def block_alignment(self) -> int:
+        """Blocks of the merged prefix must start at multiples of this (a packed key group)."""
+        packed = self.qdirection
+        return packed.group_size if packed is not None and packed.axis == "tokens" else 1
+
+    def restored_block(self, start: int, end: int) -> torch.Tensor:
+        """Merged tokens ``[start, end)`` restored, ``[B, H, end - start, D]`` in the model dtype.
+
+        Only this block is dequantized and restored, and only the retained vectors inside it are
+        read, so attention can walk the prefix a block at a time. ``start`` must be a multiple of
+        :attr:`block_alignment`.
+        """
+        mq, dtype = self.packed_length, self.dtype
+        parts = []
+        if start < mq:
+            parts.append(self.qdirection.slice_tokens(start, min(end, mq)).dequantize(dtype))
+        if end > mq:
+            parts.append(self.direction[..., max(start, mq) - mq : end - mq, :])
+        prefix = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+        if self.magnitude is None:  # an unmerged layer: the prefix holds the vectors
+            return prefix
+        dense = restore(prefix, self.magnitude[..., start:end, self.member], dtype, self.rotation)
+        csr = self.retained
+        if csr is not None and csr.pos.numel():
+            b, h = dense.shape[:2]
+            counts = (csr.offsets[1:] - csr.offsets[:-1]).long()
+            bh = torch.repeat_interleave(torch.arange(b * h, device=dense.device), counts)
+            pos = csr.pos.long()
+            inside = (pos >= start) & (pos < end)
+            if inside.any():
+                bh, pos, rows = bh[inside], pos[inside] - start, csr.row.long()[inside]
+                if self.retained_q is not None:
+                    exact = self.retained_q.index_select(0, rows).dequantize(dtype)[:, self.member]
+                else:
+                    exact = self.retained_value[rows, self.member]
+                dense[bh // h, bh % h, pos] = exact
+        return dense
+
     def materialize(self) -> torch.Tensor:
         """The restored ``[B, H, M + r, D]`` tensor (what the torch path returns)."""
         if self.merged_length == 0:
             return self.residual
-        prefix = self.full_direction()
-        if self.magnitude is None:  # an unmerged layer: the prefix holds the vectors
-            return torch.cat([prefix, self.residual], dim=-2)
-        dense = restore(prefix, self.magnitude[..., self.member], self.residual.dtype, self.rotation)
-        if self.retained is not None and self.retained.pos.numel():
-            b, h = dense.shape[:2]
-            counts = (self.retained.offsets[1:] - self.retained.offsets[:-1]).long()
-            bh = torch.repeat_interleave(torch.arange(b * h, device=dense.device), counts)
-            exact = self.retained_vectors()[self.retained.row.long(), self.member]
-            dense[bh // h, bh % h, self.retained.pos.long()] = exact
-        return torch.cat([dense, self.residual], dim=-2)
+        return torch.cat([self.restored_block(0, self.merged_length), self.residual], dim=-2)

@@ -125,6 +125,21 @@ class QuantizedTensor:
             out = grouped * self.scale.float().unsqueeze(-1) + self.zero.float().unsqueeze(-1)
         return out.reshape(*lead, n, d).to(dtype)
 
+    def slice_tokens(self, start: int, end: int) -> QuantizedTensor:
+        """Tokens ``[start, end)`` (views, no copy). Per-channel groups (``axis="tokens"``) cannot
+        be split: ``start`` must be a multiple of ``group_size``, and ``end`` too unless it is the end."""
+        n, g = self.length, self.group_size
+        if not 0 <= start <= end <= n:
+            raise ValueError(f"token range [{start}, {end}) is outside [0, {n})")
+        if self.axis == "channels":
+            return self._map(lambda t: t[..., start:end, :])
+        if start % g or (end % g and end != n):
+            raise ValueError(f"token range [{start}, {end}) splits a group of {g} tokens")
+        rows = slice(start // g, -(-end // g))
+        return QuantizedTensor(
+            self.data[..., start:end, :], self.scale[..., rows, :], self.zero[..., rows, :], self.bits, g, self.axis
+        )
+
     def _map(self, fn) -> QuantizedTensor:
         return QuantizedTensor(fn(self.data), fn(self.scale), fn(self.zero), self.bits, self.group_size, self.axis)
 

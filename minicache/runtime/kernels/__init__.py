@@ -14,7 +14,8 @@ fused_decode_attention
 fused_decode_reference
     Torch reference of the above (restores, then softmax attention), for tests.
 enable_fused_attention, disable_fused_attention
-    Route a transformers model's decode attention over `MiniCache` merged layers to the kernel.
+    Route a transformers model's decode attention over `MiniCache` merged layers to the kernel
+    (or, with ``backend="torch"``, to :mod:`minicache.runtime.blockwise`, which needs no triton).
 
 Examples
 --------

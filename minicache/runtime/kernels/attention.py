@@ -7,6 +7,10 @@ model switched on with :func:`enable_fused_attention`, merged layers of a `MiniC
 :class:`~minicache.runtime.cache.MergedKVView` snapshots on single-token steps; the ``"minicache"``
 function runs the fused kernel on those and hands everything else (prefill, plain layers, another
 cache) to transformers' sdpa attention unchanged.
+
+``backend="torch"`` registers ``"minicache_torch"`` instead, which needs neither triton nor CUDA: it
+attends on the same snapshots with :func:`~minicache.runtime.blockwise.blockwise_decode_attention`,
+restoring (and dequantizing) one block of merged tokens at a time instead of a whole layer.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from minicache.runtime.kernels import interpreter_enabled, why_unusable
 logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "minicache"
+ATTENTION_NAME_TORCH = "minicache_torch"
+BACKENDS = ("triton", "torch")
 # Keyword arguments some models pass that the fused kernel does not implement.
 _UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux")
 _WARNED: set[str] = set()
@@ -38,8 +44,11 @@ def _fused_blocker(
     attention_mask: torch.Tensor | None,
     dropout: float,
     kwargs: dict[str, Any],
+    *,
+    check_device: bool = True,
 ) -> str | None:
-    """Why this call cannot use the fused kernel, or None."""
+    """Why this call cannot use the fused kernel (or, without ``check_device``, the torch
+    blockwise path, which supports the same calls on any device), or None."""
     if query.shape[2] != 1:
         return f"{query.shape[2]} query tokens"
     for name in _UNSUPPORTED_KWARGS:
@@ -53,7 +62,7 @@ def _fused_blocker(
         shape = tuple(attention_mask.shape)
         if attention_mask.dim() != 4 or shape[1:3] != (1, 1) or shape[-1] != key.shape[-2]:
             return f"attention mask of shape {shape}"
-    return why_unusable(query.device, allow_interpreter=True)
+    return why_unusable(query.device, allow_interpreter=True) if check_device else None
 
 
 def minicache_attention_forward(
@@ -99,10 +108,40 @@ def minicache_attention_forward(
     )
 
 
+def minicache_torch_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor | MergedKVView,
+    value: torch.Tensor | MergedKVView,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention function registered as ``"minicache_torch"``: like ``"minicache"`` with
+    :func:`~minicache.runtime.blockwise.blockwise_decode_attention` in place of the Triton kernel."""
+    if isinstance(key, MergedKVView):
+        blocker = _fused_blocker(module, query, key, attention_mask, dropout, kwargs, check_device=False)
+        if blocker is None:
+            from minicache.runtime.blockwise import blockwise_decode_attention
+
+            return blockwise_decode_attention(query, key, value, attention_mask, scaling), None
+        if blocker not in _WARNED:
+            _WARNED.add(blocker)
+            logger.warning("minicache: blockwise decode attention not used (%s); restoring the cache", blocker)
+        key, value = key.materialize(), value.materialize()
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+
+
 def register_attention() -> None:
-    """Register ``"minicache"`` with transformers' attention and mask interfaces (idempotent)."""
+    """Register ``"minicache"`` and ``"minicache_torch"`` with transformers' attention and mask
+    interfaces (idempotent)."""
     AttentionInterface.register(ATTENTION_NAME, minicache_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionInterface.register(ATTENTION_NAME_TORCH, minicache_torch_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME_TORCH, sdpa_mask)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -119,12 +158,14 @@ def _find_cache(args: tuple, kwargs: dict) -> MiniCache | None:
     return next((a for a in args if isinstance(a, MiniCache)), None)
 
 
-def enable_fused_attention(model: torch.nn.Module, *, merge_kernel: bool = True, force: bool = False) -> bool:
+def enable_fused_attention(
+    model: torch.nn.Module, *, merge_kernel: bool = True, force: bool = False, backend: str = "triton"
+) -> bool:
     """Use the Triton kernels for `MiniCache` merged layers of ``model`` (decode attention, merging).
 
     Decode steps (one query token) of merged layers then run the fused kernel over the merged
     store; prefill, unmerged layers and other caches keep running transformers' sdpa attention.
-    Without triton or CUDA this changes nothing and logs why.
+    Without triton or CUDA, ``backend="triton"`` changes nothing and logs why; ``backend="torch"`` works anywhere.
 
     Parameters
     ----------
@@ -136,24 +177,38 @@ def enable_fused_attention(model: torch.nn.Module, *, merge_kernel: bool = True,
         Also merge blocks with the Triton merge kernel.
     force : bool
         Allow CPU tensors when ``TRITON_INTERPRET=1`` (slow; for tests).
+    backend : str
+        ``"triton"``: the fused kernels (CUDA). ``"torch"``: no kernels, any device; decode steps
+        of merged and quantized layers attend a block of restored tokens at a time
+        (:func:`~minicache.runtime.blockwise.blockwise_decode_attention`) instead of restoring the
+        whole layer; merging keeps the torch reference.
 
     Returns
     -------
     bool
         True when the kernels were switched on.
     """
-    device = _model_device(model)
-    reason = why_unusable(device, allow_interpreter=force)
-    if reason is not None:
-        hint = " (pass force=True to run on CPU through the interpreter)" if interpreter_enabled() else ""
-        logger.warning("minicache: fused attention not enabled: %s%s; the torch path runs", reason, hint)
-        return False
-    if getattr(model, "_minicache_fused", None) is not None:
-        return True
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    name = ATTENTION_NAME if backend == "triton" else ATTENTION_NAME_TORCH
+    if backend == "triton":
+        reason = why_unusable(_model_device(model), allow_interpreter=force)
+        if reason is not None:
+            hint = " (pass force=True to run on CPU through the interpreter)" if interpreter_enabled() else ""
+            hint += "; backend='torch' attends block by block without triton"
+            logger.warning("minicache: fused attention not enabled: %s%s; the torch path runs", reason, hint)
+            return False
+    else:
+        merge_kernel = False
+    state = getattr(model, "_minicache_fused", None)
+    if state is not None:
+        if state["backend"] == backend:
+            return True
+        disable_fused_attention(model)
     register_attention()
     previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
-    if model.config._attn_implementation != ATTENTION_NAME:
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
         logger.warning("minicache: %s cannot change its attention implementation", type(model).__name__)
         return False
     install_padding_hook(model)
@@ -176,7 +231,7 @@ def enable_fused_attention(model: torch.nn.Module, *, merge_kernel: bool = True,
         model.register_forward_pre_hook(before, with_kwargs=True),
         model.register_forward_hook(after, with_kwargs=True),
     )
-    model._minicache_fused = {"previous": previous, "handles": handles, "flagged": flagged}
+    model._minicache_fused = {"previous": previous, "handles": handles, "flagged": flagged, "backend": backend}
     return True
 
 

@@ -1,0 +1,98 @@
+"""Decode attention over a merged (and possibly packed) store in torch, one block of tokens at a time.
+
+The torch path of `MiniCache` hands the model restored tensors: a layer's whole merged prefix is
+restored (and, in a quantized store, dequantized) in the model dtype on every step. This module
+is the alternative for machines without the Triton kernels (``enable_fused_attention(model,
+backend="torch")``): an online softmax over blocks of ``block_tokens`` merged tokens, each restored
+and dequantized only while it is attended (:meth:`MergedKVView.restored_block`), then the exact
+residual window. The largest temporary is one block, not one layer. The math is float32 and
+matches :func:`~minicache.runtime.kernels.reference.fused_decode_reference`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from minicache.runtime.cache import MergedKVView
+from minicache.runtime.kernels.reference import decode_mask_row
+
+#: Merged tokens restored at a time (rounded up to a whole number of packed key groups).
+DEFAULT_BLOCK_TOKENS = 512
+
+
+def blockwise_decode_attention(
+    query: torch.Tensor,
+    keys: MergedKVView,
+    values: MergedKVView,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    *,
+    block_tokens: int = DEFAULT_BLOCK_TOKENS,
+) -> torch.Tensor:
+    """Attention of one query token over a merged store, a block of the prefix at a time.
+
+    Parameters
+    ----------
+    query : torch.Tensor
+        ``[B, Hq, 1, D]``; query heads ``h·G … h·G+G−1`` share KV head ``h``.
+    keys, values : MergedKVView
+        One layer's keys and values (merged or an unmerged quantized layer), ``[B, H, M + r, D]``
+        logically.
+    attention_mask : torch.Tensor, optional
+        Decode mask, ``[B or 1, 1, 1, M + r]`` bool (True = attend) or additive float.
+    scaling : float, optional
+        Logit scale; default ``D ** -0.5``.
+    block_tokens : int
+        Merged tokens restored at a time.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, 1, Hq, D]`` in ``query.dtype`` (the layout transformers' attention functions return).
+    """
+    b, hq, q_len, d = query.shape
+    if q_len != 1:
+        raise ValueError(f"decode attention takes one query token, got {q_len}")
+    if block_tokens < 1:
+        raise ValueError(f"block_tokens must be at least 1, got {block_tokens}")
+    h = keys.residual.shape[1]
+    m_len, total = keys.merged_length, keys.shape[-2]
+    if values.shape != keys.shape or hq % h:
+        raise ValueError(f"query {tuple(query.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}")
+    group = hq // h
+    scaling = d**-0.5 if scaling is None else scaling
+    q = query.float().reshape(b, h, group, d) * scaling
+    row = decode_mask_row(attention_mask, b, total)
+    if row is not None:
+        row = torch.where(row, 0.0, -math.inf) if row.dtype == torch.bool else row.float()
+
+    running_max = torch.full((b, h, group), -math.inf, device=query.device)
+    normaliser = torch.zeros(b, h, group, device=query.device)
+    acc = torch.zeros(b, h, group, d, device=query.device)
+
+    def attend(k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        nonlocal running_max, normaliser, acc
+        logits = torch.einsum("bhgd,bhnd->bhgn", q, k.float())
+        if row is not None:
+            logits = logits + row[:, None, None, start : start + k.shape[-2]]
+        new_max = torch.maximum(running_max, logits.amax(dim=-1))
+        # Rows with nothing attended yet keep -inf: shift by 0 there, so that exp gives 0, not NaN.
+        shift = torch.where(torch.isinf(new_max), 0.0, new_max)
+        alpha = torch.exp(running_max - shift)
+        probs = torch.exp(logits - shift.unsqueeze(-1))
+        normaliser = normaliser * alpha + probs.sum(dim=-1)
+        acc = acc * alpha.unsqueeze(-1) + torch.einsum("bhgn,bhnd->bhgd", probs, v.float())
+        running_max = new_max
+
+    # Blocks start at multiples of the packed key groups (those cannot be split).
+    align = max(keys.block_alignment, values.block_alignment)
+    block = -(-block_tokens // align) * align
+    for start in range(0, m_len, block):
+        end = min(start + block, m_len)
+        attend(keys.restored_block(start, end), values.restored_block(start, end), start)
+    if keys.residual.shape[-2]:
+        attend(keys.residual, values.residual, m_len)
+    out = acc / normaliser.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    return out.reshape(b, hq, d).unsqueeze(1).to(query.dtype)

@@ -989,12 +989,6 @@ class MergedKVView:
         packed = self.qdirection.dequantize(self.dtype)
         return packed if self.direction is None else torch.cat([packed, self.direction], dim=-2)
 
-    def retained_vectors(self) -> torch.Tensor | None:
-        """``[nnz, k, D]`` retained vectors in the model dtype (dequantized when packed)."""
-        if self.retained_q is not None:
-            return self.retained_q.dequantize(self.dtype)
-        return self.retained_value
-
     @property
     def block_alignment(self) -> int:
         """Blocks of the merged prefix must start at multiples of this (a packed key group)."""

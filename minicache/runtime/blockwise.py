@@ -68,13 +68,21 @@ def blockwise_decode_attention(
     if row is not None:
         row = torch.where(row, 0.0, -math.inf) if row.dtype == torch.bool else row.float()
 
+    # Aligned groups (as in the fused kernel): the merged prefix stays in the aligned frame, since
+    # q · (m e Rᵀ) = (q R) · (m e), and the prefix's value numerator is rotated back by Rᵀ once at
+    # the end, instead of rotating every restored token back.
+    k_rot = keys.rotation if keys.magnitude is not None else None
+    v_rot = values.rotation if values.magnitude is not None else None
+    q_prefix = q if k_rot is None else torch.einsum("bhgd,hde->bhge", q, k_rot.to(q.device, torch.float32))
+
     running_max = torch.full((b, h, group), -math.inf, device=query.device)
     normaliser = torch.zeros(b, h, group, device=query.device)
-    acc = torch.zeros(b, h, group, d, device=query.device)
+    # Numerators of the merged prefix (aligned frame for aligned values) and of the exact window.
+    acc = {part: torch.zeros(b, h, group, d, device=query.device) for part in ("prefix", "window")}
 
-    def attend(k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        nonlocal running_max, normaliser, acc
-        logits = torch.einsum("bhgd,bhnd->bhgn", q, k.float())
+    def attend(query_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, part: str) -> None:
+        nonlocal running_max, normaliser
+        logits = torch.einsum("bhgd,bhnd->bhgn", query_in, k.float())
         if row is not None:
             logits = logits + row[:, None, None, start : start + k.shape[-2]]
         new_max = torch.maximum(running_max, logits.amax(dim=-1))
@@ -83,7 +91,9 @@ def blockwise_decode_attention(
         alpha = torch.exp(running_max - shift)
         probs = torch.exp(logits - shift.unsqueeze(-1))
         normaliser = normaliser * alpha + probs.sum(dim=-1)
-        acc = acc * alpha.unsqueeze(-1) + torch.einsum("bhgn,bhnd->bhgd", probs, v.float())
+        for name in acc:
+            acc[name] = acc[name] * alpha.unsqueeze(-1)
+        acc[part] = acc[part] + torch.einsum("bhgn,bhnd->bhgd", probs, v.float())
         running_max = new_max
 
     # Blocks start at multiples of the packed key groups (those cannot be split).
@@ -91,8 +101,13 @@ def blockwise_decode_attention(
     block = -(-block_tokens // align) * align
     for start in range(0, m_len, block):
         end = min(start + block, m_len)
-        attend(keys.restored_block(start, end), values.restored_block(start, end), start)
+        k = keys.restored_block(start, end, aligned_frame=True)
+        v = values.restored_block(start, end, aligned_frame=True)
+        attend(q_prefix, k, v, start, "prefix")
     if keys.residual.shape[-2]:
-        attend(keys.residual, values.residual, m_len)
-    out = acc / normaliser.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+        attend(q, keys.residual, values.residual, m_len, "window")
+    prefix = acc["prefix"]
+    if v_rot is not None:
+        prefix = torch.einsum("bhge,hde->bhgd", prefix, v_rot.to(q.device, torch.float32))
+    out = (prefix + acc["window"]) / normaliser.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
     return out.reshape(b, hq, d).unsqueeze(1).to(query.dtype)

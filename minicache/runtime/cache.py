@@ -995,12 +995,14 @@ class MergedKVView:
         packed = self.qdirection
         return packed.group_size if packed is not None and packed.axis == "tokens" else 1
 
-    def restored_block(self, start: int, end: int) -> torch.Tensor:
+    def restored_block(self, start: int, end: int, *, aligned_frame: bool = False) -> torch.Tensor:
         """Merged tokens ``[start, end)`` restored, ``[B, H, end - start, D]`` in the model dtype.
 
         Only this block is dequantized and restored, and only the retained vectors inside it are
         read, so attention can walk the prefix a block at a time. ``start`` must be a multiple of
-        :attr:`block_alignment`.
+        :attr:`block_alignment`. ``aligned_frame``: leave an aligned layer's vectors in the
+        group's aligned frame (``m · e``, and retained vectors ``x R``), i.e. skip the per-token
+        rotation back, for callers that rotate the query (keys) or the output (values) instead.
         """
         mq, dtype = self.packed_length, self.dtype
         parts = []
@@ -1011,7 +1013,8 @@ class MergedKVView:
         prefix = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
         if self.magnitude is None:  # an unmerged layer: the prefix holds the vectors
             return prefix
-        dense = restore(prefix, self.magnitude[..., start:end, self.member], dtype, self.rotation)
+        rotation = None if aligned_frame else self.rotation
+        dense = restore(prefix, self.magnitude[..., start:end, self.member], dtype, rotation)
         csr = self.retained
         if csr is not None and csr.pos.numel():
             b, h = dense.shape[:2]
@@ -1025,6 +1028,9 @@ class MergedKVView:
                     exact = self.retained_q.index_select(0, rows).dequantize(dtype)[:, self.member]
                 else:
                     exact = self.retained_value[rows, self.member]
+                if aligned_frame and self.rotation is not None:  # x R, each row with its head's R
+                    r = self.rotation.to(device=exact.device, dtype=torch.float32)[bh % h]
+                    exact = torch.einsum("nd,nde->ne", exact.float(), r).to(dtype)
                 dense[bh // h, bh % h, pos] = exact
         return dense
 

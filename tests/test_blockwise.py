@@ -136,3 +136,25 @@ def test_generate_through_the_torch_backend_matches_the_torch_path(monkeypatch):
 def test_enable_rejects_an_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         enable_fused_attention(make_model("llama"), backend="cuda")
+
+
+def test_torch_attention_function_serves_views_and_falls_back(caplog, monkeypatch):
+    import logging
+
+    from minicache.runtime.kernels import attention
+
+    monkeypatch.setattr(attention, "_WARNED", set())
+    query, keys, values, mask = _case(torch.float32, True)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 4
+    out, _ = attention.minicache_torch_attention_forward(module, query, keys, values, mask)
+    torch.testing.assert_close(out, fused_decode_reference(query, keys, values, mask), rtol=1e-5, atol=1e-5)
+    with caplog.at_level(logging.WARNING):
+        out, weights = attention.minicache_torch_attention_forward(
+            module, query, keys, values, None, output_attentions=True
+        )
+    assert "blockwise decode attention not used" in caplog.text and weights is None
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, keys.materialize(), values.materialize(), enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

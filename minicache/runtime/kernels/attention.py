@@ -65,6 +65,38 @@ def _fused_blocker(
     return why_unusable(query.device, allow_interpreter=True) if check_device else None
 
 
+def _attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor | MergedKVView,
+    value: torch.Tensor | MergedKVView,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    kwargs: dict[str, Any],
+    *,
+    kernel: bool,
+) -> tuple[torch.Tensor, None]:
+    """Views to the Triton kernel (``kernel``) or the blockwise torch path; everything else, and
+    calls neither supports, to transformers' sdpa (views restored first)."""
+    if isinstance(key, MergedKVView):
+        blocker = _fused_blocker(module, query, key, attention_mask, dropout, kwargs, check_device=kernel)
+        if blocker is None:
+            if kernel:
+                from minicache.runtime.kernels.decode import fused_decode_attention as attend
+            else:
+                from minicache.runtime.blockwise import blockwise_decode_attention as attend
+            return attend(query, key, value, attention_mask, scaling), None
+        if blocker not in _WARNED:  # once per reason, not once per layer and step
+            _WARNED.add(blocker)
+            what = "fused" if kernel else "blockwise"
+            logger.warning("minicache: %s decode attention not used (%s); restoring the cache", what, blocker)
+        key, value = key.materialize(), value.materialize()
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+
+
 def minicache_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -93,19 +125,7 @@ def minicache_attention_forward(
     tuple
         Attention output ``[B, q, Hq, D]`` and None (no weights).
     """
-    if isinstance(key, MergedKVView):
-        blocker = _fused_blocker(module, query, key, attention_mask, dropout, kwargs)
-        if blocker is None:
-            from minicache.runtime.kernels.decode import fused_decode_attention
-
-            return fused_decode_attention(query, key, value, attention_mask, scaling), None
-        if blocker not in _WARNED:  # once per reason, not once per layer and step
-            _WARNED.add(blocker)
-            logger.warning("minicache: fused decode attention not used (%s); restoring the cache", blocker)
-        key, value = key.materialize(), value.materialize()
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
+    return _attention_forward(module, query, key, value, attention_mask, dropout, scaling, kwargs, kernel=True)
 
 
 def minicache_torch_attention_forward(
@@ -120,19 +140,7 @@ def minicache_torch_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Attention function registered as ``"minicache_torch"``: like ``"minicache"`` with
     :func:`~minicache.runtime.blockwise.blockwise_decode_attention` in place of the Triton kernel."""
-    if isinstance(key, MergedKVView):
-        blocker = _fused_blocker(module, query, key, attention_mask, dropout, kwargs, check_device=False)
-        if blocker is None:
-            from minicache.runtime.blockwise import blockwise_decode_attention
-
-            return blockwise_decode_attention(query, key, value, attention_mask, scaling), None
-        if blocker not in _WARNED:
-            _WARNED.add(blocker)
-            logger.warning("minicache: blockwise decode attention not used (%s); restoring the cache", blocker)
-        key, value = key.materialize(), value.materialize()
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
+    return _attention_forward(module, query, key, value, attention_mask, dropout, scaling, kwargs, kernel=False)
 
 
 def register_attention() -> None:

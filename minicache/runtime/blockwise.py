@@ -16,7 +16,7 @@ import math
 import torch
 
 from minicache.runtime.cache import MergedKVView
-from minicache.runtime.kernels.reference import decode_mask_row
+from minicache.runtime.kernels.reference import decode_mask_bias
 
 #: Merged tokens restored at a time (rounded up to a whole number of packed key groups).
 DEFAULT_BLOCK_TOKENS = 512
@@ -64,9 +64,7 @@ def blockwise_decode_attention(
     group = hq // h
     scaling = d**-0.5 if scaling is None else scaling
     q = query.float().reshape(b, h, group, d) * scaling
-    row = decode_mask_row(attention_mask, b, total)
-    if row is not None:
-        row = torch.where(row, 0.0, -math.inf) if row.dtype == torch.bool else row.float()
+    bias = decode_mask_bias(attention_mask, b, total)
 
     # Aligned groups (as in the fused kernel): the merged prefix stays in the aligned frame, since
     # q · (m e Rᵀ) = (q R) · (m e), and the prefix's value numerator is rotated back by Rᵀ once at
@@ -83,8 +81,8 @@ def blockwise_decode_attention(
     def attend(query_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, part: str) -> None:
         nonlocal running_max, normaliser
         logits = torch.einsum("bhgd,bhnd->bhgn", query_in, k.float())
-        if row is not None:
-            logits = logits + row[:, None, None, start : start + k.shape[-2]]
+        if bias is not None:
+            logits = logits + bias[:, None, None, start : start + k.shape[-2]]
         new_max = torch.maximum(running_max, logits.amax(dim=-1))
         # Rows with nothing attended yet keep -inf: shift by 0 there, so that exp gives 0, not NaN.
         shift = torch.where(torch.isinf(new_max), 0.0, new_max)

@@ -34,6 +34,7 @@ and of how tokens were chunked.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Iterator
@@ -66,6 +67,23 @@ def _magnitude_dtype(dtype: torch.dtype) -> torch.dtype:
     # Norms need more range than precision: fp16 holds them to 0.05 % for half-precision models;
     # bf16's 3 significant digits would not. Full-precision models keep fp32.
     return torch.float32 if dtype.itemsize >= 4 else torch.float16
+
+
+def stored_prefix(
+    qdirection: QuantizedTensor | None, direction: torch.Tensor | None, dtype: torch.dtype, start: int, end: int
+) -> torch.Tensor:
+    """Merged tokens ``[start, end)`` of a stored prefix, ``[B, H, end - start, D]`` in ``dtype``.
+
+    The prefix is ``qdirection`` (the oldest ``Mq`` tokens, packed; only the requested part is
+    dequantized) followed by ``direction`` (the newest tokens, model dtype).
+    """
+    mq = 0 if qdirection is None else qdirection.length
+    parts = []
+    if start < mq:
+        parts.append(qdirection.slice_tokens(start, min(end, mq)).dequantize(dtype))
+    if end > mq:
+        parts.append(direction[..., max(start, mq) - mq : end - mq, :])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
 def merged_bytes_per_token(head_dim: int, dtype: torch.dtype, retained_fraction: float) -> float:
@@ -150,10 +168,9 @@ class _ComponentStore:
 
     def full_direction(self, dtype: torch.dtype) -> torch.Tensor | None:
         """``[B, H, M, D]`` directions of the merged prefix (dequantized where packed)."""
-        if self.qdirection is None:
-            return self.direction
-        packed = self.qdirection.dequantize(dtype)
-        return packed if self.direction is None else torch.cat([packed, self.direction], dim=-2)
+        if self.length == 0:
+            return None
+        return stored_prefix(self.qdirection, self.direction, dtype, 0, self.length)
 
     def retained_values(self, dtype: torch.dtype) -> torch.Tensor | None:
         """``[nnz, k, D]`` exact (or dequantized) vectors of the retained tokens."""
@@ -984,10 +1001,19 @@ class MergedKVView:
 
     def full_direction(self) -> torch.Tensor | None:
         """``[B, H, M, D]`` stored prefix in the model dtype (packed part dequantized), or None."""
-        if self.qdirection is None:
-            return self.direction
-        packed = self.qdirection.dequantize(self.dtype)
-        return packed if self.direction is None else torch.cat([packed, self.direction], dim=-2)
+        if self.merged_length == 0:
+            return None
+        return stored_prefix(self.qdirection, self.direction, self.dtype, 0, self.merged_length)
+
+    @functools.cached_property
+    def _retained_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(b, h, pos, row)`` long tensors of every retained entry, computed once per snapshot
+        (a view is one layer's state for one step; attention reads it a block at a time)."""
+        csr = self.retained
+        h = self.residual.shape[1]
+        counts = (csr.offsets[1:] - csr.offsets[:-1]).long()
+        bh = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+        return bh // h, bh % h, csr.pos.long(), csr.row.long()
 
     @property
     def block_alignment(self) -> int:
@@ -1004,34 +1030,25 @@ class MergedKVView:
         group's aligned frame (``m · e``, and retained vectors ``x R``), i.e. skip the per-token
         rotation back, for callers that rotate the query (keys) or the output (values) instead.
         """
-        mq, dtype = self.packed_length, self.dtype
-        parts = []
-        if start < mq:
-            parts.append(self.qdirection.slice_tokens(start, min(end, mq)).dequantize(dtype))
-        if end > mq:
-            parts.append(self.direction[..., max(start, mq) - mq : end - mq, :])
-        prefix = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+        dtype = self.dtype
+        prefix = stored_prefix(self.qdirection, self.direction, dtype, start, end)
         if self.magnitude is None:  # an unmerged layer: the prefix holds the vectors
             return prefix
         rotation = None if aligned_frame else self.rotation
         dense = restore(prefix, self.magnitude[..., start:end, self.member], dtype, rotation)
-        csr = self.retained
-        if csr is not None and csr.pos.numel():
-            b, h = dense.shape[:2]
-            counts = (csr.offsets[1:] - csr.offsets[:-1]).long()
-            bh = torch.repeat_interleave(torch.arange(b * h, device=dense.device), counts)
-            pos = csr.pos.long()
+        if self.retained is not None and self.retained.pos.numel():
+            b_idx, h_idx, pos, rows = self._retained_entries
             inside = (pos >= start) & (pos < end)
             if inside.any():
-                bh, pos, rows = bh[inside], pos[inside] - start, csr.row.long()[inside]
+                b_idx, h_idx, pos, rows = b_idx[inside], h_idx[inside], pos[inside] - start, rows[inside]
                 if self.retained_q is not None:
                     exact = self.retained_q.index_select(0, rows).dequantize(dtype)[:, self.member]
                 else:
                     exact = self.retained_value[rows, self.member]
                 if aligned_frame and self.rotation is not None:  # x R, each row with its head's R
-                    r = self.rotation.to(device=exact.device, dtype=torch.float32)[bh % h]
+                    r = self.rotation.to(device=exact.device, dtype=torch.float32)[h_idx]
                     exact = torch.einsum("nd,nde->ne", exact.float(), r).to(dtype)
-                dense[bh // h, bh % h, pos] = exact
+                dense[b_idx, h_idx, pos] = exact
         return dense
 
     def materialize(self) -> torch.Tensor:

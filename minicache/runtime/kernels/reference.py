@@ -35,6 +35,14 @@ def decode_mask_row(attention_mask: torch.Tensor | None, batch: int, length: int
     return row.expand(batch, length)
 
 
+def decode_mask_bias(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """The decode mask as an additive float32 bias ``[B, T]`` (0 / -inf for boolean masks), or None."""
+    row = decode_mask_row(attention_mask, batch, length)
+    if row is None:
+        return None
+    return torch.where(row, 0.0, -torch.inf) if row.dtype == torch.bool else row.float()
+
+
 def fused_decode_reference(
     query: torch.Tensor,
     keys: MergedKVView,
@@ -81,9 +89,8 @@ def fused_decode_reference(
     scaling = d**-0.5 if scaling is None else scaling
     q = query.float().reshape(b, h, group, d)
     logits = torch.einsum("bhgd,bhnd->bhgn", q, k.float()) * scaling
-    row = decode_mask_row(attention_mask, b, k.shape[-2])
-    if row is not None:
-        bias = torch.where(row, 0.0, -torch.inf) if row.dtype == torch.bool else row.float()
+    bias = decode_mask_bias(attention_mask, b, k.shape[-2])
+    if bias is not None:
         logits = logits + bias[:, None, None, :]
     probs = torch.softmax(logits, dim=-1)
     out = torch.einsum("bhgn,bhnd->bhgd", probs, v.float())

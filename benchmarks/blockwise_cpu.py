@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 from minicache import MergeProfile, MiniCache  # noqa: E402
 from minicache.models import load_model  # noqa: E402
 from minicache.profile import Quantization  # noqa: E402
-from minicache.runtime.kernels.attention import disable_fused_attention, enable_fused_attention  # noqa: E402
+from minicache.runtime.attention import disable_fused_attention, enable_fused_attention  # noqa: E402
 
 
 def main() -> None:

@@ -36,7 +36,8 @@ if [[ $WHAT == all || $WHAT == compare ]]; then
     echo "== minicache-calibrate --preset paper --align"
     "$PY" -m minicache.calibrate.cli --data profiles/smollm2-135m-instruct/calibration-data.jsonl \
       --preset paper --align --out "$WORK/paper-aligned" --no-progress
-    cp "$WORK"/paper-aligned/minicache_{config.yaml,tensors.safetensors} "$ALIGNED/"
+    rm -f "$ALIGNED"/minicache_config.*
+    cp "$WORK"/paper-aligned/minicache_config.* "$ALIGNED/"  # the profile and its sidecar
     echo "== minicache-eval --compare $METHODS,$ALIGNED --data eval.txt --prefix-length 512 --continuation-length 256 --num-windows 8"
     "$PY" -m minicache.evaluate.cli --compare "$METHODS,$ALIGNED" --data "$WORK/eval.txt" \
       --prefix-length 512 --continuation-length 256 --num-windows 8 \

@@ -45,10 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from minicache.runtime.cache import MergedKVView  # noqa: E402
 from minicache.runtime.kernels import triton_available, why_unusable  # noqa: E402
 from minicache.runtime.kernels.reference import fused_decode_reference  # noqa: E402
 from minicache.runtime.kernels.synthetic import random_merged_views  # noqa: E402
+from minicache.runtime.views import MergedKVView  # noqa: E402
 
 SHAPES = {
     "llama2-7b": {"q_heads": 32, "kv_heads": 32, "head_dim": 128},

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from minicache.cli_options import add_allow_mismatch_option, add_model_option
+from minicache.model_spec import ModelSpec
 from minicache.models import (
     DTYPES,
     ModelSource,
@@ -77,10 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model",
+    add_model_option(
+        parser,
         required=True,
-        metavar="SPEC",
         help="model to convert: a model directory, a .gguf file, the alias smollm2-135m, "
         "or a hub id in the local Hugging Face cache",
     )
@@ -106,12 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an existing DIR (only one that holds a model, i.e. config.json; the old one is "
         "removed only after the new one is complete)",
     )
-    parser.add_argument(
-        "--allow-model-mismatch",
-        action="store_true",
-        help="ship a profile whose model fingerprint does not match this model "
-        "(a warning instead of an error)",
-    )
+    add_allow_mismatch_option(parser)
     return parser
 
 
@@ -187,7 +183,8 @@ def convert(
 
     say(f"loading {source.describe()}")
     loaded, tokenizer = load_model(model, dtype=dtype)
-    say(f"loaded {loaded.config.model_type} model, {loaded.dtype}, in {time.perf_counter() - started:.1f}s")
+    say(f"loaded {ModelSpec.from_config(loaded).model_type} model, {loaded.dtype}, in "
+        f"{time.perf_counter() - started:.1f}s")
     if merge_profile is not None:
         merge_profile.check_model(loaded.config, allow_mismatch=allow_model_mismatch)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from minicache.cli_options import add_allow_mismatch_option, add_model_option, add_profile_option
 from minicache.profile import MergeProfile
 from minicache.runtime.cache import MiniCache
 
@@ -44,13 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
             "paper preset, a 2,048-token prompt of license text."
         ),
     )
-    parser.add_argument(
-        "--model", default="smollm2-135m", help="HF directory, .gguf file, hub id (local cache) or alias"
-    )
-    parser.add_argument("--profile", help="merge profile (YAML file or model directory); default: the paper preset")
+    add_model_option(parser)
+    add_profile_option(parser, help="merge profile (YAML file or model directory); default: the paper preset")
     parser.add_argument("--prompt-tokens", type=int, default=2048, help="length of the text prompt in tokens")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens to generate")
-    parser.add_argument("--allow-model-mismatch", action="store_true", help="use a profile made for another model")
+    add_allow_mismatch_option(parser)
     return parser
 
 

@@ -3,23 +3,34 @@
 A profile is plain data (DESIGN.md §4). It ships as ``minicache_config.yaml`` next to the model
 weights, the way PEFT ships ``adapter_config.json``::
 
-    format_version: 1
+    format_version: 2
     producer: {name: minicache, version: 0.1.0}
     model:
       name_or_path: HuggingFaceTB/SmolLM2-135M-Instruct
       model_type: llama
       ...
-    defaults: {t: 0.6, gamma: 0.05, retention: distinct, sink_tokens: 1, residual_length: 128, block_size: 64}
+    defaults: {gamma: 0.05, retention: distinct, sink_tokens: 1, residual_length: 128, block_size: 64}
+    quantization: {scheme: kivi, bits: 4, group_size: 128, residual_length: 128}   # optional
     groups:
     - layers: [20, 21]
-      keys: {t: 0.6, gamma: 0.05, retention: distinct, sink_tokens: 1}
-      values: {t: 0.6, gamma: 0.05, retention: distinct, sink_tokens: 1}
+      keys: {method: slerp, t: 0.6, align: true, gamma: 0.05, retention: distinct, sink_tokens: 1}
+      values: {method: slerp, t: 0.6, align: true, gamma: 0.05, retention: distinct, sink_tokens: 1}
     calibration: {...}
+    tensors: {file: minicache_config.3f2a9c1b52e7d0aa.tensors, sha256: 3f2a...}
+
+Each group's ``keys`` and ``values`` name a merge method (:mod:`minicache.methods`) and carry that
+method's own parameters, validated by the method's ``Params`` class, beside the settings every
+method shares (retention ``gamma``/``retention`` and ``sink_tokens``), like PEFT's per-method
+config classes behind one ``peft_type``. Tensors a method needs live in a sidecar next to the YAML,
+named after its own SHA-256 (so a profile and its sidecar are replaced together or not at all), with
+an extension weight loaders do not pick up. Format 1 profiles (no ``method`` key; SLERP with
+``t``/``align``/``weights`` beside the retention settings; ``minicache_tensors.safetensors``) still
+load; they are written back as format 2.
 
 Every field is validated when an object is built, so a bad profile fails when it is loaded, with
 an error that names the field path, the bad value and what is allowed, never halfway through
-generation. This module only depends on the standard library and PyYAML; transformers configs are
-read duck-typed, so the runtime stays light.
+generation. Importing this module needs only the standard library and PyYAML; validating groups
+imports the method registry (torch).
 
 Examples
 --------
@@ -31,30 +42,41 @@ Examples
 from __future__ import annotations
 
 import copy
-import difflib
-import hashlib
 import itertools
-import json
 import numbers
 import os
 import pathlib
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import yaml
 
+from minicache.fileio import atomic_write, exists_message
+from minicache.model_spec import ModelSpec, format_rope
+from minicache.validation import (
+    ModelMismatchWarning,
+    ProfileError,
+    build,
+    check_choice,
+    check_instance,
+    check_int,
+    check_keys,
+    check_str,
+    check_unit,
+    plain,
+    show,
+    type_name,
+)
+
 __all__ = [
     "FORMAT_VERSION",
-    "MERGE_METHODS",
+    "LEGACY_TENSORS_FILENAME",
     "PRESETS",
     "PROFILE_FILENAME",
-    "QUANT_BITS",
     "RETENTION_RULES",
     "SUPPORTED_FORMAT_VERSIONS",
-    "TENSORS_FILENAME",
     "Defaults",
     "MergeGroup",
     "MergeProfile",
@@ -63,29 +85,26 @@ __all__ = [
     "ModelMismatchWarning",
     "ProfileError",
     "Quantization",
-    "layer_attention_types",
-    "layer_rope_signatures",
+    "sidecar_filename",
 ]
 
 #: How retained tokens are chosen: "distinct" keeps the most distinct pairs (the paper's
 #: reading, our default); "similar" is the literal reading found in xKV's re-implementation.
 RETENTION_RULES = ("distinct", "similar")
-#: How a group's vectors are merged: "slerp" (MiniCache, the default) or "average" (the paper's
-#: averaging baseline: every member restored as the weighted mean vector). Mirrors
-#: ``minicache.runtime.merge.MERGE_METHODS`` (this module must not import torch).
-MERGE_METHODS = ("slerp", "average")
 #: Version written by this code; bump it on any change that an older reader would misread.
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 PROFILE_FILENAME = "minicache_config.yaml"
-TENSORS_FILENAME = "minicache_tensors.safetensors"
+#: The sidecar's name in format 1 (read, never written: loaders of weights pick up *.safetensors).
+LEGACY_TENSORS_FILENAME = "minicache_tensors.safetensors"
+SIDECAR_SUFFIX = ".tensors"
 #: Built-in profiles: "paper" = the paper's layout, "none" = no groups (the full-cache baseline).
 PRESETS = ("paper", "none")
-#: Integer widths of quantized KV storage (``quantization.bits``).
-QUANT_BITS = (2, 4)
+DEFAULT_METHOD = "slerp"
 
-_UNIT = "a number in [0, 1]"
 _LAYERS_ALLOWED = "a list of at least 2 strictly consecutive layer indices, e.g. [20, 21]"
+#: Settings of a component that every method shares (the rest belong to the method).
+_SHARED_KEYS = ("gamma", "retention", "sink_tokens")
 
 
 def _version() -> str:
@@ -102,249 +121,148 @@ def _default_producer() -> dict:
     return {"name": "minicache", "version": _version()}
 
 
-# ---- errors ------------------------------------------------------------------------------------
-class ProfileError(ValueError):
-    """A profile that is malformed or does not fit the model.
+def _method(name: str):
+    from minicache.methods import get_method
 
-    The message reads ``"<path>: <problem>; allowed: <what is allowed>"``, e.g.
-    ``"groups[2].keys.t: 1.5 is out of range; allowed: a number in [0, 1]"``.
-
-    Attributes
-    ----------
-    path : str
-        Field path inside the profile (``"groups[2].keys.t"``); empty for the whole document.
-    detail : str
-        The message without the path.
-    source : str or None
-        The file the profile was read from, when there is one.
-    """
-
-    def __init__(self, detail: str, path: str = "", source: str | None = None):
-        self.path, self.detail, self.source = path, detail, source
-        message = f"{path}: {detail}" if path else detail
-        super().__init__(f"{source}: {message}" if source else message)
-
-    def within(self, prefix: str) -> ProfileError:
-        """The same error with its path placed under ``prefix`` (``"t"`` -> ``"groups[2].keys.t"``)."""
-        if not self.path:
-            path = prefix
-        elif self.path.startswith("["):
-            path = prefix + self.path
-        else:
-            path = f"{prefix}.{self.path}"
-        return ProfileError(self.detail, path, self.source)
+    return get_method(name)
 
 
-class ModelMismatchWarning(UserWarning):
-    """A profile made for another model is used anyway (``allow_mismatch=True``)."""
+def _method_names() -> list[str]:
+    from minicache.methods import method_names
+
+    return method_names()
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+def _quantizer(name: str):
+    from minicache.quant import get_quantizer
 
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _check_unit(value: Any, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ProfileError(f"{_show(value)} is a {_type_name(value)}; allowed: {_UNIT}", path)
-    if not 0.0 <= value <= 1.0:  # NaN fails this comparison too
-        raise ProfileError(f"{_show(value)} is out of range; allowed: {_UNIT}", path)
-    return float(value)
-
-
-def _check_int(value: Any, path: str, minimum: int) -> int:
-    allowed = f"an integer >= {minimum}"
-    # bool is an int in Python, but `sink_tokens: true` is a typo, not a count.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ProfileError(f"{_show(value)} is a {_type_name(value)}; allowed: {allowed}", path)
-    if value < minimum:
-        raise ProfileError(f"{_show(value)} is out of range; allowed: {allowed}", path)
-    return int(value)
-
-
-def _check_retention(value: Any, path: str) -> str:
-    if value not in RETENTION_RULES or not isinstance(value, str):
-        allowed = ", ".join(repr(r) for r in RETENTION_RULES)
-        raise ProfileError(f"{_show(value)} is not a retention rule; allowed: one of {allowed}", path)
-    return str(value)
-
-
-def _check_method(value: Any, path: str) -> str:
-    if value not in MERGE_METHODS or not isinstance(value, str):
-        allowed = ", ".join(repr(m) for m in MERGE_METHODS)
-        raise ProfileError(f"{_show(value)} is not a merge method; allowed: one of {allowed}", path)
-    return str(value)
-
-
-def _check_weights(value: Any, path: str) -> tuple[float, ...]:
-    allowed = "a list of non-negative numbers summing to 1, one per layer of the group"
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) < 2:
-        raise ProfileError(f"{_show(value)} is not a list of weights; allowed: {allowed}", path)
-    out = []
-    for i, w in enumerate(value):
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0.0 <= w <= 1.0:
-            raise ProfileError(f"{_show(w)} is not a weight; allowed: {allowed}", f"{path}[{i}]")
-        out.append(float(w))
-    if abs(sum(out) - 1.0) > 1e-6:
-        raise ProfileError(f"{_show(value)} sums to {sum(out):g}; allowed: {allowed}", path)
-    return tuple(out)
-
-
-def _check_format_version(value: Any) -> int:
-    allowed = f"one of {list(SUPPORTED_FORMAT_VERSIONS)}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ProfileError(f"{_show(value)} is a {_type_name(value)}; allowed: {allowed}", "format_version")
-    if value not in SUPPORTED_FORMAT_VERSIONS:
-        newer = (
-            " (written by a newer minicache: upgrade minicache to read it)" if value > FORMAT_VERSION else ""
-        )
-        raise ProfileError(f"{value} is not supported{newer}; allowed: {allowed}", "format_version")
-    return int(value)
-
-
-def _check_str(value: Any, path: str, allowed: str = "a non-empty string") -> str:
-    if not isinstance(value, str) or not value:
-        raise ProfileError(f"{_show(value)} is a {_type_name(value)}; allowed: {allowed}", path)
-    return value
-
-
-def _check_instance(value: Any, cls: type, path: str) -> None:
-    if not isinstance(value, cls):
-        raise ProfileError(f"{_show(value)} is a {_type_name(value)}; allowed: a {cls.__name__}", path)
-
-
-def _check_keys(data: Any, path: str, allowed: Sequence[str], required: Sequence[str] = ()) -> Mapping:
-    """``data`` as a mapping with only ``allowed`` keys and all ``required`` ones."""
-    where = path or "the top level"
-    if not isinstance(data, Mapping):
-        raise ProfileError(
-            f"{_show(data)} is a {_type_name(data)}; allowed: a mapping with keys {', '.join(allowed)}", path
-        )
-    for key in data:
-        if key not in allowed:
-            hint = difflib.get_close_matches(str(key), allowed, n=1)
-            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-            key_path = f"{path}.{key}" if path else str(key)
-            raise ProfileError(
-                f"unknown key {key!r}{did_you_mean}; allowed keys at {where}: {', '.join(allowed)}", key_path
-            )
-    for key in required:
-        if key not in data:
-            raise ProfileError(
-                f"required key {key!r} is missing; allowed keys at {where}: {', '.join(allowed)}", path
-            )
-    return data
-
-
-def _plain(value: Any, path: str) -> Any:
-    """A copy of ``value`` as YAML-safe plain data (dict/list/str/int/float/bool/None)."""
-    # Converting subclasses (NumPy scalars, str enums) here keeps `yaml.safe_dump` from failing at
-    # save time, long after the value was set; tuples become lists because YAML has no tuples.
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        return str(value)
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, Mapping):
-        out = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ProfileError(f"key {_show(key)} is a {_type_name(key)}; allowed: string keys", path)
-            out[key] = _plain(item, f"{path}.{key}")
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_plain(item, f"{path}[{i}]") for i, item in enumerate(value)]
-    raise ProfileError(
-        f"{_show(value)} is a {_type_name(value)}; allowed: plain data (mappings with string keys, lists, "
-        "strings, numbers, booleans, null)",
-        path,
-    )
+    return get_quantizer(name)
 
 
 # ---- schema ------------------------------------------------------------------------------------
-def _validate_settings(obj: Any) -> None:
-    # Shared by MergeSettings and Defaults; frozen dataclasses need object.__setattr__ to store
-    # the normalised values (t given as the int 1 is stored as 1.0, so equal profiles compare equal).
-    object.__setattr__(obj, "t", _check_unit(obj.t, "t"))
-    object.__setattr__(obj, "gamma", _check_unit(obj.gamma, "gamma"))
-    object.__setattr__(obj, "retention", _check_retention(obj.retention, "retention"))
-    object.__setattr__(obj, "sink_tokens", _check_int(obj.sink_tokens, "sink_tokens", 0))
-
-
 @dataclass(frozen=True)
 class MergeSettings:
-    """How one component (keys or values) of one group is merged.
+    """How one component (keys or values) of one group is merged: a method, its parameters, retention.
 
     Attributes
     ----------
-    t : float
-        SLERP weight of the deeper layer, in [0, 1] (0 = the shallower layer's direction).
+    params : MethodParams, mapping or None
+        The method's own parameters (e.g. :class:`~minicache.methods.slerp.SlerpParams`); a mapping
+        is validated into them, None gives the method's defaults.
+    method : str or None
+        A registered merge method (:func:`minicache.methods.method_names`); None: the method whose
+        ``Params`` class ``params`` is, else ``"slerp"``.
     gamma : float
-        Retention threshold as a fraction of the range of angular distances, in [0, 1]; tokens
-        with ``d >= d_max - (d_max - d_min) * gamma`` stay unmerged (``retention="distinct"``).
+        Retention threshold as a fraction of the range of the method's per-token distances, in
+        [0, 1]; tokens with ``d >= d_max - (d_max - d_min) * gamma`` stay exact
+        (``retention="distinct"``).
     retention : str
         One of :data:`RETENTION_RULES`.
     sink_tokens : int
         The first tokens of every sequence that are never merged (the BOS/sink token is the most
-        divergent pair of all).
-    align : bool
-        Merge in a calibrated aligned frame: every member has an orthogonal matrix per KV head,
-        stored in the profile's tensors sidecar (issue 7). Written to YAML only when true.
-    weights : tuple of float or None
-        Groups of more than two layers only: each member's weight in the shared direction
-        (non-negative, summing to 1); None = uniform. Pairs use ``t``. Written only when set.
-    method : str
-        One of :data:`MERGE_METHODS`. ``"average"`` (the paper's baseline) restores every member
-        as the weighted mean of the group's vectors, with the same weights (``t`` for a pair:
-        ``t = 0.5`` is the plain average) and the same retention as SLERP. Written only when not
-        ``"slerp"``, so SLERP profiles keep their layout.
+        divergent of all).
+
+    Examples
+    --------
+    >>> from minicache.methods.slerp import SlerpParams
+    >>> MergeSettings(SlerpParams(t=0.5, align=True), gamma=0.05)
+    >>> MergeSettings.create("slerp", t=0.5, gamma=0.05)      # the same, from plain values
     """
 
-    t: float = 0.6
+    params: Any = None
+    method: str | None = None
     gamma: float = 0.05
     retention: str = "distinct"
     sink_tokens: int = 1
-    align: bool = False
-    weights: tuple[float, ...] | None = None
-    method: str = "slerp"
 
     def __post_init__(self) -> None:
-        _validate_settings(self)
-        if not isinstance(self.align, bool):
-            raise ProfileError(
-                f"{_show(self.align)} is a {_type_name(self.align)}; allowed: true or false", "align"
-            )
-        if self.weights is not None:
-            object.__setattr__(self, "weights", _check_weights(self.weights, "weights"))
-        object.__setattr__(self, "method", _check_method(self.method, "method"))
+        method = self.method
+        if method is None:
+            method = _method_for(self.params)
+        method = check_choice(method, "method", _method_names(), "a registered merge method")
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "params", _method(method).params(self.params))
+        object.__setattr__(self, "gamma", check_unit(self.gamma, "gamma"))
+        object.__setattr__(self, "retention", check_choice(self.retention, "retention", RETENTION_RULES,
+                                                           "a retention rule"))
+        object.__setattr__(self, "sink_tokens", check_int(self.sink_tokens, "sink_tokens", 0))
 
-    def to_dict(self) -> dict:
-        """Plain data; ``align``, ``weights``, ``method`` only when set (paper-style profiles keep their layout)."""
-        data = {"t": self.t, "gamma": self.gamma, "retention": self.retention}
-        data["sink_tokens"] = self.sink_tokens
-        if self.align:
-            data["align"] = True
-        if self.weights is not None:
-            data["weights"] = list(self.weights)
-        if self.method != "slerp":
-            data["method"] = self.method
-        return data
+    @classmethod
+    def create(cls, method: str = DEFAULT_METHOD, *, gamma: float = 0.05, retention: str = "distinct",
+               sink_tokens: int = 1, **params: Any) -> MergeSettings:
+        """Settings from plain values: ``create("slerp", t=0.5, align=True, gamma=0.1)``."""
+        return cls(params=params, method=method, gamma=gamma, retention=retention, sink_tokens=sink_tokens)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: str = "", inherited: Mapping[str, Any] | None = None
+                  ) -> MergeSettings:
+        """Strictly validated settings from a profile's flat mapping (``method`` + the method's
+        parameters + the shared retention settings); ``inherited`` fills shared settings it omits."""
+        inherited = dict(inherited or {})
+        if not isinstance(data, Mapping):
+            check_keys(data, path, ("method", *_SHARED_KEYS))  # raises: names what a mapping may hold
+        method = data.get("method", DEFAULT_METHOD)
+        try:
+            method = check_choice(method, "method", _method_names(), "a registered merge method")
+        except ProfileError as err:
+            raise err.within(path) from None
+        impl = _method(method)
+        own = tuple(f.name for f in fields(impl.Params))
+        check_keys(data, path, ("method", *own, *_SHARED_KEYS))
+        shared = {k: data.get(k, inherited.get(k)) for k in _SHARED_KEYS}
+        shared = {k: v for k, v in shared.items() if v is not None or k in data}
+        params = impl.params({k: v for k, v in data.items() if k in own}, path)
+        return build(cls, path, {"params": params, "method": method, **shared})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data in the profile's layout: ``method``, the method's parameters, the shared settings."""
+        return {
+            "method": self.method,
+            **self.params.to_dict(),
+            "gamma": self.gamma,
+            "retention": self.retention,
+            "sink_tokens": self.sink_tokens,
+        }
+
+    @property
+    def merge_method(self):
+        """The registered :class:`~minicache.methods.MergeMethod` object."""
+        return _method(self.method)
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """Local names of the sidecar tensors these settings need (e.g. ``("rotation",)``)."""
+        return self.merge_method.tensor_names(self.params)
+
+    def summary(self) -> str:
+        """``"t 0.6, gamma 0.05, retention distinct, sink 1"`` (plus ``", method X"`` unless SLERP)."""
+        text = f"{self.params.summary()}, gamma {self.gamma:g}, retention {self.retention}, sink {self.sink_tokens}"
+        return text if self.method == DEFAULT_METHOD else f"{text}, method {self.method}"
+
+
+def _method_for(params: Any) -> str:
+    """The registered method whose ``Params`` class ``params`` is an instance of (default SLERP)."""
+    if params is None or isinstance(params, Mapping):
+        return DEFAULT_METHOD
+    from minicache.methods import get_method, method_names
+
+    matches = [name for name in method_names() if type(params) is get_method(name).Params]
+    if len(matches) != 1:
+        raise ProfileError(
+            f"{show(params)} is a {type_name(params)}; allowed: the Params of one registered merge method "
+            "(or name the method)",
+            "params",
+        )
+    return matches[0]
 
 
 @dataclass(frozen=True)
 class Defaults:
-    """Profile-wide settings: group settings that a group does not set, and the merge schedule.
+    """Profile-wide settings: the shared settings groups inherit in YAML, and the merge schedule.
 
     Attributes
     ----------
-    t, gamma, retention, sink_tokens
+    gamma, retention, sink_tokens
         Inherited by every group's ``keys`` and ``values`` that do not set them (see
         :class:`MergeSettings`).
     residual_length : int
@@ -353,7 +271,6 @@ class Defaults:
         Tokens merged at a time out of the residual window.
     """
 
-    t: float = 0.6
     gamma: float = 0.05
     retention: str = "distinct"
     sink_tokens: int = 1
@@ -361,15 +278,20 @@ class Defaults:
     block_size: int = 64
 
     def __post_init__(self) -> None:
-        _validate_settings(self)
-        object.__setattr__(self, "residual_length", _check_int(self.residual_length, "residual_length", 0))
-        object.__setattr__(self, "block_size", _check_int(self.block_size, "block_size", 1))
+        object.__setattr__(self, "gamma", check_unit(self.gamma, "gamma"))
+        object.__setattr__(self, "retention", check_choice(self.retention, "retention", RETENTION_RULES,
+                                                           "a retention rule"))
+        object.__setattr__(self, "sink_tokens", check_int(self.sink_tokens, "sink_tokens", 0))
+        object.__setattr__(self, "residual_length", check_int(self.residual_length, "residual_length", 0))
+        object.__setattr__(self, "block_size", check_int(self.block_size, "block_size", 1))
 
-    def settings(self) -> MergeSettings:
-        """The :class:`MergeSettings` a group gets when it sets nothing itself."""
-        return MergeSettings(
-            t=self.t, gamma=self.gamma, retention=self.retention, sink_tokens=self.sink_tokens
-        )
+    def shared(self) -> dict[str, Any]:
+        """The settings a group's component inherits."""
+        return {"gamma": self.gamma, "retention": self.retention, "sink_tokens": self.sink_tokens}
+
+    def settings(self, method: str = DEFAULT_METHOD, **params: Any) -> MergeSettings:
+        """The :class:`MergeSettings` of ``method`` with these shared settings."""
+        return MergeSettings.create(method, **self.shared(), **params)
 
 
 @dataclass(frozen=True)
@@ -391,301 +313,133 @@ class MergeGroup:
     def __post_init__(self) -> None:
         layers = self.layers
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
-            raise ProfileError(
-                f"{_show(layers)} is a {_type_name(layers)}; allowed: {_LAYERS_ALLOWED}", "layers"
-            )
+            raise ProfileError(f"{show(layers)} is a {type_name(layers)}; allowed: {_LAYERS_ALLOWED}", "layers")
         for i, layer in enumerate(layers):
             if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
                 raise ProfileError(
-                    f"{_show(layer)} is a {_type_name(layer)}; allowed: a layer index (integer >= 0)",
-                    f"layers[{i}]",
+                    f"{show(layer)} is a {type_name(layer)}; allowed: a layer index (integer >= 0)", f"layers[{i}]"
                 )
             if layer < 0:
-                raise ProfileError(
-                    f"{layer} is negative; allowed: a layer index (integer >= 0)", f"layers[{i}]"
-                )
+                raise ProfileError(f"{layer} is negative; allowed: a layer index (integer >= 0)", f"layers[{i}]")
         layers = tuple(int(layer) for layer in layers)
         if len(layers) < 2:
-            raise ProfileError(
-                f"{list(layers)} has fewer than 2 layers; allowed: {_LAYERS_ALLOWED}", "layers"
-            )
+            raise ProfileError(f"{list(layers)} has fewer than 2 layers; allowed: {_LAYERS_ALLOWED}", "layers")
         for a, b in itertools.pairwise(layers):
             if b != a + 1:
                 raise ProfileError(
-                    f"{list(layers)} is non-adjacent ({b} does not directly follow {a}); "
-                    f"allowed: {_LAYERS_ALLOWED}",
+                    f"{list(layers)} is non-adjacent ({b} does not directly follow {a}); allowed: {_LAYERS_ALLOWED}",
                     "layers",
                 )
         object.__setattr__(self, "layers", layers)
-        _check_instance(self.keys, MergeSettings, "keys")
-        _check_instance(self.values, MergeSettings, "values")
         for component in ("keys", "values"):
-            weights = getattr(self, component).weights
-            if weights is None:
-                continue
-            if len(layers) == 2:
-                raise ProfileError(
-                    f"{list(weights)} given for a pair; allowed: t for pairs, weights for groups of 3+ "
-                    "layers",
-                    f"{component}.weights",
-                )
-            if len(weights) != len(layers):
-                raise ProfileError(
-                    f"{len(weights)} weights for {len(layers)} layers; allowed: one weight per layer",
-                    f"{component}.weights",
-                )
+            settings = getattr(self, component)
+            check_instance(settings, MergeSettings, component)
+            try:
+                settings.merge_method.check_members(settings.params, len(layers))
+            except ProfileError as err:
+                raise err.within(component) from None
 
     @property
     def label(self) -> str:
         """``"20-21"``: the first and last layer."""
         return f"{self.layers[0]}-{self.layers[-1]}"
 
+    def components(self) -> tuple[tuple[str, MergeSettings], tuple[str, MergeSettings]]:
+        return ("keys", self.keys), ("values", self.values)
+
 
 @dataclass(frozen=True)
 class Quantization:
-    """KIVI-style integer storage of the cache (issue 6; DESIGN.md §3 "Quantized storage").
+    """Integer storage of the cache (DESIGN.md §3 "Quantized storage"), by a registered scheme.
 
-    Keys are quantized per channel (groups of ``group_size`` consecutive tokens), values per token
-    (groups of ``min(group_size, head_dim)`` channels), asymmetrically (a scale and a zero point
-    per group, fp16 for half-precision models), and packed ``8 // bits`` to a byte. Merged groups
-    quantize their shared directions; magnitudes stay fp16.
+    The scheme (:mod:`minicache.quant`, default ``kivi``: keys per channel in groups of
+    ``group_size`` tokens, values per token in groups of ``min(group_size, head_dim)`` channels)
+    packs the stored fields of merged groups that a method marks quantizable, their retained vectors,
+    and unmerged full-attention layers; magnitudes stay fp16.
 
     Attributes
     ----------
-    bits : int
-        One of :data:`QUANT_BITS`.
+    bits : int or tuple of int
+        Code width, one the scheme supports; or one width per layer of the model (a group's members
+        must share theirs).
     group_size : int
-        Tokens per key group and channels per value group (capped at ``head_dim``). Larger groups
-        store fewer scales and zero points: at ``head_dim`` 64, 4 bits, bf16 and a 4,096-token
-        context, quantization alone compresses 3.4x with 128 and 3.0x with 32.
+        Tokens per key group and channels per value group (capped at ``head_dim``).
     residual_length : int
         Most recent tokens of unmerged layers kept exact in the model dtype; older tokens are
         quantized ``group_size`` at a time and never re-quantized. (Merged groups keep the
         profile's ``defaults.residual_length`` exact, and quantize each merged block.)
+    scheme : str
+        A registered quantizer.
     """
 
-    bits: int = 4
+    bits: int | tuple[int, ...] = 4
     group_size: int = 128
     residual_length: int = 128
+    scheme: str = "kivi"
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in QUANT_BITS:
-            raise ProfileError(
-                f"{_show(self.bits)} is not a supported width; allowed: one of {list(QUANT_BITS)}", "bits"
-            )
-        object.__setattr__(self, "bits", int(self.bits))
-        object.__setattr__(self, "group_size", _check_int(self.group_size, "group_size", 2))
-        object.__setattr__(self, "residual_length", _check_int(self.residual_length, "residual_length", 0))
+        from minicache.quant import quantizer_names
 
-    def value_group(self, head_dim: int) -> int:
-        """Channels per value group for a model with this ``head_dim``."""
-        return min(self.group_size, head_dim)
+        scheme = check_choice(self.scheme, "scheme", quantizer_names(), "a registered quantization scheme")
+        object.__setattr__(self, "scheme", scheme)
+        supported = list(_quantizer(scheme).bits)
+        allowed = f"one of {supported}, or a list of them (one per layer)"
+
+        def width(value: Any, path: str) -> int:
+            if isinstance(value, bool) or value not in supported:
+                raise ProfileError(f"{show(value)} is not a supported width; allowed: {allowed}", path)
+            return int(value)
+
+        if isinstance(self.bits, (list, tuple)):
+            if not self.bits:
+                raise ProfileError(f"{show(self.bits)} is empty; allowed: {allowed}", "bits")
+            bits: int | tuple[int, ...] = tuple(width(b, f"bits[{i}]") for i, b in enumerate(self.bits))
+        else:
+            bits = width(self.bits, "bits")
+        object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "group_size", check_int(self.group_size, "group_size", 2))
+        object.__setattr__(self, "residual_length", check_int(self.residual_length, "residual_length", 0))
+
+    @property
+    def quantizer(self):
+        """The registered :class:`~minicache.quant.Quantizer` of :attr:`scheme`."""
+        return _quantizer(self.scheme)
+
+    def bits_of(self, layer: int) -> int:
+        """Code width of one layer."""
+        return self.bits if isinstance(self.bits, int) else self.bits[layer]
+
+    def widths(self) -> set[int]:
+        return {self.bits} if isinstance(self.bits, int) else set(self.bits)
+
+    def check_shape(self, head_dim: int, num_layers: int | None = None) -> None:
+        """Raise :class:`ProfileError` when this scheme cannot pack vectors of ``head_dim`` (or the
+        per-layer widths do not match ``num_layers``)."""
+        if num_layers is not None and isinstance(self.bits, tuple) and len(self.bits) != num_layers:
+            raise ProfileError(
+                f"{len(self.bits)} widths for {num_layers} layers; allowed: one width per layer", "quantization.bits"
+            )
+        for bits in sorted(self.widths()):
+            problem = self.quantizer.check(bits, self.group_size, head_dim)
+            if problem is not None:
+                where, detail = problem
+                raise ProfileError(detail, f"quantization.{where}")
 
     def describe(self) -> str:
-        return f"{self.bits}-bit KV (group {self.group_size}, residual {self.residual_length})"
+        widths = sorted(self.widths())
+        bits = "/".join(str(b) for b in widths)
+        scheme = "" if self.scheme == "kivi" else f"{self.scheme} "
+        return f"{bits}-bit {scheme}KV (group {self.group_size}, residual {self.residual_length})"
+
+    def to_dict(self) -> dict[str, Any]:
+        bits = self.bits if isinstance(self.bits, int) else list(self.bits)
+        return {"scheme": self.scheme, "bits": bits, "group_size": self.group_size,
+                "residual_length": self.residual_length}
 
 
-# ---- model configs -----------------------------------------------------------------------------
-def _text_config(config: Any) -> Any:
-    """The decoder's config: a model's config, and the text part of multimodal configs (Gemma 3)."""
-    if not hasattr(config, "num_hidden_layers") and hasattr(config, "config"):
-        config = config.config  # a model was passed
-    get = getattr(config, "get_text_config", None)
-    if callable(get):
-        try:
-            return get(decoder=True)
-        except TypeError:  # older signature without `decoder`
-            return get()
-    return config
-
-
-def _attr(config: Any, name: str, default: Any = None) -> Any:
-    try:
-        value = getattr(config, name, default)
-    except RuntimeError:
-        # transformers' heterogeneous configs raise on reading a per-layer attribute globally.
-        return default
-    return default if value is None else value
-
-
-def _num_layers(config: Any) -> int:
-    value = _attr(config, "num_hidden_layers")
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ProfileError(
-            f"the model config has num_hidden_layers={value!r}; allowed: an integer >= 1", "model"
-        )
-    return int(value)
-
-
-def _layer_configs(config: Any) -> list[Any]:
-    """One config per layer: per-layer views of transformers' heterogeneous configs, else the config."""
-    n = _num_layers(config)
-    if _attr(config, "is_heterogeneous", False):
-        view = config.per_layer_config
-        return [view[i] for i in range(n)]
-    return [config] * n
-
-
-def _kv_shape(config: Any) -> tuple[int, int]:
-    """(num_key_value_heads, head_dim) of one layer's config."""
-    heads = _attr(config, "num_attention_heads")
-    kv_heads = _attr(config, "num_key_value_heads") or heads  # absent = multi-head attention
-    head_dim = _attr(config, "head_dim")
-    if head_dim is None:  # Qwen2 and Phi-3 configs have no head_dim
-        hidden = _attr(config, "hidden_size")
-        head_dim = hidden // heads if hidden and heads else None
-    if kv_heads is None or head_dim is None:
-        raise ProfileError(
-            "the model config names neither num_key_value_heads/num_attention_heads nor "
-            "head_dim/hidden_size; allowed: a decoder config with attention heads",
-            "model",
-        )
-    return int(kv_heads), int(head_dim)
-
-
-def layer_attention_types(config: Any) -> list[str]:
-    """Attention type of every layer, as transformers' cache sees it.
-
-    ``config.layer_types`` when the config has it (Gemma 2/3, Qwen2, ...), else inferred per layer
-    like transformers does: ``"sliding_attention"`` when a ``sliding_window`` is set (Mistral),
-    ``"chunked_attention"`` with an ``attention_chunk_size``, else ``"full_attention"``.
-
-    Parameters
-    ----------
-    config : transformers.PretrainedConfig
-        The model's config (multimodal configs are reduced to their text part).
-
-    Returns
-    -------
-    list of str
-        One entry per hidden layer.
-    """
-    config = _text_config(config)
-    n = _num_layers(config)
-    try:
-        # The runtime builds its cache from this function; agree with it exactly where it exists.
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        types = list(get_layer_types_and_kwargs(config)[0])
-    except (ImportError, AttributeError, TypeError):
-        types = _infer_layer_types(config)
-    if len(types) < n:
-        raise ProfileError(
-            f"config.layer_types has {len(types)} entries; allowed: one per layer ({n})", "model"
-        )
-    return [str(t) for t in types[:n]]
-
-
-def _infer_layer_types(config: Any) -> list[str]:
-    types = _attr(config, "layer_types")
-    if types is None:
-        types = []
-        for layer in _layer_configs(config):
-            if _attr(layer, "sliding_window") is not None:
-                types.append("sliding_attention")
-            elif _attr(layer, "attention_chunk_size") is not None:
-                types.append("chunked_attention")
-            else:
-                types.append("full_attention")
-    return list(types)
-
-
-def _canonical(value: Any) -> Any:
-    """JSON-ready canonical form: sorted mappings, lists, integral floats as ints."""
-    # A config.json may say rope_theta 10000 where a default says 10000.0: same model, same hash.
-    if isinstance(value, Mapping):
-        return {
-            str(k): _canonical(v)
-            for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
-            if v is not None
-        }
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        value = float(value)
-        return int(value) if value.is_integer() and abs(value) < 2**53 else value
-    item = getattr(value, "item", None)  # 0-d tensors
-    return _canonical(item()) if callable(item) else str(value)
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, dict):
-        return tuple((k, _freeze(v)) for k, v in value.items())
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-def _rope_dicts(config: Any, types: list[str]) -> list[dict | None]:
-    """Canonical rotary settings of every layer (None for a layer without RoPE)."""
-    layers = _layer_configs(config)
-    return [_rope_dict(config, layer, i, t) for i, (layer, t) in enumerate(zip(layers, types, strict=True))]
-
-
-def _rope_dict(config: Any, layer: Any, layer_idx: int, layer_type: str) -> dict | None:
-    """Canonical rotary settings of one layer, or None for a layer without RoPE (NoPE)."""
-    no_rope = _attr(config, "no_rope_layers")  # SmolLM3 / Llama 4: 1 = RoPE, 0 = NoPE
-    if isinstance(no_rope, Sequence) and layer_idx < len(no_rope) and not no_rope[layer_idx]:
-        return None
-    params = _attr(layer, "rope_parameters")
-    if params is None:  # transformers 4.x style
-        params = dict(_attr(layer, "rope_scaling") or {})
-        if _attr(layer, "rope_theta") is not None:
-            params["rope_theta"] = _attr(layer, "rope_theta")
-    if isinstance(params, Mapping) and isinstance(params.get(layer_type), Mapping):
-        params = params[layer_type]  # keyed by layer type: Gemma 3's local vs global rope_theta
-    params = dict(params) if isinstance(params, Mapping) else {"rope_parameters": params}
-    for name in ("partial_rotary_factor", "rotary_dim"):
-        if name not in params and _attr(layer, name) is not None:
-            params[name] = _attr(layer, name)
-    return _canonical(params)
-
-
-def layer_rope_signatures(config: Any) -> list[tuple | None]:
-    """Rotary settings of every layer, as hashable values that compare equal when RoPE is the same.
-
-    Post-RoPE keys of two layers can only be merged exactly when both layers rotate them the same
-    way (DESIGN.md §2), so a group must not span layers whose signatures differ.
-
-    Parameters
-    ----------
-    config : transformers.PretrainedConfig
-        The model's config. Handles a flat ``rope_parameters`` dict, one keyed by layer type
-        (Gemma 3), per-layer configs, ``partial_rotary_factor`` and ``no_rope_layers``.
-
-    Returns
-    -------
-    list
-        One entry per hidden layer: a tuple of sorted ``(name, value)`` pairs, or None for a layer
-        without rotary embedding.
-    """
-    config = _text_config(config)
-    types = layer_attention_types(config)
-    return [None if rope is None else _freeze(rope) for rope in _rope_dicts(config, types)]
-
-
-def _format_rope(signature: tuple | None) -> str:
-    if signature is None:
-        return "no rotary embedding (NoPE)"
-    return "{" + ", ".join(f"{k}: {v}" for k, v in signature) + "}"
-
-
-def _windows(config: Any, types: list[str]) -> list[int | None]:
-    out = []
-    for layer, layer_type in zip(_layer_configs(config), types, strict=True):
-        window = None
-        if layer_type != "full_attention":
-            window = _attr(layer, "sliding_window") or _attr(layer, "attention_chunk_size")
-        out.append(None if window is None else int(window))
-    return out
-
-
-def _one_or_list(values: list) -> Any:
-    return values[0] if len(set(map(repr, values))) == 1 else values
+# ---- the model ---------------------------------------------------------------------------------
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 @dataclass(frozen=True)
@@ -699,7 +453,8 @@ class ModelFingerprint:
     model_type, num_hidden_layers, num_key_value_heads, head_dim : str, int, int, int
         The basic shape of the KV cache.
     config_sha256 : str
-        SHA-256 of a canonical JSON of the KV-relevant config fields: model_type, layer count,
+        SHA-256 of a canonical JSON of the KV-relevant config fields
+        (:attr:`minicache.model_spec.ModelSpec.fingerprint_json`): model_type, layer count,
         attention and KV heads, head_dim, hidden_size, per-layer attention types, rotary settings
         and sliding windows.
     """
@@ -716,71 +471,35 @@ class ModelFingerprint:
 
     def __post_init__(self) -> None:
         if self.name_or_path is not None:
-            _check_str(self.name_or_path, "name_or_path", "a string or null")
-        _check_str(self.model_type, "model_type")
-        object.__setattr__(
-            self, "num_hidden_layers", _check_int(self.num_hidden_layers, "num_hidden_layers", 1)
-        )
-        object.__setattr__(
-            self, "num_key_value_heads", _check_int(self.num_key_value_heads, "num_key_value_heads", 1)
-        )
-        object.__setattr__(self, "head_dim", _check_int(self.head_dim, "head_dim", 1))
-        sha = self.config_sha256
-        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            check_str(self.name_or_path, "name_or_path", "a string or null")
+        check_str(self.model_type, "model_type")
+        object.__setattr__(self, "num_hidden_layers", check_int(self.num_hidden_layers, "num_hidden_layers", 1))
+        object.__setattr__(self, "num_key_value_heads",
+                           check_int(self.num_key_value_heads, "num_key_value_heads", 1))
+        object.__setattr__(self, "head_dim", check_int(self.head_dim, "head_dim", 1))
+        if not _is_sha256(self.config_sha256):
             raise ProfileError(
-                f"{_show(sha)} is not a SHA-256; allowed: 64 lowercase hex digits", "config_sha256"
+                f"{show(self.config_sha256)} is not a SHA-256; allowed: 64 lowercase hex digits", "config_sha256"
             )
 
-    @staticmethod
-    def config_fields(config: Any) -> dict:
-        """The canonical KV-relevant fields of ``config`` that :attr:`config_sha256` hashes."""
-        config = _text_config(config)
-        layers = _layer_configs(config)
-        types = layer_attention_types(config)
-        shapes = [_kv_shape(layer) for layer in layers]
-        return _canonical(
-            {
-                "model_type": _attr(config, "model_type") or type(config).__name__,
-                "num_hidden_layers": len(layers),
-                "num_attention_heads": _one_or_list(
-                    [_attr(layer, "num_attention_heads") for layer in layers]
-                ),
-                "num_key_value_heads": _one_or_list([kv for kv, _ in shapes]),
-                "head_dim": _one_or_list([hd for _, hd in shapes]),
-                "hidden_size": _attr(config, "hidden_size"),
-                "layer_types": types,
-                "rope": _rope_dicts(config, types),
-                "sliding_window": _windows(config, types),
-            }
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, name_or_path: str | None = None) -> ModelFingerprint:
+        """Fingerprint of a :class:`~minicache.model_spec.ModelSpec` (``name_or_path``: recorded for
+        people; defaults to the config's own)."""
+        name = spec.name_or_path if name_or_path is None else name_or_path
+        return cls(
+            name_or_path=None if name is None else str(name),
+            model_type=spec.model_type,
+            num_hidden_layers=spec.num_layers,
+            num_key_value_heads=spec.kv_heads,
+            head_dim=spec.head_dim,
+            config_sha256=spec.config_sha256,
         )
 
     @classmethod
     def from_config(cls, config: Any, name_or_path: str | None = None) -> ModelFingerprint:
-        """Fingerprint of a transformers config (or model).
-
-        Parameters
-        ----------
-        config : transformers.PretrainedConfig
-            The model's config; multimodal configs are reduced to their text part.
-        name_or_path : str, optional
-            Recorded for people; defaults to the config's own ``name_or_path`` when it has one.
-        """
-        config = _text_config(config)
-        if name_or_path is None:
-            name_or_path = _attr(config, "name_or_path") or None
-        payload = cls.config_fields(config)
-        digest = hashlib.sha256(
-            json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-        ).hexdigest()
-        kv_heads, head_dim = _kv_shape(_layer_configs(config)[0])
-        return cls(
-            name_or_path=None if name_or_path is None else str(name_or_path),
-            model_type=str(payload["model_type"]),
-            num_hidden_layers=payload["num_hidden_layers"],
-            num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            config_sha256=digest,
-        )
+        """Fingerprint of a transformers config (or model); multimodal configs give their text part's."""
+        return cls.from_spec(ModelSpec.from_config(config), name_or_path)
 
     def differences(self, other: ModelFingerprint) -> list[tuple[str, Any, Any]]:
         """``(field, this value, other value)`` for every compared field that differs."""
@@ -836,18 +555,20 @@ def _sorted_plain(value: Any) -> Any:
 _TOP_KEYS = (
     "format_version", "producer", "model", "defaults", "groups", "calibration", "tensors", "quantization"
 )
-_QUANT_KEYS = tuple(f.name for f in fields(Quantization))
+_QUANT_KEYS = ("scheme", "bits", "group_size", "residual_length")
 _TENSORS_KEYS = ("file", "sha256")
 _PRODUCER_KEYS = ("name", "version")
 _MODEL_KEYS = tuple(f.name for f in fields(ModelFingerprint))
 _DEFAULTS_KEYS = tuple(f.name for f in fields(Defaults))
-_SETTINGS_KEYS = tuple(f.name for f in fields(MergeSettings))
 _GROUP_KEYS = ("layers", "keys", "values")
+# Format 1: SLERP's parameters and the shared settings side by side, `method` only when not SLERP.
+_V1_DEFAULTS_KEYS = ("t", *_DEFAULTS_KEYS)
+_V1_SETTINGS_KEYS = ("t", "gamma", "retention", "sink_tokens", "align", "weights", "method")
 
 
 @dataclass
 class MergeProfile:
-    """Which layers MiniCache merges, with which settings, for which model.
+    """Which layers MiniCache merges, with which methods and settings, for which model.
 
     Attributes
     ----------
@@ -855,7 +576,7 @@ class MergeProfile:
         Groups of consecutive layers merged together; a layer belongs to at most one group.
         No groups = the full cache.
     defaults : Defaults
-        Merge schedule (residual window, block size) and the settings groups inherit in YAML.
+        Merge schedule (residual window, block size) and the shared settings groups inherit in YAML.
     model : ModelFingerprint or None
         The model the profile was made for; checked by :meth:`check_model`. None accepts any
         model whose layers fit.
@@ -864,13 +585,14 @@ class MergeProfile:
     producer : dict
         ``{"name": ..., "version": ...}`` of the program that wrote the profile.
     format_version : int
-        Version of the file format, one of :data:`SUPPORTED_FORMAT_VERSIONS`.
+        Version of the file format it is written in (:data:`FORMAT_VERSION`; older files are
+        upgraded when read).
     tensors : ProfileTensors or None
-        Tensors of the sidecar (:mod:`minicache.sidecar`): the alignment of every component with
-        ``align: true``, validated against the groups and the model fingerprint. None when no
-        group is aligned.
+        Tensors of the sidecar (:mod:`minicache.sidecar`) that the groups' methods need, named
+        ``<local>.<first>-<last>.<keys|values>`` and validated by each method. None when no group
+        needs any.
     quantization : Quantization or None
-        Integer storage of the cache (issue 6); None keeps every tensor in the model dtype.
+        Integer storage of the cache; None keeps every tensor in the model dtype.
     """
 
     groups: tuple[MergeGroup, ...] = ()
@@ -885,35 +607,33 @@ class MergeProfile:
     _preset: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.format_version = _check_format_version(self.format_version)
+        _check_format_version(self.format_version)
+        self.format_version = FORMAT_VERSION
 
-        producer = _check_keys(self.producer, "producer", _PRODUCER_KEYS, required=_PRODUCER_KEYS)
-        self.producer = {k: _check_str(producer[k], f"producer.{k}") for k in _PRODUCER_KEYS}
+        producer = check_keys(self.producer, "producer", _PRODUCER_KEYS, required=_PRODUCER_KEYS)
+        self.producer = {k: check_str(producer[k], f"producer.{k}") for k in _PRODUCER_KEYS}
 
-        _check_instance(self.defaults, Defaults, "defaults")
-        if self.quantization is not None:
-            _check_instance(self.quantization, Quantization, "quantization")
-            if self.model is not None:
-                _check_quantization_shape(self.quantization, self.model.head_dim)
+        check_instance(self.defaults, Defaults, "defaults")
         if self.model is not None:
-            _check_instance(self.model, ModelFingerprint, "model")
+            check_instance(self.model, ModelFingerprint, "model")
+        if self.quantization is not None:
+            check_instance(self.quantization, Quantization, "quantization")
+            if self.model is not None:
+                self.quantization.check_shape(self.model.head_dim, self.model.num_hidden_layers)
         if self.calibration is not None:
             if not isinstance(self.calibration, Mapping):
                 raise ProfileError(
-                    f"{_show(self.calibration)} is a {_type_name(self.calibration)}; "
-                    "allowed: a mapping or null",
+                    f"{show(self.calibration)} is a {type_name(self.calibration)}; allowed: a mapping or null",
                     "calibration",
                 )
-            self.calibration = _plain(self.calibration, "calibration")
+            self.calibration = plain(self.calibration, "calibration")
 
         groups = self.groups
         if isinstance(groups, (str, bytes, Mapping)) or not isinstance(groups, Sequence):
-            raise ProfileError(
-                f"{_show(groups)} is a {_type_name(groups)}; allowed: a list of groups", "groups"
-            )
+            raise ProfileError(f"{show(groups)} is a {type_name(groups)}; allowed: a list of groups", "groups")
         owner: dict[int, int] = {}
         for i, group in enumerate(groups):
-            _check_instance(group, MergeGroup, f"groups[{i}]")
+            check_instance(group, MergeGroup, f"groups[{i}]")
             for layer in group.layers:
                 if layer in owner:
                     j = owner[layer]
@@ -924,33 +644,66 @@ class MergeProfile:
                     )
                 owner[layer] = i
         self.groups = tuple(groups)
-        if self.tensors is not None or self.aligned:
-            from minicache.sidecar import ProfileTensors, validate_profile_tensors
+        if self.quantization is not None:
+            _check_group_widths(self.quantization, self.groups)
+        if self.tensors is not None and not isinstance(self.tensors, _profile_tensors_class()):
+            self.tensors = _profile_tensors_class()(self.tensors)
+        if self.tensors is not None and not len(self.tensors):
+            self.tensors = None
+        self._check_tensors()
 
-            if self.tensors is not None and not isinstance(self.tensors, ProfileTensors):
-                self.tensors = ProfileTensors(self.tensors)
-            shape = None if self.model is None else (self.model.num_key_value_heads, self.model.head_dim)
-            validate_profile_tensors(self.groups, self.tensors, shape)
+    def _check_tensors(self) -> None:
+        """Every tensor a group's method needs is in the sidecar and valid; nothing else is."""
+        needed = set()
+        shape = None if self.model is None else (self.model.num_key_value_heads, self.model.head_dim)
+        for i, group in enumerate(self.groups):
+            for component, settings in group.components():
+                for local in settings.tensor_names:
+                    name = _tensor_name(local, group.label, component)
+                    needed.add(name)
+                    path = f"groups[{i}].{component}"
+                    tensor = None if self.tensors is None else self.tensors.get(name)
+                    if tensor is None:
+                        where = "no tensors sidecar was loaded with this profile" if self.tensors is None else (
+                            f"the tensors sidecar has no {name!r}")
+                        raise ProfileError(
+                            f"{settings.method} needs the tensor {name!r}, but {where}; allowed: the profile and "
+                            "the sidecar it names side by side (MergeProfile.load reads both; minicache-calibrate "
+                            "writes both)",
+                            path,
+                        )
+                    settings.merge_method.check_tensor(
+                        settings.params, local, tensor, len(group.layers), shape, path, name
+                    )
+        if self.tensors is not None:
+            extra = sorted(set(self.tensors.names()) - needed)
+            if extra:
+                raise ProfileError(
+                    f"the sidecar holds {extra[0]!r}, which no group uses; allowed: only the tensors this "
+                    "profile's groups need (was the sidecar written for another profile?)",
+                    "tensors",
+                )
+
+    # -- tensors -------------------------------------------------------------------------------
+    def tensors_of(self, group: MergeGroup, component: str) -> dict[str, Any]:
+        """``{local name: tensor}`` that one group's component needs (empty for most methods)."""
+        settings = getattr(group, component)
+        return {
+            local: self.tensors[_tensor_name(local, group.label, component)] for local in settings.tensor_names
+        }
 
     @property
-    def aligned(self) -> bool:
-        """Whether any group merges keys or values in a calibrated aligned frame."""
-        return any(g.keys.align or g.values.align for g in self.groups)
-
-    def rotation(self, group: MergeGroup, component: str):
-        """``[k, H, D, D]`` float32 alignment of one group's component, or None when it is not aligned."""
-        if not getattr(group, component).align:
-            return None
-        from minicache.sidecar import rotation_name
-
-        return self.tensors[rotation_name(group.label, component)]
+    def uses_tensors(self) -> bool:
+        """Whether any group needs sidecar tensors (e.g. aligned SLERP)."""
+        return any(s.tensor_names for g in self.groups for _, s in g.components())
 
     def with_quantization(self, quantization: Quantization | None) -> MergeProfile:
         """A copy of this profile with integer storage ``quantization`` (None: model dtype)."""
         if quantization is not None:
-            _check_instance(quantization, Quantization, "quantization")
+            check_instance(quantization, Quantization, "quantization")
             if self.model is not None:
-                _check_quantization_shape(quantization, self.model.head_dim)
+                quantization.check_shape(self.model.head_dim, self.model.num_hidden_layers)
+            _check_group_widths(quantization, self.groups)
         out = copy.copy(self)
         out.quantization = quantization
         return out
@@ -991,11 +744,9 @@ class MergeProfile:
         settings = {s for g in self.groups for s in (g.keys, g.values)}
         if len(settings) == 1:
             (s,) = settings
-            text += f"; t {s.t:g}, gamma {s.gamma:g}, retention {s.retention}, sink {s.sink_tokens}"
-            if s.method != "slerp":
-                text += f", method {s.method}"
+            text += f"; {s.summary()}"
         else:
-            text += "; per-group t/gamma"
+            text += "; per-group settings"
         d = self.defaults
         return text + f"; residual {d.residual_length}, block {d.block_size}{quant}"
 
@@ -1008,7 +759,7 @@ class MergeProfile:
 
         Parameters
         ----------
-        config : transformers.PretrainedConfig
+        config : transformers.PretrainedConfig or ModelSpec
             The model's config (a model, or a multimodal config, is reduced to its text config).
         allow_mismatch : bool
             Downgrade a fingerprint mismatch (profile made for another model) to a
@@ -1020,10 +771,9 @@ class MergeProfile:
         ProfileError
             Naming the group or fingerprint field at fault and what is allowed.
         """
-        config = _text_config(config)
+        spec = ModelSpec.from_config(config)
         if self.model is not None:
-            actual = ModelFingerprint.from_config(config)
-            diffs = self.model.differences(actual)
+            diffs = self.model.differences(ModelFingerprint.from_spec(spec))
             if diffs:
                 listed = "; ".join(f"{name}: profile {want!r}, model {got!r}" for name, want, got in diffs)
                 made_for = f" ({self.model.name_or_path})" if self.model.name_or_path else ""
@@ -1035,56 +785,46 @@ class MergeProfile:
                     raise ProfileError(detail, "model")
                 warnings.warn(f"model: {detail}", ModelMismatchWarning, stacklevel=2)
 
-        n = _num_layers(config)
+        n = spec.num_layers
         if self.quantization is not None:
-            for _, head_dim in {_kv_shape(layer) for layer in _layer_configs(config)}:
-                _check_quantization_shape(self.quantization, head_dim)
+            for head_dim in sorted({layer.head_dim for layer in spec.layers}):
+                self.quantization.check_shape(head_dim, n)
         for i, group in enumerate(self.groups):
             for layer in group.layers:
                 if layer >= n:
                     raise ProfileError(
-                        f"layer {layer} out of range; "
-                        f"allowed: 0..{n - 1} for this model (num_hidden_layers={n})",
+                        f"layer {layer} out of range; allowed: 0..{n - 1} for this model (num_hidden_layers={n})",
                         f"groups[{i}].layers",
                     )
         if not self.groups:
             return
-        types = layer_attention_types(config)
-        ropes = layer_rope_signatures(config)
-        windows = _windows(config, types)
-        shapes = [_kv_shape(layer) for layer in _layer_configs(config)]
         # Why each must agree: one shared store is attended by every member layer, and post-RoPE
         # keys merge exactly only when both layers rotate them the same way (DESIGN.md §2).
         attend = "a merged cache is attended the same way by every layer of its group"
         checks = (
-            ("attention type", types, repr, attend),
-            ("sliding window", windows, repr, attend),
-            (
-                "rotary settings",
-                ropes,
-                _format_rope,
-                "post-RoPE keys merge exactly only under the same rotation",
-            ),
-            ("KV shape (num_key_value_heads, head_dim)", shapes, repr, "a merged cache has one shape"),
+            ("attention type", lambda s: s.attention_type, repr, attend),
+            ("sliding window", lambda s: s.window, repr, attend),
+            ("rotary settings", lambda s: s.rope, format_rope, "post-RoPE keys merge exactly only under the same "
+             "rotation"),
+            ("KV shape (num_key_value_heads, head_dim)", lambda s: s.kv_shape, repr, "a merged cache has one shape"),
         )
-        if self.aligned:
-            from minicache.sidecar import check_rotation, rotation_name
-
-            for i, group in enumerate(self.groups):
-                for component in ("keys", "values"):
-                    if getattr(group, component).align:
-                        name = rotation_name(group.label, component)
-                        check_rotation(self.tensors[name], f"groups[{i}].{component}.align", name,
-                                       len(group.layers), shapes[group.layers[0]])
         for i, group in enumerate(self.groups):
-            first = group.layers[0]
+            for component, settings in group.components():
+                for local in settings.tensor_names:
+                    name = _tensor_name(local, group.label, component)
+                    settings.merge_method.check_tensor(
+                        settings.params, local, self.tensors[name], len(group.layers),
+                        spec.kv_shape(group.layers[0]), f"groups[{i}].{component}", name,
+                    )
+            first = spec.layers[group.layers[0]]
             for layer in group.layers[1:]:
-                for what, per_layer, fmt, why in checks:
-                    if per_layer[layer] != per_layer[first]:
+                other = spec.layers[layer]
+                for what, get, fmt, why in checks:
+                    if get(other) != get(first):
                         raise ProfileError(
-                            f"{list(group.layers)}: layers {first} and {layer} differ in {what} "
-                            f"({fmt(per_layer[first])} vs {fmt(per_layer[layer])}); allowed: layers with "
-                            f"the same {what} in one group ({why})",
+                            f"{list(group.layers)}: layers {group.layers[0]} and {layer} differ in {what} "
+                            f"({fmt(get(first))} vs {fmt(get(other))}); allowed: layers with the same {what} in "
+                            f"one group ({why})",
                             f"groups[{i}].layers",
                         )
 
@@ -1097,7 +837,7 @@ class MergeProfile:
         t: float = 0.6,
         gamma: float = 0.05,
         start: int | None = None,
-        method: str = "slerp",
+        method: str = DEFAULT_METHOD,
         **default_overrides: Any,
     ) -> MergeProfile:
         """A built-in profile for the model of ``config``.
@@ -1107,15 +847,15 @@ class MergeProfile:
         name : str
             ``"paper"``: the paper's layout, pairs ``(S, S+1), (S+2, S+3), ...`` from ``S = L // 2``
             while a pair fits. ``"none"``: no groups (the full-cache baseline).
-        config : transformers.PretrainedConfig
+        config : transformers.PretrainedConfig or ModelSpec
             The model's config; the profile gets its fingerprint.
         t, gamma : float
-            SLERP weight and retention fraction of every group.
+            Weight of the deeper layer (SLERP's ``t``) and retention fraction of every group.
         start : int, optional
             First layer ``S`` of the paper layout (default ``num_hidden_layers // 2``).
         method : str
-            Merge method of every group, one of :data:`MERGE_METHODS`; ``"average"`` with
-            ``t=0.5`` is the paper's averaging baseline.
+            Merge method of every group (its parameters take ``t``); ``"average"`` with ``t=0.5`` is
+            the paper's averaging baseline.
         **default_overrides
             Other :class:`Defaults` fields (``residual_length``, ``block_size``, ``sink_tokens``,
             ``retention``).
@@ -1128,40 +868,32 @@ class MergeProfile:
         """
         if name not in PRESETS:
             allowed = ", ".join(repr(p) for p in PRESETS)
-            raise ProfileError(f"{_show(name)} is not a known preset; allowed: one of {allowed}", "preset")
+            raise ProfileError(f"{show(name)} is not a known preset; allowed: one of {allowed}", "preset")
         unknown = sorted(set(default_overrides) - set(_DEFAULTS_KEYS))
         if unknown:
-            others = ", ".join(k for k in _DEFAULTS_KEYS if k not in ("t", "gamma"))
-            raise ProfileError(
-                f"unknown setting {unknown[0]!r}; allowed: {others}",
-                f"defaults.{unknown[0]}",
-            )
-        try:
-            defaults = Defaults(t=t, gamma=gamma, **default_overrides)
-        except ProfileError as err:
-            raise err.within("defaults") from None
-        config = _text_config(config)
-        n = _num_layers(config)
+            others = ", ".join(k for k in _DEFAULTS_KEYS if k != "gamma")
+            raise ProfileError(f"unknown setting {unknown[0]!r}; allowed: {others}", f"defaults.{unknown[0]}")
+        defaults = build(Defaults, "defaults", {"gamma": gamma, **default_overrides})
+        spec = ModelSpec.from_config(config)
+        n = spec.num_layers
         if name == "none":
             if start is not None:
-                raise ProfileError(
-                    f"{_show(start)} given; allowed: no start layer for the 'none' preset", "start"
-                )
+                raise ProfileError(f"{show(start)} given; allowed: no start layer for the 'none' preset", "start")
             groups: tuple[MergeGroup, ...] = ()
         else:
             if start is None:
                 start = n // 2
             if isinstance(start, bool) or not isinstance(start, numbers.Integral) or not 0 <= start <= n - 2:
                 raise ProfileError(
-                    f"{_show(start)} leaves no pair of layers; "
-                    f"allowed: 0..{n - 2} for this model (num_hidden_layers={n})",
+                    f"{show(start)} leaves no pair of layers; allowed: 0..{n - 2} for this model "
+                    f"(num_hidden_layers={n})",
                     "start",
                 )
-            settings = replace(defaults.settings(), method=method)  # a bad method names the path "method"
+            settings = build(MergeSettings, "", {"params": {"t": t}, "method": method, **defaults.shared()})
             groups = tuple(MergeGroup((s, s + 1), settings, settings) for s in range(int(start), n - 1, 2))
-        profile = cls(groups=groups, defaults=defaults, model=ModelFingerprint.from_config(config))
+        profile = cls(groups=groups, defaults=defaults, model=ModelFingerprint.from_spec(spec))
         try:
-            profile.check_model(config)
+            profile.check_model(spec)
         except ProfileError as err:
             raise ProfileError(f"the {name!r} preset does not fit this model: {err}", "preset") from None
         profile._preset = name
@@ -1169,85 +901,88 @@ class MergeProfile:
 
     # -- plain data ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """Plain data in DESIGN.md §4's layout, every group's settings fully resolved."""
+        """Plain data in DESIGN.md §4's layout (format 2), every group's settings fully resolved."""
         data: dict[str, Any] = {"format_version": self.format_version, "producer": dict(self.producer)}
         if self.model is not None:
             data["model"] = asdict(self.model)
         data["defaults"] = asdict(self.defaults)
         if self.quantization is not None:
-            data["quantization"] = asdict(self.quantization)
+            data["quantization"] = self.quantization.to_dict()
         data["groups"] = [
-            {"layers": list(g.layers), "keys": g.keys.to_dict(), "values": g.values.to_dict()}
-            for g in self.groups
+            {"layers": list(g.layers), "keys": g.keys.to_dict(), "values": g.values.to_dict()} for g in self.groups
         ]
         if self.calibration is not None:
-            data["calibration"] = _plain(self.calibration, "calibration")
+            data["calibration"] = plain(self.calibration, "calibration")
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping, tensors: Any = None) -> MergeProfile:
-        """Build a profile from plain data (parsed YAML), validating every field strictly.
+        """Build a profile from plain data (parsed YAML, format 1 or 2), validating every field strictly.
 
-        A group's ``keys``/``values`` may be omitted or partial: missing fields come from
-        ``defaults``. ``format_version`` is required; everything else has a default.
-        ``tensors`` (:class:`~minicache.sidecar.ProfileTensors`) is the loaded sidecar, required
-        when a group is aligned; the ``tensors`` entry of ``data`` only names the file.
+        A group's ``keys``/``values`` may be omitted or partial: ``method`` defaults to SLERP, the
+        method's parameters to their defaults, and the shared settings come from ``defaults``.
+        ``format_version`` is required; everything else has a default. ``tensors``
+        (:class:`~minicache.sidecar.ProfileTensors`) is the loaded sidecar, required when a group's
+        method needs tensors; the ``tensors`` entry of ``data`` only names the file.
 
         Raises
         ------
         ProfileError
             Naming the path of the first bad field, the bad value and what is allowed.
         """
-        data = _check_keys(data, "", _TOP_KEYS, required=("format_version",))
+        data = check_keys(data, "", _TOP_KEYS, required=("format_version",))
         # Check the version first: a newer file may fail every other check for a good reason.
         fv = _check_format_version(data["format_version"])
+        v1 = fv == 1
 
         producer = data.get("producer")
         producer = _default_producer() if producer is None else producer
 
         model = None
         if data.get("model") is not None:
-            raw = _check_keys(data["model"], "model", _MODEL_KEYS, required=_MODEL_KEYS[1:])
-            model = _build(ModelFingerprint, "model", {"name_or_path": None, **raw})
+            raw = check_keys(data["model"], "model", _MODEL_KEYS, required=_MODEL_KEYS[1:])
+            model = build(ModelFingerprint, "model", {"name_or_path": None, **raw})
 
         raw_defaults = data.get("defaults")
-        raw_defaults = {} if raw_defaults is None else _check_keys(raw_defaults, "defaults", _DEFAULTS_KEYS)
-        defaults = _build(Defaults, "defaults", raw_defaults)
-        inherited = defaults.settings().to_dict()
+        raw_defaults = {} if raw_defaults is None else dict(
+            check_keys(raw_defaults, "defaults", _V1_DEFAULTS_KEYS if v1 else _DEFAULTS_KEYS))
+        default_t = raw_defaults.pop("t", None)
+        if default_t is not None:
+            check_unit(default_t, "defaults.t")
+        defaults = build(Defaults, "defaults", raw_defaults)
         quantization = None
         if data.get("quantization") is not None:
-            raw_quant = _check_keys(data["quantization"], "quantization", _QUANT_KEYS)
-            quantization = _build(Quantization, "quantization", dict(raw_quant))
+            raw_quant = dict(check_keys(data["quantization"], "quantization", _QUANT_KEYS))
+            if isinstance(raw_quant.get("bits"), list):
+                raw_quant["bits"] = tuple(raw_quant["bits"])
+            quantization = build(Quantization, "quantization", raw_quant)
         if data.get("tensors") is not None:
-            entry = _check_keys(data["tensors"], "tensors", _TENSORS_KEYS, required=_TENSORS_KEYS)
-            _check_tensors_entry(entry)
+            _check_tensors_entry(check_keys(data["tensors"], "tensors", _TENSORS_KEYS, required=_TENSORS_KEYS))
 
         raw_groups = data.get("groups")
         raw_groups = [] if raw_groups is None else raw_groups
         if not isinstance(raw_groups, list):
-            raise ProfileError(
-                f"{_show(raw_groups)} is a {_type_name(raw_groups)}; allowed: a list of groups", "groups"
-            )
+            raise ProfileError(f"{show(raw_groups)} is a {type_name(raw_groups)}; allowed: a list of groups", "groups")
         groups = []
         for i, raw in enumerate(raw_groups):
             path = f"groups[{i}]"
-            raw = _check_keys(raw, path, _GROUP_KEYS, required=("layers",))
+            raw = check_keys(raw, path, _GROUP_KEYS, required=("layers",))
             parts = {}
             for component in ("keys", "values"):
                 given = raw.get(component)
-                given = {} if given is None else _check_keys(given, f"{path}.{component}", _SETTINGS_KEYS)
-                given = dict(given)
-                if isinstance(given.get("weights"), list):
-                    given["weights"] = tuple(given["weights"])
-                parts[component] = _build(MergeSettings, f"{path}.{component}", {**inherited, **given})
+                given = {} if given is None else given
+                where = f"{path}.{component}"
+                if v1:
+                    given = _upgrade_v1_settings(given, where, default_t)
+                parts[component] = MergeSettings.from_dict(given, where, defaults.shared())
             layers = raw["layers"]
             if not isinstance(layers, list):  # YAML gives lists; a string here is a typo like "20-21"
                 raise ProfileError(
-                    f"{_show(layers)} is a {_type_name(layers)}; allowed: {_LAYERS_ALLOWED}", f"{path}.layers"
+                    f"{show(layers)} is a {type_name(layers)}; allowed: {_LAYERS_ALLOWED}", f"{path}.layers"
                 )
-            groups.append(_build(MergeGroup, path, {"layers": tuple(layers), **parts}))
+            groups.append(build(MergeGroup, path, {"layers": tuple(layers), **parts}))
 
-        return _build(
+        return build(
             cls,
             "",
             {
@@ -1269,8 +1004,6 @@ class MergeProfile:
         passes it for profiles with tensors.
         """
         data = self.to_dict()
-        if tensors_entry is not None:
-            data["tensors"] = _FlowDict(_check_tensors_entry(dict(tensors_entry)))
         data["producer"] = _FlowDict(data["producer"])
         data["defaults"] = _FlowDict(data["defaults"])
         if "quantization" in data:
@@ -1279,6 +1012,8 @@ class MergeProfile:
             group["keys"], group["values"] = _FlowDict(group["keys"]), _FlowDict(group["values"])
         if "calibration" in data:
             data["calibration"] = _sorted_plain(data["calibration"])
+        if tensors_entry is not None:
+            data["tensors"] = _FlowDict(_check_tensors_entry(dict(tensors_entry)))
         body = yaml.dump(
             data,
             Dumper=_Dumper,
@@ -1287,25 +1022,16 @@ class MergeProfile:
             allow_unicode=True,
             width=_NO_WRAP,
         )
-        return (
-            "# MiniCache merge profile (arXiv 2405.14366); read it with minicache.MergeProfile.load\n" + body
-        )
+        return "# MiniCache merge profile (arXiv 2405.14366); read it with minicache.MergeProfile.load\n" + body
 
     @classmethod
     def from_yaml(cls, text: str, source: str | None = None, tensors: Any = None) -> MergeProfile:
         """Parse and validate YAML text (``yaml.safe_load`` only: a profile can never run code).
 
-        ``tensors``: the sidecar's tensors, for aligned profiles (:meth:`load` reads them).
+        ``tensors``: the sidecar's tensors, for profiles whose methods need some (:meth:`load`
+        reads them).
         """
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ProfileError(f"not valid YAML: {err}; allowed: a YAML mapping", source=source) from None
-        if data is None:
-            raise ProfileError(
-                "the document is empty; allowed: a YAML mapping with format_version, groups, ...",
-                source=source,
-            )
+        data = _parse_yaml(text, source)
         try:
             return cls.from_dict(data, tensors=tensors)
         except ProfileError as err:
@@ -1323,23 +1049,14 @@ class MergeProfile:
         ProfileError
             The file is not a valid profile (the message starts with the file's path).
         """
-        path = pathlib.Path(path_or_model_dir)
-        if path.is_dir():
-            file = path / PROFILE_FILENAME
-            if not file.is_file():
-                raise FileNotFoundError(
-                    f"{path} is a directory without {PROFILE_FILENAME}: no MiniCache profile ships with it; "
-                    "pass the profile file itself, or write one with minicache-calibrate"
-                )
-        elif path.is_file():
-            file = path
-        else:
-            raise FileNotFoundError(
-                f"no MiniCache profile at {path}: expected a .yaml file or a model directory "
-                f"holding {PROFILE_FILENAME}"
-            )
+        file = profile_file(path_or_model_dir)
         text = file.read_text(encoding="utf-8")
-        return cls.from_yaml(text, source=str(file), tensors=_read_sidecar(file, text))
+        data = _parse_yaml(text, str(file))
+        tensors = _read_sidecar(file, data)
+        try:
+            return cls.from_dict(data, tensors=tensors)
+        except ProfileError as err:
+            raise ProfileError(err.detail, err.path, str(file)) from None
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
         """Write the profile atomically and return the file written.
@@ -1359,93 +1076,176 @@ class MergeProfile:
 
         Notes
         -----
-        A profile with tensors also writes its sidecar next to the YAML
-        (``minicache_tensors.safetensors`` beside ``minicache_config.yaml``, ``<name>.safetensors``
-        beside any other ``<name>.yaml``). The sidecar is renamed into place first and the YAML,
-        which records the sidecar's SHA-256, last: a reader sees the old profile, the new one, or
-        (after a crash between the renames) an old YAML whose recorded hash no longer matches,
-        which :meth:`load` refuses with a clear error.
+        A profile with tensors also writes its sidecar next to the YAML, named after the sidecar's
+        own SHA-256 (``minicache_config.<sha256[:16]>.tensors``), first; the YAML, which records that
+        name and hash, is renamed into place last. A reader therefore sees the old profile with its
+        own sidecar or the new one with its own, never a mix; after the new YAML is in place, the
+        sidecar the replaced YAML named is removed.
         """
-        path = pathlib.Path(path)
-        if path.suffix.lower() in (".yaml", ".yml") and not path.is_dir():
-            target = path
-        elif path.exists() and not path.is_dir():
-            raise ValueError(f"{path}: a profile is written to a .yaml/.yml file or into a directory")
-        else:
-            target = path / PROFILE_FILENAME
+        target = _target_file(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists() and not overwrite:
-            raise FileExistsError(_exists_message(target))
+            raise FileExistsError(exists_message(target))
+        previous = _named_sidecar(target) if overwrite else None
         entry = None
+        blob = None
         if self.tensors is not None and len(self.tensors):
             from minicache.sidecar import sha256_hex
 
             blob = self.tensors.to_bytes()
-            sidecar = target.parent / sidecar_filename(target)
-            if sidecar.exists() and not overwrite:
-                raise FileExistsError(_exists_message(sidecar))
-            entry = {"file": sidecar.name, "sha256": sha256_hex(blob)}
-            text = self.to_yaml(entry)  # before any write: a profile that cannot be dumped writes nothing
-            atomic_write(sidecar, blob, overwrite)
-        else:
-            text = self.to_yaml()
+            digest = sha256_hex(blob)
+            entry = {"file": sidecar_filename(target, digest), "sha256": digest}
+        text = self.to_yaml(entry)  # before any write: a profile that cannot be dumped writes nothing
+        if entry is not None:
+            sidecar = target.parent / entry["file"]
+            if not (sidecar.is_file() and _sha256_of_file(sidecar) == entry["sha256"]):
+                atomic_write(sidecar, blob, overwrite=True)  # named by its content: only ever ours
         atomic_write(target, text.encode("utf-8"), overwrite)
+        if previous is not None and (entry is None or previous.name != entry["file"]):
+            previous.unlink(missing_ok=True)
         return target
 
 
-def _check_quantization_shape(quantization: Quantization, head_dim: int) -> None:
-    """Values are grouped along head_dim and packed along it: both must divide it evenly."""
-    group = quantization.value_group(head_dim)
-    if head_dim % group:
-        raise ProfileError(
-            f"{quantization.group_size} does not divide head_dim {head_dim} into whole value groups; "
-            f"allowed: a divisor of {head_dim}, or a multiple of it",
-            "quantization.group_size",
-        )
-    if (head_dim * quantization.bits) % 8:
-        raise ProfileError(
-            f"{quantization.bits} bits do not pack head_dim {head_dim} into whole bytes; "
-            "allowed: a width whose packed head vector fills whole bytes",
-            "quantization.bits",
-        )
+def _check_group_widths(quantization: Quantization, groups: Sequence[MergeGroup]) -> None:
+    """The layers of a group share one store, hence one code width."""
+    if isinstance(quantization.bits, int):
+        return
+    for i, group in enumerate(groups):
+        widths = {quantization.bits[layer] for layer in group.layers if layer < len(quantization.bits)}
+        if len(widths) > 1:
+            raise ProfileError(
+                f"{list(group.layers)} are quantized to {sorted(widths)} bits; allowed: one width for all layers "
+                "of a group (they share one store)",
+                f"groups[{i}].layers",
+            )
 
 
-def sidecar_filename(profile_file: str | os.PathLike) -> str:
-    """File name of the tensors sidecar of a profile file (same directory)."""
-    profile_file = pathlib.Path(profile_file)
-    if profile_file.name == PROFILE_FILENAME:
-        return TENSORS_FILENAME
-    return profile_file.stem + ".safetensors"
+def profile_file(path_or_model_dir: str | os.PathLike) -> pathlib.Path:
+    """The profile file a path names: the path itself, or ``minicache_config.yaml`` in a directory.
+
+    Raises
+    ------
+    FileNotFoundError
+        Nothing there.
+    """
+    path = pathlib.Path(path_or_model_dir)
+    if path.is_dir():
+        file = path / PROFILE_FILENAME
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{path} is a directory without {PROFILE_FILENAME}: no MiniCache profile ships with it; "
+                "pass the profile file itself, or write one with minicache-calibrate"
+            )
+        return file
+    if path.is_file():
+        return path
+    raise FileNotFoundError(
+        f"no MiniCache profile at {path}: expected a .yaml file or a model directory holding {PROFILE_FILENAME}"
+    )
+
+
+def sidecar_filename(profile_file: str | os.PathLike, sha256: str) -> str:
+    """File name of the tensors sidecar of a profile file with sidecar bytes of this SHA-256.
+
+    ``<profile stem>.<sha256[:16]>.tensors`` in the profile's directory: named after its content, so
+    saving never clobbers the sidecar an older profile names, and with an extension weight loaders
+    (which pick up ``*.safetensors``) leave alone.
+    """
+    return f"{pathlib.Path(profile_file).stem}.{sha256[:16]}{SIDECAR_SUFFIX}"
+
+
+def _target_file(path: str | os.PathLike) -> pathlib.Path:
+    path = pathlib.Path(path)
+    if path.suffix.lower() in (".yaml", ".yml") and not path.is_dir():
+        return path
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: a profile is written to a .yaml/.yml file or into a directory")
+    return path / PROFILE_FILENAME
+
+
+def _named_sidecar(target: pathlib.Path) -> pathlib.Path | None:
+    """The sidecar an existing profile file names (None when it names none or cannot be read)."""
+    try:
+        data = yaml.safe_load(target.read_text(encoding="utf-8"))
+        entry = _check_tensors_entry(data["tensors"])
+    except Exception:  # an unreadable old profile has nothing of ours to clean up
+        return None
+    return target.parent / entry["file"]
+
+
+def _sha256_of_file(path: pathlib.Path) -> str:
+    from minicache.sidecar import sha256_hex
+
+    return sha256_hex(path.read_bytes())
+
+
+def _tensor_name(local: str, label: str, component: str) -> str:
+    from minicache.methods.base import tensor_name
+
+    return tensor_name(local, label, component)
+
+
+def _profile_tensors_class():
+    from minicache.sidecar import ProfileTensors
+
+    return ProfileTensors
+
+
+def _check_format_version(value: Any) -> int:
+    allowed = f"one of {list(SUPPORTED_FORMAT_VERSIONS)}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ProfileError(f"{show(value)} is a {type_name(value)}; allowed: {allowed}", "format_version")
+    if value not in SUPPORTED_FORMAT_VERSIONS:
+        newer = " (written by a newer minicache: upgrade minicache to read it)" if value > FORMAT_VERSION else ""
+        raise ProfileError(f"{value} is not supported{newer}; allowed: {allowed}", "format_version")
+    return int(value)
+
+
+def _upgrade_v1_settings(given: Any, path: str, default_t: float | None) -> dict:
+    """A format-1 component (SLERP's ``t``/``align``/``weights`` beside the shared settings, ``method``
+    only when not SLERP) in format 2's layout."""
+    given = dict(check_keys(given, path, _V1_SETTINGS_KEYS))
+    out = {"method": given.pop("method", DEFAULT_METHOD)}
+    if "t" not in given and default_t is not None:
+        given["t"] = default_t
+    out.update(given)
+    return out
+
+
+def _parse_yaml(text: str, source: str | None) -> Any:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ProfileError(f"not valid YAML: {err}; allowed: a YAML mapping", source=source) from None
+    if data is None:
+        raise ProfileError(
+            "the document is empty; allowed: a YAML mapping with format_version, groups, ...", source=source
+        )
+    return data
 
 
 def _check_tensors_entry(entry: Mapping) -> dict:
     name = entry.get("file")
-    plain = isinstance(name, str) and "/" not in name and "\\" not in name and not name.startswith(".")
-    if not plain or not name.endswith(".safetensors"):
+    plain_name = isinstance(name, str) and "/" not in name and "\\" not in name and not name.startswith(".")
+    if not plain_name or not (name.endswith(SIDECAR_SUFFIX) or name.endswith(".safetensors")):
         raise ProfileError(
-            f"{_show(name)} is not a sidecar file name; allowed: a plain file name ending in .safetensors, "
-            "in the profile's directory",
+            f"{show(name)} is not a sidecar file name; allowed: a plain file name ending in {SIDECAR_SUFFIX} "
+            "(or .safetensors, format 1), in the profile's directory",
             "tensors.file",
         )
     sha = entry.get("sha256")
-    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
-        raise ProfileError(
-            f"{_show(sha)} is not a SHA-256; allowed: 64 lowercase hex digits", "tensors.sha256"
-        )
+    if not _is_sha256(sha):
+        raise ProfileError(f"{show(sha)} is not a SHA-256; allowed: 64 lowercase hex digits", "tensors.sha256")
     return {"file": name, "sha256": sha}
 
 
-def _read_sidecar(file: pathlib.Path, text: str) -> Any:
-    """The sidecar named by the profile at ``file`` (None when it names none), hash-checked."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return None  # from_yaml reports it
+def _read_sidecar(file: pathlib.Path, data: Any) -> Any:
+    """The sidecar named by the parsed profile at ``file`` (None when it names none), hash-checked."""
     entry = data.get("tensors") if isinstance(data, Mapping) else None
     if entry is None:
         return None
     try:
-        entry = _check_tensors_entry(_check_keys(entry, "tensors", _TENSORS_KEYS, required=_TENSORS_KEYS))
+        entry = _check_tensors_entry(check_keys(entry, "tensors", _TENSORS_KEYS, required=_TENSORS_KEYS))
     except ProfileError as err:
         raise ProfileError(err.detail, err.path, str(file)) from None
     sidecar = file.parent / entry["file"]
@@ -1468,46 +1268,3 @@ def _read_sidecar(file: pathlib.Path, text: str) -> Any:
         )
     return ProfileTensors.from_bytes(blob, source=str(sidecar))
 
-
-def atomic_write(target: pathlib.Path, data: bytes, overwrite: bool) -> None:
-    """Write ``data`` to ``target`` all at once or not at all (readable by others, like any shipped file)."""
-    # Temp file in the same directory: os.replace/os.link are atomic only within one file system.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = pathlib.Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shipped profile must be readable
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            _link_no_clobber(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _exists_message(target: pathlib.Path) -> str:
-    return f"{target} exists; refusing to overwrite it (pass overwrite=True, or --force on the command line)"
-
-
-def _link_no_clobber(tmp: pathlib.Path, target: pathlib.Path) -> None:
-    # A hard link fails if the target appeared since our check, so a concurrent writer is never
-    # clobbered; file systems without hard links fall back to check-then-replace.
-    try:
-        os.link(tmp, target)
-    except FileExistsError:
-        raise FileExistsError(_exists_message(target)) from None
-    except OSError:
-        if target.exists():
-            raise FileExistsError(_exists_message(target)) from None
-        os.replace(tmp, target)
-
-
-def _build(cls: type, path: str, kwargs: dict) -> Any:
-    """``cls(**kwargs)`` with validation errors placed under ``path``."""
-    try:
-        return cls(**kwargs)
-    except ProfileError as err:
-        raise (err.within(path) if path else err) from None

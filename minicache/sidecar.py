@@ -1,21 +1,17 @@
-"""The tensors sidecar of a merge profile: ``minicache_tensors.safetensors`` (DESIGN.md §4).
+"""The tensors sidecar of a merge profile (DESIGN.md §4): named tensors in safetensors format.
 
-A profile is plain YAML; tensors that belong to it (today: the orthogonal alignment of aligned
-groups, issue 7) live next to it in a safetensors file, which can hold only raw tensors and is
-read without unpickling anything. The YAML names the file and its SHA-256::
+A profile is plain YAML; tensors that belong to it (e.g. the orthogonal alignment of aligned SLERP
+groups) live next to it in a safetensors-format file, which holds only raw tensors and is read without
+unpickling anything. The YAML names the file and its SHA-256::
 
-    tensors: {file: minicache_tensors.safetensors, sha256: 3f2a...}
+    tensors: {file: minicache_config.cd0f93a18498ccf9.tensors, sha256: cd0f93a1...}
 
-so a profile and a sidecar that do not belong together (a crash between the two renames of a
-save, a sidecar copied from another profile) fail on load instead of running with wrong matrices.
-
-Names inside the file: ``rotation.<first>-<last>.<keys|values>``, shape ``[k, H, D, D]`` float32:
-member ``i``'s ``R_i`` per KV head, mapping its unit vectors into the group's frame
-(``u_i R_i``). Loading checks every name, shape (against the profile's model), dtype, finiteness
-and orthogonality.
+so a profile and a sidecar that do not belong together fail on load instead of running with wrong
+matrices. Which tensors a profile needs, and what makes them valid, is up to each group's merge
+method (:meth:`minicache.methods.MergeMethod.check_tensor`); this module only stores them.
 
 This module imports torch and safetensors; :mod:`minicache.profile` imports it only when a profile
-uses tensors, so plain profiles stay readable with PyYAML alone.
+uses tensors.
 """
 
 from __future__ import annotations
@@ -29,11 +25,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["ORTHOGONALITY_TOLERANCE", "ProfileTensors", "rotation_name", "sha256_hex"]
+from minicache.validation import ProfileError
 
-#: Largest ``|RᵀR − I|`` entry accepted for an alignment matrix. float32 SVD products are
-#: orthogonal to ~1e-6; anything far above is not a rotation and would scale restored vectors.
-ORTHOGONALITY_TOLERANCE = 1e-4
+__all__ = ["ProfileTensors", "sha256_hex"]
+
 _METADATA = {"format": "minicache-tensors", "format_version": "1"}
 _DTYPE_NAMES = {
     torch.float64: "F64",
@@ -49,19 +44,8 @@ if sys.byteorder != "little":  # pragma: no cover - safetensors stores little-en
     raise ImportError("minicache.sidecar writes safetensors files on little-endian machines only")
 
 
-def rotation_name(label: str, component: str) -> str:
-    """Name of a group's alignment in the sidecar, e.g. ``rotation.20-21.keys``."""
-    return f"rotation.{label}.{component}"
-
-
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _error(detail: str, path: str = "", source: str | None = None):
-    from minicache.profile import ProfileError
-
-    return ProfileError(detail, path, source)
 
 
 class ProfileTensors:
@@ -77,9 +61,9 @@ class ProfileTensors:
         out: dict[str, torch.Tensor] = {}
         for name, tensor in tensors.items():
             if not isinstance(name, str) or not name:
-                raise _error(f"tensor name {name!r} is not a non-empty string", "tensors")
+                raise ProfileError(f"tensor name {name!r} is not a non-empty string", "tensors")
             if not isinstance(tensor, torch.Tensor):
-                raise _error(f"{name} is a {type(tensor).__name__}; allowed: a torch.Tensor", "tensors")
+                raise ProfileError(f"{name} is a {type(tensor).__name__}; allowed: a torch.Tensor", "tensors")
             out[name] = tensor.detach().to("cpu").contiguous()
         self._tensors = out
         self._device_cache: dict[tuple[str, str], torch.Tensor] = {}
@@ -90,6 +74,9 @@ class ProfileTensors:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self._tensors.get(name)
 
     def names(self) -> list[str]:
         return sorted(self._tensors)
@@ -135,7 +122,7 @@ class ProfileTensors:
         for name in self.names():
             tensor = self._tensors[name]
             if tensor.dtype not in _DTYPE_NAMES:
-                raise _error(f"{name} has dtype {tensor.dtype}, which the sidecar cannot store", "tensors")
+                raise ProfileError(f"{name} has dtype {tensor.dtype}, which the sidecar cannot store", "tensors")
             data = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
             header[name] = {
                 "dtype": _DTYPE_NAMES[tensor.dtype],
@@ -156,91 +143,9 @@ class ProfileTensors:
         try:
             tensors = load(data)
         except Exception as err:  # safetensors raises its own SafetensorError for corrupt files
-            raise _error(
+            raise ProfileError(
                 f"not a valid safetensors file ({err}); allowed: a file written by minicache",
                 "tensors",
                 source,
             ) from None
         return cls(tensors)
-
-
-def check_rotation(
-    tensor: torch.Tensor | None, path: str, name: str, members: int, shape: tuple[int, int] | None
-) -> None:
-    """Validate one group's alignment tensor, raising ProfileError naming ``path``.
-
-    Parameters
-    ----------
-    tensor : torch.Tensor or None
-        ``[k, H, D, D]`` float32 orthogonal matrices; None when the sidecar lacks it.
-    path : str
-        Profile field that asks for it, e.g. ``groups[3].keys.align``.
-    name : str
-        Its name in the sidecar.
-    members : int
-        ``k``, the group's number of layers.
-    shape : (int, int) or None
-        ``(H, D)`` of the model when known.
-    """
-    if tensor is None:
-        raise _error(
-            f"true, but the tensors sidecar has no {name!r}; allowed: a sidecar written with this "
-            "profile (minicache-calibrate --align writes both)",
-            path,
-        )
-    if tensor.dtype != torch.float32:
-        raise _error(f"{name} has dtype {str(tensor.dtype).replace('torch.', '')}; allowed: float32", path)
-    heads = "H" if shape is None else shape[0]
-    dim = "D" if shape is None else shape[1]
-    want = f"[{members}, {heads}, {dim}, {dim}]"
-    ok = tensor.dim() == 4 and tensor.shape[0] == members and tensor.shape[2] == tensor.shape[3]
-    if ok and shape is not None:
-        ok = tuple(tensor.shape[1:3]) == shape
-    if not ok:
-        raise _error(
-            f"{name} has shape {list(tensor.shape)}; allowed: {want} (k layers of the group, KV heads, "
-            "head_dim, head_dim)",
-            path,
-        )
-    if not torch.isfinite(tensor).all():
-        raise _error(f"{name} has non-finite entries; allowed: orthogonal matrices", path)
-    r = tensor.double()
-    eye = torch.eye(r.shape[-1], dtype=torch.float64)
-    worst = float((r.transpose(-1, -2) @ r - eye).abs().max()) if r.numel() else 0.0
-    if worst > ORTHOGONALITY_TOLERANCE:
-        raise _error(
-            f"{name} is not orthogonal (|RᵀR - I| up to {worst:.2g}); allowed: orthogonal matrices "
-            f"(|RᵀR - I| <= {ORTHOGONALITY_TOLERANCE:g})",
-            path,
-        )
-
-
-def validate_profile_tensors(
-    groups: Any, tensors: ProfileTensors | None, model_shape: tuple[int, int] | None
-) -> None:
-    """Check that ``tensors`` holds exactly what the aligned groups need, in valid form."""
-    needed = set()
-    for i, group in enumerate(groups):
-        for component in ("keys", "values"):
-            if not getattr(group, component).align:
-                continue
-            name = rotation_name(group.label, component)
-            needed.add(name)
-            path = f"groups[{i}].{component}.align"
-            if tensors is None:
-                raise _error(
-                    "true, but no tensors sidecar was loaded with this profile; allowed: a profile saved "
-                    "with its minicache_tensors.safetensors next to it (MergeProfile.load reads both), "
-                    "or align: false",
-                    path,
-                )
-            found = tensors[name] if name in tensors else None  # noqa: SIM401 (not a dict)
-            check_rotation(found, path, name, len(group.layers), model_shape)
-    if tensors is not None:
-        extra = sorted(set(tensors.names()) - needed)
-        if extra:
-            raise _error(
-                f"the sidecar holds {extra[0]!r}, which no aligned group uses; allowed: only the tensors "
-                "of this profile's aligned groups (was the sidecar written for another profile?)",
-                "tensors",
-            )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from minicache.profile import Defaults, MergeGroup, MergeProfile, MergeSettings
-from minicache.sidecar import ProfileTensors, rotation_name
+from minicache.methods.base import tensor_name
+from minicache.profile import Defaults, MergeGroup, MergeProfile
+from minicache.sidecar import ProfileTensors
 
 
 def random_rotations(k: int, heads: int, dim: int, seed: int = 0, identity_last: bool = True) -> torch.Tensor:
@@ -30,17 +31,16 @@ def aligned_profile(
 ) -> MergeProfile:
     """A profile whose groups align ``align`` components with random (or given) rotations."""
     defaults = defaults or Defaults(residual_length=8, block_size=4, gamma=0.1)
-    base = defaults.settings()
     made, tensors = [], {}
     for i, layers in enumerate(groups):
         parts = {}
         for j, component in enumerate(("keys", "values")):
             on = component in align
-            parts[component] = MergeSettings(**{**base.to_dict(), "align": on})
+            parts[component] = defaults.settings(align=on)
             if on:
                 label = f"{layers[0]}-{layers[-1]}"
                 given = (rotations or {}).get((label, component))
-                tensors[rotation_name(label, component)] = (
+                tensors[tensor_name("rotation", label, component)] = (
                     given
                     if given is not None
                     else random_rotations(len(layers), heads, dim, seed + 10 * i + j)

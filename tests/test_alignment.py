@@ -9,16 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from minicache import MergeProfile, MiniCache
-from minicache.calibrate.alignment import (
-    CrossCovariance,
-    GroupKey,
-    GroupStatistics,
-    capture_alignment,
-    fit_rotations,
-)
+from minicache.methods.alignment import CrossCovariance, fit_rotations
+from minicache.methods.base import tensor_name
+from minicache.methods.geometry import rotate
+from minicache.methods.slerp import merge_group, restore, slerp_pair
 from minicache.profile import Defaults, MergeGroup, MergeSettings, ProfileError
-from minicache.runtime.merge import merge_group, restore, rotate, slerp_pair
-from minicache.sidecar import ProfileTensors, rotation_name
+from minicache.sidecar import ProfileTensors
 from tests.alignment_helpers import aligned_profile, random_rotations
 from tests.test_cache import greedy, left_padded_batch, sum_of_storages
 from tests.tiny_configs import tiny_config
@@ -52,7 +48,7 @@ def test_identity_rotation_reproduces_the_unaligned_merge_exactly():
 def test_rotation_round_trip_and_aligned_restore():
     rot = random_rotations(2, 3, 16, seed=1, identity_last=False)
     x = torch.randn(2, 3, 5, 16)
-    from minicache.runtime.merge import rotate_back
+    from minicache.methods.geometry import rotate_back
 
     torch.testing.assert_close(rotate_back(rotate(x, rot[0]), rot[0]), x, atol=1e-5, rtol=1e-5)
     # A layer that is an exact rotation of another (times a scale) merges losslessly once aligned.
@@ -74,7 +70,7 @@ def test_three_layer_merge_weights_distance_and_lossless_case():
     assert out.magnitudes.shape == (1, 2, 30, 3)
     assert torch.allclose(out.direction.norm(dim=-1), torch.ones(1, 2, 30), atol=1e-5)
     # distance: the largest pairwise angle
-    from minicache.runtime.merge import angle_between, unit_and_norm
+    from minicache.methods.geometry import angle_between, unit_and_norm
 
     us = [unit_and_norm(x)[0] for x in xs]
     widest = torch.stack([angle_between(us[i], us[j]) for i, j in ((0, 1), (0, 2), (1, 2))]).amax(0)
@@ -92,13 +88,6 @@ def test_three_layer_merge_weights_distance_and_lossless_case():
     assert (out.direction * us[1]).sum(-1).mean() > 0
 
 
-def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
-    return cache
-
-
 def test_a_known_rotation_between_layers_is_recovered():
     g = torch.Generator().manual_seed(3)
     heads, dim = 2, 16
@@ -109,9 +98,8 @@ def test_a_known_rotation_between_layers_is_recovered():
     noise = lambda x: x + 0.05 * torch.randn(x.shape, generator=g)  # noqa: E731
     k1, v1 = noise(rotate(base_k, q[0])), noise(rotate(base_v, q[0]))
     k2, v2 = noise(rotate(k1, q[1])), noise(rotate(v1, q[1]))
-    cache = _cache_from([(base_k, base_v), (k1, v1), (k2, v2)])
     cov = CrossCovariance(3, heads, dim, max_offset=2)
-    cov.add_cache(cache, sink_tokens=1)
+    cov.add([(base_k, base_v), (k1, v1), (k2, v2)], sink_tokens=1)
     r = fit_rotations(cov, (0, 1), 0)
     assert torch.allclose(r[1], torch.eye(dim).expand(heads, dim, dim)), "the deeper layer is the reference"
     assert (r[0] - q[0]).abs().max() < 0.05, "Procrustes recovers the rotation"
@@ -134,26 +122,48 @@ def test_a_known_rotation_between_layers_is_recovered():
         assert rel < 0.06
 
 
-def test_group_statistics_and_capture_on_a_tiny_model():
+def test_capture_fits_on_every_window_and_measures_on_the_second_half():
+    from minicache.calibrate.capture import CalibrationCapture, prefill_batches
+    from minicache.methods import get_method
+    from minicache.methods.slerp import T_GRID
+
     model = _tiny(layers=4)
     windows = torch.randint(3, 128, (4, 48), generator=torch.Generator().manual_seed(0))
-    keys = [GroupKey((0, 1), False), GroupKey((0, 1), True), GroupKey((1, 2, 3), True)]
-    cap = capture_alignment(
-        model, windows, batch_size=2, window=8, max_group_size=3, group_keys=keys, progress=False
+    slerp = get_method("slerp")
+    runs = [(0, 1), (1, 2, 3)]
+    cap = CalibrationCapture([slerp], runs, fit=True, num_layers=4, num_heads=2, head_dim=16, max_offset=2,
+                             gamma=0.0, window=8)
+    kvs = []
+    for batch, num_batches, kv in prefill_batches(model, windows, batch_size=2, progress=False):
+        cap.add(kv, batch, num_batches)
+        kvs.append(kv)
+    cross = cap.fit_statistics["alignment"]
+    assert float(cross.tokens) == 4 * 47
+    errors = cap.errors
+    assert errors is not None and errors.sums[(0, 1), "keys"]["tokens"].sum() == 2 * 47 * 2  # second batch only
+    options = errors.options[(0, 1), "keys"]
+    assert [o.params.t for o in options] == list(T_GRID) * 2, "every t, unaligned then aligned"
+    assert [o.params.align for o in options] == [False] * len(T_GRID) + [True] * len(T_GRID)
+    assert len(errors.options[(1, 2, 3), "values"]) == 2, "larger groups: uniform weights, aligned or not"
+    for key in errors.options:
+        err = errors.relative_error(*key)
+        assert err.shape == (len(errors.options[key]),) and torch.isfinite(err).all()
+    # Shipped tensors are refitted on every window; the measured ones saw the first batch only.
+    shipped = cap.fitted(slerp, (0, 1))["keys"]["rotation"]
+    assert not torch.equal(shipped, options[-1].tensors["rotation"])
+    # In-sample, alignment never restores worse than no alignment (gamma 0, t 0.5).
+    from minicache.calibrate.capture import Option, RestoreErrors
+
+    t5 = T_GRID.index(0.5)
+    in_sample = RestoreErrors(
+        {((0, 1), "keys"): [Option(slerp, options[t5].params),
+                            Option(slerp, options[len(T_GRID) + t5].params, {"rotation": shipped})]},
+        2, gamma=0.0, window=8,
     )
-    assert float(cap.cross.tokens) == 4 * 47
-    assert cap.groups is not None and cap.groups.sums[keys[0], 0]["tokens"].sum() == 2 * 47 * 2
-    for key in keys:
-        err = cap.groups.relative_error(key, 0)
-        assert err.shape[0] == len(cap.groups.gammas) and torch.isfinite(err).all()
-    # in-sample alignment never restores worse than no alignment at gamma 0, t 0.5
-    stats = GroupStatistics(keys[:2], {((0, 1), n): r for n, r in cap.cross.fit((0, 1)).items()}, 2, window=8)
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=windows, cache=cache)
-    stats.add_cache(cache)
-    t5 = stats.ts.index(0.5)
-    assert stats.relative_error(keys[1], 0)[0, t5] <= stats.relative_error(keys[0], 0)[0, t5]
+    for kv in kvs:
+        in_sample.add(kv)
+    err = in_sample.relative_error((0, 1), "keys")
+    assert err[1] <= err[0]
 
 
 # ---- runtime: aligned and k-layer groups through generate ---------------------------------------------
@@ -183,19 +193,19 @@ def test_aligned_store_restores_through_the_transpose():
     heads, dim = 2, 16
     profile = aligned_profile(((0, 1, 2),), heads, dim, seed=9)
     cache = MiniCache(profile, model)
-    store = cache.stores[0]
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(2, heads, 21, dim, generator=g) for _ in range(3)]
-    for member, x in enumerate(xs):
-        store.update(member, x, x.flip(-1))
-    n = store.merged_length
+    for layer, x in enumerate(xs):
+        cache.update(x, x.flip(-1), layer)
+    keys, _ = cache.views(0)
+    n = keys.merged_length
     assert n == 12
-    rot = profile.rotation(profile.groups[0], "keys")
+    rot = profile.tensors_of(profile.groups[0], "keys")["rotation"]
     merged = merge_group([x[..., :n, :] for x in xs], rotations=rot)
-    comp = store.components["keys"]
-    index = comp.retained_index.long()
+    index = keys.retained_index.long()
     for member in range(3):
-        got = comp.restored(member)[..., :n, :]
+        view, _ = cache.views(member)
+        got = view.materialize()[..., :n, :]
         want = restore(merged.direction, merged.magnitudes[..., member], rotation=rot[member])
         want[index[:, 0], index[:, 1], index[:, 2]] = xs[member][index[:, 0], index[:, 1], index[:, 2]]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -215,43 +225,87 @@ def _saved_profile(tmp_path, groups=((1, 2),)):
     return model, profile, path
 
 
+def _sidecar(directory, stem="minicache_config"):
+    (found,) = directory.glob(f"{stem}.*.tensors")
+    return found
+
+
 def test_profile_and_sidecar_round_trip(tmp_path):
     model, profile, path = _saved_profile(tmp_path, ((0, 1, 2), (3, 4)))
-    sidecar = tmp_path / "minicache_tensors.safetensors"
-    assert sidecar.is_file()
+    sidecar = _sidecar(tmp_path)
+    digest = __import__("hashlib").sha256(sidecar.read_bytes()).hexdigest()
+    assert sidecar.name == f"minicache_config.{digest[:16]}.tensors", "named after its own content"
+    assert not list(tmp_path.glob("*.safetensors")), "weight loaders pick up *.safetensors: never written"
     text = path.read_text()
-    assert "align: true" in text and "minicache_tensors.safetensors" in text
+    assert "align: true" in text and sidecar.name in text
     loaded = MergeProfile.load(tmp_path)
     assert loaded == profile and loaded.tensors == profile.tensors
     loaded.check_model(model.config)
     # saving the same profile again writes the same bytes (hash recorded in the YAML stays valid)
     again = tmp_path / "again"
     profile.save(again)
-    assert (again / "minicache_tensors.safetensors").read_bytes() == sidecar.read_bytes()
+    assert _sidecar(again).read_bytes() == sidecar.read_bytes() and _sidecar(again).name == sidecar.name
     with pytest.raises(FileExistsError):
         profile.save(tmp_path)
     # another profile name in the same directory gets its own sidecar
     other = profile.save(tmp_path / "other.yaml")
-    assert (tmp_path / "other.safetensors").is_file()
+    assert _sidecar(tmp_path, "other").read_bytes() == sidecar.read_bytes()
     assert MergeProfile.load(other) == profile
+
+
+def test_overwriting_replaces_the_sidecar_with_the_profile(tmp_path, monkeypatch):
+    _, profile, _ = _saved_profile(tmp_path)
+    old = _sidecar(tmp_path)
+    newer = aligned_profile(((1, 2),), 2, 16, seed=3)
+    newer = MergeProfile(groups=newer.groups, defaults=newer.defaults, tensors=newer.tensors, model=profile.model)
+    # Interrupted after the new sidecar, before the YAML: the old profile still loads with its own sidecar.
+    from minicache import profile as profile_mod
+
+    real = profile_mod.atomic_write
+
+    def crash_on_yaml(target, data, overwrite):
+        if str(target).endswith(".yaml"):
+            raise KeyboardInterrupt
+        real(target, data, overwrite)
+
+    monkeypatch.setattr(profile_mod, "atomic_write", crash_on_yaml)
+    with pytest.raises(KeyboardInterrupt):
+        newer.save(tmp_path, overwrite=True)
+    monkeypatch.undo()
+    assert MergeProfile.load(tmp_path) == profile and old.is_file()
+    # Completed: the new pair, and the old sidecar is gone.
+    newer.save(tmp_path, overwrite=True)
+    assert MergeProfile.load(tmp_path) == newer
+    assert not old.exists() and len(list(tmp_path.glob("*.tensors"))) == 1
+
+
+def test_format_1_sidecar_name_still_loads(tmp_path):
+    _, profile, path = _saved_profile(tmp_path)
+    sidecar = _sidecar(tmp_path)
+    legacy = tmp_path / "minicache_tensors.safetensors"
+    sidecar.rename(legacy)
+    path.write_text(path.read_text().replace(sidecar.name, legacy.name))
+    assert MergeProfile.load(tmp_path) == profile
 
 
 def test_missing_sidecar_is_a_clear_error(tmp_path):
     _, _, path = _saved_profile(tmp_path)
-    (tmp_path / "minicache_tensors.safetensors").unlink()
+    _sidecar(tmp_path).unlink()
     with pytest.raises(ProfileError, match="does not exist") as err:
         MergeProfile.load(tmp_path)
     assert "tensors.file" in str(err.value)
     # align: true with no sidecar named at all
     text = "\n".join(line for line in path.read_text().splitlines() if not line.startswith("tensors:"))
-    with pytest.raises(ProfileError, match=r"groups\[0\]\.keys\.align: true, but no tensors sidecar"):
+    with pytest.raises(
+        ProfileError, match=r"groups\[0\]\.keys: slerp needs the tensor 'rotation\.1-2\.keys', but no tensors sidecar"
+    ):
         MergeProfile.from_yaml(text)
 
 
 def test_sidecar_from_another_profile_is_refused(tmp_path):
     _saved_profile(tmp_path)
     other = aligned_profile(((1, 2),), 2, 16, seed=2)
-    (tmp_path / "minicache_tensors.safetensors").write_bytes(other.tensors.to_bytes())
+    _sidecar(tmp_path).write_bytes(other.tensors.to_bytes())
     with pytest.raises(ProfileError, match="does not belong to this profile"):
         MergeProfile.load(tmp_path)
 
@@ -272,12 +326,12 @@ def _with_tensor(profile: MergeProfile, name: str, tensor: torch.Tensor, model=N
         ("heads", r"shape \[2, 3, 16, 16\]; allowed: \[2, 2, 16, 16\]"),
         ("not_orthogonal", "not orthogonal"),
         ("nan", "non-finite"),
-        ("extra", "which no aligned group uses"),
+        ("extra", "which no group uses"),
     ],
 )
 def test_sidecar_validation(tmp_path, case, match):
     _, profile, _ = _saved_profile(tmp_path)
-    name = rotation_name("1-2", "keys")
+    name = tensor_name("rotation", "1-2", "keys")
     good = profile.tensors[name]
     bad = {
         "dtype": good.half(),
@@ -289,7 +343,7 @@ def test_sidecar_validation(tmp_path, case, match):
     }[case]
     with pytest.raises(ProfileError, match=match):
         if case == "extra":
-            _with_tensor(profile, rotation_name("3-4", "keys"), good)
+            _with_tensor(profile, tensor_name("rotation", "3-4", "keys"), good)
         else:
             _with_tensor(profile, name, bad)
     # the same checks run on load: write a bad sidecar whose hash the YAML records
@@ -298,7 +352,7 @@ def test_sidecar_validation(tmp_path, case, match):
             {n: (bad if n == name else profile.tensors[n]) for n in profile.tensors.names()}
         )
         blob = tensors.to_bytes()
-        (tmp_path / "minicache_tensors.safetensors").write_bytes(blob)
+        _sidecar(tmp_path).write_bytes(blob)
         text = (tmp_path / "minicache_config.yaml").read_text()
         import hashlib
         import re
@@ -314,7 +368,7 @@ def test_sidecar_is_never_unpickled(tmp_path):
     import pickle
 
     payload = pickle.dumps({"x": 1})
-    (tmp_path / "minicache_tensors.safetensors").write_bytes(payload)
+    _sidecar(tmp_path).write_bytes(payload)
     text = (tmp_path / "minicache_config.yaml").read_text()
     import hashlib
     import re
@@ -335,20 +389,20 @@ def test_rotation_shape_is_checked_against_the_model():
 
 
 def test_weights_settings_validation():
-    s = MergeSettings(weights=(0.2, 0.3, 0.5))
+    s = MergeSettings.create(weights=(0.2, 0.3, 0.5))
     MergeGroup((0, 1, 2), s, s)
     with pytest.raises(ProfileError, match="one weight per layer"):
         MergeGroup((0, 1, 2, 3), s, s)
     with pytest.raises(ProfileError, match="t for pairs"):
-        MergeGroup((0, 1), MergeSettings(weights=(0.5, 0.5)), MergeSettings())
+        MergeGroup((0, 1), MergeSettings.create(weights=(0.5, 0.5)), MergeSettings.create())
     with pytest.raises(ProfileError, match="sums to"):
-        MergeSettings(weights=(0.5, 0.6, 0.1))
+        MergeSettings.create(weights=(0.5, 0.6, 0.1))
     with pytest.raises(ProfileError, match="true or false"):
-        MergeSettings(align="yes")
-    text = MergeProfile(groups=(MergeGroup((0, 1, 2), s, MergeSettings()),), defaults=Defaults()).to_yaml()
+        MergeSettings.create(align="yes")
+    text = MergeProfile(groups=(MergeGroup((0, 1, 2), s, MergeSettings.create()),), defaults=Defaults()).to_yaml()
     assert "weights: [0.2, 0.3, 0.5]" in text
-    assert MergeProfile.from_yaml(text).groups[0].keys.weights == (0.2, 0.3, 0.5)
-    assert dataclasses.asdict(MergeSettings())["align"] is False
+    assert MergeProfile.from_yaml(text).groups[0].keys.params.weights == (0.2, 0.3, 0.5)
+    assert dataclasses.asdict(MergeSettings.create().params)["align"] is False
 
 
 # -- group search on synthetic measurements ------------------------------------------------------
@@ -366,25 +420,20 @@ def _fake_result(damage: float, saved_layers: int):
 INTERACTION = 0.6
 
 
-def test_group_search_stays_within_budget_extends_greedily_and_measures_little():
-    from minicache.calibrate.alignment import GroupStatistics, candidate_keys
-    from minicache.calibrate.group_search import group_search
-    from minicache.calibrate.search import Budget
-    from minicache.profile import Defaults, MergeProfile
+def test_search_stays_within_budget_extends_greedily_and_measures_little():
+    from minicache.calibrate.capture import candidate_runs
+    from minicache.calibrate.search import Budget, Candidate, search
+    from minicache.profile import MergeProfile
 
     layers = 12
-    keys = candidate_keys(layers, 3, align=False)
-    stats = GroupStatistics(keys, {}, num_heads=1)
+    s = MergeSettings.create()
     # Deeper groups restore better (smaller error) and so hurt less.
-    damage_of = {}
-    for key in keys:
-        depth = key.layers[0] / layers
-        err = 0.5 * (1.2 - depth) * (key.size - 1)
-        for c in range(2):
-            s = stats.sums[key, c]
-            s["energy"] += 1.0
-            s["error"] += err
-        damage_of[key.layers] = 0.004 * (1.2 - depth) ** 3 * (key.size - 1)
+    damage_of, candidates = {}, {}
+    for run in candidate_runs(layers, 3):
+        depth = run[0] / layers
+        err = 0.5 * (1.2 - depth) * (len(run) - 1)
+        candidates[run] = Candidate(run, s, s, (err, err), len(run) - 1)
+        damage_of[run] = 0.004 * (1.2 - depth) ** 3 * (len(run) - 1)
 
     calls = []
 
@@ -397,8 +446,8 @@ def test_group_search_stays_within_budget_extends_greedily_and_measures_little()
         return _fake_result(damage, sum(len(g) - 1 for g in groups))
 
     budget = Budget("ppl_increase", 0.01)
-    result = group_search(
-        stats, evaluate, Defaults(), budget, layers,
+    result = search(
+        candidates, evaluate, budget, layers,
         make_profile=lambda groups: MergeProfile(groups=groups), probes=4, log=lambda _: None,
     )
     chosen = [c.layers for c in result.chosen]

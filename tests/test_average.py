@@ -12,9 +12,10 @@ import yaml
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from minicache import MergeProfile, MiniCache
+from minicache.methods.average import average_group
+from minicache.methods.slerp import restore, slerp_pair
 from minicache.profile import Defaults, MergeGroup, MergeSettings, ProfileError
-from minicache.runtime.cache import MergedPairStore, PaddingInfo
-from minicache.runtime.merge import merge_group, restore, slerp_pair
+from minicache.runtime.store import GroupStore, PaddingInfo
 from tests.tiny_configs import tiny_config
 
 
@@ -35,7 +36,7 @@ def reference_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def test_average_pair_matches_float64_reference(t):
     torch.manual_seed(0)
     a, b = torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 16)
-    merged = merge_group([a, b], t, method="average")
+    merged = average_group([a, b], t)
     want = reference_average([a, b], [1 - t, t])
     for member in range(2):
         got = restore(merged.direction, merged.magnitudes[..., member], torch.float64)
@@ -50,7 +51,7 @@ def test_average_pair_matches_float64_reference(t):
 def test_plain_average_is_the_mean_vector():
     a = torch.tensor([[3.0, 0.0, 0.0]])
     b = torch.tensor([[0.0, 4.0, 0.0]])
-    merged = merge_group([a, b], 0.5, method="average")
+    merged = average_group([a, b], 0.5)
     for member in range(2):
         restored = restore(merged.direction, merged.magnitudes[..., member])
         torch.testing.assert_close(restored, torch.tensor([[1.5, 2.0, 0.0]]))
@@ -59,11 +60,11 @@ def test_plain_average_is_the_mean_vector():
 
 def test_average_of_opposite_vectors_is_zero_not_nan():
     a = torch.tensor([[1.0, 2.0]])
-    merged = merge_group([a, -a], 0.5, method="average")
+    merged = average_group([a, -a], 0.5)
     assert torch.equal(merged.magnitudes, torch.zeros(1, 2))
     assert torch.isfinite(merged.direction).all()
     assert torch.equal(restore(merged.direction, merged.magnitudes[..., 0]), torch.zeros(1, 2))
-    zero = merge_group([torch.zeros(1, 2), torch.zeros(1, 2)], 0.5, method="average")
+    zero = average_group([torch.zeros(1, 2), torch.zeros(1, 2)], 0.5)
     assert torch.isfinite(zero.direction).all() and torch.isfinite(zero.distance).all()
 
 
@@ -72,14 +73,14 @@ def test_average_of_three_layers_with_weights_and_rotations():
     xs = [torch.randn(1, 2, 10, 8) for _ in range(3)]
     q, _ = torch.linalg.qr(torch.randn(3, 2, 8, 8))  # an orthogonal R per member and head
     weights = [0.2, 0.3, 0.5]
-    merged = merge_group(xs, weights=weights, rotations=q, method="average")
+    merged = average_group(xs, weights=weights, rotations=q)
     aligned = [torch.einsum("bhnd,hde->bhne", x.double(), r.double()) for x, r in zip(xs, q, strict=True)]
     mean = reference_average(aligned, weights)
     for member in range(3):
         got = restore(merged.direction, merged.magnitudes[..., member], torch.float64, q[member])
         want = torch.einsum("bhne,hde->bhnd", mean, q[member].double())  # x̄ Rᵢᵀ
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    uniform = merge_group(xs, method="average")
+    uniform = average_group(xs)
     torch.testing.assert_close(
         restore(uniform.direction, uniform.magnitudes[..., 0], torch.float64),
         reference_average(xs, [1 / 3] * 3),
@@ -88,24 +89,23 @@ def test_average_of_three_layers_with_weights_and_rotations():
     )
 
 
-def test_unknown_merge_method_is_refused():
-    with pytest.raises(ValueError, match="merge method 'mean'"):
-        merge_group([torch.ones(1, 2), torch.ones(1, 2)], method="mean")
-
-
 # ---- profiles ----------------------------------------------------------------------------------
 def test_method_field_validates_and_round_trips():
-    assert MergeSettings().method == "slerp"
-    assert "method" not in MergeSettings().to_dict(), "SLERP profiles keep their byte-identical layout"
-    assert MergeSettings(method="average").to_dict()["method"] == "average"
-    allowed = r"^method: 'mean' is not a merge method; allowed: one of 'slerp', 'average'"
+    from minicache.methods.average import AverageParams
+
+    assert MergeSettings.create().method == "slerp"
+    assert MergeSettings.create().to_dict()["method"] == "slerp", "every component names its method"
+    assert MergeSettings.create(method="average").to_dict()["method"] == "average"
+    assert isinstance(MergeSettings.create(method="average").params, AverageParams)
+    assert MergeSettings(AverageParams(t=0.5)).method == "average", "the method follows from its Params class"
+    allowed = r"^method: 'mean' is not a registered merge method; allowed: one of 'average', 'slerp'"
     with pytest.raises(ProfileError, match=allowed):
-        MergeSettings(method="mean")
+        MergeSettings.create(method="mean")
     data = {
-        "format_version": 1,
+        "format_version": 2,
         "groups": [{"layers": [2, 3], "keys": {"method": "average"}, "values": {"method": 1}}],
     }
-    with pytest.raises(ProfileError, match=r"^groups\[0\]\.values\.method: 1 is not a merge method"):
+    with pytest.raises(ProfileError, match=r"^groups\[0\]\.values\.method: 1 is not a registered merge method"):
         MergeProfile.from_dict(data)
     data["groups"][0]["values"]["method"] = "slerp"
     profile = MergeProfile.from_dict(data)
@@ -113,7 +113,7 @@ def test_method_field_validates_and_round_trips():
     again = MergeProfile.from_yaml(profile.to_yaml())
     assert again == profile
     written = yaml.safe_load(profile.to_yaml())["groups"][0]
-    assert written["keys"]["method"] == "average" and "method" not in written["values"]
+    assert written["keys"]["method"] == "average" and written["values"]["method"] == "slerp"
 
 
 def test_average_preset():
@@ -121,44 +121,43 @@ def test_average_preset():
     slerp = MergeProfile.preset("paper", config)
     average = MergeProfile.preset("paper", config, t=0.5, method="average")
     assert [g.layers for g in average.groups] == [g.layers for g in slerp.groups]
-    assert {(s.method, s.t) for g in average.groups for s in (g.keys, g.values)} == {("average", 0.5)}
+    assert {(s.method, s.params.t) for g in average.groups for s in (g.keys, g.values)} == {("average", 0.5)}
     assert "method average" in average.describe()
     assert "method" not in slerp.describe()
-    with pytest.raises(ProfileError, match=r"^method: 'lerp' is not a merge method"):
+    with pytest.raises(ProfileError, match=r"^method: 'lerp' is not a registered merge method"):
         MergeProfile.preset("paper", config, method="lerp")
 
 
 # ---- the cache ---------------------------------------------------------------------------------
 def average_settings(**overrides) -> MergeSettings:
-    return MergeSettings(**{"t": 0.5, "gamma": 0.2, "sink_tokens": 1, "method": "average", **overrides})
+    return MergeSettings.create(**{"t": 0.5, "gamma": 0.2, "sink_tokens": 1, "method": "average", **overrides})
 
 
 def test_pair_store_restores_both_layers_as_the_average():
     torch.manual_seed(0)
     settings = average_settings()
     group = MergeGroup((0, 1), settings, settings)
-    store = MergedPairStore(group, residual_length=5, block_size=4, padding=PaddingInfo())
+    store = GroupStore(group, residual_length=5, block_size=4, padding=PaddingInfo())
     ka, kb, va, vb = (torch.randn(2, 3, 23, 16) for _ in range(4))
     store.update(0, ka, va)
     store.update(1, kb, vb)
     assert store.merged_length == 16
-    slerp_store = MergedPairStore(
+    slerp_store = GroupStore(
         MergeGroup((0, 1), average_settings(method="slerp"), average_settings(method="slerp")),
         residual_length=5, block_size=4, padding=PaddingInfo(),
     )
     slerp_store.update(0, ka, va)
     slerp_store.update(1, kb, vb)
-    for name, (a, b) in (("keys", (ka, kb)), ("values", (va, vb))):
-        component = store.components[name]
-        index = component.retained_index.long()
+    for c, (a, b) in enumerate(((ka, kb), (va, vb))):
+        index = store.kernel_views(0)[c].retained_index.long()
         # Same retention as SLERP on the same data (same distances, same rule).
-        assert torch.equal(index, slerp_store.components[name].retained_index.long())
+        assert torch.equal(index, slerp_store.kernel_views(0)[c].retained_index.long())
         retained = torch.zeros(2, 3, 16, dtype=torch.bool)
         retained[index[:, 0], index[:, 1], index[:, 2]] = True
         assert retained[:, :, 0].all(), "the sink token is always retained"
         mean = reference_average([a[..., :16, :], b[..., :16, :]], [0.5, 0.5]).float()
         for member, exact in enumerate((a, b)):
-            restored = component.restored(member)
+            restored = store.kernel_views(member)[c].materialize()
             torch.testing.assert_close(restored[..., :16, :][retained], exact[..., :16, :][retained], rtol=0, atol=0)
             torch.testing.assert_close(restored[..., :16, :][~retained], mean[~retained], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(restored[..., 16:, :], exact[..., 16:, :], rtol=0, atol=0)
@@ -170,8 +169,8 @@ def make_model(**overrides):
 
 
 def average_profile(groups=((0, 1), (2, 3)), **defaults) -> MergeProfile:
-    d = Defaults(**{"residual_length": 8, "block_size": 4, "gamma": 0.1, "t": 0.5, **defaults})
-    settings = MergeSettings(t=d.t, gamma=d.gamma, sink_tokens=d.sink_tokens, method="average")
+    d = Defaults(**{"residual_length": 8, "block_size": 4, "gamma": 0.1, **defaults})
+    settings = d.settings("average", t=0.5)
     return MergeProfile(groups=tuple(MergeGroup(g, settings, settings) for g in groups), defaults=d)
 
 
@@ -236,7 +235,7 @@ def test_merge_kernel_falls_back_to_torch_for_average_groups(monkeypatch):
         assert cache.memory_report()["groups"][0]["merged_tokens"] > 0
     assert torch.equal(outs[0], outs[1])
     # A SLERP pair does reach the (stand-in) kernel: the switch itself works.
-    slerp = MergeSettings(t=0.5, gamma=0.1)
+    slerp = MergeSettings.create(t=0.5, gamma=0.1)
     profile = MergeProfile(groups=(MergeGroup((0, 1), slerp, slerp),), defaults=Defaults(residual_length=8,
                                                                                         block_size=4))
     cache = MiniCache(profile, model)

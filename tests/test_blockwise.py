@@ -4,19 +4,18 @@ Against the float32 reference that restores the whole store: fp32 within 1e-5 (t
 sums differs), bf16 within 1e-2 (the output's own rounding); generate through it = the torch path.
 """
 
-import dataclasses
 
 import pytest
 import torch
 
 from minicache import MiniCache
+from minicache.quant.packed import QuantizedTensor, quantize
 from minicache.runtime import blockwise
+from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
 from minicache.runtime.blockwise import blockwise_decode_attention
-from minicache.runtime.cache import MergedKVView
-from minicache.runtime.kernels.attention import disable_fused_attention, enable_fused_attention
 from minicache.runtime.kernels.reference import fused_decode_reference
-from minicache.runtime.kernels.synthetic import quantize_views, random_merged_views
-from minicache.runtime.quant import QuantizedTensor, quantize
+from minicache.runtime.kernels.synthetic import quantize_views, random_merged_views, with_rotation
+from minicache.runtime.views import MergedKVView
 from tests.alignment_helpers import random_rotations
 from tests.test_cache import greedy, left_padded_batch, make_model
 from tests.test_quant import quantized_profile
@@ -32,7 +31,7 @@ def _case(dtype, packed: bool, merged=166, retained=None, aligned=False):
         keys, values = quantize_views(keys, values, 4, key_group=32, value_group=32, key_tail=6)
     if aligned:
         rot = random_rotations(2, 2, 64, seed=5, identity_last=False)
-        keys, values = dataclasses.replace(keys, rotation=rot[0]), dataclasses.replace(values, rotation=rot[1])
+        keys, values = with_rotation(keys, rot[0]), with_rotation(values, rot[1])
     g = torch.Generator().manual_seed(1)
     query = torch.randn(2, 8, 1, 64, generator=g).to(dtype)
     mask = torch.ones(2, 1, 1, merged + 9, dtype=torch.bool)
@@ -141,7 +140,7 @@ def test_enable_rejects_an_unknown_backend():
 def test_torch_attention_function_serves_views_and_falls_back(caplog, monkeypatch):
     import logging
 
-    from minicache.runtime.kernels import attention
+    from minicache.runtime import attention
 
     monkeypatch.setattr(attention, "_WARNED", set())
     query, keys, values, mask = _case(torch.float32, True)

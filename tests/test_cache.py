@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from minicache import MergeProfile, MiniCache
+from minicache.methods.slerp import restore, slerp_pair
 from minicache.profile import Defaults, MergeGroup, MergeSettings
-from minicache.runtime.cache import MergedPairStore, PaddingInfo
-from minicache.runtime.merge import restore, slerp_pair
+from minicache.runtime.store import GroupStore, PaddingInfo
 from tests.tiny_configs import ARCHS, tiny_config
 
 
@@ -84,19 +84,21 @@ def test_merging_generates_and_stores_less(arch):
 
 def test_pair_store_restores_the_merge_math():
     torch.manual_seed(0)
-    settings = MergeSettings(t=0.6, gamma=0.2, sink_tokens=1)
+    settings = MergeSettings.create(t=0.6, gamma=0.2, sink_tokens=1)
     group = MergeGroup((0, 1), settings, settings)
-    store = MergedPairStore(group, residual_length=5, block_size=4, padding=PaddingInfo())
+    store = GroupStore(group, residual_length=5, block_size=4, padding=PaddingInfo())
     ka, kb, va, vb = (torch.randn(2, 3, 23, 16) for _ in range(4))
     store.update(0, ka, va)
     store.update(1, kb, vb)
     assert store.merged_length == 16 and store.residual_length_of(0) == 7
     for member, exact in ((0, ka), (1, kb)):
-        restored = store.components["keys"].restored(member)
+        keys, _ = store.kernel_views(member)
+        assert keys.merged_length == 16 and keys.residual.shape[-2] == 7
+        restored = keys.materialize()
         assert restored.shape == exact.shape
         pair = slerp_pair(ka[..., :16, :], kb[..., :16, :], 0.6)
         merged = restore(pair.direction, pair.magnitudes[..., member])
-        index = store.components["keys"].retained_index.long()
+        index = keys.retained_index.long()
         retained = torch.zeros(2, 3, 16, dtype=torch.bool)
         retained[index[:, 0], index[:, 1], index[:, 2]] = True
         assert retained[:, :, 0].all(), "the sink token is always retained"
@@ -163,9 +165,9 @@ def test_batch_independence_with_left_padding():
         alone = MiniCache(profile_for(model), model)
         greedy(model, ids[row : row + 1, -n:], mask[row : row + 1, -n:], alone, new_tokens=6)
         pad = ids.shape[1] - n
-        for name in ("keys", "values"):
-            b_comp = batch_cache.stores[0].components[name]
-            a_comp = alone.stores[0].components[name]
+        for c in range(2):
+            b_comp = batch_cache.views(1)[c]
+            a_comp = alone.views(1)[c]
             merged_both = min(a_comp.direction.shape[2], b_comp.direction.shape[2] - pad)
             assert merged_both > 20
             torch.testing.assert_close(
@@ -197,7 +199,7 @@ def test_beam_search_and_sampling_run_and_reorder_the_shared_store():
     cache = MiniCache(profile_for(model, groups=((0, 1), (2, 3))), model)
     out = greedy(model, ids, mask, cache, new_tokens=10, num_beams=3)
     assert out.shape == (2, 30 + 10)
-    assert cache.stores[0].components["keys"].direction.shape[0] == 6  # 2 sequences x 3 beams
+    assert cache.views(0)[0].direction.shape[0] == 6  # 2 sequences x 3 beams
     torch.manual_seed(0)
     cache = MiniCache(profile_for(model), model)
     out = model.generate(
@@ -208,10 +210,10 @@ def test_beam_search_and_sampling_run_and_reorder_the_shared_store():
 
 def test_select_batch_equals_running_the_subset():
     torch.manual_seed(0)
-    settings = MergeSettings(t=0.5, gamma=0.3)
+    settings = MergeSettings.create(t=0.5, gamma=0.3)
     group = MergeGroup((0, 1), settings, settings)
-    full = MergedPairStore(group, residual_length=3, block_size=2, padding=PaddingInfo())
-    sub = MergedPairStore(group, residual_length=3, block_size=2, padding=PaddingInfo())
+    full = GroupStore(group, residual_length=3, block_size=2, padding=PaddingInfo())
+    sub = GroupStore(group, residual_length=3, block_size=2, padding=PaddingInfo())
     ka, kb = torch.randn(3, 2, 15, 8), torch.randn(3, 2, 15, 8)
     index = torch.tensor([2, 0, 2])
     for store, a, b in ((full, ka, kb), (sub, ka[index], kb[index])):
@@ -220,7 +222,7 @@ def test_select_batch_equals_running_the_subset():
     full.select_batch(index)
     for member in (0, 1):
         torch.testing.assert_close(
-            full.components["keys"].restored(member), sub.components["keys"].restored(member)
+            full.kernel_views(member)[0].materialize(), sub.kernel_views(member)[0].materialize()
         )
 
 
@@ -261,9 +263,9 @@ def test_groups_of_three_and_four_layers_generate_and_store_less(arch):
     report = cache.memory_report()
     assert report["kv_bytes"] == sum_of_storages(cache)
     assert [g["layers"] for g in report["groups"]] == [[0, 1, 2], [3, 4, 5]]
-    store = cache.stores[0]
-    assert store.components["keys"].magnitude.shape[-1] == 3, "one magnitude per member layer"
-    assert store.components["keys"].retained_value.shape[1] == 3
+    keys, _ = cache.views(0)
+    assert keys.magnitude.shape[-1] == 3, "one magnitude per member layer"
+    assert keys.retained_value.shape[1] == 3
     # Three layers share one direction: the merged prefix costs a third of the plain one, plus magnitudes.
     assert report["kv_bytes"] < 0.8 * report["kv_bytes_full"]
     four = MiniCache(profile_for(model, groups=((1, 2, 3, 4),)), model)

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from minicache.calibrate.search import Budget, Candidate, scale_to_gamma, search, select_options, select_pairs
+from minicache.calibrate.search import Budget, Candidate, cheapest_first, search, select_groups
 from minicache.calibrate.statistics import PairStatistics
 from minicache.evaluate.quality import QualityResult
-from minicache.profile import Defaults, MergeProfile, MergeSettings
+from minicache.profile import MergeProfile, MergeSettings
 
 
 def random_kv(seed: int, layers: int = 4, batch: int = 2, heads: int = 2, tokens: int = 40, dim: int = 8):
@@ -88,29 +88,24 @@ def test_all_reduce_over_two_gloo_processes(tmp_path):
 
 
 # -- search ------------------------------------------------------------------------------------------
-def test_select_pairs_never_overlaps_and_respects_allowance():
-    predicted = {0: 0.001, 1: 0.0005, 2: 0.002, 3: 0.004, 4: 0.0001}
-    chosen = select_pairs(predicted, allowance=0.003)
-    assert all(abs(a - b) >= 2 for a in chosen for b in chosen if a != b)
-    assert sum(predicted[p] for p in chosen) <= 0.003
-    assert chosen == [1, 4]  # cheapest first: 4, then 1 (0 and 2 overlap with 1)
-    assert select_pairs(predicted, allowance=1e-6) == []
+def _candidates(errors: dict[tuple[int, ...], float]) -> dict:
+    s = MergeSettings.create()
+    return {g: Candidate(g, s, s, (e, e), len(g) - 1) for g, e in errors.items()}
 
 
-def test_select_options_prefers_memory_per_damage():
-    predicted = {(0, 0): 0.004, (0, 1): 0.001, (2, 0): 0.003}
-    saving = {(0, 0): 0.45, (0, 1): 0.3, (2, 0): 0.45}
-    # (0, 1) saves 300 per unit of damage, (2, 0) 150, (0, 0) 112: one option per pair
-    assert select_options(predicted, saving, allowance=0.01) == [(0, 1), (2, 0)]
-    assert select_options(predicted, saving, allowance=0.002) == [(0, 1)]
-
-
-def test_scale_to_gamma_follows_restore_error():
-    settings = MergeSettings()
-    base = Candidate(3, settings, settings, (0.4, 0.6), 0.05)
-    other = Candidate(3, settings, settings, (0.2, 0.3), 0.2)
-    assert math.isclose(scale_to_gamma(base, other, 0.02), 0.01)
-    assert other.saving() < base.saving()
+def test_select_groups_never_overlaps_and_respects_allowance():
+    candidates = _candidates({(0, 1): 0.1, (1, 2): 0.1, (2, 3): 0.1, (3, 4): 0.1, (4, 5): 0.1, (3, 4, 5): 0.1})
+    predicted = {(0, 1): 0.001, (1, 2): 0.0005, (2, 3): 0.002, (3, 4): 0.004, (4, 5): 0.0001, (3, 4, 5): 0.0008}
+    chosen = select_groups(candidates, predicted, allowance=0.003)
+    used = [layer for g in chosen for layer in g]
+    assert len(used) == len(set(used)), "groups never overlap"
+    assert sum(predicted[g] for g in chosen) <= 0.003
+    # per saved layer: (4, 5) 0.0001, (3, 4, 5) 0.0004, (1, 2) 0.0005, ...: (3, 4, 5) overlaps (4, 5)
+    assert chosen == [(1, 2), (4, 5)]
+    assert select_groups(candidates, predicted, allowance=1e-6) == []
+    assert cheapest_first(candidates, {g: 0.001 for g in candidates})[:2] == [(3, 4, 5), (4, 5)], (
+        "ties: the larger saving, then the deeper group"
+    )
 
 
 def _fake_result(damage: float, groups: int) -> QualityResult:
@@ -123,15 +118,10 @@ def _fake_result(damage: float, groups: int) -> QualityResult:
 
 
 def test_search_finds_a_set_within_budget_and_measures_few_profiles():
-    torch.manual_seed(0)
     layers = 8
-    stats = PairStatistics(num_layers=layers, num_heads=2, window=4)
-    kv = random_kv(3, layers=layers)
-    for p in range(layers - 1):
-        stats.add_pair(p, 0, kv[p], kv[p + 1])
-        stats.add_pair(p, 1, kv[p], kv[p + 1])
-    # Ground truth: deeper pairs hurt less; damage adds up over groups.
+    # Restore errors that predict the damage: deeper pairs restore better and hurt less; damage adds up.
     damage = {p: 0.02 * 0.5**p for p in range(layers - 1)}
+    candidates = _candidates({(p, p + 1): 0.5**p for p in range(layers - 1)})
     calls = []
 
     def evaluate(profile: MergeProfile) -> QualityResult:
@@ -139,17 +129,19 @@ def test_search_finds_a_set_within_budget_and_measures_few_profiles():
         return _fake_result(sum(damage[g.layers[0]] for g in profile.groups), len(profile.groups))
 
     budget = Budget("ppl_increase", 0.01)
-    result = search(stats, evaluate, Defaults(), budget, make_profile=lambda g: MergeProfile(groups=g),
+    result = search(candidates, evaluate, budget, layers, make_profile=lambda g: MergeProfile(groups=g),
                     probes=4, log=lambda _: None)
     assert result.final is not None and budget.fits(result.final)
-    pairs = [c.pair for c in result.chosen]
-    assert len(pairs) >= 2 and all(abs(a - b) >= 2 for a in pairs for b in pairs if a != b)
-    assert sum(damage[p] for p in pairs) <= 0.01
-    assert len(calls) <= 4 + 5  # probes + verification passes, not one per pair and γ
+    firsts = [c.layers[0] for c in result.chosen]
+    assert len(firsts) >= 2 and all(abs(a - b) >= 2 for a in firsts for b in firsts if a != b)
+    assert sum(damage[p] for p in firsts) <= 0.01
+    assert len(calls) <= 4 + 4 + 6  # probes + verifications + extensions, not one per candidate
+    assert set(result.predicted_damage) == set(range(layers - 1)), "every pair gets a predicted damage"
 
-    impossible = search(stats, evaluate, Defaults(), Budget("ppl_increase", 1e-9),
-                        make_profile=lambda g: MergeProfile(groups=g), probes=4, log=lambda _: None)
+    impossible = search(candidates, evaluate, Budget("ppl_increase", 1e-9),
+                        layers, make_profile=lambda g: MergeProfile(groups=g), probes=4, log=lambda _: None)
     assert impossible.chosen == () and impossible.final is None
+    assert search({}, evaluate, budget, layers, make_profile=MergeProfile, log=lambda _: None).chosen == ()
 
 
 def test_budget_validation():

@@ -48,7 +48,7 @@ def data(tmp_path):
 def small_profile(tmp_path, tiny):
     # Small windows so that a 32-token prefix is merged; averaging on one pair, SLERP on another.
     d = Defaults(residual_length=8, block_size=8, gamma=0.1)
-    avg = MergeSettings(t=0.5, gamma=0.1, method="average")
+    avg = MergeSettings.create(t=0.5, gamma=0.1, method="average")
     slerp = d.settings()
     profile = MergeProfile(groups=(MergeGroup((0, 1), avg, avg), MergeGroup((2, 3), slerp, slerp)), defaults=d)
     return profile.save(tmp_path / "small.yaml")
@@ -107,7 +107,7 @@ def test_method_specs():
     config = tiny_config("llama", num_hidden_layers=30)
     profile, factory = specs[2].build(config)
     assert factory is None and [g.layers for g in profile.groups] == [(s, s + 1) for s in range(15, 29, 2)]
-    assert {(s.method, s.t) for g in profile.groups for s in (g.keys, g.values)} == {("average", 0.5)}
+    assert {(s.method, s.params.t) for g in profile.groups for s in (g.keys, g.values)} == {("average", 0.5)}
     profile, factory = specs[0].build(config)
     assert factory is not None and not profile.groups
     with pytest.raises(ValueError, match="kind 'profile' only"):

@@ -10,8 +10,6 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from minicache import MergeProfile, MiniCache
 from minicache.evaluate.quality import (
-    cache_bytes,
-    compression_ratio,
     evaluate_profile,
     full_cache_factory,
     kl_divergence,
@@ -21,6 +19,7 @@ from minicache.evaluate.quality import (
     top1_agreement,
 )
 from minicache.profile import Defaults, MergeGroup, MergeSettings
+from minicache.runtime.memory import cache_bytes, compression_ratio
 from tests.tiny_configs import tiny_config
 
 
@@ -90,7 +89,7 @@ def test_cache_bytes_of_dynamic_and_mini_caches():
         model(input_ids=ids, cache=dynamic)
     full = cfg.num_hidden_layers * 2 * 2 * cfg.num_key_value_heads * 24 * cfg.head_dim * 4
     assert cache_bytes(dynamic) == (full, full)
-    s = MergeSettings(gamma=0.1)
+    s = MergeSettings.create(gamma=0.1)
     cache = MiniCache(MergeProfile(groups=(MergeGroup((0, 1), s, s),), defaults=Defaults(residual_length=4,
                                                                                         block_size=4)), model)
     with torch.inference_mode():
@@ -134,7 +133,7 @@ def test_merged_profile_scores_are_the_metrics_of_its_log_probs():
     # log-probs, fed the same way (prefix, then teacher-forced chunks).
     model = tiny_model()
     windows = windows_of(model, n=2)
-    s = MergeSettings(t=0.5, gamma=0.0, sink_tokens=0, method="average")
+    s = MergeSettings.create(t=0.5, gamma=0.0, sink_tokens=0, method="average")
     profile = MergeProfile(groups=(MergeGroup((1, 2), s, s),), defaults=Defaults(residual_length=0, block_size=8))
     result = evaluate_profile(model, windows, 32, profile, batch_size=2, chunk_size=16)
     ref = reference_run(model, windows, 32, batch_size=2)

@@ -43,16 +43,18 @@ for _name in ("minicache.runtime.kernels.merge", "minicache.runtime.kernels.deco
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from minicache import MergeProfile, MiniCache  # noqa: E402
+from minicache.methods.slerp import slerp_pair  # noqa: E402
 from minicache.profile import Defaults, MergeGroup, MergeSettings  # noqa: E402
-from minicache.runtime import kernels  # noqa: E402
-from minicache.runtime.cache import MergedKVView, MergedPairStore, PaddingInfo  # noqa: E402
+from minicache.runtime import attention  # noqa: E402
+from minicache.runtime.attention import minicache_attention_forward  # noqa: E402
 from minicache.runtime.kernels import decode as decode_module  # noqa: E402
-from minicache.runtime.kernels.attention import minicache_attention_forward  # noqa: E402
 from minicache.runtime.kernels.decode import fused_decode_attention  # noqa: E402
 from minicache.runtime.kernels.merge import merge_block  # noqa: E402
 from minicache.runtime.kernels.reference import fused_decode_reference  # noqa: E402
-from minicache.runtime.kernels.synthetic import random_merged_views  # noqa: E402
-from minicache.runtime.merge import retention_mask, slerp_pair  # noqa: E402
+from minicache.runtime.kernels.synthetic import random_merged_views, with_rotation  # noqa: E402
+from minicache.runtime.retention import retention_mask  # noqa: E402
+from minicache.runtime.store import GroupStore, PaddingInfo  # noqa: E402
+from minicache.runtime.views import MergedKVView  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,11 +126,11 @@ def test_merge_kernel_retention_settings(rule, gamma, window):
     assert torch.equal(out.magnitude[..., 0] < 0, keep)
 
 
-def _store(merge_kernel: bool, padding: PaddingInfo, rotations: dict | None = None) -> MergedPairStore:
-    settings = MergeSettings(t=0.6, gamma=0.2, sink_tokens=1, align=rotations is not None)
-    store = MergedPairStore(
-        MergeGroup((0, 1), settings, settings), residual_length=5, block_size=4, padding=padding,
-        rotations=rotations,
+def _store(merge_kernel: bool, padding: PaddingInfo, rotations: dict | None = None) -> GroupStore:
+    settings = MergeSettings.create(t=0.6, gamma=0.2, sink_tokens=1, align=rotations is not None)
+    tensors = None if rotations is None else {n: {"rotation": r} for n, r in rotations.items()}
+    store = GroupStore(
+        MergeGroup((0, 1), settings, settings), residual_length=5, block_size=4, padding=padding, tensors=tensors,
     )
     store.merge_kernel = merge_kernel
     return store
@@ -154,8 +156,8 @@ def test_store_merge_with_kernel_matches_torch(aligned):
             store.update(1, kb[..., lo:hi, :], vb[..., lo:hi, :])
     torch_store, kernel_store = stores
     assert kernel_store.merged_length == torch_store.merged_length == 20
-    for name in ("keys", "values"):
-        want, got = torch_store.components[name], kernel_store.components[name]
+    for c in range(2):
+        want, got = torch_store.kernel_views(0)[c], kernel_store.kernel_views(0)[c]
         # Aligned: the kernel gets rotated float32 inputs (norms rounded once more than in torch).
         tol = 2e-6 if aligned else 1e-6
         torch.testing.assert_close(got.direction, want.direction, rtol=0, atol=tol)
@@ -163,7 +165,8 @@ def test_store_merge_with_kernel_matches_torch(aligned):
         assert torch.equal(got.retained_index, want.retained_index)
         assert torch.equal(got.retained_value, want.retained_value)
         for member in range(2):
-            assert torch.equal(got.residual[member], want.residual[member])
+            got_window = kernel_store.kernel_views(member)[c].residual
+            assert torch.equal(got_window, torch_store.kernel_views(member)[c].residual)
 
 
 # ---- fused decode attention ----------------------------------------------------------------------
@@ -246,14 +249,19 @@ def test_kernel_views_of_a_store_restore_like_the_torch_path():
     for member in range(2):
         keys, values = store.kernel_views(member)
         assert isinstance(keys, MergedKVView) and keys.shape == (2, 3, 23, 16)
-        assert torch.equal(keys.materialize(), store.components["keys"].restored(member))
-        assert torch.equal(values.materialize(), store.components["values"].restored(member))
+        # The view's two ways to the retained tokens (CSR for kernels, COO for torch) agree.
+        import dataclasses
+
+        for view in (keys, values):
+            csr_only = dataclasses.replace(view, retained_index=None)
+            assert torch.equal(csr_only.materialize(), view.materialize())
+    store.views = True  # the kernel path keeps the CSR lists between steps
     csr = store.kernel_views(0)[0].retained
     assert store.kernel_views(1)[0].retained is csr, "CSR lists are built once per change"
     store.select_batch(torch.tensor([1, 0, 1]))
     keys, _ = store.kernel_views(0)
     assert keys.retained is not csr
-    assert torch.equal(keys.materialize(), store.components["keys"].restored(0))
+    assert torch.equal(dataclasses.replace(keys, retained_index=None).materialize(), keys.materialize())
 
 
 # ---- transformers integration ----------------------------------------------------------------------
@@ -318,13 +326,17 @@ def test_generate_through_the_fused_path_matches_the_torch_path(monkeypatch):
     merge_calls = _count_calls(
         monkeypatch, importlib.import_module("minicache.runtime.kernels.merge"), "merge_block"
     )
-    assert kernels.enable_fused_attention(model, force=True)
+    assert attention.enable_fused_attention(model, force=True)
     assert model.config._attn_implementation == "minicache"
     cache = MiniCache(_profile(), model)
+    assert cache.bound and all(store.views and store.merge_kernel for store in cache.stores), (
+        "the attention path is decided once, when the cache meets the model"
+    )
     got = _generate(model, cache)
-    kernels.disable_fused_attention(model)
+    assert attention.bound_caches(model) == [cache]
+    attention.disable_fused_attention(model)
     assert model.config._attn_implementation == "sdpa"
-    assert not any(store.fused_decode for store in cache.stores), "the switch is off outside the model"
+    assert not any(store.views for store in cache.stores), "disabling unbinds the model's caches"
 
     # 11 decode steps x 4 merged layers (the first new token comes from prefill).
     assert len(fused_calls) == 44
@@ -340,9 +352,9 @@ def test_generate_through_the_fused_path_matches_the_torch_path(monkeypatch):
 def test_generate_fused_other_gqa_ratios(kv_heads):
     model = _tiny_llama(kv_heads=kv_heads)
     want = _generate(model, MiniCache(_profile(), model), new_tokens=8)
-    assert kernels.enable_fused_attention(model, force=True)
+    assert attention.enable_fused_attention(model, force=True)
     got = _generate(model, MiniCache(_profile(), model), new_tokens=8)
-    kernels.disable_fused_attention(model)
+    attention.disable_fused_attention(model)
     assert torch.equal(got.sequences, want.sequences)
 
 
@@ -351,13 +363,13 @@ def test_enable_is_a_noop_with_a_message_without_a_gpu(caplog):
         pytest.skip("this machine has a GPU")
     model = _tiny_llama()
     with caplog.at_level(logging.WARNING):
-        assert not kernels.enable_fused_attention(model)  # CPU, not forced
+        assert not attention.enable_fused_attention(model)  # CPU, not forced
     assert model.config._attn_implementation == "sdpa"
     assert "fused attention not enabled" in caplog.text
 
 
 def test_attention_function_falls_back_when_the_kernel_cannot_serve(caplog, monkeypatch):
-    monkeypatch.setattr(importlib.import_module("minicache.runtime.kernels.attention"), "_WARNED", set())
+    monkeypatch.setattr(attention, "_WARNED", set())
     query, keys, values, _ = _decode_case(torch.float32, 4, 64)
     module = torch.nn.Module()
     module.num_key_value_groups = 4
@@ -433,16 +445,15 @@ def test_benchmark_reduced_mode_writes_its_json(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
 @pytest.mark.parametrize("which", ["keys", "values", "both"])
 def test_fused_decode_with_alignment_matches_reference(dtype, which):
-    import dataclasses
 
     from tests.alignment_helpers import random_rotations
 
     query, keys, values, mask = _decode_case(dtype, 4, 64)
     rot = random_rotations(2, 2, 64, seed=5, identity_last=False).to(DEVICE)
     if which in ("keys", "both"):
-        keys = dataclasses.replace(keys, rotation=rot[0])
+        keys = with_rotation(keys, rot[0])
     if which in ("values", "both"):
-        values = dataclasses.replace(values, rotation=rot[1])
+        values = with_rotation(values, rot[1])
     got = fused_decode_attention(query, keys, values, mask, split_tokens=64)
     _assert_decode_close(got, query, keys, values, mask, dtype)
     # The rotation matters: the unaligned store gives another answer.
@@ -460,10 +471,10 @@ def test_generate_fused_aligned_three_layer_group_matches_the_torch_path():
         return aligned_profile(((0, 1, 2),), heads=2, dim=d, seed=3)
 
     want = _generate(model, MiniCache(profile(), model), new_tokens=6)
-    assert kernels.enable_fused_attention(model, force=True)
+    assert attention.enable_fused_attention(model, force=True)
     cache = MiniCache(profile(), model)
     got = _generate(model, cache, new_tokens=6)
-    kernels.disable_fused_attention(model)
+    attention.disable_fused_attention(model)
     assert cache.memory_report()["groups"][0]["merged_tokens"] > 0
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
@@ -496,21 +507,20 @@ def test_fused_decode_reads_packed_data_like_the_reference(dtype, bits, group):
 
 
 def test_fused_decode_packed_and_aligned():
-    import dataclasses
 
     from tests.alignment_helpers import random_rotations
 
     dtype = torch.bfloat16
     query, _, (qkeys, qvalues), mask = _quantized_case(dtype, 4, 4)
     rot = random_rotations(2, 2, 64, seed=5, identity_last=False).to(DEVICE)
-    qkeys, qvalues = dataclasses.replace(qkeys, rotation=rot[0]), dataclasses.replace(qvalues, rotation=rot[1])
+    qkeys, qvalues = with_rotation(qkeys, rot[0]), with_rotation(qvalues, rot[1])
     got = fused_decode_attention(query, qkeys, qvalues, mask, split_tokens=64)
     _assert_decode_close(got, query, qkeys, qvalues, mask, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
 def test_fused_decode_of_an_unmerged_quantized_layer_is_plain_attention(dtype):
-    from minicache.runtime.quant import quantize
+    from minicache.quant.packed import quantize
 
     g = torch.Generator().manual_seed(7)
     k, v = (torch.randn(2, 2, 136, 64, generator=g).to(dtype).to(DEVICE) for _ in range(2))
@@ -542,6 +552,7 @@ def test_fused_decode_rejects_mixed_bit_widths():
     _, v2 = quantize_views(keys, values, 2, key_group=32, value_group=32, key_tail=6)
     with pytest.raises(ValueError, match="different bit widths"):
         fused_decode_attention(query, k4, v2, mask)
+    assert "different widths" in attention.triton_unsupported(k4, v2, DEVICE), "the attention path goes blockwise"
     unpacked_retained = dataclasses.replace(k4, retained_q=None, retained_value=keys.retained_value)
     with pytest.raises(ValueError, match="retained_q"):
         fused_decode_attention(query, unpacked_retained, v4, mask)
@@ -559,12 +570,12 @@ def test_generate_fused_on_a_quantized_cache_matches_the_torch_path(monkeypatch)
     model = _tiny_llama(kv_heads=2)
     want = _generate(model, MiniCache(_quantized_profile(), model))
     fused_calls = _count_calls(monkeypatch, decode_module, "fused_decode_attention")
-    assert kernels.enable_fused_attention(model, force=True)
+    assert attention.enable_fused_attention(model, force=True)
     cache = MiniCache(_quantized_profile(), model)
     got = _generate(model, cache)
-    kernels.disable_fused_attention(model)
+    attention.disable_fused_attention(model)
     # Layers 0-1 merged and packed; layers 2-3 unmerged and packed: every layer attends on packed data.
-    assert cache.stores[0].components["keys"].qdirection is not None
+    assert cache.views(0)[0].qdirection is not None
     assert cache.layers[2].qkeys is not None
     assert len(fused_calls) == 11 * 4
     assert torch.equal(got.sequences, want.sequences)

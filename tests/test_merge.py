@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from minicache.runtime.merge import angle_between, restore, retention_mask, slerp_pair
+from minicache.methods.geometry import angle_between
+from minicache.methods.slerp import restore, slerp_pair
+from minicache.runtime.retention import retention_mask
 
 
 def reference_slerp(a: torch.Tensor, b: torch.Tensor, t: float):

@@ -346,6 +346,45 @@ def test_convert_with_profile(tmp_path, tiny_dir, capsys):
     assert profile_mod.MergeProfile.load(tmp_path / "again").to_dict() == profile.to_dict()
 
 
+def test_a_converted_directory_with_an_aligned_profile_loads_cleanly_elsewhere(tmp_path, tiny_dir, capsys):
+    """Weight loaders that take every ``*.safetensors`` of a directory (vLLM) must not see the sidecar,
+    and transformers must load the weights with no unexpected or missing keys."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from minicache.profile import MergeProfile
+    from tests.alignment_helpers import aligned_profile
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    made = aligned_profile(((0, 1),), heads, dim, seed=2)
+    profile = MergeProfile(groups=made.groups, defaults=made.defaults, tensors=made.tensors)
+    profile.save(tmp_path / "aligned.yaml")
+    out = tmp_path / "shipped"
+    code, _, stderr = run_convert(capsys, "--model", tiny_dir, "--out", out, "--profile", tmp_path / "aligned.yaml")
+    assert code == 0, stderr
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"], "only the weights"
+    assert len(list(out.glob("minicache_config.*.tensors"))) == 1
+    assert MergeProfile.load(out).tensors == profile.tensors
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    hf_logging.get_logger().addHandler(handler)
+    try:
+        _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    finally:
+        hf_logging.get_logger().removeHandler(handler)
+    assert not any(info[key] for key in ("unexpected_keys", "missing_keys", "mismatched_keys")), info
+    assert not any("unexpected" in r.lower() or "not used" in r.lower() for r in records), records
+
+
 def test_convert_refuses_a_profile_for_another_model(tmp_path, tiny_dir, capsys):
     profile_mod = pytest.importorskip("minicache.profile", reason="minicache.profile is not written yet")
     other = tiny_config(hidden_size=48, head_dim=8)

@@ -146,8 +146,8 @@ def tiny_model():
 
 def tiny_methods(model):
     d = Defaults(residual_length=8, block_size=16, gamma=0.1)
-    slerp = MergeSettings(t=0.6, gamma=0.1)
-    average = MergeSettings(t=0.5, gamma=0.1, method="average")
+    slerp = MergeSettings.create(t=0.6, gamma=0.1)
+    average = MergeSettings.create(t=0.5, gamma=0.1, method="average")
     slerp_profile = MergeProfile(groups=(MergeGroup((1, 2), slerp, slerp),), defaults=d)
     average_profile = MergeProfile(groups=(MergeGroup((0, 1), average, average), MergeGroup((2, 3), slerp, slerp)),
                                    defaults=d)

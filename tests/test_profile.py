@@ -29,6 +29,7 @@ ModelFingerprint = profile_mod.ModelFingerprint
 ModelMismatchWarning = profile_mod.ModelMismatchWarning
 ProfileError = profile_mod.ProfileError
 PROFILE_FILENAME = profile_mod.PROFILE_FILENAME
+ModelSpec = importlib.import_module("minicache.model_spec").ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +41,14 @@ def llama30():
 
 def calibrated_profile(config) -> MergeProfile:
     """A profile with per-group settings and calibration data, as the calibrator writes one."""
-    defaults = Defaults(t=0.5, gamma=0.1, residual_length=64, block_size=32)
+    defaults = Defaults(gamma=0.1, residual_length=64, block_size=32)
     groups = (
         MergeGroup(
-            (20, 21), MergeSettings(t=0.6, gamma=0.05), MergeSettings(t=0.4, gamma=0.2, retention="similar")
+            (20, 21),
+            MergeSettings.create(t=0.6, gamma=0.05),
+            MergeSettings.create(t=0.4, gamma=0.2, retention="similar"),
         ),
-        MergeGroup((24, 25), defaults.settings(), MergeSettings(sink_tokens=4)),
+        MergeGroup((24, 25), defaults.settings(t=0.5), MergeSettings.create(sink_tokens=4)),
     )
     calibration = {
         "data": {"path": "sample.jsonl", "sha256": "ab" * 32, "samples": 64, "tokens": 32768, "seed": 0},
@@ -64,17 +67,20 @@ def calibrated_profile(config) -> MergeProfile:
 def base_dict() -> dict:
     """A valid profile as parsed YAML, for the validation tests to break one field at a time."""
     return {
-        "format_version": 1,
+        "format_version": 2,
         "producer": {"name": "minicache", "version": "0.1.0"},
         "defaults": {
-            "t": 0.6,
             "gamma": 0.05,
             "retention": "distinct",
             "sink_tokens": 1,
             "residual_length": 128,
         },
         "groups": [
-            {"layers": [20, 21], "keys": {"t": 0.6, "gamma": 0.05}, "values": {"t": 0.6, "gamma": 0.05}},
+            {
+                "layers": [20, 21],
+                "keys": {"method": "slerp", "t": 0.6, "gamma": 0.05},
+                "values": {"method": "slerp", "t": 0.6, "gamma": 0.05},
+            },
             {"layers": [22, 23]},
         ],
     }
@@ -99,7 +105,8 @@ def test_yaml_layout_follows_the_design(llama30):
     assert list(data) == ["format_version", "producer", "model", "defaults", "groups", "calibration"]
     assert "producer: {name: minicache, version: " in text
     assert (
-        "  - layers: [20, 21]\n    keys: {t: 0.6, gamma: 0.05, retention: distinct, sink_tokens: 1}\n" in text
+        "  - layers: [20, 21]\n    keys: {method: slerp, t: 0.6, gamma: 0.05, retention: distinct, sink_tokens: 1}\n"
+        in text
     )
     assert list(data["model"]) == [
         "name_or_path",
@@ -198,7 +205,8 @@ def test_paper_preset_on_30_layers(llama30):
     profile = MergeProfile.preset("paper", llama30)
     assert [g.layers for g in profile.groups] == [(s, s + 1) for s in range(15, 29, 2)]
     assert profile.groups[-1].layers == (27, 28)
-    assert all(g.keys == g.values == MergeSettings(t=0.6, gamma=0.05) for g in profile.groups)
+    assert all(g.keys == g.values == MergeSettings.create(t=0.6, gamma=0.05) for g in profile.groups)
+    assert profile.groups[0].keys.method == "slerp" and profile.groups[0].keys.params.t == 0.6
     assert profile.model == ModelFingerprint.from_config(llama30)
     assert profile.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert profile.calibration is None
@@ -212,8 +220,8 @@ def test_paper_preset_overrides(llama30):
         "paper", llama30, t=0.5, gamma=0.1, start=24, residual_length=0, block_size=16
     )
     assert [g.layers for g in profile.groups] == [(24, 25), (26, 27), (28, 29)]
-    assert profile.groups[0].keys == MergeSettings(t=0.5, gamma=0.1)
-    assert profile.defaults == Defaults(t=0.5, gamma=0.1, residual_length=0, block_size=16)
+    assert profile.groups[0].keys == MergeSettings.create(t=0.5, gamma=0.1)
+    assert profile.defaults == Defaults(gamma=0.1, residual_length=0, block_size=16)
     # Odd layer counts: the last layer stays unpaired.
     odd = MergeProfile.preset("paper", tiny_config("llama", num_hidden_layers=5))
     assert [g.layers for g in odd.groups] == [(2, 3)]
@@ -226,7 +234,7 @@ def test_preset_errors(llama30):
         MergeProfile.preset("minicache", llama30)
     with pytest.raises(ProfileError, match=r"start: 29 leaves no pair of layers; allowed: 0\.\.28"):
         MergeProfile.preset("paper", llama30, start=29)
-    with pytest.raises(ProfileError, match=r"defaults\.t: 2\.0 is out of range"):
+    with pytest.raises(ProfileError, match=r"^t: 2\.0 is out of range"):
         MergeProfile.preset("paper", llama30, t=2.0)
     with pytest.raises(ProfileError, match=r"defaults\.residual_lenght: unknown setting"):
         MergeProfile.preset("paper", llama30, residual_lenght=8)
@@ -271,7 +279,7 @@ VALIDATION_CASES = {
     "unknown settings key": (
         _set(("groups", 0, "keys", "gama"), 0.1),
         "groups[0].keys.gama: unknown key 'gama' (did you mean 'gamma'?); allowed keys at groups[0].keys: "
-        "t, gamma, retention, sink_tokens",
+        "method, t, weights, align, gamma, retention, sink_tokens",
     ),
     "unknown group key": (
         _set(("groups", 1, "t"), 0.5),
@@ -358,16 +366,32 @@ VALIDATION_CASES = {
     ),
     "settings not a mapping": (
         _set(("groups", 0, "keys"), 0.6),
-        "groups[0].keys: 0.6 is a float; allowed: a mapping with keys t, gamma, retention, sink_tokens",
+        "groups[0].keys: 0.6 is a float; allowed: a mapping with keys method, gamma, retention, sink_tokens",
     ),
     "unsupported format_version": (
-        _set(("format_version",), 2),
-        "format_version: 2 is not supported (written by a newer minicache: upgrade minicache to read it); "
-        "allowed: one of [1]",
+        _set(("format_version",), 3),
+        "format_version: 3 is not supported (written by a newer minicache: upgrade minicache to read it); "
+        "allowed: one of [1, 2]",
     ),
     "format_version as text": (
-        _set(("format_version",), "1"),
-        "format_version: '1' is a str; allowed: one of [1]",
+        _set(("format_version",), "2"),
+        "format_version: '2' is a str; allowed: one of [1, 2]",
+    ),
+    "unknown method": (
+        _set(("groups", 0, "keys", "method"), "slrep"),
+        "groups[0].keys.method: 'slrep' is not a registered merge method (did you mean 'slerp'?); allowed: one of",
+    ),
+    "a method's own parameter validated by the method": (
+        _set(("groups", 0, "values", "align"), "yes"),
+        "groups[0].values.align: 'yes' is a str; allowed: true or false",
+    ),
+    "another method's parameter": (
+        _set(("groups", 0, "keys"), {"method": "average", "rank": 4}),
+        "groups[0].keys.rank: unknown key 'rank'; allowed keys at groups[0].keys: method, t, weights, align, gamma",
+    ),
+    "t in format 2 defaults": (
+        _set(("defaults", "t"), 0.5),
+        "defaults.t: unknown key 't'; allowed keys at defaults: gamma, retention, sink_tokens",
     ),
     "missing format_version": (
         _set(("format_version",), _DELETE),
@@ -420,42 +444,63 @@ def test_valid_base_dict_loads():
 
 def test_constructors_validate_too():
     with pytest.raises(ProfileError, match=r"^t: 1\.5 is out of range; allowed: a number in \[0, 1\]$"):
-        MergeSettings(t=1.5)
+        MergeSettings.create(t=1.5)
     with pytest.raises(ProfileError, match=r"^block_size: 0 is out of range"):
         Defaults(block_size=0)
-    s = MergeSettings()
+    s = MergeSettings.create()
     with pytest.raises(ProfileError, match=r"^layers: \[3, 5\] is non-adjacent"):
         MergeGroup((3, 5), s, s)
     with pytest.raises(ProfileError, match=r"^keys: .* is a dict; allowed: a MergeSettings"):
         MergeGroup((3, 4), {"t": 0.5}, s)
+    with pytest.raises(ProfileError, match=r"^method: 'mean' is not a registered merge method"):
+        MergeSettings(method="mean")
     with pytest.raises(ProfileError, match=r"^groups\[1\]\.layers: \[4, 5\] overlaps groups\[0\]"):
         MergeProfile(groups=(MergeGroup((3, 4), s, s), MergeGroup((4, 5), s, s)))
     with pytest.raises(ProfileError, match=r"^calibration\.data\.path: .* is a object; allowed: plain data"):
         MergeProfile(calibration={"data": {"path": object()}})
     # Normalised: ints for floats, lists for tuples, tuples for layer lists.
-    group = MergeGroup([3, 4], MergeSettings(t=1, gamma=0), s)
-    assert group.layers == (3, 4) and group.keys.t == 1.0 and isinstance(group.keys.t, float)
+    group = MergeGroup([3, 4], MergeSettings.create(t=1, gamma=0), s)
+    assert group.layers == (3, 4) and group.keys.params.t == 1.0 and isinstance(group.keys.params.t, float)
     assert MergeProfile(calibration={"x": (1, 2)}).calibration == {"x": [1, 2]}
 
 
 def test_partial_group_settings_inherit_defaults():
     data = {
-        "format_version": 1,
-        "defaults": {"t": 0.5, "gamma": 0.2, "sink_tokens": 4, "block_size": 16},
+        "format_version": 2,
+        "defaults": {"gamma": 0.2, "sink_tokens": 4, "block_size": 16},
         "groups": [
-            {"layers": [10, 11], "keys": {"gamma": 0.3}},
+            {"layers": [10, 11], "keys": {"gamma": 0.3, "t": 0.5}},
             {"layers": [12, 13], "values": None},
         ],
     }
     profile = MergeProfile.from_dict(data)
-    inherited = MergeSettings(t=0.5, gamma=0.2, retention="distinct", sink_tokens=4)
-    assert profile.groups[0].keys == MergeSettings(t=0.5, gamma=0.3, sink_tokens=4)
-    assert profile.groups[0].values == inherited
+    inherited = MergeSettings.create(t=0.6, gamma=0.2, retention="distinct", sink_tokens=4)
+    assert profile.groups[0].keys == MergeSettings.create(t=0.5, gamma=0.3, sink_tokens=4)
+    assert profile.groups[0].values == inherited  # method and its parameters at their defaults
     assert profile.groups[1].keys == profile.groups[1].values == inherited
     assert profile.defaults.residual_length == 128  # built-in default for what the file omits
     resolved = profile.to_dict()["groups"][0]
-    assert resolved["keys"] == {"t": 0.5, "gamma": 0.3, "retention": "distinct", "sink_tokens": 4}
-    assert resolved["values"] == {"t": 0.5, "gamma": 0.2, "retention": "distinct", "sink_tokens": 4}
+    assert resolved["keys"] == {"method": "slerp", "t": 0.5, "gamma": 0.3, "retention": "distinct", "sink_tokens": 4}
+    assert resolved["values"] == {"method": "slerp", "t": 0.6, "gamma": 0.2, "retention": "distinct", "sink_tokens": 4}
+
+
+def test_format_1_profiles_load_as_format_2():
+    data = {
+        "format_version": 1,
+        "defaults": {"t": 0.5, "gamma": 0.2, "sink_tokens": 4, "block_size": 16},
+        "groups": [
+            {"layers": [10, 11], "keys": {"gamma": 0.3}, "values": {"t": 0.4, "method": "average"}},
+            {"layers": [12, 13, 14], "values": {"weights": [0.2, 0.3, 0.5]}},
+        ],
+    }
+    profile = MergeProfile.from_dict(data)
+    assert profile.format_version == 2
+    assert profile.groups[0].keys == MergeSettings.create(t=0.5, gamma=0.3, sink_tokens=4)  # defaults.t inherited
+    assert profile.groups[0].values == MergeSettings.create("average", t=0.4, gamma=0.2, sink_tokens=4)
+    assert profile.groups[1].values.params.weights == (0.2, 0.3, 0.5)
+    assert yaml.safe_load(profile.to_yaml())["format_version"] == 2
+    with pytest.raises(ProfileError, match=r"^groups\[0\]\.keys\.rank: unknown key 'rank'"):
+        MergeProfile.from_dict({"format_version": 1, "groups": [{"layers": [1, 2], "keys": {"rank": 2}}]})
 
 
 def test_from_dict_does_not_mutate_its_input():
@@ -473,7 +518,7 @@ def test_profile_error_pickles():
 
 # ---- queries ----------------------------------------------------------------------------------
 def test_group_of_and_merged_layers():
-    s = MergeSettings()
+    s = MergeSettings.create()
     profile = MergeProfile(groups=(MergeGroup((2, 3), s, s), MergeGroup((5, 6, 7), s, s)))
     assert profile.merged_layers == {2, 3, 5, 6, 7}
     assert profile.group_of(3) == (profile.groups[0], 1)
@@ -483,7 +528,7 @@ def test_group_of_and_merged_layers():
 
 # ---- model checks -----------------------------------------------------------------------------
 def test_layers_out_of_range(llama30):
-    s = MergeSettings()
+    s = MergeSettings.create()
     profile = MergeProfile(groups=(MergeGroup((20, 21), s, s), MergeGroup((31, 32), s, s)))
     with pytest.raises(ProfileError) as err:
         profile.check_model(llama30)
@@ -505,7 +550,7 @@ def test_layers_out_of_range(llama30):
 )
 def test_groups_mixing_attention_types_are_refused(arch, groups):
     config = tiny_config(arch)
-    s = MergeSettings()
+    s = MergeSettings.create()
     profile = MergeProfile(groups=tuple(MergeGroup(g, s, s) for g in groups))
     if len(groups) > 1:
         MergeProfile(groups=profile.groups[:-1]).check_model(config)  # local layers only: fine
@@ -524,8 +569,8 @@ def test_groups_mixing_attention_types_are_refused(arch, groups):
 def test_groups_mixing_rotary_settings_are_refused():
     # SmolLM3 style: every second layer has no RoPE; both are full-attention layers.
     config = tiny_config("smollm3")
-    assert profile_mod.layer_attention_types(config) == ["full_attention"] * 4
-    s = MergeSettings()
+    assert ModelSpec.from_config(config).attention_types == ["full_attention"] * 4
+    s = MergeSettings.create()
     with pytest.raises(
         ProfileError, match=r"groups\[0\]\.layers: \[0, 1\]: layers 0 and 1 differ in rotary settings"
     ):
@@ -535,8 +580,8 @@ def test_groups_mixing_rotary_settings_are_refused():
 def test_groups_mixing_kv_shapes_are_refused():
     # transformers' heterogeneous configs: layer 3 has one KV head, the others two.
     config = tiny_config("llama", per_layer_config={3: {"num_key_value_heads": 1}})
-    assert ModelFingerprint.config_fields(config)["num_key_value_heads"] == [2, 2, 2, 1]
-    s = MergeSettings()
+    assert ModelSpec.from_config(config).fingerprint_fields["num_key_value_heads"] == [2, 2, 2, 1]
+    s = MergeSettings.create()
     MergeProfile(groups=(MergeGroup((0, 1), s, s),)).check_model(config)
     with pytest.raises(
         ProfileError, match=r"layers 2 and 3 differ in KV shape .* \(\(2, 16\) vs \(1, 16\)\)"
@@ -546,8 +591,8 @@ def test_groups_mixing_kv_shapes_are_refused():
 
 def test_gemma3_rope_signatures_differ_between_local_and_global_layers():
     config = tiny_config("gemma3")
-    types = profile_mod.layer_attention_types(config)
-    ropes = profile_mod.layer_rope_signatures(config)
+    spec = ModelSpec.from_config(config)
+    types, ropes = spec.attention_types, spec.rope_signatures
     assert types == ["sliding_attention"] * 5 + ["full_attention"]
     assert dict(ropes[0])["rope_theta"] == 10_000
     assert dict(ropes[5])["rope_theta"] == 1_000_000
@@ -555,9 +600,9 @@ def test_gemma3_rope_signatures_differ_between_local_and_global_layers():
 
 
 def test_mistral_sliding_window_makes_sliding_layers():
-    assert set(profile_mod.layer_attention_types(tiny_config("mistral"))) == {"sliding_attention"}
+    assert set(ModelSpec.from_config(tiny_config("mistral")).attention_types) == {"sliding_attention"}
     full = tiny_config("mistral", sliding_window=None)
-    assert set(profile_mod.layer_attention_types(full)) == {"full_attention"}
+    assert set(ModelSpec.from_config(full).attention_types) == {"full_attention"}
     # Uniform layers: a pair is valid for the profile (the runtime decides what it supports).
     MergeProfile.preset("paper", tiny_config("mistral"))
 
@@ -567,9 +612,9 @@ def test_layer_types_without_the_transformers_helper(monkeypatch):
     import transformers.cache_utils
 
     configs = [tiny_config("mistral"), tiny_config("gemma2"), tiny_config("llama")]
-    want = [profile_mod.layer_attention_types(c) for c in configs]
+    want = [ModelSpec.from_config(c).attention_types for c in configs]
     monkeypatch.delattr(transformers.cache_utils, "get_layer_types_and_kwargs")
-    assert [profile_mod.layer_attention_types(c) for c in configs] == want
+    assert [ModelSpec.from_config(c).attention_types for c in configs] == want
     assert want[0] == ["sliding_attention"] * 4 and want[2] == ["full_attention"] * 4
 
 
@@ -646,7 +691,7 @@ def test_tiny_configs_build_models(arch):
 
 
 def test_atomic_write_makes_a_readable_file_and_refuses_to_clobber(tmp_path):
-    from minicache.profile import atomic_write
+    from minicache.fileio import atomic_write
 
     target = tmp_path / "report.md"
     atomic_write(target, b"one", overwrite=False)
@@ -657,3 +702,24 @@ def test_atomic_write_makes_a_readable_file_and_refuses_to_clobber(tmp_path):
     atomic_write(target, b"two", overwrite=True)
     assert target.read_bytes() == b"two"
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temporary file left behind
+
+
+# ---- format 1 ---------------------------------------------------------------------------------
+def test_the_shipped_profile_in_format_1_still_loads():
+    """The profile this repository shipped in format 1 (fixture: the files as they were) loads, equals
+    the format-2 profile shipped now, and writes back as format 2 with the same sidecar bytes."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    old = MergeProfile.load(root / "tests/fixtures/shipped-profile-v1")
+    new = MergeProfile.load(root / "profiles/smollm2-135m-instruct")
+    assert "format_version: 1" in (root / "tests/fixtures/shipped-profile-v1/minicache_config.yaml").read_text()
+    assert old == new and old.tensors == new.tensors
+    assert [g.layers for g in old.groups] == [(25, 26), (27, 28, 29)]
+    assert all(s.method == "slerp" and s.params.align for g in old.groups for _, s in g.components())
+    assert old.groups[0].keys.params.t == 0.5
+    assert old.to_yaml() == new.to_yaml() and "format_version: 2" in old.to_yaml()
+    sidecar = next((root / "profiles/smollm2-135m-instruct").glob("*.tensors"))
+    assert old.tensors.to_bytes() == sidecar.read_bytes()
+    legacy = root / "tests/fixtures/shipped-profile-v1/minicache_tensors.safetensors"
+    assert legacy.read_bytes() == sidecar.read_bytes()

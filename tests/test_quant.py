@@ -8,15 +8,10 @@ from transformers import DynamicCache
 
 from minicache import MergeProfile, MiniCache
 from minicache.profile import MergeGroup, MergeSettings, ProfileError, Quantization
-from minicache.runtime.cache import MergedPairStore, PaddingInfo
-from minicache.runtime.quant import (
-    QuantizedDynamicLayer,
-    pack,
-    quantize,
-    quantize_keys,
-    quantize_values,
-    unpack,
-)
+from minicache.quant import get_quantizer
+from minicache.quant.packed import pack, quantize, unpack
+from minicache.runtime.layers import QuantizedLayer
+from minicache.runtime.store import GroupStore, PaddingInfo
 from tests.test_cache import greedy, left_padded_batch, make_model, profile_for, sum_of_storages
 
 
@@ -90,6 +85,50 @@ def test_group_shape_errors():
         quantize(torch.zeros(1, 1, 8, 16), 3, 8, "tokens")
 
 
+def test_kivi_packs_keys_per_channel_values_and_vectors_per_token():
+    kivi = get_quantizer("kivi")
+    x = torch.randn(2, 3, 16, 64)
+    assert kivi.quantize(x, "keys", 4, 8).axis == "tokens" and kivi.chunk_tokens("keys", 8) == 8
+    for role in ("values", "vectors"):
+        q = kivi.quantize(x, role, 2, 128)
+        assert q.axis == "channels" and q.group_size == 64, "value groups are capped at head_dim"
+        assert kivi.chunk_tokens(role, 128) == 1
+    assert kivi.check(4, 12, 16)[0] == "group_size" and kivi.check(4, 16, 16) is None
+
+
+def test_quantizers_register_as_plugins():
+    from minicache.quant import Quantizer, quantizer_names, register_quantizer
+    from minicache.quant.packed import quantize as uniform
+
+    @register_quantizer
+    class PerTokenOnly(Quantizer):
+        name = "test-per-token"
+        bits = (4, 8)
+
+        def quantize(self, x, role, bits, group_size):
+            return uniform(x, bits, x.shape[-1], "channels")
+
+        def chunk_tokens(self, role, group_size):
+            return 1
+
+    try:
+        assert "test-per-token" in quantizer_names()
+        spec = Quantization(bits=8, group_size=4, residual_length=2, scheme="test-per-token")
+        assert "8-bit test-per-token KV" in spec.describe()
+        layer = QuantizedLayer(spec)
+        keys = torch.randn(1, 2, 9, 16)
+        layer.update(keys, keys)
+        assert layer.quantized_length == 4, "chunks follow the schedule's group size"
+        with pytest.raises(ProfileError, match=r"^bits: 2 is not a supported width; allowed: one of \[4, 8\]"):
+            Quantization(bits=2, scheme="test-per-token")
+        with pytest.raises(ProfileError, match=r"^scheme: 'kiwi' is not a registered quantization scheme"):
+            Quantization(scheme="kiwi")
+    finally:
+        from minicache.quant import unregister_quantizer
+
+        unregister_quantizer("test-per-token")
+
+
 # ---- the unmerged layer ------------------------------------------------------------------------
 def _feed(layer, keys, values, chunks):
     start, outs = 0, []
@@ -103,7 +142,7 @@ def test_layer_quantizes_a_block_at_a_time_and_never_requantizes():
     torch.manual_seed(0)
     spec = Quantization(bits=4, group_size=4, residual_length=6)
     keys, values = torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 16)
-    layer = QuantizedDynamicLayer(spec)
+    layer = QuantizedLayer(spec)
     k_out, _ = layer.update(keys[..., :13, :], values[..., :13, :])
     assert torch.equal(k_out, keys[..., :13, :]), "this step's attention sees exact keys"
     assert layer.quantized_length == 4 and layer.keys.shape[-2] == 9  # 13 - 6 = 7 -> one whole group of 4
@@ -117,14 +156,17 @@ def test_layer_quantizes_a_block_at_a_time_and_never_requantizes():
     for before, after in zip(old, new, strict=True):
         assert torch.equal(after[..., : before.shape[-2], :], before), "old tokens keep their packed codes"
     # Chunking does not matter: one call quantizes the same groups to the same codes.
-    once = QuantizedDynamicLayer(spec)
+    once = QuantizedLayer(spec)
     once.update(keys, values)
     assert torch.equal(once.qkeys.data, layer.qkeys.data) and torch.equal(once.qvalues.scale, layer.qvalues.scale)
     # What attention sees: the dequantized prefix, then the exact window.
     k_all, v_all = layer.update(keys[..., :0, :], values[..., :0, :])
-    torch.testing.assert_close(k_all[..., :32, :], quantize_keys(keys[..., :32, :], spec).dequantize(torch.float32))
+    kivi = get_quantizer("kivi")
     torch.testing.assert_close(
-        v_all[..., :32, :], quantize_values(values[..., :32, :], spec).dequantize(torch.float32)
+        k_all[..., :32, :], kivi.quantize(keys[..., :32, :], "keys", 4, 4).dequantize(torch.float32)
+    )
+    torch.testing.assert_close(
+        v_all[..., :32, :], kivi.quantize(values[..., :32, :], "values", 4, 4).dequantize(torch.float32)
     )
     assert torch.equal(k_all[..., 32:, :], keys[..., 32:, :])
 
@@ -133,7 +175,7 @@ def test_layer_crop_and_batch_operations():
     torch.manual_seed(0)
     spec = Quantization(bits=2, group_size=4, residual_length=4)
     keys, values = torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
-    layer = QuantizedDynamicLayer(spec)
+    layer = QuantizedLayer(spec)
     layer.update(keys, values)
     want = layer.update(keys[..., :0, :], values[..., :0, :])[0]
     index = torch.tensor([2, 0, 2])
@@ -169,29 +211,29 @@ def test_memory_report_counts_every_tensor_held(bits):
     assert report["kv_bytes"] == sum_of_storages(cache) == sum(t.numel() * t.element_size() for t in cache.tensors())
     assert report["parts"]["packed"] > 0 and report["parts"]["scales"] > 0
     assert report["parts"]["plain_layers"] == 0, "unmerged layers are quantized too"
-    assert isinstance(cache.layers[3], QuantizedDynamicLayer)
+    assert isinstance(cache.layers[3], QuantizedLayer)
     dynamic = DynamicCache(config=model.config)
     greedy(model, ids, mask, dynamic, new_tokens=9)
     full = sum(t.numel() * t.element_size() for layer in dynamic.layers for t in (layer.keys, layer.values))
     assert report["kv_bytes_full"] == full
     assert report["kv_bytes"] < plain.memory_report()["kv_bytes"]
-    store = cache.stores[0].components["keys"]
-    assert store.retained_value is None and store.retained_q.data.shape[:2] == (store.retained_index.shape[0], 2)
+    keys, _ = cache.views(0)
+    assert keys.retained_value is None and keys.retained_q.data.shape[:2] == (keys.retained_index.shape[0], 2)
 
 
 def test_merged_store_quantizes_directions_block_at_a_time():
     torch.manual_seed(0)
-    settings = MergeSettings(t=0.6, gamma=0.2, sink_tokens=1)
+    settings = MergeSettings.create(t=0.6, gamma=0.2, sink_tokens=1)
     group = MergeGroup((0, 1), settings, settings)
     spec = Quantization(bits=4, group_size=8, residual_length=5)
     kwargs = {"residual_length": 5, "block_size": 4, "padding": PaddingInfo()}
-    plain = MergedPairStore(group, **kwargs)
-    quant = MergedPairStore(group, quant=spec, **kwargs)
+    plain = GroupStore(group, **kwargs)
+    quant = GroupStore(group, quant=spec, **kwargs)
     ka, kb, va, vb = (torch.randn(2, 3, 60, 16) for _ in range(4))
     for store in (plain, quant):
         store.update(0, ka[..., :23, :], va[..., :23, :])
         store.update(1, kb[..., :23, :], vb[..., :23, :])
-    keys, values = quant.components["keys"], quant.components["values"]
+    keys, values = quant.kernel_views(0)
     assert quant.merged_length == 16 and keys.qdirection.length == 16 and keys.direction is None
     old_keys, old_values = keys.qdirection.data.clone(), values.qdirection.data.clone()
     for i in range(23, 60):
@@ -199,39 +241,40 @@ def test_merged_store_quantizes_directions_block_at_a_time():
             store.update(0, ka[..., i : i + 1, :], va[..., i : i + 1, :])
             store.update(1, kb[..., i : i + 1, :], vb[..., i : i + 1, :])
     assert quant.merged_length == plain.merged_length == 52
+    keys, values = quant.kernel_views(0)
     # Keys wait for a whole group of 8 merged tokens (4 pending); values are packed per token at once.
     assert keys.qdirection.length == 48 and keys.direction.shape[-2] == 4
     assert values.qdirection.length == 52 and values.direction is None
     assert torch.equal(keys.qdirection.data[..., :16, :], old_keys)
     assert torch.equal(values.qdirection.data[..., :16, :], old_values)
     # Restored vectors stay close to the unquantized store's (4-bit unit directions, exact magnitudes).
-    for name in ("keys", "values"):
+    for c in range(2):
         for member in (0, 1):
-            want = plain.components[name].restored(member)
-            got = quant.components[name].restored(member)
+            want = plain.kernel_views(member)[c].materialize()
+            got = quant.kernel_views(member)[c].materialize()
             assert got.shape == want.shape
             assert torch.equal(got[..., 52:, :], want[..., 52:, :]), "the residual window stays exact"
             rel = (got - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-6)
-            assert rel.max() < 0.25 and rel.mean() < 0.1, (name, member, rel.max(), rel.mean())
-    assert plain.components["keys"].retained_index.shape == keys.retained_index.shape
+            assert rel.max() < 0.25 and rel.mean() < 0.1, (c, member, rel.max(), rel.mean())
+    assert plain.kernel_views(0)[0].retained_index.shape == keys.retained_index.shape
 
 
 def test_quantized_select_batch_equals_running_the_subset():
     torch.manual_seed(0)
-    settings = MergeSettings(t=0.5, gamma=0.3)
+    settings = MergeSettings.create(t=0.5, gamma=0.3)
     group = MergeGroup((0, 1), settings, settings)
     spec = Quantization(bits=2, group_size=2, residual_length=3)
-    full = MergedPairStore(group, 3, 2, PaddingInfo(), quant=spec)
-    sub = MergedPairStore(group, 3, 2, PaddingInfo(), quant=spec)
+    full = GroupStore(group, 3, 2, PaddingInfo(), quant=spec)
+    sub = GroupStore(group, 3, 2, PaddingInfo(), quant=spec)
     ka, kb = torch.randn(3, 2, 15, 8), torch.randn(3, 2, 15, 8)
     index = torch.tensor([2, 0, 2])
     for store, a, b in ((full, ka, kb), (sub, ka[index], kb[index])):
         store.update(0, a, a)
         store.update(1, b, b)
     full.select_batch(index)
-    for name in ("keys", "values"):
+    for c in range(2):
         for member in (0, 1):
-            assert torch.equal(full.components[name].restored(member), sub.components[name].restored(member))
+            assert torch.equal(full.kernel_views(member)[c].materialize(), sub.kernel_views(member)[c].materialize())
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -241,7 +284,7 @@ def test_quantized_minicache_generates_with_batches_and_beams(bits):
     cache = MiniCache(quantized_profile(model, groups=((0, 1),), bits=bits), model)
     out = greedy(model, ids, mask, cache, new_tokens=10, num_beams=3)
     assert out.shape == (2, 40)
-    assert cache.stores[0].components["keys"].qdirection.data.shape[0] == 6  # 2 sequences x 3 beams
+    assert cache.views(0)[0].qdirection.data.shape[0] == 6  # 2 sequences x 3 beams
     assert cache.layers[2].qkeys.data.shape[0] == 6
     report = cache.memory_report()
     assert report["kv_bytes"] == sum_of_storages(cache)
@@ -276,6 +319,8 @@ def _profile_dict(**quantization):
     ("field", "value", "path"),
     [
         ("bits", 3, "quantization.bits"),
+        ("bits", [4, 3], "quantization.bits[1]"),
+        ("scheme", "kiwi", "quantization.scheme"),
         ("bits", True, "quantization.bits"),
         ("group_size", 1, "quantization.group_size"),
         ("group_size", "64", "quantization.group_size"),
@@ -294,10 +339,12 @@ def test_profile_quantization_round_trips_and_checks_head_dim(tmp_path):
     profile = MergeProfile.preset("paper", model.config).with_quantization(Quantization(2, 64, 32))
     assert "2-bit KV (group 64, residual 32)" in profile.describe()
     path = profile.save(tmp_path / "p.yaml")
-    assert "quantization: {bits: 2, group_size: 64, residual_length: 32}" in path.read_text()
+    assert "quantization: {scheme: kivi, bits: 2, group_size: 64, residual_length: 32}" in path.read_text()
     loaded = MergeProfile.load(path)
     assert loaded.quantization == Quantization(2, 64, 32) and loaded == profile
     assert MergeProfile.from_dict({"format_version": 1, "quantization": {}}).quantization == Quantization()
+    v1 = {"format_version": 1, "quantization": {"bits": 2, "group_size": 64, "residual_length": 32}}
+    assert MergeProfile.from_dict(v1).quantization == Quantization(2, 64, 32, scheme="kivi")
     bad = MergeProfile.preset("paper", model.config)
     with pytest.raises(ProfileError) as info:
         bad.with_quantization(Quantization(4, 12, 8))  # 16 channels do not split into groups of 12
@@ -312,21 +359,26 @@ def test_eval_cli_kv_bits_arguments(tmp_path, capsys):
     from minicache.evaluate.cli import build_parser, main
 
     assert build_parser().parse_args(["--preset", "none", "--kv-bits", "2", "--data", "x"]).kv_bits == 2
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["--preset", "paper", "--kv-bits", "3", "--data", "x"])
     data = tmp_path / "d.txt"
     data.write_text("hello")
+    # Widths are the scheme's (checked before any model loads): KIVI packs 2 or 4 bits.
+    assert main(["--preset", "paper", "--kv-bits", "3", "--model", "/nonexistent", "--data", str(data)]) == 2
+    assert "error: --kv-bits: 3 is not a supported width; allowed: one of [2, 4]" in capsys.readouterr().err
+    assert main(["--preset", "paper", "--kv-bits", "4", "--kv-scheme", "kiwi", "--data", str(data)]) == 2
+    assert "--kv-scheme: 'kiwi' is not a registered quantization scheme" in capsys.readouterr().err
     assert main(["--baseline", "full", "--kv-bits", "4", "--data", str(data)]) == 2
     assert "--kv-bits does not apply" in capsys.readouterr().err
 
 
-def test_calibrate_cli_takes_kv_bits():
-    from minicache.calibrate.cli import build_parser
+def test_calibrate_cli_takes_kv_bits(capsys):
+    from minicache.calibrate.cli import build_parser, main
 
     args = build_parser().parse_args(["--kv-bits", "4", "--kv-group-size", "64"])
     assert (args.kv_bits, args.kv_group_size) == (4, 64)
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["--kv-bits", "8"])
+    assert main(["--kv-bits", "8", "--model", "/nonexistent"]) == 2
+    assert "--kv-bits: 8 is not a supported width" in capsys.readouterr().err
+    assert main(["--methods", "slerp,lowrnak", "--model", "/nonexistent"]) == 2
+    assert "--methods lowrnak is not a registered merge method" in capsys.readouterr().err
 
 
 def test_eval_cli_quantized_run_on_the_real_model(tmp_path, capsys, license_text, smollm2):
@@ -350,7 +402,8 @@ def test_eval_cli_quantized_run_on_the_real_model(tmp_path, capsys, license_text
 @pytest.mark.parametrize("backend", ["hqq", "quanto"])
 def test_quantized_cache_baselines_count_their_packed_tensors(backend):
     pytest.importorskip({"hqq": "hqq", "quanto": "optimum.quanto"}[backend])
-    from minicache.evaluate.quality import quantized_cache_factory, transformers_cache_bytes
+    from minicache.evaluate.quality import quantized_cache_factory
+    from minicache.runtime.memory import cache_bytes
 
     model = make_model("llama")
     ids, mask = left_padded_batch(model.config.vocab_size, [64, 64])
@@ -361,10 +414,32 @@ def test_quantized_cache_baselines_count_their_packed_tensors(backend):
             step = logits[:, -1:].argmax(-1)
             mask = torch.cat([mask, torch.ones_like(step)], dim=1)
             logits = model(input_ids=step, attention_mask=mask, cache=cache).logits
-    held, full = transformers_cache_bytes(cache, model.config, batch=2, dtype=torch.float32)
+    held, full = cache_bytes(cache, model.config, batch=2, dtype=torch.float32)
     assert full == 2 * sum(  # what a DynamicCache holds for 76 tokens
         2 * 76 * model.config.num_key_value_heads * (model.config.hidden_size // model.config.num_attention_heads) * 4
         for _ in range(model.config.num_hidden_layers)
     )
     # 4-bit codes plus scales and zero points of an fp32 model: well under a quarter, never nothing.
     assert full / 8 < held < full / 2
+
+
+def test_bits_per_layer():
+    model = make_model("llama")  # 4 layers
+    ids, mask = left_padded_batch(model.config.vocab_size, [60, 45])
+    per_layer = quantized_profile(model, groups=((0, 1),), bits=(2, 2, 4, 2))
+    assert per_layer.quantization.bits == (2, 2, 4, 2) and "2/4-bit KV" in per_layer.describe()
+    cache = MiniCache(per_layer, model)
+    greedy(model, ids, mask, cache, new_tokens=4)
+    assert cache.views(0)[0].bits == 2, "a group packs at its layers' width"
+    assert (cache.layers[2].qkeys.bits, cache.layers[3].qkeys.bits) == (4, 2)
+    uniform = MiniCache(quantized_profile(model, groups=((0, 1),), bits=2), model)
+    greedy(model, ids, mask, uniform, new_tokens=4)
+    more = cache.memory_report()["parts"]["packed"] - uniform.memory_report()["parts"]["packed"]
+    assert more == cache.layers[2].qkeys.code_bytes // 2 + cache.layers[2].qvalues.code_bytes // 2
+    # A group's layers share one store, hence one width; the widths must cover the model.
+    with pytest.raises(ProfileError, match=r"groups\[0\]\.layers: \[0, 1\] are quantized to \[2, 4\] bits"):
+        quantized_profile(model, groups=((0, 1),), bits=(2, 4, 4, 4))
+    with pytest.raises(ProfileError, match=r"quantization\.bits: 3 widths for 4 layers"):
+        MiniCache(profile_for(model).with_quantization(Quantization(bits=(2, 2, 2))), model)
+    text = per_layer.to_yaml()
+    assert "bits: [2, 2, 4, 2]" in text and MergeProfile.from_yaml(text) == per_layer

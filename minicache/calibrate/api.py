@@ -6,18 +6,29 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from minicache.calibrate.search import Budget, SearchResult, search
-from minicache.calibrate.statistics import PairStatistics, capture_statistics
+from minicache.calibrate.capture import CalibrationCapture, candidate_runs, prefill_batches
+from minicache.calibrate.search import Budget, Candidate, SearchResult, search
+from minicache.calibrate.statistics import PairStatistics
 from minicache.data import DataError, Sample, file_sha256, read_samples, split_samples, token_windows
 from minicache.evaluate.quality import QualityResult, evaluate_profile, reference_run
-from minicache.profile import PROFILE_FILENAME, Defaults, MergeGroup, MergeProfile, ModelFingerprint, Quantization
-from minicache.sidecar import rotation_name
+from minicache.methods import COMPONENTS
+from minicache.methods.base import tensor_name
+from minicache.model_spec import ModelSpec
+from minicache.profile import (
+    PROFILE_FILENAME,
+    Defaults,
+    MergeGroup,
+    MergeProfile,
+    MergeSettings,
+    ModelFingerprint,
+    Quantization,
+)
 
 #: Prompts the model continues itself when no data is given (data-free calibration).
 SEED_PROMPTS = (
@@ -103,6 +114,7 @@ def calibrate(
     align: bool = False,
     max_group_size: int = 2,
     quantization: Quantization | None = None,
+    methods: Sequence[str] = ("slerp",),
 ) -> CalibrationResult:
     """Measure KV similarity on sample data and choose a merge profile within a quality budget.
 
@@ -123,14 +135,17 @@ def calibrate(
     eval_windows : int
         Held-out windows used to measure quality.
     align : bool
-        Fit an orthogonal alignment per group, KV head and K/V on the calibration windows
-        (issue 7). With ``preset``: the preset's groups, all aligned. Without: the search also
-        considers aligned candidates and keeps, per component, whichever restores better.
+        Fit the methods' tensors on the calibration windows (SLERP: an orthogonal alignment per
+        group, KV head and K/V). With ``preset``: the preset's groups, all aligned. Without: the
+        search also considers the fitted variants and keeps, per component, whichever restores better.
     max_group_size : int
         Largest group the search considers (2 = pairs only, as in the paper).
     quantization : Quantization, optional
-        Quantized storage for every candidate profile and the result (issue 6): quality is
-        measured with it on, so the budget covers quantization and merging together.
+        Quantized storage for every candidate profile and the result: quality is measured with it
+        on, so the budget covers quantization and merging together.
+    methods : sequence of str
+        Registered merge methods the search may choose from, per group and component
+        (:func:`minicache.methods.method_names`).
 
     Returns
     -------
@@ -140,7 +155,12 @@ def calibrate(
     prefix_length = prefix_length or (2 * max_length) // 3
     if not 0 < prefix_length < max_length:
         raise ValueError(f"prefix_length must be in (0, max_length={max_length}), got {prefix_length}")
-    config = model.config.get_text_config(decoder=True)
+    if max_group_size < 2:
+        raise ValueError(f"max_group_size must be at least 2, got {max_group_size}")
+    if not methods:
+        raise ValueError("give at least one merge method")
+    merge_methods = [_known_method(name) for name in methods]
+    spec = ModelSpec.from_config(model)
 
     if data is None:
         log(f"no --data: data-free calibration on text the model generates from {len(SEED_PROMPTS)} seed prompts")
@@ -164,29 +184,22 @@ def calibrate(
         f"windows of {max_length} tokens (seed {seed})"
     )
 
-    if max_group_size < 2:
-        raise ValueError(f"max_group_size must be at least 2, got {max_group_size}")
-    capture = None
+    # One capture loop: layer-similarity statistics, the methods' fit statistics over every window,
+    # and (for a search) the candidates' restore errors on the second half with tensors fitted on the first.
     started = time.perf_counter()
-    if align or max_group_size > 2:
-        from minicache.calibrate.alignment import candidate_keys, capture_alignment
-
-        n_layers = config.num_hidden_layers
-        span = max_group_size if preset is None else 2
-        capture = capture_alignment(
-            model, calib_windows, batch_size=batch_size, window=defaults.block_size,
-            sink_tokens=defaults.sink_tokens, max_group_size=span, progress=progress,
-            group_keys=None if preset is not None else candidate_keys(n_layers, max_group_size, align),
-        )
-        stats = capture.statistics
-        capture.cross.all_reduce()
-        if capture.groups is not None:
-            capture.groups.all_reduce()
-    else:
-        stats = capture_statistics(
-            model, calib_windows, batch_size=batch_size, window=defaults.block_size,
-            sink_tokens=defaults.sink_tokens, progress=progress,
-        )
+    runs = None if preset is not None else candidate_runs(spec.num_layers, max_group_size)
+    span = max_group_size if preset is None else 2
+    stats = PairStatistics(num_layers=spec.num_layers, num_heads=spec.kv_heads, window=defaults.block_size)
+    capture = CalibrationCapture(
+        merge_methods, runs, fit=align, num_layers=spec.num_layers,
+        num_heads=spec.kv_heads, head_dim=spec.head_dim, max_offset=span - 1, gamma=defaults.gamma,
+        window=defaults.block_size,
+    )
+    for batch, num_batches, kv in prefill_batches(model, calib_windows, batch_size=batch_size, progress=progress,
+                                                  desc="capturing KV statistics"):
+        stats.add(kv, defaults.sink_tokens)
+        capture.add(kv, batch, num_batches, defaults.sink_tokens)
+    capture.all_reduce()
     stats.all_reduce()
     elapsed = time.perf_counter() - started
     log(f"statistics of {int(calib_windows.numel())} tokens in {elapsed:.0f}s "
@@ -204,47 +217,37 @@ def calibrate(
         passes.append(time.perf_counter() - began)
         return result
 
-    fingerprint = ModelFingerprint.from_config(config, name_or_path=model_name)
-
-    fitted: dict = {}
+    fingerprint = ModelFingerprint.from_spec(spec, name_or_path=model_name)
 
     def make_profile(groups: tuple[MergeGroup, ...], calibration: dict | None = None) -> MergeProfile:
-        # Aligned groups carry their rotations, fitted on every calibration window (cached per group).
+        # Components whose parameters use fitted tensors carry them, fitted on every calibration window.
         tensors = {}
         for g in groups:
-            for name in ("keys", "values"):
-                if getattr(g, name).align:
-                    if g.layers not in fitted:
-                        fitted[g.layers] = capture.cross.fit(g.layers)
-                    tensors[rotation_name(g.label, name)] = fitted[g.layers][name]
+            for name, settings in g.components():
+                if settings.tensor_names:
+                    fitted = capture.fitted(settings.merge_method, g.layers)[name]
+                    for local in settings.tensor_names:
+                        tensors[tensor_name(local, g.label, name)] = fitted[local]
         return MergeProfile(groups=groups, defaults=defaults, model=fingerprint, calibration=calibration,
                             tensors=tensors or None, quantization=quantization)
 
     result_search: SearchResult | None = None
     if preset is not None:
-        profile = MergeProfile.preset(preset, config)
+        profile = MergeProfile.preset(preset, spec)
         groups = profile.groups
         if align:
             groups = tuple(
-                MergeGroup(g.layers, replace(g.keys, align=True), replace(g.values, align=True))
-                for g in groups
+                MergeGroup(g.layers, _fitted_settings(g.keys), _fitted_settings(g.values)) for g in groups
             )
         profile = make_profile(groups)
         measured = evaluate(profile)
-    elif capture is not None:
-        from minicache.calibrate.group_search import group_search
-
-        log(f"searching groups of 2..{max_group_size} layers{' (aligned or not)' if align else ''} within "
-            f"{budget.metric} <= {budget.max:g} on held-out data")
-        result_search = group_search(capture.groups, evaluate, defaults, budget, config.num_hidden_layers,
-                                     make_profile=make_profile, probes=probes, log=log)
-        profile = make_profile(tuple(c.group() for c in result_search.chosen))
-        measured = result_search.final if result_search.final is not None else evaluate(profile)
     else:
-        log(f"searching within {budget.metric} <= {budget.max:g} on held-out data")
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        result_search = search(stats, evaluate, defaults, budget, make_profile=make_profile, probes=probes,
-                               head_dim=head_dim, dtype=next(model.parameters()).dtype, log=log)
+        shown = "/".join(methods)
+        log(f"searching groups of 2..{max_group_size} layers ({shown}{', fitted or not' if align else ''}) "
+            f"within {budget.metric} <= {budget.max:g} on held-out data")
+        candidates = choose_candidates(capture, defaults)
+        result_search = search(candidates, evaluate, budget, spec.num_layers, make_profile=make_profile,
+                               probes=probes, log=log)
         profile = make_profile(tuple(c.group() for c in result_search.chosen))
         measured = result_search.final if result_search.final is not None else evaluate(profile)
 
@@ -258,11 +261,13 @@ def calibrate(
         "measured": {k: (_round(v) if isinstance(v, float) else v) for k, v in measured.to_dict().items()},
         "method": "preset:" + preset if preset else "search",
     }
-    if capture is not None:
+    if align or max_group_size > 2:
         calibration["alignment"] = {
             "fitted": bool(align), "max_group_size": max_group_size,
-            "aligned_groups": [g.label for g in profile.groups if g.keys.align or g.values.align],
+            "aligned_groups": [g.label for g in profile.groups if any(s.tensor_names for _, s in g.components())],
         }
+    if tuple(methods) != ("slerp",):
+        calibration["methods"] = list(methods)
     profile = make_profile(profile.groups, calibration)
     saved = 1 - 1 / measured.compression_ratio if measured.compression_ratio else 0.0
     if not profile.groups:
@@ -278,6 +283,42 @@ def calibrate(
     )
     return CalibrationResult(profile=profile, statistics=stats, search=result_search, measured=measured,
                              summary=summary)
+
+
+def choose_candidates(capture: CalibrationCapture, defaults: Defaults) -> dict[tuple[int, ...], Candidate]:
+    """Per candidate run and component, the option with the least restore error at the profile's γ
+    (the first one on ties, in the order the methods offer them)."""
+    errors = capture.errors
+    out = {}
+    for layers in capture.runs:
+        chosen = []
+        for component in COMPONENTS:
+            options = errors.options[layers, component]
+            rel = errors.relative_error(layers, component)
+            best = int(torch.argmin(rel))
+            option = options[best]
+            settings = MergeSettings(params=option.params, method=option.method.name, gamma=defaults.gamma,
+                                     retention=defaults.retention, sink_tokens=defaults.sink_tokens)
+            chosen.append((settings, float(rel[best])))
+        (keys, k_err), (values, v_err) = chosen
+        saved = (keys.merge_method.saved_layers(keys.params, len(layers))
+                 + values.merge_method.saved_layers(values.params, len(layers))) / 2
+        out[layers] = Candidate(layers, keys, values, (k_err, v_err), saved)
+    return out
+
+
+def _fitted_settings(settings: MergeSettings) -> MergeSettings:
+    """The same settings with the method's fitted tensors switched on (SLERP: ``align``)."""
+    return replace(settings, params=replace(settings.params, align=True))
+
+
+def _known_method(name: str):
+    from minicache.methods import get_method
+
+    try:
+        return get_method(name)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
 
 
 def _samples_sha(samples: list[Sample]) -> str:

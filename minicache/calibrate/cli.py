@@ -8,10 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from minicache.cli_options import add_dtype_option, add_kv_options, add_model_option, quantization_from_args
 from minicache.data import DataError, read_samples
-from minicache.profile import ProfileError
-
-DTYPES = ("float32", "bfloat16", "float16")
+from minicache.validation import ProfileError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,9 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--model", default="smollm2-135m", help="HF directory, .gguf file, hub id (local cache) or alias"
-    )
+    add_model_option(parser)
     parser.add_argument(
         "--data",
         help="JSON Lines with one of text / messages / input_ids per line, or a .txt file; "
@@ -46,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-windows", type=int, default=8, help="held-out windows used to measure quality")
     parser.add_argument("--max-length", type=int, default=768, help="tokens per window")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration / held-out split")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype")
+    add_dtype_option(parser)
     parser.add_argument("--residual-length", type=int, default=128, help="exact window of most recent tokens")
     parser.add_argument("--block-size", type=int, default=64, help="tokens merged at a time")
     parser.add_argument("--probes", type=int, default=6, help="single-pair measurements that calibrate the search")
@@ -64,12 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest group of adjacent layers the search considers (2 = pairs, as in the paper)",
     )
     parser.add_argument(
-        "--kv-bits", type=int, choices=[2, 4],
-        help="write a profile that also quantizes the cache to this many bits (KIVI-style, issue 6); quality is "
-        "then measured, and the budget spent, with quantization on",
+        "--methods", default="slerp",
+        help="comma-separated merge methods the search may choose from, per group and K/V "
+        "(registered: see minicache.methods.method_names(); built in: slerp, average)",
     )
-    parser.add_argument(
-        "--kv-group-size", type=int, default=128, help="with --kv-bits: tokens per key group, channels per value group"
+    add_kv_options(
+        parser, residual=False,
+        bits_help="write a profile that also quantizes the cache to this many bits (KIVI: 2 or 4); quality is "
+        "then measured, and the budget spent, with quantization on (the exact window is --residual-length)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing profile")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -93,15 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     from minicache.calibrate.api import calibrate, resolve_output
     from minicache.calibrate.report import write_report
     from minicache.calibrate.search import Budget
-    from minicache.profile import Defaults, Quantization
+    from minicache.methods import method_names
+    from minicache.profile import Defaults
 
     try:
         budget = Budget(args.budget_metric, args.budget)
         defaults = Defaults(residual_length=args.residual_length, block_size=args.block_size)
-        quantization = None
-        if args.kv_bits is not None:
-            quantization = Quantization(bits=args.kv_bits, group_size=args.kv_group_size,
-                                        residual_length=args.residual_length)
+        quantization = quantization_from_args(args, residual_length=args.residual_length)
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        unknown = [m for m in methods if m not in method_names()] or ([] if methods else ["(none)"])
+        if unknown:
+            raise ValueError(f"--methods {unknown[0]} is not a registered merge method; allowed: "
+                             f"{', '.join(method_names())}")
         if args.data:
             read_samples(args.data)  # fail on bad data before loading the model
         profile_path, report_dir = resolve_output(args.out or _default_out(args.model))
@@ -113,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from minicache.model_spec import ModelSpec
     from minicache.models import load_model, resolve_model_source
 
     started = time.perf_counter()
     try:
         model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
         source = resolve_model_source(args.model)
-        print(f"loaded {source.name_or_path} ({model.config.num_hidden_layers} layers) in "
+        print(f"loaded {source.name_or_path} ({ModelSpec.from_config(model).num_layers} layers) in "
               f"{time.perf_counter() - started:.0f}s", flush=True)
         result = calibrate(
             model,
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             align=args.align,
             max_group_size=args.max_group_size,
             quantization=quantization,
+            methods=methods,
             progress=not args.no_progress,
             log=lambda line: print(line, flush=True),
         )

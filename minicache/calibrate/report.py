@@ -9,7 +9,8 @@ import torch
 
 from minicache.calibrate.search import SearchResult
 from minicache.calibrate.statistics import PairStatistics
-from minicache.profile import MergeProfile, atomic_write
+from minicache.fileio import atomic_write, save_figure
+from minicache.profile import MergeProfile, MergeSettings
 
 REPORT_FILENAME = "minicache_report.md"
 PLOT_SIMILARITY = "minicache_similarity.png"
@@ -19,15 +20,6 @@ PLOT_SEARCH = "minicache_search.png"
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, data, overwrite=True)
-
-
-def _save_figure(fig, path: Path) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    # Fixed metadata so that the same calibration writes the same bytes.
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    _atomic_write_bytes(path, buffer.getvalue())
 
 
 def similarity_figure(stats: PairStatistics):
@@ -62,7 +54,7 @@ def similarity_figure(stats: PairStatistics):
 
 def plot_similarity(stats: PairStatistics, path: Path) -> None:
     """Write :func:`similarity_figure` as a PNG."""
-    _save_figure(similarity_figure(stats), path)
+    save_figure(similarity_figure(stats), path)
 
 
 def angle_histogram_figure(stats: PairStatistics, pairs: Sequence[int] | None = None):
@@ -154,7 +146,7 @@ def plot_groups(num_layers: int, profile: MergeProfile, predicted: dict[int, flo
     ax.set_title(f"groups chosen: {len(profile.groups)} of {num_layers // 2} possible pairs")
     if predicted:
         ax.legend(loc="upper right")
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -180,19 +172,32 @@ def plot_search(search: SearchResult, metric: str, budget: float, path: Path) ->
     ax.set_ylabel(metric)
     ax.set_title("quality vs memory along the search (held-out data)")
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 def _step_groups(step) -> list[list[int]]:
-    # Group-search steps name their groups; pair-search steps name the first layer of each pair.
-    groups = getattr(step, "groups", None)
-    return [list(g) for g in groups] if groups is not None else [[p, p + 1] for p in step.pairs]
+    return [list(g) for g in step.groups]
 
 
-def _settings(s) -> str:
-    weight = f"{s.t:g}" if s.weights is None else "/".join(f"{w:g}" for w in s.weights)
-    return f"{weight} / {s.gamma:g}" + (" (aligned)" if s.align else "")
+def _settings(s: MergeSettings) -> str:
+    """``"0.6 / 0.05 (aligned)"`` for SLERP; other methods named, with their parameters."""
+    params = s.params.to_dict()
+    weights = params.pop("weights", None)
+    t = params.pop("t", None)
+    fitted = bool(s.tensor_names)
+    params.pop("align", None)
+    if weights is not None:
+        shown = "/".join(f"{w:g}" for w in weights)
+    elif t is not None:
+        shown = f"{t:g}"
+    else:
+        shown = ", ".join(f"{k} {v}" for k, v in params.items()) or "defaults"
+        params = {}
+    text = f"{shown} / {s.gamma:g}" + (" (aligned)" if fitted else "")
+    if params:
+        text += " (" + ", ".join(f"{k} {v}" for k, v in params.items()) + ")"
+    return text if s.method == "slerp" else f"{s.method}: {text}"
 
 
 def write_report(

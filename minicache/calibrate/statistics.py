@@ -1,9 +1,10 @@
 """Streaming statistics of cross-layer KV similarity, for every adjacent pair, KV head, keys and values.
 
-Capture runs prefill batches with a plain `DynamicCache`, measures each adjacent layer pair with the
-runtime's own merge math (:func:`minicache.runtime.merge.slerp_pair` and
-:func:`~minicache.runtime.merge.retention_mask`), adds the results into fixed-size float64 sums and
-drops the batch's KV. Sums from several processes combine with one all-reduce.
+The calibration's diagnostic of a model (the report's similarity plots and table): every batch the
+capture loop (:mod:`minicache.calibrate.capture`) prefills is measured pair by pair with the merge
+methods' own math (:func:`minicache.methods.slerp.slerp_pair` and
+:func:`~minicache.runtime.retention.retention_mask`), added into fixed-size float64 sums and dropped.
+Sums from several processes combine with one all-reduce.
 
 What is accumulated per (pair, component, head) makes the search's predictions cheap: since
 ``x̂ = m·e`` with ``∠(e, u_a) = tΩ`` and ``∠(e, u_b) = (1−t)Ω``, the squared restore error of a
@@ -14,15 +15,16 @@ the relative restore error of any grid point without touching the data again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
-from minicache.runtime.merge import retention_mask, slerp_pair
+from minicache.methods.slerp import T_GRID, slerp_pair
+from minicache.runtime.retention import retention_mask
 
-T_GRID: tuple[float, ...] = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
+__all__ = ["COMPONENTS", "GAMMA_GRID", "HIST_BINS", "PairStatistics", "capture_statistics"]
+
 GAMMA_GRID: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5)
 HIST_BINS = 50
 COMPONENTS = ("keys", "values")
@@ -122,12 +124,12 @@ class PairStatistics:
             self.retained[pair, component, :, g] += ((keep & counted).double()).sum(dim=(0, 2))
             self.error[pair, component, :, g] += (abs_err * merged_tok[..., None, None]).sum(dim=(0, 2))
 
-    def add_cache(self, cache: DynamicCache, sink_tokens: int = 1) -> None:
-        """Add every adjacent pair of a filled `DynamicCache` (``[B, H, T, D]`` per layer)."""
+    def add(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], sink_tokens: int = 1) -> None:
+        """Add every adjacent pair of one batch: each layer's ``(keys, values)``, ``[B, H, T, D]``."""
         for pair in range(self.num_layers - 1):
-            a, b = cache.layers[pair], cache.layers[pair + 1]
-            self.add_pair(pair, 0, a.keys, b.keys, sink_tokens)
-            self.add_pair(pair, 1, a.values, b.values, sink_tokens)
+            (k_a, v_a), (k_b, v_b) = kv[pair], kv[pair + 1]
+            self.add_pair(pair, 0, k_a, k_b, sink_tokens)
+            self.add_pair(pair, 1, v_a, v_b, sink_tokens)
 
     def all_reduce(self) -> None:
         """Sum the statistics of every process (no-op unless torch.distributed is initialised)."""
@@ -168,7 +170,6 @@ class PairStatistics:
         return torch.stack(out, dim=-1)
 
 
-@torch.inference_mode()
 def capture_statistics(
     model,
     windows: torch.Tensor,
@@ -183,36 +184,12 @@ def capture_statistics(
     Only one batch's KV is alive at a time. Call :meth:`PairStatistics.all_reduce` afterwards when
     running data-parallel.
     """
-    config = model.config.get_text_config(decoder=True)
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    stats = PairStatistics(num_layers=config.num_hidden_layers, num_heads=heads, window=window)
-    device = next(model.parameters()).device
-    bar = _progress(total=int(windows.numel()), enabled=progress, desc="capturing KV statistics")
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size].to(device)
-        cache = DynamicCache(config=model.config)
-        model(input_ids=batch, attention_mask=torch.ones_like(batch), cache=cache)
-        stats.add_cache(cache, sink_tokens)
-        del cache
-        bar.update(batch.numel())
-    bar.close()
+    from minicache.calibrate.capture import prefill_batches
+    from minicache.model_spec import ModelSpec
+
+    spec = ModelSpec.from_config(model)
+    stats = PairStatistics(num_layers=spec.num_layers, num_heads=spec.kv_heads, window=window)
+    for _, _, kv in prefill_batches(model, windows, batch_size=batch_size, progress=progress,
+                                    desc="capturing KV statistics"):
+        stats.add(kv, sink_tokens)
     return stats
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, leave=False)
-        except ImportError:
-            pass
-    return _NoProgress()
-
-
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

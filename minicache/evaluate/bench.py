@@ -42,8 +42,20 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from minicache.cli_options import (
+    DEFAULT_MODEL,
+    MODEL_HELP,
+    add_allow_mismatch_option,
+    add_dtype_option,
+    add_kv_options,
+    add_model_option,
+    add_profile_option,
+    quantization_from_args,
+)
+from minicache.model_spec import ModelSpec
 from minicache.profile import MergeProfile, ProfileError
 from minicache.runtime.cache import MiniCache
+from minicache.runtime.memory import cache_bytes
 
 SCHEMA = "minicache-bench/1"
 FULL = "full"
@@ -175,23 +187,6 @@ class PromptSource:
 
 
 # ---- measuring one point ------------------------------------------------------------------------
-def cache_bytes(cache) -> tuple[int, int]:
-    """``(held, full_equivalent)`` bytes: what the cache holds and what a `DynamicCache` would.
-
-    For `MiniCache` this is ``memory_report()``'s ``kv_bytes`` and ``kv_bytes_full``; any other
-    cache holds full-size keys and values, counted tensor by tensor.
-    """
-    if isinstance(cache, MiniCache):
-        report = cache.memory_report()
-        return int(report["kv_bytes"]), int(report["kv_bytes_full"])
-    held = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                held += t.numel() * t.element_size()
-    return held, held
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -600,9 +595,9 @@ def plot_figure(result: dict):
 
 
 def save_plot(result: dict, path: str | os.PathLike) -> None:
-    from minicache.calibrate.report import _save_figure
+    from minicache.fileio import save_figure
 
-    _save_figure(plot_figure(result), Path(path))
+    save_figure(plot_figure(result), Path(path))
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -631,22 +626,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_mutually_exclusive_group()
-    model.add_argument("--model", default=None,
-                       help="HF directory, .gguf file, hub id (local cache) or alias (default smollm2-135m)")
+    add_model_option(model, default=None, help=f"{MODEL_HELP} (default {DEFAULT_MODEL})")
     model.add_argument("--model-shape", choices=sorted(MODEL_SHAPES),
                        help="a randomly initialised Llama of this shape instead of trained weights (speed/memory only)")
-    parser.add_argument("--profile", action="append", default=[],
-                        help="merge profile (YAML or model directory); repeat to compare several")
+    add_profile_option(parser, multiple=True)
     parser.add_argument("--preset", action="append", default=[], choices=["paper", "none"],
                         help="built-in profile (paper: S = L/2, t = 0.6, γ = 0.05); may be combined with --profile")
-    parser.add_argument("--allow-model-mismatch", action="store_true", help="use a profile made for another model")
-    parser.add_argument("--kv-bits", type=int, choices=[2, 4],
-                        help="also measure a KIVI-quantized copy of every MiniCache variant (named <name>-<bits>bit); "
-                             "--preset none --kv-bits 4 is quantization alone")
-    parser.add_argument("--kv-group-size", type=int, default=128,
-                        help="with --kv-bits: tokens per key group, channels per value group")
-    parser.add_argument("--kv-residual-length", type=int, default=128,
-                        help="with --kv-bits: recent tokens of unmerged layers kept exact")
+    add_allow_mismatch_option(parser)
+    add_kv_options(parser, bits_help="also measure a quantized copy of every MiniCache variant (named "
+                   "<name>-<bits>bit); --preset none --kv-bits 4 is quantization alone")
     parser.add_argument("--kernels", choices=["auto", "on", "off", "torch"], default="auto",
                         help="Triton kernels for MiniCache decode attention and merging: auto = on with CUDA and "
                              "triton (the restore-then-attend torch path otherwise); on = fail if they cannot run; "
@@ -659,8 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-budget-mib", type=float, default=256.0,
                         help="KV budget for the largest-batch computation (0: skip)")
     parser.add_argument("--data", help="text for the prompts (.txt or JSON Lines); default: random token ids")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="auto: float32 on CPU, bfloat16 on CUDA")
+    add_dtype_option(parser, default="auto", auto="float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="random prompts and random weights")
@@ -712,10 +699,8 @@ def _cache_specs(args, config) -> list[CacheSpec]:
         while label in {s.name for s in specs}:
             label, n = f"{base}-{n}", n + 1
         specs.append(CacheSpec(label, MergeProfile.load(path), path))
-    if args.kv_bits is not None:
-        from minicache.profile import Quantization
-
-        spec = Quantization(args.kv_bits, args.kv_group_size, args.kv_residual_length)
+    spec = quantization_from_args(args)
+    if spec is not None:
         specs += [
             CacheSpec(
                 f"{s.name}-{args.kv_bits}bit", s.profile.with_quantization(spec), f"{s.source}; {spec.describe()}"
@@ -731,7 +716,7 @@ def _switch_kernels(model, mode: str) -> tuple[bool, str | None]:
     if mode == "off":
         return False, "--kernels off"
     if mode == "torch":
-        from minicache.runtime.kernels import enable_fused_attention
+        from minicache.runtime.attention import enable_fused_attention
 
         if enable_fused_attention(model, backend="torch"):
             return True, None
@@ -741,7 +726,7 @@ def _switch_kernels(model, mode: str) -> tuple[bool, str | None]:
     device = next(model.parameters()).device
     reason = why_unusable(device, allow_interpreter=False)
     if reason is None:
-        from minicache.runtime.kernels import enable_fused_attention
+        from minicache.runtime.attention import enable_fused_attention
 
         if enable_fused_attention(model):
             return True, None
@@ -775,16 +760,17 @@ def main(argv: list[str] | None = None) -> int:
             model, tokenizer = random_model(args.model_shape, dtype=dtype, device=device, seed=args.seed), None
             model_spec = f"random:{args.model_shape}"
         else:
-            model_spec = args.model or "smollm2-135m"
+            model_spec = args.model or DEFAULT_MODEL
             model, tokenizer = load_model(model_spec, dtype=dtype)
             model.to(device)
         config = model.config
+        model_shape = ModelSpec.from_config(config)
         specs = _cache_specs(args, config)
         budget = int(args.kv_budget_mib * MIB) if args.kv_budget_mib else None
         settings = BenchSettings(args.context_lengths, args.batch_sizes, args.decode_tokens, args.repeats,
                                  args.warmup, budget)
         needed = max(settings.context_lengths) + settings.decode_tokens
-        max_positions = getattr(config, "max_position_embeddings", None)
+        max_positions = model_shape.max_positions
         if max_positions is not None and needed > max_positions:
             raise ValueError(f"context {max(settings.context_lengths)} + {settings.decode_tokens} decode tokens "
                              f"exceeds the model's max_position_embeddings ({max_positions})")
@@ -794,8 +780,8 @@ def main(argv: list[str] | None = None) -> int:
             stream = token_windows(samples, tokenizer, 1).flatten()
             prompts = PromptSource(stream, f"{args.data} ({stream.numel()} tokens)")
         else:
-            prompts = PromptSource.random(config.vocab_size, max(settings.context_lengths) * max(settings.batch_sizes),
-                                          args.seed)
+            length = max(settings.context_lengths) * max(settings.batch_sizes)
+            prompts = PromptSource.random(model_shape.vocab_size, length, args.seed)
         kernels, kernels_off_reason = _switch_kernels(model, args.kernels)
         log("fused kernels: on" if kernels else f"fused kernels: off ({kernels_off_reason})")
         result = run_benchmark(model, specs, settings, prompts, allow_model_mismatch=args.allow_model_mismatch,
@@ -803,7 +789,6 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ProfileError, ModelSourceError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    text_config = config.get_text_config(decoder=True)
     result = {
         "schema": SCHEMA,
         "command": shlex.join(["minicache-bench", *(sys.argv[1:] if argv is None else argv)]),
@@ -811,11 +796,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(device, args.note),
         "model": {
             "spec": model_spec,
-            "name_or_path": config.name_or_path,
+            "name_or_path": model_shape.name_or_path,
             "random_weights": bool(args.model_shape),
-            "num_hidden_layers": text_config.num_hidden_layers,
-            "num_key_value_heads": getattr(text_config, "num_key_value_heads", None),
-            "head_dim": getattr(text_config, "head_dim", None),
+            "num_hidden_layers": model_shape.num_layers,
+            "num_key_value_heads": model_shape.kv_heads,
+            "head_dim": model_shape.head_dim,
             "dtype": dtype_name,
         },
         # MiniCache decode attention and merging: the fused Triton kernels, or the torch path

@@ -9,10 +9,19 @@ import sys
 import time
 from dataclasses import replace
 
+from minicache.cli_options import (
+    add_allow_mismatch_option,
+    add_dtype_option,
+    add_kv_options,
+    add_model_option,
+    add_profile_option,
+    quantization_from_args,
+)
 from minicache.data import DataError, read_samples, token_windows
-from minicache.profile import MergeProfile, ProfileError, Quantization, atomic_write
+from minicache.fileio import atomic_write
+from minicache.profile import MergeProfile
+from minicache.validation import ProfileError
 
-DTYPES = ("float32", "bfloat16", "float16")
 TASKS = ("perplexity", "passkey")
 
 
@@ -52,11 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--model", default="smollm2-135m", help="HF directory, .gguf file, hub id (local cache) or alias"
-    )
+    add_model_option(parser)
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--profile", help="merge profile: a YAML file or a model directory holding minicache_config.yaml")
+    add_profile_option(what)
     what.add_argument(
         "--preset",
         choices=["paper", "none"],
@@ -98,14 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     passkey.add_argument("--seed", type=int, default=0, help="seed of the passkeys")
     passkey.add_argument("--max-new-tokens", type=int, default=8, help="greedy answer tokens")
     parser.add_argument("--batch-size", type=int, default=4, help="windows or prompts per forward pass")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model and cache dtype")
-    parser.add_argument(
-        "--kv-bits", type=int, choices=[2, 4], help="quantize the cache KIVI-style to this many bits (issue 6)"
-    )
-    parser.add_argument(
-        "--kv-group-size", type=int, default=128, help="with --kv-bits: tokens per key group, channels per value group"
-    )
-    parser.add_argument("--allow-model-mismatch", action="store_true", help="use a profile made for another model")
+    add_dtype_option(parser)
+    add_kv_options(parser)
+    add_allow_mismatch_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--json-out", metavar="FILE", help="also write the JSON result to FILE")
     parser.add_argument("--markdown-out", metavar="FILE", help="also write the Markdown table(s) to FILE")
@@ -146,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         samples = read_samples(args.data) if args.task == "perplexity" else None  # before the model loads
-        quantization = None
-        if args.kv_bits is not None:
-            quantization = Quantization(bits=args.kv_bits, group_size=args.kv_group_size)
+        quantization = quantization_from_args(args)
         methods = [replace(m, quantization=quantization) for m in _methods(args)]
     except (DataError, ProfileError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

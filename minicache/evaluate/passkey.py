@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import DynamicCache
 
-from minicache.evaluate.quality import cache_bytes, compression_ratio
+from minicache.runtime.memory import cache_bytes, compression_ratio
 
 #: Filler sentences, repeated (the haystack of the passkey papers).
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from minicache.profile import MergeProfile
 from minicache.runtime.cache import MiniCache
+from minicache.runtime.memory import cache_bytes, compression_ratio
 
 
 @dataclass(frozen=True)
@@ -105,29 +106,6 @@ def kl_divergence(ref_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch
 def top1_agreement(ref_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
     """Whether both distributions have the same most likely token: ``[..., V]`` → bool ``[...]``."""
     return log_probs.argmax(-1) == ref_log_probs.argmax(-1)
-
-
-def cache_bytes(cache, config=None, batch: int | None = None, dtype: torch.dtype | None = None) -> tuple[int, int]:
-    """``(bytes held, bytes a DynamicCache would hold)`` of a cache after use.
-
-    A :class:`MiniCache` reports both (``memory_report``). For a transformers cache, with the
-    model's ``config``, the ``batch`` size and ``dtype`` every tensor its layers hold is counted
-    (a `QuantizedCache`'s packed states, scales and zero points too; see
-    :func:`transformers_cache_bytes`); without them its keys and values count at full size.
-    """
-    if isinstance(cache, MiniCache):
-        report = cache.memory_report()
-        return int(report["kv_bytes"]), int(report["kv_bytes_full"])
-    if config is not None and batch is not None and dtype is not None:
-        return transformers_cache_bytes(cache, config, batch, dtype)
-    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if isinstance(t, torch.Tensor))
-    return int(held), int(held)
-
-
-def compression_ratio(kv_bytes_full: int, kv_bytes: int) -> float:
-    """Full-cache bytes ÷ bytes held (1.0 for an empty cache)."""
-    return kv_bytes_full / kv_bytes if kv_bytes else 1.0
 
 
 @torch.inference_mode()
@@ -275,50 +253,3 @@ def quantized_cache_factory(
         )
 
     return factory
-
-
-def _tensors_in(obj, seen: set[int]):
-    """Every plain tensor reachable from ``obj`` (tuples, lists, dicts, tensor subclasses, objects)."""
-    if id(obj) in seen or obj is None:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        flatten = getattr(obj, "__tensor_flatten__", None)
-        if type(obj) is not torch.Tensor and flatten is not None:  # quanto's QTensor: its parts
-            names, _ = flatten()
-            for name in names:
-                yield from _tensors_in(getattr(obj, name), seen)
-        else:
-            yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors_in(v, seen)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors_in(v, seen)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
-        for v in vars(obj).values():
-            yield from _tensors_in(v, seen)
-
-
-def transformers_cache_bytes(cache, config, batch: int, dtype: torch.dtype) -> tuple[int, int]:
-    """``(bytes held, bytes a DynamicCache of dtype would hold)`` for a transformers cache.
-
-    Counts every tensor a layer holds: the exact residual window and, for `QuantizedCache`
-    layers, the quantized states with their scales and zero points (whatever the backend keeps).
-    """
-    text = config.get_text_config(decoder=True)
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    item = torch.empty((), dtype=dtype).element_size()
-    held = full = 0
-    for layer in cache.layers:
-        seen: set[int] = set()
-        storages = {}
-        for t in _tensors_in(vars(layer), seen):
-            storages[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = (
-                t.numel() * t.element_size()
-            )
-        held += sum(storages.values())
-        full += 2 * batch * kv_heads * layer.get_seq_length() * head_dim * item
-    return held, full

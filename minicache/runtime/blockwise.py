@@ -15,8 +15,7 @@ import math
 
 import torch
 
-from minicache.runtime.cache import MergedKVView
-from minicache.runtime.kernels.reference import decode_mask_bias
+from minicache.runtime.views import MergedKVView, decode_mask_bias
 
 #: Merged tokens restored at a time (rounded up to a whole number of packed key groups).
 DEFAULT_BLOCK_TOKENS = 512
@@ -66,12 +65,10 @@ def blockwise_decode_attention(
     q = query.float().reshape(b, h, group, d) * scaling
     bias = decode_mask_bias(attention_mask, b, total)
 
-    # Aligned groups (as in the fused kernel): the merged prefix stays in the aligned frame, since
-    # q · (m e Rᵀ) = (q R) · (m e), and the prefix's value numerator is rotated back by Rᵀ once at
-    # the end, instead of rotating every restored token back.
-    k_rot = keys.rotation if keys.magnitude is not None else None
-    v_rot = values.rotation if values.magnitude is not None else None
-    q_prefix = q if k_rot is None else torch.einsum("bhgd,hde->bhge", q, k_rot.to(q.device, torch.float32))
+    # Methods whose prefix lives in a per-head frame (aligned groups, as in the fused kernel): the
+    # prefix stays in that frame, since q · (v Rᵀ) = (q R) · v, and the prefix's value numerator is
+    # mapped back once at the end, instead of mapping every restored token back.
+    q_prefix = q if keys.frame is None else keys.frame.query(q)
 
     running_max = torch.full((b, h, group), -math.inf, device=query.device)
     normaliser = torch.zeros(b, h, group, device=query.device)
@@ -99,13 +96,11 @@ def blockwise_decode_attention(
     block = -(-block_tokens // align) * align
     for start in range(0, m_len, block):
         end = min(start + block, m_len)
-        k = keys.restored_block(start, end, aligned_frame=True)
-        v = values.restored_block(start, end, aligned_frame=True)
+        k = keys.restored_block(start, end, in_frame=True)
+        v = values.restored_block(start, end, in_frame=True)
         attend(q_prefix, k, v, start, "prefix")
     if keys.residual.shape[-2]:
         attend(q, keys.residual, values.residual, m_len, "window")
-    prefix = acc["prefix"]
-    if v_rot is not None:
-        prefix = torch.einsum("bhge,hde->bhgd", prefix, v_rot.to(q.device, torch.float32))
+    prefix = acc["prefix"] if values.frame is None else values.frame.output(acc["prefix"])
     out = (prefix + acc["window"]) / normaliser.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
     return out.reshape(b, hq, d).unsqueeze(1).to(query.dtype)

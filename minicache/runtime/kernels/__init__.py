@@ -13,16 +13,10 @@ fused_decode_attention
     Decode attention (one query token) straight from the merged store, never restoring it.
 fused_decode_reference
     Torch reference of the above (restores, then softmax attention), for tests.
-enable_fused_attention, disable_fused_attention
-    Route a transformers model's decode attention over `MiniCache` merged layers to the kernel
-    (or, with ``backend="torch"``, to :mod:`minicache.runtime.blockwise`, which needs no triton).
 
-Examples
---------
->>> from minicache.runtime.kernels import enable_fused_attention
->>> enable_fused_attention(model)  # CUDA + triton; otherwise logs why and changes nothing
->>> cache = MiniCache(profile, model)
->>> model.generate(**inputs, cache=cache, max_new_tokens=256)
+The kernels read :class:`~minicache.runtime.views.MergedKVView` snapshots and plain tensors; they know
+nothing of caches. :func:`minicache.runtime.attention.enable_fused_attention` routes a transformers
+model's decode attention over `MiniCache` layers to them.
 
 ``python -m minicache.runtime.kernels.aot_check --arch 90`` compiles every kernel for a GPU
 architecture on a machine without one; ``benchmarks/kernels.py`` measures them on a GPU.
@@ -40,8 +34,6 @@ import torch
 
 __all__ = [
     "check_usable",
-    "disable_fused_attention",
-    "enable_fused_attention",
     "fused_decode_attention",
     "fused_decode_reference",
     "interpreter_enabled",
@@ -56,8 +48,6 @@ _LAZY = {
     "merge_block": "minicache.runtime.kernels.merge",
     "fused_decode_attention": "minicache.runtime.kernels.decode",
     "fused_decode_reference": "minicache.runtime.kernels.reference",
-    "enable_fused_attention": "minicache.runtime.kernels.attention",
-    "disable_fused_attention": "minicache.runtime.kernels.attention",
 }
 
 

@@ -26,7 +26,7 @@ Stage 2 (``_decode_combine_kernel``), grid ``(B · H_kv,)``: log-sum-exp merge o
 (value corrections), so partials are kept un-normalised.
 
 Quantized stores (issue 6): the oldest ``Mq`` merged tokens of a component are packed
-(:mod:`minicache.runtime.quant`: keys per channel in groups of tokens, values per token in groups of
+(:mod:`minicache.quant.kivi`: keys per channel in groups of tokens, values per token in groups of
 channels, ``8 // bits`` codes per byte) and the newest ``M - Mq`` stay dense. Every load of a
 direction, in a dense split or gathered by a retained split, reads the codes, scale and zero point and
 dequantizes in registers (``code · scale + zero``, float32, then the model dtype, as
@@ -52,10 +52,9 @@ import torch
 import triton
 import triton.language as tl
 
-from minicache.runtime.cache import MergedKVView
+from minicache.methods.geometry import NORM_EPS
 from minicache.runtime.kernels import check_usable, interpreter_enabled
-from minicache.runtime.kernels.reference import decode_mask_row
-from minicache.runtime.merge import _NORM_EPS
+from minicache.runtime.views import MergedKVView, decode_mask_row
 
 _LOG2E = 1.4426950408889634
 # Bytes of one [BLOCK_N, D] tile; 16 KiB keeps the pipelined K and V tiles in shared memory on
@@ -99,7 +98,7 @@ def _dequant(q_row, stride_qn, s_row, z_row, stride_sn, pos, ok, offs_d, d_ok, Q
              GROUP: tl.constexpr, PER_TOKEN: tl.constexpr):
     """Float32 ``[BLOCK, BLOCK_D]`` rows ``pos`` of a packed tensor: ``code · scale + zero``.
 
-    ``8 // QBITS`` codes share a byte, the first in the lowest bits (:func:`minicache.runtime.quant.pack`).
+    ``8 // QBITS`` codes share a byte, the first in the lowest bits (:func:`minicache.quant.packed.pack`).
     ``PER_TOKEN``: scale/zero ``[N, D // GROUP]`` (values, retained vectors); else ``[N // GROUP, D]``
     (keys, per channel).
     """
@@ -827,7 +826,7 @@ def fused_decode_attention(
         HAS_MASK=has_mask,
         MASK_BOOL=mask_bool,
         DOT_MODE=dot_mode,
-        NORM_EPS=_NORM_EPS,
+        NORM_EPS=NORM_EPS,
         HAS_VROT=v_rot is not None,
         QBITS=qbits,
         K_GROUP=k_group,

@@ -9,8 +9,8 @@ One program handles one (sequence, KV head) row of the block being merged:
    storage dtype, plus the angular distance ``Ω/π`` of all ``N`` tokens;
 2. after a barrier, decide retention for the first ``count`` tokens from the forward window
    ``[i, i + window)`` of the row's own distances (the range ``[d_min, d_max]`` and the number of
-   in-range tokens), exactly as :func:`minicache.runtime.merge.retention_mask` does, and overwrite
-   the magnitudes of retained tokens with ``RETAINED_MAGNITUDE``.
+   in-range tokens), exactly as :func:`minicache.runtime.retention.retention_mask` does, and overwrite
+   the magnitudes of retained tokens with a flag (``retained_flag``, SLERP's ``RETAINED_MAGNITUDE``).
 
 The window min/max is fused: the row's distances stay in L1/L2 between the two phases, and the
 window is short (one block), so phase 2 costs ``count · window`` cached loads per row. Building the
@@ -25,9 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from minicache.runtime.cache import RETAINED_MAGNITUDE
+from minicache.methods.geometry import NORM_EPS, SIN_EPS
 from minicache.runtime.kernels import check_usable
-from minicache.runtime.merge import _NORM_EPS, _SIN_EPS
 
 _GAMMA_NONE, _GAMMA_RANGE, _GAMMA_ALL = 0, 1, 2
 
@@ -210,8 +209,8 @@ class BlockMerge:
     direction : torch.Tensor
         ``[B, H, count, D]`` merged directions in the inputs' dtype.
     magnitude : torch.Tensor
-        ``[B, H, count, 2]`` per-layer norms in ``magnitude_dtype``; ``RETAINED_MAGNITUDE`` in both
-        slots for retained tokens.
+        ``[B, H, count, 2]`` per-layer norms in ``magnitude_dtype``; ``retained_flag`` in both slots
+        for retained tokens.
     keep : torch.Tensor
         ``[B, H, count]`` bool, True for retained tokens.
     distance : torch.Tensor
@@ -236,11 +235,12 @@ def merge_block(
     window: int | None = None,
     count: int | None = None,
     magnitude_dtype: torch.dtype | None = None,
+    retained_flag: float = -1.0,
 ) -> BlockMerge:
     """Merge a block of tokens of two layers with one Triton launch.
 
-    Same math as :func:`~minicache.runtime.merge.slerp_pair` followed by
-    :func:`~minicache.runtime.merge.retention_mask` (see there for the meaning of the arguments).
+    Same math as :func:`~minicache.methods.slerp.slerp_pair` followed by
+    :func:`~minicache.runtime.retention.retention_mask` (see there for the meaning of the arguments).
 
     Parameters
     ----------
@@ -259,6 +259,8 @@ def merge_block(
         Number of leading tokens to merge (the rest is look-ahead for retention); default ``N``.
     magnitude_dtype : torch.dtype, optional
         Storage dtype of magnitudes; default float32.
+    retained_flag : float
+        Written into both magnitudes of retained tokens (a norm is never negative).
 
     Returns
     -------
@@ -319,8 +321,8 @@ def merge_block(
         GAMMA_MODE=gamma_mode,
         DISTINCT=rule == "distinct",
         GLOBAL_RANGE=window is None,
-        SIN_EPS=_SIN_EPS,
-        NORM_EPS=_NORM_EPS,
-        FLAG=RETAINED_MAGNITUDE,
+        SIN_EPS=SIN_EPS,
+        NORM_EPS=NORM_EPS,
+        FLAG=float(retained_flag),
     )
     return BlockMerge(direction, magnitude, keep.bool(), distance)

@@ -4,43 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from minicache.runtime.cache import MergedKVView
-
-
-def decode_mask_row(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
-    """The query row of a decode-step attention mask, as ``[B, T]``.
-
-    Parameters
-    ----------
-    attention_mask : torch.Tensor or None
-        ``[B or 1, 1, 1, T]`` boolean (True = attend) or additive float mask, as transformers builds
-        it for one query token, or a ``[B, T]`` row already; None when every position is attended.
-    batch, length : int
-        ``B`` and the key length ``T`` the mask must cover.
-
-    Returns
-    -------
-    torch.Tensor or None
-        ``[B, T]`` view (bool or float), or None.
-    """
-    if attention_mask is None:
-        return None
-    row = attention_mask
-    if row.dim() == 4:
-        if row.shape[1] != 1 or row.shape[2] != 1:
-            raise ValueError(f"expected a [B, 1, 1, T] decode mask, got {tuple(row.shape)}")
-        row = row[:, 0, 0, :]
-    if row.dim() != 2 or row.shape[-1] != length:
-        raise ValueError(f"mask of shape {tuple(attention_mask.shape)} does not cover {length} key positions")
-    return row.expand(batch, length)
-
-
-def decode_mask_bias(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
-    """The decode mask as an additive float32 bias ``[B, T]`` (0 / -inf for boolean masks), or None."""
-    row = decode_mask_row(attention_mask, batch, length)
-    if row is None:
-        return None
-    return torch.where(row, 0.0, -torch.inf) if row.dtype == torch.bool else row.float()
+from minicache.runtime.views import MergedKVView, decode_mask_bias
 
 
 def fused_decode_reference(

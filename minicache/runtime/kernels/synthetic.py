@@ -1,10 +1,16 @@
-"""Random merged stores in the runtime's exact layout, for kernel tests and benchmarks (no triton needed)."""
+"""Random merged stores in the runtime's exact layout (SLERP's), for kernel tests and benchmarks (no triton needed)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from minicache.runtime.cache import RETAINED_MAGNITUDE, MergedKVView, _magnitude_dtype, retained_csr_pair
+from minicache.methods import get_method
+from minicache.methods.base import Frame, magnitude_dtype
+from minicache.methods.slerp import RETAINED_MAGNITUDE
+from minicache.quant import get_quantizer
+from minicache.runtime.views import FieldSnapshot, MergedKVView, retained_csr_pair
 
 
 def random_merged_views(
@@ -53,7 +59,7 @@ def random_merged_views(
         e = (e / torch.linalg.vector_norm(e, dim=-1, keepdim=True)).to(dtype)
         mag = torch.rand(batch, kv_heads, merged, 2, generator=g, device=device) * 3.0 + 0.5
         keep = torch.rand(batch, kv_heads, merged, generator=g, device=device) < rate.unsqueeze(-1)
-        mag = mag.masked_fill(keep.unsqueeze(-1), RETAINED_MAGNITUDE).to(_magnitude_dtype(dtype))
+        mag = mag.masked_fill(keep.unsqueeze(-1), RETAINED_MAGNITUDE).to(magnitude_dtype(dtype))
         index = keep.nonzero()
         if shuffle:
             index = index[torch.randperm(index.shape[0], generator=g, device=device)]
@@ -62,17 +68,29 @@ def random_merged_views(
         window = torch.randn(batch, kv_heads, residual, head_dim, generator=g, device=device).to(dtype)
         parts.append((e, mag, index, value, window))
     csr = retained_csr_pair(parts[0][2], parts[1][2], batch, kv_heads)
+    slerp = get_method("slerp")
     return tuple(
         MergedKVView(
             member=member,
             residual=window,
-            direction=e if merged else None,
-            magnitude=mag if merged else None,
+            stored={"direction": FieldSnapshot(dense=e), "magnitude": FieldSnapshot(dense=mag)} if merged else {},
+            method=slerp,
+            params=slerp.params(),
             retained_value=value if merged else None,
             retained=c if merged else None,
         )
         for (e, mag, _, value, window), c in zip(parts, csr, strict=True)
     )
+
+
+def with_rotation(view: MergedKVView, rotation: torch.Tensor) -> MergedKVView:
+    """The same store in an aligned frame: the view's member has alignment ``rotation`` ``[H, D, D]``
+    (the other member the identity), so its vectors are ``m · e Rᵀ``."""
+    h, d = rotation.shape[0], rotation.shape[-1]
+    eye = torch.eye(d, dtype=torch.float32, device=rotation.device).expand(h, d, d)
+    stacked = torch.stack([rotation.float() if i == view.member else eye for i in range(2)])
+    params = dataclasses.replace(view.params, align=True)
+    return dataclasses.replace(view, params=params, tensors={"rotation": stacked}, frame=Frame(stacked[view.member]))
 
 
 def quantize_views(
@@ -84,7 +102,7 @@ def quantize_views(
     value_group: int = 32,
     key_tail: int = 0,
 ) -> tuple[MergedKVView, MergedKVView]:
-    """Pack random merged views the way a quantized store does (:mod:`minicache.runtime.quant`).
+    """Pack random merged views the way a quantized store does (KIVI, :mod:`minicache.quant.kivi`).
 
     Key directions are packed per channel in groups of ``key_group`` tokens except the newest
     ``key_tail`` tokens (which must leave a whole number of groups packed); value directions per
@@ -95,9 +113,7 @@ def quantize_views(
     tuple of MergedKVView
         Keys and values holding packed parts (``qdirection``, ``retained_q``) instead of dense ones.
     """
-    import dataclasses
-
-    from minicache.runtime.quant import quantize
+    from minicache.quant import quantize
 
     if keys.direction is None:
         return keys, values
@@ -110,5 +126,7 @@ def quantize_views(
         qdir = quantize(view.direction[..., :packed_tokens, :], bits, group, axis) if packed_tokens else None
         tail = view.direction[..., packed_tokens:, :].contiguous() if packed_tokens < m else None
         rq = quantize(view.retained_value, bits, value_group, "channels")
-        out.append(dataclasses.replace(view, direction=tail, qdirection=qdir, retained_value=None, retained_q=rq))
+        stored = {**view.stored, "direction": FieldSnapshot(packed=qdir, dense=tail)}
+        out.append(dataclasses.replace(view, stored=stored, retained_value=None, retained_q=rq,
+                                       quantizer=get_quantizer("kivi"), bits=bits))
     return out[0], out[1]

@@ -1,0 +1,253 @@
+"""The calibration's one capture loop: prefill calibration windows and hand each batch's KV to statistics.
+
+:func:`prefill_batches` runs the model on ``[N, T]`` token windows a batch at a time with a plain
+`DynamicCache` and yields every layer's exact keys and values; only one batch's KV is alive at a
+time. Everything the calibrator measures on the model's KV is a sum over these batches:
+
+* :class:`~minicache.calibrate.statistics.PairStatistics`: similarity of adjacent layers (the report);
+* the merge methods' fit statistics (e.g. SLERP's cross-covariances for alignment), over all windows;
+* :class:`RestoreErrors`: the restore error of every candidate group under every parameter option the
+  methods offer, measured on the second half of the windows with tensors fitted on the first half
+  (out-of-sample, so that fitted alignment does not look better than it is).
+
+:class:`CalibrationCapture` runs the last two in the order that keeps every sum reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from minicache.methods import COMPONENTS, MergeMethod, MethodParams
+from minicache.methods.base import FitStatistic, energy
+from minicache.runtime.retention import retention_mask
+
+__all__ = ["CalibrationCapture", "Option", "RestoreErrors", "candidate_runs", "prefill_batches", "progress_bar"]
+
+KV = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+def progress_bar(total: int, enabled: bool, desc: str, unit: str = "tok"):
+    """A tqdm bar (when ``enabled`` and tqdm is installed), else an object with the same two methods."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False)
+        except ImportError:
+            pass
+    return _NoProgress()
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@torch.inference_mode()
+def prefill_batches(
+    model, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True, desc: str = "capturing KV"
+) -> Iterator[tuple[int, int, KV]]:
+    """Yield ``(batch index, number of batches, kv)`` for ``windows`` (``[N, T]`` token ids).
+
+    ``kv`` holds every layer's ``(keys, values)``, ``[B, H, T, D]``, of one prefill with a plain
+    `DynamicCache`; it is dropped before the next batch runs.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    starts = list(range(0, windows.shape[0], batch_size))
+    bar = progress_bar(int(windows.numel()), progress, desc)
+    try:
+        for i, start in enumerate(starts):
+            batch = windows[start : start + batch_size].to(device)
+            cache = DynamicCache(config=model.config)
+            model(input_ids=batch, attention_mask=torch.ones_like(batch), cache=cache)
+            yield i, len(starts), [(layer.keys, layer.values) for layer in cache.layers]
+            del cache
+            bar.update(batch.numel())
+    finally:
+        bar.close()
+
+
+def candidate_runs(num_layers: int, max_group_size: int) -> list[tuple[int, ...]]:
+    """Every run of ``2..max_group_size`` adjacent layers, smallest groups first, shallowest first."""
+    return [
+        tuple(range(start, start + size))
+        for size in range(2, max_group_size + 1)
+        for start in range(num_layers - size + 1)
+    ]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to merge a candidate group's component: a method, its parameters and their tensors."""
+
+    method: MergeMethod
+    params: MethodParams
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class RestoreErrors:
+    """Restore errors of candidate groups under every option, as float64 sums per KV head.
+
+    For every run of layers and component: ``tokens [H]``, ``energy [H]`` (Σ over members of
+    ``‖x_i‖²``) and ``error [H, O]``, the squared restore error ``Σ_i ‖x̂_i − x_i‖²`` of the merged
+    (non-retained, at ``gamma``) tokens under each option ``O`` — the statistic the search
+    regresses damage on.
+
+    Parameters
+    ----------
+    options : dict
+        ``{(layers, component): [Option, ...]}``.
+    gamma : float
+        Retention fraction at which errors are counted.
+    window : int
+        Retention look-ahead (the profile's block size).
+    """
+
+    def __init__(self, options: dict[tuple[tuple[int, ...], str], list[Option]], num_heads: int, *,
+                 gamma: float, window: int = 64):
+        self.options = options
+        self.gamma, self.window = gamma, window
+        self.num_heads = num_heads
+        self.sums = {
+            key: {
+                "tokens": torch.zeros(num_heads, dtype=torch.float64),
+                "energy": torch.zeros(num_heads, dtype=torch.float64),
+                "error": torch.zeros(num_heads, len(opts), dtype=torch.float64),
+            }
+            for key, opts in options.items()
+        }
+
+    def add(self, kv: KV, sink_tokens: int = 1) -> None:
+        for (layers, component), options in self.options.items():
+            c = COMPONENTS.index(component)
+            xs = [kv[layer][c] for layer in layers]
+            s = self.sums[layers, component]
+            sq = energy(xs)  # [B, H, T, k]
+            counted = torch.ones(sq.shape[:3], dtype=torch.bool, device=sq.device)
+            counted[..., :sink_tokens] = False
+            sink = ~counted[:, 0, :]
+            s["tokens"] += counted.double().sum(dim=(0, 2)).cpu()
+            s["energy"] += (sq.sum(-1) * counted).sum(dim=(0, 2)).cpu()
+            keep = last = None
+            for o, option in enumerate(options):
+                distance, err = option.method.restore_error(option.params, xs, option.tensors)
+                # Options that share the distance (e.g. SLERP's t grid) share the retention decision.
+                if keep is None or not torch.equal(distance, last):
+                    keep = retention_mask(distance, self.gamma, window=self.window, sink=sink)
+                    last = distance
+                s["error"][:, o] += (err * (~keep & counted)).sum(dim=(0, 2)).cpu()
+
+    def relative_error(self, layers: tuple[int, ...], component: str) -> torch.Tensor:
+        """``[O]`` restore error energy / KV energy of the group's members, summed over heads."""
+        s = self.sums[layers, component]
+        return s["error"].sum(0) / s["energy"].sum().clamp_min(1e-30)
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            for sums in self.sums.values():
+                for tensor in sums.values():
+                    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+class CalibrationCapture:
+    """The methods' fit statistics and the candidates' restore errors, batch by batch.
+
+    Fit statistics see every batch. The restore errors are measured on the batches from the middle
+    on, with each option's tensors fitted on the batches before (with a single batch, fit and
+    measurement share it); the tensors a profile ships are refitted on all batches
+    (:meth:`fitted`).
+
+    Parameters
+    ----------
+    methods : sequence of MergeMethod
+        The methods the search may use.
+    runs : list of tuple of int
+        Candidate groups; None: fit statistics only (a preset's groups are fitted after capture).
+    fit : bool
+        Fit the methods' tensors and offer their fitted variants.
+    num_layers, num_heads, head_dim : int
+        The model's shape (:class:`~minicache.model_spec.ModelSpec`).
+    max_offset : int
+        Largest distance between two layers of a group.
+    gamma, window, defaults
+        Retention at which errors are counted, its look-ahead, and the defaults handed to
+        :meth:`~minicache.methods.MergeMethod.param_options`.
+    """
+
+    def __init__(self, methods: Sequence[MergeMethod], runs: list[tuple[int, ...]] | None, *, fit: bool,
+                 num_layers: int, num_heads: int, head_dim: int, max_offset: int, gamma: float, window: int,
+                 defaults: dict | None = None):
+        self.methods = list(methods)
+        self.runs = runs
+        self.fit_enabled = fit
+        self.num_heads = num_heads
+        self.gamma, self.window = gamma, window
+        self.defaults = dict(defaults or {})
+        self.fit_statistics: dict[str, FitStatistic] = {}
+        if fit:
+            for method in self.methods:
+                if method.fit_key is not None and method.fit_key not in self.fit_statistics:
+                    stat = method.new_fit_statistic(num_layers, num_heads, head_dim, max_offset)
+                    if stat is not None:
+                        self.fit_statistics[method.fit_key] = stat
+        self.errors: RestoreErrors | None = None
+        self._fitted: dict[tuple[str, tuple[int, ...]], dict] = {}
+
+    def fittable(self, method: MergeMethod) -> bool:
+        return method.fit_key in self.fit_statistics
+
+    def add(self, kv: KV, batch: int, num_batches: int, sink_tokens: int = 1) -> None:
+        """Add one batch (``batch`` of ``num_batches``) of every layer's ``(keys, values)``."""
+        fit_added = False
+        split = num_batches // 2 if self.runs is not None else num_batches
+        if batch >= split:
+            if self.errors is None:
+                if batch == 0:  # one batch only: the fit sees it before the measurement
+                    self._fit_add(kv, sink_tokens)
+                    fit_added = True
+                self.errors = RestoreErrors(self._options(), self.num_heads, gamma=self.gamma, window=self.window)
+            self.errors.add(kv, sink_tokens)
+        if not fit_added:
+            self._fit_add(kv, sink_tokens)
+
+    def _fit_add(self, kv: KV, sink_tokens: int) -> None:
+        for stat in self.fit_statistics.values():
+            stat.add(kv, sink_tokens)
+
+    def _options(self) -> dict[tuple[tuple[int, ...], str], list[Option]]:
+        """Every method's parameter options per candidate run and component, tensors fitted so far."""
+        out: dict[tuple[tuple[int, ...], str], list[Option]] = {}
+        for layers in self.runs:
+            for method in self.methods:
+                fitted = self.fittable(method)
+                tensors = method.fit(self.fit_statistics[method.fit_key], layers) if fitted else {}
+                for component in COMPONENTS:
+                    for params in method.param_options(len(layers), fitted, self.defaults):
+                        own = tensors.get(component, {}) if method.fitted_params(params) else {}
+                        out.setdefault((layers, component), []).append(Option(method, params, own))
+        return out
+
+    def all_reduce(self) -> None:
+        for stat in self.fit_statistics.values():
+            stat.all_reduce()
+        if self.errors is not None:
+            self.errors.all_reduce()
+
+    def fitted(self, method: MergeMethod, layers: tuple[int, ...]) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensors of one group fitted on every batch: ``{component: {local: tensor}}`` (cached)."""
+        key = (method.name, tuple(layers))
+        if key not in self._fitted:
+            if not self.fittable(method):
+                raise ValueError(f"{method.name!r} tensors for {list(layers)} were not fitted (fit=False)")
+            self._fitted[key] = method.fit(self.fit_statistics[method.fit_key], tuple(layers))
+        return self._fitted[key]

@@ -1,0 +1,103 @@
+"""Command-line options every minicache tool shares, defined once: the model, dtype, profile and ``--kv-*``.
+
+Each ``add_*`` function adds its options to an ``argparse`` parser (or argument group) with the same
+names, defaults and help in every command; :func:`quantization_from_args` turns ``--kv-*`` into a
+validated :class:`~minicache.profile.Quantization` before any model is loaded. Nothing here imports
+torch: parsing stays instant, and ``--help`` or a usage error answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DTYPES",
+    "MODEL_HELP",
+    "add_allow_mismatch_option",
+    "add_dtype_option",
+    "add_kv_options",
+    "add_model_option",
+    "add_profile_option",
+    "quantization_from_args",
+]
+
+DEFAULT_MODEL = "smollm2-135m"
+MODEL_HELP = "HF directory, .gguf file, hub id (local cache) or alias"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_model_option(parser: Any, *, default: str | None = DEFAULT_MODEL, required: bool = False,
+                     help: str | None = None) -> None:
+    """``--model``: what :func:`minicache.models.load_model` accepts."""
+    text = help or MODEL_HELP
+    kwargs = {"required": True} if required else {"default": default}
+    parser.add_argument("--model", metavar="SPEC", help=text, **kwargs)
+
+
+def add_dtype_option(parser: Any, *, default: str = "float32", auto: str | None = None) -> None:
+    """``--dtype``: the model (and cache) dtype; ``auto`` (with its help text) when the tool can choose."""
+    choices = ("auto", *DTYPES) if auto else DTYPES
+    help_text = f"model and cache dtype; auto: {auto}" if auto else "model and cache dtype"
+    parser.add_argument("--dtype", choices=choices, default=default, help=help_text)
+
+
+def add_profile_option(parser: Any, *, multiple: bool = False, help: str | None = None) -> None:
+    """``--profile``: a merge profile, as a YAML file or a model directory holding ``minicache_config.yaml``."""
+    text = help or "merge profile: a YAML file or a model directory holding minicache_config.yaml"
+    if multiple:
+        parser.add_argument("--profile", action="append", default=[], help=text + "; repeat to compare several")
+    else:
+        parser.add_argument("--profile", help=text)
+
+
+def add_allow_mismatch_option(parser: Any) -> None:
+    parser.add_argument("--allow-model-mismatch", action="store_true", help="use a profile made for another model")
+
+
+def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None = None) -> None:
+    """``--kv-bits``, ``--kv-group-size``, ``--kv-scheme`` and (``residual``) ``--kv-residual-length``."""
+    group = parser.add_argument_group("quantized storage (--kv-*)") if hasattr(parser, "add_argument_group") else parser
+    group.add_argument(
+        "--kv-bits", type=int, metavar="BITS",
+        help=bits_help or "store the cache quantized to this many bits (the scheme's widths; KIVI: 2 or 4)",
+    )
+    group.add_argument(
+        "--kv-group-size", type=int, default=128, help="with --kv-bits: tokens per key group, channels per value group"
+    )
+    group.add_argument(
+        "--kv-scheme", default="kivi", help="with --kv-bits: the quantization scheme (registered in minicache.quant)"
+    )
+    if residual:
+        group.add_argument(
+            "--kv-residual-length", type=int, default=128,
+            help="with --kv-bits: recent tokens of unmerged layers kept exact",
+        )
+
+
+def quantization_from_args(args: argparse.Namespace, residual_length: int | None = None):
+    """The :class:`~minicache.profile.Quantization` the ``--kv-*`` options ask for (None without ``--kv-bits``).
+
+    Raises
+    ------
+    ProfileError
+        A bad width, group size, window or scheme, naming the option (``"--kv-bits: 3 is not ..."``).
+    """
+    if getattr(args, "kv_bits", None) is None:
+        return None
+    from minicache.profile import Quantization
+    from minicache.validation import ProfileError
+
+    window = getattr(args, "kv_residual_length", None)
+    window = residual_length if window is None else window
+    try:
+        return Quantization(
+            bits=args.kv_bits,
+            group_size=args.kv_group_size,
+            residual_length=128 if window is None else window,
+            scheme=getattr(args, "kv_scheme", "kivi"),
+        )
+    except ProfileError as err:  # name the option, not the profile field
+        option = "--kv-" + err.path.split("[")[0].replace("_", "-")
+        raise ProfileError(err.detail, option) from None

@@ -1,0 +1,66 @@
+"""The quantizer protocol: how one role of the cache is packed into integers.
+
+A quantizer turns ``[..., N, D]`` tensors of one *role* into a :class:`~minicache.quant.packed.QuantizedTensor`:
+
+``"keys"``
+    a merge method's key-like stored fields and an unmerged layer's keys (a sequence of tokens);
+``"values"``
+    value-like stored fields and an unmerged layer's values;
+``"vectors"``
+    sparse lists of exact vectors (retained tokens): rows with no token order, packed per row.
+
+The cache owns the tensors (residual windows, growth, batch selection); a quantizer only says how a
+chunk of tokens is packed and how many tokens a chunk must hold (a per-channel key group cannot be
+packed until its ``group_size`` tokens exist). Register a new scheme with
+:func:`minicache.quant.register_quantizer`; profiles name it in ``quantization.scheme``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from minicache.quant.packed import QuantizedTensor
+
+__all__ = ["ROLES", "Quantizer"]
+
+ROLES = ("keys", "values", "vectors")
+
+
+class Quantizer(ABC):
+    """One quantization scheme (stateless; one instance per scheme, from the registry).
+
+    Attributes
+    ----------
+    name : str
+        The scheme's name in profiles (``quantization.scheme``).
+    bits : tuple of int
+        Supported code widths.
+    kernel_layout : str or None
+        Packed layout that fused attention kernels may read directly (``"uniform_groups"``: uniform
+        asymmetric groups, codes packed low bits first, as :func:`~minicache.quant.packed.quantize`
+        writes them); None when only the torch path (dequantize a block, then attend) can read it.
+    """
+
+    name: ClassVar[str]
+    bits: ClassVar[tuple[int, ...]]
+    kernel_layout: ClassVar[str | None] = None
+
+    @abstractmethod
+    def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int) -> QuantizedTensor:
+        """Pack ``x`` ``[..., N, D]`` of ``role``; ``N`` is a multiple of :meth:`chunk_tokens`."""
+
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+        """The ``[..., N, D]`` approximation in ``dtype``."""
+        return q.dequantize(dtype)
+
+    @abstractmethod
+    def chunk_tokens(self, role: str, group_size: int) -> int:
+        """Tokens packed together: appends of ``role`` are held exact until a whole chunk exists."""
+
+    def check(self, bits: int, group_size: int, head_dim: int) -> tuple[str, str] | None:
+        """Why this scheme cannot pack vectors of ``head_dim`` this way: ``(field at fault, message)``
+        (``field`` is ``"bits"`` or ``"group_size"``), or None."""
+        return None

@@ -1,0 +1,214 @@
+"""Packed integer tensors: uniform asymmetric group-wise quantization, ``8 // bits`` codes per byte.
+
+``x ≈ q · scale + zero`` with ``q`` in ``[0, 2^bits - 1]``, ``zero`` the group minimum and
+``scale = (max - min) / (2^bits - 1)``, for groups running along one of two axes of a
+``[..., N, D]`` tensor:
+
+* ``axis="tokens"``: every channel of ``group_size`` consecutive tokens shares a scale and a zero
+  point (per-channel quantization);
+* ``axis="channels"``: every ``group_size`` consecutive channels of one token share them
+  (per-token quantization); this layout also serves sparse lists of vectors.
+
+Scales and zero points are fp16 for half-precision data (fp32 for fp32), and ``q`` is computed from
+the *stored* (rounded) scale and zero point, so the error of a value is at most half a step plus the
+rounding of the zero point. Code ``j`` of a byte sits in bits ``[j * bits, (j + 1) * bits)``.
+
+A :class:`QuantizedTensor` only grows by concatenation: the packed data of old tokens never changes.
+Quantizers (:mod:`minicache.quant`) decide which axis and group size each role of the cache uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AXES", "PACKABLE_BITS", "QuantizedTensor", "append", "pack", "quantize", "scale_dtype", "unpack"]
+
+AXES = ("tokens", "channels")
+#: Widths whose codes fill whole bytes.
+PACKABLE_BITS = (1, 2, 4, 8)
+
+
+def scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of scales and zero points for data of ``dtype``: fp16, or fp32 for fp32 data."""
+    # fp16 rather than bf16: a zero point needs precision (its rounding adds to every value's
+    # error); key/value ranges of real models sit far inside fp16's range.
+    return torch.float32 if dtype.itemsize >= 4 else torch.float16
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes ``[..., D]`` (uint8, each < ``2**bits``) into ``[..., D * bits // 8]`` uint8.
+
+    Code ``j`` of a byte sits in bits ``[j * bits, (j + 1) * bits)``.
+    """
+    if bits not in PACKABLE_BITS:
+        raise ValueError(f"bits must be one of {PACKABLE_BITS}, got {bits}")
+    per = 8 // bits
+    d = codes.shape[-1]
+    if d % per:
+        raise ValueError(f"cannot pack {d} codes of {bits} bits into whole bytes")
+    grouped = codes.to(torch.uint8).reshape(*codes.shape[:-1], d // per, per)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    out = torch.zeros(grouped.shape[:-1], dtype=torch.uint8, device=codes.device)
+    for j in range(per):  # bitwise_or of disjoint fields (no reduction op for it in torch)
+        out |= grouped[..., j] << shifts[j]
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``[..., P]`` uint8 → ``[..., P * 8 // bits]`` uint8 codes."""
+    per = 8 // bits
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    mask = (1 << bits) - 1
+    codes = (packed.unsqueeze(-1) >> shifts) & mask
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Packed group-wise asymmetric quantization of a ``[..., N, D]`` tensor.
+
+    Attributes
+    ----------
+    data : torch.Tensor
+        ``[..., N, D * bits // 8]`` uint8 packed codes.
+    scale, zero : torch.Tensor
+        ``[..., N // G, D]`` for ``axis="tokens"`` (per channel, groups of ``G`` tokens) or
+        ``[..., N, D // G]`` for ``axis="channels"`` (per token, groups of ``G`` channels);
+        fp16 or fp32 (:func:`scale_dtype`).
+    bits : int
+        Code width.
+    group_size : int
+        ``G``.
+    axis : str
+        ``"tokens"`` or ``"channels"``: along which axis a group runs.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    axis: str
+
+    @property
+    def length(self) -> int:
+        """``N``: the tokens (or rows) held."""
+        return self.data.shape[-2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.data.shape[-1] * 8 // self.bits
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        yield from (self.data, self.scale, self.zero)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of the packed codes alone."""
+        return self.data.numel() * self.data.element_size()
+
+    @property
+    def scale_bytes(self) -> int:
+        """Bytes of the scales and zero points."""
+        return sum(t.numel() * t.element_size() for t in (self.scale, self.zero))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The ``[..., N, D]`` approximation in ``dtype`` (computed in float32)."""
+        codes = unpack(self.data, self.bits).float()
+        *lead, n, d = codes.shape
+        g = self.group_size
+        if self.axis == "tokens":
+            grouped = codes.reshape(*lead, n // g, g, d)
+            out = grouped * self.scale.float().unsqueeze(-2) + self.zero.float().unsqueeze(-2)
+        else:
+            grouped = codes.reshape(*lead, n, d // g, g)
+            out = grouped * self.scale.float().unsqueeze(-1) + self.zero.float().unsqueeze(-1)
+        return out.reshape(*lead, n, d).to(dtype)
+
+    def slice_tokens(self, start: int, end: int) -> QuantizedTensor:
+        """Tokens ``[start, end)`` (views, no copy). Per-channel groups (``axis="tokens"``) cannot
+        be split: ``start`` must be a multiple of ``group_size``, and ``end`` too unless it is the end."""
+        n, g = self.length, self.group_size
+        if not 0 <= start <= end <= n:
+            raise ValueError(f"token range [{start}, {end}) is outside [0, {n})")
+        if self.axis == "channels":
+            return self._map(lambda t: t[..., start:end, :])
+        if start % g or (end % g and end != n):
+            raise ValueError(f"token range [{start}, {end}) splits a group of {g} tokens")
+        rows = slice(start // g, -(-end // g))
+        return QuantizedTensor(
+            self.data[..., start:end, :], self.scale[..., rows, :], self.zero[..., rows, :], self.bits, g, self.axis
+        )
+
+    def _map(self, fn) -> QuantizedTensor:
+        return QuantizedTensor(fn(self.data), fn(self.scale), fn(self.zero), self.bits, self.group_size, self.axis)
+
+    def index_select(self, dim: int, index: torch.Tensor) -> QuantizedTensor:
+        """Select along a leading dimension (batch, or the rows of a sparse list)."""
+        index = index.to(self.data.device)
+        return self._map(lambda t: t.index_select(dim, index))
+
+    def to(self, device) -> QuantizedTensor:
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def cat(self, other: QuantizedTensor, dim: int = -2) -> QuantizedTensor:
+        """Concatenate along tokens (``dim=-2``) or a leading dimension; both keep their own codes."""
+        if (other.bits, other.group_size, other.axis) != (self.bits, self.group_size, self.axis):
+            raise ValueError("cannot concatenate tensors quantized differently")
+        return QuantizedTensor(
+            torch.cat([self.data, other.data], dim),
+            torch.cat([self.scale, other.scale], dim),
+            torch.cat([self.zero, other.zero], dim),
+            self.bits,
+            self.group_size,
+            self.axis,
+        )
+
+
+def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str) -> QuantizedTensor:
+    """Quantize ``x`` ``[..., N, D]`` group-wise (see :class:`QuantizedTensor` for the layout).
+
+    ``axis="tokens"`` needs ``N % group_size == 0``; ``axis="channels"`` needs
+    ``D % group_size == 0``.
+    """
+    if bits not in PACKABLE_BITS:
+        raise ValueError(f"bits must be one of {PACKABLE_BITS}, got {bits}")
+    if axis not in AXES:
+        raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+    *lead, n, d = x.shape
+    g = group_size
+    x32 = x.float()
+    if axis == "tokens":
+        if n % g:
+            raise ValueError(f"per-channel groups of {g} tokens need a multiple of {g} tokens, got {n}")
+        grouped = x32.reshape(*lead, n // g, g, d)
+        reduce_dim = -2
+    else:
+        if d % g:
+            raise ValueError(f"per-token groups of {g} channels need head_dim divisible by {g}, got {d}")
+        grouped = x32.reshape(*lead, n, d // g, g)
+        reduce_dim = -1
+    levels = (1 << bits) - 1
+    sdtype = scale_dtype(x.dtype)
+    limit = torch.finfo(sdtype).max
+    lo = grouped.amin(reduce_dim).clamp(-limit, limit)
+    hi = grouped.amax(reduce_dim).clamp(-limit, limit)
+    zero = lo.to(sdtype)
+    scale = ((hi - zero.float()) / levels).clamp(0, limit).to(sdtype)
+    # Codes from the stored (rounded) scale and zero point: what dequantization will use.
+    s, z = scale.float().unsqueeze(reduce_dim), zero.float().unsqueeze(reduce_dim)
+    codes = torch.where(s > 0, (grouped - z) / torch.where(s > 0, s, 1.0), 0.0)
+    codes = codes.round_().clamp_(0, levels).to(torch.uint8).reshape(*lead, n, d)
+    return QuantizedTensor(pack(codes, bits), scale, zero, bits, g, axis)
+
+
+def append(old: QuantizedTensor | None, new: QuantizedTensor, dim: int = -2) -> QuantizedTensor:
+    """``old`` followed by ``new`` (``new`` alone when ``old`` is None)."""
+    return new if old is None else old.cat(new, dim)

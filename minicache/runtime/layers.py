@@ -1,0 +1,253 @@
+"""The per-layer objects transformers' `Cache` holds: merged members and quantized unmerged layers.
+
+:class:`MergedLayer` is one member of a merged group: a thin view that forwards to the group's shared
+:class:`~minicache.runtime.store.GroupStore`. :class:`QuantizedLayer` is an unmerged full-attention
+layer stored packed by the profile's quantizer plus an exact window. Layers that neither covers use
+transformers' own dynamic layers, so they behave exactly like `DynamicCache`. Every layer reports
+its memory as parts (:meth:`memory_parts`) and what a `DynamicCache` would hold (:meth:`full_bytes`);
+:meth:`MiniCache.memory_report` is their sum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from minicache.profile import Quantization
+from minicache.quant import QuantizedTensor, append
+from minicache.runtime.store import GroupStore, tensor_bytes
+from minicache.runtime.views import FieldSnapshot, MergedKVView
+
+__all__ = ["MergedLayer", "QuantizedLayer", "plain_layer_bytes"]
+
+
+class MergedLayer(CacheLayerMixin):
+    """One member layer of a merged group: a view onto the shared :class:`GroupStore`.
+
+    Batch operations are applied by :class:`MiniCache` once per store, not per member layer.
+    """
+
+    is_compileable = False
+    is_croppable = False  # only the residual window can be cropped; see `MiniCache.crop`
+    is_sliding = False
+
+    def __init__(self, store: GroupStore, member: int):
+        super().__init__()
+        self.store = store
+        self.member = member
+
+    def __repr__(self) -> str:
+        return f"MergedLayer(layers={list(self.store.layers)}, member={self.member})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self.store.update(self.member, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.store.seen(self.member)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        if self.member == 0:
+            self.store.reset()
+
+    def _batch_op_error(self, *args, **kwargs):
+        raise RuntimeError("batch operations on a merged layer must go through MiniCache, which owns the store")
+
+    reorder_cache = batch_select_indices = batch_repeat_interleave = crop = offload = prefetch = _batch_op_error
+
+
+class QuantizedLayer(CacheLayerMixin):
+    """An unmerged full-attention layer stored packed (KIVI by default): a packed prefix plus an exact window.
+
+    ``keys``/``values`` are the exact residual window ``[B, H, r, D]`` (model dtype, as in
+    transformers' dynamic layers); ``qkeys``/``qvalues`` are the packed prefix of ``Q`` tokens.
+    Whenever the window holds at least ``residual_length`` tokens plus a whole chunk (a key group of
+    ``group_size`` tokens for KIVI), its oldest whole chunks are packed (after this step's attention,
+    which therefore sees exact new tokens) and never re-packed. :meth:`update` returns the
+    dequantized prefix followed by the window, ``[B, H, Q + r, D]`` (or, with ``views``, views that
+    the fused attention paths read packed).
+
+    Parameters
+    ----------
+    spec : Quantization
+        Scheme, group size and residual window.
+    bits : int, optional
+        Code width of this layer (default: ``spec.bits`` when it is one number).
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False  # only the exact window can be cropped; see `crop`
+
+    def __init__(self, spec: Quantization, bits: int | None = None):
+        super().__init__()
+        self.spec = spec
+        self.bits = spec.bits_of(0) if bits is None else bits
+        self.quantizer = spec.quantizer
+        q, g = self.quantizer, spec.group_size
+        self.chunk = math.lcm(q.chunk_tokens("keys", g), q.chunk_tokens("values", g), g)
+        self.qkeys: QuantizedTensor | None = None
+        self.qvalues: QuantizedTensor | None = None
+        # Set once when the owning cache is bound to a model's attention plan: every step then returns
+        # views the fused attention paths read without dequantizing the whole prefix.
+        self.views = False
+
+    def __repr__(self) -> str:
+        return f"QuantizedLayer({self.bits}-bit {self.spec.scheme}, group {self.spec.group_size})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_zeros(b, h, 0, d)
+        self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
+        self.is_initialized = True
+
+    @property
+    def quantized_length(self) -> int:
+        return 0 if self.qkeys is None else self.qkeys.length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.views and self.qkeys is not None:
+            out = self.views_of()
+        elif self.qkeys is None:
+            out = self.keys, self.values
+        else:
+            out = (
+                torch.cat([self.quantizer.dequantize(self.qkeys, self.dtype), self.keys], dim=-2),
+                torch.cat([self.quantizer.dequantize(self.qvalues, self.dtype), self.values], dim=-2),
+            )
+        count = (self.keys.shape[-2] - self.spec.residual_length) // self.chunk * self.chunk
+        if count > 0:
+            g = self.spec.group_size
+            self.qkeys = append(self.qkeys, self.quantizer.quantize(self.keys[..., :count, :], "keys", self.bits, g))
+            self.qvalues = append(
+                self.qvalues, self.quantizer.quantize(self.values[..., :count, :], "values", self.bits, g)
+            )
+            # Clone so that the old window's storage is freed, not kept alive by a view.
+            self.keys = self.keys[..., count:, :].clone()
+            self.values = self.values[..., count:, :].clone()
+        return out
+
+    def views_of(self) -> tuple[MergedKVView, MergedKVView]:
+        """Snapshots of the packed prefix and the exact window of keys and values."""
+        return tuple(
+            MergedKVView(member=0, residual=window, stored={} if packed is None else {"vectors": FieldSnapshot(packed)},
+                         quantizer=self.quantizer, bits=0 if packed is None else packed.bits)
+            for window, packed in ((self.keys, self.qkeys), (self.values, self.qvalues))
+        )
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.quantized_length + self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor held: the exact window, then packed codes, scales and zero points."""
+        if not self.is_initialized:
+            return
+        yield self.keys
+        yield self.values
+        for q in (self.qkeys, self.qvalues):
+            if q is not None:
+                yield from q.tensors()
+
+    def memory_parts(self) -> dict[str, int]:
+        parts = {"residual": 0, "packed": 0, "scales": 0}
+        if self.is_initialized:
+            parts["residual"] = tensor_bytes(self.keys, self.values)
+            for q in (self.qkeys, self.qvalues):
+                if q is not None:
+                    parts["packed"] += q.code_bytes
+                    parts["scales"] += q.scale_bytes
+        return parts
+
+    def full_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        b, h, _, d = self.keys.shape
+        return 2 * b * h * self.get_seq_length() * d * self.keys.element_size()
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.qkeys = self.qvalues = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        count = -tokens_to_remove
+        if count == 0 or not self.is_initialized:
+            return
+        window = self.keys.shape[-2]
+        if count > window:
+            raise ValueError(
+                f"cannot crop {count} tokens from a quantized layer: only the exact residual window "
+                f"({window} tokens) can be cropped; quantized tokens cannot be un-quantized"
+            )
+        self.keys = self.keys[..., : window - count, :].clone()
+        self.values = self.values[..., : window - count, :].clone()
+
+    def _select(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.keys.device)
+        self.keys = self.keys.index_select(0, index)
+        self.values = self.values.index_select(0, index)
+        if self.qkeys is not None:
+            self.qkeys = self.qkeys.index_select(0, index)
+            self.qvalues = self.qvalues.index_select(0, index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(beam_idx.long())
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().squeeze(-1)
+        self._select(indices.long())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            super().offload()
+            self.qkeys = None if self.qkeys is None else self.qkeys.to("cpu")
+            self.qvalues = None if self.qvalues is None else self.qvalues.to("cpu")
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.keys.device != self.device:
+            super().prefetch()
+            self.qkeys = None if self.qkeys is None else self.qkeys.to(self.device)
+            self.qvalues = None if self.qvalues is None else self.qvalues.to(self.device)
+
+
+def plain_layer_bytes(layer: CacheLayerMixin) -> int:
+    """Bytes of the keys and values a transformers dynamic layer holds."""
+    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values)
+               if isinstance(t, torch.Tensor) and t.numel())

@@ -126,7 +126,7 @@ class QuantizedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        if self.views and self.qkeys is not None:
+        if self.views:  # every step, packed prefix or not: one kind of object per configuration
             out = self.views_of()
         elif self.qkeys is None:
             out = self.keys, self.values

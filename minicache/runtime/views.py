@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -338,9 +337,6 @@ class MergedKVView:
         if m == 0:
             return self.residual
         return torch.cat([self.restored_block(0, m), self.residual], dim=-2)
-
-    def describe(self) -> dict[str, Any]:
-        return {"layout": self.layout, "merged": self.merged_length, "residual": self.residual.shape[-2]}
 
 
 def decode_mask_row(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:

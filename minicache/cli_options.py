@@ -9,12 +9,14 @@ torch: parsing stays instant, and ``--help`` or a usage error answers at once.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import difflib
+from typing import Any, NoReturn
 
 __all__ = [
     "DEFAULT_MODEL",
     "DTYPES",
     "MODEL_HELP",
+    "ArgumentParser",
     "add_allow_mismatch_option",
     "add_dtype_option",
     "add_kv_options",
@@ -26,6 +28,42 @@ __all__ = [
 DEFAULT_MODEL = "smollm2-135m"
 MODEL_HELP = "HF directory, .gguf file, hub id (local cache) or alias"
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors suggest the option meant (``--profle`` → ``--profile``).
+
+    Usage errors exit with status 2 and one line on stderr, as ``argparse`` does.
+    """
+
+    def parse_args(self, args=None, namespace=None):
+        # Unknown options first: a typo must not be reported as a missing required option.
+        known, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return known
+
+    def parse_known_args(self, args=None, namespace=None):
+        import sys
+
+        argv = list(sys.argv[1:] if args is None else args)
+        options = {s for action in self._actions for s in action.option_strings}
+        for arg in argv:
+            if arg == "--":
+                break
+            name = arg.split("=", 1)[0]
+            if name.startswith("--") and not any(o == name or o.startswith(name) for o in options):
+                self.error(f"unrecognized arguments: {arg}")
+        return super().parse_known_args(argv, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            first = message.split(":", 1)[1].split()[0].split("=", 1)[0]
+            options = sorted({s for action in self._actions for s in action.option_strings if s.startswith("--")})
+            hint = difflib.get_close_matches(first, options, n=1)
+            if hint:
+                message += f" (did you mean {hint[0]}?)"
+        super().error(message)
 
 
 def add_model_option(parser: Any, *, default: str | None = DEFAULT_MODEL, required: bool = False,

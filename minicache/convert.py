@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from minicache.cli_options import add_allow_mismatch_option, add_model_option
+from minicache.cli_options import ArgumentParser, add_allow_mismatch_option, add_model_option
 from minicache.model_spec import ModelSpec
 from minicache.models import (
     DTYPES,
@@ -73,7 +73,7 @@ class ConvertResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="minicache-convert",
         description=DESCRIPTION,
         epilog=EPILOG,

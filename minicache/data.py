@@ -7,7 +7,9 @@ Accepted JSON Lines records (one JSON object per line, blank lines ignored):
   tokenizer's chat template;
 * ``{"input_ids": [1, 2, 3]}`` – already tokenized.
 
-A ``.txt`` file is one text. Data flows one way: samples → token windows → capture/evaluation.
+A ``.txt`` file is one text; calibration splits it into samples of whole paragraphs
+(``read_samples(..., split_text=True)``), so that one part of it calibrates and another verifies.
+Data flows one way: samples → token windows → capture/evaluation.
 """
 
 from __future__ import annotations
@@ -81,8 +83,54 @@ def _validate_record(record: object, where: str) -> Sample:
     return Sample(line=line, input_ids=tuple(value))
 
 
-def read_samples(path: str | os.PathLike) -> list[Sample]:
+#: Characters per sample when a plain text is split (about 750 tokens of English).
+TEXT_SAMPLE_CHARS = 3000
+
+
+def split_text(text: str, chars: int = TEXT_SAMPLE_CHARS) -> list[Sample]:
+    """Cut plain text into samples of whole paragraphs (blank-line separated), at least ``chars``
+    characters each (the last may be shorter); a paragraph longer than twice that is cut at lines.
+    Each sample's ``line`` is the line its text starts on."""
+    pieces: list[tuple[int, str]] = []  # (first line, text) of paragraphs, or of lines of long ones
+    line, paragraph, start = 1, [], 1
+    for raw in text.splitlines(keepends=True):
+        if raw.strip():
+            if not paragraph:
+                start = line
+            paragraph.append(raw)
+        elif paragraph:
+            pieces.append((start, "".join(paragraph)))
+            paragraph = []
+        line += 1
+    if paragraph:
+        pieces.append((start, "".join(paragraph)))
+    cut: list[tuple[int, str]] = []
+    for first, piece in pieces:
+        if len(piece) <= 2 * chars:
+            cut.append((first, piece))
+            continue
+        for offset, one in enumerate(piece.splitlines(keepends=True)):
+            cut.append((first + offset, one))
+    samples: list[Sample] = []
+    buffer: list[str] = []
+    first = 1
+    for at, piece in cut:
+        if not buffer:
+            first = at
+        buffer.append(piece)
+        if sum(map(len, buffer)) >= chars:
+            samples.append(Sample(line=first, text="\n".join(buffer)))
+            buffer = []
+    if buffer:
+        samples.append(Sample(line=first, text="\n".join(buffer)))
+    return samples
+
+
+def read_samples(path: str | os.PathLike, *, split_text_files: bool = False) -> list[Sample]:
     """Read and validate every record of a ``.jsonl``/``.json`` or ``.txt`` file.
+
+    ``split_text_files``: a ``.txt`` file becomes several samples of whole paragraphs
+    (:func:`split_text`) instead of one, as calibration needs (a part calibrates, a part verifies).
 
     Raises
     ------
@@ -96,7 +144,7 @@ def read_samples(path: str | os.PathLike) -> list[Sample]:
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise DataError(f"{path}: the text file is empty")
-        return [Sample(line=1, text=text)]
+        return split_text(text) if split_text_files else [Sample(line=1, text=text)]
     samples = []
     with path.open(encoding="utf-8") as handle:
         for number, raw in enumerate(handle, start=1):

@@ -777,13 +777,18 @@ class MergeProfile:
             if diffs:
                 listed = "; ".join(f"{name}: profile {want!r}, model {got!r}" for name, want, got in diffs)
                 made_for = f" ({self.model.name_or_path})" if self.model.name_or_path else ""
-                detail = (
-                    f"this profile was made for another model{made_for}: {listed}; allowed: the same model, "
-                    "or pass allow_mismatch=True (command line: --allow-model-mismatch) to use it anyway"
-                )
                 if not allow_mismatch:
-                    raise ProfileError(detail, "model")
-                warnings.warn(f"model: {detail}", ModelMismatchWarning, stacklevel=2)
+                    raise ProfileError(
+                        f"this profile was made for another model{made_for}: {listed}; allowed: the same model, "
+                        "or pass allow_mismatch=True (command line: --allow-model-mismatch) to use it anyway",
+                        "model",
+                    )
+                warnings.warn(
+                    f"model: this profile was made for another model{made_for}: {listed}; used anyway, as "
+                    "allow_mismatch=True (--allow-model-mismatch) asks",
+                    ModelMismatchWarning,
+                    stacklevel=2,
+                )
 
         n = spec.num_layers
         if self.quantization is not None:

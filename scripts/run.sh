@@ -6,9 +6,15 @@
 #
 # With no arguments this calibrates SmolLM2-135M-Instruct (built in) on text the model generates
 # from built-in seed prompts, writes ./minicache-smollm2-135m/minicache_config.yaml plus a report,
-# and prints where they went.
+# and prints where they went; a second run replaces them. With arguments, they go to
+# minicache-calibrate as given (an existing --out is then kept unless you pass --force).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
+if [[ $# -eq 0 ]]; then
+  # The main job owns its output folder (./minicache-smollm2-135m/, ignored by git): running it
+  # again replaces the previous run's profile and report instead of refusing to.
+  exec "$ROOT/.venv/bin/minicache-calibrate" --force
+fi
 exec "$ROOT/.venv/bin/minicache-calibrate" "$@"

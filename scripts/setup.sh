@@ -30,10 +30,12 @@ if [[ ! -x "$PY" ]]; then
 fi
 
 # pip's configuration on our machines names local index folders that may be missing; its
-# "Location ... is ignored" warnings about them are noise and filtered out. Errors still show.
+# "Location ... is ignored" warnings about them are noise and filtered out. What pip fetches and
+# installs shows as it happens (a fresh set-up takes a few minutes); errors still show.
 pip_install() {
-  "$PY" -m pip install --disable-pip-version-check --quiet "$@" 2>&1 \
-    | { grep -v -E "^WARNING: Location 'file:[^']*' is ignored" || true; }
+  "$PY" -m pip install --disable-pip-version-check --progress-bar off "$@" 2>&1 \
+    | { grep --line-buffered -v -E "^WARNING: Location 'file:[^']*' is ignored|^Requirement already satisfied|^  (Using cached|Downloading|Obtaining|Preparing|Building|Checking|Getting|Created|Stored)" || true; } \
+    | sed -u 's/^/  pip: /'
 }
 
 if ! "$PY" -m pip --version >/dev/null 2>&1; then
@@ -46,7 +48,7 @@ version_of() { "$PY" -c 'import importlib.metadata as m, sys; print(m.version(sy
 installed_torch="$(version_of torch)"
 installed_torch="${installed_torch%%+*}"
 if [[ "$installed_torch" != "$TORCH_VERSION" ]]; then
-  say "installing torch==$TORCH_VERSION (before anything that depends on it)"
+  say "installing torch==$TORCH_VERSION (before anything that depends on it; about 1 minute)"
   pip_install "torch==$TORCH_VERSION"
 fi
 
@@ -57,7 +59,7 @@ want_stamp="$("$PY" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[
 have_stamp="$(cat "$STAMP" 2>/dev/null || true)"
 if [[ "$want_stamp" != "$have_stamp" ]] || [[ -z "$(version_of minicache)" ]] \
     || [[ ! -x "$VENV/bin/minicache-convert" ]]; then
-  say "installing minicache (editable) with extras calibrate, kernels, hqq, dev"
+  say "installing minicache (editable) with extras calibrate, kernels, hqq, dev (a few minutes on a fresh machine)"
   rm -f "$STAMP"
   pip_install -e ".[calibrate,kernels,hqq,dev]"
   printf '%s\n' "$want_stamp" >"$STAMP"

@@ -221,4 +221,4 @@ def test_cli_impossible_budget_gives_valid_empty_profile(tmp_path, capsys, calib
     assert "no group fits the budget" in stdout
     profile = MergeProfile.load(out)
     assert profile.groups == ()
-    assert (tmp_path / "minicache_report.md").exists()
+    assert (tmp_path / "p_report.md").exists(), "named after the profile file"

@@ -122,8 +122,9 @@ PPL_ARGS = ["--prefix-length", "32", "--continuation-length", "16", "--num-windo
 def test_single_run_json_keys_are_unchanged(baseline, tiny, data, capsys):
     assert cli.main(["--baseline", baseline, "--data", str(data), "--json", *PPL_ARGS]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert list(out) == [f.name for f in fields(QualityResult)] + ["profile", "dtype", "seconds"]
+    assert list(out) == [f.name for f in fields(QualityResult)] + ["profile", "dtype", "data", "seconds"]
     assert out["profile"] == f"baseline:{baseline}" and out["windows"] == 3
+    assert out["data"] == str(data), "the JSON says which text it scored"
     if baseline == "full":
         assert out["ppl_increase"] == pytest.approx(0.0, abs=1e-5) and out["top1_agreement"] == 1.0
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from minicache.calibrate.capture import CalibrationCapture, candidate_runs, prefill_batches
+from minicache.calibrate.defaults import CALIBRATION_DEFAULTS as D
 from minicache.calibrate.search import Budget, Candidate, SearchResult, search
 from minicache.calibrate.statistics import PairStatistics
 from minicache.data import DataError, Sample, file_sha256, read_samples, split_samples, token_windows
@@ -98,25 +99,28 @@ def calibrate(
     data: str | os.PathLike | None = None,
     *,
     model_name: str | None = None,
-    budget: Budget = Budget(),
+    budget: Budget = Budget(D.budget_metric, D.budget),
     preset: str | None = None,
-    num_samples: int = 32,
-    max_length: int = 768,
+    num_samples: int = D.num_samples,
+    max_length: int = D.max_length,
     prefix_length: int | None = None,
-    eval_windows: int = 8,
-    held_out: float = 0.25,
-    seed: int = 0,
+    eval_windows: int = D.eval_windows,
+    held_out: float = D.held_out,
+    seed: int = D.seed,
     defaults: Defaults = Defaults(),
-    batch_size: int = 4,
-    probes: int = 6,
+    batch_size: int = D.batch_size,
+    probes: int = D.probes,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    align: bool = False,
-    max_group_size: int = 2,
+    align: bool = D.align,
+    max_group_size: int = D.max_group_size,
     quantization: Quantization | None = None,
-    methods: Sequence[str] = ("slerp",),
+    methods: Sequence[str] = D.methods,
 ) -> CalibrationResult:
     """Measure KV similarity on sample data and choose a merge profile within a quality budget.
+
+    The defaults are ``minicache-calibrate``'s (:data:`~minicache.calibrate.defaults.CALIBRATION_DEFAULTS`):
+    aligned groups of up to 3 layers, budget +1 % perplexity.
 
     Parameters
     ----------
@@ -167,11 +171,9 @@ def calibrate(
         samples = generate_default_samples(model, tokenizer, max_length, len(SEED_PROMPTS), seed)
         data_info = {"path": None, "source": "generated from built-in seed prompts", "sha256": _samples_sha(samples)}
     else:
-        samples = read_samples(data)
+        samples = read_calibration_data(data)
         data_info = {"path": str(data), "sha256": file_sha256(data)}
     calib, held = split_samples(samples, held_out, seed)
-    if not held:
-        raise DataError("need at least 2 samples: one part calibrates, a held-out part verifies quality")
     calib_windows = token_windows(calib, tokenizer, max_length, max_windows=num_samples)
     held_windows = token_windows(held, tokenizer, max_length, max_windows=eval_windows)
     if calib_windows.shape[0] == 0 or held_windows.shape[0] == 0:
@@ -195,10 +197,22 @@ def calibrate(
         num_heads=spec.kv_heads, head_dim=spec.head_dim, max_offset=span - 1, gamma=defaults.gamma,
         window=defaults.block_size,
     )
-    for batch, num_batches, kv in prefill_batches(model, calib_windows, batch_size=batch_size, progress=progress,
-                                                  desc="capturing KV statistics"):
-        stats.add(kv, defaults.sink_tokens)
-        capture.add(kv, batch, num_batches, defaults.sink_tokens)
+    # Two phases with a progress bar each, because their batches cost very different amounts of work:
+    # the second half also measures every candidate group under every option.
+    num_batches = -(-calib_windows.shape[0] // batch_size)
+    split = capture.measure_from(num_batches)
+    phases = [(0, "capturing KV statistics" + (" (1/2)" if split < num_batches else ""))]
+    if split < num_batches:
+        phases.append((split, f"measuring {capture.option_count()} candidate options (2/2)"))
+    for phase, (first, desc) in enumerate(phases):
+        last = phases[phase + 1][0] if phase + 1 < len(phases) else num_batches
+        part = calib_windows[first * batch_size : last * batch_size]
+        if first == split and split < num_batches:
+            log(f"measuring the restore error of {len(runs)} candidate groups × their options on "
+                f"{part.shape[0]} windows (the second half; the first half fitted the tensors)")
+        for batch, _, kv in prefill_batches(model, part, batch_size=batch_size, progress=progress, desc=desc):
+            stats.add(kv, defaults.sink_tokens)
+            capture.add(kv, first + batch, num_batches, defaults.sink_tokens)
     capture.all_reduce()
     stats.all_reduce()
     elapsed = time.perf_counter() - started
@@ -283,6 +297,27 @@ def calibrate(
     )
     return CalibrationResult(profile=profile, statistics=stats, search=result_search, measured=measured,
                              summary=summary)
+
+
+def read_calibration_data(data: str | os.PathLike) -> list[Sample]:
+    """The samples of a calibration data file, checked before any model loads.
+
+    A ``.txt`` file is split into samples of whole paragraphs.
+
+    Raises
+    ------
+    DataError
+        Bad records (naming file and line), or fewer than 2 samples: one part calibrates, a held-out
+        part verifies quality.
+    """
+    samples = read_samples(data, split_text_files=True)
+    if len(samples) < 2:
+        what = "text" if str(data).endswith(".txt") else "records"
+        raise DataError(
+            f"{data}: {len(samples)} sample; calibration needs at least 2 (one part calibrates, a held-out part "
+            f"verifies quality): add {what}"
+        )
+    return samples
 
 
 def choose_candidates(capture: CalibrationCapture, defaults: Defaults) -> dict[tuple[int, ...], Candidate]:

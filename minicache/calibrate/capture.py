@@ -206,10 +206,21 @@ class CalibrationCapture:
     def fittable(self, method: MergeMethod) -> bool:
         return method.fit_key in self.fit_statistics
 
+    def measure_from(self, num_batches: int) -> int:
+        """First batch (of ``num_batches``) measured for restore errors; ``num_batches`` when none is."""
+        return num_batches // 2 if self.runs is not None else num_batches
+
+    def option_count(self) -> int:
+        """Options measured per batch: every method's parameter options for every run and component."""
+        return sum(
+            2 * len(method.param_options(len(layers), self.fittable(method), self.defaults))
+            for layers in self.runs or () for method in self.methods
+        )
+
     def add(self, kv: KV, batch: int, num_batches: int, sink_tokens: int = 1) -> None:
         """Add one batch (``batch`` of ``num_batches``) of every layer's ``(keys, values)``."""
         fit_added = False
-        split = num_batches // 2 if self.runs is not None else num_batches
+        split = self.measure_from(num_batches)
         if batch >= split:
             if self.errors is None:
                 if batch == 0:  # one batch only: the fit sees it before the measurement

@@ -8,13 +8,20 @@ import sys
 import time
 from pathlib import Path
 
-from minicache.cli_options import add_dtype_option, add_kv_options, add_model_option, quantization_from_args
-from minicache.data import DataError, read_samples
+from minicache.calibrate.defaults import CALIBRATION_DEFAULTS as D
+from minicache.cli_options import (
+    ArgumentParser,
+    add_dtype_option,
+    add_kv_options,
+    add_model_option,
+    quantization_from_args,
+)
+from minicache.data import DataError
 from minicache.validation import ProfileError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="minicache-calibrate",
         description=(
             "Calibrate MiniCache for a model: capture KV similarity between adjacent layers on sample data, "
@@ -36,32 +43,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the profile goes: a .yaml file, or a directory (a model directory gets minicache_config.yaml "
         "next to the weights); default: ./minicache-<model>/",
     )
-    parser.add_argument("--budget", type=float, default=0.01, help="largest quality loss accepted (0.01 = +1%% ppl)")
-    parser.add_argument("--budget-metric", choices=["ppl_increase", "kl_mean"], default="ppl_increase")
+    parser.add_argument("--budget", type=float, default=D.budget,
+                        help="largest quality loss accepted (0.01 = +1%% ppl)")
+    parser.add_argument("--budget-metric", choices=["ppl_increase", "kl_mean"], default=D.budget_metric)
     parser.add_argument("--preset", choices=["paper"], help="write this preset without searching; still measured")
-    parser.add_argument("--num-samples", type=int, default=32, help="calibration windows of --max-length tokens")
-    parser.add_argument("--eval-windows", type=int, default=8, help="held-out windows used to measure quality")
-    parser.add_argument("--max-length", type=int, default=768, help="tokens per window")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration / held-out split")
+    parser.add_argument("--num-samples", type=int, default=D.num_samples,
+                        help="calibration windows of --max-length tokens")
+    parser.add_argument("--eval-windows", type=int, default=D.eval_windows,
+                        help="held-out windows used to measure quality")
+    parser.add_argument("--max-length", type=int, default=D.max_length, help="tokens per window")
+    parser.add_argument("--seed", type=int, default=D.seed, help="seed of the calibration / held-out split")
     add_dtype_option(parser)
     parser.add_argument("--residual-length", type=int, default=128, help="exact window of most recent tokens")
     parser.add_argument("--block-size", type=int, default=64, help="tokens merged at a time")
-    parser.add_argument("--probes", type=int, default=6, help="single-pair measurements that calibrate the search")
+    parser.add_argument("--probes", type=int, default=D.probes,
+                        help="single-group measurements that calibrate the search")
     parser.add_argument(
         "--align",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=D.align,
         help="fit an orthogonal alignment per group, KV head and K/V (orthogonal Procrustes on the "
-        "calibration windows, shipped in minicache_tensors.safetensors); with --preset paper: the paper's "
+        "calibration windows, shipped in the profile's tensors sidecar); with --preset paper: the paper's "
         "groups, aligned (--no-align: the paper's literal recipe). The search keeps alignment per "
         "component only where it restores the calibration tokens better",
     )
     parser.add_argument(
-        "--max-group-size", type=int, default=3,
+        "--max-group-size", type=int, default=D.max_group_size,
         help="largest group of adjacent layers the search considers (2 = pairs, as in the paper)",
     )
     parser.add_argument(
-        "--methods", default="slerp",
+        "--methods", default=",".join(D.methods),
         help="comma-separated merge methods the search may choose from, per group and K/V "
         "(registered: see minicache.methods.method_names(); built in: slerp, average)",
     )
@@ -73,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="overwrite an existing profile")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+#: Above this perplexity budget the CLI says what it means (a relative budget of 1 is +100 %).
+LARGE_BUDGET = 0.1
 
 
 def _default_out(model: str) -> Path:
@@ -89,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
-    from minicache.calibrate.api import calibrate, resolve_output
-    from minicache.calibrate.report import write_report
+    from minicache.calibrate.api import calibrate, read_calibration_data, resolve_output
+    from minicache.calibrate.report import report_stem, write_report
     from minicache.calibrate.search import Budget
     from minicache.methods import method_names
     from minicache.profile import Defaults
@@ -105,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--methods {unknown[0]} is not a registered merge method; allowed: "
                              f"{', '.join(method_names())}")
         if args.data:
-            read_samples(args.data)  # fail on bad data before loading the model
+            read_calibration_data(args.data)  # fail on bad or too little data before loading the model
+        if budget.metric == "ppl_increase" and budget.max > LARGE_BUDGET:
+            print(f"warning: --budget {args.budget:g} accepts +{args.budget:.0%} perplexity (0.01 is +1 %)",
+                  file=sys.stderr)
         profile_path, report_dir = resolve_output(args.out or _default_out(args.model))
         if profile_path.exists() and not args.force:
             raise FileExistsError(f"{profile_path} exists; pass --force to overwrite it")
@@ -145,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             log=lambda line: print(line, flush=True),
         )
         written = write_report(report_dir, result.profile, result.statistics, result.search, budget.metric,
-                               budget.max, result.summary)
+                               budget.max, result.summary, stem=report_stem(profile_path))
         path = result.profile.save(profile_path, overwrite=args.force)
     except (DataError, ProfileError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

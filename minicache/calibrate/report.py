@@ -12,10 +12,22 @@ from minicache.calibrate.statistics import PairStatistics
 from minicache.fileio import atomic_write, save_figure
 from minicache.profile import MergeProfile, MergeSettings
 
-REPORT_FILENAME = "minicache_report.md"
-PLOT_SIMILARITY = "minicache_similarity.png"
-PLOT_GROUPS = "minicache_groups.png"
-PLOT_SEARCH = "minicache_search.png"
+#: Report files, named after the profile: ``<stem>_report.md`` etc.; ``minicache_*`` for a profile in a
+#: (model) directory, ``<name>_*`` for ``--out <name>.yaml``, so that reports never overwrite each other.
+REPORT_PARTS = ("report.md", "similarity.png", "groups.png", "search.png")
+DEFAULT_STEM = "minicache"
+
+
+def report_stem(profile_file: Path) -> str:
+    """``"minicache"`` for ``minicache_config.yaml``, else the profile file's stem (``a.yaml`` → ``"a"``)."""
+    from minicache.profile import PROFILE_FILENAME
+
+    return DEFAULT_STEM if Path(profile_file).name == PROFILE_FILENAME else Path(profile_file).stem
+
+
+def report_files(directory: Path, stem: str = DEFAULT_STEM) -> dict[str, Path]:
+    """``{"report.md": path, "similarity.png": ..., ...}`` of a report."""
+    return {part: Path(directory) / f"{stem}_{part}" for part in REPORT_PARTS}
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -126,8 +138,9 @@ def magnitude_ratio_figure(stats: PairStatistics):
     return fig
 
 
-def plot_groups(num_layers: int, profile: MergeProfile, predicted: dict[int, float], path: Path) -> None:
-    """Which layers are merged, over the predicted damage of merging each pair alone."""
+def plot_groups(num_layers: int, profile: MergeProfile, predicted: dict[int, float], path: Path,
+                metric: str = "ppl_increase") -> None:
+    """Which layers are merged, over the predicted damage of merging each adjacent pair alone."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,14 +149,22 @@ def plot_groups(num_layers: int, profile: MergeProfile, predicted: dict[int, flo
     fig, ax = plt.subplots(figsize=(12, 3.5))
     if predicted:
         pairs = sorted(predicted)
-        ax.bar(pairs, [max(predicted[p], 1e-6) for p in pairs], color="lightgrey", label="damage of merging pair alone")
+        ax.bar(pairs, [max(predicted[p], 1e-6) for p in pairs], color="lightgrey", label="merging the pair alone")
         ax.set_yscale("log")
+        unit = "relative perplexity increase, 0.01 = +1 %" if metric == "ppl_increase" else "nats per token"
+        ax.set_ylabel(f"predicted / measured {metric}\n({unit})")
+    else:
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no search (a preset): no damage predicted per pair", transform=ax.transAxes,
+                ha="center", va="center", color="grey")
     for group in profile.groups:
         ax.axvspan(group.layers[0] - 0.4, group.layers[-1] - 0.6, color="tab:green", alpha=0.35)
     ax.set_xlim(-0.5, num_layers - 1.5)
     ax.set_xlabel("pair (l, l+1): l   (green: merged groups)")
-    ax.set_ylabel("predicted / measured damage")
-    ax.set_title(f"groups chosen: {len(profile.groups)} of {num_layers // 2} possible pairs")
+    merged = len(profile.merged_layers)
+    n = len(profile.groups)
+    ax.set_title(f"{n} group{'s' if n != 1 else ''} chosen: {merged} of {num_layers} layers merged "
+                 f"({num_layers - 1} adjacent pairs)")
     if predicted:
         ax.legend(loc="upper right")
     save_figure(fig, path)
@@ -167,7 +188,12 @@ def plot_search(search: SearchResult, metric: str, budget: float, path: Path) ->
         ax.scatter([1 - 1 / search.final.compression_ratio], [getattr(search.final, metric)], s=160,
                    facecolors="none", edgecolors="tab:red", label="chosen")
     ax.axhline(budget, color="tab:red", ls="--", lw=1, label=f"budget {budget:g}")
+    values = [getattr(s.result, metric) for s in search.steps] + [budget]
     ax.set_yscale("symlog", linthresh=max(budget / 10, 1e-6))
+    # No empty negative half when nothing improved on the full cache; headroom above the largest point.
+    low = min(values)
+    ax.set_ylim(low * 1.5 if low < 0 else 0.0, max(values) * 1.8)
+    ax.margins(x=0.08)
     ax.set_xlabel("KV memory saved (fraction of the full cache)")
     ax.set_ylabel(metric)
     ax.set_title("quality vs memory along the search (held-out data)")
@@ -208,29 +234,33 @@ def write_report(
     metric: str,
     budget: float,
     summary: str,
+    stem: str = DEFAULT_STEM,
 ) -> list[Path]:
-    """Write the Markdown report and its plots into ``directory``; returns the paths written."""
+    """Write the Markdown report and its plots into ``directory`` as ``<stem>_*``; returns the paths written."""
     directory.mkdir(parents=True, exist_ok=True)
+    files = report_files(directory, stem)
     written = []
-    plot_similarity(stats, directory / PLOT_SIMILARITY)
-    written.append(directory / PLOT_SIMILARITY)
+    plot_similarity(stats, files["similarity.png"])
+    written.append(files["similarity.png"])
     predicted = search.predicted_damage if search else {}
-    plot_groups(stats.num_layers, profile, predicted, directory / PLOT_GROUPS)
-    written.append(directory / PLOT_GROUPS)
+    plot_groups(stats.num_layers, profile, predicted, files["groups.png"], metric)
+    written.append(files["groups.png"])
     if search and search.steps:
-        plot_search(search, metric, budget, directory / PLOT_SEARCH)
-        written.append(directory / PLOT_SEARCH)
+        plot_search(search, metric, budget, files["search.png"])
+        written.append(files["search.png"])
 
     cal = profile.calibration or {}
     measured = cal.get("measured", {})
+    data = cal.get("data", {})
+    source = f"`{data['path']}`" if data.get("path") else data.get("source", "not recorded")
     lines = [
         "# MiniCache calibration report",
         "",
         summary,
         "",
         f"- model: `{profile.model.name_or_path if profile.model else 'unknown'}`",
-        f"- data: `{cal.get('data', {}).get('path')}` ({cal.get('data', {}).get('samples')} samples, "
-        f"{cal.get('data', {}).get('tokens')} tokens captured, seed {cal.get('data', {}).get('seed')})",
+        f"- data: {source} ({data.get('samples')} samples, {data.get('tokens')} tokens captured, "
+        f"seed {data.get('seed')})",
         f"- budget: {metric} ≤ {budget:g} on held-out data",
         "",
         "## Result on held-out data",
@@ -250,7 +280,7 @@ def write_report(
             lines.append(f"| {list(g.layers)} | {_settings(g.keys)} | {_settings(g.values)} |")
     else:
         lines.append("No group fits the budget: the profile merges nothing (the cache behaves as a full cache).")
-    lines += ["", f"![groups]({PLOT_GROUPS})", ""]
+    lines += ["", f"![groups]({files['groups.png'].name})", ""]
     lines += [
         "## Similarity between adjacent layers",
         "",
@@ -268,24 +298,24 @@ def write_report(
             f"| {p}-{p + 1} | {cos[p, 0]:+.3f} | {cos[p, 1]:+.3f} | {median[p, 0]:.1f}° | {median[p, 1]:.1f}° "
             f"| {retained[p]:.1%} |"
         )
-    lines += ["", f"![similarity]({PLOT_SIMILARITY})", ""]
+    lines += ["", f"![similarity]({files['similarity.png'].name})", ""]
     if search and search.steps:
         lines += [
             "## Search",
             "",
-            "Every profile measured on held-out data (probes: one pair alone; verify: a candidate set).",
+            "Every profile measured on held-out data (probe: one group alone; verify: a candidate set; "
+            "extend: the best set so far plus one group).",
             "",
-            f"| step | groups | γ | {metric} | compression |",
-            "|---|---|---|---|---|",
+            f"| step | groups | {metric} | compression |",
+            "|---|---|---|---|",
         ]
         for s in search.steps:
             lines.append(
-                f"| {s.kind} | {_step_groups(s)} | {', '.join(f'{g:g}' for g in getattr(s, 'gammas', ()))} "
-                f"| {getattr(s.result, metric):+.5f} "
+                f"| {s.kind} | {_step_groups(s)} | {getattr(s.result, metric):+.5f} "
                 f"| {s.result.compression_ratio:.4f}x |"
             )
-        lines += ["", f"![search]({PLOT_SEARCH})", ""]
-    path = directory / REPORT_FILENAME
+        lines += ["", f"![search]({files['search.png'].name})", ""]
+    path = files["report.md"]
     _atomic_write_bytes(path, "\n".join(lines).encode())
     written.append(path)
     return written

@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 
 from minicache.cli_options import (
+    ArgumentParser,
     add_allow_mismatch_option,
     add_dtype_option,
     add_kv_options,
@@ -46,7 +47,7 @@ def _depth_list(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="minicache-eval",
         description=(
             "Measure what a MiniCache merge profile costs in quality and saves in memory. "
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         # The single-run output of earlier versions, key for key.
         row = rows[0]
         out = {k: v for k, v in row.items() if k not in ("method", "describe", "seconds")}
-        out.update(profile=row["method"], dtype=args.dtype)
+        out.update(profile=row["method"], dtype=args.dtype, data=args.data)
         out.update({k: row[k] for k in ("kv_bits", "kv_group_size", "kv_residual_length") if k in row})
         out["seconds"] = seconds
         text = format_result(out)

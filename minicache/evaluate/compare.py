@@ -10,6 +10,7 @@ answer the same passkey prompts. Both return plain data for JSON, and :func:`qua
 
 from __future__ import annotations
 
+import difflib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -93,7 +94,17 @@ class MethodSpec:
             return cls(text, kind, name)
         if text in BUILTIN_METHODS:
             return cls(text, BUILTIN_METHODS[text][0], text)
-        return cls(text, "profile", text, MergeProfile.load(text))
+        try:
+            profile = MergeProfile.load(text)
+        except FileNotFoundError as err:
+            hint = difflib.get_close_matches(text, list(BUILTIN_METHODS), n=1)
+            if not hint:
+                raise
+            raise FileNotFoundError(
+                f"{text!r} is neither a built-in method nor a profile on disk (did you mean {hint[0]!r}?); "
+                f"built in: {', '.join(BUILTIN_METHODS)}"
+            ) from err
+        return cls(text, "profile", text, profile)
 
     def build(self, config) -> tuple[MergeProfile, Callable | None]:
         """``(profile, cache_factory)`` for :func:`~minicache.evaluate.quality.evaluate_profile`

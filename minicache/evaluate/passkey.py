@@ -337,7 +337,8 @@ def run_passkey(
             hits = ", ".join(
                 f"{m.label} {sum(r.correct for r in new if r.method == m.label)}/{len(batch)}" for m in methods
             )
-            progress(f"length {batch[0].context_length}, depth {batch[0].depth:g}: {hits}")
+            depths = ", ".join(f"{d:g}" for d in sorted({p.depth for p in batch}))
+            progress(f"length {batch[0].context_length}, depth {depths}: {hits}")
     compression: dict[str, dict[int, float]] = {}
     for (label, length), (kv_bytes, kv_full) in held.items():
         compression.setdefault(label, {})[length] = compression_ratio(kv_full, kv_bytes)

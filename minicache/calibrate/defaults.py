@@ -1,0 +1,51 @@
+"""The calibration's defaults, defined once: ``calibrate()`` and ``minicache-calibrate`` both read them.
+
+Standard library only, so that the command line parses (and answers ``--help``) without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["CALIBRATION_DEFAULTS", "CalibrationDefaults"]
+
+
+@dataclass(frozen=True)
+class CalibrationDefaults:
+    """What a calibration does when nothing else is said.
+
+    Attributes
+    ----------
+    budget, budget_metric
+        Largest quality loss accepted on held-out data: ``ppl_increase`` 0.01 = +1 % perplexity.
+    num_samples, max_length, eval_windows, held_out, seed
+        Calibration windows (of ``max_length`` tokens) and held-out windows; the share of samples held
+        out and the seed of that split.
+    probes
+        Single-group measurements that calibrate the search's prediction.
+    align
+        Fit each method's tensors (SLERP: an orthogonal alignment per group, KV head and K/V) and let the
+        search use them where they restore better.
+    max_group_size
+        Largest group of adjacent layers the search considers.
+    methods
+        Merge methods the search may choose from.
+    batch_size
+        Windows per forward pass.
+    """
+
+    budget: float = 0.01
+    budget_metric: str = "ppl_increase"
+    num_samples: int = 32
+    max_length: int = 768
+    eval_windows: int = 8
+    held_out: float = 0.25
+    seed: int = 0
+    probes: int = 6
+    align: bool = True
+    max_group_size: int = 3
+    methods: tuple[str, ...] = ("slerp",)
+    batch_size: int = 4
+
+
+CALIBRATION_DEFAULTS = CalibrationDefaults()

@@ -189,3 +189,44 @@ def test_the_report_has_no_empty_gamma_column_and_names_the_search_steps(tmp_pat
     assert "| probe | [[2, 3]] | +0.01000 | 1.1111x |" in text
     assert len(written) == 4
     assert os.path.getsize(tmp_path / "minicache_groups.png") > 0
+
+
+# ---- 5. progress follows the work --------------------------------------------------------------------
+def test_calibration_reports_its_two_capture_phases(tmp_path):
+    """The second half of the capture also measures every candidate under every option (much more work
+    per batch): it gets its own progress bar and a line saying what it measures."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from minicache.calibrate.api import calibrate
+    from minicache.calibrate.search import Budget
+    from minicache.profile import Defaults
+    from tests.test_plugins import TinyTokenizer
+    from tests.tiny_configs import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", num_hidden_layers=4)).eval()
+    data = tmp_path / "ids.jsonl"
+    g = torch.Generator().manual_seed(0)
+    data.write_text("".join(json.dumps({"input_ids": torch.randint(3, 128, (96,), generator=g).tolist()}) + "\n"
+                            for _ in range(16)))
+    lines: list[str] = []
+    bars: list[str] = []
+    import minicache.calibrate.capture as capture_module
+
+    real = capture_module.progress_bar
+
+    def recording(total, enabled, desc, unit="tok"):
+        bars.append(desc)
+        return real(total, False, desc, unit)
+
+    capture_module.progress_bar = recording
+    try:
+        calibrate(model, TinyTokenizer(), data, budget=Budget("ppl_increase", 10.0), num_samples=8, max_length=96,
+                  eval_windows=2, defaults=Defaults(residual_length=16, block_size=16), probes=3, log=lines.append)
+    finally:
+        capture_module.progress_bar = real
+    # 3 pairs x 7 t x (plain, aligned) + 2 triples x (plain, aligned), for keys and for values
+    assert bars == ["capturing KV statistics (1/2)", "measuring 92 candidate options (2/2)"], bars
+    assert any(line.startswith("measuring the restore error of 5 candidate groups") for line in lines), lines

@@ -1055,7 +1055,17 @@ class MergeProfile:
             The file is not a valid profile (the message starts with the file's path).
         """
         file = profile_file(path_or_model_dir)
-        text = file.read_text(encoding="utf-8")
+        if file.stat().st_size > MAX_PROFILE_BYTES:
+            raise ProfileError(
+                f"{file.stat().st_size} bytes; allowed: a profile of at most {MAX_PROFILE_BYTES // 2**20} MiB",
+                source=str(file),
+            )
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ProfileError(
+                f"not UTF-8 text ({err.reason} at byte {err.start}); allowed: a YAML file in UTF-8", source=str(file)
+            ) from None
         data = _parse_yaml(text, str(file))
         tensors = _read_sidecar(file, data)
         try:
@@ -1171,7 +1181,7 @@ def _target_file(path: str | os.PathLike) -> pathlib.Path:
 def _named_sidecar(target: pathlib.Path) -> pathlib.Path | None:
     """The sidecar an existing profile file names (None when it names none or cannot be read)."""
     try:
-        data = yaml.safe_load(target.read_text(encoding="utf-8"))
+        data = _parse_yaml(target.read_text(encoding="utf-8"), str(target))
         entry = _check_tensors_entry(data["tensors"])
     except Exception:  # an unreadable old profile has nothing of ours to clean up
         return None
@@ -1217,9 +1227,62 @@ def _upgrade_v1_settings(given: Any, path: str, default_t: float | None) -> dict
     return out
 
 
+#: A profile is a few kilobytes; anything this large is not one (and is not parsed).
+MAX_PROFILE_BYTES = 4 * 2**20
+#: Deepest nesting of mappings and lists a profile may have (a real one needs about 5).
+MAX_PROFILE_DEPTH = 32
+
+
+class _ProfileLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` for untrusted profiles: no anchors or aliases (an alias chain of a few hundred
+    bytes expands to gigabytes), bounded nesting (no RecursionError), no duplicate keys (a second
+    ``groups: []`` must not silently replace the first)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise ProfileError(
+                f"line {event.start_mark.line + 1}: a YAML anchor or alias; allowed: plain YAML without "
+                "anchors (&) and aliases (*)"
+            )
+        depth = getattr(self, "_depth", 0)
+        if depth >= MAX_PROFILE_DEPTH:
+            raise ProfileError(
+                f"line {event.start_mark.line + 1}: nested deeper than {MAX_PROFILE_DEPTH} levels; allowed: "
+                f"at most {MAX_PROFILE_DEPTH}"
+            )
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not None:
+                raise ProfileError(
+                    f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first on line {first}); "
+                    "allowed: each key once"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _parse_yaml(text: str, source: str | None) -> Any:
+    if len(text) > MAX_PROFILE_BYTES:
+        raise ProfileError(
+            f"{len(text)} characters; allowed: a profile of at most {MAX_PROFILE_BYTES // 2**20} MiB", source=source
+        )
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_ProfileLoader)  # a SafeLoader: never constructs Python objects
+    except ProfileError as err:
+        raise ProfileError(err.detail, err.path, source) from None
     except yaml.YAMLError as err:
         raise ProfileError(f"not valid YAML: {err}; allowed: a YAML mapping", source=source) from None
     if data is None:

@@ -58,7 +58,7 @@ evaluate "$R/calibration-cpu/shipped-512.json" --profile "$SHIPPED" "${C[@]}"
 evaluate "$R/calibration-cpu/paper-512.json" --preset paper "${C[@]}"
 "$PY" -m minicache.evaluate.cli --compare "full,paper,average,$SHIPPED,$R/compare-cpu/paper-aligned" \
   --data "$OUT/eval.txt" --prefix-length 512 --continuation-length 256 --num-windows 8 \
-  --json-out "$OUT/compare-512.json" >/dev/null 2>"$OUT/compare-512.log" || { cat "$OUT/compare-512.log"; failed=1; }
+  --json-out "$OUT/compare-512.json" --force >/dev/null 2>"$OUT/compare-512.log" || { cat "$OUT/compare-512.log"; failed=1; }
 # A profile's one-line description says "per-group settings" since the plug-in redesign (it said
 # "per-group t/gamma"): text, not a figure.
 check "$R/compare-cpu/compare-512.json" "$OUT/compare-512.json" --ignore describe

@@ -41,7 +41,7 @@ if [[ $WHAT == all || $WHAT == compare ]]; then
     echo "== minicache-eval --compare $METHODS,$ALIGNED --data eval.txt --prefix-length 512 --continuation-length 256 --num-windows 8"
     "$PY" -m minicache.evaluate.cli --compare "$METHODS,$ALIGNED" --data "$WORK/eval.txt" \
       --prefix-length 512 --continuation-length 256 --num-windows 8 \
-      --json-out "$OUT/compare-512.json" --markdown-out "$OUT/compare-512.md"
+      --json-out "$OUT/compare-512.json" --markdown-out "$OUT/compare-512.md" --force
   } 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/log.txt"
 fi
 
@@ -54,12 +54,12 @@ if [[ $WHAT == all || $WHAT == passkey ]]; then
     [[ -f $ALIGNED/minicache_config.yaml ]] || { echo "run '$0 compare' first: it calibrates $ALIGNED"; exit 1; }
     "$PY" -m minicache.evaluate.cli --task passkey --compare "$METHODS,$ALIGNED" \
       --context-lengths 1024,2048,4096 --depths 0.1,0.5,0.9 --samples-per-cell 2 --batch-size 2 \
-      --json-out "$OUT/passkey.json" --markdown-out "$OUT/passkey.md"
+      --json-out "$OUT/passkey.json" --markdown-out "$OUT/passkey.md" --force
     # SmolLM2-135M mostly fails at 1k+ tokens even with the full cache: shorter prompts too, where
     # it has something to lose.
     echo "== minicache-eval --task passkey --compare $METHODS,$ALIGNED --context-lengths 512,768 --depths 0.1,0.5,0.9 --samples-per-cell 2"
     "$PY" -m minicache.evaluate.cli --task passkey --compare "$METHODS,$ALIGNED" \
       --context-lengths 512,768 --depths 0.1,0.5,0.9 --samples-per-cell 2 --batch-size 2 \
-      --json-out "$OUT/passkey-short.json" --markdown-out "$OUT/passkey-short.md"
+      --json-out "$OUT/passkey-short.json" --markdown-out "$OUT/passkey-short.md" --force
   } 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/log.txt"
 fi

@@ -18,12 +18,15 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 _FIELDS = ("text", "messages", "input_ids")
+# A generous bound on characters per token: texts longer than this many characters per token
+# needed are cut before tokenizing (a 10 MB line is not tokenized whole for two windows).
+_CHARS_PER_TOKEN_BOUND = 64
 
 
 class DataError(ValueError):
@@ -38,18 +41,29 @@ class Sample:
     text: str | None = None
     messages: tuple[dict, ...] | None = None
     input_ids: tuple[int, ...] | None = None
+    source: str | None = None
 
-    def tokenize(self, tokenizer) -> list[int]:
+    @property
+    def where(self) -> str:
+        """``file:line`` (or ``line N``) for messages."""
+        return f"{self.source}:{self.line}" if self.source else f"line {self.line}"
+
+    def tokenize(self, tokenizer, max_tokens: int | None = None) -> list[int]:
+        """Token ids; ``max_tokens`` bounds the work on a huge text (its tail is not tokenized)."""
         if self.input_ids is not None:
             return list(self.input_ids)
         if self.messages is not None:
             if not getattr(tokenizer, "chat_template", None):
                 raise DataError(
-                    f"line {self.line}: 'messages' needs a tokenizer with a chat template; this one has none"
+                    f"{self.where}: 'messages' needs a tokenizer with a chat template; this one has none"
                 )
             ids = tokenizer.apply_chat_template(list(self.messages), tokenize=True, return_dict=False)
             return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        return tokenizer(self.text, add_special_tokens=True, verbose=False).input_ids
+        text = self.text
+        if max_tokens is not None and len(text) > _CHARS_PER_TOKEN_BOUND * max_tokens:
+            # No tokenizer makes tokens longer than this on average: the cut keeps every token needed.
+            text = text[: _CHARS_PER_TOKEN_BOUND * max_tokens]
+        return tokenizer(text, add_special_tokens=True, verbose=False).input_ids
 
 
 def _validate_record(record: object, where: str) -> Sample:
@@ -78,7 +92,10 @@ def _validate_record(record: object, where: str) -> Sample:
         if not any(m["content"].strip() for m in value):
             raise DataError(f"{where}: every message's 'content' is empty")
         return Sample(line=line, messages=tuple(value))
-    if not isinstance(value, list) or not value or not all(isinstance(i, int) and i >= 0 for i in value):
+    # bool is an int in Python, but [true, false] are not token ids.
+    if not isinstance(value, list) or not value or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+    ):
         raise DataError(f"{where}: 'input_ids' must be a non-empty list of non-negative integers")
     return Sample(line=line, input_ids=tuple(value))
 
@@ -144,18 +161,23 @@ def read_samples(path: str | os.PathLike, *, split_text_files: bool = False) -> 
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise DataError(f"{path}: the text file is empty")
-        return split_text(text) if split_text_files else [Sample(line=1, text=text)]
+        samples = split_text(text) if split_text_files else [Sample(line=1, text=text)]
+        return [replace(sample, source=str(path)) for sample in samples]
     samples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, raw in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw_bytes in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start} of the line)") from None
             if not raw.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            samples.append(_validate_record(record, where))
+                raise DataError(f"{where}: not valid JSON ({err.msg}; column {err.colno})") from None
+            samples.append(replace(_validate_record(record, where), source=str(path)))
     if not samples:
         raise DataError(f"{path}: no records (expected JSON Lines with one of {_FIELDS} per line)")
     return samples
@@ -196,10 +218,11 @@ def token_windows(
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     vocab = len(tokenizer)
     for sample in samples:
-        ids = sample.tokenize(tokenizer)
+        needed = None if max_windows is None else length * max_windows - len(stream)
+        ids = sample.tokenize(tokenizer, max_tokens=needed)
         bad = [i for i in ids if i >= vocab]
         if bad:
-            raise DataError(f"line {sample.line}: token id {bad[0]} is outside the vocabulary (size {vocab})")
+            raise DataError(f"{sample.where}: token id {bad[0]} is outside the vocabulary (size {vocab})")
         stream.extend(ids + separator)
         if max_windows is not None and len(stream) >= length * max_windows:
             break

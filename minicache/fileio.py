@@ -6,11 +6,44 @@ import os
 import pathlib
 import tempfile
 
-__all__ = ["atomic_write", "exists_message", "save_figure"]
+__all__ = ["atomic_write", "check_output_file", "exists_message", "save_figure"]
 
 
 def exists_message(target: pathlib.Path) -> str:
     return f"{target} exists; refusing to overwrite it (pass overwrite=True, or --force on the command line)"
+
+
+def check_output_file(path: str | os.PathLike | None, option: str, force: bool) -> None:
+    """Refuse, before any work, an output file a command could not write at the end.
+
+    Raises
+    ------
+    FileExistsError
+        It exists and ``force`` is False.
+    IsADirectoryError
+        It is a directory.
+    PermissionError
+        Its directory (or the nearest one that exists) is not writable.
+    """
+    if path is None:
+        return
+    target = pathlib.Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{option} {target} is a directory; allowed: a file path")
+    if target.exists() and not force:
+        raise FileExistsError(f"{option} {target} exists; pass --force to overwrite it")
+    check_writable_directory(target.parent, option)
+
+
+def check_writable_directory(directory: pathlib.Path, option: str) -> None:
+    """``directory`` (or, if it does not exist yet, its nearest existing ancestor) is a writable directory."""
+    existing = pathlib.Path(directory).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{option}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option}: {existing} is not writable")
 
 
 def atomic_write(target: pathlib.Path, data: bytes, overwrite: bool) -> None:

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import pathlib
+import pickle
 import re
 import shutil
 import tempfile
@@ -587,6 +588,14 @@ def _one_line(err: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _check_readable_weights(directory: pathlib.Path) -> None:
+    """Name a weights file the process may not read (transformers would say it is missing)."""
+    for pattern in ("*.safetensors", "*.bin"):
+        for file in sorted(pathlib.Path(directory).glob(pattern)):
+            if not os.access(file, os.R_OK):
+                raise ModelSourceError(f"{file}: not readable (permission denied)")
+
+
 def load_model(
     spec: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
@@ -636,13 +645,15 @@ def load_model(
             kwargs["local_files_only"] = True
         else:
             location = str(source.path)
+            _check_readable_weights(source.path)
         if device_map is not None:
             kwargs["device_map"] = device_map
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 location, dtype="auto" if resolved_dtype is None else resolved_dtype, **kwargs
             )
-        except OSError as err:
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
+            # A pickled checkpoint refused by torch's weights-only loader lands here too, as one line.
             raise ModelSourceError(f"{source.describe()}: cannot load the model ({_one_line(err)})") from err
         tok_kwargs = {k: kwargs[k] for k in ("local_files_only", "cache_dir", "revision") if k in kwargs}
         tokenizer = _load_tokenizer(location, source.describe(), **tok_kwargs)

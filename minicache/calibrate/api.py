@@ -18,6 +18,7 @@ from minicache.calibrate.search import Budget, Candidate, SearchResult, search
 from minicache.calibrate.statistics import PairStatistics
 from minicache.data import DataError, Sample, file_sha256, read_samples, split_samples, token_windows
 from minicache.evaluate.quality import QualityResult, evaluate_profile, reference_run
+from minicache.fileio import check_writable_directory
 from minicache.methods import COMPONENTS
 from minicache.methods.base import tensor_name
 from minicache.model_spec import ModelSpec
@@ -364,8 +365,21 @@ def _samples_sha(samples: list[Sample]) -> str:
 
 
 def resolve_output(out: str | os.PathLike) -> tuple[Path, Path]:
-    """(profile file, report directory) for ``--out``: a .yaml file, or a directory (model dir too)."""
+    """(profile file, report directory) for ``--out``: a .yaml file, or a directory (model dir too).
+
+    Raises
+    ------
+    OSError
+        ``out`` cannot take a profile: an existing file that is not YAML, a directory (or the nearest
+        existing ancestor) that is not writable. Checked before any work.
+    """
     out = Path(out)
     if out.suffix in (".yaml", ".yml"):
+        if out.is_dir():
+            raise IsADirectoryError(f"--out {out} is a directory; allowed: a .yaml file or a directory path")
+        check_writable_directory(out.parent, "--out")
         return out, out.parent
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is an existing file; allowed: a .yaml file or a directory")
+    check_writable_directory(out, "--out")
     return out / PROFILE_FILENAME, out

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import os
 import re
+import shutil
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
-    from minicache.calibrate.api import calibrate, read_calibration_data, resolve_output
-    from minicache.calibrate.report import report_stem, write_report
+    from minicache.calibrate.api import read_calibration_data, resolve_output
     from minicache.calibrate.search import Budget
     from minicache.methods import method_names
     from minicache.profile import Defaults
@@ -131,47 +136,97 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    import torch
-
-    from minicache.model_spec import ModelSpec
-    from minicache.models import load_model, resolve_model_source
-
     started = time.perf_counter()
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-        source = resolve_model_source(args.model)
-        print(f"loaded {source.name_or_path} ({ModelSpec.from_config(model).num_layers} layers) in "
-              f"{time.perf_counter() - started:.0f}s", flush=True)
-        result = calibrate(
-            model,
-            tokenizer,
-            args.data,
-            model_name=source.name_or_path,
-            budget=budget,
-            preset=args.preset,
-            num_samples=args.num_samples,
-            max_length=args.max_length,
-            eval_windows=args.eval_windows,
-            seed=args.seed,
-            defaults=defaults,
-            probes=args.probes,
-            align=args.align,
-            max_group_size=args.max_group_size,
-            quantization=quantization,
-            methods=methods,
-            progress=not args.no_progress,
-            log=lambda line: print(line, flush=True),
-        )
-        written = write_report(report_dir, result.profile, result.statistics, result.search, budget.metric,
-                               budget.max, result.summary, stem=report_stem(profile_path))
-        path = result.profile.save(profile_path, overwrite=args.force)
+        with output_lock(report_dir):
+            written, path, result = _run(args, budget, defaults, quantization, methods, profile_path, report_dir,
+                                         started)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
     except (DataError, ProfileError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     print(f"report: {', '.join(str(p) for p in written)}")
     print(f"profile written to {path}")
     print(f"{result.summary} [{time.perf_counter() - started:.0f}s]")
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM takes the same way out as Ctrl-C: nothing half-written
+
+
+@contextlib.contextmanager
+def output_lock(directory: Path):
+    """Hold an exclusive lock on the output directory (created if missing, removed again if this run
+    leaves it empty), so that two calibrations never write into one directory at the same time."""
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BlockingIOError(f"another minicache-calibrate is writing into {directory}; wait for it") from None
+        yield
+    finally:
+        os.close(fd)
+        if created and not any(directory.iterdir()):
+            directory.rmdir()
+
+
+def _run(args, budget, defaults, quantization, methods, profile_path: Path, report_dir: Path, started: float):
+    """Load the model, calibrate, and write the profile with its report; returns (report files, profile file,
+    result)."""
+    import torch
+
+    from minicache.calibrate.api import calibrate
+    from minicache.calibrate.report import report_stem, write_report
+    from minicache.model_spec import ModelSpec
+    from minicache.models import load_model, resolve_model_source
+
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    source = resolve_model_source(args.model)
+    print(f"loaded {source.name_or_path} ({ModelSpec.from_config(model).num_layers} layers) in "
+          f"{time.perf_counter() - started:.0f}s", flush=True)
+    result = calibrate(
+        model,
+        tokenizer,
+        args.data,
+        model_name=source.name_or_path,
+        budget=budget,
+        preset=args.preset,
+        num_samples=args.num_samples,
+        max_length=args.max_length,
+        eval_windows=args.eval_windows,
+        seed=args.seed,
+        defaults=defaults,
+        probes=args.probes,
+        align=args.align,
+        max_group_size=args.max_group_size,
+        quantization=quantization,
+        methods=methods,
+        progress=not args.no_progress,
+        log=lambda line: print(line, flush=True),
+    )
+    # The report is written aside first and moved in after the profile: an interruption leaves the old
+    # profile and report, or the new ones, never a report of another profile or half a report.
+    staging = Path(tempfile.mkdtemp(prefix=".minicache-report-", dir=report_dir))
+    try:
+        staged = write_report(staging, result.profile, result.statistics, result.search, budget.metric,
+                              budget.max, result.summary, stem=report_stem(profile_path))
+        path = result.profile.save(profile_path, overwrite=args.force)
+        written = []
+        for file in staged:
+            os.replace(file, report_dir / file.name)
+            written.append(report_dir / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written, path, result
 
 
 if __name__ == "__main__":

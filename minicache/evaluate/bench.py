@@ -687,9 +687,13 @@ def _check_args(args) -> str | None:
         return "--kv-residual-length must be ≥ 0"
     if args.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda: no CUDA device is available"
-    for out in (args.json_out, args.plot_out):
-        if out and Path(out).exists() and not args.force:
-            return f"{out} exists; pass --force to overwrite"
+    from minicache.fileio import check_output_file
+
+    try:
+        check_output_file(args.json_out, "--json-out", args.force)
+        check_output_file(args.plot_out, "--plot-out", args.force)
+    except OSError as err:
+        return str(err)
     if args.plot_out:
         try:
             import matplotlib  # noqa: F401
@@ -819,16 +823,20 @@ def main(argv: list[str] | None = None) -> int:
         **result,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    from minicache.profile import atomic_write
+    from minicache.fileio import atomic_write
 
-    for out in (args.json_out, args.plot_out):
-        if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-    if args.json_out:
-        atomic_write(Path(args.json_out), (json.dumps(result, indent=1) + "\n").encode(), overwrite=True)
-    if args.plot_out:
-        save_plot(result, args.plot_out)
-    print(format_table(result))
+    print(format_table(result))  # first: a file that cannot be written must not cost the results
+    try:
+        for out in (args.json_out, args.plot_out):
+            if out:
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
+        if args.json_out:
+            atomic_write(Path(args.json_out), (json.dumps(result, indent=1) + "\n").encode(), overwrite=True)
+        if args.plot_out:
+            save_plot(result, args.plot_out)
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

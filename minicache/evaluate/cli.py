@@ -19,7 +19,8 @@ from minicache.cli_options import (
     quantization_from_args,
 )
 from minicache.data import DataError, read_samples, token_windows
-from minicache.fileio import atomic_write
+from minicache.fileio import atomic_write, check_output_file
+from minicache.model_spec import ModelSpec
 from minicache.profile import MergeProfile
 from minicache.validation import ProfileError
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--json-out", metavar="FILE", help="also write the JSON result to FILE")
     parser.add_argument("--markdown-out", metavar="FILE", help="also write the Markdown table(s) to FILE")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --json-out / --markdown-out")
     return parser
 
 
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         samples = read_samples(args.data) if args.task == "perplexity" else None  # before the model loads
         quantization = quantization_from_args(args)
         methods = [replace(m, quantization=quantization) for m in _methods(args)]
+        for option, path in (("--json-out", args.json_out), ("--markdown-out", args.markdown_out)):
+            check_output_file(path, option, args.force)
     except (DataError, ProfileError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -169,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
         compare.check_methods(methods, model.config, args.allow_model_mismatch)
+        needed = (args.prefix_length + args.continuation_length if args.task == "perplexity"
+                  else max(args.context_lengths) + args.max_new_tokens)
+        limit = ModelSpec.from_config(model).max_positions
+        if limit is not None and needed > limit:
+            what = ("--prefix-length + --continuation-length" if args.task == "perplexity"
+                    else "the longest --context-lengths + --max-new-tokens")
+            raise ValueError(f"{what} = {needed} tokens exceeds the model's {limit} positions")
         if args.task == "perplexity":
             length = args.prefix_length + args.continuation_length
             windows = token_windows(samples, tokenizer, length, max_windows=args.num_windows)
@@ -225,19 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(out) if args.json else text)
     try:
         if args.json_out:
-            _write(args.json_out, json.dumps(out, indent=1) + "\n")
+            _write(args.json_out, json.dumps(out, indent=1) + "\n", args.force)
         if args.markdown_out:
-            _write(args.markdown_out, markdown + "\n")
+            _write(args.markdown_out, markdown + "\n", args.force)
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
 
 
-def _write(path: str, text: str) -> None:
+def _write(path: str, text: str, overwrite: bool) -> None:
     target = pathlib.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(target, text.encode("utf-8"), overwrite=True)
+    atomic_write(target, text.encode("utf-8"), overwrite=overwrite)
 
 
 def format_result(out: dict) -> str:

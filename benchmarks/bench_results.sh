@@ -27,7 +27,7 @@ cat "$L/Apache-2.0" "$L/GPL-2" "$L/LGPL-2.1" >"$WORK/prompts.txt"
 exec > >(tee "$OUT/log.txt") 2>&1
 echo "machine: $(nproc) CPU cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs); $(date -u +%F)"
 
-PYTHONPATH=. "$PY" -m minicache.evaluate.bench --model smollm2-135m --dtype float32 --device cpu \
+PYTHONPATH=. "$PY" -m minicache.evaluate.bench_cli --model smollm2-135m --dtype float32 --device cpu \
   --preset paper --profile profiles/smollm2-135m-instruct --kv-bits 4 \
   --context-lengths 512,2048 --batch-sizes 1,4 --decode-tokens 16 --repeats 3 --warmup 1 \
   --kv-budget-mib 256 --threads "$THREADS" --data "$WORK/prompts.txt" --note "$NOTE" \

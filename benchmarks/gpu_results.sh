@@ -57,6 +57,6 @@ else
   bench=(--model-shape llama2-7b --dtype bfloat16 --context-lengths 1024,4096 --batch-sizes 1,16
          --decode-tokens 32 --repeats 3 --warmup 1 --kv-budget-mib 40960)
 fi
-step serving 240 "$PY" -m minicache.evaluate.bench "${bench[@]}" --preset paper --kv-bits 4 --kernels auto \
+step serving 240 "$PY" -m minicache.evaluate.bench_cli "${bench[@]}" --preset paper --kv-bits 4 --kernels auto \
   --json-out "$OUT/bench.json" --force
 echo "results in $OUT"

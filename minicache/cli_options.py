@@ -33,7 +33,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors suggest the option meant (``--profle`` → ``--profile``).
 
-    Usage errors exit with status 2 and one line on stderr, as ``argparse`` does.
+    Usage errors exit with status 2 and print one line on stderr, pointing at ``--help`` (``argparse``
+    would print the whole usage block first, burying the error under a dozen lines).
     """
 
     def parse_args(self, args=None, namespace=None):
@@ -60,10 +61,11 @@ class ArgumentParser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments:"):
             first = message.split(":", 1)[1].split()[0].split("=", 1)[0]
             options = sorted({s for action in self._actions for s in action.option_strings if s.startswith("--")})
-            hint = difflib.get_close_matches(first, options, n=1)
+            # 0.75: close enough for a typo (--profle, --kvbits), not for any word (--bogus is not --out)
+            hint = difflib.get_close_matches(first, options, n=1, cutoff=0.75)
             if hint:
                 message += f" (did you mean {hint[0]}?)"
-        super().error(message)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def add_model_option(parser: Any, *, default: str | None = DEFAULT_MODEL, required: bool = False,

@@ -18,19 +18,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from minicache.cli_options import ArgumentParser, add_allow_mismatch_option, add_model_option
+from minicache.cli_options import DTYPES, ArgumentParser, add_allow_mismatch_option, add_model_option
 from minicache.model_spec import ModelSpec
-from minicache.models import (
-    DTYPES,
-    ModelSource,
-    atomic_directory,
-    load_model,
-    resolve_model_source,
-    save_model_directory,
-    write_source_record,
-)
+
+if TYPE_CHECKING:  # minicache.models imports torch: loaded in convert(), after the arguments are parsed
+    from minicache.models import ModelSource
 
 __all__ = ["ConvertResult", "build_parser", "convert", "main"]
 
@@ -97,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=("auto", *DTYPES),
         default=None,
         help="dtype of the written weights (default: keep the checkpoint's; float32 for .gguf files)",
     )
@@ -168,6 +162,14 @@ def convert(
     FileExistsError, FileNotFoundError, ValueError, ImportError
         User errors (existing ``out``, bad model spec, bad or mismatched profile, missing package).
     """
+    from minicache.models import (
+        atomic_directory,
+        load_model,
+        resolve_model_source,
+        save_model_directory,
+        write_source_record,
+    )
+
     say = log or (lambda line: None)
     started = time.perf_counter()
     out_dir = pathlib.Path(out).expanduser()

@@ -20,8 +20,10 @@ import os
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where windows are made: command-line tools parse arguments first
+    import torch
 
 _FIELDS = ("text", "messages", "input_ids")
 # A generous bound on characters per token: texts longer than this many characters per token
@@ -229,4 +231,6 @@ def token_windows(
     count = len(stream) // length
     if max_windows is not None:
         count = min(count, max_windows)
+    import torch
+
     return torch.tensor(stream[: count * length], dtype=torch.long).view(count, length)

@@ -10,13 +10,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
-
-import torch
-from transformers import DynamicCache
+from typing import TYPE_CHECKING
 
 from minicache.cli_options import ArgumentParser, add_allow_mismatch_option, add_model_option, add_profile_option
-from minicache.profile import PROFILE_FILENAME, MergeProfile
-from minicache.runtime.cache import MiniCache
+
+if TYPE_CHECKING:  # torch, transformers and the runtime load in main(), after the arguments are parsed
+    from minicache.profile import MergeProfile
 
 _DEFAULT_TEXTS = ("GPL-3", "Apache-2.0", "GPL-2", "LGPL-2.1", "MPL-2.0")
 _LICENSES = Path("/usr/share/common-licenses")
@@ -62,9 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
+    import torch
+    from transformers import DynamicCache
+
     from minicache.evaluate.quality import evaluate_profile
     from minicache.model_spec import ModelSpec
     from minicache.models import load_model
+    from minicache.runtime.cache import MiniCache
 
     try:
         profile, source = _profile_of(args) if args.profile else (None, None)
@@ -125,11 +128,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _profile_of(args) -> tuple[MergeProfile, str]:
+    from minicache.profile import MergeProfile
+
     return MergeProfile.load(args.profile), args.profile
 
 
 def _shipped_or_preset(model_spec: str, model) -> tuple[MergeProfile, str | None]:
     """The profile shipped in a model directory (minicache-convert writes one), else the paper preset."""
+    from minicache.profile import PROFILE_FILENAME, MergeProfile
+
     directory = Path(model_spec)
     if directory.is_dir() and (directory / PROFILE_FILENAME).is_file():
         return MergeProfile.load(directory), f"{directory / PROFILE_FILENAME}, shipped with the model"

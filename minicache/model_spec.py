@@ -27,7 +27,7 @@ from typing import Any
 
 from minicache.validation import ProfileError
 
-__all__ = ["LayerSpec", "ModelSpec", "format_rope"]
+__all__ = ["MODEL_SHAPES", "LayerSpec", "ModelSpec", "format_rope"]
 
 
 @dataclass(frozen=True)
@@ -351,3 +351,29 @@ def format_rope(signature: tuple | None) -> str:
     if signature is None:
         return "no rotary embedding (NoPE)"
     return "{" + ", ".join(f"{k}: {v}" for k, v in signature) + "}"
+
+
+#: Llama-architecture shapes for :func:`minicache.models.random_model` (config fields only; weights are random).
+#: ``tiny`` matches ``tests/tiny_configs.py``'s llama; the others are the published shapes of
+#: SmolLM2-135M, Llama-2-7B and Llama-3-8B, for speed and memory measurements that need a model
+#: of a given size but not its trained weights (GPU runs with no checkpoint on the machine).
+MODEL_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
+    },
+    "smollm2-135m": {
+        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192,
+        "rope_theta": 100000.0, "tie_word_embeddings": True,
+    },
+    "llama2-7b": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 4096,
+    },
+    "llama3-8b": {
+        "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+    },
+}

@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from minicache.model_spec import MODEL_SHAPES
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -584,7 +586,7 @@ def _load_tokenizer(name_or_path: str, shown: Any, **kwargs: Any) -> PreTrainedT
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split())  # no terminal colour codes
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -653,7 +655,14 @@ def load_model(
                 location, dtype="auto" if resolved_dtype is None else resolved_dtype, **kwargs
             )
         except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
-            # A pickled checkpoint refused by torch's weights-only loader lands here too, as one line.
+            if "weights only load failed" in str(err).lower():
+                # torch's safe loader refused a pickle holding more than tensors; loading it anyway
+                # would run whatever code it holds, so say so rather than quote torch's advice.
+                raise ModelSourceError(
+                    f"{source.describe()}: cannot load the model: its pickled checkpoint (.bin) holds objects "
+                    "other than tensors, which the safe loader refuses; only a source you trust should be "
+                    "converted to safetensors"
+                ) from err
             raise ModelSourceError(f"{source.describe()}: cannot load the model ({_one_line(err)})") from err
         tok_kwargs = {k: kwargs[k] for k in ("local_files_only", "cache_dir", "revision") if k in kwargs}
         tokenizer = _load_tokenizer(location, source.describe(), **tok_kwargs)
@@ -667,32 +676,6 @@ def load_model(
     model.config.name_or_path = source.name_or_path
     model.eval()
     return model, tokenizer
-
-
-#: Llama-architecture shapes for :func:`random_model` (config fields only; weights are random).
-#: ``tiny`` matches ``tests/tiny_configs.py``'s llama; the others are the published shapes of
-#: SmolLM2-135M, Llama-2-7B and Llama-3-8B, for speed and memory measurements that need a model
-#: of a given size but not its trained weights (GPU runs with no checkpoint on the machine).
-MODEL_SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
-    },
-    "smollm2-135m": {
-        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192,
-        "rope_theta": 100000.0, "tie_word_embeddings": True,
-    },
-    "llama2-7b": {
-        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 4096,
-    },
-    "llama3-8b": {
-        "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 8192,
-        "rope_theta": 500000.0,
-    },
-}
 
 
 def random_model(

@@ -1094,14 +1094,15 @@ class MergeProfile:
         A profile with tensors also writes its sidecar next to the YAML, named after the sidecar's
         own SHA-256 (``minicache_config.<sha256[:16]>.tensors``), first; the YAML, which records that
         name and hash, is renamed into place last. A reader therefore sees the old profile with its
-        own sidecar or the new one with its own, never a mix; after the new YAML is in place, the
-        sidecar the replaced YAML named is removed.
+        own sidecar or the new one with its own, never a mix. After the new YAML is in place, what an
+        earlier save left behind is removed: sidecars of this profile's name that no profile in the
+        directory names (the replaced one's, an interrupted save's) and this profile's temporary files
+        older than a minute (a killed save's; a younger one may belong to a save still running).
         """
         target = _target_file(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists() and not overwrite:
             raise FileExistsError(exists_message(target))
-        previous = _named_sidecar(target) if overwrite else None
         entry = None
         blob = None
         if self.tensors is not None and len(self.tensors):
@@ -1116,8 +1117,7 @@ class MergeProfile:
             if not (sidecar.is_file() and _sha256_of_file(sidecar) == entry["sha256"]):
                 atomic_write(sidecar, blob, overwrite=True)  # named by its content: only ever ours
         atomic_write(target, text.encode("utf-8"), overwrite)
-        if previous is not None and (entry is None or previous.name != entry["file"]):
-            previous.unlink(missing_ok=True)
+        _remove_leftovers(target)
         return target
 
 
@@ -1186,6 +1186,32 @@ def _named_sidecar(target: pathlib.Path) -> pathlib.Path | None:
     except Exception:  # an unreadable old profile has nothing of ours to clean up
         return None
     return target.parent / entry["file"]
+
+
+def _remove_leftovers(target: pathlib.Path, stale_after_s: float = 60.0) -> None:
+    """Remove what earlier saves of ``target`` left behind (see :meth:`MergeProfile.save`)."""
+    import re
+    import time
+
+    directory = target.parent
+    # x.yaml and x.yml share the sidecar stem: a sidecar is kept while any profile here names it.
+    named = {
+        sidecar.name
+        for other in (*directory.glob("*.yaml"), *directory.glob("*.yml"))
+        if other.is_file() and other.stat().st_size <= MAX_PROFILE_BYTES
+        and (sidecar := _named_sidecar(other)) is not None
+    }
+    ours = re.compile(rf"{re.escape(target.stem)}\.[0-9a-f]{{16}}{re.escape(SIDECAR_SUFFIX)}")
+    temporary = re.compile(rf"\.{re.escape(target.stem)}\..*\.tmp")
+    now = time.time()
+    for file in directory.iterdir():
+        try:
+            orphan = ours.fullmatch(file.name) is not None and file.name not in named
+            stale = temporary.fullmatch(file.name) is not None and now - file.stat().st_mtime > stale_after_s
+            if orphan or stale:
+                file.unlink()
+        except FileNotFoundError:  # removed meanwhile by another save
+            pass
 
 
 def _sha256_of_file(path: pathlib.Path) -> str:

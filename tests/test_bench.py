@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from minicache import MergeProfile
-from minicache.evaluate import bench
+from minicache.evaluate import bench, bench_cli
 from minicache.evaluate.bench import (
     FULL,
     BenchSettings,
@@ -212,7 +212,7 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "out" / "bench.json", tmp_path / "out" / "bench.png"
     threads = torch.get_num_threads()
     try:
-        code = bench.main(_cli(tmp_path, "--preset", "paper", "--profile", str(profile), "--json-out", str(out),
+        code = bench_cli.main(_cli(tmp_path, "--preset", "paper", "--profile", str(profile), "--json-out", str(out),
                                "--plot-out", str(png), "--note", "test run"))
     finally:
         torch.set_num_threads(threads)
@@ -227,7 +227,7 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "| small | 16 | 1 |" in capsys.readouterr().out
     # Outputs are not overwritten without --force.
-    assert bench.main(_cli(tmp_path, "--preset", "paper", "--json-out", str(out))) == 2
+    assert bench_cli.main(_cli(tmp_path, "--preset", "paper", "--json-out", str(out))) == 2
     assert "--force" in capsys.readouterr().err
 
 
@@ -242,7 +242,7 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
      (["--profile", "/nonexistent/profile.yaml"], "nonexistent")],
 )
 def test_cli_errors(tmp_path, capsys, args, message):
-    assert bench.main(_cli(tmp_path, *args)) == 2
+    assert bench_cli.main(_cli(tmp_path, *args)) == 2
     assert message in capsys.readouterr().err
 
 
@@ -254,7 +254,7 @@ def test_cli_errors(tmp_path, capsys, args, message):
 )
 def test_cli_rejects_bad_flags(args, capsys):
     with pytest.raises(SystemExit) as exc:
-        bench.main(["--preset", "paper", *args])
+        bench_cli.main(["--preset", "paper", *args])
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
 
@@ -265,7 +265,7 @@ def test_cli_kv_bits_adds_quantized_copies_and_records_the_kernels(tmp_path, cap
     from minicache.models import random_model
 
     MergeProfile.preset("paper", random_model("tiny").config, **SMALL).save(paper)
-    code = bench.main(_cli(tmp_path, "--profile", str(paper), "--preset", "none", "--kv-bits", "4",
+    code = bench_cli.main(_cli(tmp_path, "--profile", str(paper), "--preset", "none", "--kv-bits", "4",
                            "--kv-group-size", "4", "--kv-residual-length", "4", "--context-lengths", "24",
                            "--json-out", str(out)))
     assert code == 0
@@ -283,12 +283,12 @@ def test_cli_kv_bits_adds_quantized_copies_and_records_the_kernels(tmp_path, cap
 def test_cli_kernels_on_fails_clearly_without_a_gpu(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is available")
-    assert bench.main(_cli(tmp_path, "--preset", "paper", "--kernels", "on")) == 2
+    assert bench_cli.main(_cli(tmp_path, "--preset", "paper", "--kernels", "on")) == 2
     assert "--kernels on:" in capsys.readouterr().err
 
 
 def test_cli_kernels_torch_runs_the_blockwise_path(tmp_path):
     out = tmp_path / "bench.json"
-    assert bench.main(_cli(tmp_path, "--preset", "paper", "--kernels", "torch", "--json-out", str(out))) == 0
+    assert bench_cli.main(_cli(tmp_path, "--preset", "paper", "--kernels", "torch", "--json-out", str(out))) == 0
     data = json.loads(out.read_text())
     assert data["kernels"] == {"enabled": True, "mode": "torch", "why_not": None}

@@ -453,19 +453,19 @@ def test_convert_force_never_replaces_a_non_model_directory(tmp_path, tiny_dir, 
 
 @pytest.mark.parametrize("existing", [False, True])
 def test_convert_failure_midway_leaves_no_directory(tmp_path, tiny_dir, capsys, monkeypatch, existing):
-    import minicache.convert
+    import minicache.models
 
     out = tmp_path / "shipped"
     if existing:
         assert run_convert(capsys, "--model", tiny_dir, "--out", out)[0] == 0
         before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_save = minicache.convert.save_model_directory
+    real_save = minicache.models.save_model_directory  # convert imports it when it runs
 
     def failing_save(model, tokenizer, directory):
         real_save(model, tokenizer, directory)  # everything written in the temp dir, then the disk fills
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(minicache.convert, "save_model_directory", failing_save)
+    monkeypatch.setattr(minicache.models, "save_model_directory", failing_save)
     args = ["--model", tiny_dir, "--out", out, "--dtype", "float16"] + (["--force"] if existing else [])
     code, _, stderr = run_convert(capsys, *args)
     assert code == 2 and "No space left on device" in stderr

@@ -108,7 +108,7 @@ def test_commands_refuse_a_hostile_profile_with_one_line(tmp_path, capsys, comma
 
         code = main(["--profile", str(path), "--model", str(tmp_path / "missing")])
     else:
-        from minicache.evaluate.bench import main
+        from minicache.evaluate.bench_cli import main
 
         code = main(["--profile", str(path), "--model-shape", "tiny", "--quiet"])
     err = capsys.readouterr().err

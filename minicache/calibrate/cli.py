@@ -11,6 +11,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -156,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+#: Prefix of the directory a report is written into before it is moved beside the profile.
+STAGING_PREFIX = ".minicache-report-"
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM takes the same way out as Ctrl-C: nothing half-written
 
@@ -172,6 +177,8 @@ def output_lock(directory: Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise BlockingIOError(f"another minicache-calibrate is writing into {directory}; wait for it") from None
+        for stale in directory.glob(f"{STAGING_PREFIX}*"):  # a killed run's: no live run holds the lock
+            shutil.rmtree(stale, ignore_errors=True)
         yield
     finally:
         os.close(fd)
@@ -215,18 +222,38 @@ def _run(args, budget, defaults, quantization, methods, profile_path: Path, repo
     )
     # The report is written aside first and moved in after the profile: an interruption leaves the old
     # profile and report, or the new ones, never a report of another profile or half a report.
-    staging = Path(tempfile.mkdtemp(prefix=".minicache-report-", dir=report_dir))
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=report_dir))
     try:
         staged = write_report(staging, result.profile, result.statistics, result.search, budget.metric,
                               budget.max, result.summary, stem=report_stem(profile_path))
-        path = result.profile.save(profile_path, overwrite=args.force)
-        written = []
-        for file in staged:
-            os.replace(file, report_dir / file.name)
-            written.append(report_dir / file.name)
+        with _interrupts_deferred():  # renames take milliseconds: finish them rather than leave half
+            path = result.profile.save(profile_path, overwrite=args.force)
+            written = []
+            for file in staged:
+                os.replace(file, report_dir / file.name)
+                written.append(report_dir / file.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return written, path, result
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold Ctrl-C and SIGTERM until the block ends (main thread only; elsewhere signals cannot be caught)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            print("interrupt received while writing: the profile and its report were written in full",
+                  file=sys.stderr)
 
 
 if __name__ == "__main__":

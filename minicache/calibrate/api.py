@@ -20,7 +20,7 @@ from minicache.data import DataError, Sample, file_sha256, read_samples, split_s
 from minicache.evaluate.quality import QualityResult, evaluate_profile, reference_run
 from minicache.fileio import check_writable_directory
 from minicache.methods import COMPONENTS
-from minicache.methods.base import tensor_name
+from minicache.methods.base import process_group, tensor_name
 from minicache.model_spec import ModelSpec
 from minicache.profile import (
     PROFILE_FILENAME,
@@ -167,9 +167,14 @@ def calibrate(
     merge_methods = [_known_method(name) for name in methods]
     spec = ModelSpec.from_config(model)
 
+    group = process_group()  # (rank, world size) when data-parallel
     if data is None:
         log(f"no --data: data-free calibration on text the model generates from {len(SEED_PROMPTS)} seed prompts")
-        samples = generate_default_samples(model, tokenizer, max_length, len(SEED_PROMPTS), seed)
+        if group is None:
+            samples = generate_default_samples(model, tokenizer, max_length, len(SEED_PROMPTS), seed)
+        else:  # rank 0's text for every process: sampling on several devices need not agree to the bit
+            samples = _from_rank0(lambda: generate_default_samples(model, tokenizer, max_length,
+                                                                   len(SEED_PROMPTS), seed))
         data_info = {"path": None, "source": "generated from built-in seed prompts", "sha256": _samples_sha(samples)}
     else:
         samples = read_calibration_data(data)
@@ -205,30 +210,42 @@ def calibrate(
     phases = [(0, "capturing KV statistics" + (" (1/2)" if split < num_batches else ""))]
     if split < num_batches:
         phases.append((split, f"measuring {capture.option_count()} candidate options (2/2)"))
-    for phase, (first, desc) in enumerate(phases):
-        last = phases[phase + 1][0] if phase + 1 < len(phases) else num_batches
-        part = calib_windows[first * batch_size : last * batch_size]
-        if first == split and split < num_batches:
-            log(f"measuring the restore error of {len(runs)} candidate groups × their options on "
-                f"{part.shape[0]} windows (the second half; the first half fitted the tensors)")
-        for batch, _, kv in prefill_batches(model, part, batch_size=batch_size, progress=progress, desc=desc):
-            stats.add(kv, defaults.sink_tokens)
-            capture.add(kv, first + batch, num_batches, defaults.sink_tokens)
+    if group is not None:  # data-parallel: this process's share of each phase
+        _capture_data_parallel(model, calib_windows, stats, capture, group, phases, split=split,
+                               batch_size=batch_size, sink_tokens=defaults.sink_tokens, progress=progress, log=log)
+    else:
+        for phase, (first, desc) in enumerate(phases):
+            last = phases[phase + 1][0] if phase + 1 < len(phases) else num_batches
+            part = calib_windows[first * batch_size : last * batch_size]
+            if first == split and split < num_batches:
+                log(f"measuring the restore error of {len(runs)} candidate groups × their options on "
+                    f"{part.shape[0]} windows (the second half; the first half fitted the tensors)")
+            for batch, _, kv in prefill_batches(model, part, batch_size=batch_size, progress=progress, desc=desc):
+                stats.add(kv, defaults.sink_tokens)
+                capture.add(kv, first + batch, num_batches, defaults.sink_tokens)
     capture.all_reduce()
     stats.all_reduce()
     elapsed = time.perf_counter() - started
     log(f"statistics of {int(calib_windows.numel())} tokens in {elapsed:.0f}s "
         f"({calib_windows.numel() / max(elapsed, 1e-9):.0f} tokens/s)")
 
+    # Quality on the held-out windows: data-parallel, rank 0 measures and every process gets its figures,
+    # so that every process takes the same search decisions.
     started = time.perf_counter()
-    reference = reference_run(model, held_windows, prefix_length, batch_size, keep_prefix_kv=True)
+    reference = None
+    if group is None or group[0] == 0:
+        reference = reference_run(model, held_windows, prefix_length, batch_size, keep_prefix_kv=True)
     passes = [time.perf_counter() - started]
 
     def evaluate(profile: MergeProfile) -> QualityResult:
         # Every quality measurement of the search goes through here: timed, so the log says where time goes.
         began = time.perf_counter()
-        result = evaluate_profile(model, held_windows, prefix_length, profile, reference=reference,
-                                  batch_size=batch_size)
+
+        def measure() -> QualityResult:
+            return evaluate_profile(model, held_windows, prefix_length, profile, reference=reference,
+                                    batch_size=batch_size)
+
+        result = measure() if group is None else _from_rank0(measure)
         passes.append(time.perf_counter() - began)
         return result
 
@@ -298,6 +315,50 @@ def calibrate(
     )
     return CalibrationResult(profile=profile, statistics=stats, search=result_search, measured=measured,
                              summary=summary)
+
+
+def _capture_data_parallel(model, windows: torch.Tensor, stats: PairStatistics, capture: CalibrationCapture,
+                           group: tuple[int, int], phases: list[tuple[int, str]], *, split: int, batch_size: int,
+                           sink_tokens: int, progress: bool, log: Callable[[str], None]) -> None:
+    """This process's share of the capture loop: every ``world``-th window of each phase, from ``rank`` on.
+
+    The phases are those of one process (the fit on the first ``split`` batches' windows, the
+    candidates' restore errors on the rest), so the all-reduced sums are the single process's, added
+    in another order. With a single batch the fit and the measurement share its windows, as on one
+    process: they are prefilled once for the fit and once more for the measurement.
+    """
+    rank, world = group
+    measuring = len(phases) > 1
+    fit_part = windows[: max(split, 1) * batch_size] if measuring else windows
+    measured_part = windows[split * batch_size :] if measuring else windows[:0]
+    shared = measuring and split == 0
+    own_fit, own_measured = fit_part[rank::world], measured_part[rank::world]
+    own = own_fit.shape[0] + (0 if shared else own_measured.shape[0])
+    log(f"data-parallel: process {rank} of {world} captures {own} of {windows.shape[0]} calibration windows")
+    for _, _, kv in prefill_batches(model, own_fit, batch_size=batch_size, progress=progress, desc=phases[0][1]):
+        stats.add(kv, sink_tokens)
+        capture.add_fit(kv, sink_tokens)
+    if not measuring:
+        return
+    capture.start_measurement()  # collective: the first half's fit statistics all-reduce
+    log(f"measuring the restore error of {len(capture.runs)} candidate groups × their options on "
+        f"{measured_part.shape[0]} windows ({own_measured.shape[0]} here; the first half fitted the tensors)")
+    for _, _, kv in prefill_batches(model, own_measured, batch_size=batch_size, progress=progress,
+                                    desc=phases[1][1]):
+        if not shared:
+            stats.add(kv, sink_tokens)
+        capture.add_measured(kv, sink_tokens)
+        if not shared:
+            capture.add_fit(kv, sink_tokens)
+
+
+def _from_rank0(compute: Callable[[], object]):
+    """``compute()`` on rank 0, its (picklable) result on every process of ``torch.distributed``."""
+    import torch.distributed as dist
+
+    box = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def read_calibration_data(data: str | os.PathLike) -> list[Sample]:

@@ -11,6 +11,11 @@ time. Everything the calibrator measures on the model's KV is a sum over these b
   (out-of-sample, so that fitted alignment does not look better than it is).
 
 :class:`CalibrationCapture` runs the last two in the order that keeps every sum reproducible.
+
+Data-parallel (``torch.distributed`` initialised with several processes): each process captures its
+share of the windows, and every sum all-reduces; the fit statistics of the first half all-reduce
+once more at the phase boundary (:meth:`CalibrationCapture.start_measurement`), so that every
+process measures the candidates with the same tensors.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minicache.methods import COMPONENTS, MergeMethod, MethodParams
-from minicache.methods.base import FitStatistic, energy
+from minicache.methods.base import FitStatistic, all_reduce_sum, energy, process_group
 from minicache.runtime.retention import retention_mask
 
 __all__ = ["CalibrationCapture", "Option", "RestoreErrors", "candidate_runs", "prefill_batches", "progress_bar"]
@@ -151,12 +156,8 @@ class RestoreErrors:
         return s["error"].sum(0) / s["energy"].sum().clamp_min(1e-30)
 
     def all_reduce(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            for sums in self.sums.values():
-                for tensor in sums.values():
-                    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        """Sum over the processes of ``torch.distributed`` (no-op when it is not initialised)."""
+        all_reduce_sum(tensor for sums in self.sums.values() for tensor in sums.values())
 
 
 class CalibrationCapture:
@@ -194,12 +195,15 @@ class CalibrationCapture:
         self.gamma, self.window = gamma, window
         self.defaults = dict(defaults or {})
         self.fit_statistics: dict[str, FitStatistic] = {}
+        self._shape = (num_layers, num_heads, head_dim, max_offset)
+        self._fit_methods: dict[str, MergeMethod] = {}
         if fit:
             for method in self.methods:
                 if method.fit_key is not None and method.fit_key not in self.fit_statistics:
                     stat = method.new_fit_statistic(num_layers, num_heads, head_dim, max_offset)
                     if stat is not None:
                         self.fit_statistics[method.fit_key] = stat
+                        self._fit_methods[method.fit_key] = method
         self.errors: RestoreErrors | None = None
         self._fitted: dict[tuple[str, tuple[int, ...]], dict] = {}
 
@@ -218,7 +222,11 @@ class CalibrationCapture:
         )
 
     def add(self, kv: KV, batch: int, num_batches: int, sink_tokens: int = 1) -> None:
-        """Add one batch (``batch`` of ``num_batches``) of every layer's ``(keys, values)``."""
+        """Add one batch (``batch`` of ``num_batches``) of every layer's ``(keys, values)``.
+
+        One process. Data-parallel, every process adds its share with :meth:`add_fit`, then calls
+        :meth:`start_measurement`, then :meth:`add_measured` (and :meth:`add_fit` for the second half).
+        """
         fit_added = False
         split = self.measure_from(num_batches)
         if batch >= split:
@@ -234,6 +242,35 @@ class CalibrationCapture:
     def _fit_add(self, kv: KV, sink_tokens: int) -> None:
         for stat in self.fit_statistics.values():
             stat.add(kv, sink_tokens)
+
+    # -- data-parallel: the two phases made explicit, so that every process joins the phase boundary
+    def add_fit(self, kv: KV, sink_tokens: int = 1) -> None:
+        """Add one batch to the fit statistics only."""
+        self._fit_add(kv, sink_tokens)
+
+    def start_measurement(self) -> None:
+        """End the fit phase: options get tensors fitted on the batches added so far (by every process).
+
+        Collective when data-parallel: every process calls it once, whether or not it holds windows of
+        either phase. The fit statistics all-reduce first; afterwards every process but rank 0 starts
+        them again from zero, so that the final :meth:`all_reduce` counts the first half once.
+        """
+        if self.runs is None:
+            raise ValueError("no candidate groups to measure (runs=None)")
+        group = process_group()
+        if group is not None:
+            for stat in self.fit_statistics.values():
+                stat.all_reduce()
+        self.errors = RestoreErrors(self._options(), self.num_heads, gamma=self.gamma, window=self.window)
+        if group is not None and group[0] != 0:
+            for key, method in self._fit_methods.items():
+                self.fit_statistics[key] = method.new_fit_statistic(*self._shape)
+
+    def add_measured(self, kv: KV, sink_tokens: int = 1) -> None:
+        """Add one batch to the candidates' restore errors (after :meth:`start_measurement`)."""
+        if self.errors is None:
+            raise ValueError("call start_measurement() before add_measured()")
+        self.errors.add(kv, sink_tokens)
 
     def _options(self) -> dict[tuple[tuple[int, ...], str], list[Option]]:
         """Every method's parameter options per candidate run and component, tensors fitted so far."""

@@ -138,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     started = time.perf_counter()
+    joined = _join_torchrun()  # data-parallel under torchrun: every process captures a share, rank 0 writes
+    rank = _rank()
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with output_lock(report_dir):
+        with output_lock(report_dir) if rank == 0 else contextlib.nullcontext():
             written, path, result = _run(args, budget, defaults, quantization, methods, profile_path, report_dir,
-                                         started)
+                                         started, write=rank == 0)
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
@@ -151,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
     print(f"report: {', '.join(str(p) for p in written)}")
     print(f"profile written to {path}")
     print(f"{result.summary} [{time.perf_counter() - started:.0f}s]")
@@ -186,9 +194,33 @@ def output_lock(directory: Path):
             directory.rmdir()
 
 
-def _run(args, budget, defaults, quantization, methods, profile_path: Path, report_dir: Path, started: float):
+def _join_torchrun() -> bool:
+    """Join torchrun's process group when it started several processes (``WORLD_SIZE`` > 1 in the
+    environment); gloo, since the CLI computes on the CPU. True when this call initialised it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("gloo")
+    return True
+
+
+def _rank() -> int:
+    """This process's rank in torch.distributed (0 when it is not initialised)."""
+    if "torch" not in sys.modules:
+        return 0
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _run(args, budget, defaults, quantization, methods, profile_path: Path, report_dir: Path, started: float,
+         write: bool = True):
     """Load the model, calibrate, and write the profile with its report; returns (report files, profile file,
-    result)."""
+    result). ``write=False`` (data-parallel ranks but 0): calibrate quietly, write nothing, return
+    ``([], None, result)``."""
     import torch
 
     from minicache.calibrate.api import calibrate
@@ -198,8 +230,9 @@ def _run(args, budget, defaults, quantization, methods, profile_path: Path, repo
 
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
     source = resolve_model_source(args.model)
-    print(f"loaded {source.name_or_path} ({ModelSpec.from_config(model).num_layers} layers) in "
-          f"{time.perf_counter() - started:.0f}s", flush=True)
+    if write:
+        print(f"loaded {source.name_or_path} ({ModelSpec.from_config(model).num_layers} layers) in "
+              f"{time.perf_counter() - started:.0f}s", flush=True)
     result = calibrate(
         model,
         tokenizer,
@@ -217,9 +250,11 @@ def _run(args, budget, defaults, quantization, methods, profile_path: Path, repo
         max_group_size=args.max_group_size,
         quantization=quantization,
         methods=methods,
-        progress=not args.no_progress,
-        log=lambda line: print(line, flush=True),
+        progress=write and not args.no_progress,
+        log=(lambda line: print(line, flush=True)) if write else (lambda line: None),
     )
+    if not write:
+        return [], None, result
     # The report is written aside first and moved in after the profile: an interruption leaves the old
     # profile and report, or the new ones, never a report of another profile or half a report.
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=report_dir))

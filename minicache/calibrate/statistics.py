@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minicache.methods.base import all_reduce_sum
 from minicache.methods.slerp import T_GRID, slerp_pair
 from minicache.runtime.retention import retention_mask
 
@@ -133,12 +134,7 @@ class PairStatistics:
 
     def all_reduce(self) -> None:
         """Sum the statistics of every process (no-op unless torch.distributed is initialised)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        for tensor in self.sums().values():
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        all_reduce_sum(self.sums().values())
 
     # -- derived quantities ---------------------------------------------------------------------
     def mean_cosine(self) -> torch.Tensor:

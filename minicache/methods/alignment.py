@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minicache.methods.base import all_reduce_sum
 from minicache.methods.geometry import unit_and_norm
 
 __all__ = ["ORTHOGONALITY_TOLERANCE", "PROCRUSTES_SWEEPS", "CrossCovariance", "check_rotation", "fit_rotations",
@@ -93,11 +94,8 @@ class CrossCovariance:
         return self.sums[a - b - 1, b, component].transpose(-1, -2)
 
     def all_reduce(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
-            dist.all_reduce(self.tokens, op=dist.ReduceOp.SUM)
+        """Sum over the processes of ``torch.distributed`` (no-op when it is not initialised)."""
+        all_reduce_sum((self.sums, self.tokens))
 
     def fit(self, layers: Iterable[int]) -> dict[str, torch.Tensor]:
         """Rotations of one group: ``{"keys": R, "values": R}``, each ``[k, H, D, D]`` float32."""

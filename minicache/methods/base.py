@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -41,8 +41,10 @@ __all__ = [
     "Frame",
     "MergeMethod",
     "MethodParams",
+    "all_reduce_sum",
     "energy",
     "magnitude_dtype",
+    "process_group",
     "tensor_name",
 ]
 
@@ -182,6 +184,37 @@ class Frame:
     def out_of(self, v: torch.Tensor) -> torch.Tensor:
         """``v Rᵀ`` of ``[B, H, N, D]`` frame vectors, float32."""
         return rotate_back(v, self.rotation)
+
+
+def process_group() -> tuple[int, int] | None:
+    """``(rank, world size)`` when ``torch.distributed`` is initialised with more than one process, else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def all_reduce_sum(tensors: Iterable[torch.Tensor]) -> None:
+    """Sum each tensor in place over the processes of ``torch.distributed`` (no-op when it is not initialised).
+
+    Calibration sums live on the CPU; a backend that reduces only device tensors (NCCL) gets a copy on
+    the current CUDA device.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    device = None
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    for tensor in tensors:
+        if device is None or tensor.device == device:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        else:
+            moved = tensor.to(device)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            tensor.copy_(moved)
 
 
 class FitStatistic(Protocol):

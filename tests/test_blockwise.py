@@ -107,9 +107,13 @@ def test_unmerged_quantized_layer_view():
     torch.testing.assert_close(got, fused_decode_reference(query, keys, values), rtol=1e-5, atol=1e-5)
 
 
-def test_generate_through_the_torch_backend_matches_the_torch_path(monkeypatch):
+@pytest.mark.parametrize("lengths", [[30, 30], [30, 22]])
+def test_generate_through_the_torch_backend_matches_the_torch_path(monkeypatch, lengths):
+    """Decode steps attend views block by block, also in a padded batch (stored per sequence, attended
+    one sequence at a time)."""
     model = make_model("llama")
-    ids, mask = left_padded_batch(model.config.vocab_size, [30, 22])
+    ids, mask = left_padded_batch(model.config.vocab_size, lengths)
+    padded = lengths[0] != lengths[1]
 
     def run(cache):
         return greedy(model, ids, mask, cache, new_tokens=10, output_scores=True, return_dict_in_generate=True)
@@ -125,8 +129,10 @@ def test_generate_through_the_torch_backend_matches_the_torch_path(monkeypatch):
     got = run(cache)
     disable_fused_attention(model)
     assert model.config._attn_implementation == "sdpa"
-    assert cache.layers[2].qkeys is not None, "unmerged layers packed too"
-    assert calls, "decode steps attended block by block"
+    stored = cache.rows.rows[1] if padded else cache
+    assert stored.layers[2].qkeys is not None, "unmerged layers packed too"
+    # 9 decode steps x 4 layers (merged and packed), once per sequence when stored per sequence
+    assert len(calls) == 9 * 4 * (len(lengths) if padded else 1), "decode steps attended block by block"
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")

@@ -35,6 +35,11 @@ def profile_for(model, groups=((1, 2),), **defaults) -> MergeProfile:
     )
 
 
+def sequence(cache: MiniCache, i: int = 0) -> MiniCache:
+    """The cache that holds sequence ``i``: a padded batch is stored one sequence at a time."""
+    return cache.rows.rows[i] if cache.rows is not None else cache
+
+
 def left_padded_batch(vocab: int, lengths: list[int], seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     width = max(lengths)
@@ -78,7 +83,7 @@ def test_merging_generates_and_stores_less(arch):
     assert torch.equal(out[:, : want.shape[1]], want), "prefill attends exact KV: first token identical"
     report = cache.memory_report()
     assert report["seq_length"] == ids.shape[1] + 15
-    assert report["groups"][0]["merged_tokens"] > 0
+    assert cache.rows is not None and min(report["groups"][0]["merged_tokens"]) > 0
     assert report["kv_bytes"] < report["kv_bytes_full"]
 
 
@@ -154,43 +159,40 @@ def dynamic_tensors(cache):
         yield layer.values
 
 
-def test_batch_independence_with_left_padding():
+@pytest.mark.parametrize("quantized", [False, True])
+def test_batch_independence_with_left_padding(quantized):
+    """A sequence in a left-padded batch stores exactly what it stores alone: same merged tokens, same
+    retained tokens, same bytes, same greedy tokens (the schedule counts its own real tokens only)."""
+    from minicache.profile import Quantization
+
     model = make_model("llama")
     lengths = [70, 43, 58, 61]
     ids, mask = left_padded_batch(model.config.vocab_size, lengths, seed=4)
-    batch_cache = MiniCache(profile_for(model), model)
-    greedy(model, ids, mask, batch_cache, new_tokens=6)
-    for row in (1, 2):  # padded rows
-        n = lengths[row]
-        alone = MiniCache(profile_for(model), model)
-        greedy(model, ids[row : row + 1, -n:], mask[row : row + 1, -n:], alone, new_tokens=6)
-        pad = ids.shape[1] - n
+    profile = profile_for(model)
+    if quantized:
+        profile = profile.with_quantization(Quantization(bits=4, group_size=16, residual_length=8))
+    batch_cache = MiniCache(profile, model)
+    batch_out = greedy(model, ids, mask, batch_cache, new_tokens=6)
+    assert batch_cache.rows is not None and len(batch_cache.rows) == 4
+    report = batch_cache.memory_report()
+    with pytest.raises(ValueError, match="stored one sequence at a time"):
+        batch_cache.views(1)
+    for row, n in enumerate(lengths):
+        alone = MiniCache(profile, model)
+        alone_out = greedy(model, ids[row : row + 1, -n:], mask[row : row + 1, -n:], alone, new_tokens=6)
+        assert alone.rows is None, "no padding: one batched store"
+        assert torch.equal(batch_out[row, -6:], alone_out[0, -6:])
+        stored = batch_cache.rows.rows[row]
         for c in range(2):
-            b_comp = batch_cache.views(1)[c]
-            a_comp = alone.views(1)[c]
-            merged_both = min(a_comp.direction.shape[2], b_comp.direction.shape[2] - pad)
-            assert merged_both > 20
-            torch.testing.assert_close(
-                b_comp.direction[row, :, pad : pad + merged_both],
-                a_comp.direction[0, :, :merged_both],
-                atol=1e-5,
-                rtol=1e-4,
-            )
-            torch.testing.assert_close(
-                b_comp.magnitude[row, :, pad : pad + merged_both],
-                a_comp.magnitude[0, :, :merged_both],
-                atol=1e-5,
-                rtol=1e-4,
-            )
-            retained_batch = {
-                (h, p - pad)
-                for b, h, p in b_comp.retained_index.tolist()
-                if b == row and pad <= p < pad + merged_both
-            }
-            retained_alone = {(h, p) for _, h, p in a_comp.retained_index.tolist() if p < merged_both}
-            assert retained_batch == retained_alone
-            assert all(p >= pad for b, h, p in b_comp.retained_index.tolist() if b == row), "pads never retained"
-            assert (0, 0) in retained_alone, "the first real token is the sink"
+            b_comp, a_comp = stored.views(1)[c], alone.views(1)[c]
+            torch.testing.assert_close(b_comp.materialize(), a_comp.materialize(), atol=1e-5, rtol=1e-4)
+            assert torch.equal(b_comp.retained_index, a_comp.retained_index)
+            assert (0, 0) in {(h, p) for _, h, p in a_comp.retained_index.tolist()}, "the first real token is a sink"
+        alone_report = alone.memory_report()
+        assert report["per_sequence"][row] == alone_report["kv_bytes"] - alone_report["parts"]["plain_layers"]
+        assert report["groups"][0]["merged_tokens"][row] == alone_report["groups"][0]["merged_tokens"] > 20
+    batch_cache.reset()
+    assert batch_cache.rows is None, "a reset cache starts batched again"
 
 
 def test_beam_search_and_sampling_run_and_reorder_the_shared_store():
@@ -199,7 +201,7 @@ def test_beam_search_and_sampling_run_and_reorder_the_shared_store():
     cache = MiniCache(profile_for(model, groups=((0, 1), (2, 3))), model)
     out = greedy(model, ids, mask, cache, new_tokens=10, num_beams=3)
     assert out.shape == (2, 30 + 10)
-    assert cache.views(0)[0].direction.shape[0] == 6  # 2 sequences x 3 beams
+    assert len(cache.rows) == 6  # 2 sequences x 3 beams
     torch.manual_seed(0)
     cache = MiniCache(profile_for(model), model)
     out = model.generate(
@@ -263,14 +265,14 @@ def test_groups_of_three_and_four_layers_generate_and_store_less(arch):
     report = cache.memory_report()
     assert report["kv_bytes"] == sum_of_storages(cache)
     assert [g["layers"] for g in report["groups"]] == [[0, 1, 2], [3, 4, 5]]
-    keys, _ = cache.views(0)
+    keys, _ = sequence(cache).views(0)
     assert keys.magnitude.shape[-1] == 3, "one magnitude per member layer"
     assert keys.retained_value.shape[1] == 3
     # Three layers share one direction: the merged prefix costs a third of the plain one, plus magnitudes.
     assert report["kv_bytes"] < 0.8 * report["kv_bytes_full"]
     four = MiniCache(profile_for(model, groups=((1, 2, 3, 4),)), model)
     greedy(model, ids, mask, four, new_tokens=10)
-    assert four.memory_report()["groups"][0]["merged_tokens"] > 0
+    assert min(four.memory_report()["groups"][0]["merged_tokens"]) > 0
 
 
 def test_sliding_window_layers_are_refused():

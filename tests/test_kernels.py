@@ -55,6 +55,7 @@ from minicache.runtime.kernels.synthetic import random_merged_views, with_rotati
 from minicache.runtime.retention import retention_mask  # noqa: E402
 from minicache.runtime.store import GroupStore, PaddingInfo  # noqa: E402
 from minicache.runtime.views import MergedKVView  # noqa: E402
+from tests.test_cache import sequence  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,11 +338,14 @@ def test_generate_through_the_fused_path_matches_the_torch_path(monkeypatch):
     attention.disable_fused_attention(model)
     assert model.config._attn_implementation == "sdpa"
     assert not any(store.views for store in cache.stores), "disabling unbinds the model's caches"
+    assert cache.rows is not None, "a padded batch is stored per sequence"
+    assert not any(store.views for row in cache.rows.rows for store in row.stores), "and its sequences' caches"
 
-    # 11 decode steps x 4 merged layers (the first new token comes from prefill).
-    assert len(fused_calls) == 44
+    # 11 decode steps x 4 merged layers x 2 sequences (the first new token comes from prefill; a padded
+    # batch decodes one sequence at a time over its real tokens).
+    assert len(fused_calls) == 11 * 4 * 2
     assert merge_calls, "merged with the Triton kernel"
-    assert cache.memory_report()["groups"][0]["merged_tokens"] > 0
+    assert min(cache.memory_report()["groups"][0]["merged_tokens"]) > 0
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
@@ -475,7 +479,7 @@ def test_generate_fused_aligned_three_layer_group_matches_the_torch_path():
     cache = MiniCache(profile(), model)
     got = _generate(model, cache, new_tokens=6)
     attention.disable_fused_attention(model)
-    assert cache.memory_report()["groups"][0]["merged_tokens"] > 0
+    assert min(cache.memory_report()["groups"][0]["merged_tokens"]) > 0
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
@@ -575,9 +579,9 @@ def test_generate_fused_on_a_quantized_cache_matches_the_torch_path(monkeypatch)
     got = _generate(model, cache)
     attention.disable_fused_attention(model)
     # Layers 0-1 merged and packed; layers 2-3 unmerged and packed: every layer attends on packed data.
-    assert cache.views(0)[0].qdirection is not None
-    assert cache.layers[2].qkeys is not None
-    assert len(fused_calls) == 11 * 4
+    assert sequence(cache, 1).views(0)[0].qdirection is not None
+    assert sequence(cache, 1).layers[2].qkeys is not None
+    assert len(fused_calls) == 11 * 4 * 2  # per sequence: the batch is padded
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")

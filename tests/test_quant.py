@@ -12,7 +12,7 @@ from minicache.quant import get_quantizer
 from minicache.quant.packed import pack, quantize, unpack
 from minicache.runtime.layers import QuantizedLayer
 from minicache.runtime.store import GroupStore, PaddingInfo
-from tests.test_cache import greedy, left_padded_batch, make_model, profile_for, sum_of_storages
+from tests.test_cache import greedy, left_padded_batch, make_model, profile_for, sequence, sum_of_storages
 
 
 # ---- packing -----------------------------------------------------------------------------------
@@ -211,13 +211,13 @@ def test_memory_report_counts_every_tensor_held(bits):
     assert report["kv_bytes"] == sum_of_storages(cache) == sum(t.numel() * t.element_size() for t in cache.tensors())
     assert report["parts"]["packed"] > 0 and report["parts"]["scales"] > 0
     assert report["parts"]["plain_layers"] == 0, "unmerged layers are quantized too"
-    assert isinstance(cache.layers[3], QuantizedLayer)
+    assert cache.rows is not None and isinstance(sequence(cache).layers[3], QuantizedLayer)
     dynamic = DynamicCache(config=model.config)
     greedy(model, ids, mask, dynamic, new_tokens=9)
     full = sum(t.numel() * t.element_size() for layer in dynamic.layers for t in (layer.keys, layer.values))
     assert report["kv_bytes_full"] == full
     assert report["kv_bytes"] < plain.memory_report()["kv_bytes"]
-    keys, _ = cache.views(0)
+    keys, _ = sequence(cache).views(0)
     assert keys.retained_value is None and keys.retained_q.data.shape[:2] == (keys.retained_index.shape[0], 2)
 
 
@@ -284,8 +284,9 @@ def test_quantized_minicache_generates_with_batches_and_beams(bits):
     cache = MiniCache(quantized_profile(model, groups=((0, 1),), bits=bits), model)
     out = greedy(model, ids, mask, cache, new_tokens=10, num_beams=3)
     assert out.shape == (2, 40)
-    assert cache.views(0)[0].qdirection.data.shape[0] == 6  # 2 sequences x 3 beams
-    assert cache.layers[2].qkeys.data.shape[0] == 6
+    assert len(cache.rows) == 6  # 2 sequences x 3 beams, each stored on its own
+    assert sequence(cache, 5).views(0)[0].qdirection.data.shape[0] == 1
+    assert sequence(cache, 5).layers[2].qkeys.data.shape[0] == 1
     report = cache.memory_report()
     assert report["kv_bytes"] == sum_of_storages(cache)
     # Prefill attends exact KV: the first generated token is the full cache's.
@@ -425,7 +426,7 @@ def test_quantized_cache_baselines_count_their_packed_tensors(backend):
 
 def test_bits_per_layer():
     model = make_model("llama")  # 4 layers
-    ids, mask = left_padded_batch(model.config.vocab_size, [60, 45])
+    ids, mask = left_padded_batch(model.config.vocab_size, [60, 60])  # no padding: one batched store
     per_layer = quantized_profile(model, groups=((0, 1),), bits=(2, 2, 4, 2))
     assert per_layer.quantization.bits == (2, 2, 4, 2) and "2/4-bit KV" in per_layer.describe()
     cache = MiniCache(per_layer, model)

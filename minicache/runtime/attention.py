@@ -36,6 +36,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from minicache.runtime import blockwise
 from minicache.runtime.cache import ATTENTION_PLAN_ATTRIBUTE, MiniCache, install_padding_hook
 from minicache.runtime.kernels import interpreter_enabled, why_unusable
+from minicache.runtime.rows import RowKV
 from minicache.runtime.views import MergedKVView
 
 __all__ = [
@@ -118,7 +119,17 @@ def _attention_forward(
     backend: str,
 ) -> tuple[torch.Tensor, None]:
     """Views of decode steps to the backend (or, for layers it cannot read, the blockwise path);
-    everything else to transformers' sdpa (views restored first)."""
+    everything else to transformers' sdpa (views restored first). A padded batch stored per sequence
+    decodes one sequence at a time, each over its real tokens only."""
+    if isinstance(key, RowKV):
+        if query.shape[2] == 1 and all(row is not None for row in key.rows):
+            outputs = [
+                _attention_forward(module, query[i : i + 1], key.rows[i], value.rows[i], key.mask_of(attention_mask, i),
+                                   dropout, scaling, kwargs, backend=backend)[0]
+                for i in range(len(key.rows))
+            ]
+            return torch.cat(outputs, dim=0), None
+        key, value = key.materialize(), value.materialize()
     if isinstance(key, MergedKVView):
         blocker = None if query.shape[2] == 1 else "prefill"
         blocker = blocker or _call_blocker(module, query, key, attention_mask, dropout, kwargs)

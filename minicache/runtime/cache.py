@@ -8,7 +8,9 @@ The facade over the runtime's parts (DESIGN.md §2–3):
   member layer, forwarding to it;
 * unmerged full-attention layers of a quantized profile as
   :class:`~minicache.runtime.layers.QuantizedLayer`; every other layer is transformers' own;
-* the padding seen by the model (a forward pre-hook), so that merge decisions ignore left padding;
+* the padding seen by the model (a forward pre-hook): a batch padded from its first token is stored
+  one sequence at a time (:mod:`~minicache.runtime.rows`), so that a sequence stores the same
+  tokens, at the same steps, in any batch as alone;
 * the attention path, decided once per cache when it is bound to a model: restored tensors for any
   attention function, or :class:`~minicache.runtime.views.MergedKVView` snapshots for the attention
   functions of :func:`minicache.runtime.attention.enable_fused_attention`;
@@ -27,6 +29,7 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLay
 from minicache.model_spec import ModelSpec
 from minicache.profile import PROFILE_FILENAME, MergeProfile
 from minicache.runtime.layers import MergedLayer, QuantizedLayer, plain_layer_bytes
+from minicache.runtime.rows import RowBatch, RowLayer
 from minicache.runtime.store import GroupStore, PaddingInfo
 from minicache.runtime.views import MergedKVView
 
@@ -46,9 +49,9 @@ class MiniCache(Cache):
         Which adjacent layers to merge and how.
     config_or_model : PretrainedConfig or PreTrainedModel
         The model's config. Passing the model itself also installs a forward pre-hook that tells
-        the cache which positions are padding (from the ``attention_mask`` the model receives), so
-        that padding never takes part in merge decisions and sink tokens are the first *real*
-        tokens of each sequence. Without it every position counts as a real token.
+        the cache which positions are padding (from the ``attention_mask`` the model receives): a
+        batch with padding in its first forward is then stored one sequence at a time, each
+        exactly as alone (see :attr:`rows`). Without it every position counts as a real token.
     allow_model_mismatch : bool
         Accept a profile whose model fingerprint differs from this model (a warning instead).
 
@@ -62,6 +65,10 @@ class MiniCache(Cache):
     def __init__(self, profile: MergeProfile, config_or_model, allow_model_mismatch: bool = False):
         model = config_or_model if isinstance(config_or_model, torch.nn.Module) else None
         spec = ModelSpec.from_config(config_or_model)
+        self._config = model.config if model is not None else config_or_model
+        self.rows: RowBatch | None = None  # a padded batch, one cache per sequence
+        self._plan: dict | None = None  # the attention plan bound to (rows bind to it too)
+        self._padded_layers: list[CacheLayerMixin] | None = None
         profile.check_model(spec, allow_mismatch=allow_model_mismatch)
         self.profile = profile
         self.spec = spec
@@ -124,11 +131,38 @@ class MiniCache(Cache):
 
     # -- padding -----------------------------------------------------------------------------
     def observe_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
-        """Record which positions are real tokens (``[B, T]`` 2-D mask, 1 for real)."""
+        """Record which positions are real tokens (``[B, T]`` 2-D mask, 1 for real); an empty cache
+        that sees padding switches to one cache per sequence (:attr:`rows`)."""
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             self.padding.real = attention_mask.bool()
         else:
             self.padding.real = None
+        if (
+            self.rows is None
+            and self.padding.real is not None
+            and not bool(self.padding.real.all())
+            and not any(layer.is_initialized for layer in self.layers)
+        ):
+            self._store_per_sequence(self.padding.real.shape[0])
+
+    def _store_per_sequence(self, batch: int) -> None:
+        """Keep merged and quantized layers in one batch-1 cache per sequence (:attr:`rows`)."""
+        scheduled = [i for i, layer in enumerate(self.layers) if isinstance(layer, MergedLayer | QuantizedLayer)]
+        if not scheduled:
+            return  # nothing has a schedule: padded plain layers are exactly `DynamicCache`
+
+        def make_row() -> MiniCache:
+            row = MiniCache(self.profile, self._config, allow_model_mismatch=True)  # checked once, here
+            if self._merge_kernel is not None:
+                row.use_kernels(self._merge_kernel)
+            row.bind(_row_plan(self._plan))
+            return row
+
+        tensors = self.profile.tensors
+        shared = [tensors[name] for name in tensors.names()] if tensors is not None else []
+        self.rows = RowBatch(make_row, batch, len(self.layers), self.padding, shared=shared)
+        self._padded_layers = list(self.layers)
+        self.layers = [RowLayer(self.rows, i) if i in scheduled else layer for i, layer in enumerate(self.layers)]
 
     # -- the attention path, decided once --------------------------------------------------------
     @property
@@ -151,6 +185,9 @@ class MiniCache(Cache):
         merge_kernel = bool(plan and plan.get("merge_kernel")) if self._merge_kernel is None else self._merge_kernel
         if plan is not None and "caches" in plan:
             plan["caches"].add(self)  # so that disable_fused_attention can unbind it
+        self._plan = plan
+        for row in self.rows.rows if self.rows is not None else ():
+            row.bind(_row_plan(plan))
         for store in self.stores:
             store.views = views
             store.merge_kernel = merge_kernel
@@ -166,6 +203,8 @@ class MiniCache(Cache):
         bound); ``enable_fused_attention`` otherwise decides it with the attention path.
         """
         self._merge_kernel = bool(merge)
+        for row in self.rows.rows if self.rows is not None else ():
+            row.use_kernels(merge)
         for store in self.stores:
             store.merge_kernel = bool(merge)
 
@@ -179,6 +218,11 @@ class MiniCache(Cache):
             The layer is one of transformers' own (unmerged, unquantized): it holds plain tensors.
         """
         layer = self.layers[layer_idx]
+        if isinstance(layer, RowLayer):
+            raise ValueError(
+                f"layer {layer_idx}: this padded batch is stored one sequence at a time; read "
+                f"cache.rows.rows[i].views({layer_idx}) for sequence i"
+            )
         if isinstance(layer, MergedLayer):
             return layer.store.kernel_views(layer.member)
         if isinstance(layer, QuantizedLayer):
@@ -187,11 +231,14 @@ class MiniCache(Cache):
 
     # -- batch operations: once per store, not once per member layer ---------------------------
     def _unmerged(self) -> Iterator[CacheLayerMixin]:
-        return (layer for layer in self.layers if not isinstance(layer, MergedLayer))
+        return (layer for layer in self.layers if not isinstance(layer, MergedLayer | RowLayer))
 
     def _select_batch(self, index: torch.Tensor) -> None:
-        for store in self.stores:
-            store.select_batch(index)
+        if self.rows is not None:
+            self.rows.select(index.long())
+        else:
+            for store in self.stores:
+                store.select_batch(index)
         if self.padding.real is not None:
             self.padding.real = self.padding.real.index_select(0, index.to(self.padding.real.device))
 
@@ -210,7 +257,9 @@ class MiniCache(Cache):
     def batch_repeat_interleave(self, repeats: int) -> None:
         for layer in self._unmerged():
             layer.batch_repeat_interleave(repeats)
-        if self.stores and self.stores[0].seen(0):
+        if self.rows is not None:
+            self._select_batch(torch.arange(len(self.rows)).repeat_interleave(repeats))
+        elif self.stores and self.stores[0].seen(0):
             batch = self.stores[0].batch_size()
             self._select_batch(torch.arange(batch).repeat_interleave(repeats))
 
@@ -224,23 +273,31 @@ class MiniCache(Cache):
         count = -tokens_to_remove
         if count == 0:
             return
-        for store in self.stores:  # check every store before changing anything
-            window = store.window_length()
-            if count > window:
-                store.crop(count)  # raises with the explanation
-        for store in self.stores:
-            store.crop(count)
+        if self.rows is not None:
+            self.rows.crop(count)
+        else:
+            for store in self.stores:  # check every store before changing anything
+                window = store.window_length()
+                if count > window:
+                    store.crop(count)  # raises with the explanation
+            for store in self.stores:
+                store.crop(count)
         for layer in self._unmerged():
-            layer.crop(tokens_to_remove)
+            if layer.is_initialized:  # a row's own plain layers are never used
+                layer.crop(tokens_to_remove)
 
     def reset(self) -> None:
+        if self._padded_layers is not None:  # back to one batched store for the next batch
+            self.layers, self._padded_layers, self.rows = self._padded_layers, None, None
         super().reset()
         self.padding.real = None
 
     # -- memory ----------------------------------------------------------------------------
     def tensors(self) -> Iterator[torch.Tensor]:
         """Every tensor the cache holds (merged stores and plain layers)."""
-        for store in self.stores:
+        for row in self.rows.rows if self.rows is not None else ():
+            yield from row.tensors()
+        for store in self.stores if self.rows is None else ():
             yield from store.tensors()
         for layer in self._unmerged():
             if isinstance(layer, QuantizedLayer):
@@ -266,7 +323,11 @@ class MiniCache(Cache):
             ``scales`` (scales and zero points), and each method's own parts, e.g. SLERP's
             ``directions``, ``magnitudes`` and ``alignment``; with quantization, the method's
             parts count only what is still in the model dtype) and per group ``merged_tokens`` and
-            ``retained_tokens``.
+            ``retained_tokens``. A padded batch stored one sequence at a time (:attr:`rows`) gives
+            those two per sequence (lists), and ``per_sequence``: each sequence's bytes in its merged
+            and quantized layers, which equal what it stores alone (plain layers are held padded, as
+            in `DynamicCache`). ``kv_bytes_full`` is always what a `DynamicCache` would hold for
+            the same batch, padding included.
         """
         parts = {"plain_layers": 0, "residual": 0, "retained": 0, "packed": 0, "scales": 0}
         full = 0
@@ -284,7 +345,7 @@ class MiniCache(Cache):
                 parts["plain_layers"] += nbytes
                 full += nbytes
         groups = []
-        for store in self.stores:
+        for store in self.stores if self.rows is None else ():
             add(store.memory_parts())
             full += store.full_bytes()
             groups.append(
@@ -294,8 +355,25 @@ class MiniCache(Cache):
                     "retained_tokens": store.retained_count(),
                 }
             )
+        per_sequence = None
+        if self.rows is not None:
+            reports = [row.memory_report() for row in self.rows.rows]
+            # Every row references the profile's tensors (e.g. alignment): held once, counted once.
+            shared = {c.method.tensor_part for store in self.stores for c in store.components.values()}
+            for i, report in enumerate(reports):
+                add({part: n for part, n in report["parts"].items() if i == 0 or part not in shared})
+            full += sum(layer.full_bytes() for layer in self.layers if isinstance(layer, RowLayer))
+            per_sequence = [report["kv_bytes"] for report in reports]
+            groups = [
+                {
+                    "layers": group["layers"],
+                    "merged_tokens": [report["groups"][i]["merged_tokens"] for report in reports],
+                    "retained_tokens": [report["groups"][i]["retained_tokens"] for report in reports],
+                }
+                for i, group in enumerate(reports[0]["groups"])
+            ]
         kv_bytes = sum(parts.values())
-        return {
+        report = {
             "kv_bytes": kv_bytes,
             "kv_bytes_full": full,
             "compression_ratio": full / kv_bytes if kv_bytes else 1.0,
@@ -303,6 +381,15 @@ class MiniCache(Cache):
             "parts": parts,
             "groups": groups,
         }
+        if per_sequence is not None:
+            report["per_sequence"] = per_sequence
+        return report
+
+
+def _row_plan(plan: dict | None) -> dict | None:
+    """The plan a sequence's own cache binds to: the batch's, without registering it with the model
+    (the batch's cache does that, and unbinds its rows with itself)."""
+    return None if plan is None else {key: value for key, value in plan.items() if key != "caches"}
 
 
 def install_padding_hook(model: torch.nn.Module) -> None:

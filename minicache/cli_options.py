@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 __all__ = [
@@ -141,3 +143,23 @@ def quantization_from_args(args: argparse.Namespace, residual_length: int | None
     except ProfileError as err:  # name the option, not the profile field
         option = "--kv-" + err.path.split("[")[0].replace("_", "-")
         raise ProfileError(err.detail, option) from None
+
+
+def interruptible(main: Callable[..., int]) -> Callable[..., int]:
+    """Ctrl-C in a command that writes its outputs only at the end (atomically): one line, exit 130.
+
+    For ``minicache-eval``, ``minicache-bench`` and ``minicache-demo``; calibrate and convert have their
+    own messages (they say what was and was not written).
+    """
+
+    @functools.wraps(main)
+    def wrapped(*args: Any, **kwargs: Any) -> int:
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            import sys
+
+            print("interrupted: nothing was written", file=sys.stderr)
+            return 130
+
+    return wrapped

@@ -12,7 +12,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from minicache.cli_options import ArgumentParser, add_allow_mismatch_option, add_model_option, add_profile_option
+from minicache.cli_options import (
+    ArgumentParser,
+    add_allow_mismatch_option,
+    add_model_option,
+    add_profile_option,
+    interruptible,
+)
 
 if TYPE_CHECKING:  # torch, transformers and the runtime load in main(), after the arguments are parsed
     from minicache.profile import MergeProfile
@@ -55,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("prompt_tokens", "new_tokens"):

@@ -257,6 +257,26 @@ def test_sigterm_in_calibrate_takes_the_same_way_out(calibration_data, tmp_path,
     assert signal.getsignal(signal.SIGTERM) is not None and not (tmp_path / "p").exists()
 
 
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_ctrl_c_in_eval_and_bench_is_one_line(command, text_file, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("minicache.models.load_model", interrupted)
+    out = tmp_path / "result.json"
+    if command == "eval":
+        from minicache.evaluate.cli import main
+
+        code = main(["--preset", "paper", "--data", str(text_file), "--json-out", str(out)])
+    else:
+        from minicache.evaluate.bench_cli import main
+
+        code = main(["--preset", "paper", "--json-out", str(out)])
+    assert code == 130
+    _one_clear_line(capsys.readouterr().err, "interrupted: nothing was written")
+    assert not out.exists()
+
+
 def test_an_interrupt_while_writing_waits_for_the_writing_to_finish(capsys):
     from minicache.calibrate.cli import _interrupts_deferred
 

@@ -19,6 +19,7 @@ from minicache.cli_options import (
     add_kv_options,
     add_model_option,
     add_profile_option,
+    interruptible,
 )
 from minicache.model_spec import MODEL_SHAPES
 
@@ -115,6 +116,7 @@ def _check_args(args) -> str | None:
     return None
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     error = _check_args(args)

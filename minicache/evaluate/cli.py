@@ -16,6 +16,7 @@ from minicache.cli_options import (
     add_kv_options,
     add_model_option,
     add_profile_option,
+    interruptible,
     quantization_from_args,
 )
 from minicache.data import DataError, read_samples, token_windows
@@ -130,6 +131,7 @@ def _methods(args):
     return [MethodSpec(f"baseline:{args.baseline}", "baseline", args.baseline)]
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

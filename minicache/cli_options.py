@@ -163,3 +163,16 @@ def interruptible(main: Callable[..., int]) -> Callable[..., int]:
             return 130
 
     return wrapped
+
+
+def positive_int_list(text: str) -> tuple[int, ...]:
+    """``argparse`` type of options like ``--context-lengths 512,2048``: distinct positive integers."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: a value is listed twice")
+    return values

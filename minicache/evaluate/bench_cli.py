@@ -20,20 +20,9 @@ from minicache.cli_options import (
     add_model_option,
     add_profile_option,
     interruptible,
+    positive_int_list,
 )
 from minicache.model_spec import MODEL_SHAPES
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    if len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"duplicate values in {text!r}")
-    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Triton kernels for MiniCache decode attention and merging: auto = on with CUDA and "
                              "triton (the restore-then-attend torch path otherwise); on = fail if they cannot run; "
                              "torch = no kernels, decode attends a block of restored tokens at a time (any device)")
-    parser.add_argument("--context-lengths", type=_int_list, default=(512, 2048), help="comma-separated")
-    parser.add_argument("--batch-sizes", type=_int_list, default=(1, 4), help="comma-separated")
+    parser.add_argument("--context-lengths", type=positive_int_list, default=(512, 2048), help="comma-separated")
+    parser.add_argument("--batch-sizes", type=positive_int_list, default=(1, 4), help="comma-separated")
     parser.add_argument("--decode-tokens", type=int, default=32, help="greedy single-token steps timed")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (medians reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each cache first")

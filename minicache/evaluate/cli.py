@@ -17,6 +17,7 @@ from minicache.cli_options import (
     add_model_option,
     add_profile_option,
     interruptible,
+    positive_int_list,
     quantization_from_args,
 )
 from minicache.data import DataError, read_samples, token_windows
@@ -26,16 +27,6 @@ from minicache.profile import MergeProfile
 from minicache.validation import ProfileError
 
 TASKS = ("perplexity", "passkey")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
-    return values
 
 
 def _depth_list(text: str) -> list[float]:
@@ -97,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--chunk-size", type=int, default=64, help="continuation tokens per forward pass")
     passkey = parser.add_argument_group("passkey task")
     passkey.add_argument(
-        "--context-lengths", type=_int_list, default=[1024, 2048, 4096], metavar="N,N,...",
+        "--context-lengths", type=positive_int_list, default=[1024, 2048, 4096], metavar="N,N,...",
         help="prompt lengths in tokens",
     )
     passkey.add_argument(

@@ -148,3 +148,27 @@ def test_merged_profile_scores_are_the_metrics_of_its_log_probs():
     assert result.ppl == pytest.approx(perplexity(token_nll(lp, windows[:, 32:])), rel=1e-6)
     assert result.ppl_increase == pytest.approx(result.ppl / result.ppl_full - 1)
     assert result.kl_mean > 0 and result.compression_ratio > 1.0
+
+
+# ---- the 95 % interval of the perplexity increase --------------------------------------------------
+def test_ppl_increase_interval_is_paired_and_shrinks_with_more_windows():
+    from minicache.evaluate.quality import ppl_increase_interval
+
+    g = torch.Generator().manual_seed(0)
+    full = torch.rand(64, 32, generator=g, dtype=torch.float64) * 4  # windows of very different difficulty
+    assert ppl_increase_interval(full, full.clone()) == (0.0, 0.0), "identical runs: no increase, no spread"
+    # +1 % perplexity on average, varying by window (as a merge's damage does).
+    damage = 0.01 + 0.02 * torch.randn(64, 1, generator=g, dtype=torch.float64)
+    worse = full + torch.log1p(damage)
+    low, high = ppl_increase_interval(full, worse)
+    point = torch.expm1((worse - full).mean()).item()
+    assert low < point < high and low > 0.0 and high < 0.02
+    few_low, few_high = ppl_increase_interval(full[:8], worse[:8])
+    assert few_high - few_low > high - low, "fewer windows, wider interval"
+    # Paired: a text-difficulty offset shared by both runs does not widen the interval.
+    offset = torch.rand(64, 1, generator=g, dtype=torch.float64) * 10
+    assert ppl_increase_interval(full + offset, worse + offset) == pytest.approx((low, high))
+    assert ppl_increase_interval(full[:1], worse[:1]) is None
+    with pytest.raises(ValueError, match="one shape"):
+        ppl_increase_interval(full, worse[:, :5])
+

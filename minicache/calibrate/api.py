@@ -290,7 +290,10 @@ def calibrate(
                  "held_out_windows": int(held_windows.shape[0]), "max_length": max_length,
                  "prefix_length": prefix_length},
         "budget": {"metric": budget.metric, "max": budget.max},
-        "measured": {k: (_round(v) if isinstance(v, float) else v) for k, v in measured.to_dict().items()},
+        "measured": {
+            k: (_round(v) if isinstance(v, float) else [_round(x) for x in v] if isinstance(v, list) else v)
+            for k, v in measured.to_dict().items()
+        },
         "method": "preset:" + preset if preset else "search",
     }
     if align or max_group_size > 2:
@@ -310,8 +313,8 @@ def calibrate(
     summary = (
         f"{len(profile.groups)} groups merged {[list(g.layers) for g in profile.groups]}: KV memory -{saved:.1%} "
         f"(compression {measured.compression_ratio:.3f}x at {prefix_length} tokens), "
-        f"perplexity {measured.ppl_increase:+.2%}, KL {measured.kl_mean:.4f}, top-1 {measured.top1_agreement:.1%} "
-        f"on held-out data"
+        f"perplexity {measured.ppl_increase:+.2%} ({measured.interval_text()}), KL {measured.kl_mean:.4f}, "
+        f"top-1 {measured.top1_agreement:.1%} on held-out data"
     )
     return CalibrationResult(profile=profile, statistics=stats, search=result_search, measured=measured,
                              summary=summary)

@@ -273,6 +273,10 @@ def write_report(
         if key in measured:
             value = measured[key]
             lines.append(f"| {key} | {value:.6g} |" if isinstance(value, float) else f"| {key} | {value} |")
+    interval = measured.get("ppl_increase_ci95")
+    if interval:
+        lines.append(f"| ppl_increase, 95 % interval (paired bootstrap over windows) | "
+                     f"{interval[0]:+.4%}..{interval[1]:+.4%} |")
     lines += ["", "## Groups", ""]
     if profile.groups:
         lines += ["| layers | keys t / γ | values t / γ |", "|---|---|---|"]

@@ -279,12 +279,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence
 
 def quality_markdown(rows: Sequence[dict]) -> str:
     """The rows of :func:`compare_quality` as a Markdown table."""
-    header = ["method", "ppl", "ppl increase", "KL mean", "KL q95", "top-1", "compression", "KV MiB"]
+    header = ["method", "ppl", "ppl increase", "95 % interval", "KL mean", "KL q95", "top-1", "compression", "KV MiB"]
     body = [
         [
             f"`{r['method']}`",
             f"{r['ppl']:.3f}",
             f"{r['ppl_increase']:+.2%}",
+            f"{r['ppl_increase_ci95'][0]:+.2%}..{r['ppl_increase_ci95'][1]:+.2%}" if r.get("ppl_increase_ci95") else "",
             f"{r['kl_mean']:.4f}",
             f"{r['kl_q95']:.4f}",
             f"{r['top1_agreement']:.2%}",
@@ -299,9 +300,10 @@ def quality_markdown(rows: Sequence[dict]) -> str:
         note = (
             f"\n\n{first['windows']} windows × ({first['prefix_length']} prefix + "
             f"{first['continuation_length']} scored tokens); compression and KV MiB after the prefix "
-            f"(KV MiB summed over windows)."
+            f"(KV MiB summed over windows). 95 % interval of the perplexity increase: paired bootstrap "
+            f"over windows."
         )
-    return _table(header, body, "lrrrrrrr") + note
+    return _table(header, body, "lrrrrrrrr") + note
 
 
 def passkey_markdown(result: dict) -> str:

@@ -25,7 +25,12 @@ from minicache.runtime.memory import cache_bytes, compression_ratio
 
 @dataclass(frozen=True)
 class QualityResult:
-    """Metrics of one profile on a set of windows (relative values: 0.01 = +1 %)."""
+    """Metrics of one profile on a set of windows (relative values: 0.01 = +1 %).
+
+    ``ppl_increase_ci95`` is a 95 % interval of ``ppl_increase`` from a paired bootstrap over the
+    windows (:func:`ppl_increase_interval`; None for a single window): how far the point estimate
+    could move on other text like this.
+    """
 
     ppl_full: float
     ppl: float
@@ -40,9 +45,21 @@ class QualityResult:
     windows: int
     prefix_length: int
     continuation_length: int
+    ppl_increase_ci95: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.ppl_increase_ci95 is not None:
+            out["ppl_increase_ci95"] = list(self.ppl_increase_ci95)  # JSON and YAML have lists, not tuples
+        return out
+
+    def interval_text(self) -> str:
+        """``"95 % interval +0.10 %..+0.80 %, 2048 tokens in 8 windows"`` (or just the token count)."""
+        where = f"{self.tokens_scored} tokens in {self.windows} windows"
+        if self.ppl_increase_ci95 is None:
+            return where
+        low, high = self.ppl_increase_ci95
+        return f"95 % interval {low:+.2%}..{high:+.2%}, {where}"
 
 
 @dataclass
@@ -92,6 +109,40 @@ def token_nll(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def perplexity(nll: torch.Tensor) -> float:
     """``exp(mean NLL)`` over all positions of ``nll`` (any shape), accumulated in float64."""
     return math.exp(nll.double().mean().item())
+
+
+def ppl_increase_interval(
+    nll_full: torch.Tensor, nll: torch.Tensor, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """Percentile interval of the perplexity increase from a paired bootstrap over windows.
+
+    Windows, not tokens, are resampled: tokens of one window are correlated (one merged prefix
+    serves them all), windows of different text much less so. Both runs are resampled together
+    (paired), so what is shared between them, the text's own difficulty, cancels.
+
+    Parameters
+    ----------
+    nll_full, nll : torch.Tensor
+        ``[windows, tokens]`` negative log-likelihoods of the same tokens, full cache and profile.
+
+    Returns
+    -------
+    tuple of float or None
+        ``(low, high)`` relative increases (0.01 = +1 %); None with fewer than 2 windows.
+    """
+    if nll.shape != nll_full.shape or nll.dim() != 2:
+        raise ValueError(f"expected two [windows, tokens] tensors of one shape, got {tuple(nll_full.shape)} "
+                         f"and {tuple(nll.shape)}")
+    windows = nll.shape[0]
+    if windows < 2:
+        return None
+    difference = nll.double().mean(dim=1) - nll_full.double().mean(dim=1)  # [windows]
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(windows, (resamples, windows), generator=generator)
+    increases = torch.expm1(difference[picks].mean(dim=1))  # equal tokens per window: ratio of perplexities
+    tail = (1.0 - confidence) / 2
+    low, high = torch.quantile(increases, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return low, high
 
 
 def kl_divergence(ref_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
@@ -221,6 +272,7 @@ def evaluate_profile(
         windows=int(windows.shape[0]),
         prefix_length=prefix_length,
         continuation_length=windows.shape[1] - prefix_length,
+        ppl_increase_ci95=ppl_increase_interval(reference.nll, nll_t),
     )
 
 

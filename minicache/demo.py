@@ -84,12 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if profile is None:
             profile, source = _shipped_or_preset(args.model, model)
         cache = MiniCache(profile, model, allow_model_mismatch=args.allow_model_mismatch)
-        limit = ModelSpec.from_config(model).max_positions
-        if limit is not None and args.prompt_tokens + args.new_tokens > limit:
-            raise ValueError(
-                f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceeds the model's "
-                f"{limit} positions"
-            )
+        what = f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens}"
+        ModelSpec.from_config(model).check_fits(args.prompt_tokens + args.new_tokens, what)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -178,6 +178,18 @@ class ModelSpec:
     def rope_signatures(self) -> list[tuple | None]:
         return [layer.rope for layer in self.layers]
 
+    def check_fits(self, tokens: int, what: str) -> None:
+        """Refuse a run of ``tokens`` positions (``what`` names the options that add up to it) longer
+        than the model's ``max_position_embeddings``; models that state none accept any length.
+
+        Raises
+        ------
+        ValueError
+            ``"<what> = <tokens> tokens exceeds the model's <limit> positions"``.
+        """
+        if self.max_positions is not None and tokens > self.max_positions:
+            raise ValueError(f"{what} = {tokens} tokens exceeds the model's {self.max_positions} positions")
+
     def kv_bytes_per_token(self, layer: int, element_size: int) -> int:
         """Bytes one token's keys and values take in one layer of a full cache."""
         kv_heads, head_dim = self.kv_shape(layer)

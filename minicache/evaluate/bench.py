@@ -681,11 +681,9 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None) -
         budget = int(args.kv_budget_mib * MIB) if args.kv_budget_mib else None
         settings = BenchSettings(args.context_lengths, args.batch_sizes, args.decode_tokens, args.repeats,
                                  args.warmup, budget)
-        needed = max(settings.context_lengths) + settings.decode_tokens
-        max_positions = model_shape.max_positions
-        if max_positions is not None and needed > max_positions:
-            raise ValueError(f"context {max(settings.context_lengths)} + {settings.decode_tokens} decode tokens "
-                             f"exceeds the model's max_position_embeddings ({max_positions})")
+        model_shape.check_fits(max(settings.context_lengths) + settings.decode_tokens,
+                               f"the longest --context-lengths {max(settings.context_lengths)} + --decode-tokens "
+                               f"{settings.decode_tokens}")
         if samples is not None:
             if tokenizer is None:
                 raise ValueError("--data needs a tokenizer; a --model-shape model has none (prompts are random)")

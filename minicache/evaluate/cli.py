@@ -166,13 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
         compare.check_methods(methods, model.config, args.allow_model_mismatch)
-        needed = (args.prefix_length + args.continuation_length if args.task == "perplexity"
-                  else max(args.context_lengths) + args.max_new_tokens)
-        limit = ModelSpec.from_config(model).max_positions
-        if limit is not None and needed > limit:
-            what = ("--prefix-length + --continuation-length" if args.task == "perplexity"
-                    else "the longest --context-lengths + --max-new-tokens")
-            raise ValueError(f"{what} = {needed} tokens exceeds the model's {limit} positions")
+        spec = ModelSpec.from_config(model)
+        if args.task == "perplexity":
+            spec.check_fits(args.prefix_length + args.continuation_length, "--prefix-length + --continuation-length")
+        else:
+            spec.check_fits(max(args.context_lengths) + args.max_new_tokens,
+                            "the longest --context-lengths + --max-new-tokens")
         if args.task == "perplexity":
             length = args.prefix_length + args.continuation_length
             windows = token_windows(samples, tokenizer, length, max_windows=args.num_windows)

@@ -185,10 +185,12 @@ class ModelSpec:
         Raises
         ------
         ValueError
-            ``"<what> = <tokens> tokens exceeds the model's <limit> positions"``.
+            ``"<what> = <tokens> tokens exceeds the model's <limit> positions (max_position_embeddings)"``.
         """
         if self.max_positions is not None and tokens > self.max_positions:
-            raise ValueError(f"{what} = {tokens} tokens exceeds the model's {self.max_positions} positions")
+            raise ValueError(
+                f"{what} = {tokens} tokens exceeds the model's {self.max_positions} positions (max_position_embeddings)"
+            )
 
     def kv_bytes_per_token(self, layer: int, element_size: int) -> int:
         """Bytes one token's keys and values take in one layer of a full cache."""

@@ -244,6 +244,8 @@ def _write(path: str, text: str, overwrite: bool) -> None:
 
 
 def format_result(out: dict) -> str:
+    from minicache.evaluate.quality import format_interval  # torch: loaded by the run this formats anyway
+
     return "\n".join(
         [
             f"profile            {out['profile']} ({out['dtype']}"
@@ -252,8 +254,7 @@ def format_result(out: dict) -> str:
             f"windows            {out['windows']} x "
             f"({out['prefix_length']} prefix + {out['continuation_length']} scored)",
             f"perplexity         {out['ppl']:.4f} vs {out['ppl_full']:.4f} full ({out['ppl_increase']:+.2%}"
-            + (f"; 95 % interval {out['ppl_increase_ci95'][0]:+.2%}..{out['ppl_increase_ci95'][1]:+.2%}"
-               if out.get("ppl_increase_ci95") else "")
+            + (f"; 95 % interval {format_interval(out['ppl_increase_ci95'])}" if out.get("ppl_increase_ci95") else "")
             + ")",
             f"KL mean / q95      {out['kl_mean']:.5f} / {out['kl_q95']:.5f} nats",
             f"top-1 agreement    {out['top1_agreement']:.2%}",

@@ -21,6 +21,7 @@ from minicache.evaluate.passkey import PasskeyMethod, accuracy_table, make_passk
 from minicache.evaluate.quality import (
     QUANTIZED_CACHE_BACKENDS,
     evaluate_profile,
+    format_interval,
     full_cache_factory,
     quantized_cache_factory,
     reference_run,
@@ -285,7 +286,7 @@ def quality_markdown(rows: Sequence[dict]) -> str:
             f"`{r['method']}`",
             f"{r['ppl']:.3f}",
             f"{r['ppl_increase']:+.2%}",
-            f"{r['ppl_increase_ci95'][0]:+.2%}..{r['ppl_increase_ci95'][1]:+.2%}" if r.get("ppl_increase_ci95") else "",
+            format_interval(r["ppl_increase_ci95"]) if r.get("ppl_increase_ci95") else "",
             f"{r['kl_mean']:.4f}",
             f"{r['kl_q95']:.4f}",
             f"{r['top1_agreement']:.2%}",

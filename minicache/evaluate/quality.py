@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -58,8 +58,7 @@ class QualityResult:
         where = f"{self.tokens_scored} tokens in {self.windows} windows"
         if self.ppl_increase_ci95 is None:
             return where
-        low, high = self.ppl_increase_ci95
-        return f"95 % interval {low:+.2%}..{high:+.2%}, {where}"
+        return f"95 % interval {format_interval(self.ppl_increase_ci95)}, {where}"
 
 
 @dataclass
@@ -109,6 +108,12 @@ def token_nll(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def perplexity(nll: torch.Tensor) -> float:
     """``exp(mean NLL)`` over all positions of ``nll`` (any shape), accumulated in float64."""
     return math.exp(nll.double().mean().item())
+
+
+def format_interval(interval: Sequence[float]) -> str:
+    """``(low, high)`` relative values as ``"+0.28%..+0.75%"``."""
+    low, high = interval
+    return f"{low:+.2%}..{high:+.2%}"
 
 
 def ppl_increase_interval(

@@ -7,6 +7,7 @@ Profile-file attacks (alias bombs, deep nesting, duplicate keys, encodings, size
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -338,9 +339,9 @@ def _files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
-def test_an_interrupted_overwrite_leaves_the_old_profile_loadable(tmp_path, monkeypatch):
-    old, new = _profile(0), _profile(1)
-    path = old.save(tmp_path / "p.yaml")
+@contextlib.contextmanager
+def _saves_killed_before_the_yaml():
+    """Within the block, a profile save is interrupted after writing its sidecar, before its YAML."""
     import minicache.profile as profile_module
 
     real_write = profile_module.atomic_write
@@ -350,33 +351,30 @@ def test_an_interrupted_overwrite_leaves_the_old_profile_loadable(tmp_path, monk
             raise KeyboardInterrupt
         real_write(target, data, overwrite)
 
-    monkeypatch.setattr(profile_module, "atomic_write", dies_before_the_yaml)
-    with pytest.raises(KeyboardInterrupt):
+    profile_module.atomic_write = dies_before_the_yaml
+    try:
+        yield
+    finally:
+        profile_module.atomic_write = real_write
+
+
+def test_an_interrupted_overwrite_leaves_the_old_profile_loadable(tmp_path):
+    old, new = _profile(0), _profile(1)
+    path = old.save(tmp_path / "p.yaml")
+    with _saves_killed_before_the_yaml(), pytest.raises(KeyboardInterrupt):
         new.save(path, overwrite=True)
     assert MergeProfile.load(path) == old, "the old YAML still names its own sidecar, which is still there"
     assert len(list(tmp_path.glob("p.*.tensors"))) == 2  # the interrupted save's sidecar: an orphan for now
-    monkeypatch.setattr(profile_module, "atomic_write", real_write)
     new.save(path, overwrite=True)
     assert MergeProfile.load(path) == new
     assert len(list(tmp_path.glob("p.*.tensors"))) == 1, "the retry removes the old and the orphan sidecar"
 
 
-def test_an_orphan_sidecar_does_not_block_the_retry(tmp_path, monkeypatch):
-    import minicache.profile as profile_module
-
-    real_write = profile_module.atomic_write
-
-    def dies_before_the_yaml(target, data, overwrite):
-        if Path(target).suffix == ".yaml":
-            raise KeyboardInterrupt
-        real_write(target, data, overwrite)
-
-    monkeypatch.setattr(profile_module, "atomic_write", dies_before_the_yaml)
-    with pytest.raises(KeyboardInterrupt):
+def test_an_orphan_sidecar_does_not_block_the_retry(tmp_path):
+    with _saves_killed_before_the_yaml(), pytest.raises(KeyboardInterrupt):
         _profile(0).save(tmp_path / "new")
     with pytest.raises(FileNotFoundError):  # no profile appears without its YAML
         MergeProfile.load(tmp_path / "new")
-    monkeypatch.setattr(profile_module, "atomic_write", real_write)
     _profile(2).save(tmp_path / "new")  # no --force needed: nothing was there
     assert MergeProfile.load(tmp_path / "new") == _profile(2)
     assert len([n for n in _files(tmp_path / "new") if n.endswith(".tensors")]) == 1, "the orphan is gone"

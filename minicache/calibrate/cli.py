@@ -209,11 +209,12 @@ def _join_torchrun() -> bool:
 
 def _rank() -> int:
     """This process's rank in torch.distributed (0 when it is not initialised)."""
-    if "torch" not in sys.modules:
+    if "torch" not in sys.modules:  # nothing can have initialised it: no need to import torch to say so
         return 0
-    import torch.distributed as dist
+    from minicache.methods.base import process_group
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    group = process_group()
+    return 0 if group is None else group[0]
 
 
 def _run(args, budget, defaults, quantization, methods, profile_path: Path, report_dir: Path, started: float,

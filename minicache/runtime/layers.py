@@ -21,18 +21,37 @@ from minicache.quant import QuantizedTensor, append
 from minicache.runtime.store import GroupStore, tensor_bytes
 from minicache.runtime.views import FieldSnapshot, MergedKVView
 
-__all__ = ["MergedLayer", "QuantizedLayer", "plain_layer_bytes"]
+__all__ = ["MergedLayer", "OwnedLayer", "QuantizedLayer", "plain_layer_bytes"]
 
 
-class MergedLayer(CacheLayerMixin):
+class OwnedLayer(CacheLayerMixin):
+    """A layer whose keys and values another object holds (``owner``: a group's store, a padded batch's
+    rows), so that :class:`MiniCache` applies batch operations and crops once, to the owner."""
+
+    is_compileable = False
+    is_croppable = False  # see `MiniCache.crop`
+    is_sliding = False
+    owner = "its owner"  # what holds the data, for the error below
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _batch_op_error(self, *args, **kwargs):
+        raise RuntimeError(f"batch operations on {self!r} must go through MiniCache, which owns {self.owner}")
+
+    reorder_cache = batch_select_indices = batch_repeat_interleave = crop = offload = prefetch = _batch_op_error
+
+
+class MergedLayer(OwnedLayer):
     """One member layer of a merged group: a view onto the shared :class:`GroupStore`.
 
     Batch operations are applied by :class:`MiniCache` once per store, not per member layer.
     """
 
-    is_compileable = False
-    is_croppable = False  # only the residual window can be cropped; see `MiniCache.crop`
-    is_sliding = False
+    owner = "the store"
 
     def __init__(self, store: GroupStore, member: int):
         super().__init__()
@@ -54,21 +73,10 @@ class MergedLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.store.seen(self.member)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.is_initialized = False
         if self.member == 0:
             self.store.reset()
-
-    def _batch_op_error(self, *args, **kwargs):
-        raise RuntimeError("batch operations on a merged layer must go through MiniCache, which owns the store")
-
-    reorder_cache = batch_select_indices = batch_repeat_interleave = crop = offload = prefetch = _batch_op_error
 
 
 class QuantizedLayer(CacheLayerMixin):

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
+from minicache.runtime.layers import OwnedLayer
 from minicache.runtime.store import PaddingInfo
 from minicache.runtime.views import MergedKVView
 
@@ -100,20 +100,10 @@ class RowBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def real(self, end: int, device: torch.device) -> torch.Tensor:
-        """``[B, end]`` bool: which of the first ``end`` positions are real tokens of each sequence.
-
-        Positions the attention mask does not cover (a caller that stopped passing it) count as real.
-        """
-        batch = len(self.rows)
-        known = self.padding.real
-        if known is None or known.shape[0] != batch:
-            known = torch.ones(batch, 0, dtype=torch.bool, device=device)
-        known = known[:, :end].to(device)
-        if known.shape[1] < end:
-            extra = torch.ones(batch, end - known.shape[1], dtype=torch.bool, device=device)
-            known = torch.cat([known, extra], dim=1)
-        return known
+    def _locate(self, start: int, end: int, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per sequence: its real positions among ``[start, end)`` (the new ones) and among ``[0, end)``."""
+        real = self.padding.upto(end, len(self.rows), device)
+        return [row[start:end].nonzero().squeeze(-1) for row in real], [row.nonzero().squeeze(-1) for row in real]
 
     def update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """Give each sequence its real new tokens; return ``[B, H, T, D]`` keys and values, zeros at padding."""
@@ -122,15 +112,15 @@ class RowBatch:
             raise ValueError(f"a batch of {batch} sequences reached a cache that holds {len(self.rows)}")
         start = self.positions[layer_idx]
         end = start + new
-        real = self.real(end, key_states.device)
-        outputs, positions = [], []
+        fresh, positions = self._locate(start, end, key_states.device)
+        outputs = []
         for i, row in enumerate(self.rows):
-            fresh = real[i, start:end].nonzero().squeeze(-1)
-            positions.append(real[i].nonzero().squeeze(-1))
-            if fresh.numel() == 0 and not row.layers[layer_idx].is_initialized:
+            if fresh[i].numel() == 0 and not row.layers[layer_idx].is_initialized:
                 outputs.append((None, None))  # nothing of this sequence yet (a prefill chunk of padding only)
                 continue
-            outputs.append(row.update(key_states[i : i + 1, :, fresh], value_states[i : i + 1, :, fresh], layer_idx))
+            outputs.append(
+                row.update(key_states[i : i + 1, :, fresh[i]], value_states[i : i + 1, :, fresh[i]], layer_idx)
+            )
         self.positions[layer_idx] = end
         keys, values = (
             RowKV([out[c] for out in outputs], positions, end, (batch, states.shape[1], end, states.shape[-1]),
@@ -155,20 +145,18 @@ class RowBatch:
     def crop(self, count: int) -> None:
         """Drop the last ``count`` positions, which must be real tokens of every sequence."""
         end = max(self.positions)
-        if count and self.padding.real is not None and not bool(self.real(end, torch.device("cpu"))[:, end - count :]
-                                                                .all()):
+        real = self.padding.upto(end, len(self.rows), torch.device("cpu"))
+        if count and self.padding.real is not None and not bool(real[:, end - count :].all()):
             raise ValueError(f"cannot crop {count} positions: some of them are padding of a sequence")
         for row in self.rows:
             row.crop(-count)
         self.positions = [max(p - count, 0) for p in self.positions]
 
 
-class RowLayer(CacheLayerMixin):
+class RowLayer(OwnedLayer):
     """One layer of a :class:`RowBatch`: what transformers' `Cache` holds for it in a padded batch."""
 
-    is_compileable = False
-    is_croppable = False  # `MiniCache.crop` crops the rows
-    is_sliding = False
+    owner = "the rows"
 
     def __init__(self, rows: RowBatch, layer_idx: int):
         super().__init__()
@@ -197,20 +185,9 @@ class RowLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.rows.positions[self.layer_idx]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     @property
     def batch_size(self) -> int:
         return len(self.rows)
 
     def reset(self) -> None:
         self.is_initialized = False
-
-    def _batch_op_error(self, *args, **kwargs):
-        raise RuntimeError("batch operations on a per-sequence layer must go through MiniCache, which owns the rows")
-
-    reorder_cache = batch_select_indices = batch_repeat_interleave = crop = offload = prefetch = _batch_op_error

@@ -69,6 +69,20 @@ class PaddingInfo:
         real_all = self.real.to(device)
         return real_all[:, start:end], real_all[:, :start].sum(dim=1)
 
+    def upto(self, end: int, batch: int, device: torch.device) -> torch.Tensor:
+        """``[B, end]`` bool: which of the first ``end`` positions are real tokens of each sequence.
+
+        Positions the mask does not cover (a caller that stopped passing it) count as real.
+        """
+        known = self.real
+        if known is None or known.shape[0] != batch:
+            known = torch.ones(batch, 0, dtype=torch.bool, device=device)
+        known = known[:, :end].to(device)
+        if known.shape[1] < end:
+            extra = torch.ones(batch, end - known.shape[1], dtype=torch.bool, device=device)
+            known = torch.cat([known, extra], dim=1)
+        return known
+
 
 class TokenSeries:
     """A growing ``[B, H, N, width]`` tensor, packed a whole chunk of tokens at a time when quantized.

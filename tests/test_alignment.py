@@ -412,8 +412,9 @@ def _fake_result(damage: float, saved_layers: int):
     return QualityResult(
         ppl_full=10.0, ppl=10.0 * (1 + damage), ppl_increase=damage, kl_mean=damage, kl_q95=damage,
         top1_agreement=1 - damage, kv_bytes_full=3000, kv_bytes=3000 - 50 * saved_layers,
-        compression_ratio=3000 / (3000 - 50 * saved_layers), tokens_scored=1, windows=1, prefix_length=1,
-        continuation_length=1,
+        compression_ratio=3000 / (3000 - 50 * saved_layers), tokens_scored=2, windows=2, prefix_length=1,
+        continuation_length=1, ppl_increase_ci95=(0.99 * damage, 1.01 * damage),
+        kl_mean_ci95=(0.99 * damage, 1.01 * damage),  # narrow: as sure as a point estimate
     )
 
 

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -108,13 +109,50 @@ def test_select_groups_never_overlaps_and_respects_allowance():
     )
 
 
-def _fake_result(damage: float, groups: int) -> QualityResult:
+def _fake_result(damage: float, groups: int, spread: float = 0.0) -> QualityResult:
+    """A measurement of ``damage`` whose 95 % interval is ``damage ± spread``."""
     ratio = 1 / (1 - 0.45 * groups / 8) if groups else 1.0
+    interval = (damage - spread, damage + spread)
     return QualityResult(
         ppl_full=10.0, ppl=10.0 * (1 + damage), ppl_increase=damage, kl_mean=damage, kl_q95=damage,
         top1_agreement=1.0, kv_bytes_full=1000, kv_bytes=int(1000 / ratio), compression_ratio=ratio,
-        tokens_scored=100, windows=1, prefix_length=10, continuation_length=10,
+        tokens_scored=100, windows=4, prefix_length=10, continuation_length=10,
+        ppl_increase_ci95=interval, kl_mean_ci95=interval,
     )
+
+
+def test_budget_decides_on_the_upper_end_of_the_interval():
+    budget = Budget("ppl_increase", 0.01)
+    assert budget.fits(_fake_result(0.006, 1, spread=0.003))
+    assert not budget.fits(_fake_result(0.006, 1, spread=0.005)), "point within, upper end over: refused"
+    single = replace(_fake_result(0.001, 1), windows=1, ppl_increase_ci95=None, kl_mean_ci95=None)
+    assert not budget.fits(single), "one window cannot resolve the budget"
+    assert budget.upper(single) == float("inf")
+    assert Budget("kl_mean", 0.01).upper(_fake_result(0.004, 1, spread=0.002)) == pytest.approx(0.006)
+    assert "upper +0.0090" in budget.describe(_fake_result(0.006, 1, spread=0.003))
+
+
+def test_search_keeps_less_when_the_measurements_are_uncertain():
+    """The winner's curse: with wide intervals, a set whose point estimate fits is not accepted."""
+    layers = 8
+    damage = {p: 0.02 * 0.5**p for p in range(layers - 1)}
+    candidates = _candidates({(p, p + 1): 0.5**p for p in range(layers - 1)})
+
+    def run(relative_spread: float):
+        def evaluate(profile: MergeProfile) -> QualityResult:
+            d = sum(damage[g.layers[0]] for g in profile.groups)
+            return _fake_result(d, len(profile.groups), spread=relative_spread * d)
+
+        budget = Budget("ppl_increase", 0.01)
+        result = search(candidates, evaluate, budget, layers, make_profile=lambda g: MergeProfile(groups=g),
+                        probes=4, log=lambda _: None)
+        assert result.final is not None and budget.fits(result.final)
+        assert all(budget.fits(s.result) or s.result is not result.final for s in result.steps)
+        return sum(damage[c.layers[0]] for c in result.chosen)
+
+    sure, unsure = run(0.05), run(1.0)
+    assert unsure <= 0.005 + 1e-12, "point + spread within 1 %: the point at most half the budget"
+    assert unsure < sure
 
 
 def test_search_finds_a_set_within_budget_and_measures_few_profiles():

@@ -172,3 +172,18 @@ def test_ppl_increase_interval_is_paired_and_shrinks_with_more_windows():
     with pytest.raises(ValueError, match="one shape"):
         ppl_increase_interval(full, worse[:, :5])
 
+
+
+def test_window_mean_interval_covers_the_mean_and_needs_two_windows():
+    from minicache.evaluate.quality import window_mean_interval
+
+    g = torch.Generator().manual_seed(1)
+    kl = (0.01 + 0.01 * torch.rand(64, 1, generator=g, dtype=torch.float64)) * torch.ones(64, 16)
+    low, high = window_mean_interval(kl)
+    assert 0.01 < low < kl.mean().item() < high < 0.02
+    few_low, few_high = window_mean_interval(kl[:8])
+    assert few_high - few_low > high - low, "fewer windows, wider interval"
+    assert window_mean_interval(torch.full((8, 4), 0.5)) == pytest.approx((0.5, 0.5)), "no spread, no width"
+    assert window_mean_interval(kl[:1]) is None
+    with pytest.raises(ValueError, match="windows, tokens"):
+        window_mean_interval(kl.flatten())

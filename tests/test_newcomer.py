@@ -185,8 +185,9 @@ def test_the_report_has_no_empty_gamma_column_and_names_the_search_steps(tmp_pat
                           predicted={(2, 3): 0.01})
     written = write_report(tmp_path, MergeProfile(), stats, search, "ppl_increase", 0.01, "s")
     text = (tmp_path / "minicache_report.md").read_text()
-    assert "| step | groups | ppl_increase | compression |" in text and "| γ |" not in text
-    assert "| probe | [[2, 3]] | +0.01000 | 1.1111x |" in text
+    assert "| step | groups | ppl_increase | 95 % interval | fits | compression |" in text and "| γ |" not in text
+    assert "| probe | [[2, 3]] | +0.01000 | none (1 window) | no | 1.1111x |" in text, "no interval: cannot fit"
+    assert "held-out:" not in text, "no held-out line without recorded data"
     assert len(written) == 4
     assert os.path.getsize(tmp_path / "minicache_groups.png") > 0
 

@@ -316,6 +316,9 @@ def calibrate(
         f"perplexity {measured.ppl_increase:+.2%} ({measured.interval_text()}), KL {measured.kl_mean:.4f}, "
         f"top-1 {measured.top1_agreement:.1%} on held-out data"
     )
+    if result_search is not None and profile.groups:
+        summary += (f"; within the budget {budget.metric} <= {budget.max:g} at the upper end of its interval "
+                    f"({budget.upper(measured):+.4f})")
     return CalibrationResult(profile=profile, statistics=stats, search=result_search, measured=measured,
                              summary=summary)
 

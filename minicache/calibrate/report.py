@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from minicache.calibrate.search import SearchResult
+from minicache.calibrate.search import Budget, SearchResult
 from minicache.calibrate.statistics import PairStatistics
 from minicache.fileio import atomic_write, save_figure
 from minicache.profile import MergeProfile, MergeSettings
@@ -183,12 +183,18 @@ def plot_search(search: SearchResult, metric: str, budget: float, path: Path) ->
         steps = [s for s in search.steps if s.kind == kind]
         if steps:
             saved = [1 - 1 / s.result.compression_ratio for s in steps]
-            ax.scatter(saved, [getattr(s.result, metric) for s in steps], marker=marker, label=kind)
+            points = [getattr(s.result, metric) for s in steps]
+            # error bars: the 95 % interval whose upper end the search compares with the budget
+            intervals = [getattr(s.result, f"{metric}_ci95") or (p, p) for s, p in zip(steps, points, strict=True)]
+            below = [max(p - lo, 0.0) for p, (lo, _) in zip(points, intervals, strict=True)]
+            above = [max(hi - p, 0.0) for p, (_, hi) in zip(points, intervals, strict=True)]
+            ax.errorbar(saved, points, yerr=[below, above], fmt=marker, capsize=3, label=kind)
     if search.final is not None:
         ax.scatter([1 - 1 / search.final.compression_ratio], [getattr(search.final, metric)], s=160,
                    facecolors="none", edgecolors="tab:red", label="chosen")
     ax.axhline(budget, color="tab:red", ls="--", lw=1, label=f"budget {budget:g}")
     values = [getattr(s.result, metric) for s in search.steps] + [budget]
+    values += [(getattr(s.result, f"{metric}_ci95") or (0.0, 0.0))[1] for s in search.steps]
     ax.set_yscale("symlog", linthresh=max(budget / 10, 1e-6))
     # No empty negative half when nothing improved on the full cache; headroom above the largest point.
     low = min(values)
@@ -200,6 +206,14 @@ def plot_search(search: SearchResult, metric: str, budget: float, path: Path) ->
     ax.legend()
     save_figure(fig, path)
     plt.close(fig)
+
+
+def _held_out_line(data: dict, measured: dict) -> list[str]:
+    """The held-out windows behind the measured figures (none when the profile did not record them)."""
+    if not (data.get("held_out_windows") and data.get("max_length") and data.get("prefix_length")):
+        return []
+    return [f"- held-out: {data['held_out_windows']} windows of {data['max_length']} tokens, the last "
+            f"{data['max_length'] - data['prefix_length']} of each scored ({measured.get('tokens_scored')} tokens)"]
 
 
 def _step_groups(step) -> list[list[int]]:
@@ -261,7 +275,9 @@ def write_report(
         f"- model: `{profile.model.name_or_path if profile.model else 'unknown'}`",
         f"- data: {source} ({data.get('samples')} samples, {data.get('tokens')} tokens captured, "
         f"seed {data.get('seed')})",
-        f"- budget: {metric} ≤ {budget:g} on held-out data",
+        f"- budget: {metric} ≤ {budget:g} on held-out data, for the upper end of the 95 % interval (bootstrap "
+        f"over the held-out windows), not only the point estimate",
+        *_held_out_line(data, measured),
         "",
         "## Result on held-out data",
         "",
@@ -277,6 +293,9 @@ def write_report(
     if interval:
         lines.append(f"| ppl_increase, 95 % interval (paired bootstrap over windows) | "
                      f"{interval[0]:+.4%}..{interval[1]:+.4%} |")
+    interval = measured.get("kl_mean_ci95")
+    if interval:
+        lines.append(f"| kl_mean, 95 % interval (bootstrap over windows) | {interval[0]:.5f}..{interval[1]:.5f} |")
     lines += ["", "## Groups", ""]
     if profile.groups:
         lines += ["| layers | keys t / γ | values t / γ |", "|---|---|---|"]
@@ -308,15 +327,19 @@ def write_report(
             "## Search",
             "",
             "Every profile measured on held-out data (probe: one group alone; verify: a candidate set; "
-            "extend: the best set so far plus one group).",
+            "extend: the best set so far plus one group). A set fits when the upper end of its 95 % interval "
+            "is within the budget.",
             "",
-            f"| step | groups | {metric} | compression |",
-            "|---|---|---|---|",
+            f"| step | groups | {metric} | 95 % interval | fits | compression |",
+            "|---|---|---|---|---|---|",
         ]
+        rule = Budget(metric, budget)
         for s in search.steps:
+            interval = getattr(s.result, f"{metric}_ci95")
+            shown = f"{interval[0]:+.5f}..{interval[1]:+.5f}" if interval else "none (1 window)"
             lines.append(
-                f"| {s.kind} | {_step_groups(s)} | {getattr(s.result, metric):+.5f} "
-                f"| {s.result.compression_ratio:.4f}x |"
+                f"| {s.kind} | {_step_groups(s)} | {getattr(s.result, metric):+.5f} | {shown} "
+                f"| {'yes' if rule.fits(s.result) else 'no'} | {s.result.compression_ratio:.4f}x |"
             )
         lines += ["", f"![search]({files['search.png'].name})", ""]
     path = files["report.md"]

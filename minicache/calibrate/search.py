@@ -13,11 +13,16 @@ One loop over candidates, whatever merge methods supply them:
   depth, the log restore errors of keys and values and ``log(saved layers)``, fitted on the probes,
   predicts every candidate.
 * **Selection**: cheapest predicted damage per saved layer first (ties: deeper, then larger groups),
-  non-overlapping, summed within 90 % of the budget.
-* **Verification**: the chosen set is measured and the prediction scale corrected, a few times.
+  non-overlapping, summed within 90 % of the budget. The prediction is of the point estimate; a
+  scale turns it into the upper end of the interval, which is what must fit (:class:`Budget`).
+* **Verification**: the chosen set is measured and the scale corrected, a few times.
 * **Extension**: from the best set that fits, single groups are added one measurement at a time
   (cheapest predicted first) and kept while the set stays within the budget: damage does not add up
   exactly across groups, so a measured step from the best set beats trusting the prediction.
+
+Every decision reads the upper end of the measured 95 % interval, so a set is accepted only when the
+held-out windows resolve it within the budget; one they cannot resolve is refused, never accepted on
+its point estimate.
 
 A search costs a handful of evaluation passes, not one per candidate.
 """
@@ -49,7 +54,14 @@ METRICS = ("ppl_increase", "kl_mean")
 
 @dataclass(frozen=True)
 class Budget:
-    """Largest acceptable quality loss on held-out data (``ppl_increase`` 0.01 = +1 %)."""
+    """Largest acceptable quality loss on held-out data (``ppl_increase`` 0.01 = +1 %).
+
+    A result fits when the upper end of its 95 % interval (bootstrap over the held-out windows) is
+    within ``max``, not merely its point estimate: the search measures many candidates on the same
+    windows and keeps the one that saves most, so a point estimate that happened to come out low
+    would be picked for its luck (the winner's curse). A result without an interval (a single
+    window) cannot resolve the budget and never fits.
+    """
 
     metric: str = "ppl_increase"
     max: float = 0.01
@@ -61,10 +73,20 @@ class Budget:
             raise ValueError(f"budget max must be a positive number, got {self.max}")
 
     def value(self, result: QualityResult) -> float:
+        """The point estimate of the budget's metric."""
         return float(getattr(result, self.metric))
 
+    def upper(self, result: QualityResult) -> float:
+        """The upper end of the metric's 95 % interval (``inf`` without one)."""
+        interval = getattr(result, f"{self.metric}_ci95")
+        return math.inf if interval is None else float(interval[1])
+
     def fits(self, result: QualityResult) -> bool:
-        return self.value(result) <= self.max
+        return self.upper(result) <= self.max
+
+    def describe(self, result: QualityResult) -> str:
+        """``"ppl_increase +0.0041 (upper +0.0072)"``: the point and the bound the decision uses."""
+        return f"{self.metric} {self.value(result):+.4f} (upper {self.upper(result):+.4f})"
 
 
 @dataclass(frozen=True)
@@ -110,7 +132,7 @@ class SearchStep:
     result: QualityResult
 
     def to_dict(self) -> dict:
-        keys = ("ppl_increase", "kl_mean", "top1_agreement", "compression_ratio")
+        keys = ("ppl_increase", "ppl_increase_ci95", "kl_mean", "kl_mean_ci95", "top1_agreement", "compression_ratio")
         return {"kind": self.kind, "groups": [list(g) for g in self.groups],
                 **{k: self.result.to_dict()[k] for k in keys}}
 
@@ -251,41 +273,46 @@ def search(
         chosen = sorted(chosen)
         measured = evaluate(make_profile(tuple(candidates[g].group() for g in chosen)))
         result.steps.append(SearchStep(kind, tuple(chosen), measured))
+        verdict = "fits" if budget.fits(measured) else "over"
         log(
             f"  {kind:6s} groups {[candidates[g].describe() for g in chosen]}: "
-            f"{budget.metric} {budget.value(measured):+.4f}, compression {measured.compression_ratio:.3f}x"
+            f"{budget.describe(measured)} {verdict}, compression {measured.compression_ratio:.3f}x"
         )
         return measured
 
     measured: dict[tuple[int, ...], float] = {}
+    probe_results: dict[tuple[int, ...], QualityResult] = {}
     for g in probe_candidates(candidates, probes):
-        measured[g] = budget.value(run("probe", [g]))
+        probe_results[g] = run("probe", [g])
+        measured[g] = budget.value(probe_results[g])
     predicted = predict_damage(candidates, measured, num_layers)
     result.predicted = predicted
 
-    scale = 1.0
-    excluded = {g for g, v in measured.items() if v > budget.max}
+    # scale: predicted point damage -> upper end of the interval; the probes give a first ratio
+    points = sum(max(v, 0.0) for v in measured.values())
+    uppers = sum(min(budget.upper(r), 10 * budget.max) for r in probe_results.values())
+    scale = max(uppers / points, 1.0) if points > 0 else 1.0
+    excluded = {g for g, r in probe_results.items() if budget.value(r) > budget.max}
     best: tuple[list[tuple[int, ...]], QualityResult] | None = None
-    for g, v in measured.items():  # a probe that fits is a valid answer already
-        if v <= budget.max and (best is None or candidates[g].saved_layers > _saved(best[0], candidates)):
-            best = ([g], next(s.result for s in result.steps if s.groups == (g,)))
+    for g, r in probe_results.items():  # a probe that fits is a valid answer already
+        if budget.fits(r) and (best is None or candidates[g].saved_layers > _saved(best[0], candidates)):
+            best = ([g], r)
     tried: set[tuple[tuple[int, ...], ...]] = set()
     for _ in range(max_verify):
         chosen = select_groups(candidates, {g: v * scale for g, v in predicted.items()}, budget.max * 0.9, excluded)
         if not chosen or tuple(chosen) in tried:
             break
         tried.add(tuple(chosen))
-        if len(chosen) == 1 and chosen[0] in measured:
-            outcome = next(s.result for s in result.steps if s.groups == (chosen[0],))
-        else:
-            outcome = run("verify", chosen)
+        single = len(chosen) == 1 and chosen[0] in probe_results
+        outcome = probe_results[chosen[0]] if single else run("verify", chosen)
         predicted_sum = sum(predicted[g] for g in chosen)
+        bound = min(budget.upper(outcome), 10 * budget.max)  # no interval: counts as far over
         if budget.fits(outcome):
             if best is None or _saved(chosen, candidates) > _saved(best[0], candidates):
                 best = (chosen, outcome)
-            scale = max(budget.value(outcome), 1e-9) / max(predicted_sum, 1e-12)
+            scale = max(bound, 1e-9) / max(predicted_sum, 1e-12)
         else:
-            scale = budget.value(outcome) / max(predicted_sum, 1e-12) * 1.1
+            scale = bound / max(predicted_sum, 1e-12) * 1.1
     if best is not None:
         tried_groups = 0
         for g in cheapest_first(candidates, predicted, exclude=excluded):

@@ -27,9 +27,10 @@ from minicache.runtime.memory import cache_bytes, compression_ratio
 class QualityResult:
     """Metrics of one profile on a set of windows (relative values: 0.01 = +1 %).
 
-    ``ppl_increase_ci95`` is a 95 % interval of ``ppl_increase`` from a paired bootstrap over the
-    windows (:func:`ppl_increase_interval`; None for a single window): how far the point estimate
-    could move on other text like this.
+    ``ppl_increase_ci95`` and ``kl_mean_ci95`` are 95 % intervals of ``ppl_increase`` and
+    ``kl_mean`` from a bootstrap over the windows (:func:`ppl_increase_interval`,
+    :func:`window_mean_interval`; None for a single window): how far the point estimate could move
+    on other text like this. The calibrator accepts a profile on the upper end.
     """
 
     ppl_full: float
@@ -46,11 +47,13 @@ class QualityResult:
     prefix_length: int
     continuation_length: int
     ppl_increase_ci95: tuple[float, float] | None = None
+    kl_mean_ci95: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        if self.ppl_increase_ci95 is not None:
-            out["ppl_increase_ci95"] = list(self.ppl_increase_ci95)  # JSON and YAML have lists, not tuples
+        for name in ("ppl_increase_ci95", "kl_mean_ci95"):
+            if out[name] is not None:
+                out[name] = list(out[name])  # JSON and YAML have lists, not tuples
         return out
 
     def interval_text(self) -> str:
@@ -116,6 +119,34 @@ def format_interval(interval: Sequence[float]) -> str:
     return f"{low:+.2%}..{high:+.2%}"
 
 
+def _bootstrap_means(per_window: torch.Tensor, resamples: int, seed: int) -> torch.Tensor:
+    """Means of ``resamples`` resamples (with replacement) of ``per_window`` ``[windows]`` → ``[resamples]``."""
+    windows = per_window.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(windows, (resamples, windows), generator=generator)
+    return per_window.double()[picks].mean(dim=1)
+
+
+def _percentiles(values: torch.Tensor, confidence: float) -> tuple[float, float]:
+    tail = (1.0 - confidence) / 2
+    low, high = torch.quantile(values, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return low, high
+
+
+def window_mean_interval(
+    values: torch.Tensor, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """Percentile interval of the mean of ``values`` ``[windows, tokens]`` from a bootstrap over windows.
+
+    Returns None with fewer than 2 windows.
+    """
+    if values.dim() != 2:
+        raise ValueError(f"expected a [windows, tokens] tensor, got {tuple(values.shape)}")
+    if values.shape[0] < 2:
+        return None
+    return _percentiles(_bootstrap_means(values.double().mean(dim=1), resamples, seed), confidence)
+
+
 def ppl_increase_interval(
     nll_full: torch.Tensor, nll: torch.Tensor, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float] | None:
@@ -138,16 +169,11 @@ def ppl_increase_interval(
     if nll.shape != nll_full.shape or nll.dim() != 2:
         raise ValueError(f"expected two [windows, tokens] tensors of one shape, got {tuple(nll_full.shape)} "
                          f"and {tuple(nll.shape)}")
-    windows = nll.shape[0]
-    if windows < 2:
+    if nll.shape[0] < 2:
         return None
     difference = nll.double().mean(dim=1) - nll_full.double().mean(dim=1)  # [windows]
-    generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(windows, (resamples, windows), generator=generator)
-    increases = torch.expm1(difference[picks].mean(dim=1))  # equal tokens per window: ratio of perplexities
-    tail = (1.0 - confidence) / 2
-    low, high = torch.quantile(increases, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
-    return low, high
+    # equal tokens per window: the exp of the mean difference is the ratio of perplexities
+    return _percentiles(torch.expm1(_bootstrap_means(difference, resamples, seed)), confidence)
 
 
 def kl_divergence(ref_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
@@ -278,6 +304,7 @@ def evaluate_profile(
         prefix_length=prefix_length,
         continuation_length=windows.shape[1] - prefix_length,
         ppl_increase_ci95=ppl_increase_interval(reference.nll, nll_t),
+        kl_mean_ci95=window_mean_interval(kl_t),
     )
 
 

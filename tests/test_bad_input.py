@@ -235,25 +235,33 @@ def test_a_huge_line_is_not_tokenized_whole(tmp_path):
 
 
 # ---- 7. interruption and weights the process cannot read --------------------------------------------
-def test_ctrl_c_in_calibrate_is_one_line_and_leaves_nothing(calibration_data, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def enough_data(tmp_path) -> Path:
+    """Data the size check passes without a warning at the default settings (40 samples of ~900 tokens)."""
+    path = tmp_path / "enough.jsonl"
+    path.write_text("".join(f'{{"text": "sample {i}: {TEXT}"}}\n' for i in range(40)))
+    return path
+
+
+def test_ctrl_c_in_calibrate_is_one_line_and_leaves_nothing(enough_data, tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("minicache.calibrate.cli._run", interrupted)
     out = tmp_path / "new-profile"
-    assert _calibrate(["--data", str(calibration_data), "--out", str(out)]) == 130
+    assert _calibrate(["--data", str(enough_data), "--out", str(out)]) == 130
     _one_clear_line(capsys.readouterr().err, "interrupted: nothing was written")
     assert not out.exists(), "the directory created for the run is removed again"
 
 
-def test_sigterm_in_calibrate_takes_the_same_way_out(calibration_data, tmp_path, monkeypatch, capsys):
+def test_sigterm_in_calibrate_takes_the_same_way_out(enough_data, tmp_path, monkeypatch, capsys):
     def terminated(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this ends
         raise AssertionError("SIGTERM was not turned into an interruption")
 
     monkeypatch.setattr("minicache.calibrate.cli._run", terminated)
-    assert _calibrate(["--data", str(calibration_data), "--out", str(tmp_path / "p")]) == 130
+    assert _calibrate(["--data", str(enough_data), "--out", str(tmp_path / "p")]) == 130
     _one_clear_line(capsys.readouterr().err, "interrupted: nothing was written")
     assert signal.getsignal(signal.SIGTERM) is not None and not (tmp_path / "p").exists()
 

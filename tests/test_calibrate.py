@@ -199,7 +199,7 @@ def calib_data(tmp_path_factory, license_text):
 
 
 SMALL = ["--num-samples", "3", "--max-length", "256", "--eval-windows", "2", "--probes", "3",
-         "--residual-length", "16", "--block-size", "16", "--no-progress"]
+         "--residual-length", "16", "--block-size", "16", "--no-progress", "--allow-small-data"]
 
 
 def run_cli(args, capsys):

@@ -60,6 +60,7 @@ def _calibrate_all(data: str) -> dict:
         lines: list[str] = []
         result = calibrate(model, TinyTokenizer(), data, budget=Budget("ppl_increase", 10.0), max_length=96,
                            eval_windows=3, defaults=Defaults(residual_length=16, block_size=16), probes=3,
+                           allow_small_data=True,
                            progress=False, log=lines.append, **kwargs)
         tensors = result.profile.tensors
         out[name] = {
@@ -151,7 +152,7 @@ def test_cli_under_torchrun_writes_once(tmp_path):
                "--master_port", str(_free_port()), "-m", "minicache.calibrate.cli", "--model", str(model),
                "--data", str(data), "--out", str(out), "--max-length", "48", "--num-samples", "6",
                "--eval-windows", "2", "--probes", "2", "--budget", "10", "--residual-length", "8",
-               "--block-size", "8", "--no-progress"]
+               "--block-size", "8", "--no-progress", "--allow-small-data"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     # One process printed the run (rank 0's share), and the profile loads.

@@ -42,10 +42,11 @@ def test_calibrate_checks_plain_text_before_loading_the_model(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     long = tmp_path / "long.txt"
     long.write_text(PARAGRAPHS)
-    # Enough text: the data check passes and the next problem is the model itself.
-    assert calibrate_main(["--data", str(long), "--model", "/nonexistent/model", "--out", str(tmp_path / "o")]) == 2
+    # Two samples or more: the format check passes and the next problem is the model itself.
+    assert calibrate_main(["--data", str(long), "--model", "/nonexistent/model", "--out", str(tmp_path / "o"),
+                           "--allow-small-data"]) == 2
     err = capsys.readouterr().err
-    assert "sample" not in err and "/nonexistent/model" in err
+    assert "1 sample" not in err and "/nonexistent/model" in err
 
 
 # ---- 4. re-runnable main job, reports named after the profile ---------------------------------------
@@ -225,7 +226,8 @@ def test_calibration_reports_its_two_capture_phases(tmp_path):
     capture_module.progress_bar = recording
     try:
         calibrate(model, TinyTokenizer(), data, budget=Budget("ppl_increase", 10.0), num_samples=8, max_length=96,
-                  eval_windows=2, defaults=Defaults(residual_length=16, block_size=16), probes=3, log=lines.append)
+                  eval_windows=2, defaults=Defaults(residual_length=16, block_size=16), probes=3, log=lines.append,
+                  allow_small_data=True)
     finally:
         capture_module.progress_bar = real
     # 3 pairs x 7 t x (plain, aligned) + 2 triples x (plain, aligned), for keys and for values

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 import torch
 
 from minicache.calibrate.capture import CalibrationCapture, candidate_runs, prefill_batches
+from minicache.calibrate.corpus import DEFAULT_CORPUS, SOURCES, kinds
+from minicache.calibrate.data_check import DataCheck
 from minicache.calibrate.defaults import CALIBRATION_DEFAULTS as D
 from minicache.calibrate.search import Budget, Candidate, SearchResult, search
 from minicache.calibrate.statistics import PairStatistics
@@ -32,18 +33,6 @@ from minicache.profile import (
     Quantization,
 )
 
-#: Prompts the model continues itself when no data is given (data-free calibration).
-SEED_PROMPTS = (
-    "Write a detailed essay about the history of astronomy, from ancient observers to modern telescopes.",
-    "Explain step by step how a compiler turns source code into machine code.",
-    "Tell a long story about a sailor who discovers an island that is not on any map.",
-    "Describe how the human immune system defends the body against infections.",
-    "Write a travel guide to a city you know well, with its history, food and neighbourhoods.",
-    "Explain the causes and consequences of the industrial revolution.",
-    "Write a user manual for a simple kitchen appliance, with safety notes and troubleshooting.",
-    "Summarise the main ideas of classical economics and how later schools criticised them.",
-)
-
 
 @dataclass(frozen=True)
 class CalibrationResult:
@@ -52,39 +41,6 @@ class CalibrationResult:
     search: SearchResult | None
     measured: QualityResult
     summary: str
-
-
-def generate_default_samples(model, tokenizer, length: int, count: int, seed: int) -> list[Sample]:
-    """Data-free calibration text: the model continues built-in seed prompts (seeded sampling)."""
-    prompts = [SEED_PROMPTS[i % len(SEED_PROMPTS)] for i in range(count)]
-    chats = [[{"role": "user", "content": p}] for p in prompts]
-    if getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
-    else:
-        texts = prompts
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    tokenizer.padding_side = side
-    device = next(model.parameters()).device
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = model.generate(
-            **batch.to(device),
-            max_new_tokens=length,
-            min_new_tokens=length,
-            do_sample=True,
-            temperature=0.8,
-            top_p=0.95,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    torch.random.set_rng_state(generator_state)
-    samples = []
-    for i, row in enumerate(out.cpu()):
-        padding = int((batch.attention_mask[i] == 0).sum())  # left padding of the prompt
-        samples.append(Sample(line=i + 1, input_ids=tuple(row[padding:].tolist())))
-    return samples
 
 
 def _round(value: float, digits: int = 6) -> float:
@@ -117,6 +73,7 @@ def calibrate(
     max_group_size: int = D.max_group_size,
     quantization: Quantization | None = None,
     methods: Sequence[str] = D.methods,
+    allow_small_data: bool = False,
 ) -> CalibrationResult:
     """Measure KV similarity on sample data and choose a merge profile within a quality budget.
 
@@ -126,8 +83,8 @@ def calibrate(
     Parameters
     ----------
     data : path, optional
-        JSON Lines (``text`` / ``messages`` / ``input_ids``) or ``.txt``. None: data-free
-        calibration on text the model generates from built-in seed prompts.
+        JSON Lines (``text`` / ``messages`` / ``input_ids``) or ``.txt``. None: the built-in corpus
+        (:data:`minicache.calibrate.corpus.DEFAULT_CORPUS`: prose, documentation, code and chat).
     budget : Budget
         Largest quality loss accepted on the held-out part (default: perplexity +1 %).
     preset : str, optional
@@ -151,6 +108,9 @@ def calibrate(
     methods : sequence of str
         Registered merge methods the search may choose from, per group and component
         (:func:`minicache.methods.method_names`).
+    allow_small_data : bool
+        Calibrate even below the floor of :mod:`~minicache.calibrate.data_check` (4 calibration and 4
+        held-out windows); shortfalls against ``num_samples`` / ``eval_windows`` are logged as warnings.
 
     Returns
     -------
@@ -169,13 +129,10 @@ def calibrate(
 
     group = process_group()  # (rank, world size) when data-parallel
     if data is None:
-        log(f"no --data: data-free calibration on text the model generates from {len(SEED_PROMPTS)} seed prompts")
-        if group is None:
-            samples = generate_default_samples(model, tokenizer, max_length, len(SEED_PROMPTS), seed)
-        else:  # rank 0's text for every process: sampling on several devices need not agree to the bit
-            samples = _from_rank0(lambda: generate_default_samples(model, tokenizer, max_length,
-                                                                   len(SEED_PROMPTS), seed))
-        data_info = {"path": None, "source": "generated from built-in seed prompts", "sha256": _samples_sha(samples)}
+        log(f"no --data: the built-in corpus ({_kinds_text()}; {DEFAULT_CORPUS.name}, see {SOURCES.name} beside it)")
+        samples = read_calibration_data(DEFAULT_CORPUS)
+        data_info = {"path": None, "source": f"built-in corpus ({_kinds_text()})",
+                     "sha256": file_sha256(DEFAULT_CORPUS)}
     else:
         samples = read_calibration_data(data)
         data_info = {"path": str(data), "sha256": file_sha256(data)}
@@ -191,6 +148,17 @@ def calibrate(
         f"{len(samples)} samples -> {calib_windows.shape[0]} calibration windows, {held_windows.shape[0]} held-out "
         f"windows of {max_length} tokens (seed {seed})"
     )
+    # windows were cut up to what was asked for: fewer means the data ran out (exact counts now)
+    check = DataCheck(
+        available_calibration=int(calib_windows.shape[0]), available_held_out=int(held_windows.shape[0]),
+        wanted_calibration=num_samples, wanted_held_out=eval_windows,
+        calibration_tokens=int(calib_windows.numel()), held_out_tokens=int(held_windows.numel()),
+        max_length=max_length, held_out=held_out,
+    )
+    for line in check.problems():
+        log(f"warning: {line}")
+    if check.refused and not allow_small_data:
+        raise DataError(check.refusal())
 
     # One capture loop: layer-similarity statistics, the methods' fit statistics over every window,
     # and (for a search) the candidates' restore errors on the second half with tensors fitted on the first.
@@ -424,11 +392,9 @@ def _known_method(name: str):
         raise ValueError(err.args[0]) from None
 
 
-def _samples_sha(samples: list[Sample]) -> str:
-    digest = hashlib.sha256()
-    for s in samples:
-        digest.update(repr((s.text, s.messages, s.input_ids)).encode())
-    return digest.hexdigest()
+def _kinds_text() -> str:
+    """``"16 prose, 16 docs, 16 code, 16 chat records"``."""
+    return ", ".join(f"{n} {kind}" for kind, n in kinds().items()) + " records"
 
 
 def resolve_output(out: str | os.PathLike) -> tuple[Path, Path]:

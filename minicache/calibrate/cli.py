@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
             "search which layer pairs to merge (and their t, γ) to save the most KV memory while the quality "
             "loss on a held-out part of the data stays within --budget, verify it with the real runtime, and "
             "write the merge profile (minicache_config.yaml) plus a report with plots. With no arguments it "
-            "calibrates the built-in SmolLM2-135M-Instruct on text the model generates itself."
+            "calibrates the built-in SmolLM2-135M-Instruct on the built-in corpus."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data",
         help="JSON Lines with one of text / messages / input_ids per line, or a .txt file; "
-        "default: data-free calibration on text the model generates from built-in prompts",
+        "default: the built-in corpus (real prose, documentation, code and chat shipped with minicache, "
+        "about 87,000 tokens; see minicache/calibrate/corpus/SOURCES.md)",
     )
     parser.add_argument(
         "--out",
@@ -89,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         "then measured, and the budget spent, with quantization on (the exact window is --residual-length)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing profile")
+    parser.add_argument(
+        "--allow-small-data", action="store_true",
+        help="calibrate even when the data gives fewer than 4 calibration or 4 held-out windows (refused "
+        "otherwise: the statistics and the quality interval would not be worth their promise)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
     from minicache.calibrate.api import read_calibration_data, resolve_output
+    from minicache.calibrate.data_check import check_data
     from minicache.calibrate.search import Budget
     from minicache.methods import method_names
     from minicache.profile import Defaults
@@ -125,14 +132,20 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ValueError(f"--methods {unknown[0]} is not a registered merge method; allowed: "
                              f"{', '.join(method_names())}")
-        if args.data:
-            read_calibration_data(args.data)  # fail on bad or too little data before loading the model
+        samples = read_calibration_data(args.data) if args.data else None  # bad data: before the model loads
         if budget.metric == "ppl_increase" and budget.max > LARGE_BUDGET:
             print(f"warning: --budget {args.budget:g} accepts +{args.budget:.0%} perplexity (0.01 is +1 %)",
                   file=sys.stderr)
         profile_path, report_dir = resolve_output(args.out or _default_out(args.model))
         if profile_path.exists() and not args.force:
             raise FileExistsError(f"{profile_path} exists; pass --force to overwrite it")
+        if samples is not None:  # too little data: also before the model loads (token counts estimated)
+            check = check_data(samples, max_length=args.max_length, num_samples=args.num_samples,
+                               eval_windows=args.eval_windows, held_out=D.held_out, seed=args.seed)
+            for line in check.problems():
+                print(f"warning: {line}", file=sys.stderr)
+            if check.refused and not args.allow_small_data:
+                raise DataError(check.refusal())
     except (DataError, ProfileError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -251,6 +264,7 @@ def _run(args, budget, defaults, quantization, methods, profile_path: Path, repo
         max_group_size=args.max_group_size,
         quantization=quantization,
         methods=methods,
+        allow_small_data=args.allow_small_data,
         progress=write and not args.no_progress,
         log=(lambda line: print(line, flush=True)) if write else (lambda line: None),
     )

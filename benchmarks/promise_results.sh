@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Does the calibrator keep its promise on text it never saw? (issue 21's acceptance)
+#
+# Calibrates SmolLM2-135M-Instruct at budgets 0.5 %, 1 % and 2 % on the shipped profile's
+# calibration data (licence texts) in full and cut to 16 samples of 512 tokens, plus the README's
+# main job (no --data: the built-in corpus, default settings); then scores every profile on two
+# kinds of unseen text, 64 windows x (512 prefix + 256 scored tokens) = 16,384 scored tokens each:
+#   code:  Python source, /usr/lib/python3.11/{argparse,dataclasses,...}.py (in no calibration data)
+#   notes: release notes, the first 400 kB of Python 3.11's NEWS (/usr/share/doc/python3.11/NEWS.gz)
+# and writes the promise table (benchmarks/promise_table.py): a profile keeps its promise on a text
+# when its perplexity increase there is at most its budget + the half-width of the 95 % interval it
+# states. Results, profiles and logs go to benchmarks/results/promise-cpu/ (overwritten).
+# About 75 minutes on 2 CPU cores.
+#
+#   bash benchmarks/promise_results.sh            # everything
+#   bash benchmarks/promise_results.sh evaluate   # only re-score the profiles already there
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-.venv/bin/python}
+export PYTHONPATH=.  # this checkout's code, whatever the environment has installed
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+WHAT=${1:-all}
+OUT=benchmarks/results/promise-cpu
+DATA=profiles/smollm2-135m-instruct/calibration-data.jsonl
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT"
+LOG="$OUT/log-$WHAT.txt"
+
+(cd /usr/lib/python3.11 && cat argparse.py dataclasses.py textwrap.py difflib.py csv.py json/decoder.py \
+  pathlib.py shutil.py tempfile.py inspect.py) >"$WORK/code.txt"
+zcat /usr/share/doc/python3.11/NEWS.gz | head -c 400000 >"$WORK/notes.txt"
+
+calibrate() {  # name, then minicache-calibrate arguments
+  local name=$1
+  shift
+  echo "== minicache-calibrate $* --out $OUT/$name"
+  local began=$SECONDS
+  "$PY" -m minicache.calibrate.cli "$@" --out "$WORK/$name" --no-progress --force
+  echo "   ($name: $((SECONDS - began)) s)"
+  rm -rf "${OUT:?}/$name"
+  mkdir -p "$OUT/$name"
+  cp "$WORK/$name"/minicache_config.* "$WORK/$name"/minicache_report.md "$OUT/$name/"
+}
+
+{
+  echo "machine: $(nproc --all) CPU cores (OMP_NUM_THREADS=$OMP_NUM_THREADS), $(uname -m); $(date -u +%F); commit $(git rev-parse --short HEAD)"
+  if [[ $WHAT == all ]]; then
+    # 16 samples of 512 tokens cut from the shipped profile's data (its first 8,192 tokens, in order)
+    "$PY" - "$DATA" "$WORK/cut-16x512.jsonl" <<'EOF'
+import json, sys
+from minicache.data import read_samples
+from minicache.models import load_model
+_, tokenizer = load_model("smollm2-135m")
+stream = []
+for sample in read_samples(sys.argv[1]):
+    stream += sample.tokenize(tokenizer) + [tokenizer.eos_token_id]
+with open(sys.argv[2], "w") as out:
+    for i in range(16):
+        out.write(json.dumps({"input_ids": stream[i * 512 : (i + 1) * 512]}) + "\n")
+EOF
+    calibrate main-job  # the README's main job: no --data, default settings
+    for budget in 0.005 0.01 0.02; do
+      calibrate "full-$budget" --data "$DATA" --budget "$budget"
+      calibrate "cut-$budget" --data "$WORK/cut-16x512.jsonl" --max-length 512 --num-samples 16 --budget "$budget"
+    done
+  fi
+  PROFILES=$(for p in main-job full-0.005 full-0.01 full-0.02 cut-0.005 cut-0.01 cut-0.02; do printf "%s," "$OUT/$p"; done)
+  for text in code notes; do
+    echo "== minicache-eval --compare full,${PROFILES%,} --data $text.txt --num-windows 64"
+    "$PY" -m minicache.evaluate.cli --compare "full,${PROFILES%,}" --data "$WORK/$text.txt" \
+      --prefix-length 512 --continuation-length 256 --num-windows 64 \
+      --json-out "$OUT/unseen-$text.json" --markdown-out "$OUT/unseen-$text.md" --force
+  done
+  echo "== promise table"
+  "$PY" benchmarks/promise_table.py --results "$OUT/unseen-code.json" "$OUT/unseen-notes.json" \
+    --names code notes --markdown-out "$OUT/promise.md" || echo "(a promise is broken: see the table)"
+} 2>&1 | grep --line-buffered -v "Loading weights" | tee "$LOG"

@@ -1,0 +1,84 @@
+"""Does a calibrated profile keep its promise on text it never saw? A table from minicache-eval JSON.
+
+    python benchmarks/promise_table.py --results unseen1.json unseen2.json --names code notes \
+        [--markdown-out promise.md]
+
+For every calibrated profile in the ``--compare`` results, the promise is what its calibration
+states: budget ``B`` and the 95 % interval ``[low, high]`` of its held-out perplexity increase. It
+holds on an unseen text when the increase measured there is at most ``B + (high - low) / 2``, the
+budget plus the half-width of the interval the profile states (issue 21's acceptance). Rows that
+are not profile directories (``full``, ``paper``, ...) are skipped. Exits 1 if a promise is broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from minicache.evaluate.quality import format_interval
+from minicache.profile import MergeProfile
+
+
+def promise(profile_dir: str) -> dict | None:
+    """Budget, stated point and interval of a calibrated profile (None for other methods)."""
+    path = Path(profile_dir)
+    if not (path.is_dir() or path.suffix in (".yaml", ".yml")) or not path.exists():
+        return None
+    calibration = MergeProfile.load(path).calibration or {}
+    measured = calibration.get("measured", {})
+    interval = measured.get("ppl_increase_ci95")
+    budget = calibration.get("budget", {})
+    if budget.get("metric") != "ppl_increase" or interval is None:
+        return None
+    return {"budget": float(budget["max"]), "point": float(measured["ppl_increase"]),
+            "interval": tuple(interval), "groups": len(MergeProfile.load(path).groups),
+            "windows": calibration.get("data", {}).get("held_out_windows")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", nargs="+", required=True, help="minicache-eval --compare --json-out files")
+    parser.add_argument("--names", nargs="+", required=True, help="a short name per results file (kind of text)")
+    parser.add_argument("--markdown-out", help="also write the table here")
+    args = parser.parse_args(argv)
+    if len(args.names) != len(args.results):
+        parser.error("give one name per results file")
+    runs = [json.loads(Path(p).read_text()) for p in args.results]
+    methods = [r["method"] for r in runs[0]["results"]]
+    header = ["profile", "budget", "groups", "stated (held-out)", "allowed on unseen"]
+    header += [f"{n}: ppl increase [95 %]" for n in args.names] + ["compression", "holds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    broken = 0
+    for method in methods:
+        stated = promise(method)
+        if stated is None:
+            continue
+        low, high = stated["interval"]
+        allowed = stated["budget"] + (high - low) / 2
+        cells, holds, compression = [], True, None
+        for run in runs:
+            row = next(r for r in run["results"] if r["method"] == method)
+            interval = row.get("ppl_increase_ci95")
+            shown = f"{row['ppl_increase']:+.2%}" + (f" [{format_interval(interval)}]" if interval else "")
+            cells.append(shown)
+            holds &= row["ppl_increase"] <= allowed
+            compression = row["compression_ratio"]
+        broken += not holds
+        lines.append(
+            f"| `{method}` | {stated['budget']:.1%} | {stated['groups']} | {stated['point']:+.2%} "
+            f"[{format_interval(stated['interval'])}] on {stated['windows']} windows | ≤ {allowed:+.2%} | "
+            + " | ".join(cells) + f" | {compression:.3f}x | {'yes' if holds else '**no**'} |"
+        )
+    tokens = ", ".join(f"{n}: {run['results'][0]['tokens_scored']:,} tokens in {run['results'][0]['windows']} "
+                       f"windows" for n, run in zip(args.names, runs, strict=True))
+    text = "\n".join(lines) + f"\n\nScored on unseen text ({tokens}).\n"
+    print(text)
+    if args.markdown_out:
+        Path(args.markdown_out).write_text(text)
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,8 +4,8 @@
 #   bash scripts/run.sh                       # minicache-calibrate with no arguments
 #   bash scripts/run.sh --data sample.jsonl   # extra arguments go to minicache-calibrate
 #
-# With no arguments this calibrates SmolLM2-135M-Instruct (built in) on text the model generates
-# from built-in seed prompts, writes ./minicache-smollm2-135m/minicache_config.yaml plus a report,
+# With no arguments this calibrates SmolLM2-135M-Instruct (built in) on the built-in corpus (real
+# prose, docs, code and chat; about 4 minutes on 2 cores), writes ./minicache-smollm2-135m/minicache_config.yaml plus a report,
 # and prints where they went; a second run replaces them. With arguments, they go to
 # minicache-calibrate as given (an existing --out is then kept unless you pass --force).
 set -euo pipefail

@@ -15,7 +15,7 @@ from minicache.calibrate.capture import CalibrationCapture, candidate_runs, pref
 from minicache.calibrate.corpus import DEFAULT_CORPUS, SOURCES, kinds
 from minicache.calibrate.data_check import DataCheck
 from minicache.calibrate.defaults import CALIBRATION_DEFAULTS as D
-from minicache.calibrate.search import Budget, Candidate, SearchResult, search
+from minicache.calibrate.search import EXTEND, MAX_VERIFY, Budget, Candidate, SearchResult, search
 from minicache.calibrate.statistics import PairStatistics
 from minicache.data import DataError, Sample, file_sha256, read_samples, split_samples, token_windows
 from minicache.evaluate.quality import QualityResult, evaluate_profile, reference_run
@@ -204,6 +204,11 @@ def calibrate(
     if group is None or group[0] == 0:
         reference = reference_run(model, held_windows, prefix_length, batch_size, keep_prefix_kv=True)
     passes = [time.perf_counter() - started]
+    if preset is None:  # the search's time: at most this many passes, each cheaper than the reference's
+        most = probes + MAX_VERIFY + EXTEND
+        by = time.strftime("%H:%M:%S", time.localtime(time.time() + most * passes[0]))
+        log(f"held-out reference pass {passes[0]:.0f}s; the search measures at most {most} profiles: "
+            f"done in at most ~{most * passes[0]:.0f}s (by {by})")
 
     def evaluate(profile: MergeProfile) -> QualityResult:
         # Every quality measurement of the search goes through here: timed, so the log says where time goes.

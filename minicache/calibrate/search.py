@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 METRICS = ("ppl_increase", "kl_mean")
+#: Verification rounds and single-group extensions of a search (see :func:`search`).
+MAX_VERIFY, EXTEND = 4, 6
 
 
 @dataclass(frozen=True)
@@ -247,8 +249,8 @@ def search(
     *,
     make_profile: Callable[[tuple[MergeGroup, ...]], MergeProfile],
     probes: int = 6,
-    max_verify: int = 4,
-    extend: int = 6,
+    max_verify: int = MAX_VERIFY,
+    extend: int = EXTEND,
     log: Callable[[str], None] = print,
 ) -> SearchResult:
     """Probe → predict → select → verify → extend (see the module docstring).

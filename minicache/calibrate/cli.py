@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Calibrate MiniCache for a model: capture KV similarity between adjacent layers on sample data, "
             "search which layer pairs to merge (and their t, γ) to save the most KV memory while the quality "
-            "loss on a held-out part of the data stays within --budget, verify it with the real runtime, and "
+            "loss on a held-out part of the data stays within --budget (the upper end of its 95% interval), "
+            "verify it with the real runtime, and "
             "write the merge profile (minicache_config.yaml) plus a report with plots. With no arguments it "
             "calibrates the built-in SmolLM2-135M-Instruct on the built-in corpus."
         ),
@@ -52,13 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         "next to the weights); default: ./minicache-<model>/",
     )
     parser.add_argument("--budget", type=float, default=D.budget,
-                        help="largest quality loss accepted (0.01 = +1%% ppl)")
+                        help="largest quality loss accepted (0.01 = +1%% ppl) for the upper end of its 95%% interval "
+                        "on held-out data (bootstrap over the held-out windows), not only the point estimate")
     parser.add_argument("--budget-metric", choices=["ppl_increase", "kl_mean"], default=D.budget_metric)
     parser.add_argument("--preset", choices=["paper"], help="write this preset without searching; still measured")
     parser.add_argument("--num-samples", type=int, default=D.num_samples,
                         help="calibration windows of --max-length tokens")
     parser.add_argument("--eval-windows", type=int, default=D.eval_windows,
-                        help="held-out windows used to measure quality")
+                        help="held-out windows used to measure quality (more: a narrower interval, so more of the "
+                        "budget can be used, and a slower search)")
     parser.add_argument("--max-length", type=int, default=D.max_length, help="tokens per window")
     parser.add_argument("--seed", type=int, default=D.seed, help="seed of the calibration / held-out split")
     add_dtype_option(parser)

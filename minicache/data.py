@@ -203,19 +203,34 @@ def split_samples(samples: list[Sample], held_out: float, seed: int) -> tuple[li
     return [samples[i] for i in calib], [samples[i] for i in held]
 
 
+#: With ``spread``, :func:`token_windows` chooses among the windows of at most this many times the
+#: tokens it needs (bounds the tokenizing of a large data file).
+SPREAD_FACTOR = 16
+
+
 def token_windows(
-    samples: list[Sample], tokenizer, length: int, max_windows: int | None = None
+    samples: list[Sample], tokenizer, length: int, max_windows: int | None = None, *, spread: bool = False
 ) -> torch.Tensor:
     """Cut the samples' tokens into non-overlapping windows of ``length`` tokens.
 
     Samples are joined into one stream separated by the EOS token, as in language-model
     pre-training, so short samples still contribute.
 
+    Parameters
+    ----------
+    spread : bool
+        With ``max_windows``: take the windows evenly spaced over the data (at most
+        :data:`SPREAD_FACTOR` times the tokens needed are read) instead of its first tokens, so that
+        data made of several kinds of text is represented by all of them.
+
     Returns
     -------
     torch.Tensor
         ``[num_windows, length]`` int64 token ids (possibly zero windows).
     """
+    wanted = max_windows
+    if spread and max_windows is not None:
+        max_windows = max_windows * SPREAD_FACTOR
     stream: list[int] = []
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     vocab = len(tokenizer)
@@ -233,4 +248,7 @@ def token_windows(
         count = min(count, max_windows)
     import torch
 
-    return torch.tensor(stream[: count * length], dtype=torch.long).view(count, length)
+    windows = torch.tensor(stream[: count * length], dtype=torch.long).view(count, length)
+    if wanted is not None and count > wanted:  # spread: the middle window of each of `wanted` equal stretches
+        windows = windows[[(2 * i + 1) * count // (2 * wanted) for i in range(wanted)]]
+    return windows

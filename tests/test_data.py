@@ -4,6 +4,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from minicache.data import DataError, Sample, read_samples, split_samples, token_windows
 
@@ -91,3 +92,15 @@ def test_token_windows_join_samples_with_eos():
     assert token_windows(samples, ToyTokenizer(), length=4, max_windows=2).shape == (2, 4)
     with pytest.raises(DataError, match="outside the vocabulary"):
         token_windows([Sample(line=7, input_ids=(500,))], ToyTokenizer(), length=4)
+
+
+def test_spread_windows_come_from_all_over_the_data():
+    # 12 samples of one window each (3 ids + separator): ids tell where a window came from
+    samples = [Sample(line=i + 1, input_ids=(8 * i + 1, 8 * i + 2, 8 * i + 3)) for i in range(12)]
+    first = token_windows(samples, ToyTokenizer(), length=4, max_windows=3)
+    assert first[:, 0].tolist() == [1, 9, 17], "without spread: the first windows"
+    spread = token_windows(samples, ToyTokenizer(), length=4, max_windows=3, spread=True)
+    assert spread[:, 0].tolist() == [17, 49, 81], "windows 2, 6, 10: the middle of each third of the data"
+    assert token_windows(samples, ToyTokenizer(), length=4, max_windows=20, spread=True).shape == (12, 4)
+    assert torch.equal(token_windows(samples, ToyTokenizer(), length=4, max_windows=12, spread=True),
+                       token_windows(samples, ToyTokenizer(), length=4)), "every window when all are wanted"

@@ -137,8 +137,9 @@ def calibrate(
         samples = read_calibration_data(data)
         data_info = {"path": str(data), "sha256": file_sha256(data)}
     calib, held = split_samples(samples, held_out, seed)
-    calib_windows = token_windows(calib, tokenizer, max_length, max_windows=num_samples)
-    held_windows = token_windows(held, tokenizer, max_length, max_windows=eval_windows)
+    # spread over each part: data of several kinds (the built-in corpus) is represented by all of them
+    calib_windows = token_windows(calib, tokenizer, max_length, max_windows=num_samples, spread=True)
+    held_windows = token_windows(held, tokenizer, max_length, max_windows=eval_windows, spread=True)
     if calib_windows.shape[0] == 0 or held_windows.shape[0] == 0:
         raise DataError(
             f"not enough text: {calib_windows.shape[0]} calibration and {held_windows.shape[0]} held-out windows "

@@ -459,6 +459,7 @@ def test_search_stays_within_budget_extends_greedily_and_measures_little():
     expected = sum(damage_of[g] for g in chosen) * (INTERACTION if len(chosen) > 1 else 1)
     assert result.final.ppl_increase == pytest.approx(expected)
     assert len(calls) <= 4 + 4 + 6  # probes + verifications + extensions
+    assert len({tuple(sorted(c)) for c in calls}) == len(calls), "no set of groups is measured twice"
     extended = [s for s in result.steps if s.kind == "extend"]
     assert extended, "the search tries to grow the verified set"
     assert any(budget.fits(s.result) for s in extended), "in this setting an extension fits"

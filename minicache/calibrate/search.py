@@ -271,9 +271,13 @@ def search(
     if not candidates:
         return result
 
+    seen: dict[tuple[tuple[int, ...], ...], QualityResult] = {}
+
     def run(kind: str, chosen: list[tuple[int, ...]]) -> QualityResult:
         chosen = sorted(chosen)
-        measured = evaluate(make_profile(tuple(candidates[g].group() for g in chosen)))
+        if tuple(chosen) in seen:  # e.g. an extension equal to a verified set: the same windows, the same figures
+            return seen[tuple(chosen)]
+        measured = seen[tuple(chosen)] = evaluate(make_profile(tuple(candidates[g].group() for g in chosen)))
         result.steps.append(SearchStep(kind, tuple(chosen), measured))
         verdict = "fits" if budget.fits(measured) else "over"
         log(
@@ -305,8 +309,7 @@ def search(
         if not chosen or tuple(chosen) in tried:
             break
         tried.add(tuple(chosen))
-        single = len(chosen) == 1 and chosen[0] in probe_results
-        outcome = probe_results[chosen[0]] if single else run("verify", chosen)
+        outcome = run("verify", chosen)  # a probe's single group: its probe, not measured again
         predicted_sum = sum(predicted[g] for g in chosen)
         bound = min(budget.upper(outcome), 10 * budget.max)  # no interval: counts as far over
         if budget.fits(outcome):
@@ -322,8 +325,8 @@ def search(
                 break
             if any(set(g) & set(c) for c in best[0]):
                 continue
-            tried_groups += 1
             chosen = sorted([*best[0], g])
+            tried_groups += tuple(chosen) not in seen  # a set measured before costs nothing
             outcome = run("extend", chosen)
             if budget.fits(outcome):
                 best = (chosen, outcome)

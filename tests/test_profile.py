@@ -710,9 +710,10 @@ def test_the_shipped_profile_in_format_1_still_loads():
     same groups and settings as the format-2 profile shipped now, and writes back as format 2 with the
     same sidecar bytes.
 
-    The shipped profile has since been recalibrated on another machine (same data and seed): its
-    rotations differ by float rounding (< 1e-5) and its measured figures in the last digits, so those
-    are compared with a tolerance, not bit for bit."""
+    The shipped profile has since been recalibrated (same data and seed; on another machine, and with
+    held-out windows spread over the data and an interval): its rotations differ by float rounding
+    (< 1e-5), so those are compared with a tolerance; its measured figures are those of other held-out
+    windows and are not compared."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -723,10 +724,9 @@ def test_the_shipped_profile_in_format_1_still_loads():
     assert old.tensors.names() == new.tensors.names()
     for name in old.tensors.names():
         torch.testing.assert_close(old.tensors[name], new.tensors[name], atol=1e-5, rtol=0)
-    old_measured, new_measured = old.calibration["measured"], new.calibration["measured"]
-    assert old_measured.keys() == new_measured.keys()
-    for key, value in old_measured.items():
-        assert new_measured[key] == pytest.approx(value, rel=1e-3), key
+    assert "ppl_increase_ci95" not in old.calibration["measured"], "format 1 had no interval"
+    _, high = new.calibration["measured"]["ppl_increase_ci95"]
+    assert high <= new.calibration["budget"]["max"], "the shipped profile fits its budget at the interval's end"
     assert [g.layers for g in old.groups] == [(25, 26), (27, 28, 29)]
     assert all(s.method == "slerp" and s.params.align for g in old.groups for _, s in g.components())
     assert old.groups[0].keys.params.t == 0.5

@@ -87,7 +87,7 @@ def test_reports_are_named_after_their_profile(tmp_path):
     assert report_stem(tmp_path / "minicache_config.yaml") == "minicache"
     written = []
     for name in ("a", "b"):
-        profile = MergeProfile(calibration={"data": {"path": None, "source": "generated from built-in seed prompts",
+        profile = MergeProfile(calibration={"data": {"path": None, "source": "built-in corpus (16 prose records)",
                                                      "samples": 8, "tokens": 100, "seed": 0}})
         written += write_report(tmp_path, profile, stats, None, "ppl_increase", 0.01, f"summary {name}",
                                 stem=report_stem(tmp_path / f"{name}.yaml"))
@@ -95,7 +95,7 @@ def test_reports_are_named_after_their_profile(tmp_path):
                                                                                    "groups.png")}
     a = report_files(tmp_path, "a")["report.md"].read_text()
     assert "summary a" in a and "a_groups.png" in a and "minicache_" not in a
-    assert "- data: generated from built-in seed prompts (8 samples" in a, "no `None` for data-free runs"
+    assert "- data: built-in corpus (16 prose records) (8 samples" in a, "no `None` for runs on the built-in corpus"
 
 
 # ---- 6. messages that say what is meant ----------------------------------------------------------

@@ -26,14 +26,15 @@ def promise(profile_dir: str) -> dict | None:
     path = Path(profile_dir)
     if not (path.is_dir() or path.suffix in (".yaml", ".yml")) or not path.exists():
         return None
-    calibration = MergeProfile.load(path).calibration or {}
+    profile = MergeProfile.load(path)
+    calibration = profile.calibration or {}
     measured = calibration.get("measured", {})
     interval = measured.get("ppl_increase_ci95")
     budget = calibration.get("budget", {})
     if budget.get("metric") != "ppl_increase" or interval is None:
         return None
     return {"budget": float(budget["max"]), "point": float(measured["ppl_increase"]),
-            "interval": tuple(interval), "groups": len(MergeProfile.load(path).groups),
+            "interval": tuple(interval), "groups": len(profile.groups),
             "windows": calibration.get("data", {}).get("held_out_windows")}
 
 

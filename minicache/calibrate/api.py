@@ -129,10 +129,10 @@ def calibrate(
 
     group = process_group()  # (rank, world size) when data-parallel
     if data is None:
-        log(f"no --data: the built-in corpus ({_kinds_text()}; {DEFAULT_CORPUS.name}, see {SOURCES.name} beside it)")
+        described = _kinds_text()
+        log(f"no --data: the built-in corpus ({described}; {DEFAULT_CORPUS.name}, see {SOURCES.name} beside it)")
         samples = read_calibration_data(DEFAULT_CORPUS)
-        data_info = {"path": None, "source": f"built-in corpus ({_kinds_text()})",
-                     "sha256": file_sha256(DEFAULT_CORPUS)}
+        data_info = {"path": None, "source": f"built-in corpus ({described})", "sha256": file_sha256(DEFAULT_CORPUS)}
     else:
         samples = read_calibration_data(data)
         data_info = {"path": str(data), "sha256": file_sha256(data)}
@@ -156,10 +156,7 @@ def calibrate(
         calibration_tokens=int(calib_windows.numel()), held_out_tokens=int(held_windows.numel()),
         max_length=max_length, held_out=held_out,
     )
-    for line in check.problems():
-        log(f"warning: {line}")
-    if check.refused and not allow_small_data:
-        raise DataError(check.refusal())
+    check.enforce(allow_small_data, log)
 
     # One capture loop: layer-similarity statistics, the methods' fit statistics over every window,
     # and (for a search) the candidates' restore errors on the second half with tensors fitted on the first.

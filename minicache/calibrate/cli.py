@@ -145,10 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if samples is not None:  # too little data: also before the model loads (token counts estimated)
             check = check_data(samples, max_length=args.max_length, num_samples=args.num_samples,
                                eval_windows=args.eval_windows, held_out=D.held_out, seed=args.seed)
-            for line in check.problems():
-                print(f"warning: {line}", file=sys.stderr)
-            if check.refused and not args.allow_small_data:
-                raise DataError(check.refusal())
+            check.enforce(args.allow_small_data, lambda line: print(line, file=sys.stderr))
     except (DataError, ProfileError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from minicache.data import Sample, split_samples
+from minicache.data import DataError, Sample, split_samples
 
 __all__ = [
     "CHARS_PER_TOKEN",
@@ -122,6 +122,19 @@ class DataCheck:
                 f"of sample text"
             )
         return lines
+
+    def enforce(self, allow_small_data: bool, warn: Callable[[str], None]) -> None:
+        """Warn of every shortfall (``"warning: ..."`` lines), then refuse below the floor unless allowed.
+
+        Raises
+        ------
+        DataError
+            :attr:`refused` and not ``allow_small_data`` (the message is :meth:`refusal`).
+        """
+        for line in self.problems():
+            warn(f"warning: {line}")
+        if self.refused and not allow_small_data:
+            raise DataError(self.refusal())
 
     def refusal(self) -> str:
         """The one-line error when :attr:`refused`: too little data, or too few windows asked for."""

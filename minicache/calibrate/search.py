@@ -286,17 +286,17 @@ def search(
         )
         return measured
 
-    measured: dict[tuple[int, ...], float] = {}
-    probe_results: dict[tuple[int, ...], QualityResult] = {}
-    for g in probe_candidates(candidates, probes):
-        probe_results[g] = run("probe", [g])
-        measured[g] = budget.value(probe_results[g])
+    def bound(r: QualityResult) -> float:  # no interval (inf) counts as far over, not as infinitely over
+        return min(budget.upper(r), 10 * budget.max)
+
+    probe_results = {g: run("probe", [g]) for g in probe_candidates(candidates, probes)}
+    measured = {g: budget.value(r) for g, r in probe_results.items()}
     predicted = predict_damage(candidates, measured, num_layers)
     result.predicted = predicted
 
     # scale: predicted point damage -> upper end of the interval; the probes give a first ratio
     points = sum(max(v, 0.0) for v in measured.values())
-    uppers = sum(min(budget.upper(r), 10 * budget.max) for r in probe_results.values())
+    uppers = sum(bound(r) for r in probe_results.values())
     scale = max(uppers / points, 1.0) if points > 0 else 1.0
     excluded = {g for g, r in probe_results.items() if budget.value(r) > budget.max}
     best: tuple[list[tuple[int, ...]], QualityResult] | None = None
@@ -311,13 +311,12 @@ def search(
         tried.add(tuple(chosen))
         outcome = run("verify", chosen)  # a probe's single group: its probe, not measured again
         predicted_sum = sum(predicted[g] for g in chosen)
-        bound = min(budget.upper(outcome), 10 * budget.max)  # no interval: counts as far over
         if budget.fits(outcome):
             if best is None or _saved(chosen, candidates) > _saved(best[0], candidates):
                 best = (chosen, outcome)
-            scale = max(bound, 1e-9) / max(predicted_sum, 1e-12)
+            scale = max(bound(outcome), 1e-9) / max(predicted_sum, 1e-12)
         else:
-            scale = bound / max(predicted_sum, 1e-12) * 1.1
+            scale = bound(outcome) / max(predicted_sum, 1e-12) * 1.1
     if best is not None:
         tried_groups = 0
         for g in cheapest_first(candidates, predicted, exclude=excluded):

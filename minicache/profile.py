@@ -102,7 +102,8 @@ SIDECAR_SUFFIX = ".tensors"
 PRESETS = ("paper", "none")
 DEFAULT_METHOD = "slerp"
 
-_LAYERS_ALLOWED = "a list of at least 2 strictly consecutive layer indices, e.g. [20, 21]"
+_LAYERS_ALLOWED = ("a list of strictly consecutive layer indices, e.g. [20, 21] (at least 2 for merges; "
+                   "1 for methods that store single layers, such as lowrank)")
 #: Settings of a component that every method shares (the rest belong to the method).
 _SHARED_KEYS = ("gamma", "retention", "sink_tokens")
 
@@ -322,8 +323,8 @@ class MergeGroup:
             if layer < 0:
                 raise ProfileError(f"{layer} is negative; allowed: a layer index (integer >= 0)", f"layers[{i}]")
         layers = tuple(int(layer) for layer in layers)
-        if len(layers) < 2:
-            raise ProfileError(f"{list(layers)} has fewer than 2 layers; allowed: {_LAYERS_ALLOWED}", "layers")
+        if not layers:
+            raise ProfileError(f"{list(layers)} is empty; allowed: {_LAYERS_ALLOWED}", "layers")
         for a, b in itertools.pairwise(layers):
             if b != a + 1:
                 raise ProfileError(
@@ -334,6 +335,11 @@ class MergeGroup:
         for component in ("keys", "values"):
             settings = getattr(self, component)
             check_instance(settings, MergeSettings, component)
+            least = settings.merge_method.min_members
+            if len(layers) < least:
+                raise ProfileError(
+                    f"{list(layers)} has fewer than {least} layers, the fewest method {settings.method!r} stores; "
+                    f"allowed: {_LAYERS_ALLOWED}", "layers")
             try:
                 settings.merge_method.check_members(settings.params, len(layers))
             except ProfileError as err:

@@ -161,7 +161,8 @@ def calibrate(
     # One capture loop: layer-similarity statistics, the methods' fit statistics over every window,
     # and (for a search) the candidates' restore errors on the second half with tensors fitted on the first.
     started = time.perf_counter()
-    runs = None if preset is not None else candidate_runs(spec.num_layers, max_group_size)
+    smallest = min(m.min_members for m in merge_methods)
+    runs = None if preset is not None else candidate_runs(spec.num_layers, max_group_size, smallest)
     span = max_group_size if preset is None else 2
     stats = PairStatistics(num_layers=spec.num_layers, num_heads=spec.kv_heads, window=defaults.block_size)
     capture = CalibrationCapture(
@@ -229,8 +230,8 @@ def calibrate(
             for name, settings in g.components():
                 if settings.tensor_names:
                     fitted = capture.fitted(settings.merge_method, g.layers)[name]
-                    for local in settings.tensor_names:
-                        tensors[tensor_name(local, g.label, name)] = fitted[local]
+                    for local, tensor in settings.merge_method.tensors_for(settings.params, fitted).items():
+                        tensors[tensor_name(local, g.label, name)] = tensor
         return MergeProfile(groups=groups, defaults=defaults, model=fingerprint, calibration=calibration,
                             tensors=tensors or None, quantization=quantization)
 
@@ -248,7 +249,7 @@ def calibrate(
         shown = "/".join(methods)
         log(f"searching groups of 2..{max_group_size} layers ({shown}{', fitted or not' if align else ''}) "
             f"within {budget.metric} <= {budget.max:g} on held-out data")
-        candidates = choose_candidates(capture, defaults)
+        candidates = choose_candidates(capture, defaults, spec.head_dim)
         result_search = search(candidates, evaluate, budget, spec.num_layers, make_profile=make_profile,
                                probes=probes, log=log)
         profile = make_profile(tuple(c.group() for c in result_search.chosen))
@@ -359,25 +360,53 @@ def read_calibration_data(data: str | os.PathLike) -> list[Sample]:
     return samples
 
 
-def choose_candidates(capture: CalibrationCapture, defaults: Defaults) -> dict[tuple[int, ...], Candidate]:
-    """Per candidate run and component, the option with the least restore error at the profile's γ
-    (the first one on ties, in the order the methods offer them)."""
+#: Relative restore errors at which a run whose options save different amounts (low rank at several
+#: ranks) gets a variant: per component, the option saving most within the level.
+ERROR_LEVELS: tuple[float, ...] = (0.02, 0.04, 0.08, 0.16, 0.32)
+
+
+def choose_candidates(capture: CalibrationCapture, defaults: Defaults, head_dim: int) -> dict[object, Candidate]:
+    """Candidates of every run, by :attr:`Candidate.key`.
+
+    Per run and component, the option with the least restore error at the profile's γ (the first one
+    on ties, in the order the methods offer them): the run's candidate. Where a run's options save
+    different amounts, one variant per level of :data:`ERROR_LEVELS`: per component, among the
+    options within the level, the one that saves most (least error among those), or the least-error
+    option when none is within it. Variants equal to an earlier candidate of the run are dropped.
+    """
     errors = capture.errors
-    out = {}
+    out: dict[object, Candidate] = {}
     for layers in capture.runs:
-        chosen = []
+        if (layers, "keys") not in errors.options:  # no method stores a group of this size here
+            continue
+        per_component = []
         for component in COMPONENTS:
             options = errors.options[layers, component]
-            rel = errors.relative_error(layers, component)
-            best = int(torch.argmin(rel))
-            option = options[best]
-            settings = MergeSettings(params=option.params, method=option.method.name, gamma=defaults.gamma,
-                                     retention=defaults.retention, sink_tokens=defaults.sink_tokens)
-            chosen.append((settings, float(rel[best])))
-        (keys, k_err), (values, v_err) = chosen
-        saved = (keys.merge_method.saved_layers(keys.params, len(layers))
-                 + values.merge_method.saved_layers(values.params, len(layers))) / 2
-        out[layers] = Candidate(layers, keys, values, (k_err, v_err), saved)
+            rel = [float(v) for v in errors.relative_error(layers, component)]
+            saved = [o.method.saved_layers(o.params, len(layers), head_dim) for o in options]
+            least = min(range(len(options)), key=lambda i: rel[i])
+            picks = [least]
+            for level in ERROR_LEVELS:
+                within = [i for i in range(len(options)) if rel[i] <= level]
+                picks.append(max(within, key=lambda i: (saved[i], -rel[i], -i)) if within else least)
+            per_component.append((options, rel, saved, picks))
+        seen: set[tuple[int, int]] = set()
+        for level, pick in enumerate(zip(per_component[0][3], per_component[1][3], strict=True)):
+            if pick in seen:
+                continue
+            seen.add(pick)
+            chosen = []
+            for (options, rel, saved, _), i in zip(per_component, pick, strict=True):
+                settings = MergeSettings(params=options[i].params, method=options[i].method.name,
+                                         gamma=defaults.gamma, retention=defaults.retention,
+                                         sink_tokens=defaults.sink_tokens)
+                chosen.append((settings, rel[i], saved[i]))
+            (keys, k_err, k_saved), (values, v_err, v_saved) = chosen
+            if (k_saved + v_saved) / 2 <= 0:
+                continue
+            variant = "" if level == 0 else f"e{ERROR_LEVELS[level - 1]:g}"
+            candidate = Candidate(layers, keys, values, (k_err, v_err), (k_saved + v_saved) / 2, variant)
+            out[candidate.key] = candidate
     return out
 
 

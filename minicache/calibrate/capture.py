@@ -80,11 +80,11 @@ def prefill_batches(
         bar.close()
 
 
-def candidate_runs(num_layers: int, max_group_size: int) -> list[tuple[int, ...]]:
-    """Every run of ``2..max_group_size`` adjacent layers, smallest groups first, shallowest first."""
+def candidate_runs(num_layers: int, max_group_size: int, min_group_size: int = 2) -> list[tuple[int, ...]]:
+    """Every run of ``min_group_size..max_group_size`` adjacent layers, smallest groups first, shallowest first."""
     return [
         tuple(range(start, start + size))
-        for size in range(2, max_group_size + 1)
+        for size in range(min_group_size, max_group_size + 1)
         for start in range(num_layers - size + 1)
     ]
 
@@ -193,7 +193,7 @@ class CalibrationCapture:
         self.fit_enabled = fit
         self.num_heads = num_heads
         self.gamma, self.window = gamma, window
-        self.defaults = dict(defaults or {})
+        self.defaults = {"head_dim": head_dim, **(defaults or {})}
         self.fit_statistics: dict[str, FitStatistic] = {}
         self._shape = (num_layers, num_heads, head_dim, max_offset)
         self._fit_methods: dict[str, MergeMethod] = {}
@@ -218,7 +218,7 @@ class CalibrationCapture:
         """Options measured per batch: every method's parameter options for every run and component."""
         return sum(
             2 * len(method.param_options(len(layers), self.fittable(method), self.defaults))
-            for layers in self.runs or () for method in self.methods
+            for layers in self.runs or () for method in self.methods if len(layers) >= method.min_members
         )
 
     def add(self, kv: KV, batch: int, num_batches: int, sink_tokens: int = 1) -> None:
@@ -277,11 +277,14 @@ class CalibrationCapture:
         out: dict[tuple[tuple[int, ...], str], list[Option]] = {}
         for layers in self.runs:
             for method in self.methods:
+                if len(layers) < method.min_members:
+                    continue
                 fitted = self.fittable(method)
                 tensors = method.fit(self.fit_statistics[method.fit_key], layers) if fitted else {}
                 for component in COMPONENTS:
                     for params in method.param_options(len(layers), fitted, self.defaults):
-                        own = tensors.get(component, {}) if method.fitted_params(params) else {}
+                        own = method.tensors_for(params, tensors.get(component, {})) if method.fitted_params(
+                            params) else {}
                         out.setdefault((layers, component), []).append(Option(method, params, own))
         return out
 

@@ -2,12 +2,15 @@
 
 One loop over candidates, whatever merge methods supply them:
 
-* **Candidates**: every run of ``2..max_group_size`` adjacent layers; per component (keys, values),
-  the option with the least measured restore error among every method's parameter options
-  (:meth:`~minicache.methods.MergeMethod.param_options`: SLERP offers its ``t`` grid for pairs,
-  with and without calibrated alignment), at the profile's retention ``γ``.
-* **Probes**: a few single-candidate profiles, spread over depth and sizes, measured with the real
-  runtime on held-out windows.
+* **Candidates**: every run of adjacent layers (``2..max_group_size``; from 1 where a method stores
+  single layers); per component (keys, values), the option with the least measured restore error
+  among every method's parameter options (:meth:`~minicache.methods.MergeMethod.param_options`:
+  SLERP offers its ``t`` grid for pairs, with and without calibrated alignment), at the profile's
+  retention ``γ``. Where options of one run save different amounts (low-rank at several ranks),
+  the run also gets *variants*: per error level, the option saving most within it
+  (:func:`minicache.calibrate.api.choose_candidates`). Variants of one run overlap; at most one is chosen.
+* **Probes**: a few single-candidate profiles, spread over depth, sizes and variants, measured with
+  the real runtime on held-out windows.
 * **Prediction**: the statistics cannot tell alone how much a group hurts the model (restore errors
   are similar across depth while deeper layers matter less), so a Ridge regression of log damage on
   depth, the log restore errors of keys and values and ``log(saved layers)``, fitted on the probes,
@@ -30,7 +33,7 @@ A search costs a handful of evaluation passes, not one per candidate.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from minicache.evaluate.quality import QualityResult
@@ -100,7 +103,10 @@ class Candidate:
     restore_error : tuple[float, float]
         Relative restore error (error energy / KV energy) of keys and values at these settings.
     saved_layers : float
-        Layers' worth of KV merging saves (SLERP: ``k − 1``).
+        Layers' worth of KV merging saves (SLERP: ``k − 1``; low rank: ``k − rank / head_dim``).
+    variant : str
+        ``""`` for the run's least-error settings; otherwise the error level of a cheaper variant
+        (``"e0.04"``). The search's dictionaries key a variant by ``(layers, variant)``.
     """
 
     layers: tuple[int, ...]
@@ -108,10 +114,16 @@ class Candidate:
     values: MergeSettings
     restore_error: tuple[float, float]
     saved_layers: float
+    variant: str = ""
 
     @property
     def size(self) -> int:
         return len(self.layers)
+
+    @property
+    def key(self) -> tuple:
+        """Its key in the search's dictionaries: the layers, or ``(layers, variant)`` for a variant."""
+        return self.layers if not self.variant else (self.layers, self.variant)
 
     def group(self) -> MergeGroup:
         return MergeGroup(self.layers, self.keys, self.values)
@@ -120,22 +132,33 @@ class Candidate:
         """``"25-26[KV]"``: layers, and which components use fitted tensors (e.g. alignment)."""
         flags = "".join(c for c, s in (("K", self.keys), ("V", self.values)) if s.tensor_names)
         methods = {s.method for s in (self.keys, self.values)}
-        shown = "" if methods == {"slerp"} else "/".join(sorted(methods))
         text = f"{self.layers[0]}-{self.layers[-1]}" + (f"[{flags}]" if flags else "")
-        return f"{text}({shown})" if shown else text
+        if methods <= {"slerp", "average"}:
+            shown = "" if methods == {"slerp"} else "/".join(sorted(methods))
+            return f"{text}({shown})" if shown else text
+        return f"{text}(K {_short(self.keys)}, V {_short(self.values)})"
+
+
+def _short(settings: MergeSettings) -> str:
+    """``"lowrank r16 joint"`` / ``"slerp"``: a component's method in a few words."""
+    params = settings.params
+    if hasattr(params, "rank"):
+        return f"{settings.method} r{params.rank} {params.heads}"
+    return settings.method
 
 
 @dataclass
 class SearchStep:
-    """One evaluation pass of the search."""
+    """One evaluation pass of the search: the groups' layers and how each was stored."""
 
     kind: str  # "probe", "verify" or "extend"
     groups: tuple[tuple[int, ...], ...]
     result: QualityResult
+    settings: tuple[str, ...] = ()  # Candidate.describe() of each group
 
     def to_dict(self) -> dict:
         keys = ("ppl_increase", "ppl_increase_ci95", "kl_mean", "kl_mean_ci95", "top1_agreement", "compression_ratio")
-        return {"kind": self.kind, "groups": [list(g) for g in self.groups],
+        return {"kind": self.kind, "groups": [list(g) for g in self.groups], "settings": list(self.settings),
                 **{k: self.result.to_dict()[k] for k in keys}}
 
 
@@ -144,13 +167,20 @@ class SearchResult:
     chosen: tuple[Candidate, ...]
     final: QualityResult | None
     steps: list[SearchStep] = field(default_factory=list)
-    predicted: dict[tuple[int, ...], float] = field(default_factory=dict)
-    candidates: dict[tuple[int, ...], Candidate] = field(default_factory=dict)
+    predicted: dict[Hashable, float] = field(default_factory=dict)
+    candidates: dict[Hashable, Candidate] = field(default_factory=dict)
 
     @property
     def predicted_damage(self) -> dict[int, float]:
-        """Predicted (or measured) damage of merging each adjacent pair alone, by its first layer."""
-        return {g[0]: v for g, v in self.predicted.items() if len(g) == 2}
+        """Predicted (or measured) damage of merging each adjacent pair alone (its least-error
+        settings), by its first layer."""
+        return {self.candidates[g].layers[0]: v for g, v in self.predicted.items()
+                if self.candidates[g].size == 2 and not self.candidates[g].variant}
+
+
+def _order(candidates: dict[Hashable, Candidate]):
+    """Sort key of candidate keys: by layers, then variant (keys of mixed kinds never compare)."""
+    return lambda g: (candidates[g].layers, candidates[g].variant)
 
 
 def _features(c: Candidate, num_layers: int) -> list[float]:
@@ -164,18 +194,19 @@ def _features(c: Candidate, num_layers: int) -> list[float]:
 
 
 def predict_damage(
-    candidates: dict[tuple[int, ...], Candidate],
-    measured: dict[tuple[int, ...], float],
+    candidates: dict[Hashable, Candidate],
+    measured: dict[Hashable, float],
     num_layers: int,
     floor: float = 1e-6,
-) -> dict[tuple[int, ...], float]:
+) -> dict[Hashable, float]:
     """Ridge fit of log damage on the probes; measured candidates keep their measurement.
 
     With fewer than 3 probes the prediction is the largest measured damage (conservative).
     """
     from sklearn.linear_model import Ridge
 
-    probes = sorted(measured)
+    order = sorted(candidates, key=_order(candidates))
+    probes = [g for g in order if g in measured]
     if len(probes) < 3:
         worst = max(measured.values(), default=1.0)
         return {g: measured.get(g, worst) for g in candidates}
@@ -183,7 +214,6 @@ def predict_damage(
         [_features(candidates[g], num_layers) for g in probes],
         [math.log(max(measured[g], floor)) for g in probes],
     )
-    order = sorted(candidates)
     predicted = model.predict([_features(candidates[g], num_layers) for g in order])
     out = {g: float(math.exp(v)) for g, v in zip(order, predicted, strict=True)}
     out.update(measured)
@@ -191,50 +221,59 @@ def predict_damage(
 
 
 def cheapest_first(
-    candidates: dict[tuple[int, ...], Candidate],
-    predicted: dict[tuple[int, ...], float],
-    exclude: set[tuple[int, ...]] = frozenset(),
-) -> list[tuple[int, ...]]:
+    candidates: dict[Hashable, Candidate],
+    predicted: dict[Hashable, float],
+    exclude: set[Hashable] = frozenset(),
+) -> list[Hashable]:
     """Candidates by predicted damage per saved layer (ties: deeper, then larger groups first)."""
     return sorted(
         (g for g in candidates if g not in exclude),
-        key=lambda g: (max(predicted[g], 0.0) / candidates[g].saved_layers, -g[0], -len(g)),
+        key=lambda g: (max(predicted[g], 0.0) / candidates[g].saved_layers, -candidates[g].layers[0],
+                       -candidates[g].size, candidates[g].variant),
     )
 
 
 def select_groups(
-    candidates: dict[tuple[int, ...], Candidate],
-    predicted: dict[tuple[int, ...], float],
+    candidates: dict[Hashable, Candidate],
+    predicted: dict[Hashable, float],
     allowance: float,
-    exclude: set[tuple[int, ...]] = frozenset(),
-) -> list[tuple[int, ...]]:
+    exclude: set[Hashable] = frozenset(),
+) -> list[Hashable]:
     """Cheapest damage per saved layer first, non-overlapping, summed damage within ``allowance``."""
     used: set[int] = set()
     chosen, total = [], 0.0
     for g in cheapest_first(candidates, predicted):
-        if g in exclude or used.intersection(g):
+        layers = candidates[g].layers
+        if g in exclude or used.intersection(layers):
             continue
         cost = max(predicted[g], 0.0)
         if total + cost > allowance:
             continue
         chosen.append(g)
-        used.update(g)
+        used.update(layers)
         total += cost
-    return sorted(chosen)
+    return sorted(chosen, key=_order(candidates))
 
 
-def probe_candidates(candidates: dict[tuple[int, ...], Candidate], count: int) -> list[tuple[int, ...]]:
-    """Probes spread over depth, alternating sizes, always including the deepest pair."""
-    sizes = sorted({len(g) for g in candidates})
-    by_size = {s: sorted(g for g in candidates if len(g) == s) for s in sizes}
-    probes: list[tuple[int, ...]] = []
+def probe_candidates(candidates: dict[Hashable, Candidate], count: int) -> list[Hashable]:
+    """Probes spread over depth, alternating kinds (size, then variant), always including the deepest pair."""
+    kinds = sorted({(c.variant, c.size) for c in candidates.values()}, key=lambda k: (k[0] != "", k[0], k[1]))
+    if len(kinds) > count:  # keep the least-error kinds and spread the rest
+        base = [k for k in kinds if not k[0]]
+        rest = [k for k in kinds if k[0]]
+        room = max(count - len(base), 0)
+        kinds = base + [rest[round(i * (len(rest) - 1) / max(room - 1, 1))] for i in range(room)] if room else base
+        kinds = list(dict.fromkeys(kinds))
+    by_kind = {k: sorted((g for g, c in candidates.items() if (c.variant, c.size) == k), key=_order(candidates))
+               for k in kinds}
+    probes: list[Hashable] = []
     for i in range(count):
-        size = sizes[i % len(sizes)]
-        runs = by_size[size]
-        per_size = (count - 1 - i % len(sizes)) // len(sizes) + 1
-        j = i // len(sizes)
+        kind = kinds[i % len(kinds)]
+        runs = by_kind[kind]
+        per_kind = (count - 1 - i % len(kinds)) // len(kinds) + 1
+        j = i // len(kinds)
         # deepest first, then spread towards the middle of the model
-        pos = len(runs) - 1 - round(j * (len(runs) - 1) / max(per_size, 1) / 2)
+        pos = len(runs) - 1 - round(j * (len(runs) - 1) / max(per_kind, 1) / 2)
         g = runs[max(0, min(len(runs) - 1, pos))]
         if g not in probes:
             probes.append(g)
@@ -242,7 +281,7 @@ def probe_candidates(candidates: dict[tuple[int, ...], Candidate], count: int) -
 
 
 def search(
-    candidates: dict[tuple[int, ...], Candidate],
+    candidates: dict[Hashable, Candidate],
     evaluate: Callable[[MergeProfile], QualityResult],
     budget: Budget,
     num_layers: int,
@@ -258,7 +297,8 @@ def search(
     Parameters
     ----------
     candidates : dict
-        Candidate groups by layers (:func:`minicache.calibrate.api.choose_candidates` builds them).
+        Candidate groups by key (:attr:`Candidate.key`; :func:`minicache.calibrate.api.choose_candidates`
+        builds them).
     evaluate : callable
         Measures a profile on the held-out windows (the calibrator passes
         :func:`minicache.evaluate.quality.evaluate_profile` bound to its data).
@@ -270,18 +310,23 @@ def search(
     result = SearchResult(chosen=(), final=None, candidates=candidates)
     if not candidates:
         return result
+    order = _order(candidates)
 
-    seen: dict[tuple[tuple[int, ...], ...], QualityResult] = {}
+    seen: dict[tuple, QualityResult] = {}
 
-    def run(kind: str, chosen: list[tuple[int, ...]]) -> QualityResult:
-        chosen = sorted(chosen)
+    def overlaps(a: Hashable, b: Hashable) -> bool:
+        return bool(set(candidates[a].layers) & set(candidates[b].layers))
+
+    def run(kind: str, chosen: list[Hashable]) -> QualityResult:
+        chosen = sorted(chosen, key=order)
         if tuple(chosen) in seen:  # e.g. an extension equal to a verified set: the same windows, the same figures
             return seen[tuple(chosen)]
         measured = seen[tuple(chosen)] = evaluate(make_profile(tuple(candidates[g].group() for g in chosen)))
-        result.steps.append(SearchStep(kind, tuple(chosen), measured))
+        described = tuple(candidates[g].describe() for g in chosen)
+        result.steps.append(SearchStep(kind, tuple(candidates[g].layers for g in chosen), measured, described))
         verdict = "fits" if budget.fits(measured) else "over"
         log(
-            f"  {kind:6s} groups {[candidates[g].describe() for g in chosen]}: "
+            f"  {kind:6s} groups {list(described)}: "
             f"{budget.describe(measured)} {verdict}, compression {measured.compression_ratio:.3f}x"
         )
         return measured
@@ -299,11 +344,11 @@ def search(
     uppers = sum(bound(r) for r in probe_results.values())
     scale = max(uppers / points, 1.0) if points > 0 else 1.0
     excluded = {g for g, r in probe_results.items() if budget.value(r) > budget.max}
-    best: tuple[list[tuple[int, ...]], QualityResult] | None = None
+    best: tuple[list[Hashable], QualityResult] | None = None
     for g, r in probe_results.items():  # a probe that fits is a valid answer already
         if budget.fits(r) and (best is None or candidates[g].saved_layers > _saved(best[0], candidates)):
             best = ([g], r)
-    tried: set[tuple[tuple[int, ...], ...]] = set()
+    tried: set[tuple] = set()
     for _ in range(max_verify):
         chosen = select_groups(candidates, {g: v * scale for g, v in predicted.items()}, budget.max * 0.9, excluded)
         if not chosen or tuple(chosen) in tried:
@@ -322,17 +367,17 @@ def search(
         for g in cheapest_first(candidates, predicted, exclude=excluded):
             if tried_groups >= extend:
                 break
-            if any(set(g) & set(c) for c in best[0]):
+            if any(overlaps(g, c) for c in best[0]):
                 continue
-            chosen = sorted([*best[0], g])
+            chosen = sorted([*best[0], g], key=order)
             tried_groups += tuple(chosen) not in seen  # a set measured before costs nothing
             outcome = run("extend", chosen)
             if budget.fits(outcome):
                 best = (chosen, outcome)
-        result.chosen = tuple(candidates[g] for g in sorted(best[0]))
+        result.chosen = tuple(candidates[g] for g in sorted(best[0], key=order))
         result.final = best[1]
     return result
 
 
-def _saved(chosen: list[tuple[int, ...]], candidates: dict[tuple[int, ...], Candidate]) -> float:
+def _saved(chosen: list[Hashable], candidates: dict[Hashable, Candidate]) -> float:
     return sum(candidates[g].saved_layers for g in chosen)

@@ -1,7 +1,8 @@
 """Merge methods: a registry of ways to store a group of layers' keys or values, behind one protocol.
 
-Built in: ``slerp`` (MiniCache, :mod:`minicache.methods.slerp`) and ``average`` (the paper's
-averaging baseline, :mod:`minicache.methods.average`). A new method is one file::
+Built in: ``slerp`` (MiniCache, :mod:`minicache.methods.slerp`), ``average`` (the paper's
+averaging baseline, :mod:`minicache.methods.average`) and ``lowrank`` (a calibrated basis shared by a
+group's layers, :mod:`minicache.methods.lowrank`). A new method is one file::
 
     from minicache.methods import MergeMethod, MethodParams, register_method
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from minicache.methods.average import AverageMethod
 from minicache.methods.base import COMPONENTS, Encoded, Field, FitStatistic, Frame, MergeMethod, MethodParams
+from minicache.methods.lowrank import LowRankMethod
 from minicache.methods.slerp import SlerpMethod
 from minicache.registry import Registry
 
@@ -63,3 +65,4 @@ method_names = _REGISTRY.names
 
 register_method(SlerpMethod)
 register_method(AverageMethod)
+register_method(LowRankMethod)

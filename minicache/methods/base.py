@@ -102,7 +102,8 @@ class Field:
     name : str
         Key in the stored form (``"direction"``).
     width : str or int
-        Last dimension: ``"head_dim"``, ``"members"`` (one per layer of the group) or a number.
+        Last dimension: ``"head_dim"``, ``"members"`` (one per layer of the group), a number, or the
+        name of one of the method's parameters (e.g. ``"rank"``).
     dtype : str
         ``"model"`` (the cache's dtype) or ``"scalar"`` (:func:`magnitude_dtype`).
     quantize : str or None
@@ -127,11 +128,13 @@ class Field:
     def storage_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return magnitude_dtype(dtype) if self.dtype == "scalar" else dtype
 
-    def size(self, members: int, head_dim: int) -> int:
+    def size(self, members: int, head_dim: int, params: MethodParams | None = None) -> int:
         if self.width == "head_dim":
             return head_dim
         if self.width == "members":
             return members
+        if isinstance(self.width, str):
+            return int(getattr(params, self.width))
         return int(self.width)
 
 
@@ -246,6 +249,9 @@ class MergeMethod(ABC):
         Kind of :class:`FitStatistic` it fits tensors from; methods with the same key share one.
     tensor_part : str
         Name of its sidecar tensors' bytes in :meth:`MiniCache.memory_report`'s ``parts``.
+    min_members : int
+        Smallest group it stores (2 for merges of layers into one; 1 for methods that also compress
+        a single layer, e.g. a per-layer low-rank basis).
     """
 
     name: ClassVar[str]
@@ -254,6 +260,7 @@ class MergeMethod(ABC):
     kernel_layout: ClassVar[str | None] = None
     fit_key: ClassVar[str | None] = None
     tensor_part: ClassVar[str] = "tensors"
+    min_members: ClassVar[int] = 2
 
     # -- parameters and tensors (profile side) -------------------------------------------------
     def params(self, data: Mapping[str, Any] | MethodParams | None = None, path: str = "") -> MethodParams:
@@ -277,6 +284,11 @@ class MergeMethod(ABC):
     def tensor_names(self, params: MethodParams) -> tuple[str, ...]:
         """Local names of the sidecar tensors this component needs (see :func:`tensor_name`)."""
         return ()
+
+    def tensors_for(self, params: MethodParams, fitted: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The sidecar tensors of ``params`` from what :meth:`fit` returned for their component (e.g.
+        a basis truncated to the rank). Default: the tensors :meth:`tensor_names` lists, as fitted."""
+        return {local: fitted[local] for local in self.tensor_names(params)}
 
     def check_tensor(
         self, params: MethodParams, local: str, tensor: torch.Tensor, members: int, kv_shape: tuple[int, int] | None,
@@ -330,11 +342,11 @@ class MergeMethod(ABC):
     def stored_bytes_per_token(self, params: MethodParams, members: int, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes the stored form takes per (sequence, KV head, merged token), unquantized."""
         return sum(
-            f.size(members, head_dim) * torch.empty((), dtype=f.storage_dtype(dtype)).element_size()
+            f.size(members, head_dim, params) * torch.empty((), dtype=f.storage_dtype(dtype)).element_size()
             for f in self.fields
         )
 
-    def saved_layers(self, params: MethodParams, members: int) -> float:
+    def saved_layers(self, params: MethodParams, members: int, head_dim: int) -> float:
         """Layers' worth of KV a group of ``members`` layers no longer stores (what the search buys)."""
         return float(members - 1)
 
@@ -343,7 +355,8 @@ class MergeMethod(ABC):
         self, members: int, fitted: bool, defaults: Mapping[str, Any]
     ) -> list[MethodParams]:
         """Parameters worth measuring on a candidate group of ``members`` layers (``fitted``: the
-        method's fitted tensors are available for it). Default: the default parameters."""
+        method's fitted tensors are available for it; ``defaults`` holds the profile defaults and the
+        model's ``head_dim``). Default: the default parameters."""
         return [self.params()]
 
     def restore_error(

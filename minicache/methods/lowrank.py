@@ -1,0 +1,315 @@
+"""Low rank: a calibrated basis shared by a group's layers, one set of coefficients per token.
+
+For a group of ``k ≥ 1`` adjacent layers and one component (keys or values), a token's member vectors
+are concatenated into ``X = [x_0 | … | x_{k-1}]`` and stored as ``r`` coefficients
+
+    ``c = (X − μ) U``,   restored as   ``x̂_l = μ_l + c U_lᵀ``,
+
+where ``μ`` is the calibration mean and ``U`` (orthonormal columns) the top principal directions of
+``X`` on calibration data (PCA of the streamed second moments, :class:`SecondMoments`). The saving
+comes from one set of coefficients per token serving every layer of the group (xKV, arXiv
+2503.18893, shares the token-side factor the same way; its basis is computed online per prompt, ours
+is calibrated offline and shipped in the profile's sidecar). A group of one layer is a per-layer
+low-rank projection (Palu-like, arXiv 2407.21118).
+
+Two layouts of the heads (``heads`` parameter), both storing ``rank`` coefficients per token and KV
+head, i.e. a ``[B, H, N, rank]`` field like every other method's:
+
+* ``joint``: one basis over all KV heads of the group's layers, ``U`` ``[k·H·D, H·rank]``; the
+  ``H·rank`` coefficients of a token are stored as ``rank`` per KV head. Every head's restore reads
+  all of a token's coefficients. On SmolLM2 this restores better than ``each`` at the same bytes
+  (heads share structure);
+* ``each``: one basis per KV head, ``U_h`` ``[k·D, rank]``.
+
+Sidecar tensors per component: ``basis`` ``[k, H, D, R]`` float32 (``R = H·rank`` joint, ``rank``
+each; orthonormal columns over ``k·H·D`` resp. ``k·D`` rows) and ``mean`` ``[k, H, D]`` float32.
+Keys are projected as they are stored (post-RoPE), so attention can score a query against the
+coefficients without restoring (``q · x̂_l = q · μ_l + (q U_l) · c``, see :meth:`LowRankMethod.scores`).
+
+The retention distance is the relative restore error of the token at a head, ``‖X̂_h − X_h‖ /
+‖X_h‖`` over the members (clamped to 1). The calibration offers a grid of ranks for both layouts;
+the restore error of each is measured out of sample and the search buys bytes with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from minicache.methods.base import Encoded, Field, MergeMethod, MethodParams, all_reduce_sum
+from minicache.validation import ProfileError, check_choice, check_int
+
+__all__ = ["HEAD_LAYOUTS", "RANK_FRACTIONS", "LowRankMethod", "LowRankParams", "SecondMoments", "fit_bases"]
+
+HEAD_LAYOUTS = ("joint", "each")
+#: Ranks the calibration measures, as fractions of a group's full width ``k·D`` per KV head.
+RANK_FRACTIONS: tuple[float, ...] = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
+#: Largest ``|UᵀU − I|`` entry accepted for a basis (float32 eigenvectors are orthonormal to ~1e-6).
+ORTHONORMALITY_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class LowRankParams(MethodParams):
+    """Parameters of the low-rank method for one component of one group.
+
+    Attributes
+    ----------
+    rank : int
+        Coefficients stored per token and KV head (``joint``: ``H·rank`` coefficients per token shared
+        by all heads). Must be below the group's full width ``k·head_dim`` to save anything.
+    heads : str
+        ``"joint"`` (one basis over all KV heads) or ``"each"`` (one basis per KV head).
+    """
+
+    rank: int = 16
+    heads: str = "joint"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rank", check_int(self.rank, "rank", 1))
+        object.__setattr__(self, "heads", check_choice(self.heads, "heads", HEAD_LAYOUTS, "a head layout"))
+
+    def summary(self) -> str:
+        return f"rank {self.rank} ({self.heads})"
+
+
+# ---- calibration statistic -----------------------------------------------------------------------
+@dataclass
+class SecondMoments:
+    """Streamed first and second moments of every layer's keys and values, with nearby layers.
+
+    Attributes
+    ----------
+    sums : torch.Tensor
+        ``[L, 2, H·D]`` float64: Σ x over counted tokens (heads concatenated, head-major).
+    products : torch.Tensor
+        ``[max_offset + 1, L, 2, H·D, H·D]`` float64: ``products[o, l, c]`` = Σ x_lᵀ x_{l+o}.
+    tokens : torch.Tensor
+        ``[1]`` float64, tokens counted (sinks excluded).
+    """
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    max_offset: int = 0
+    sums: torch.Tensor = field(init=False)
+    products: torch.Tensor = field(init=False)
+    tokens: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        if self.max_offset < 0:
+            raise ValueError(f"max_offset must be >= 0, got {self.max_offset}")
+        width = self.num_heads * self.head_dim
+        self.sums = torch.zeros(self.num_layers, 2, width, dtype=torch.float64)
+        self.products = torch.zeros(self.max_offset + 1, self.num_layers, 2, width, width, dtype=torch.float64)
+        self.tokens = torch.zeros(1, dtype=torch.float64)
+
+    def add(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], sink_tokens: int = 1) -> None:
+        """Add one batch (every layer's ``(keys, values)``, ``[B, H, T, D]``); sinks are skipped."""
+        flat = []  # [L][c] -> [B·T', H·D] float64
+        for layer in kv[: self.num_layers]:
+            flat.append([x[..., sink_tokens:, :].permute(0, 2, 1, 3).flatten(2).flatten(0, 1).double().cpu()
+                         for x in layer])
+        self.tokens += flat[0][0].shape[0]
+        for layer, pair in enumerate(flat):
+            for c, x in enumerate(pair):
+                self.sums[layer, c] += x.sum(0)
+                for o in range(min(self.max_offset, self.num_layers - 1 - layer) + 1):
+                    self.products[o, layer, c] += x.T @ flat[layer + o][c]
+
+    def all_reduce(self) -> None:
+        """Sum over the processes of ``torch.distributed`` (no-op when it is not initialised)."""
+        all_reduce_sum((self.sums, self.products, self.tokens))
+
+    def covariance(self, layers: tuple[int, ...], component: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``[k·H·D]`` and covariance ``[k·H·D, k·H·D]`` (float64) of the concatenated members."""
+        k = len(layers)
+        if layers[-1] - layers[0] > self.max_offset:
+            raise ValueError(f"group {list(layers)} spans more than the {self.max_offset + 1} layers captured")
+        n = self.tokens.clamp_min(1)
+        mean = torch.cat([self.sums[layer, component] for layer in layers]) / n
+        blocks = [[None] * k for _ in range(k)]
+        for i in range(k):
+            for j in range(i, k):
+                block = self.products[j - i, layers[i], component] / n
+                blocks[i][j] = block
+                blocks[j][i] = block.T
+        second = torch.cat([torch.cat(row, dim=1) for row in blocks], dim=0)
+        cov = second - torch.outer(mean, mean)
+        return mean, (cov + cov.T) / 2
+
+
+def _descending_eigh(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors (columns) of a symmetric matrix."""
+    values, vectors = torch.linalg.eigh(cov)
+    return values.flip(-1).clamp_min(0), vectors.flip(-1)
+
+
+def fit_bases(stat: SecondMoments, layers: tuple[int, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """Full PCA bases of one group, per component (truncated to a rank by :meth:`LowRankMethod.tensors_for`).
+
+    Returns ``{component: {"mean": [k, H, D], "basis_joint": [k, H, D, k·H·D], "basis_each":
+    [k, H, D, k·D], "spectrum_joint": [k·H·D], "spectrum_each": [H, k·D]}}``, float32, eigenvectors
+    by descending variance (the spectra give the variance each rank keeps).
+    """
+    k, h, d = len(layers), stat.num_heads, stat.head_dim
+    out = {}
+    for c, name in enumerate(("keys", "values")):
+        mean, cov = stat.covariance(tuple(layers), c)
+        spectrum, vectors = _descending_eigh(cov)
+        joint = vectors.reshape(k, h, d, k * h * d)
+        # per head: the rows of that head in every member
+        index = torch.arange(k * h * d).reshape(k, h, d).permute(1, 0, 2).reshape(h, k * d)
+        cov_h = cov[index.unsqueeze(-1), index.unsqueeze(-2)]  # [H, kD, kD]
+        spectrum_h, vectors_h = _descending_eigh(cov_h)
+        each = vectors_h.reshape(h, k, d, k * d).permute(1, 0, 2, 3)
+        out[name] = {
+            "mean": mean.reshape(k, h, d).float(),
+            "basis_joint": joint.float().contiguous(),
+            "basis_each": each.float().contiguous(),
+            "spectrum_joint": spectrum.float(),
+            "spectrum_each": spectrum_h.float(),
+        }
+    return out
+
+
+# ---- the method ---------------------------------------------------------------------------------
+def _stack(xs: Sequence[torch.Tensor], mean: torch.Tensor) -> torch.Tensor:
+    """Centered members ``[B, H, N, k, D]`` float32."""
+    x = torch.stack([x.float() for x in xs], dim=3)
+    return x - mean.to(x.device).permute(1, 0, 2).unsqueeze(1)
+
+
+class LowRankMethod(MergeMethod):
+    """A calibrated shared low-rank basis (see the module docstring)."""
+
+    name = "lowrank"
+    Params = LowRankParams
+    fields = (Field("coefficients", "rank", dtype="model", quantize="vectors", part="coefficients"),)
+    fit_key = "second_moments"
+    tensor_part = "bases"
+    min_members = 1
+
+    # -- profile side -------------------------------------------------------------------------------
+    def tensor_names(self, params: LowRankParams) -> tuple[str, ...]:
+        return ("basis", "mean")
+
+    def tensors_for(self, params: LowRankParams, fitted: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "basis" in fitted:  # already a profile's tensors
+            return {"basis": fitted["basis"], "mean": fitted["mean"]}
+        basis = fitted[f"basis_{params.heads}"]
+        heads = basis.shape[1]
+        width = params.rank * (heads if params.heads == "joint" else 1)
+        return {"basis": basis[..., :width].contiguous(), "mean": fitted["mean"]}
+
+    def check_tensor(self, params, local, tensor, members, kv_shape, path, name) -> None:
+        problem = _check_tensor(params, local, tensor, members, kv_shape, name)
+        if problem is not None:
+            raise ProfileError(problem, path)
+
+    def saved_layers(self, params: LowRankParams, members: int, head_dim: int) -> float:
+        # rank coefficients per token and head stand for k·D values
+        return members - params.rank / head_dim
+
+    # -- runtime ------------------------------------------------------------------------------------
+    def encode(self, params: LowRankParams, xs, tensors) -> Encoded:
+        coefficients, error, energy = _project(params, xs, tensors)
+        distance = (error / energy.clamp_min(1e-30)).sqrt().clamp(0.0, 1.0).float()
+        return Encoded({"coefficients": coefficients}, distance)
+
+    def decode(self, params, fields, member, tensors, dtype, *, in_frame=False):
+        c = fields["coefficients"].float()
+        basis = tensors["basis"][member].to(c.device, torch.float32)  # [H, D, R]
+        mean = tensors["mean"][member].to(c.device, torch.float32)  # [H, D]
+        if params.heads == "joint":
+            b, h, n, r = c.shape
+            full = c.permute(0, 2, 1, 3).reshape(b, n, h * r)
+            out = torch.einsum("bnr,hdr->bhnd", full, basis)
+        else:
+            out = torch.einsum("bhnr,hdr->bhnd", c, basis)
+        return (out + mean[None, :, None, :]).to(dtype)
+
+    def restore_error(self, params, xs, tensors):
+        _, error, energy = _project(params, xs, tensors)
+        distance = (error / energy.clamp_min(1e-30)).sqrt().clamp(0.0, 1.0).float()
+        return distance, error
+
+    # -- calibration --------------------------------------------------------------------------------
+    def param_options(self, members: int, fitted: bool, defaults: Mapping[str, Any]) -> list[LowRankParams]:
+        """Both head layouts at the ranks of :data:`RANK_FRACTIONS` (needs the fitted bases)."""
+        if not fitted:
+            return []
+        head_dim = int(defaults.get("head_dim", 64))
+        ranks = sorted({max(1, round(f * members * head_dim)) for f in RANK_FRACTIONS})
+        return [LowRankParams(rank=r, heads=heads) for heads in HEAD_LAYOUTS for r in ranks]
+
+    def new_fit_statistic(self, num_layers, num_heads, head_dim, max_offset) -> SecondMoments:
+        return SecondMoments(num_layers, num_heads, head_dim, max_offset=max(0, max_offset))
+
+    def fit(self, statistic: SecondMoments, layers: tuple[int, ...]) -> dict[str, dict[str, torch.Tensor]]:
+        return fit_bases(statistic, tuple(layers))
+
+
+def _project(params: LowRankParams, xs, tensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coefficients ``[B, H, N, rank]`` float32, squared restore error and energy ``[B, H, N]`` float64.
+
+    With orthonormal ``U`` the error is exact without restoring: ``‖X − μ‖² − ‖c‖²`` per token, split
+    over heads by restoring (``joint`` mixes heads, so a head's share needs its rows).
+    """
+    mean, basis = tensors["mean"], tensors["basis"]
+    x = _stack(xs, mean)  # [B, H, N, k, D] centered
+    b, h, n, k, d = x.shape
+    u = basis.to(x.device, torch.float32)  # [k, H, D, R]
+    if params.heads == "joint":
+        flat = x.permute(0, 2, 3, 1, 4).reshape(b, n, k * h * d)
+        c = flat @ u.reshape(k * h * d, -1)  # [B, N, H·rank]
+        restored = (c @ u.reshape(k * h * d, -1).T).reshape(b, n, k, h, d).permute(0, 3, 1, 2, 4)
+        coefficients = c.reshape(b, n, h, -1).permute(0, 2, 1, 3)
+    else:
+        per_head = u.permute(1, 0, 2, 3).reshape(h, k * d, -1)  # [H, kD, rank]
+        c = torch.einsum("bhnk,hkr->bhnr", x.reshape(b, h, n, k * d), per_head)
+        restored = torch.einsum("bhnr,hkr->bhnk", c, per_head).reshape(b, h, n, k, d)
+        coefficients = c
+    error = (restored - x).square().sum((-1, -2)).double()
+    energy = torch.stack([x.float() for x in xs], dim=3).square().sum((-1, -2)).double()
+    return coefficients.contiguous(), error, energy
+
+
+def _check_tensor(params: LowRankParams, local: str, tensor: torch.Tensor, members: int,
+                  kv_shape: tuple[int, int] | None, name: str) -> str | None:
+    if tensor.dtype != torch.float32:
+        return f"{name} has dtype {str(tensor.dtype).replace('torch.', '')}; allowed: float32"
+    heads = "H" if kv_shape is None else kv_shape[0]
+    dim = "D" if kv_shape is None else kv_shape[1]
+    if local == "mean":
+        ok = tensor.dim() == 3 and tensor.shape[0] == members
+        if ok and kv_shape is not None:
+            ok = tuple(tensor.shape[1:]) == tuple(kv_shape)
+        if not ok:
+            return f"{name} has shape {list(tensor.shape)}; allowed: [{members}, {heads}, {dim}]"
+    else:
+        width = f"{heads}*{params.rank}" if params.heads == "joint" else str(params.rank)
+        ok = tensor.dim() == 4 and tensor.shape[0] == members
+        if ok and kv_shape is not None:
+            h, d = kv_shape
+            want = params.rank * (h if params.heads == "joint" else 1)
+            ok = tuple(tensor.shape[1:]) == (h, d, want)
+            if ok and params.rank >= members * d:
+                return (f"{name}: rank {params.rank} stores as much as the {members} layers themselves "
+                        f"({members}x{d} per KV head); allowed: rank < {members * d}")
+        if not ok:
+            return f"{name} has shape {list(tensor.shape)}; allowed: [{members}, {heads}, {dim}, {width}]"
+    if not torch.isfinite(tensor).all():
+        return f"{name} has non-finite entries; allowed: finite numbers"
+    if local == "basis":
+        k, h, d, r = tensor.shape
+        u = tensor.double()
+        u = u.reshape(k * h * d, r).unsqueeze(0) if params.heads == "joint" else u.permute(1, 0, 2, 3).reshape(
+            h, k * d, r)
+        worst = float((u.transpose(-1, -2) @ u - torch.eye(r, dtype=torch.float64)).abs().max()) if u.numel() else 0.0
+        if worst > ORTHONORMALITY_TOLERANCE:
+            return (f"{name} does not have orthonormal columns (|UᵀU - I| up to {worst:.2g}); allowed: "
+                    f"|UᵀU - I| <= {ORTHONORMALITY_TOLERANCE:g}")
+    return None

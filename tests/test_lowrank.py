@@ -1,0 +1,193 @@
+"""The low-rank method: a calibrated basis shared by a group's layers (``minicache.methods.lowrank``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from minicache import MergeProfile, MiniCache
+from minicache.calibrate.api import calibrate
+from minicache.calibrate.search import Budget
+from minicache.evaluate.quality import evaluate_profile
+from minicache.methods import get_method
+from minicache.methods.lowrank import LowRankParams, SecondMoments, fit_bases
+from minicache.profile import Defaults, MergeGroup, ProfileError, Quantization
+from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
+from tests.tiny_configs import tiny_config
+
+LOWRANK = get_method("lowrank")
+
+
+def _model(arch: str = "llama", layers: int = 6):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, num_hidden_layers=layers)).eval()
+
+
+def _windows(n: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _kv(model, ids):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _fitted(model, layers, ids) -> dict:
+    kv = _kv(model, ids)
+    h, d = kv[0][0].shape[1], kv[0][0].shape[-1]
+    stat = SecondMoments(len(kv), h, d, max_offset=len(layers) - 1)
+    stat.add(kv, sink_tokens=1)
+    return fit_bases(stat, tuple(layers))
+
+
+def _profile(model, groups, rank=4, heads="joint", defaults=None, ids=None) -> MergeProfile:
+    d = defaults or Defaults(residual_length=8, block_size=4, gamma=0.05)
+    ids = _windows(4, 64, seed=11) if ids is None else ids
+    out, tensors = [], {}
+    for layers in groups:
+        settings = d.settings("lowrank", rank=rank, heads=heads)
+        group = MergeGroup(tuple(layers), settings, settings)
+        for name, fitted in _fitted(model, layers, ids).items():
+            for local, t in LOWRANK.tensors_for(settings.params, fitted).items():
+                tensors[f"{local}.{group.label}.{name}"] = t
+        out.append(group)
+    return MergeProfile(groups=tuple(out), defaults=d, tensors=tensors)
+
+
+def test_second_moments_match_a_direct_covariance():
+    g = torch.Generator().manual_seed(0)
+    kv = [(torch.randn(2, 3, 10, 4, generator=g), torch.randn(2, 3, 10, 4, generator=g)) for _ in range(4)]
+    stat = SecondMoments(4, 3, 4, max_offset=2)
+    stat.add(kv[:], sink_tokens=1)
+    mean, cov = stat.covariance((1, 2, 3), 1)
+    x = torch.cat([kv[layer][1][..., 1:, :].permute(0, 2, 1, 3).reshape(-1, 12) for layer in (1, 2, 3)], -1).double()
+    torch.testing.assert_close(mean, x.mean(0))
+    torch.testing.assert_close(cov, torch.cov(x.T, correction=0))
+    with pytest.raises(ValueError, match="spans more"):
+        stat.covariance((0, 1, 2, 3), 0)
+
+
+@pytest.mark.parametrize("heads", ["joint", "each"])
+def test_projection_restores_exactly_at_full_rank_and_error_matches_the_spectrum(heads):
+    model = _model()
+    ids = _windows(2, 48, seed=1)
+    kv = _kv(model, ids)
+    h, d = kv[0][0].shape[1], kv[0][0].shape[-1]
+    fitted = _fitted(model, (2, 3), ids)["keys"]
+    xs = [kv[2][0][..., 1:, :], kv[3][0][..., 1:, :]]
+    full = LowRankParams(rank=2 * d, heads=heads)
+    tensors = LOWRANK.tensors_for(full, fitted)
+    encoded = LOWRANK.encode(full, xs, tensors)
+    for member, x in enumerate(xs):
+        torch.testing.assert_close(LOWRANK.decode(full, encoded.fields, member, tensors, torch.float32), x,
+                                   rtol=1e-4, atol=1e-4)
+    # In sample, the restore error at rank r is the variance beyond r (the spectrum's tail).
+    rank = 3
+    params = LowRankParams(rank=rank, heads=heads)
+    tensors = LOWRANK.tensors_for(params, fitted)
+    distance, err = LOWRANK.restore_error(params, xs, tensors)
+    spectrum = fitted[f"spectrum_{heads}"].double()
+    tail = spectrum[rank * h:].sum() if heads == "joint" else spectrum[:, rank:].sum()
+    torch.testing.assert_close(err.sum() / (xs[0].shape[0] * xs[0].shape[2]), tail, rtol=1e-3, atol=1e-6)
+    assert distance.shape == xs[0].shape[:3] and 0 <= float(distance.min()) and float(distance.max()) <= 1
+    # the coefficients field: rank per token and KV head
+    assert encoded.fields["coefficients"].shape[-1] == 2 * d
+    assert LOWRANK.encode(params, xs, tensors).fields["coefficients"].shape == (*xs[0].shape[:3], rank)
+
+
+def test_profile_validates_lowrank_tensors_and_allows_single_layers(tmp_path):
+    model = _model()
+    profile = _profile(model, [(1,), (3, 4)], rank=4)
+    path = profile.save(tmp_path / "p")
+    text = path.read_text()
+    assert "method: lowrank" in text and "rank: 4" in text
+    loaded = MergeProfile.load(path)
+    assert loaded == profile
+    data = profile.to_dict()
+    # slerp still needs two layers
+    bad = {"format_version": 2, "groups": [{"layers": [1], "keys": {"method": "slerp"}}]}
+    with pytest.raises(ProfileError, match=r"groups\[0\]\.layers: \[1\] has fewer than 2 layers"):
+        MergeProfile.from_dict(bad)
+    # a basis that is not orthonormal, or of the wrong shape, is refused naming the tensor
+    tensors = {n: profile.tensors[n] for n in profile.tensors.names()}
+    tensors["basis.3-4.keys"] = tensors["basis.3-4.keys"] * 2
+    with pytest.raises(ProfileError, match="orthonormal"):
+        MergeProfile.from_dict(data, tensors=tensors).check_model(model.config)
+    tensors["basis.3-4.keys"] = profile.tensors["basis.3-4.keys"][..., :3]
+    with pytest.raises(ProfileError, match="shape"):
+        MergeProfile.from_dict(data, tensors=tensors).check_model(model.config)
+
+
+def test_cache_stores_coefficients_and_counts_them_byte_for_byte():
+    model = _model()
+    profile = _profile(model, [(1,), (3, 4)], rank=4)
+    ids = _windows(2, 40, seed=3)
+    cache = MiniCache(profile, model)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache)
+    report = cache.memory_report()
+    assert report["kv_bytes"] == sum(t.numel() * t.element_size() for t in cache.tensors())
+    assert report["parts"]["coefficients"] > 0 and report["parts"]["bases"] > 0
+    merged = report["groups"][0]["merged_tokens"]
+    h = model.config.num_key_value_heads
+    groups, components, batch, rank, fp32 = 2, 2, 2, 4, 4
+    assert report["parts"]["coefficients"] == groups * components * batch * h * merged * rank * fp32
+
+
+def test_generate_plain_blockwise_and_quantized_paths_agree():
+    model = _model()
+    profile = _profile(model, [(1,), (3, 4, 5)], rank=4, heads="joint")
+    ids = _windows(2, 30, seed=3)
+
+    def generate(cache):
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=8,
+                              do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+
+    for quantization in (None, Quantization(bits=4, group_size=8, residual_length=8)):
+        p = profile.with_quantization(quantization)
+        want = generate(MiniCache(p, model))
+        assert enable_fused_attention(model, backend="torch")
+        cache = MiniCache(p, model)
+        got = generate(cache)
+        disable_fused_attention(model)
+        assert cache.memory_report()["groups"][0]["merged_tokens"] > 0
+        if quantization is not None:
+            assert cache.memory_report()["parts"]["packed"] > 0, "coefficients are packed"
+        assert torch.equal(got.sequences, want.sequences)
+        for a, b in zip(got.scores, want.scores, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_calibrate_chooses_lowrank_groups_including_single_layers(tmp_path):
+    model = _model()
+    data = tmp_path / "ids.jsonl"
+    stream = _windows(1, 24 * 96, seed=1)[0].tolist()
+    data.write_text("".join(json.dumps({"input_ids": stream[i : i + 96]}) + "\n" for i in range(0, len(stream), 96)))
+
+    class Tok:
+        eos_token_id = 1
+
+        def __len__(self):
+            return 128
+
+    result = calibrate(
+        model, Tok(), data, methods=("slerp", "lowrank"), budget=Budget("ppl_increase", 10.0),
+        num_samples=8, max_length=96, eval_windows=4, defaults=Defaults(residual_length=16, block_size=16),
+        probes=4, max_group_size=2, progress=False, log=lambda _: None,
+    )
+    candidates = result.search.candidates.values()
+    assert any(c.size == 1 for c in candidates), "single layers are candidates for lowrank"
+    assert any(c.variant for c in candidates), "cheaper variants at several ranks"
+    profile = result.profile
+    assert profile.groups
+    path = profile.save(tmp_path / "profile")
+    loaded = MergeProfile.load(path)
+    quality = evaluate_profile(model, _windows(4, 96, seed=7), 64, loaded)
+    assert quality.compression_ratio > 1.0

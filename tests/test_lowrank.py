@@ -191,3 +191,27 @@ def test_calibrate_chooses_lowrank_groups_including_single_layers(tmp_path):
     loaded = MergeProfile.load(path)
     quality = evaluate_profile(model, _windows(4, 96, seed=7), 64, loaded)
     assert quality.compression_ratio > 1.0
+
+
+@pytest.mark.parametrize("heads", ["joint", "each"])
+def test_attention_reads_the_coefficients_without_restoring_and_matches_the_restored_block(heads):
+    model = _model()
+    d = Defaults(residual_length=8, block_size=4, gamma=0.3)  # a generous γ: retained tokens in every block
+    profile = _profile(model, [(2, 3)], rank=3, heads=heads, defaults=d)
+    cache = MiniCache(profile, model)
+    with torch.no_grad():
+        model(input_ids=_windows(2, 40, seed=5), cache=cache)
+    for layer in (2, 3):
+        keys, values = cache.views(layer)
+        assert keys.factored and keys.retained_count > 0
+        b, h, _, dim = keys.residual.shape
+        g = torch.Generator().manual_seed(layer)
+        q = torch.randn(b, h, 2, dim, generator=g)
+        start, end = 4, keys.merged_length
+        k = keys.restored_block(start, end).float()
+        v = values.restored_block(start, end).float()
+        torch.testing.assert_close(keys.scores_block(q, start, end), torch.einsum("bhgd,bhnd->bhgn", q, k),
+                                   rtol=1e-4, atol=1e-4)
+        probs = torch.rand(b, h, 2, end - start, generator=g)
+        torch.testing.assert_close(values.values_block(probs, start, end), torch.einsum("bhgn,bhnd->bhgd", probs, v),
+                                   rtol=1e-4, atol=1e-4)

@@ -249,6 +249,9 @@ class MergeMethod(ABC):
         Kind of :class:`FitStatistic` it fits tensors from; methods with the same key share one.
     tensor_part : str
         Name of its sidecar tensors' bytes in :meth:`MiniCache.memory_report`'s ``parts``.
+    factored : bool
+        Attention can read its stored form without restoring (:meth:`factored_scores`,
+        :meth:`factored_values`); the blockwise torch path then never restores a token of it.
     min_members : int
         Smallest group it stores (2 for merges of layers into one; 1 for methods that also compress
         a single layer, e.g. a per-layer low-rank basis).
@@ -261,6 +264,7 @@ class MergeMethod(ABC):
     fit_key: ClassVar[str | None] = None
     tensor_part: ClassVar[str] = "tensors"
     min_members: ClassVar[int] = 2
+    factored: ClassVar[bool] = False
 
     # -- parameters and tensors (profile side) -------------------------------------------------
     def params(self, data: Mapping[str, Any] | MethodParams | None = None, path: str = "") -> MethodParams:
@@ -320,6 +324,23 @@ class MergeMethod(ABC):
         ``in_frame``: leave them in :meth:`frame` (skip the per-token map back), for attention
         paths that map the query and the output instead.
         """
+
+    def factored_scores(
+        self, params: MethodParams, q: torch.Tensor, fields: Mapping[str, torch.Tensor], member: int,
+        tensors: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Logits ``q · x̂`` ``[B, H, G, n]`` float32 of a block of stored fields without restoring it
+        (``q`` ``[B, H, G, D]`` float32, already scaled; G query heads per KV head). Methods with
+        ``factored = True`` implement it."""
+        raise NotImplementedError(f"{self.name} does not attend without restoring")
+
+    def factored_values(
+        self, params: MethodParams, probs: torch.Tensor, fields: Mapping[str, torch.Tensor], member: int,
+        tensors: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """``Σ_n probs · x̂_n`` ``[B, H, G, D]`` float32 of a block of stored fields without restoring it
+        (``probs`` ``[B, H, G, n]`` float32). Methods with ``factored = True`` implement it."""
+        raise NotImplementedError(f"{self.name} does not attend without restoring")
 
     def mark_retained(self, fields: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
         """Flag retained tokens (``keep`` ``[B, H, N]``) inside the stored fields, for kernels that

@@ -191,6 +191,7 @@ class LowRankMethod(MergeMethod):
     fit_key = "second_moments"
     tensor_part = "bases"
     min_members = 1
+    factored = True
 
     # -- profile side -------------------------------------------------------------------------------
     def tensor_names(self, params: LowRankParams) -> tuple[str, ...]:
@@ -230,6 +231,31 @@ class LowRankMethod(MergeMethod):
         else:
             out = torch.einsum("bhnr,hdr->bhnd", c, basis)
         return (out + mean[None, :, None, :]).to(dtype)
+
+    def factored_scores(self, params, q, fields, member, tensors):
+        # q · x̂ = q · μ_l + (q U_l) · c: the query is projected once, never a token restored
+        c = fields["coefficients"].float()
+        basis = tensors["basis"][member].to(q.device, torch.float32)  # [H, D, R]
+        mean = tensors["mean"][member].to(q.device, torch.float32)
+        bias = torch.einsum("bhgd,hd->bhg", q, mean).unsqueeze(-1)
+        projected = torch.einsum("bhgd,hdr->bhgr", q, basis)
+        if params.heads == "joint":  # a head's restore reads every head's coefficients of the token
+            b, h, g, _ = projected.shape
+            return torch.einsum("bhgkr,bknr->bhgn", projected.reshape(b, h, g, h, -1), c) + bias
+        return torch.einsum("bhgr,bhnr->bhgn", projected, c) + bias
+
+    def factored_values(self, params, probs, fields, member, tensors):
+        # Σ p x̂ = (Σ p) μ_l + (Σ p c) U_lᵀ
+        c = fields["coefficients"].float()
+        basis = tensors["basis"][member].to(probs.device, torch.float32)
+        mean = tensors["mean"][member].to(probs.device, torch.float32)
+        if params.heads == "joint":
+            b, h, g, _ = probs.shape
+            weighted = torch.einsum("bhgn,bknr->bhgkr", probs, c).reshape(b, h, g, -1)
+        else:
+            weighted = torch.einsum("bhgn,bhnr->bhgr", probs, c)
+        out = torch.einsum("bhgr,hdr->bhgd", weighted, basis)
+        return out + probs.sum(-1, keepdim=True) * mean[None, :, None, :]
 
     def restore_error(self, params, xs, tensors):
         _, error, energy = _project(params, xs, tensors)

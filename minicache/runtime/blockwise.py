@@ -5,7 +5,10 @@ restored (and, in a quantized store, dequantized) in the model dtype on every st
 is the alternative for machines without the Triton kernels (``enable_fused_attention(model,
 backend="torch")``): an online softmax over blocks of ``block_tokens`` merged tokens, each restored
 and dequantized only while it is attended (:meth:`MergedKVView.restored_block`), then the exact
-residual window. The largest temporary is one block, not one layer. The math is float32 and
+residual window. Methods that can be attended in their stored form (``factored``: low rank) are
+never restored: the query is projected into the coefficient space and the output mapped back once
+per block (:meth:`MergedKVView.scores_block`, :meth:`MergedKVView.values_block`). The largest
+temporary is one block, not one layer. The math is float32 and
 matches :func:`~minicache.runtime.kernels.reference.fused_decode_reference`.
 """
 
@@ -75,11 +78,10 @@ def blockwise_decode_attention(
     # Numerators of the merged prefix (aligned frame for aligned values) and of the exact window.
     acc = {part: torch.zeros(b, h, group, d, device=query.device) for part in ("prefix", "window")}
 
-    def attend(query_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, part: str) -> None:
+    def attend(logits: torch.Tensor, start: int, numerator, part: str) -> None:
         nonlocal running_max, normaliser
-        logits = torch.einsum("bhgd,bhnd->bhgn", query_in, k.float())
         if bias is not None:
-            logits = logits + bias[:, None, None, start : start + k.shape[-2]]
+            logits = logits + bias[:, None, None, start : start + logits.shape[-1]]
         new_max = torch.maximum(running_max, logits.amax(dim=-1))
         # Rows with nothing attended yet keep -inf: shift by 0 there, so that exp gives 0, not NaN.
         shift = torch.where(torch.isinf(new_max), 0.0, new_max)
@@ -88,19 +90,22 @@ def blockwise_decode_attention(
         normaliser = normaliser * alpha + probs.sum(dim=-1)
         for name in acc:
             acc[name] = acc[name] * alpha.unsqueeze(-1)
-        acc[part] = acc[part] + torch.einsum("bhgn,bhnd->bhgd", probs, v.float())
+        acc[part] = acc[part] + numerator(probs)
         running_max = new_max
 
-    # Blocks start at multiples of the packed key groups (those cannot be split).
+    # Blocks start at multiples of the packed key groups (those cannot be split). Each block is read
+    # through the views: restored and attended, or (factored methods such as low rank) scored and
+    # summed from the stored form, the query and the output projected once per block.
     align = max(keys.block_alignment, values.block_alignment)
     block = -(-block_tokens // align) * align
     for start in range(0, m_len, block):
         end = min(start + block, m_len)
-        k = keys.restored_block(start, end, in_frame=True)
-        v = values.restored_block(start, end, in_frame=True)
-        attend(q_prefix, k, v, start, "prefix")
+        attend(keys.scores_block(q_prefix, start, end), start,
+               lambda p, s=start, e=end: values.values_block(p, s, e), "prefix")
     if keys.residual.shape[-2]:
-        attend(q, keys.residual, values.residual, m_len, "window")
+        window_v = values.residual.float()
+        attend(torch.einsum("bhgd,bhnd->bhgn", q, keys.residual.float()), m_len,
+               lambda p: torch.einsum("bhgn,bhnd->bhgd", p, window_v), "window")
     prefix = acc["prefix"] if values.frame is None else values.frame.output(acc["prefix"])
     out = (prefix + acc["window"]) / normaliser.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
     return out.reshape(b, hq, d).unsqueeze(1).to(query.dtype)

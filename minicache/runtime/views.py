@@ -331,6 +331,59 @@ class MergedKVView:
                 dense[b_idx, h_idx, pos] = exact
         return dense
 
+    @property
+    def factored(self) -> bool:
+        """Attention can score and sum this prefix from its stored form (:meth:`scores_block`) without restoring."""
+        return self.method is not None and self.method.factored
+
+    def _retained_in(self, start: int, end: int):
+        """Retained entries inside ``[start, end)``: ``(b, h, pos - start, exact [n, D])`` or None."""
+        if not self.retained_count:
+            return None
+        b_idx, h_idx, pos, rows = self._retained_entries
+        inside = (pos >= start) & (pos < end)
+        if not inside.any():
+            return None
+        b_idx, h_idx, pos, rows = b_idx[inside], h_idx[inside], pos[inside] - start, rows[inside]
+        if self.retained_q is not None:
+            exact = self.retained_q.index_select(0, rows).dequantize(self.dtype)[:, self.member]
+        else:
+            exact = self.retained_value[rows, self.member]
+        return b_idx, h_idx, pos, exact
+
+    def scores_block(self, q: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Logits ``[B, H, G, end - start]`` float32 of ``q`` ``[B, H, G, D]`` (scaled, in :attr:`frame`)
+        against merged tokens ``[start, end)``: from the stored form for :attr:`factored` methods
+        (retained tokens exact), else against the restored block."""
+        if not self.factored:
+            return torch.einsum("bhgd,bhnd->bhgn", q, self.restored_block(start, end, in_frame=True).float())
+        block = {name: f.block(start, end, self.dtype) for name, f in self.stored.items()}
+        logits = self.method.factored_scores(self.params, q, block, self.member, self.tensors)
+        retained = self._retained_in(start, end)
+        if retained is not None:
+            b_idx, h_idx, pos, exact = retained
+            logits[b_idx, h_idx, :, pos] = torch.einsum("ngd,nd->ng", q[b_idx, h_idx], exact.float())
+        return logits
+
+    def values_block(self, probs: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """``Σ_n probs · v_n`` ``[B, H, G, D]`` float32 over merged tokens ``[start, end)`` (in
+        :attr:`frame`): from the stored form for :attr:`factored` methods (retained tokens exact),
+        else from the restored block."""
+        if not self.factored:
+            return torch.einsum("bhgn,bhnd->bhgd", probs, self.restored_block(start, end, in_frame=True).float())
+        block = {name: f.block(start, end, self.dtype) for name, f in self.stored.items()}
+        out = self.method.factored_values(self.params, probs, block, self.member, self.tensors)
+        retained = self._retained_in(start, end)
+        if retained is not None:  # swap the restored vector of each retained token for its exact one
+            b_idx, h_idx, pos, exact = retained
+            rows = {name: t[b_idx, :, pos].unsqueeze(2) for name, t in block.items()}  # [n, H, 1, w]
+            restored = self.method.decode(self.params, rows, self.member, self.tensors, self.dtype)
+            restored = restored[torch.arange(pos.numel(), device=pos.device), h_idx, 0]
+            weight = probs[b_idx, h_idx, :, pos]  # [n, G]
+            out.index_put_((b_idx, h_idx), weight.unsqueeze(-1) * (exact.float() - restored.float()).unsqueeze(1),
+                           accumulate=True)
+        return out
+
     def materialize(self) -> torch.Tensor:
         """The restored ``[B, H, M + r, D]`` tensor (what the default torch path returns)."""
         m = self.merged_length

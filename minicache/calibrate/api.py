@@ -249,9 +249,19 @@ def calibrate(
         shown = "/".join(methods)
         log(f"searching groups of 2..{max_group_size} layers ({shown}{', fitted or not' if align else ''}) "
             f"within {budget.metric} <= {budget.max:g} on held-out data")
-        candidates = choose_candidates(capture, defaults, spec.head_dim)
+        # what a candidate saves in the measured caches: the merged share of the prefix, less its tensors
+        merged = (prefix_length - defaults.residual_length) // defaults.block_size * defaults.block_size
+        candidates = choose_candidates(capture, defaults, spec.head_dim, num_heads=spec.kv_heads,
+                                       amortized_over=prefix_length * min(batch_size, held_windows.shape[0]),
+                                       merged_share=max(merged, defaults.block_size) / prefix_length)
+        extend, floor = EXTEND, 1e-6
+        if any(c.variant for c in candidates.values()):
+            # Several ranks per run: more kinds to predict from, and the regression is rougher, so
+            # more probes and more measured steps; damage below 2 % of the budget is noise.
+            probes, extend, floor = max(probes, VARIANT_PROBES), max(EXTEND, VARIANT_EXTEND), budget.max / 50
+            log(f"runs come in several variants (ranks): {probes} probes, up to {extend} extension steps")
         result_search = search(candidates, evaluate, budget, spec.num_layers, make_profile=make_profile,
-                               probes=probes, log=log)
+                               probes=probes, extend=extend, damage_floor=floor, log=log)
         profile = make_profile(tuple(c.group() for c in result_search.chosen))
         measured = result_search.final if result_search.final is not None else evaluate(profile)
 
@@ -360,13 +370,23 @@ def read_calibration_data(data: str | os.PathLike) -> list[Sample]:
     return samples
 
 
+#: Probes and extension steps of a search whose runs come in variants (several ranks).
+VARIANT_PROBES, VARIANT_EXTEND = 10, 16
 #: Relative restore errors at which a run whose options save different amounts (low rank at several
 #: ranks) gets a variant: per component, the option saving most within the level.
-ERROR_LEVELS: tuple[float, ...] = (0.02, 0.04, 0.08, 0.16, 0.32)
+ERROR_LEVELS: tuple[float, ...] = (0.02, 0.04, 0.08, 0.16, 0.32, 0.48, 0.64)
 
 
-def choose_candidates(capture: CalibrationCapture, defaults: Defaults, head_dim: int) -> dict[object, Candidate]:
+def choose_candidates(capture: CalibrationCapture, defaults: Defaults, head_dim: int, *,
+                      amortized_over: int | None = None, num_heads: int = 1,
+                      merged_share: float = 1.0) -> dict[object, Candidate]:
     """Candidates of every run, by :attr:`Candidate.key`.
+
+    ``amortized_over``: sequence-tokens a measured cache holds per layer (prefix length × batch). A
+    method's sidecar tensors (e.g. a low-rank basis) are held once per cache; their float32 values,
+    counted in layers' worth of KV of that many tokens, are subtracted from what an option saves
+    (None: not counted). ``merged_share``: the share of those tokens a group stores merged (the
+    rest is its exact residual window), which scales what an option saves.
 
     Per run and component, the option with the least restore error at the profile's γ (the first one
     on ties, in the order the methods offer them): the run's candidate. Where a run's options save
@@ -383,7 +403,8 @@ def choose_candidates(capture: CalibrationCapture, defaults: Defaults, head_dim:
         for component in COMPONENTS:
             options = errors.options[layers, component]
             rel = [float(v) for v in errors.relative_error(layers, component)]
-            saved = [o.method.saved_layers(o.params, len(layers), head_dim) for o in options]
+            saved = [o.method.saved_layers(o.params, len(layers), head_dim) * merged_share
+                     - _tensor_layers(o, amortized_over, num_heads, head_dim) for o in options]
             least = min(range(len(options)), key=lambda i: rel[i])
             picks = [least]
             for level in ERROR_LEVELS:
@@ -408,6 +429,13 @@ def choose_candidates(capture: CalibrationCapture, defaults: Defaults, head_dim:
             candidate = Candidate(layers, keys, values, (k_err, v_err), (k_saved + v_saved) / 2, variant)
             out[candidate.key] = candidate
     return out
+
+
+def _tensor_layers(option, tokens: int | None, num_heads: int, head_dim: int) -> float:
+    """An option's sidecar values in layers' worth of KV (float32 against the float32 statistics)."""
+    if not tokens or not option.tensors:
+        return 0.0
+    return sum(t.numel() for t in option.tensors.values()) / (tokens * num_heads * head_dim)
 
 
 def _fitted_settings(settings: MergeSettings) -> MergeSettings:

@@ -16,12 +16,15 @@ One loop over candidates, whatever merge methods supply them:
   depth, the log restore errors of keys and values and ``log(saved layers)``, fitted on the probes,
   predicts every candidate.
 * **Selection**: cheapest predicted damage per saved layer first (ties: deeper, then larger groups),
-  non-overlapping, summed within 90 % of the budget. The prediction is of the point estimate; a
-  scale turns it into the upper end of the interval, which is what must fit (:class:`Budget`).
+  non-overlapping, summed within 90 % of the budget; a run with variants climbs its convex hull of
+  (saved, damage) step by step in the same order (a greedy multiple-choice knapsack). The prediction
+  is of the point estimate; a scale turns it into the upper end of the interval, which is what must
+  fit (:class:`Budget`).
 * **Verification**: the chosen set is measured and the scale corrected, a few times.
-* **Extension**: from the best set that fits, single groups are added one measurement at a time
-  (cheapest predicted first) and kept while the set stays within the budget: damage does not add up
-  exactly across groups, so a measured step from the best set beats trusting the prediction.
+* **Extension**: from the best set that fits, single groups are added (or a chosen run moved one
+  variant up, to a lower rank) one measurement at a time, cheapest predicted step first, and kept
+  while the set stays within the budget: damage does not add up exactly across groups, so a measured
+  step from the best set beats trusting the prediction.
 
 Every decision reads the upper end of the measured 95 % interval, so a set is accepted only when the
 held-out windows resolve it within the budget; one they cannot resolve is refused, never accepted on
@@ -32,6 +35,7 @@ A search costs a handful of evaluation passes, not one per candidate.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -233,47 +237,105 @@ def cheapest_first(
     )
 
 
+def _increments(
+    candidates: dict[Hashable, Candidate], predicted: dict[Hashable, float], exclude: set[Hashable]
+) -> list[tuple[float, int, int, str, Hashable, float, float]]:
+    """Every run's steps up its lower convex hull of (saved layers, predicted damage), from nothing.
+
+    Returns ``(damage per saved layer, -first layer, -size, variant, key, Δdamage, Δsaved)`` per step,
+    cheapest first (a run's steps come out in hull order because their efficiencies increase).
+    """
+    runs: dict[tuple[int, ...], list[Hashable]] = {}
+    for g, c in candidates.items():
+        if g not in exclude:
+            runs.setdefault(c.layers, []).append(g)
+    steps = []
+    for layers, keys in runs.items():
+        points = sorted(((*_point(g, candidates, predicted), g) for g in keys), key=lambda p: (p[0], p[1]))
+        hull: list[tuple[float, float, Hashable | None]] = [(0.0, 0.0, None)]
+        for point in points:
+            if point[0] <= hull[-1][0]:
+                continue  # saves no more than a cheaper variant already on the hull
+            # drop the last hull point while it lies on or above the segment from the one before to this one
+            while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (point[0] - hull[-2][0]) >= (
+                    point[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0]):
+                hull.pop()
+            hull.append(point)
+        for (saved0, cost0, _), (saved, cost, g) in itertools.pairwise(hull):
+            c = candidates[g]
+            steps.append(((cost - cost0) / (saved - saved0), -layers[0], -c.size, c.variant, g, cost - cost0,
+                          saved - saved0))
+    steps.sort(key=lambda s: s[:4])
+    return steps
+
+
+def _point(g: Hashable, candidates: dict[Hashable, Candidate], predicted: dict[Hashable, float]):
+    return candidates[g].saved_layers, max(predicted[g], 0.0)
+
+
 def select_groups(
     candidates: dict[Hashable, Candidate],
     predicted: dict[Hashable, float],
     allowance: float,
     exclude: set[Hashable] = frozenset(),
 ) -> list[Hashable]:
-    """Cheapest damage per saved layer first, non-overlapping, summed damage within ``allowance``."""
+    """Most saved layers within ``allowance`` of summed predicted damage, non-overlapping.
+
+    A greedy multiple-choice knapsack: runs are taken cheapest damage per saved layer first (ties:
+    deeper, then larger groups); a run with variants (several ranks) climbs its convex hull of
+    (saved, damage) one step at a time, in the same order, so a cheap run is stored at the variant
+    whose next step up is no longer worth its damage. With one variant per run this is "cheapest
+    damage per saved layer first, non-overlapping".
+    """
     used: set[int] = set()
-    chosen, total = [], 0.0
-    for g in cheapest_first(candidates, predicted):
+    at: dict[tuple[int, ...], Hashable] = {}  # run -> its variant so far
+    blocked: set[tuple[int, ...]] = set()
+    total = 0.0
+    for *_, g, d_cost, _ in _increments(candidates, predicted, set(exclude)):
         layers = candidates[g].layers
-        if g in exclude or used.intersection(layers):
+        if layers in blocked:
             continue
-        cost = max(predicted[g], 0.0)
-        if total + cost > allowance:
+        if layers not in at and used.intersection(layers):
+            blocked.add(layers)
             continue
-        chosen.append(g)
+        if total + d_cost > allowance:
+            blocked.add(layers)  # its later steps cost more per layer: stop this run here
+            continue
+        at[layers] = g
         used.update(layers)
-        total += cost
-    return sorted(chosen, key=_order(candidates))
+        total += d_cost
+    return sorted(at.values(), key=_order(candidates))
 
 
 def probe_candidates(candidates: dict[Hashable, Candidate], count: int) -> list[Hashable]:
-    """Probes spread over depth, alternating kinds (size, then variant), always including the deepest pair."""
+    """Probes spread over depth, alternating kinds, always including the deepest run of the first kind.
+
+    Kinds are group sizes; with variants (several ranks per run), every (variant, size) is a kind,
+    the least-error ones first and the rest sampled evenly, and depth is spread over the probes as
+    a whole (deepest first, down to the shallowest) so that the prediction sees both how damage grows
+    with the variant and how it grows towards the shallow layers (a lower rank there is not
+    predictable from the deep layers alone).
+    """
+    order = _order(candidates)
     kinds = sorted({(c.variant, c.size) for c in candidates.values()}, key=lambda k: (k[0] != "", k[0], k[1]))
-    if len(kinds) > count:  # keep the least-error kinds and spread the rest
+    varied = any(variant for variant, _ in kinds)
+    if varied and len(kinds) > count:  # the least-error kinds, then variants sampled evenly
         base = [k for k in kinds if not k[0]]
         rest = [k for k in kinds if k[0]]
-        room = max(count - len(base), 0)
-        kinds = base + [rest[round(i * (len(rest) - 1) / max(room - 1, 1))] for i in range(room)] if room else base
-        kinds = list(dict.fromkeys(kinds))
-    by_kind = {k: sorted((g for g, c in candidates.items() if (c.variant, c.size) == k), key=_order(candidates))
-               for k in kinds}
+        room = max(count - len(base), 1)
+        kinds = list(dict.fromkeys(base + [rest[round(i * (len(rest) - 1) / max(room - 1, 1))] for i in range(room)]))
+    by_kind = {k: sorted((g for g, c in candidates.items() if (c.variant, c.size) == k), key=order) for k in kinds}
     probes: list[Hashable] = []
     for i in range(count):
         kind = kinds[i % len(kinds)]
         runs = by_kind[kind]
-        per_kind = (count - 1 - i % len(kinds)) // len(kinds) + 1
-        j = i // len(kinds)
-        # deepest first, then spread towards the middle of the model
-        pos = len(runs) - 1 - round(j * (len(runs) - 1) / max(per_kind, 1) / 2)
+        if varied:  # depth spread over all probes, deepest to shallowest
+            pos = len(runs) - 1 - round(i * (len(runs) - 1) / max(count - 1, 1))
+        else:
+            per_kind = (count - 1 - i % len(kinds)) // len(kinds) + 1
+            j = i // len(kinds)
+            # deepest first, then spread towards the middle of the model
+            pos = len(runs) - 1 - round(j * (len(runs) - 1) / max(per_kind, 1) / 2)
         g = runs[max(0, min(len(runs) - 1, pos))]
         if g not in probes:
             probes.append(g)
@@ -290,6 +352,7 @@ def search(
     probes: int = 6,
     max_verify: int = MAX_VERIFY,
     extend: int = EXTEND,
+    damage_floor: float = 1e-6,
     log: Callable[[str], None] = print,
 ) -> SearchResult:
     """Probe → predict → select → verify → extend (see the module docstring).
@@ -306,6 +369,9 @@ def search(
         Builds a full profile from groups (adds defaults, fitted tensors and the model fingerprint).
     extend : int
         After the verified selection, at most this many single-group additions are measured.
+    damage_floor : float
+        Measured damage below this counts as this in the prediction's log scale (a probe that
+        measured -0.1 % on a few windows is noise, not a damage of 1e-6).
     """
     result = SearchResult(chosen=(), final=None, candidates=candidates)
     if not candidates:
@@ -336,7 +402,7 @@ def search(
 
     probe_results = {g: run("probe", [g]) for g in probe_candidates(candidates, probes)}
     measured = {g: budget.value(r) for g, r in probe_results.items()}
-    predicted = predict_damage(candidates, measured, num_layers)
+    predicted = predict_damage(candidates, measured, num_layers, floor=damage_floor)
     result.predicted = predicted
 
     # scale: predicted point damage -> upper end of the interval; the probes give a first ratio
@@ -364,16 +430,25 @@ def search(
             scale = bound(outcome) / max(predicted_sum, 1e-12) * 1.1
     if best is not None:
         tried_groups = 0
+        failed: dict[tuple[int, ...], float] = {}  # run -> least saving that did not fit
+        # cheapest predicted first: a new run, or a run of the set at a variant that saves more; a
+        # variant that does not fit rules out that run's variants saving as much or more, not the rest
         for g in cheapest_first(candidates, predicted, exclude=excluded):
             if tried_groups >= extend:
                 break
-            if any(overlaps(g, c) for c in best[0]):
+            layers, saved = candidates[g].layers, candidates[g].saved_layers
+            same = [c for c in best[0] if candidates[c].layers == layers]
+            if saved >= failed.get(layers, math.inf) or (same and candidates[same[0]].saved_layers >= saved):
                 continue
-            chosen = sorted([*best[0], g], key=order)
+            if not same and any(overlaps(g, c) for c in best[0]):
+                continue
+            chosen = sorted([*(c for c in best[0] if c not in same), g], key=order)
             tried_groups += tuple(chosen) not in seen  # a set measured before costs nothing
             outcome = run("extend", chosen)
             if budget.fits(outcome):
                 best = (chosen, outcome)
+            else:
+                failed[layers] = min(saved, failed.get(layers, math.inf))
         result.chosen = tuple(candidates[g] for g in sorted(best[0], key=order))
         result.final = best[1]
     return result

@@ -46,7 +46,7 @@ __all__ = ["HEAD_LAYOUTS", "RANK_FRACTIONS", "LowRankMethod", "LowRankParams", "
 
 HEAD_LAYOUTS = ("joint", "each")
 #: Ranks the calibration measures, as fractions of a group's full width ``k·D`` per KV head.
-RANK_FRACTIONS: tuple[float, ...] = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
+RANK_FRACTIONS: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4)
 #: Largest ``|UᵀU − I|`` entry accepted for a basis (float32 eigenvectors are orthonormal to ~1e-6).
 ORTHONORMALITY_TOLERANCE = 1e-4
 

@@ -1,0 +1,94 @@
+"""Greedy decode with low-rank groups: the blockwise torch path (no restore) against the restore path
+and the full cache, on the same prompts in the same run (issue 17, item 4).
+
+Prints, per path: seconds per decode step (median of ``--repeats``), the ratio to the full cache,
+and whether the generated tokens equal the restore path's.
+
+    .venv/bin/python benchmarks/lowrank_decode.py --profile benchmarks/results/lowrank-cpu/profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from minicache import MergeProfile, MiniCache
+from minicache.data import read_samples, token_windows
+from minicache.models import load_model
+from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--data", default="/usr/share/common-licenses/GPL-3")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    model, tokenizer = load_model("smollm2-135m", dtype=args.dtype)
+    profile = MergeProfile.load(args.profile)
+    ids = token_windows(read_samples(args.data, split_text_files=True), tokenizer, args.context, args.batch)
+    mask = torch.ones_like(ids)
+
+    def generate(cache):
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=args.new_tokens,
+                                 min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        return out[:, ids.shape[1]:], time.perf_counter() - started
+
+    def prefill_time(make):
+        started = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, cache=make())
+        return time.perf_counter() - started
+
+    paths = {
+        "full (DynamicCache)": (lambda: None, False),
+        "lowrank, restore path": (lambda: MiniCache(profile, model), False),
+        "lowrank, blockwise (no restore)": (lambda: MiniCache(profile, model), True),
+    }
+    results, tokens = {}, {}
+    for name, (make, blockwise) in paths.items():
+        if blockwise:
+            enable_fused_attention(model, backend="torch")
+        try:
+            generate(make())  # warm-up
+            runs = []
+            for _ in range(args.repeats):
+                out, seconds = generate(make())
+                runs.append((seconds - prefill_time(make)) / args.new_tokens)
+            tokens[name] = out
+            results[name] = statistics.median(runs)
+        finally:
+            if blockwise:
+                disable_fused_attention(model)
+    full = results["full (DynamicCache)"]
+    restore = tokens["lowrank, restore path"]
+    rows = []
+    print(f"{args.context} tokens x {args.batch}, {args.new_tokens} greedy tokens, {args.dtype}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print("| path | s / decode step | speed vs full | tokens = restore path |")
+    print("|---|---:|---:|---|")
+    for name, seconds in results.items():
+        same = bool(torch.equal(tokens[name], restore))
+        rows.append({"path": name, "seconds_per_step": seconds, "speed_vs_full": full / seconds,
+                     "tokens_equal_restore": same})
+        print(f"| {name} | {seconds:.4f} | {full / seconds:.2f} | {'yes' if same else 'no'} |")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -262,3 +262,63 @@ def test_cli_impossible_budget_gives_valid_empty_profile(tmp_path, capsys, calib
     profile = MergeProfile.load(out)
     assert profile.groups == ()
     assert (tmp_path / "p_report.md").exists(), "named after the profile file"
+
+
+# -- runs with variants (several ranks per run) ---------------------------------------------------------
+def _variant(layers, saved, variant="", error=0.1):
+    s = MergeSettings.create()
+    return Candidate(tuple(layers), s, s, (error, error), saved, variant)
+
+
+def test_select_groups_climbs_each_runs_convex_hull_within_the_allowance():
+    cands = [_variant((0, 1), 0.5), _variant((0, 1), 1.5, "e0.1"), _variant((0, 1), 1.9, "e0.3"),
+             _variant((2,), 0.8)]
+    candidates = {c.key: c for c in cands}
+    predicted = {((0, 1)): 0.001, ((0, 1), "e0.1"): 0.002, ((0, 1), "e0.3"): 0.02, (2,): 0.004}
+    # (0,1) at 0.5 lies above the hull: its e0.1 variant saves three times as much for twice the damage
+    assert select_groups(candidates, predicted, allowance=0.01) == [((0, 1), "e0.1"), (2,)]
+    # a larger allowance takes the run one more step up its hull, never two variants of one run
+    assert select_groups(candidates, predicted, allowance=0.03) == [((0, 1), "e0.3"), (2,)]
+    assert select_groups(candidates, predicted, allowance=0.001) == []
+    # a run overlapping a chosen one is not taken at any variant
+    cands.append(_variant((1, 2), 3.0, "e0.3"))
+    candidates = {c.key: c for c in cands}
+    predicted[((1, 2), "e0.3")] = 0.0001
+    chosen = select_groups(candidates, predicted, allowance=0.03)
+    layers = [layer for g in chosen for layer in candidates[g].layers]
+    assert len(layers) == len(set(layers)) and chosen[0] == ((1, 2), "e0.3")
+
+
+def test_search_moves_a_run_to_a_cheaper_variant_when_the_measurement_allows():
+    """Extension steps try a chosen run at a variant that saves more, and back off after a miss."""
+    true = {((4, 5)): 0.0005, ((4, 5), "e0.1"): 0.002, ((4, 5), "e0.3"): 0.02,
+            ((2, 3)): 0.0008, ((2, 3), "e0.1"): 0.004, ((0, 1)): 0.03}
+    saved = {((4, 5)): 0.5, ((4, 5), "e0.1"): 1.5, ((4, 5), "e0.3"): 1.9, ((2, 3)): 0.5,
+             ((2, 3), "e0.1"): 1.5, ((0, 1)): 0.5}
+    candidates = {}
+    for key, s in saved.items():
+        layers, variant = (key, "") if isinstance(key[0], int) else key
+        candidates[key] = _variant(layers, s, variant, error=true[key] * 10)
+    by_settings = {}
+
+    def evaluate(profile: MergeProfile) -> QualityResult:
+        d = 0.0
+        for g in profile.groups:
+            d += by_settings[g]
+        return _fake_result(d, len(profile.groups), spread=0.1 * d)
+
+    def make_profile(groups):
+        return MergeProfile(groups=groups)
+
+    # each candidate's group must be told apart: give each a distinct retention γ
+    for i, (key, c) in enumerate(sorted(candidates.items(), key=lambda kv: (kv[1].layers, kv[1].variant))):
+        s = MergeSettings.create(gamma=0.01 * (i + 1))
+        candidates[key] = Candidate(c.layers, s, s, c.restore_error, c.saved_layers, c.variant)
+        by_settings[candidates[key].group()] = true[key]
+    budget = Budget("ppl_increase", 0.01)
+    result = search(candidates, evaluate, budget, 6, make_profile=make_profile, probes=3, extend=8,
+                    log=lambda _: None)
+    chosen = {c.layers: c.variant for c in result.chosen}
+    assert budget.fits(result.final)
+    assert chosen.get((4, 5)) == "e0.1" and chosen.get((2, 3)) == "e0.1", chosen
+    assert (0, 1) not in chosen

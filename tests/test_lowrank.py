@@ -215,3 +215,19 @@ def test_attention_reads_the_coefficients_without_restoring_and_matches_the_rest
         probs = torch.rand(b, h, 2, end - start, generator=g)
         torch.testing.assert_close(values.values_block(probs, start, end), torch.einsum("bhgn,bhnd->bhgd", probs, v),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_lowrank_without_fitting_is_refused_with_a_clear_message(tmp_path):
+    with pytest.raises(ValueError, match="'lowrank' stores only with tensors fitted.*drop --no-align"):
+        calibrate(_model(), None, tmp_path / "unused.jsonl", methods=("lowrank",), align=False,
+                  progress=False, log=lambda _: None)
+
+
+def test_saved_layers_and_field_width_follow_the_rank():
+    params = LowRankParams(rank=16)
+    assert LOWRANK.saved_layers(params, 2, 64) == pytest.approx(2 - 16 / 64)
+    assert LOWRANK.stored_bytes_per_token(params, 2, 64, torch.bfloat16) == 16 * 2
+    with pytest.raises(ProfileError, match="rank"):
+        LowRankParams(rank=0)
+    with pytest.raises(ProfileError, match="heads"):
+        LowRankParams(rank=4, heads="both")

@@ -125,6 +125,11 @@ def calibrate(
     if not methods:
         raise ValueError("give at least one merge method")
     merge_methods = [_known_method(name) for name in methods]
+    if preset is None and not align:
+        unfitted = [m.name for m in merge_methods if not m.param_options(2, False, {"head_dim": 1})]
+        if unfitted:
+            raise ValueError(f"method {unfitted[0]!r} stores only with tensors fitted on the data: "
+                             "calibrate with alignment/fitting on (drop --no-align)")
     spec = ModelSpec.from_config(model)
 
     group = process_group()  # (rank, world size) when data-parallel

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods", default=",".join(D.methods),
         help="comma-separated merge methods the search may choose from, per group and K/V "
-        "(registered: see minicache.methods.method_names(); built in: slerp, average)",
+        "(registered: see minicache.methods.method_names(); built in: slerp, average, lowrank: a calibrated "
+        "basis shared by 1..max-group-size layers, stored at the rank the search picks; needs --align)",
     )
     add_kv_options(
         parser, residual=False,

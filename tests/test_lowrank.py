@@ -187,6 +187,16 @@ def test_calibrate_chooses_lowrank_groups_including_single_layers(tmp_path):
     assert any(c.variant for c in candidates), "cheaper variants at several ranks"
     profile = result.profile
     assert profile.groups
+    lowrank = [g.label for g in profile.groups if g.keys.method == "lowrank" or g.values.method == "lowrank"]
+    assert lowrank and set(result.spectra) == set(lowrank)
+    curve, rank = next(iter(result.spectra[lowrank[0]].values()))
+    assert 0 < rank <= curve.numel() and torch.all(curve[1:] >= curve[:-1] - 1e-6) and float(curve[-1]) > 0.99
+    from minicache.calibrate.report import write_report
+
+    written = write_report(tmp_path / "report", profile, result.statistics, result.search, "ppl_increase", 10.0,
+                           result.summary, spectra=result.spectra)
+    text = (tmp_path / "report" / "minicache_report.md").read_text()
+    assert "variance kept" in text and any(p.name == "minicache_spectra.png" for p in written)
     path = profile.save(tmp_path / "profile")
     loaded = MergeProfile.load(path)
     quality = evaluate_profile(model, _windows(4, 96, seed=7), 64, loaded)

@@ -6,7 +6,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +41,9 @@ class CalibrationResult:
     search: SearchResult | None
     measured: QualityResult
     summary: str
+    #: per group label and component, the share of calibration variance kept at each stored width
+    #: (methods with such a curve: low rank) and the width chosen
+    spectra: dict[str, dict[str, tuple[torch.Tensor, int]]] = field(default_factory=dict)
 
 
 def _round(value: float, digits: int = 6) -> float:
@@ -306,8 +309,16 @@ def calibrate(
     if result_search is not None and profile.groups:
         summary += (f"; within the budget {budget.metric} <= {budget.max:g} at the upper end of its interval "
                     f"({budget.upper(measured):+.4f})")
+    spectra: dict[str, dict[str, tuple[torch.Tensor, int]]] = {}
+    for g in profile.groups:
+        for name, settings in g.components():
+            method = settings.merge_method
+            if capture.fittable(method) and settings.tensor_names:
+                curve = method.kept_variance(settings.params, capture.fitted(method, g.layers)[name])
+                if curve is not None:
+                    spectra.setdefault(g.label, {})[name] = (curve, int(getattr(settings.params, "rank", 0)))
     return CalibrationResult(profile=profile, statistics=stats, search=result_search, measured=measured,
-                             summary=summary)
+                             summary=summary, spectra=spectra)
 
 
 def _capture_data_parallel(model, windows: torch.Tensor, stats: PairStatistics, capture: CalibrationCapture,

@@ -276,7 +276,7 @@ def _run(args, budget, defaults, quantization, methods, profile_path: Path, repo
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=report_dir))
     try:
         staged = write_report(staging, result.profile, result.statistics, result.search, budget.metric,
-                              budget.max, result.summary, stem=report_stem(profile_path))
+                              budget.max, result.summary, stem=report_stem(profile_path), spectra=result.spectra)
         with _interrupts_deferred():  # renames take milliseconds: finish them rather than leave half
             path = result.profile.save(profile_path, overwrite=args.force)
             written = []

@@ -14,7 +14,7 @@ from minicache.profile import MergeProfile, MergeSettings
 
 #: Report files, named after the profile: ``<stem>_report.md`` etc.; ``minicache_*`` for a profile in a
 #: (model) directory, ``<name>_*`` for ``--out <name>.yaml``, so that reports never overwrite each other.
-REPORT_PARTS = ("report.md", "similarity.png", "groups.png", "search.png")
+REPORT_PARTS = ("report.md", "similarity.png", "groups.png", "search.png", "spectra.png")
 DEFAULT_STEM = "minicache"
 
 
@@ -208,6 +208,33 @@ def plot_search(search: SearchResult, metric: str, budget: float, path: Path) ->
     plt.close(fig)
 
 
+def plot_spectra(spectra: dict[str, dict[str, tuple[torch.Tensor, int]]], path: Path) -> None:
+    """Calibration variance kept vs stored width per KV head, one line per group, the chosen width marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, component in zip(axes, ("keys", "values"), strict=True):
+        for label, parts in spectra.items():
+            if component not in parts:
+                continue
+            curve, chosen = parts[component]
+            widths = torch.arange(1, curve.numel() + 1)
+            line, = ax.plot(widths, curve, label=label)
+            if 0 < chosen <= curve.numel():
+                ax.plot([chosen], [float(curve[chosen - 1])], "o", color=line.get_color())
+        ax.set_title(f"{component}: variance kept (dot: the rank chosen)")
+        ax.set_xlabel("stored values per token and KV head (rank)")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of calibration variance kept")
+    axes[0].legend(fontsize=7, ncol=2)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def _held_out_line(data: dict, measured: dict) -> list[str]:
     """The held-out windows behind the measured figures (none when the profile did not record them)."""
     if not (data.get("held_out_windows") and data.get("max_length") and data.get("prefix_length")):
@@ -216,7 +243,9 @@ def _held_out_line(data: dict, measured: dict) -> list[str]:
             f"{data['max_length'] - data['prefix_length']} of each scored ({measured.get('tokens_scored')} tokens)"]
 
 
-def _step_groups(step) -> list[list[int]]:
+def _step_groups(step) -> list[list[int]] | str:
+    if step.settings and any("(" in text for text in step.settings):  # not all plain SLERP: say how
+        return ", ".join(step.settings)
     return [list(g) for g in step.groups]
 
 
@@ -225,8 +254,7 @@ def _settings(s: MergeSettings) -> str:
     params = s.params.to_dict()
     weights = params.pop("weights", None)
     t = params.pop("t", None)
-    fitted = bool(s.tensor_names)
-    params.pop("align", None)
+    fitted = bool(params.pop("align", False))
     if weights is not None:
         shown = "/".join(f"{w:g}" for w in weights)
     elif t is not None:
@@ -249,6 +277,7 @@ def write_report(
     budget: float,
     summary: str,
     stem: str = DEFAULT_STEM,
+    spectra: dict[str, dict[str, tuple[torch.Tensor, int]]] | None = None,
 ) -> list[Path]:
     """Write the Markdown report and its plots into ``directory`` as ``<stem>_*``; returns the paths written."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -262,6 +291,9 @@ def write_report(
     if search and search.steps:
         plot_search(search, metric, budget, files["search.png"])
         written.append(files["search.png"])
+    if spectra:
+        plot_spectra(spectra, files["spectra.png"])
+        written.append(files["spectra.png"])
 
     cal = profile.calibration or {}
     measured = cal.get("measured", {})
@@ -298,12 +330,30 @@ def write_report(
         lines.append(f"| kl_mean, 95 % interval (bootstrap over windows) | {interval[0]:.5f}..{interval[1]:.5f} |")
     lines += ["", "## Groups", ""]
     if profile.groups:
-        lines += ["| layers | keys t / γ | values t / γ |", "|---|---|---|"]
+        lines += ["| layers | keys (t or parameters) / γ | values (t or parameters) / γ |", "|---|---|---|"]
         for g in profile.groups:
             lines.append(f"| {list(g.layers)} | {_settings(g.keys)} | {_settings(g.values)} |")
     else:
         lines.append("No group fits the budget: the profile merges nothing (the cache behaves as a full cache).")
     lines += ["", f"![groups]({files['groups.png'].name})", ""]
+    if spectra:
+        lines += [
+            "## Low-rank groups: variance kept",
+            "",
+            "Share of the calibration data's variance (about its mean) each basis keeps at the rank chosen; the "
+            "rest is the restore error the search traded for bytes.",
+            "",
+            "| group | keys rank | keys kept | values rank | values kept |",
+            "|---|---|---|---|---|",
+        ]
+        for label, parts in spectra.items():
+            cells = []
+            for component in ("keys", "values"):
+                curve, chosen = parts.get(component, (None, 0))
+                kept = f"{float(curve[chosen - 1]):.1%}" if curve is not None and 0 < chosen <= curve.numel() else "–"
+                cells += [str(chosen) if curve is not None else "–", kept]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += ["", f"![spectra]({files['spectra.png'].name})", ""]
     lines += [
         "## Similarity between adjacent layers",
         "",

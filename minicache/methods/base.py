@@ -404,6 +404,11 @@ class MergeMethod(ABC):
         """Fitted tensors of one group: ``{component: {local name: tensor}}``."""
         return {}
 
+    def kept_variance(self, params: MethodParams, fitted: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """For the report: ``[n]`` share of the calibration variance kept at stored width 1..n per
+        token and KV head, from what :meth:`fit` returned (None: the method has no such curve)."""
+        return None
+
     def fitted_params(self, params: MethodParams) -> bool:
         """Whether ``params`` use fitted tensors (so the profile must carry them)."""
         return bool(self.tensor_names(params))

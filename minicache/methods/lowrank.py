@@ -205,6 +205,18 @@ class LowRankMethod(MergeMethod):
         width = params.rank * (heads if params.heads == "joint" else 1)
         return {"basis": basis[..., :width].contiguous(), "mean": fitted["mean"]}
 
+    def kept_variance(self, params: LowRankParams, fitted: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        spectrum = fitted.get(f"spectrum_{params.heads}")
+        if spectrum is None:
+            return None
+        spectrum = spectrum.double()
+        if params.heads == "joint":  # per-head rank j stands for the first j·H components
+            heads = fitted["mean"].shape[1]
+            kept = spectrum.cumsum(0)[heads - 1 :: heads]
+        else:
+            kept = spectrum.sum(0).cumsum(0)
+        return (kept / spectrum.sum().clamp_min(1e-30)).float()
+
     def check_tensor(self, params, local, tensor, members, kv_shape, path, name) -> None:
         problem = _check_tensor(params, local, tensor, members, kv_shape, name)
         if problem is not None:

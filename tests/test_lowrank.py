@@ -23,7 +23,8 @@ LOWRANK = get_method("lowrank")
 
 def _model(arch: str = "llama", layers: int = 6):
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(tiny_config(arch, num_hidden_layers=layers)).eval()
+    extra = {"sliding_window": None} if arch == "mistral" else {}  # full attention (see tests/test_cache.py)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, num_hidden_layers=layers, **extra)).eval()
 
 
 def _windows(n: int, length: int, seed: int) -> torch.Tensor:
@@ -241,3 +242,36 @@ def test_saved_layers_and_field_width_follow_the_rank():
         LowRankParams(rank=0)
     with pytest.raises(ProfileError, match="heads"):
         LowRankParams(rank=4, heads="both")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gemma"])
+def test_left_padded_batch_beam_search_and_continued_cache(arch):
+    """Everything the runtime supports for SLERP groups works for low-rank groups: a left-padded row
+    stores and generates what it does alone, beam search reorders the store, a cache continues."""
+    from tests.test_cache import greedy, left_padded_batch
+
+    model = _model(arch)
+    profile = _profile(model, [(1,), (2, 3)], rank=4, ids=_windows(4, 64, seed=11) % model.config.vocab_size)
+    lengths = [46, 31]
+    ids, mask = left_padded_batch(model.config.vocab_size, lengths, seed=2)
+    batch_cache = MiniCache(profile, model)
+    batch_out = greedy(model, ids, mask, batch_cache, new_tokens=6)
+    for row, n in enumerate(lengths):
+        alone = MiniCache(profile, model)
+        alone_out = greedy(model, ids[row : row + 1, -n:], mask[row : row + 1, -n:], alone, new_tokens=6)
+        assert torch.equal(batch_out[row, -6:], alone_out[0, -6:])
+        report = alone.memory_report()
+        assert report["kv_bytes"] == sum(t.numel() * t.element_size() for t in alone.tensors())
+    beams = MiniCache(profile, model)
+    out = greedy(model, ids, mask, beams, new_tokens=5, num_beams=2)
+    assert out.shape[0] == 2
+    # a continued cache: a second forward merges on (the schedule continues) and stays counted exactly
+    seq = _windows(1, 48, seed=9) % model.config.vocab_size
+    cache = MiniCache(profile, model)
+    with torch.no_grad():
+        model(input_ids=seq[:, :20], cache=cache)
+        first = cache.memory_report()["groups"][1]["merged_tokens"]
+        logits = model(input_ids=seq[:, 20:], cache=cache).logits
+    report = cache.memory_report()
+    assert report["groups"][1]["merged_tokens"] > first and torch.isfinite(logits).all()
+    assert report["kv_bytes"] == sum(t.numel() * t.element_size() for t in cache.tensors())

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from minicache.data import read_samples, token_windows
+from minicache.data import read_samples, split_text, token_windows
 from minicache.methods.lowrank import SecondMoments, fit_bases
 from minicache.models import load_model
 
@@ -114,7 +114,7 @@ def main() -> None:
     h, d = model.config.num_key_value_heads, model.config.head_dim
     n_layers = model.config.num_hidden_layers
     calib = token_windows(read_samples(args.calibration), tok, args.length, args.windows, spread=True)
-    held_samples = [s for path in args.held_out.split(",") for s in read_samples(path, split_text_files=True)]
+    held_samples = [s for path in args.held_out.split(",") for s in split_text(Path(path).read_text())]
     held = token_windows(held_samples, tok, args.length, max(args.windows // 2, 4), spread=True)
 
     # 1. fit: second moments of post-RoPE keys, pre-RoPE keys and values; query second moments

@@ -56,9 +56,6 @@ if [[ $WHAT == all || ! -d $OUT/paper-lowrank ]]; then
   cp "$WORK/paper-aligned"/minicache_config.* "$OUT/paper-aligned/"
 fi
 
-echo "== restore-error probe"
-"$PY" benchmarks/lowrank_probe.py --out "$OUT/probe.md"
-
 compare() {  # dtype, prefix, windows, continuation
   echo "== $1, prefix $2: shipped (SLERP) vs lowrank search, $3 windows x $4 scored tokens"
   "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype "$1" --prefix-length "$2" \
@@ -85,3 +82,6 @@ echo "== decode: blockwise (no restore) vs restore vs full"
 
 compare bfloat16 512 64 256
 compare bfloat16 2048 32 512
+
+echo "== restore-error probe"
+"$PY" benchmarks/lowrank_probe.py --out "$OUT/probe.md"

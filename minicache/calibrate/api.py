@@ -211,8 +211,20 @@ def calibrate(
     if group is None or group[0] == 0:
         reference = reference_run(model, held_windows, prefix_length, batch_size, keep_prefix_kv=True)
     passes = [time.perf_counter() - started]
-    if preset is None:  # the search's time: at most this many passes, each cheaper than the reference's
-        most = probes + MAX_VERIFY + EXTEND
+    extend, floor = EXTEND, 1e-6
+    if preset is None:
+        # what a candidate saves in the measured caches: the merged share of the prefix, less its tensors
+        merged = (prefix_length - defaults.residual_length) // defaults.block_size * defaults.block_size
+        candidates = choose_candidates(capture, defaults, spec.head_dim, num_heads=spec.kv_heads,
+                                       amortized_over=prefix_length * min(batch_size, held_windows.shape[0]),
+                                       merged_share=max(merged, defaults.block_size) / prefix_length)
+        if any(c.variant for c in candidates.values()):
+            # Several ranks per run: more kinds to predict from, and the regression is rougher, so
+            # more probes and more measured steps; damage below 2 % of the budget is noise.
+            probes, extend, floor = max(probes, VARIANT_PROBES), max(EXTEND, VARIANT_EXTEND), budget.max / 50
+            log(f"runs come in several variants (ranks): {probes} probes, up to {extend} extension steps")
+        # the search's time: at most this many passes, each cheaper than the reference's
+        most = probes + MAX_VERIFY + extend
         by = time.strftime("%H:%M:%S", time.localtime(time.time() + most * passes[0]))
         log(f"held-out reference pass {passes[0]:.0f}s; the search measures at most {most} profiles: "
             f"done in at most ~{most * passes[0]:.0f}s (by {by})")
@@ -255,19 +267,8 @@ def calibrate(
         measured = evaluate(profile)
     else:
         shown = "/".join(methods)
-        log(f"searching groups of 2..{max_group_size} layers ({shown}{', fitted or not' if align else ''}) "
+        log(f"searching groups of {smallest}..{max_group_size} layers ({shown}{', fitted or not' if align else ''}) "
             f"within {budget.metric} <= {budget.max:g} on held-out data")
-        # what a candidate saves in the measured caches: the merged share of the prefix, less its tensors
-        merged = (prefix_length - defaults.residual_length) // defaults.block_size * defaults.block_size
-        candidates = choose_candidates(capture, defaults, spec.head_dim, num_heads=spec.kv_heads,
-                                       amortized_over=prefix_length * min(batch_size, held_windows.shape[0]),
-                                       merged_share=max(merged, defaults.block_size) / prefix_length)
-        extend, floor = EXTEND, 1e-6
-        if any(c.variant for c in candidates.values()):
-            # Several ranks per run: more kinds to predict from, and the regression is rougher, so
-            # more probes and more measured steps; damage below 2 % of the budget is noise.
-            probes, extend, floor = max(probes, VARIANT_PROBES), max(EXTEND, VARIANT_EXTEND), budget.max / 50
-            log(f"runs come in several variants (ranks): {probes} probes, up to {extend} extension steps")
         result_search = search(candidates, evaluate, budget, spec.num_layers, make_profile=make_profile,
                                probes=probes, extend=extend, damage_floor=floor, log=log)
         profile = make_profile(tuple(c.group() for c in result_search.chosen))

@@ -403,7 +403,8 @@ def choose_candidates(capture: CalibrationCapture, defaults: Defaults, head_dim:
     method's sidecar tensors (e.g. a low-rank basis) are held once per cache; their float32 values,
     counted in layers' worth of KV of that many tokens, are subtracted from what an option saves
     (None: not counted). ``merged_share``: the share of those tokens a group stores merged (the
-    rest is its exact residual window), which scales what an option saves.
+    rest is its exact residual window), which scales what an option saves. Both apply only when some
+    run's options save different amounts (they decide between ranks there).
 
     Per run and component, the option with the least restore error at the profile's γ (the first one
     on ties, in the order the methods offer them): the run's candidate. Where a run's options save
@@ -412,6 +413,13 @@ def choose_candidates(capture: CalibrationCapture, defaults: Defaults, head_dim:
     option when none is within it. Variants equal to an earlier candidate of the run are dropped.
     """
     errors = capture.errors
+    # Counting the window and the tensors matters where it decides between ranks. Where every option
+    # of a run saves alike (SLERP alone) it is left out: the window scales every candidate alike, and
+    # alignment matrices cost 0.06-0.09 layers of 512 x 4 tokens; searches stay as they were.
+    varied = any(len({o.method.saved_layers(o.params, len(key[0]), head_dim) for o in options}) > 1
+                 for key, options in errors.options.items())
+    if not varied:
+        amortized_over, merged_share = None, 1.0
     out: dict[object, Candidate] = {}
     for layers in capture.runs:
         if (layers, "keys") not in errors.options:  # no method stores a group of this size here

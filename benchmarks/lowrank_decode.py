@@ -13,11 +13,12 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from minicache import MergeProfile, MiniCache
-from minicache.data import read_samples, token_windows
+from minicache.data import split_text, token_windows
 from minicache.models import load_model
 from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
 
@@ -37,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     model, tokenizer = load_model("smollm2-135m", dtype=args.dtype)
     profile = MergeProfile.load(args.profile)
-    ids = token_windows(read_samples(args.data, split_text_files=True), tokenizer, args.context, args.batch)
+    ids = token_windows(split_text(Path(args.data).read_text()), tokenizer, args.context, args.batch)
     mask = torch.ones_like(ids)
 
     def generate(cache):

@@ -193,7 +193,7 @@ def _restore(centred, fitted, layout, rank, k, h, d, basis_kind, wq, group, mome
     _, cov = moments.covariance(tuple(group), 0 if component == "keys" else 1)
     cov_y = s.T @ cov @ s
     if layout == "joint":
-        values, vectors = torch.linalg.eigh(cov_y)
+        _, vectors = torch.linalg.eigh(cov_y)
         v = vectors.flip(-1)[:, : rank * h]
         return centred @ s @ v @ v.T @ s_inv
     out = torch.zeros_like(centred)

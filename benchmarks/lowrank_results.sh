@@ -78,7 +78,7 @@ echo "== 4-bit on top (bfloat16, 2 windows of 4096 + 128)"
   --json-out "$OUT/quantized-4bit.json" --markdown-out "$OUT/quantized-4bit.md" --force
 
 echo "== decode: blockwise (no restore) vs restore vs full"
-"$PY" benchmarks/lowrank_decode.py --profile "$OUT/profile" --json-out "$OUT/decode.json"
+"$PY" benchmarks/lowrank_decode.py --data "$WORK/licences.txt" --profile "$OUT/profile" --json-out "$OUT/decode.json"
 
 compare bfloat16 512 64 256
 compare bfloat16 2048 32 512

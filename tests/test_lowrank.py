@@ -97,7 +97,7 @@ def test_projection_restores_exactly_at_full_rank_and_error_matches_the_spectrum
     spectrum = fitted[f"spectrum_{heads}"].double()
     tail = spectrum[rank * h:].sum() if heads == "joint" else spectrum[:, rank:].sum()
     torch.testing.assert_close(err.sum() / (xs[0].shape[0] * xs[0].shape[2]), tail, rtol=1e-3, atol=1e-6)
-    assert distance.shape == xs[0].shape[:3] and 0 <= float(distance.min()) and float(distance.max()) <= 1
+    assert distance.shape == xs[0].shape[:3] and float(distance.min()) >= 0 and float(distance.max()) <= 1
     # the coefficients field: rank per token and KV head
     assert encoded.fields["coefficients"].shape[-1] == 2 * d
     assert LOWRANK.encode(params, xs, tensors).fields["coefficients"].shape == (*xs[0].shape[:3], rank)
@@ -229,7 +229,7 @@ def test_attention_reads_the_coefficients_without_restoring_and_matches_the_rest
 
 
 def test_lowrank_without_fitting_is_refused_with_a_clear_message(tmp_path):
-    with pytest.raises(ValueError, match="'lowrank' stores only with tensors fitted.*drop --no-align"):
+    with pytest.raises(ValueError, match=r"'lowrank' stores only with tensors fitted.*drop --no-align"):
         calibrate(_model(), None, tmp_path / "unused.jsonl", methods=("lowrank",), align=False,
                   progress=False, log=lambda _: None)
 
@@ -275,3 +275,12 @@ def test_left_padded_batch_beam_search_and_continued_cache(arch):
     report = cache.memory_report()
     assert report["groups"][1]["merged_tokens"] > first and torch.isfinite(logits).all()
     assert report["kv_bytes"] == sum(t.numel() * t.element_size() for t in cache.tensors())
+
+
+def test_the_shipped_lowrank_profile_loads_and_fits_smollm2(smollm2):
+    from pathlib import Path
+
+    profile = MergeProfile.load(Path(__file__).parent.parent / "profiles" / "smollm2-135m-instruct-lowrank")
+    profile.check_model(smollm2[0].config)
+    assert {s.method for g in profile.groups for _, s in g.components()} == {"lowrank"}
+    assert profile.calibration["methods"] == ["slerp", "lowrank"]

@@ -334,7 +334,7 @@ VALIDATION_CASES = {
     "non-adjacent layers": (
         _set(("groups", 1, "layers"), [22, 24]),
         "groups[1].layers: [22, 24] is non-adjacent (24 does not directly follow 22); "
-        "allowed: a list of at least 2 strictly consecutive layer indices, e.g. [20, 21]",
+        "allowed: a list of strictly consecutive layer indices, e.g. [20, 21] (at least 2 for merges;",
     ),
     "descending layers": (
         _set(("groups", 1, "layers"), [23, 22]),
@@ -342,7 +342,8 @@ VALIDATION_CASES = {
     ),
     "single layer": (
         _set(("groups", 1, "layers"), [22]),
-        "groups[1].layers: [22] has fewer than 2 layers; allowed: a list of at least 2 strictly consecutive",
+        "groups[1].layers: [22] has fewer than 2 layers, the fewest method 'slerp' stores; allowed: a list of "
+        "strictly consecutive",
     ),
     "negative layer": (
         _set(("groups", 1, "layers"), [-1, 0]),
@@ -354,7 +355,7 @@ VALIDATION_CASES = {
     ),
     "layers not a list": (
         _set(("groups", 1, "layers"), "22-23"),
-        "groups[1].layers: '22-23' is a str; allowed: a list of at least 2 strictly consecutive",
+        "groups[1].layers: '22-23' is a str; allowed: a list of strictly consecutive",
     ),
     "missing layers": (
         _set(("groups", 1, "layers"), _DELETE),

@@ -178,8 +178,13 @@ class SearchResult:
     def predicted_damage(self) -> dict[int, float]:
         """Predicted (or measured) damage of merging each adjacent pair alone (its least-error
         settings), by its first layer."""
-        return {self.candidates[g].layers[0]: v for g, v in self.predicted.items()
-                if self.candidates[g].size == 2 and not self.candidates[g].variant}
+        out = {}
+        for g, v in self.predicted.items():
+            c = self.candidates.get(g)
+            layers, variant = (c.layers, c.variant) if c is not None else (tuple(g), "")  # keyed by layers
+            if len(layers) == 2 and not variant:
+                out[layers[0]] = v
+        return out
 
 
 def _order(candidates: dict[Hashable, Candidate]):

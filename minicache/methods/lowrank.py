@@ -228,8 +228,7 @@ class LowRankMethod(MergeMethod):
 
     # -- runtime ------------------------------------------------------------------------------------
     def encode(self, params: LowRankParams, xs, tensors) -> Encoded:
-        coefficients, error, energy = _project(params, xs, tensors)
-        distance = (error / energy.clamp_min(1e-30)).sqrt().clamp(0.0, 1.0).float()
+        coefficients, distance, _ = _project(params, xs, tensors)
         return Encoded({"coefficients": coefficients}, distance)
 
     def decode(self, params, fields, member, tensors, dtype, *, in_frame=False):
@@ -270,8 +269,7 @@ class LowRankMethod(MergeMethod):
         return out + probs.sum(-1, keepdim=True) * mean[None, :, None, :]
 
     def restore_error(self, params, xs, tensors):
-        _, error, energy = _project(params, xs, tensors)
-        distance = (error / energy.clamp_min(1e-30)).sqrt().clamp(0.0, 1.0).float()
+        _, distance, error = _project(params, xs, tensors)
         return distance, error
 
     # -- calibration --------------------------------------------------------------------------------
@@ -291,10 +289,10 @@ class LowRankMethod(MergeMethod):
 
 
 def _project(params: LowRankParams, xs, tensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Coefficients ``[B, H, N, rank]`` float32, squared restore error and energy ``[B, H, N]`` float64.
+    """Coefficients ``[B, H, N, rank]`` float32, the retention distance ``[B, H, N]`` float32 (relative
+    restore error, clamped to 1) and the squared restore error ``[B, H, N]`` float64 summed over members.
 
-    With orthonormal ``U`` the error is exact without restoring: ``‖X − μ‖² − ‖c‖²`` per token, split
-    over heads by restoring (``joint`` mixes heads, so a head's share needs its rows).
+    The error is measured by restoring: ``joint`` mixes heads, so a head's share needs its own rows.
     """
     mean, basis = tensors["mean"], tensors["basis"]
     x = _stack(xs, mean)  # [B, H, N, k, D] centered
@@ -311,8 +309,10 @@ def _project(params: LowRankParams, xs, tensors) -> tuple[torch.Tensor, torch.Te
         restored = torch.einsum("bhnr,hkr->bhnk", c, per_head).reshape(b, h, n, k, d)
         coefficients = c
     error = (restored - x).square().sum((-1, -2)).double()
-    energy = torch.stack([x.float() for x in xs], dim=3).square().sum((-1, -2)).double()
-    return coefficients.contiguous(), error, energy
+    # Σ‖x‖² from the squares (not base.energy's squared norms): the same bits as the profile shipped with
+    total = torch.stack([x.float() for x in xs], dim=3).square().sum((-1, -2)).double()
+    distance = (error / total.clamp_min(1e-30)).sqrt().clamp(0.0, 1.0).float()
+    return coefficients.contiguous(), distance, error
 
 
 def _check_tensor(params: LowRankParams, local: str, tensor: torch.Tensor, members: int,

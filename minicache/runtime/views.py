@@ -317,18 +317,12 @@ class MergedKVView:
         if self.method is None:  # an unmerged layer: the prefix holds the vectors
             return block["vectors"]
         dense = self.method.decode(self.params, block, self.member, self.tensors, dtype, in_frame=in_frame)
-        if self.retained_count:
-            b_idx, h_idx, pos, rows = self._retained_entries
-            inside = (pos >= start) & (pos < end)
-            if inside.any():
-                b_idx, h_idx, pos, rows = b_idx[inside], h_idx[inside], pos[inside] - start, rows[inside]
-                if self.retained_q is not None:
-                    exact = self.retained_q.index_select(0, rows).dequantize(dtype)[:, self.member]
-                else:
-                    exact = self.retained_value[rows, self.member]
-                if in_frame and self.frame is not None:  # x R, each row with its head's R
-                    exact = self.frame.rows(exact, h_idx).to(dtype)
-                dense[b_idx, h_idx, pos] = exact
+        retained = self._retained_in(start, end)
+        if retained is not None:
+            b_idx, h_idx, pos, exact = retained
+            if in_frame and self.frame is not None:  # x R, each row with its head's R
+                exact = self.frame.rows(exact, h_idx).to(dtype)
+            dense[b_idx, h_idx, pos] = exact
         return dense
 
     @property

@@ -496,7 +496,7 @@ def _quantized_case(dtype, group, bits, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits", [4, 3, 2])
 @pytest.mark.parametrize("group", [1, 4])
 def test_fused_decode_reads_packed_data_like_the_reference(dtype, bits, group):
     query, dense, (qkeys, qvalues), mask = _quantized_case(dtype, group, bits)

@@ -31,6 +31,21 @@ def test_pack_round_trip_and_bit_layout(bits):
         pack(codes[..., :3], 2 if bits == 4 else 4)
 
 
+def test_three_bit_codes_form_a_little_endian_bit_stream():
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 8, (2, 4, 64), generator=g, dtype=torch.uint8)
+    packed = pack(codes, 3)
+    assert packed.shape == (2, 4, 24) and torch.equal(unpack(packed, 3), codes)
+    # Code j sits in bits [3j, 3j + 3) of the row: codes 2 and 5 cross a byte boundary.
+    stream = sum(int(b) << (8 * i) for i, b in enumerate(packed[1, 2].tolist()))
+    assert [(stream >> (3 * j)) & 7 for j in range(64)] == codes[1, 2].tolist()
+    # 4-bit data keep the byte layout they always had (the stream reads the same).
+    four = torch.randint(0, 16, (3, 16), generator=g, dtype=torch.uint8)
+    assert int(pack(four, 4)[0, 0]) == int(four[0, 0]) | int(four[0, 1]) << 4
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack(codes[..., :12], 3)
+
+
 # ---- quantize / dequantize ------------------------------------------------------------------------
 def _error_bound(q, x):
     """Per-element bound: half a step, plus the zero point's rounding, broadcast to ``x``."""
@@ -45,7 +60,7 @@ def _error_bound(q, x):
     return bound.reshape(x.shape)
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("axis", ["tokens", "channels"])
 def test_round_trip_error_is_within_half_a_step(bits, axis):
     torch.manual_seed(0)
@@ -82,7 +97,36 @@ def test_group_shape_errors():
     with pytest.raises(ValueError, match="divisible by 6"):
         quantize(torch.zeros(1, 1, 12, 16), 4, 6, "channels")
     with pytest.raises(ValueError, match="bits"):
-        quantize(torch.zeros(1, 1, 8, 16), 3, 8, "tokens")
+        quantize(torch.zeros(1, 1, 8, 16), 5, 8, "tokens")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        quantize(torch.zeros(1, 1, 8, 12), 3, 4, "channels")
+
+
+def test_rotated_scheme_is_orthogonal_seeded_and_undone_on_dequantize():
+    from minicache.quant.rotated import rotation_matrix
+
+    for d in (64, 96):  # Hadamard, and the QR fallback for a head size that is not a power of two
+        r = rotation_matrix(d)
+        torch.testing.assert_close(r @ r.T, torch.eye(d), atol=1e-5, rtol=0)
+        assert torch.equal(r, rotation_matrix(d)), "the rotation is part of the format: fixed"
+    rotated = get_quantizer("rotated")
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 40, 64)
+    x[..., 7] *= 30  # an outlier channel: without the rotation it takes every per-token group's range
+    for role in ("keys", "values", "vectors"):
+        assert rotated.chunk_tokens(role, 128) == 1
+        q = rotated.quantize(x, role, 3, 128)
+        assert q.axis == "channels" and q.rotation is not None and q.data.shape[-1] == 24
+        back = q.dequantize(torch.float32)
+        plain = quantize(x, 3, 64, "channels").dequantize(torch.float32)
+        assert (back - x).norm() < 0.5 * (plain - x).norm()
+        # Slicing, selecting and concatenating keep the rotation (views restore the same vectors).
+        torch.testing.assert_close(q.slice_tokens(8, 20).dequantize(torch.float32), back[..., 8:20, :])
+        torch.testing.assert_close(q.cat(q).dequantize(torch.float32)[..., 40:, :], back)
+        torch.testing.assert_close(q.index_select(0, torch.tensor([1])).dequantize(torch.float32), back[1:])
+    with pytest.raises(ValueError, match="quantized differently"):
+        q.cat(quantize(x, 3, 64, "channels"))
+    assert rotated.check(3, 128, 60)[0] == "bits" and rotated.check(3, 128, 64) is None
 
 
 def test_kivi_packs_keys_per_channel_values_and_vectors_per_token():
@@ -199,7 +243,7 @@ def quantized_profile(model, groups=((1, 2),), bits=4, group_size=4, residual_le
     )
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_memory_report_counts_every_tensor_held(bits):
     model = make_model("llama")
     ids, mask = left_padded_batch(model.config.vocab_size, [60, 45, 50])
@@ -277,7 +321,7 @@ def test_quantized_select_batch_equals_running_the_subset():
             assert torch.equal(full.kernel_views(member)[c].materialize(), sub.kernel_views(member)[c].materialize())
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_quantized_minicache_generates_with_batches_and_beams(bits):
     model = make_model("qwen2")
     ids, mask = left_padded_batch(model.config.vocab_size, [30, 22])
@@ -319,8 +363,8 @@ def _profile_dict(**quantization):
 @pytest.mark.parametrize(
     ("field", "value", "path"),
     [
-        ("bits", 3, "quantization.bits"),
-        ("bits", [4, 3], "quantization.bits[1]"),
+        ("bits", 5, "quantization.bits"),
+        ("bits", [4, 5], "quantization.bits[1]"),
         ("scheme", "kiwi", "quantization.scheme"),
         ("bits", True, "quantization.bits"),
         ("group_size", 1, "quantization.group_size"),
@@ -362,9 +406,9 @@ def test_eval_cli_kv_bits_arguments(tmp_path, capsys):
     assert build_parser().parse_args(["--preset", "none", "--kv-bits", "2", "--data", "x"]).kv_bits == 2
     data = tmp_path / "d.txt"
     data.write_text("hello")
-    # Widths are the scheme's (checked before any model loads): KIVI packs 2 or 4 bits.
-    assert main(["--preset", "paper", "--kv-bits", "3", "--model", "/nonexistent", "--data", str(data)]) == 2
-    assert "error: --kv-bits: 3 is not a supported width; allowed: one of [2, 4]" in capsys.readouterr().err
+    # Widths are the scheme's (checked before any model loads): KIVI packs 2, 3 or 4 bits.
+    assert main(["--preset", "paper", "--kv-bits", "5", "--model", "/nonexistent", "--data", str(data)]) == 2
+    assert "error: --kv-bits: 5 is not a supported width; allowed: one of [2, 3, 4]" in capsys.readouterr().err
     assert main(["--preset", "paper", "--kv-bits", "4", "--kv-scheme", "kiwi", "--data", str(data)]) == 2
     assert "--kv-scheme: 'kiwi' is not a registered quantization scheme" in capsys.readouterr().err
     assert main(["--baseline", "full", "--kv-bits", "4", "--data", str(data)]) == 2

@@ -1,6 +1,7 @@
 """Quantizers of the cache: a registry of schemes behind one protocol (:class:`Quantizer`).
 
-Built in: ``kivi`` (:mod:`minicache.quant.kivi`). A new scheme is one file::
+Built in: ``kivi`` (:mod:`minicache.quant.kivi`) and ``rotated`` (:mod:`minicache.quant.rotated`:
+KIVI after a fixed randomized Hadamard rotation). A new scheme is one file::
 
     from minicache.quant import Quantizer, register_quantizer
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 from minicache.quant.base import ROLES, Quantizer
 from minicache.quant.kivi import KiviQuantizer
 from minicache.quant.packed import QuantizedTensor, append, quantize
+from minicache.quant.rotated import RotatedQuantizer
 from minicache.registry import Registry
 
 __all__ = [
@@ -44,3 +46,4 @@ get_quantizer = _REGISTRY.get
 quantizer_names = _REGISTRY.names
 
 register_quantizer(KiviQuantizer)
+register_quantizer(RotatedQuantizer)

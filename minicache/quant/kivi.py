@@ -20,7 +20,7 @@ __all__ = ["KiviQuantizer"]
 
 class KiviQuantizer(Quantizer):
     name = "kivi"
-    bits = (2, 4)
+    bits = (2, 3, 4)
     kernel_layout = "uniform_groups"
 
     def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int) -> QuantizedTensor:

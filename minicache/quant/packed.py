@@ -1,4 +1,4 @@
-"""Packed integer tensors: uniform asymmetric group-wise quantization, ``8 // bits`` codes per byte.
+"""Packed integer tensors: uniform asymmetric group-wise quantization, codes as a bit stream.
 
 ``x ≈ q · scale + zero`` with ``q`` in ``[0, 2^bits - 1]``, ``zero`` the group minimum and
 ``scale = (max - min) / (2^bits - 1)``, for groups running along one of two axes of a
@@ -11,7 +11,12 @@
 
 Scales and zero points are fp16 for half-precision data (fp32 for fp32), and ``q`` is computed from
 the *stored* (rounded) scale and zero point, so the error of a value is at most half a step plus the
-rounding of the zero point. Code ``j`` of a byte sits in bits ``[j * bits, (j + 1) * bits)``.
+rounding of the zero point. The codes of a row form a little-endian bit stream: code ``j`` sits in
+bits ``[j * bits, (j + 1) * bits)`` of the row, so 2- and 4-bit codes never cross a byte (``8 // bits``
+per byte, the first in the lowest bits) and 3-bit codes pack 8 to 3 bytes, some crossing a byte.
+
+A quantizer may rotate vectors before packing them (:attr:`QuantizedTensor.rotation`, an orthogonal
+``[D, D]`` matrix shared by every tensor of a scheme): :meth:`QuantizedTensor.dequantize` undoes it.
 
 A :class:`QuantizedTensor` only grows by concatenation: the packed data of old tokens never changes.
 Quantizers (:mod:`minicache.quant`) decide which axis and group size each role of the cache uses.
@@ -20,6 +25,7 @@ Quantizers (:mod:`minicache.quant`) decide which axis and group size each role o
 from __future__ import annotations
 
 from collections.abc import Iterator
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +33,8 @@ import torch
 __all__ = ["AXES", "PACKABLE_BITS", "QuantizedTensor", "append", "pack", "quantize", "scale_dtype", "unpack"]
 
 AXES = ("tokens", "channels")
-#: Widths whose codes fill whole bytes.
-PACKABLE_BITS = (1, 2, 4, 8)
+#: Supported code widths (3 bits: a row's width must be a multiple of 8 codes).
+PACKABLE_BITS = (1, 2, 3, 4, 8)
 
 
 def scale_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,32 +44,42 @@ def scale_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype.itemsize >= 4 else torch.float16
 
 
+def codes_per_word(bits: int) -> int:
+    """Codes that fill a whole number of bytes: ``8 // bits`` for widths dividing 8, else 8."""
+    return 8 // bits if 8 % bits == 0 else 8
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes ``[..., D]`` (uint8, each < ``2**bits``) into ``[..., D * bits // 8]`` uint8.
 
-    Code ``j`` of a byte sits in bits ``[j * bits, (j + 1) * bits)``.
+    Little-endian bit stream: code ``j`` sits in bits ``[j * bits, (j + 1) * bits)`` of the row.
     """
     if bits not in PACKABLE_BITS:
         raise ValueError(f"bits must be one of {PACKABLE_BITS}, got {bits}")
-    per = 8 // bits
+    per = codes_per_word(bits)
     d = codes.shape[-1]
     if d % per:
-        raise ValueError(f"cannot pack {d} codes of {bits} bits into whole bytes")
-    grouped = codes.to(torch.uint8).reshape(*codes.shape[:-1], d // per, per)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-    out = torch.zeros(grouped.shape[:-1], dtype=torch.uint8, device=codes.device)
-    for j in range(per):  # bitwise_or of disjoint fields (no reduction op for it in torch)
-        out |= grouped[..., j] << shifts[j]
-    return out
+        raise ValueError(f"cannot pack {d} codes of {bits} bits into whole bytes (a multiple of {per} is needed)")
+    word_bytes = per * bits // 8
+    grouped = codes.to(torch.int32).reshape(*codes.shape[:-1], d // per, per)
+    shifts = torch.arange(0, per * bits, bits, dtype=torch.int32, device=codes.device)
+    word = (grouped << shifts).sum(-1)  # disjoint bit fields: the sum is their bitwise or
+    byte_shifts = torch.arange(0, 8 * word_bytes, 8, dtype=torch.int32, device=codes.device)
+    out = ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8)
+    return out.reshape(*codes.shape[:-1], d * bits // 8)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack`: ``[..., P]`` uint8 → ``[..., P * 8 // bits]`` uint8 codes."""
-    per = 8 // bits
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    mask = (1 << bits) - 1
-    codes = (packed.unsqueeze(-1) >> shifts) & mask
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+    per = codes_per_word(bits)
+    word_bytes = per * bits // 8
+    p = packed.shape[-1]
+    grouped = packed.to(torch.int32).reshape(*packed.shape[:-1], p // word_bytes, word_bytes)
+    byte_shifts = torch.arange(0, 8 * word_bytes, 8, dtype=torch.int32, device=packed.device)
+    word = (grouped << byte_shifts).sum(-1)
+    shifts = torch.arange(0, per * bits, bits, dtype=torch.int32, device=packed.device)
+    codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).reshape(*packed.shape[:-1], p * 8 // bits)
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,10 @@ class QuantizedTensor:
         ``G``.
     axis : str
         ``"tokens"`` or ``"channels"``: along which axis a group runs.
+    rotation : torch.Tensor or None
+        ``[D, D]`` float32 orthogonal matrix ``R`` the vectors were multiplied by before packing
+        (``x R`` is what the codes hold; :meth:`dequantize` returns ``(x R) Rᵀ``). One matrix shared
+        by every tensor of a scheme, regenerated from a seed: not part of :attr:`nbytes`.
     """
 
     data: torch.Tensor
@@ -92,6 +112,7 @@ class QuantizedTensor:
     bits: int
     group_size: int
     axis: str
+    rotation: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -130,7 +151,10 @@ class QuantizedTensor:
         else:
             grouped = codes.reshape(*lead, n, d // g, g)
             out = grouped * self.scale.float().unsqueeze(-1) + self.zero.float().unsqueeze(-1)
-        return out.reshape(*lead, n, d).to(dtype)
+        out = out.reshape(*lead, n, d)
+        if self.rotation is not None:
+            out = out @ self.rotation.to(out.device).T
+        return out.to(dtype)
 
     def slice_tokens(self, start: int, end: int) -> QuantizedTensor:
         """Tokens ``[start, end)`` (views, no copy). Per-channel groups (``axis="tokens"``) cannot
@@ -144,11 +168,13 @@ class QuantizedTensor:
             raise ValueError(f"token range [{start}, {end}) splits a group of {g} tokens")
         rows = slice(start // g, -(-end // g))
         return QuantizedTensor(
-            self.data[..., start:end, :], self.scale[..., rows, :], self.zero[..., rows, :], self.bits, g, self.axis
+            self.data[..., start:end, :], self.scale[..., rows, :], self.zero[..., rows, :], self.bits, g, self.axis,
+            self.rotation,
         )
 
     def _map(self, fn) -> QuantizedTensor:
-        return QuantizedTensor(fn(self.data), fn(self.scale), fn(self.zero), self.bits, self.group_size, self.axis)
+        return QuantizedTensor(fn(self.data), fn(self.scale), fn(self.zero), self.bits, self.group_size, self.axis,
+                               self.rotation)
 
     def index_select(self, dim: int, index: torch.Tensor) -> QuantizedTensor:
         """Select along a leading dimension (batch, or the rows of a sparse list)."""
@@ -156,11 +182,17 @@ class QuantizedTensor:
         return self._map(lambda t: t.index_select(dim, index))
 
     def to(self, device) -> QuantizedTensor:
-        return self._map(lambda t: t.to(device, non_blocking=True))
+        moved = self._map(lambda t: t.to(device, non_blocking=True))
+        if self.rotation is None:
+            return moved
+        return dataclasses.replace(moved, rotation=self.rotation.to(device))
 
     def cat(self, other: QuantizedTensor, dim: int = -2) -> QuantizedTensor:
         """Concatenate along tokens (``dim=-2``) or a leading dimension; both keep their own codes."""
-        if (other.bits, other.group_size, other.axis) != (self.bits, self.group_size, self.axis):
+        if (other.bits, other.group_size, other.axis) != (self.bits, self.group_size, self.axis) or (
+            other.rotation is not self.rotation
+            and (other.rotation is None or self.rotation is None or not torch.equal(other.rotation, self.rotation))
+        ):
             raise ValueError("cannot concatenate tensors quantized differently")
         return QuantizedTensor(
             torch.cat([self.data, other.data], dim),
@@ -169,14 +201,17 @@ class QuantizedTensor:
             self.bits,
             self.group_size,
             self.axis,
+            self.rotation,
         )
 
 
-def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str) -> QuantizedTensor:
+def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
+             rotation: torch.Tensor | None = None) -> QuantizedTensor:
     """Quantize ``x`` ``[..., N, D]`` group-wise (see :class:`QuantizedTensor` for the layout).
 
     ``axis="tokens"`` needs ``N % group_size == 0``; ``axis="channels"`` needs
-    ``D % group_size == 0``.
+    ``D % group_size == 0``. ``rotation`` (``[D, D]`` orthogonal, float32): quantize ``x R`` instead,
+    and remember ``R`` for :meth:`QuantizedTensor.dequantize`.
     """
     if bits not in PACKABLE_BITS:
         raise ValueError(f"bits must be one of {PACKABLE_BITS}, got {bits}")
@@ -185,6 +220,8 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str) -> Quantize
     *lead, n, d = x.shape
     g = group_size
     x32 = x.float()
+    if rotation is not None:
+        x32 = x32 @ rotation.to(x32.device)
     if axis == "tokens":
         if n % g:
             raise ValueError(f"per-channel groups of {g} tokens need a multiple of {g} tokens, got {n}")
@@ -206,7 +243,7 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str) -> Quantize
     s, z = scale.float().unsqueeze(reduce_dim), zero.float().unsqueeze(reduce_dim)
     codes = torch.where(s > 0, (grouped - z) / torch.where(s > 0, s, 1.0), 0.0)
     codes = codes.round_().clamp_(0, levels).to(torch.uint8).reshape(*lead, n, d)
-    return QuantizedTensor(pack(codes, bits), scale, zero, bits, g, axis)
+    return QuantizedTensor(pack(codes, bits), scale, zero, bits, g, axis, rotation)
 
 
 def append(old: QuantizedTensor | None, new: QuantizedTensor, dim: int = -2) -> QuantizedTensor:

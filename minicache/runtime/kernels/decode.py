@@ -27,7 +27,7 @@ Stage 2 (``_decode_combine_kernel``), grid ``(B · H_kv,)``: log-sum-exp merge o
 
 Quantized stores (issue 6): the oldest ``Mq`` merged tokens of a component are packed
 (:mod:`minicache.quant.kivi`: keys per channel in groups of tokens, values per token in groups of
-channels, ``8 // bits`` codes per byte) and the newest ``M - Mq`` stay dense. Every load of a
+channels, codes as a bit stream) and the newest ``M - Mq`` stay dense. Every load of a
 direction, in a dense split or gathered by a retained split, reads the codes, scale and zero point and
 dequantizes in registers (``code · scale + zero``, float32, then the model dtype, as
 :meth:`QuantizedTensor.dequantize` does); retained vectors are packed per token and read the same
@@ -98,14 +98,22 @@ def _dequant(q_row, stride_qn, s_row, z_row, stride_sn, pos, ok, offs_d, d_ok, Q
              GROUP: tl.constexpr, PER_TOKEN: tl.constexpr):
     """Float32 ``[BLOCK, BLOCK_D]`` rows ``pos`` of a packed tensor: ``code · scale + zero``.
 
-    ``8 // QBITS`` codes share a byte, the first in the lowest bits (:func:`minicache.quant.packed.pack`).
-    ``PER_TOKEN``: scale/zero ``[N, D // GROUP]`` (values, retained vectors); else ``[N // GROUP, D]``
-    (keys, per channel).
+    A row's codes are a little-endian bit stream (:func:`minicache.quant.packed.pack`): code ``d`` sits in
+    bits ``[d · QBITS, (d + 1) · QBITS)``; widths dividing 8 never cross a byte, 3-bit codes may (two
+    bytes are loaded and joined). ``PER_TOKEN``: scale/zero ``[N, D // GROUP]`` (values, retained
+    vectors); else ``[N // GROUP, D]`` (keys, per channel).
     """
-    PER: tl.constexpr = 8 // QBITS
     ok2 = ok[:, None] & d_ok[None, :]
-    byte = tl.load(q_row + pos[:, None] * stride_qn + (offs_d // PER)[None, :], mask=ok2, other=0)
-    code = (byte.to(tl.int32) >> ((offs_d % PER) * QBITS)[None, :]) & ((1 << QBITS) - 1)
+    row = q_row + pos[:, None] * stride_qn
+    if 8 % QBITS == 0:
+        PER: tl.constexpr = 8 // QBITS
+        byte = tl.load(row + (offs_d // PER)[None, :], mask=ok2, other=0)
+        code = (byte.to(tl.int32) >> ((offs_d % PER) * QBITS)[None, :]) & ((1 << QBITS) - 1)
+    else:
+        first = offs_d * QBITS
+        lo = tl.load(row + (first // 8)[None, :], mask=ok2, other=0).to(tl.int32)
+        hi = tl.load(row + ((first + QBITS - 1) // 8)[None, :], mask=ok2, other=0).to(tl.int32)
+        code = ((lo | (hi << 8)) >> (first % 8)[None, :]) & ((1 << QBITS) - 1)
     if PER_TOKEN:
         s_off = pos[:, None] * stride_sn + (offs_d // GROUP)[None, :]
     else:

@@ -1,0 +1,69 @@
+"""Rotated KIVI: a fixed randomized Hadamard rotation of every head vector before packing.
+
+A few channels of keys (and, less, of values) carry most of the range; uniform low-bit groups spend
+their levels on them. Multiplying each head vector by an orthogonal ``R = H · diag(s) / √D`` (``H``
+the Sylvester Hadamard matrix, ``s`` random signs from a fixed seed) spreads every channel's energy
+over all of them, so per-token groups see near-Gaussian vectors (QuaRot, arXiv 2404.00456; QuIP#).
+Dequantization multiplies by ``Rᵀ``: attention sees the same vectors up to rounding.
+
+``R`` depends only on ``head_dim`` and the seed, so nothing is stored: each tensor keeps a reference
+to the one matrix (:attr:`~minicache.quant.packed.QuantizedTensor.rotation`). Head sizes that are
+not a power of two get a seeded random orthogonal matrix (QR of a Gaussian) instead.
+
+Keys are packed per token (``group_size`` capped at ``head_dim`` channels, like values): after the
+rotation the outlier channels that make KIVI group keys per channel are gone, and per-token groups
+need no chunk of tokens before packing. The Triton decode kernel does not read rotated packings (the
+blockwise torch path does).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from minicache.quant.kivi import KiviQuantizer
+from minicache.quant.packed import QuantizedTensor, quantize
+
+__all__ = ["ROTATION_SEED", "RotatedQuantizer", "rotation_matrix"]
+
+#: Seed of the random signs (and of the fallback orthogonal matrix): part of the format.
+ROTATION_SEED = 20240402
+
+
+@functools.lru_cache(maxsize=16)
+def _rotation_cpu(head_dim: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(ROTATION_SEED + head_dim)
+    if head_dim & (head_dim - 1) == 0:
+        h = torch.ones(1, 1)
+        while h.shape[0] < head_dim:  # Sylvester: H_2n = [[H, H], [H, -H]]
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        signs = torch.randint(0, 2, (head_dim,), generator=generator).float() * 2 - 1
+        return (h * signs) / head_dim**0.5
+    q, r = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()  # sign fix: a unique Q for the seed
+
+
+def rotation_matrix(head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ``[head_dim, head_dim]`` float32 orthogonal rotation of the ``rotated`` scheme."""
+    return _rotation_on(head_dim, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=32)
+def _rotation_on(head_dim: int, device: str) -> torch.Tensor:
+    return _rotation_cpu(head_dim).to(device)
+
+
+class RotatedQuantizer(KiviQuantizer):
+    """KIVI's groups and widths (:meth:`check` too), every vector rotated first, keys per token."""
+
+    name = "rotated"
+    bits = (2, 3, 4)
+    kernel_layout = None
+
+    def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int) -> QuantizedTensor:
+        group = self.value_group(group_size, x.shape[-1])
+        return quantize(x, bits, group, "channels", rotation_matrix(x.shape[-1], x.device))
+
+    def chunk_tokens(self, role: str, group_size: int) -> int:
+        return 1

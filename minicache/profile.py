@@ -367,7 +367,10 @@ class Quantization:
     ----------
     bits : int or tuple of int
         Code width, one the scheme supports; or one width per layer of the model (a group's members
-        must share theirs).
+        must share theirs). Keys, and values too unless ``value_bits`` says otherwise.
+    value_bits : int or tuple of int or None
+        Code width of values (same forms as ``bits``); None: the same as ``bits``.
+        ``minicache-calibrate --kv-bits auto`` chooses both per layer.
     group_size : int
         Tokens per key group and channels per value group (capped at ``head_dim``).
     residual_length : int
@@ -382,6 +385,7 @@ class Quantization:
     group_size: int = 128
     residual_length: int = 128
     scheme: str = "kivi"
+    value_bits: int | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         from minicache.quant import quantizer_names
@@ -396,13 +400,17 @@ class Quantization:
                 raise ProfileError(f"{show(value)} is not a supported width; allowed: {allowed}", path)
             return int(value)
 
-        if isinstance(self.bits, (list, tuple)):
-            if not self.bits:
-                raise ProfileError(f"{show(self.bits)} is empty; allowed: {allowed}", "bits")
-            bits: int | tuple[int, ...] = tuple(width(b, f"bits[{i}]") for i, b in enumerate(self.bits))
-        else:
-            bits = width(self.bits, "bits")
-        object.__setattr__(self, "bits", bits)
+        def widths(value: Any, path: str) -> int | tuple[int, ...]:
+            if isinstance(value, (list, tuple)):
+                if not value:
+                    raise ProfileError(f"{show(value)} is empty; allowed: {allowed}", path)
+                return tuple(width(b, f"{path}[{i}]") for i, b in enumerate(value))
+            return width(value, path)
+
+        object.__setattr__(self, "bits", widths(self.bits, "bits"))
+        if self.value_bits is not None:
+            value_bits = widths(self.value_bits, "value_bits")
+            object.__setattr__(self, "value_bits", None if value_bits == self.bits else value_bits)
         object.__setattr__(self, "group_size", check_int(self.group_size, "group_size", 2))
         object.__setattr__(self, "residual_length", check_int(self.residual_length, "residual_length", 0))
 
@@ -411,20 +419,32 @@ class Quantization:
         """The registered :class:`~minicache.quant.Quantizer` of :attr:`scheme`."""
         return _quantizer(self.scheme)
 
-    def bits_of(self, layer: int) -> int:
-        """Code width of one layer."""
-        return self.bits if isinstance(self.bits, int) else self.bits[layer]
+    def bits_of(self, layer: int, role: str = "keys") -> int:
+        """Code width of one layer's keys (``role="keys"``) or values (``"values"``)."""
+        bits = self.value_bits if role == "values" and self.value_bits is not None else self.bits
+        return bits if isinstance(bits, int) else bits[layer]
 
     def widths(self) -> set[int]:
-        return {self.bits} if isinstance(self.bits, int) else set(self.bits)
+        """Every width used, keys and values."""
+        out: set[int] = set()
+        for bits in (self.bits, self.value_bits):
+            if bits is not None:
+                out |= {bits} if isinstance(bits, int) else set(bits)
+        return out
+
+    def mean_bits(self, num_layers: int) -> float:
+        """Code width averaged over the layers' keys and values (scales not included)."""
+        return sum(self.bits_of(i, r) for i in range(num_layers) for r in ("keys", "values")) / (2 * num_layers)
 
     def check_shape(self, head_dim: int, num_layers: int | None = None) -> None:
         """Raise :class:`ProfileError` when this scheme cannot pack vectors of ``head_dim`` (or the
         per-layer widths do not match ``num_layers``)."""
-        if num_layers is not None and isinstance(self.bits, tuple) and len(self.bits) != num_layers:
-            raise ProfileError(
-                f"{len(self.bits)} widths for {num_layers} layers; allowed: one width per layer", "quantization.bits"
-            )
+        for name in ("bits", "value_bits"):
+            bits = getattr(self, name)
+            if num_layers is not None and isinstance(bits, tuple) and len(bits) != num_layers:
+                raise ProfileError(
+                    f"{len(bits)} widths for {num_layers} layers; allowed: one width per layer", f"quantization.{name}"
+                )
         for bits in sorted(self.widths()):
             problem = self.quantizer.check(bits, self.group_size, head_dim)
             if problem is not None:
@@ -434,13 +454,22 @@ class Quantization:
     def describe(self) -> str:
         widths = sorted(self.widths())
         bits = "/".join(str(b) for b in widths)
+        mean = ""
+        if len(widths) > 1:
+            layers = max(len(b) if isinstance(b, tuple) else 1 for b in (self.bits, self.value_bits or 0))
+            mean = f", mean {self.mean_bits(layers):.2f} bits"
         scheme = "" if self.scheme == "kivi" else f"{self.scheme} "
-        return f"{bits}-bit {scheme}KV (group {self.group_size}, residual {self.residual_length})"
+        return f"{bits}-bit {scheme}KV (group {self.group_size}, residual {self.residual_length}{mean})"
 
     def to_dict(self) -> dict[str, Any]:
-        bits = self.bits if isinstance(self.bits, int) else list(self.bits)
-        return {"scheme": self.scheme, "bits": bits, "group_size": self.group_size,
-                "residual_length": self.residual_length}
+        def plain(bits):
+            return bits if isinstance(bits, int) else list(bits)
+
+        out = {"scheme": self.scheme, "bits": plain(self.bits), "group_size": self.group_size,
+               "residual_length": self.residual_length}
+        if self.value_bits is not None:
+            out["value_bits"] = plain(self.value_bits)
+        return out
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -561,7 +590,7 @@ def _sorted_plain(value: Any) -> Any:
 _TOP_KEYS = (
     "format_version", "producer", "model", "defaults", "groups", "calibration", "tensors", "quantization"
 )
-_QUANT_KEYS = ("scheme", "bits", "group_size", "residual_length")
+_QUANT_KEYS = ("scheme", "bits", "group_size", "residual_length", "value_bits")
 _TENSORS_KEYS = ("file", "sha256")
 _PRODUCER_KEYS = ("name", "version")
 _MODEL_KEYS = tuple(f.name for f in fields(ModelFingerprint))
@@ -1129,16 +1158,18 @@ class MergeProfile:
 
 def _check_group_widths(quantization: Quantization, groups: Sequence[MergeGroup]) -> None:
     """The layers of a group share one store, hence one code width."""
-    if isinstance(quantization.bits, int):
-        return
-    for i, group in enumerate(groups):
-        widths = {quantization.bits[layer] for layer in group.layers if layer < len(quantization.bits)}
-        if len(widths) > 1:
-            raise ProfileError(
-                f"{list(group.layers)} are quantized to {sorted(widths)} bits; allowed: one width for all layers "
-                "of a group (they share one store)",
-                f"groups[{i}].layers",
-            )
+    for name in ("bits", "value_bits"):
+        bits = getattr(quantization, name)
+        if bits is None or isinstance(bits, int):
+            continue
+        for i, group in enumerate(groups):
+            widths = {bits[layer] for layer in group.layers if layer < len(bits)}
+            if len(widths) > 1:
+                raise ProfileError(
+                    f"{list(group.layers)} are quantized to {sorted(widths)} bits ({name}); allowed: one width "
+                    "for all layers of a group (they share one store)",
+                    f"groups[{i}].layers",
+                )
 
 
 def profile_file(path_or_model_dir: str | os.PathLike) -> pathlib.Path:

@@ -488,3 +488,27 @@ def test_bits_per_layer():
         MiniCache(profile_for(model).with_quantization(Quantization(bits=(2, 2, 2))), model)
     text = per_layer.to_yaml()
     assert "bits: [2, 2, 4, 2]" in text and MergeProfile.from_yaml(text) == per_layer
+    assert "value_bits" not in text, "values at the keys' widths: nothing more is written"
+
+
+def test_keys_and_values_take_their_own_widths():
+    model = make_model("llama")  # 4 layers
+    ids, mask = left_padded_batch(model.config.vocab_size, [60, 60])
+    quant = Quantization(bits=(4, 4, 3, 2), value_bits=(2, 2, 4, 3), group_size=16, residual_length=8)
+    profile = profile_for(model, groups=((0, 1),)).with_quantization(quant)
+    assert quant.bits_of(2) == 3 and quant.bits_of(2, "values") == 4 and quant.mean_bits(4) == 3.0
+    assert "mean 3.00 bits" in profile.describe()
+    cache = MiniCache(profile, model)
+    greedy(model, ids, mask, cache, new_tokens=4)
+    keys, values = cache.views(0)
+    assert (keys.bits, values.bits) == (4, 2), "a group packs keys and values at their own widths"
+    assert (cache.layers[2].qkeys.bits, cache.layers[2].qvalues.bits) == (3, 4)
+    assert (cache.layers[3].qkeys.bits, cache.layers[3].qvalues.bits) == (2, 3)
+    text = profile.to_yaml()
+    assert "value_bits: [2, 2, 4, 3]" in text and MergeProfile.from_yaml(text) == profile
+    # Same widths for values as for keys: stored as one list.
+    assert Quantization(bits=(4, 2), value_bits=[4, 2]).value_bits is None
+    with pytest.raises(ProfileError, match=r"quantization\.value_bits\[1\]: 5 is not a supported width"):
+        Quantization(bits=4, value_bits=(4, 5))
+    with pytest.raises(ProfileError, match=r"\[0, 1\] are quantized to \[2, 4\] bits \(value_bits\)"):
+        profile_for(model, groups=((0, 1),)).with_quantization(Quantization(bits=4, value_bits=(2, 4, 4, 4)))

@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare",
         metavar="METHODS",
         help="comma-separated methods measured on the same data in one run: full, paper, average, "
-        "baseline:NAME, preset:NAME, or profile paths (e.g. full,paper,average,profiles/smollm2-135m-instruct)",
+        "baseline:NAME, preset:NAME, or profile paths (e.g. full,paper,average,profiles/smollm2-135m-instruct); "
+        "METHOD@[SCHEME:]BITS[/GROUP] stores that method quantized (e.g. none@rotated:3, none@kivi:2/64; "
+        "it overrides --kv-bits for that method)",
     )
     parser.add_argument("--task", choices=TASKS, default="perplexity", help="what to measure")
     parser.add_argument(
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         samples = read_samples(args.data) if args.task == "perplexity" else None  # before the model loads
         quantization = quantization_from_args(args)
-        methods = [replace(m, quantization=quantization) for m in _methods(args)]
+        methods = [m if m.quantization is not None else replace(m, quantization=quantization) for m in _methods(args)]
         for option, path in (("--json-out", args.json_out), ("--markdown-out", args.markdown_out)):
             check_output_file(path, option, args.force)
     except (DataError, ProfileError, OSError, ValueError) as err:

@@ -11,9 +11,10 @@ answer the same passkey prompts. Both return plain data for JSON, and :func:`qua
 from __future__ import annotations
 
 import difflib
+import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -80,7 +81,9 @@ class MethodSpec:
 
     @classmethod
     def parse(cls, text: str) -> MethodSpec:
-        """``full``, ``paper``, ``average`` (or ``baseline:NAME`` / ``preset:NAME``), else a profile path.
+        """``full``, ``paper``, ``average`` (or ``baseline:NAME`` / ``preset:NAME``), else a profile path;
+        any of them followed by ``@[SCHEME:]BITS[/GROUP]`` is stored quantized that way
+        (:func:`parse_storage`; e.g. ``none@rotated:3``, ``profiles/x@kivi:2/64``).
 
         Raises
         ------
@@ -90,6 +93,9 @@ class MethodSpec:
         text = text.strip()
         if not text:
             raise ValueError("empty method name")
+        if "@" in text:
+            base, _, storage = text.rpartition("@")
+            return replace(cls.parse(base), label=text, quantization=parse_storage(storage))
         kind, sep, name = text.partition(":")
         if sep and kind in ("baseline", "preset"):
             return cls(text, kind, name)
@@ -138,6 +144,30 @@ class MethodSpec:
         if q is None or (self.kind == "baseline" and self.name == "full"):
             return {}
         return {"kv_bits": q.bits, "kv_group_size": q.group_size, "kv_residual_length": q.residual_length}
+
+
+def parse_storage(text: str) -> Quantization:
+    """``[SCHEME:]BITS[/GROUP]`` (after a method's ``@``) as a :class:`Quantization`: scheme default
+    ``kivi``, group default 128; the exact window is the default's. ``BITS`` is one width, or ``kKvV``
+    (keys ``K`` bits, values ``V``).
+
+    Raises
+    ------
+    ValueError
+        Not of that form, or a width/group/scheme the registry refuses (the message says which).
+    """
+    scheme, _, rest = text.rpartition(":")
+    bits, _, group = rest.partition("/")
+    split = re.fullmatch(r"k(\d+)v(\d+)", bits)
+    keys, values = split.groups() if split else (bits, bits)
+    if not (keys.isdigit() and values.isdigit()) or (group and not group.isdigit()):
+        raise ValueError(f"storage {text!r} is not [SCHEME:]BITS[/GROUP] (BITS: a width, or kKvV for keys K "
+                         "and values V bits; e.g. rotated:3, kivi:2/64, kivi:k2v4)")
+    try:
+        return Quantization(bits=int(keys), value_bits=int(values), group_size=int(group or 128),
+                            scheme=scheme or "kivi")
+    except ProfileError as err:
+        raise ValueError(f"storage {text!r}: {err}") from err
 
 
 def parse_methods(text: str) -> list[MethodSpec]:

@@ -99,7 +99,7 @@ class MiniCache(Cache):
             if idx in members:
                 layers.append(members[idx])
             elif quant is not None and layer_spec.attention_type == "full_attention":
-                layers.append(QuantizedLayer(quant, quant.bits_of(idx)))
+                layers.append(QuantizedLayer(quant, quant.bits_of(idx), quant.bits_of(idx, "values")))
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_spec.attention_type](**kwargs))
         super().__init__(layers=layers)

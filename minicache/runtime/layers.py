@@ -95,17 +95,20 @@ class QuantizedLayer(CacheLayerMixin):
     spec : Quantization
         Scheme, group size and residual window.
     bits : int, optional
-        Code width of this layer (default: ``spec.bits`` when it is one number).
+        Code width of this layer's keys (default: ``spec.bits`` when it is one number).
+    value_bits : int, optional
+        Code width of its values (default: ``bits`` when given, else ``spec``'s value width).
     """
 
     is_compileable = False
     is_sliding = False
     is_croppable = False  # only the exact window can be cropped; see `crop`
 
-    def __init__(self, spec: Quantization, bits: int | None = None):
+    def __init__(self, spec: Quantization, bits: int | None = None, value_bits: int | None = None):
         super().__init__()
         self.spec = spec
         self.bits = spec.bits_of(0) if bits is None else bits
+        self.value_bits = (spec.bits_of(0, "values") if bits is None else bits) if value_bits is None else value_bits
         self.quantizer = spec.quantizer
         q, g = self.quantizer, spec.group_size
         self.chunk = math.lcm(q.chunk_tokens("keys", g), q.chunk_tokens("values", g), g)
@@ -116,7 +119,8 @@ class QuantizedLayer(CacheLayerMixin):
         self.views = False
 
     def __repr__(self) -> str:
-        return f"QuantizedLayer({self.bits}-bit {self.spec.scheme}, group {self.spec.group_size})"
+        bits = f"{self.bits}" if self.value_bits == self.bits else f"{self.bits}/{self.value_bits}"
+        return f"QuantizedLayer({bits}-bit {self.spec.scheme}, group {self.spec.group_size})"
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -148,7 +152,7 @@ class QuantizedLayer(CacheLayerMixin):
             g = self.spec.group_size
             self.qkeys = append(self.qkeys, self.quantizer.quantize(self.keys[..., :count, :], "keys", self.bits, g))
             self.qvalues = append(
-                self.qvalues, self.quantizer.quantize(self.values[..., :count, :], "values", self.bits, g)
+                self.qvalues, self.quantizer.quantize(self.values[..., :count, :], "values", self.value_bits, g)
             )
             # Clone so that the old window's storage is freed, not kept alive by a view.
             self.keys = self.keys[..., count:, :].clone()

@@ -382,13 +382,15 @@ class GroupStore:
         self.quant = quant
         tensors = tensors or {}
         k = len(self.layers)
-        bits = 0 if quant is None else quant.bits_of(self.layers[0])
+        def bits(name: str) -> int:  # members share a width (checked by the profile)
+            return 0 if quant is None else quant.bits_of(self.layers[0], name)
+
         for name, settings in group.components():
             missing = [local for local in settings.tensor_names if local not in tensors.get(name, {})]
             if missing:
                 raise ValueError(f"group {list(self.layers)}: {name} need the tensors {missing}, which were not given")
         self.components = {
-            name: ComponentStore(name, settings, k, tensors.get(name), quant, bits)
+            name: ComponentStore(name, settings, k, tensors.get(name), quant, bits(name))
             for name, settings in group.components()
         }
         self.residual_length = residual_length

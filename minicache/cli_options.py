@@ -98,11 +98,21 @@ def add_allow_mismatch_option(parser: Any) -> None:
     parser.add_argument("--allow-model-mismatch", action="store_true", help="use a profile made for another model")
 
 
-def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None = None) -> None:
-    """``--kv-bits``, ``--kv-group-size``, ``--kv-scheme`` and (``residual``) ``--kv-residual-length``."""
+def _bits_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a width (an integer) or 'auto'") from None
+
+
+def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None = None, auto: bool = False) -> None:
+    """``--kv-bits``, ``--kv-group-size``, ``--kv-scheme`` and (``residual``) ``--kv-residual-length``;
+    ``auto``: ``--kv-bits auto`` is accepted too (the calibrator chooses widths)."""
     group = parser.add_argument_group("quantized storage (--kv-*)") if hasattr(parser, "add_argument_group") else parser
     group.add_argument(
-        "--kv-bits", type=int, metavar="BITS",
+        "--kv-bits", type=_bits_or_auto if auto else int, metavar="BITS",
         help=bits_help or "store the cache quantized to this many bits (the scheme's widths; KIVI: 2 or 4)",
     )
     group.add_argument(
@@ -134,8 +144,15 @@ def quantization_from_args(args: argparse.Namespace, residual_length: int | None
     window = getattr(args, "kv_residual_length", None)
     window = residual_length if window is None else window
     try:
+        if args.kv_bits == "auto":  # the calibrator lowers widths from the scheme's widest
+            from minicache.quant import get_quantizer, quantizer_names
+
+            scheme = getattr(args, "kv_scheme", "kivi")  # an unknown one: Quantization names it below
+            bits = max(get_quantizer(scheme).bits) if scheme in quantizer_names() else 4
+        else:
+            bits = args.kv_bits
         return Quantization(
-            bits=args.kv_bits,
+            bits=bits,
             group_size=args.kv_group_size,
             residual_length=128 if window is None else window,
             scheme=getattr(args, "kv_scheme", "kivi"),

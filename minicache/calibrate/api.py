@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from minicache.calibrate.capture import CalibrationCapture, candidate_runs, prefill_batches
+from minicache.calibrate.bits import BitPoint, allocate_bits, bit_steps, fisher_damage, units_of
+from minicache.calibrate.capture import CalibrationCapture, candidate_runs, prefill_batches, progress_bar
 from minicache.calibrate.corpus import DEFAULT_CORPUS, SOURCES, kinds
 from minicache.calibrate.data_check import DataCheck
 from minicache.calibrate.defaults import CALIBRATION_DEFAULTS as D
@@ -44,6 +45,15 @@ class CalibrationResult:
     #: per group label and component, the share of calibration variance kept at each stored width
     #: (methods with such a curve: low rank) and the width chosen
     spectra: dict[str, dict[str, tuple[torch.Tensor, int]]] = field(default_factory=dict)
+    #: ``auto_bits``: every measured point of the width allocation (the report's frontier)
+    bit_points: list[BitPoint] = field(default_factory=list)
+
+
+#: Share of the budget the merge search may spend when the widths are chosen too (``auto_bits``):
+#: lowering widths saves more bytes per unit of damage than merging on the models measured so far.
+MERGE_SHARE_WITH_AUTO_BITS = 0.25
+#: Calibration windows of the sensitivity pass (forward and backward).
+FISHER_WINDOWS = 8
 
 
 def _round(value: float, digits: int = 6) -> float:
@@ -77,6 +87,7 @@ def calibrate(
     quantization: Quantization | None = None,
     methods: Sequence[str] = D.methods,
     allow_small_data: bool = False,
+    auto_bits: bool = False,
 ) -> CalibrationResult:
     """Measure KV similarity on sample data and choose a merge profile within a quality budget.
 
@@ -111,6 +122,12 @@ def calibrate(
     methods : sequence of str
         Registered merge methods the search may choose from, per group and component
         (:func:`minicache.methods.method_names`).
+    auto_bits : bool
+        Choose the code width of every layer's keys and values (:mod:`~minicache.calibrate.bits`):
+        ``quantization`` gives the scheme, group size and window. The merge search runs first, at
+        the scheme's widest width, on :data:`MERGE_SHARE_WITH_AUTO_BITS` of the budget; the widths
+        are then lowered, in the order a Fisher estimate predicts is cheapest, as far as the whole
+        budget allows (measured).
     allow_small_data : bool
         Calibrate even below the floor of :mod:`~minicache.calibrate.data_check` (4 calibration and 4
         held-out windows); shortfalls against ``num_samples`` / ``eval_windows`` are logged as warnings.
@@ -120,6 +137,11 @@ def calibrate(
     CalibrationResult
         The profile (with provenance and measured quality), statistics, search trace, summary.
     """
+    if auto_bits:
+        if quantization is None:
+            raise ValueError("auto_bits chooses widths for a quantization scheme: give quantization too")
+        top = max(quantization.quantizer.bits)
+        quantization = replace(quantization, bits=top, value_bits=None)
     prefix_length = prefix_length or (2 * max_length) // 3
     if not 0 < prefix_length < max_length:
         raise ValueError(f"prefix_length must be in (0, max_length={max_length}), got {prefix_length}")
@@ -243,7 +265,8 @@ def calibrate(
 
     fingerprint = ModelFingerprint.from_spec(spec, name_or_path=model_name)
 
-    def make_profile(groups: tuple[MergeGroup, ...], calibration: dict | None = None) -> MergeProfile:
+    def make_profile(groups: tuple[MergeGroup, ...], calibration: dict | None = None,
+                     quant: Quantization | None = None) -> MergeProfile:
         # Components whose parameters use fitted tensors carry them, fitted on every calibration window.
         tensors = {}
         for g in groups:
@@ -253,7 +276,7 @@ def calibrate(
                     for local, tensor in settings.merge_method.tensors_for(settings.params, fitted).items():
                         tensors[tensor_name(local, g.label, name)] = tensor
         return MergeProfile(groups=groups, defaults=defaults, model=fingerprint, calibration=calibration,
-                            tensors=tensors or None, quantization=quantization)
+                            tensors=tensors or None, quantization=quant or quantization)
 
     result_search: SearchResult | None = None
     if preset is not None:
@@ -269,11 +292,20 @@ def calibrate(
         shown = "/".join(methods)
         log(f"searching groups of {smallest}..{max_group_size} layers ({shown}{', fitted or not' if align else ''}) "
             f"within {budget.metric} <= {budget.max:g} on held-out data")
-        result_search = search(candidates, evaluate, budget, spec.num_layers, make_profile=make_profile,
+        merge_budget = Budget(budget.metric, budget.max * MERGE_SHARE_WITH_AUTO_BITS) if auto_bits else budget
+        if auto_bits:
+            log(f"merging first, at {quantization.describe()}, on {MERGE_SHARE_WITH_AUTO_BITS:.0%} of the budget "
+                f"({merge_budget.metric} <= {merge_budget.max:g}); the widths take the rest")
+        result_search = search(candidates, evaluate, merge_budget, spec.num_layers, make_profile=make_profile,
                                probes=probes, extend=extend, damage_floor=floor, log=log)
         profile = make_profile(tuple(c.group() for c in result_search.chosen))
         measured = result_search.final if result_search.final is not None else evaluate(profile)
 
+    bit_points: list[BitPoint] = []
+    if auto_bits:
+        quantization, measured, bit_points = _choose_widths(
+            model, calib_windows, profile, quantization, budget, spec.num_layers, evaluate, make_profile,
+            batch_size=batch_size, progress=progress, log=log)
     log(f"quality: reference pass {passes[0]:.0f}s + {len(passes) - 1} evaluation passes "
         f"{sum(passes[1:]):.0f}s on {held_windows.shape[0]} held-out windows")
     calibration = {
@@ -294,6 +326,12 @@ def calibrate(
         }
     if tuple(methods) != ("slerp",):
         calibration["methods"] = list(methods)
+    if auto_bits:
+        calibration["bits"] = {
+            "method": "auto: Fisher-ordered steps, longest prefix measured within the budget",
+            "merge_budget_share": MERGE_SHARE_WITH_AUTO_BITS,
+            "frontier": [p.to_dict() for p in bit_points],
+        }
     profile = make_profile(profile.groups, calibration)
     saved = 1 - 1 / measured.compression_ratio if measured.compression_ratio else 0.0
     if not profile.groups:
@@ -319,7 +357,39 @@ def calibrate(
                 if curve is not None:
                     spectra.setdefault(g.label, {})[name] = (curve, int(getattr(settings.params, "rank", 0)))
     return CalibrationResult(profile=profile, statistics=stats, search=result_search, measured=measured,
-                             summary=summary, spectra=spectra)
+                             summary=summary, spectra=spectra, bit_points=bit_points)
+
+
+def _choose_widths(model, windows, profile, quantization, budget, num_layers, evaluate, make_profile, *,
+                   batch_size, progress, log):
+    """``(quantization, measured result, frontier points)`` of :mod:`~minicache.calibrate.bits` for the
+    merge groups of ``profile``."""
+    widths = sorted(quantization.quantizer.bits, reverse=True)
+    sample = windows[: max(batch_size, min(len(windows), FISHER_WINDOWS))]
+    began = time.perf_counter()
+    bar = progress_bar(int(sample.numel()), progress, "sensitivity (forward + backward)")
+    try:
+        damage = fisher_damage(model, sample, quantization, widths, batch_size=batch_size, progress=bar.update)
+    finally:
+        bar.close()
+    steps = bit_steps(damage, widths, units_of(profile, num_layers))
+    log(f"predicted the damage of {widths} bits per layer and K/V on {sample.shape[0]} windows in "
+        f"{time.perf_counter() - began:.0f}s; {len(steps)} steps down from {widths[0]} bits, measuring about "
+        f"{2 + max(len(steps), 1).bit_length()} profiles")
+    measured: dict[Quantization, QualityResult] = {}
+
+    def measure(q: Quantization) -> tuple[float, float, float]:
+        r = measured[q] = evaluate(make_profile(profile.groups, quant=q))
+        return budget.value(r), budget.upper(r), r.compression_ratio
+
+    quant, points = allocate_bits(steps, quantization, num_layers, measure, lambda upper: upper <= budget.max, log)
+    if not any(p.fits for p in points):
+        log(f"even {widths[0]} bits everywhere exceed the budget: the profile keeps {widths[0]} bits "
+            "(raise the budget, or calibrate without --kv-bits)")
+    log(f"widths: keys {list(quant.bits) if isinstance(quant.bits, tuple) else quant.bits}, "
+        f"values {list(quant.value_bits) if isinstance(quant.value_bits, tuple) else quant.bits_of(0, 'values')} "
+        f"(mean {quant.mean_bits(num_layers):.2f} bits)")
+    return quant, measured[quant], points
 
 
 def _capture_data_parallel(model, windows: torch.Tensor, stats: PairStatistics, capture: CalibrationCapture,

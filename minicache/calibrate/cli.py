@@ -89,9 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         "basis shared by 1..max-group-size layers, stored at the rank the search picks; needs --align)",
     )
     add_kv_options(
-        parser, residual=False,
-        bits_help="write a profile that also quantizes the cache to this many bits (KIVI: 2 or 4); quality is "
-        "then measured, and the budget spent, with quantization on (the exact window is --residual-length)",
+        parser, residual=False, auto=True,
+        bits_help="write a profile that also quantizes the cache to this many bits (KIVI and rotated: 2, 3 or 4); "
+        "quality is then measured, and the budget spent, with quantization on (the exact window is "
+        "--residual-length). 'auto': choose the width of every layer's keys and values within the budget "
+        "(a Fisher estimate orders the steps down from 4 bits, the runtime measures them; merging gets a quarter "
+        "of the budget first)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing profile")
     parser.add_argument(
@@ -266,6 +269,7 @@ def _run(args, budget, defaults, quantization, methods, profile_path: Path, repo
         quantization=quantization,
         methods=methods,
         allow_small_data=args.allow_small_data,
+        auto_bits=args.kv_bits == "auto",
         progress=write and not args.no_progress,
         log=(lambda line: print(line, flush=True)) if write else (lambda line: None),
     )

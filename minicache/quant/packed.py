@@ -24,8 +24,8 @@ Quantizers (:mod:`minicache.quant`) decide which axis and group size each role o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch

@@ -113,7 +113,8 @@ def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None 
     group = parser.add_argument_group("quantized storage (--kv-*)") if hasattr(parser, "add_argument_group") else parser
     group.add_argument(
         "--kv-bits", type=_bits_or_auto if auto else int, metavar="BITS",
-        help=bits_help or "store the cache quantized to this many bits (the scheme's widths; KIVI: 2 or 4)",
+        help=bits_help or "store the cache quantized to this many bits (the scheme's widths; kivi and rotated: "
+        "2, 3 or 4)",
     )
     group.add_argument(
         "--kv-group-size", type=int, default=128, help="with --kv-bits: tokens per key group, channels per value group"

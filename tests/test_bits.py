@@ -110,3 +110,12 @@ def test_calibrate_with_auto_bits_writes_per_layer_widths_it_measured(tmp_path):
     assert result.bit_points and result.bit_points[0].steps == 0
     saved = MergeProfile.load(result.profile.save(tmp_path / "profile"))
     assert saved.quantization == q and saved.calibration["bits"]["frontier"] == points
+    # The report shows the widths per layer and the measured frontier (a plot and a table).
+    from minicache.calibrate.report import write_report
+
+    written = write_report(tmp_path / "report", result.profile, result.statistics, result.search, "kl_mean",
+                           0.002, result.summary)
+    names = {p.name for p in written}
+    assert "minicache_bits.png" in names or any(n.endswith("bits.png") for n in names)
+    text = next(p for p in written if p.name.endswith("report.md")).read_text()
+    assert "## Widths (--kv-bits auto)" in text and text.count("| yes |") + text.count("| no |") >= len(points)

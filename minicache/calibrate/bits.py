@@ -211,7 +211,7 @@ def allocate_bits(
 
     def quantization(count: int) -> Quantization:
         keys, values = widths_after(steps, count, num_layers, top)
-        return Quantization(bits=keys, value_bits=values, group_size=quant.group_size,
+        return Quantization(bits=_compact(keys), value_bits=_compact(values), group_size=quant.group_size,
                             residual_length=quant.residual_length, scheme=quant.scheme)
 
     def point(count: int) -> BitPoint:
@@ -236,6 +236,11 @@ def allocate_bits(
         else:
             hi = mid
     return quantization(lo), list(points.values())
+
+
+def _compact(widths: tuple[int, ...]) -> int | tuple[int, ...]:
+    """One number when every layer has the same width (profiles stay short)."""
+    return widths[0] if len(set(widths)) == 1 else widths
 
 
 def units_of(profile: MergeProfile, num_layers: int) -> list[tuple[int, ...]]:

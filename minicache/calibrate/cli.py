@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest quality loss accepted (0.01 = +1%% ppl) for the upper end of its 95%% interval "
                         "on held-out data (bootstrap over the held-out windows), not only the point estimate")
     parser.add_argument("--budget-metric", choices=["ppl_increase", "kl_mean"], default=D.budget_metric)
-    parser.add_argument("--preset", choices=["paper"], help="write this preset without searching; still measured")
+    parser.add_argument("--preset", choices=["paper", "none"],
+                        help="write this preset without searching; still measured (none: no merging, e.g. with "
+                        "--kv-bits auto to choose widths alone)")
     parser.add_argument("--num-samples", type=int, default=D.num_samples,
                         help="calibration windows of --max-length tokens")
     parser.add_argument("--eval-windows", type=int, default=D.eval_windows,

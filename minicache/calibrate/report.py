@@ -14,7 +14,7 @@ from minicache.profile import MergeProfile, MergeSettings
 
 #: Report files, named after the profile: ``<stem>_report.md`` etc.; ``minicache_*`` for a profile in a
 #: (model) directory, ``<name>_*`` for ``--out <name>.yaml``, so that reports never overwrite each other.
-REPORT_PARTS = ("report.md", "similarity.png", "groups.png", "search.png", "spectra.png")
+REPORT_PARTS = ("report.md", "similarity.png", "groups.png", "search.png", "spectra.png", "bits.png")
 DEFAULT_STEM = "minicache"
 
 
@@ -235,6 +235,42 @@ def plot_spectra(spectra: dict[str, dict[str, tuple[torch.Tensor, int]]], path: 
     plt.close(fig)
 
 
+def plot_bits(profile: MergeProfile, num_layers: int, frontier: Sequence[dict], metric: str, budget: float,
+              path: Path) -> None:
+    """Left: the chosen width per layer, keys and values. Right: every measured point of the width
+    allocation (compression vs the budget's metric, upper bound as an error bar), the chosen one marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    q = profile.quantization
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    layers = range(num_layers)
+    for offset, role in ((-0.2, "keys"), (0.2, "values")):
+        left.bar([i + offset for i in layers], [q.bits_of(i, role) for i in layers], width=0.4, label=role)
+    left.set_xlabel("layer")
+    left.set_ylabel("bits")
+    left.set_title(f"widths chosen (mean {q.mean_bits(num_layers):.2f} bits)")
+    left.legend()
+    points = sorted(frontier, key=lambda p: p["compression_ratio"])
+    xs = [p["compression_ratio"] for p in points]
+    ys = [p["value"] for p in points]
+    ups = [max(p["upper"] - p["value"], 0.0) for p in points]
+    right.errorbar(xs, ys, yerr=[[0.0] * len(ys), ups], fmt="o-", capsize=3, label="measured (upper 95 % bound)")
+    chosen = [p for p in points if p["fits"] and abs(p["mean_bits"] - q.mean_bits(num_layers)) < 1e-9]
+    if chosen:
+        right.plot([chosen[0]["compression_ratio"]], [chosen[0]["value"]], "r*", markersize=14, label="chosen")
+    right.axhline(budget, color="gray", linestyle="--", label="budget")
+    right.set_xlabel("compression (held-out windows)")
+    right.set_ylabel(metric)
+    right.set_title("width allocation: quality vs memory")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def _held_out_line(data: dict, measured: dict) -> list[str]:
     """The held-out windows behind the measured figures (none when the profile did not record them)."""
     if not (data.get("held_out_windows") and data.get("max_length") and data.get("prefix_length")):
@@ -296,6 +332,10 @@ def write_report(
         written.append(files["spectra.png"])
 
     cal = profile.calibration or {}
+    bits = cal.get("bits")
+    if bits and profile.quantization is not None:
+        plot_bits(profile, stats.num_layers, bits["frontier"], metric, budget, files["bits.png"])
+        written.append(files["bits.png"])
     measured = cal.get("measured", {})
     data = cal.get("data", {})
     source = f"`{data['path']}`" if data.get("path") else data.get("source", "not recorded")
@@ -354,6 +394,27 @@ def write_report(
                 cells += [str(chosen) if curve is not None else "–", kept]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += ["", f"![spectra]({files['spectra.png'].name})", ""]
+    if bits and profile.quantization is not None:
+        q = profile.quantization
+        lines += [
+            "## Widths (--kv-bits auto)",
+            "",
+            f"{q.describe()}. Steps down from the widest width were ordered by a Fisher estimate of their damage "
+            f"and the longest prefix within the budget was found by measuring (merging had "
+            f"{bits.get('merge_budget_share', 0):.0%} of the budget first).",
+            "",
+            "| layer | " + " | ".join(str(i) for i in range(stats.num_layers)) + " |",
+            "|---|" + "---|" * stats.num_layers,
+            "| keys | " + " | ".join(str(q.bits_of(i)) for i in range(stats.num_layers)) + " |",
+            "| values | " + " | ".join(str(q.bits_of(i, "values")) for i in range(stats.num_layers)) + " |",
+            "",
+            f"| steps taken | mean bits | compression | {metric} | upper 95 % | fits |",
+            "|---|---|---|---|---|---|",
+        ]
+        for point in bits["frontier"]:
+            lines.append(f"| {point['steps']} | {point['mean_bits']:.2f} | {point['compression_ratio']:.3f}x | "
+                         f"{point['value']:+.5f} | {point['upper']:+.5f} | {'yes' if point['fits'] else 'no'} |")
+        lines += ["", f"![bits]({files['bits.png'].name})", ""]
     lines += [
         "## Similarity between adjacent layers",
         "",

@@ -1,0 +1,107 @@
+"""Decode speed of packed stores on the blockwise torch path (issue 18): 3-bit and rotated packings
+against 4-bit KIVI, on the same prompts in the same run.
+
+The blockwise path (``enable_fused_attention(model, backend="torch")``) dequantizes one block of the
+packed prefix at a time while it is attended; on CPU there is no Triton kernel. Prints, per storage:
+seconds per decode step (median of ``--repeats``, prefill subtracted), the speed ratio to 4-bit KIVI,
+and the compression after the prompt.
+
+    .venv/bin/python benchmarks/lowbit_decode.py --profile benchmarks/results/lowbit-cpu/auto-rotated
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from minicache import MergeProfile, MiniCache
+from minicache.data import split_text, token_windows
+from minicache.models import load_model
+from minicache.profile import Quantization
+from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
+from minicache.runtime.memory import cache_bytes, compression_ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", help="also time this (calibrated) profile as it is stored")
+    parser.add_argument("--data", default="/usr/share/common-licenses/GPL-3")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--json-out")
+    parser.add_argument("--markdown-out")
+    args = parser.parse_args()
+
+    model, tokenizer = load_model("smollm2-135m", dtype=args.dtype)
+    ids = token_windows(split_text(Path(args.data).read_text()), tokenizer, args.context, args.batch)
+    mask = torch.ones_like(ids)
+    none = MergeProfile()
+    stores = {
+        "4-bit kivi": none.with_quantization(Quantization(bits=4)),
+        "3-bit kivi": none.with_quantization(Quantization(bits=3)),
+        "2-bit kivi": none.with_quantization(Quantization(bits=2)),
+        "4-bit rotated": none.with_quantization(Quantization(bits=4, scheme="rotated")),
+        "3-bit rotated": none.with_quantization(Quantization(bits=3, scheme="rotated")),
+    }
+    if args.profile:
+        stores[f"profile {args.profile}"] = MergeProfile.load(args.profile)
+
+    def generate(profile):
+        cache = MiniCache(profile, model)
+        started = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=args.new_tokens,
+                           min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        return cache, time.perf_counter() - started
+
+    def prefill_time(profile):
+        started = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, cache=MiniCache(profile, model))
+        return time.perf_counter() - started
+
+    enable_fused_attention(model, backend="torch")
+    results = {}
+    try:
+        for name, profile in stores.items():
+            generate(profile)  # warm-up
+            runs = []
+            for _ in range(args.repeats):
+                cache, seconds = generate(profile)
+                runs.append((seconds - prefill_time(profile)) / args.new_tokens)
+            held, full = cache_bytes(cache)
+            results[name] = (statistics.median(runs), compression_ratio(full, held))
+            print(f"{name}: {results[name][0]:.4f} s/step", flush=True)
+    finally:
+        disable_fused_attention(model)
+    base = results["4-bit kivi"][0]
+    lines = [
+        f"{args.context} tokens x {args.batch}, {args.new_tokens} greedy tokens, {args.dtype}, blockwise torch path, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats} (prefill subtracted)",
+        "",
+        "| storage | s / decode step | speed vs 4-bit KIVI | compression |",
+        "|---|---:|---:|---:|",
+    ]
+    rows = []
+    for name, (seconds, ratio) in results.items():
+        rows.append({"storage": name, "seconds_per_step": seconds, "speed_vs_kivi4": base / seconds,
+                     "compression_ratio": ratio})
+        lines.append(f"| {name} | {seconds:.4f} | {base / seconds:.2f} | {ratio:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown_out:
+        Path(args.markdown_out).write_text(text)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

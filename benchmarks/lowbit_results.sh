@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Issue 18: low-bit storage on SmolLM2-135M-Instruct, bfloat16, 4,096-token prefixes, on text no profile
+# was calibrated on. Writes benchmarks/results/lowbit-cpu/ (overwrites).
+#
+#   bash benchmarks/lowbit_results.sh             # everything (about 75 minutes on 2 CPU cores)
+#   bash benchmarks/lowbit_results.sh calibrate   # only the calibrations
+#   bash benchmarks/lowbit_results.sh frontier    # only the 4,096-token comparison (uses $OUT/auto-rotated)
+#   bash benchmarks/lowbit_results.sh decode      # only the decode-speed ratios
+#
+# 1. minicache-calibrate --preset none --kv-bits auto --kv-scheme rotated at 2,048-token windows on the
+#    built-in corpus + the shipped profile's data (the widths alone; budget +1 % ppl) -> $OUT/auto-rotated;
+#    and the same with merging (--kv-bits auto, default search) on 64 x 512 tokens, timed.
+# 2. minicache-eval --compare at 4,096-token prefixes: 16 windows x 1,024 scored tokens = 16,384 tokens over
+#    the README's held-out licences, Python source and Python release notes: full (the noise floor),
+#    KIVI and rotated at 4/3/2 bits, the auto profile, the shipped profile + 4-bit KIVI, and transformers'
+#    QuantizedCache (HQQ 4/2-bit, where hqq is installed). table.md + frontier.png.
+# 3. Decode tokens/s of the blockwise torch path (no Triton on CPU) at 2,048 tokens, batch 1: 4-bit KIVI,
+#    3-bit KIVI, rotated 4/3-bit and the auto profile, ratios against 4-bit KIVI of the same run.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-.venv/bin/python}
+export PYTHONPATH=.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+WHAT=${1:-all}
+OUT=benchmarks/results/lowbit-cpu
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log-$WHAT.txt") 2>&1
+echo "machine: $(nproc --all) CPU cores (OMP_NUM_THREADS=$OMP_NUM_THREADS), $(uname -m); $(date -u +%F); commit $(git rev-parse --short HEAD)"
+
+cat minicache/calibrate/corpus/default.jsonl profiles/smollm2-135m-instruct/calibration-data.jsonl >"$WORK/calib.jsonl"
+L=/usr/share/common-licenses
+cat "$L/Apache-2.0" "$L/GPL-2" "$L/LGPL-2.1" >"$WORK/licences.txt"
+(cd /usr/lib/python3.11 && cat argparse.py dataclasses.py textwrap.py difflib.py csv.py json/decoder.py \
+  pathlib.py shutil.py tempfile.py inspect.py) >"$WORK/code.txt"
+zcat /usr/share/doc/python3.11/NEWS.gz | head -c 400000 >"$WORK/notes.txt"
+cat "$WORK/licences.txt" "$WORK/code.txt" "$WORK/notes.txt" >"$WORK/unseen.txt"
+
+if [[ $WHAT == all || $WHAT == calibrate ]]; then
+  echo "== widths alone: --preset none --kv-bits auto --kv-scheme rotated, 2,048-token windows"
+  began=$SECONDS
+  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --preset none --kv-bits auto --kv-scheme rotated \
+    --max-length 2048 --num-samples 16 --eval-windows 12 --dtype bfloat16 --out "$WORK/auto-rotated" --no-progress
+  echo "   (calibration: $((SECONDS - began)) s)"
+  rm -rf "$OUT/auto-rotated" && mkdir -p "$OUT/auto-rotated" && cp "$WORK/auto-rotated"/minicache_* "$OUT/auto-rotated/"
+  echo "== merging and widths: --kv-bits auto --kv-scheme rotated on 64 x 512 tokens (timed)"
+  began=$SECONDS
+  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --kv-bits auto --kv-scheme rotated \
+    --max-length 512 --num-samples 64 --dtype bfloat16 --out "$WORK/auto-512" --no-progress
+  echo "   (calibration of 64 x 512 tokens with --kv-bits auto: $((SECONDS - began)) s wall)"
+  rm -rf "$OUT/auto-rotated-512" && mkdir -p "$OUT/auto-rotated-512" && cp "$WORK/auto-512"/minicache_* "$OUT/auto-rotated-512/"
+fi
+
+if [[ $WHAT == all || $WHAT == frontier ]]; then
+  methods=full,none@kivi:4,none@kivi:3,none@kivi:2,none@rotated:4,none@rotated:3,none@rotated:2
+  methods+=,$OUT/auto-rotated,profiles/smollm2-135m-instruct@kivi:4
+  if "$PY" -c "import hqq" 2>/dev/null; then
+    methods+=,quantized-cache-hqq@4,quantized-cache-hqq@2
+  else
+    echo "hqq is not installed (pip install 'minicache[hqq]'): no HQQ rows"
+  fi
+  echo "== 4,096-token prefixes, 16 windows x 1,024 scored tokens: $methods"
+  "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length 4096 \
+    --continuation-length 1024 --num-windows 16 --batch-size 2 --compare "$methods" \
+    --json-out "$OUT/frontier.json" --markdown-out "$OUT/frontier.md" --force
+  "$PY" benchmarks/lowbit_table.py "$OUT/frontier.json" "$OUT"
+fi
+
+if [[ $WHAT == all || $WHAT == decode ]]; then
+  echo "== decode speed, blockwise torch path, 2,048 tokens, batch 1"
+  "$PY" benchmarks/lowbit_decode.py --profile "$OUT/auto-rotated" --json-out "$OUT/decode.json" \
+    --markdown-out "$OUT/decode.md"
+fi

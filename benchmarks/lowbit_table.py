@@ -1,0 +1,90 @@
+"""Table and frontier plot of the low-bit comparison (benchmarks/lowbit_results.sh).
+
+    python benchmarks/lowbit_table.py RESULT.json OUT_DIR
+
+Reads one ``minicache-eval --compare ... --json-out`` file; writes ``OUT_DIR/table.md`` (also printed)
+and ``OUT_DIR/frontier.png``: KV compression (x) against perplexity increase and KL (y), one marker per
+method, quantizers at 2/3/4 bits joined by a line, calibrated profiles starred.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+SCHEMES = ("kivi", "rotated")
+
+
+def family(method: str) -> str:
+    """Line a method belongs to in the plot: the scheme of a ``none@scheme:bits`` row (one width for keys
+    and values, default groups), else the method itself."""
+    m = re.fullmatch(r"(?:preset:)?none@(?:(\w+):)?(\d+)", method)
+    if m and (m.group(1) or "kivi") in SCHEMES:
+        return m.group(1) or "kivi"
+    return method
+
+
+def main(path: str, out: str) -> None:
+    data = json.loads(Path(path).read_text())
+    rows = data["results"]
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = rows[0]
+    lines = [
+        "| method | compression | ppl increase | 95 % interval | KL mean | top-1 | mean bits |",
+        "| :--- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lo, hi = r.get("ppl_increase_ci95") or (float("nan"), float("nan"))
+        bits = r.get("kv_bits", "–")
+        if isinstance(bits, list):
+            bits = f"{sum(bits) / len(bits):.2f} (keys)"
+        lines.append(
+            f"| `{r['method']}` | {r['compression_ratio']:.3f}x | {r['ppl_increase']:+.2%} | {lo:+.2%}..{hi:+.2%} "
+            f"| {r['kl_mean']:.4f} | {r['top1_agreement']:.2%} | {bits} |"
+        )
+    lines += [
+        "",
+        f"{data['dtype']}, {first['windows']} windows × ({first['prefix_length']} prefix + "
+        f"{first['continuation_length']} scored tokens) = {first['tokens_scored']} scored tokens of `{data['data']}`; "
+        "compression after the prefix; 95 % interval of the perplexity increase: paired bootstrap over windows. "
+        "The `full` row is the noise floor: the full cache scored through the same chunked path.",
+    ]
+    text = "\n".join(lines) + "\n"
+    (out_dir / "table.md").write_text(text)
+    print(text)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    lines_by_family: dict[str, list[dict]] = {}
+    for r in rows:
+        lines_by_family.setdefault(family(r["method"]), []).append(r)
+    for name, members in lines_by_family.items():
+        members = sorted(members, key=lambda r: r["compression_ratio"])
+        quantizer_line = name in SCHEMES
+        star = "/" in name.split("@")[0]  # a profile on disk (calibrated), stored as it says or as @ says
+        style = "o-" if quantizer_line else "*" if star else "d"
+        for ax, key, scale in ((axes[0], "ppl_increase", 100), (axes[1], "kl_mean", 1)):
+            ax.plot([r["compression_ratio"] for r in members], [r[key] * scale for r in members], style,
+                    markersize=12 if star else 6, label=name)
+    for ax, label in ((axes[0], "perplexity increase (%)"), (axes[1], "KL to the full cache (mean per token)")):
+        ax.set_xlabel("KV compression (x)")
+        ax.set_ylabel(label)
+        ax.set_yscale("symlog", linthresh=1 if "%" in label else 0.01)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"SmolLM2-135M-Instruct, {data['dtype']}, {first['prefix_length']}-token prefixes, "
+                 f"{first['tokens_scored']} scored tokens")
+    fig.tight_layout()
+    fig.savefig(out_dir / "frontier.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -334,7 +334,7 @@ def calibrate(
         }
     profile = make_profile(profile.groups, calibration)
     saved = 1 - 1 / measured.compression_ratio if measured.compression_ratio else 0.0
-    if not profile.groups:
+    if not profile.groups and preset is None:
         log(
             f"no group fits the budget {budget.metric} <= {budget.max:g}: the profile merges nothing "
             "(a valid profile; the cache then behaves as a full cache). Try a larger --budget."

@@ -252,16 +252,19 @@ def plot_bits(profile: MergeProfile, num_layers: int, frontier: Sequence[dict], 
     left.set_xlabel("layer")
     left.set_ylabel("bits")
     left.set_title(f"widths chosen (mean {q.mean_bits(num_layers):.2f} bits)")
-    left.legend()
+    left.set_ylim(0, max(q.widths()) + 1.5)
+    left.legend(loc="upper right", ncol=2)
     points = sorted(frontier, key=lambda p: p["compression_ratio"])
     xs = [p["compression_ratio"] for p in points]
     ys = [p["value"] for p in points]
     ups = [max(p["upper"] - p["value"], 0.0) for p in points]
     right.errorbar(xs, ys, yerr=[[0.0] * len(ys), ups], fmt="o-", capsize=3, label="measured (upper 95 % bound)")
-    chosen = [p for p in points if p["fits"] and abs(p["mean_bits"] - q.mean_bits(num_layers)) < 1e-9]
+    chosen = [p for p in points if p["fits"] and abs(p["mean_bits"] - q.mean_bits(num_layers)) < 1e-4]
     if chosen:
         right.plot([chosen[0]["compression_ratio"]], [chosen[0]["value"]], "r*", markersize=14, label="chosen")
     right.axhline(budget, color="gray", linestyle="--", label="budget")
+    right.set_yscale("symlog", linthresh=budget / 4)
+    right.set_ylim(bottom=min(0.0, *ys, *(p["upper"] for p in points)))
     right.set_xlabel("compression (held-out windows)")
     right.set_ylabel(metric)
     right.set_title("width allocation: quality vs memory")

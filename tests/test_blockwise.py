@@ -72,8 +72,8 @@ def test_blockwise_dequantizes_a_block_at_a_time(monkeypatch):
     largest = []
     original = QuantizedTensor.dequantize
 
-    def recording(self, dtype):
-        out = original(self, dtype)
+    def recording(self, dtype, **kwargs):
+        out = original(self, dtype, **kwargs)
         largest.append(out.numel())
         return out
 
@@ -105,6 +105,24 @@ def test_unmerged_quantized_layer_view():
     query = torch.randn(2, 8, 1, 64, generator=g)
     got = blockwise_decode_attention(query, keys, values, block_tokens=50)  # rounded up to 64
     torch.testing.assert_close(got, fused_decode_reference(query, keys, values), rtol=1e-5, atol=1e-5)
+
+
+def test_rotated_quantized_layer_is_attended_in_its_frame():
+    from minicache.quant import get_quantizer
+
+    rotated = get_quantizer("rotated")
+    g = torch.Generator().manual_seed(8)
+    k, v = (torch.randn(2, 2, 140, 64, generator=g) for _ in range(2))
+    keys = MergedKVView.of_quantized_layer(k[..., 128:, :], rotated.quantize(k[..., :128, :], "keys", 3, 32))
+    values = MergedKVView.of_quantized_layer(v[..., 128:, :], rotated.quantize(v[..., :128, :], "values", 3, 32))
+    assert keys.frame is not None and values.frame is not None
+    # In its frame the block is the packed codes' space: x R, never rotated back token by token.
+    r = keys.stored["vectors"].packed.rotation
+    torch.testing.assert_close(keys.restored_block(0, 64, in_frame=True), keys.restored_block(0, 64) @ r,
+                               rtol=1e-4, atol=1e-4)
+    query = torch.randn(2, 8, 1, 64, generator=g)
+    got = blockwise_decode_attention(query, keys, values, block_tokens=64)
+    torch.testing.assert_close(got, fused_decode_reference(query, keys, values), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("lengths", [[30, 30], [30, 22]])

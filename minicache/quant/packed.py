@@ -140,8 +140,9 @@ class QuantizedTensor:
         """Bytes of the scales and zero points."""
         return sum(t.numel() * t.element_size() for t in (self.scale, self.zero))
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The ``[..., N, D]`` approximation in ``dtype`` (computed in float32)."""
+    def dequantize(self, dtype: torch.dtype, *, unrotate: bool = True) -> torch.Tensor:
+        """The ``[..., N, D]`` approximation in ``dtype`` (computed in float32). ``unrotate=False``:
+        leave rotated data in the rotated frame (``x R``), for readers that rotate the query instead."""
         codes = unpack(self.data, self.bits).float()
         *lead, n, d = codes.shape
         g = self.group_size
@@ -152,7 +153,7 @@ class QuantizedTensor:
             grouped = codes.reshape(*lead, n, d // g, g)
             out = grouped * self.scale.float().unsqueeze(-1) + self.zero.float().unsqueeze(-1)
         out = out.reshape(*lead, n, d)
-        if self.rotation is not None:
+        if self.rotation is not None and unrotate:
             out = out @ self.rotation.to(out.device).T
         return out.to(dtype)
 

@@ -28,6 +28,7 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLay
 
 from minicache.model_spec import ModelSpec
 from minicache.profile import PROFILE_FILENAME, MergeProfile
+from minicache.quant.packed import QuantizedTensor
 from minicache.runtime.layers import MergedLayer, QuantizedLayer, plain_layer_bytes
 from minicache.runtime.rows import RowBatch, RowLayer
 from minicache.runtime.store import GroupStore, PaddingInfo
@@ -322,7 +323,8 @@ class MiniCache(Cache):
             ``plain_layers``, ``residual`` (exact windows), ``retained``, ``packed`` (codes),
             ``scales`` (scales and zero points), and each method's own parts, e.g. SLERP's
             ``directions``, ``magnitudes`` and ``alignment``; with quantization, the method's
-            parts count only what is still in the model dtype) and per group ``merged_tokens`` and
+            parts count only what is still in the model dtype; a rotated packing adds
+            ``rotations``, its matrices, counted once) and per group ``merged_tokens`` and
             ``retained_tokens``. A padded batch stored one sequence at a time (:attr:`rows`) gives
             those two per sequence (lists), and ``per_sequence``: each sequence's bytes in its merged
             and quantized layers, which equal what it stores alone (plain layers are held padded, as
@@ -361,7 +363,8 @@ class MiniCache(Cache):
             # Every row references the profile's tensors (e.g. alignment): held once, counted once.
             shared = {c.method.tensor_part for store in self.stores for c in store.components.values()}
             for i, report in enumerate(reports):
-                add({part: n for part, n in report["parts"].items() if i == 0 or part not in shared})
+                add({part: n for part, n in report["parts"].items()
+                     if part != "rotations" and (i == 0 or part not in shared)})
             full += sum(layer.full_bytes() for layer in self.layers if isinstance(layer, RowLayer))
             per_sequence = [report["kv_bytes"] for report in reports]
             groups = [
@@ -372,6 +375,9 @@ class MiniCache(Cache):
                 }
                 for i, group in enumerate(reports[0]["groups"])
             ]
+        rotations = _rotation_bytes(self)
+        if rotations:  # a rotated packing's matrices: held once, however many tensors use them
+            parts["rotations"] = rotations
         kv_bytes = sum(parts.values())
         report = {
             "kv_bytes": kv_bytes,
@@ -384,6 +390,35 @@ class MiniCache(Cache):
         if per_sequence is not None:
             report["per_sequence"] = per_sequence
         return report
+
+
+def _rotation_bytes(cache: MiniCache) -> int:
+    """Bytes of the distinct rotation matrices the cache's packed tensors reference."""
+    seen: set[int] = set()
+    found: dict[int, int] = {}
+
+    def walk(x) -> None:
+        if id(x) in seen or x is None or isinstance(x, (torch.Tensor, torch.nn.Module, type, str, int, float)):
+            return
+        seen.add(id(x))
+        if isinstance(x, QuantizedTensor):
+            if x.rotation is not None:
+                found[x.rotation.untyped_storage().data_ptr()] = x.rotation.numel() * x.rotation.element_size()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif hasattr(x, "__dict__") and type(x).__module__.startswith("minicache."):  # our objects only
+            for v in vars(x).values():
+                walk(v)
+
+    walk(cache.layers)
+    walk(cache.stores)
+    if cache.rows is not None:
+        walk(cache.rows.rows)
+    return sum(found.values())
 
 
 def _row_plan(plan: dict | None) -> dict | None:

@@ -19,7 +19,7 @@ from transformers.cache_utils import CacheLayerMixin
 from minicache.profile import Quantization
 from minicache.quant import QuantizedTensor, append
 from minicache.runtime.store import GroupStore, tensor_bytes
-from minicache.runtime.views import FieldSnapshot, MergedKVView
+from minicache.runtime.views import MergedKVView
 
 __all__ = ["MergedLayer", "OwnedLayer", "QuantizedLayer", "plain_layer_bytes"]
 
@@ -162,8 +162,7 @@ class QuantizedLayer(CacheLayerMixin):
     def views_of(self) -> tuple[MergedKVView, MergedKVView]:
         """Snapshots of the packed prefix and the exact window of keys and values."""
         return tuple(
-            MergedKVView(member=0, residual=window, stored={} if packed is None else {"vectors": FieldSnapshot(packed)},
-                         quantizer=self.quantizer, bits=0 if packed is None else packed.bits)
+            MergedKVView.of_quantized_layer(window, packed, self.quantizer)
             for window, packed in ((self.keys, self.qkeys), (self.values, self.qvalues))
         )
 

@@ -59,14 +59,22 @@ class FieldSnapshot:
         """Blocks must start at multiples of this (a packed per-channel group cannot be split)."""
         return self.packed.group_size if self.packed is not None and self.packed.axis == "tokens" else 1
 
-    def block(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
-        """Tokens ``[start, end)``: the packed part dequantized to ``dtype``, the dense part as stored."""
+    def block(self, start: int, end: int, dtype: torch.dtype, *, rotated: bool = False) -> torch.Tensor:
+        """Tokens ``[start, end)``: the packed part dequantized to ``dtype``, the dense part as stored.
+
+        ``rotated``: in the packing's rotated frame (``x R``, :attr:`QuantizedTensor.rotation`) instead:
+        the packed part is not rotated back and the dense tail is rotated in (it is shorter than a chunk).
+        """
         mq = self.packed_length
+        rotation = self.packed.rotation if rotated and self.packed is not None else None
         parts = []
         if start < mq:
-            parts.append(self.packed.slice_tokens(start, min(end, mq)).dequantize(dtype))
+            parts.append(self.packed.slice_tokens(start, min(end, mq)).dequantize(dtype, unrotate=rotation is None))
         if end > mq:
-            parts.append(self.dense[..., max(start, mq) - mq : end - mq, :])
+            dense = self.dense[..., max(start, mq) - mq : end - mq, :]
+            if rotation is not None:
+                dense = (dense.float() @ rotation.to(dense.device)).to(dtype)
+            parts.append(dense)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
     def tensors(self):
@@ -207,11 +215,21 @@ class MergedKVView:
     # -- construction -----------------------------------------------------------------------------
     @classmethod
     def of_quantized_layer(
-        cls, residual: torch.Tensor, packed: QuantizedTensor, quantizer: Quantizer | None = None
+        cls, residual: torch.Tensor, packed: QuantizedTensor | None, quantizer: Quantizer | None = None
     ) -> MergedKVView:
-        """An unmerged quantized layer's keys or values: packed prefix + exact window, no method."""
+        """An unmerged quantized layer's keys or values: packed prefix + exact window, no method.
+
+        A rotated packing (:attr:`QuantizedTensor.rotation`) is the prefix's :attr:`frame`: the blockwise
+        path rotates the query and the output once per step instead of every packed token back.
+        """
+        if packed is None:
+            return cls(member=0, residual=residual, quantizer=quantizer)
+        frame = None
+        if packed.rotation is not None:
+            h, d = residual.shape[1], packed.rotation.shape[-1]
+            frame = Frame(packed.rotation.to(residual.device).expand(h, d, d))
         return cls(member=0, residual=residual, stored={"vectors": FieldSnapshot(packed=packed)},
-                   quantizer=quantizer, bits=packed.bits)
+                   quantizer=quantizer, bits=packed.bits, frame=frame)
 
     # -- shape --------------------------------------------------------------------------------------
     @property
@@ -313,9 +331,9 @@ class MergedKVView:
         output (values) instead.
         """
         dtype = self.dtype
+        if self.method is None:  # an unmerged layer: the prefix holds the vectors (a rotated packing: its frame)
+            return self.stored["vectors"].block(start, end, dtype, rotated=in_frame and self.frame is not None)
         block = {name: f.block(start, end, dtype) for name, f in self.stored.items()}
-        if self.method is None:  # an unmerged layer: the prefix holds the vectors
-            return block["vectors"]
         dense = self.method.decode(self.params, block, self.member, self.tensors, dtype, in_frame=in_frame)
         retained = self._retained_in(start, end)
         if retained is not None:

@@ -34,7 +34,8 @@ L=/usr/share/common-licenses
 cat "$L/Apache-2.0" "$L/GPL-2" "$L/LGPL-2.1" >"$WORK/licences.txt"
 (cd /usr/lib/python3.11 && cat argparse.py dataclasses.py textwrap.py difflib.py csv.py json/decoder.py \
   pathlib.py shutil.py tempfile.py inspect.py) >"$WORK/code.txt"
-zcat /usr/share/doc/python3.11/NEWS.gz | head -c 400000 >"$WORK/notes.txt"
+zcat /usr/share/doc/python3.11/NEWS.gz >"$WORK/news.txt"  # not piped into head: SIGPIPE under pipefail
+head -c 400000 "$WORK/news.txt" >"$WORK/notes.txt"
 cat "$WORK/licences.txt" "$WORK/code.txt" "$WORK/notes.txt" >"$WORK/unseen.txt"
 
 if [[ $WHAT == all || $WHAT == calibrate ]]; then

@@ -37,10 +37,22 @@ def main(path: str, out: str) -> None:
         "| :--- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        if "kv_value_bits" not in r and Path(r["method"]).is_dir():  # older JSON: read the profile's widths
+            from minicache import MergeProfile
+
+            q = MergeProfile.load(r["method"]).quantization
+            if q is not None and q.value_bits is not None:
+                layers = len(q.value_bits) if isinstance(q.value_bits, tuple) else len(q.bits)
+                r["kv_value_bits"] = [q.bits_of(i, "values") for i in range(layers)]
         lo, hi = r.get("ppl_increase_ci95") or (float("nan"), float("nan"))
         bits = r.get("kv_bits", "–")
-        if isinstance(bits, list):
-            bits = f"{sum(bits) / len(bits):.2f} (keys)"
+        values = r.get("kv_value_bits", bits)
+        if isinstance(bits, list) or isinstance(values, list):
+            keys_list = bits if isinstance(bits, list) else [bits] * len(values)
+            values_list = values if isinstance(values, list) else [values] * len(keys_list)
+            bits = f"{(sum(keys_list) + sum(values_list)) / (2 * len(keys_list)):.2f}"
+        elif values != bits:
+            bits = f"{(bits + values) / 2:.2f}"
         lines.append(
             f"| `{r['method']}` | {r['compression_ratio']:.3f}x | {r['ppl_increase']:+.2%} | {lo:+.2%}..{hi:+.2%} "
             f"| {r['kl_mean']:.4f} | {r['top1_agreement']:.2%} | {bits} |"
@@ -48,7 +60,8 @@ def main(path: str, out: str) -> None:
     lines += [
         "",
         f"{data['dtype']}, {first['windows']} windows × ({first['prefix_length']} prefix + "
-        f"{first['continuation_length']} scored tokens) = {first['tokens_scored']} scored tokens of `{data['data']}`; "
+        f"{first['continuation_length']} scored tokens) = {first['tokens_scored']} scored tokens of "
+        f"`{Path(data['data']).name}`; "
         "compression after the prefix; 95 % interval of the perplexity increase: paired bootstrap over windows. "
         "The `full` row is the noise floor: the full cache scored through the same chunked path.",
     ]

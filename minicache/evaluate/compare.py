@@ -143,7 +143,12 @@ class MethodSpec:
             q = self.profile.quantization
         if q is None or (self.kind == "baseline" and self.name == "full"):
             return {}
-        return {"kv_bits": q.bits, "kv_group_size": q.group_size, "kv_residual_length": q.residual_length}
+        out = {"kv_bits": q.bits, "kv_group_size": q.group_size, "kv_residual_length": q.residual_length}
+        if q.value_bits is not None:
+            out["kv_value_bits"] = q.value_bits
+        if q.scheme != "kivi":
+            out["kv_scheme"] = q.scheme
+        return out
 
 
 def parse_storage(text: str) -> Quantization:

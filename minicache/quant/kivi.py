@@ -24,9 +24,14 @@ class KiviQuantizer(Quantizer):
     kernel_layout = "uniform_groups"
 
     def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int) -> QuantizedTensor:
+        rotation = self.rotation_for(x)
         if role == "keys":
-            return quantize(x, bits, group_size, "tokens")
-        return quantize(x, bits, self.value_group(group_size, x.shape[-1]), "channels")
+            return quantize(x, bits, group_size, "tokens", rotation)
+        return quantize(x, bits, self.value_group(group_size, x.shape[-1]), "channels", rotation)
+
+    def rotation_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Orthogonal ``[D, D]`` matrix applied before packing (None: none; subclasses rotate)."""
+        return None
 
     def chunk_tokens(self, role: str, group_size: int) -> int:
         return group_size if role == "keys" else 1

@@ -25,7 +25,6 @@ import functools
 import torch
 
 from minicache.quant.kivi import KiviQuantizer
-from minicache.quant.packed import QuantizedTensor, quantize
 
 __all__ = ["ROTATION_SEED", "RotatedQuantizer", "rotation_matrix"]
 
@@ -63,8 +62,5 @@ class RotatedQuantizer(KiviQuantizer):
     bits = (2, 3, 4)
     kernel_layout = None
 
-    def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int) -> QuantizedTensor:
-        rotation = rotation_matrix(x.shape[-1], x.device)
-        if role == "keys":
-            return quantize(x, bits, group_size, "tokens", rotation)
-        return quantize(x, bits, self.value_group(group_size, x.shape[-1]), "channels", rotation)
+    def rotation_for(self, x: torch.Tensor) -> torch.Tensor:
+        return rotation_matrix(x.shape[-1], x.device)

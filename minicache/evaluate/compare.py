@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from minicache.evaluate.passkey import PasskeyMethod, accuracy_table, make_passkey_prompts, run_passkey
+from minicache.evaluate.peers import PressSpec, kvpress_version, press_cache_factory
 from minicache.evaluate.quality import (
     QUANTIZED_CACHE_BACKENDS,
     evaluate_profile,
@@ -41,7 +42,7 @@ BUILTIN_METHODS = {
         for backend in QUANTIZED_CACHE_BACKENDS
     },
 }
-_KINDS = ("baseline", "preset", "profile")
+_KINDS = ("baseline", "preset", "profile", "peer")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ class MethodSpec:
         Name in tables and JSON (``"full"``, ``"paper"``, a profile path, or the single-run
         labels ``"baseline:full"`` / ``"preset:paper"``).
     kind : str
-        ``"baseline"``, ``"preset"`` or ``"profile"``.
+        ``"baseline"``, ``"preset"``, ``"profile"`` or ``"peer"`` (a kvpress press,
+        ``kvpress:NAME@RATIO``).
     name : str
         The baseline or preset name, or the profile's path.
     profile : MergeProfile or None
@@ -62,6 +64,8 @@ class MethodSpec:
     quantization : Quantization or None
         ``--kv-bits``: MiniCache methods store their cache quantized (issue 6); transformers'
         grouped `QuantizedCache` baselines take its bits and group size. Ignored by ``full``.
+    press : PressSpec or None
+        The kvpress press (kind ``"peer"`` only).
     """
 
     label: str
@@ -69,11 +73,16 @@ class MethodSpec:
     name: str
     profile: MergeProfile | None = None
     quantization: Quantization | None = None
+    press: PressSpec | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"method kind {self.kind!r} is not one of {_KINDS}")
-        if self.kind != "profile" and BUILTIN_METHODS.get(self.name, ("",))[0] != self.kind:
+        if (self.kind == "peer") != (self.press is not None):
+            raise ValueError("a press goes with kind 'peer' only")
+        if self.kind == "peer" and self.quantization is not None:
+            raise ValueError(f"{self.label!r}: kvpress methods are not stored quantized here")
+        if self.kind not in ("profile", "peer") and BUILTIN_METHODS.get(self.name, ("",))[0] != self.kind:
             known = ", ".join(n for n, (k, _) in BUILTIN_METHODS.items() if k == self.kind)
             raise ValueError(f"{self.name!r} is not a {self.kind}; known: {known}")
         if (self.kind == "profile") != (self.profile is not None):
@@ -84,6 +93,7 @@ class MethodSpec:
         """``full``, ``paper``, ``average`` (or ``baseline:NAME`` / ``preset:NAME``), else a profile path;
         any of them followed by ``@[SCHEME:]BITS[/GROUP]`` is stored quantized that way
         (:func:`parse_storage`; e.g. ``none@rotated:3``, ``profiles/x@kivi:2/64``).
+        ``kvpress:NAME@RATIO`` is a kvpress press (:class:`~minicache.evaluate.peers.PressSpec`).
 
         Raises
         ------
@@ -93,6 +103,8 @@ class MethodSpec:
         text = text.strip()
         if not text:
             raise ValueError("empty method name")
+        if text.startswith("kvpress:"):
+            return cls(text, "peer", text, press=PressSpec.parse(text.removeprefix("kvpress:")))
         if "@" in text:
             base, _, storage = text.rpartition("@")
             return replace(cls.parse(base), label=text, quantization=parse_storage(storage))
@@ -119,6 +131,8 @@ class MethodSpec:
         q = self.quantization
         if self.name == "full" and self.kind == "baseline":
             return MergeProfile(), full_cache_factory
+        if self.kind == "peer":
+            return MergeProfile(), press_cache_factory(self.press)[0]
         if self.kind == "baseline" and self.name.startswith("quantized-cache-"):
             backend = self.name.removeprefix("quantized-cache-")
             bits, group = (q.bits, q.group_size) if q is not None else (4, 128)
@@ -131,11 +145,15 @@ class MethodSpec:
             profile = MergeProfile.preset(self.name, config)
         return (profile if q is None else profile.with_quantization(q)), None
 
+    def prefill_context(self) -> Callable | None:
+        """``model -> context manager`` around the prefix's forward pass (kvpress presses), or None."""
+        return press_cache_factory(self.press)[1] if self.kind == "peer" else None
+
     @property
     def quantized(self) -> dict:
         """``kv_bits``/``kv_group_size`` (and the exact window) of this method, for JSON; {} if none."""
         q = self.quantization
-        if self.kind == "baseline" and self.name == "quantized-cache-fp8":
+        if self.kind == "peer" or (self.kind == "baseline" and self.name == "quantized-cache-fp8"):
             return {}
         if self.kind == "baseline" and self.name.startswith("quantized-cache-"):
             return {"kv_bits": q.bits if q else 4, "kv_group_size": q.group_size if q else 128}
@@ -225,9 +243,12 @@ def compare_quality(
             batch_size=batch_size,
             chunk_size=chunk_size,
             cache_factory=factory,
+            prefill_context=spec.prefill_context(),
             allow_model_mismatch=allow_model_mismatch,
         )
         row = {"method": spec.label, **result.to_dict(), **spec.quantized, "describe": _describe(spec, profile)}
+        if spec.kind == "peer":
+            row["kvpress_version"] = kvpress_version()
         row["seconds"] = round(time.perf_counter() - started, 1)
         rows.append(row)
         if progress is not None:
@@ -240,6 +261,9 @@ def _describe(spec: MethodSpec, profile: MergeProfile) -> str:
         return "DynamicCache (full)"
     if spec.kind == "baseline" and spec.name.startswith("quantized-cache-"):
         return BUILTIN_METHODS[spec.name][1]
+    if spec.kind == "peer":
+        press = spec.press
+        return f"kvpress {kvpress_version()} {press.class_name}(compression_ratio={press.compression_ratio})"
     return profile.describe()
 
 
@@ -270,6 +294,9 @@ def compare_passkey(
         strings), ``compression`` per method and length, ``records`` (every answer), ``settings``.
     """
     specs = list(methods)
+    peers = [s.label for s in specs if s.kind == "peer"]
+    if peers:
+        raise ValueError(f"{', '.join(peers)}: kvpress methods are measured on the perplexity task only")
     if not any(s.kind == "baseline" and s.name == "full" for s in specs):
         specs.insert(0, MethodSpec("full", "baseline", "full"))
     runnable = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -222,6 +223,24 @@ def reference_run(
     return ReferenceRun(log_probs=log_probs, nll=torch.cat(nll), prefix_kv=prefix_kv or None)
 
 
+def _continuation_kwargs(cache, seen: int, chunk: torch.Tensor) -> dict:
+    """Mask and positions of a continuation chunk after ``seen`` tokens.
+
+    A cache that evicted tokens (a kvpress press) holds fewer than ``seen``: the chunk's positions
+    are then given explicitly (RoPE of the true position) and the mask left to the cache's length.
+    """
+    batch, length = chunk.shape
+    held = cache.get_seq_length()
+    if held == seen:
+        return {"attention_mask": torch.ones(batch, seen + length, dtype=torch.long, device=chunk.device)}
+    lengths = {layer.get_seq_length() for layer in cache.layers if not getattr(layer, "is_sliding", False)}
+    if len(lengths) > 1:  # one causal mask serves every layer
+        raise ValueError(f"the cache evicted tokens unevenly: its layers hold {sorted(lengths)} of {seen} tokens; "
+                         "only caches that hold as many tokens in every layer can be scored")
+    positions = torch.arange(seen, seen + length, device=chunk.device).expand(batch, -1)
+    return {"position_ids": positions}
+
+
 @torch.inference_mode()
 def evaluate_profile(
     model,
@@ -233,6 +252,7 @@ def evaluate_profile(
     batch_size: int = 4,
     chunk_size: int = 64,
     cache_factory: Callable[[MergeProfile, object], object] | None = None,
+    prefill_context: Callable[[object], AbstractContextManager] | None = None,
     allow_model_mismatch: bool = False,
 ) -> QualityResult:
     """Measure ``profile`` on ``windows`` (``[N, prefix_length + continuation_length]`` token ids).
@@ -246,6 +266,11 @@ def evaluate_profile(
         Continuation tokens fed per forward pass. Smaller is closer to token-by-token decoding.
     cache_factory : callable, optional
         ``(profile, model) -> Cache``; defaults to :class:`MiniCache`.
+    prefill_context : callable, optional
+        ``model -> context manager`` entered around the prefix's forward pass (a kvpress press
+        compresses the cache there, :mod:`minicache.evaluate.peers`). A cache left holding fewer
+        positions than it has seen is continued with explicit positions (RoPE of the true
+        position, causal mask over what it holds) and its full size counted from the prefix.
     """
     if windows.dim() != 2 or windows.shape[1] <= prefix_length:
         raise ValueError(f"windows must be [N, prefix + continuation] with a continuation, got {tuple(windows.shape)}")
@@ -269,19 +294,20 @@ def evaluate_profile(
                 cache.update(keys.to(device), values.to(device), layer_idx)
             first = ref_lp[:, :1].to(device)  # the prefix's last logits are the full run's
         else:
-            out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), cache=cache,
-                        **_logits_kwargs(model, 1))
+            with prefill_context(model) if prefill_context is not None else nullcontext():
+                out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), cache=cache,
+                            **_logits_kwargs(model, 1))
             first = out.logits[:, -1:]
-        held, full = cache_bytes(cache, model.config, prefix.shape[0], next(model.parameters()).dtype)
+        held, full = cache_bytes(cache, model.config, prefix.shape[0], next(model.parameters()).dtype,
+                                 seen=prefix_length)
         kv_bytes += held
         kv_bytes_full += full
         logits = [first]
         seen = prefix_length
         for start in range(prefix_length, batch.shape[1] - 1, chunk_size):
             chunk = batch[:, start : min(start + chunk_size, batch.shape[1] - 1)]
+            logits.append(model(input_ids=chunk, cache=cache, **_continuation_kwargs(cache, seen, chunk)).logits)
             seen += chunk.shape[1]
-            mask = torch.ones(batch.shape[0], seen, dtype=torch.long, device=device)
-            logits.append(model(input_ids=chunk, attention_mask=mask, cache=cache).logits)
         lp = F.log_softmax(torch.cat([x.float() for x in logits], dim=1), dim=-1).cpu()
         nll.append(token_nll(lp, batch[:, prefix_length:].cpu()))
         kl.append(kl_divergence(ref_lp, lp))

@@ -19,7 +19,7 @@ __all__ = ["cache_bytes", "compression_ratio"]
 
 
 def cache_bytes(cache: Any, config: Any = None, batch: int | None = None,
-                dtype: torch.dtype | None = None) -> tuple[int, int]:
+                dtype: torch.dtype | None = None, seen: int | None = None) -> tuple[int, int]:
     """``(bytes held, bytes a DynamicCache of the same dtype would hold)`` of a cache after use.
 
     Parameters
@@ -33,6 +33,10 @@ def cache_bytes(cache: Any, config: Any = None, batch: int | None = None,
         hold full-size keys and values.
     batch : int, optional
     dtype : torch.dtype, optional
+    seen : int, optional
+        Tokens the cache has been given. A transformers cache that evicted some (a kvpress press)
+        holds fewer: its full-size equivalent counts ``seen`` tokens in every layer that keeps its
+        whole context (sliding-window layers count what they hold, as a `DynamicCache` would).
     """
     if isinstance(cache, MiniCache):
         report = cache.memory_report()
@@ -52,7 +56,10 @@ def cache_bytes(cache: Any, config: Any = None, batch: int | None = None,
                 t.numel() * t.element_size()
             )
         held += sum(storages.values())
-        full += batch * layer.get_seq_length() * spec.kv_bytes_per_token(min(index, spec.num_layers - 1), item)
+        tokens = layer.get_seq_length()
+        if seen is not None and not getattr(layer, "is_sliding", False):
+            tokens = max(tokens, seen)
+        full += batch * tokens * spec.kv_bytes_per_token(min(index, spec.num_layers - 1), item)
     return int(held), int(full)
 
 

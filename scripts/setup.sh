@@ -71,14 +71,15 @@ if ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("ll
 fi
 
 # kvpress, the peer the benchmarks compare against (minicache-eval --compare kvpress:NAME@RATIO), pins
-# transformers < 5.3 and minicache needs >= 5.24: it goes in without its dependencies (the one it
-# imports that we lack comes separately, in its range) and minicache/evaluate/peers.py adapts the arguments its
-# hooks read. Not a dependency of minicache itself.
+# transformers < 5.3 and minicache needs >= 5.24: it goes in without its dependencies (the two it
+# imports that we lack come separately, in its ranges; pip then warns about the pins it skipped)
+# and minicache/evaluate/peers.py adapts the arguments its hooks read. Not a dependency of
+# minicache itself.
 KVPRESS_VERSION="0.5.5"
 if [[ "$(version_of kvpress)" != "$KVPRESS_VERSION" ]]; then
   say "installing kvpress==$KVPRESS_VERSION (--no-deps: its transformers pin is older than ours)"
   pip_install --no-deps "kvpress==$KVPRESS_VERSION"
-  pip_install "cachetools>=5.5.2,<6"
+  pip_install "cachetools>=5.5.2,<6" "fire>=0.6,<0.7"
 fi
 
 say "ready: $("$PY" -c 'import sys; print(sys.version.split()[0])'), torch $(version_of torch), transformers $(version_of transformers), minicache $(version_of minicache) in $VENV"

@@ -30,13 +30,7 @@ exec > >(tee "$OUT/log-$WHAT.txt") 2>&1
 echo "machine: $(nproc --all) CPU cores (OMP_NUM_THREADS=$OMP_NUM_THREADS), $(uname -m); $(date -u +%F); commit $(git rev-parse --short HEAD)"
 
 cat minicache/calibrate/corpus/default.jsonl profiles/smollm2-135m-instruct/calibration-data.jsonl >"$WORK/calib.jsonl"
-L=/usr/share/common-licenses
-cat "$L/Apache-2.0" "$L/GPL-2" "$L/LGPL-2.1" >"$WORK/licences.txt"
-(cd /usr/lib/python3.11 && cat argparse.py dataclasses.py textwrap.py difflib.py csv.py json/decoder.py \
-  pathlib.py shutil.py tempfile.py inspect.py) >"$WORK/code.txt"
-zcat /usr/share/doc/python3.11/NEWS.gz >"$WORK/news.txt"  # not piped into head: SIGPIPE under pipefail
-head -c 400000 "$WORK/news.txt" >"$WORK/notes.txt"
-cat "$WORK/licences.txt" "$WORK/code.txt" "$WORK/notes.txt" >"$WORK/unseen.txt"
+source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
 
 if [[ $WHAT == all || $WHAT == calibrate ]]; then
   echo "== widths alone: --preset none --kv-bits auto --kv-scheme rotated, 2,048-token windows"

@@ -33,13 +33,7 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/log-$WHAT.txt") 2>&1
 echo "machine: $(nproc --all) CPU cores (OMP_NUM_THREADS=$OMP_NUM_THREADS), $(uname -m); $(date -u +%F); commit $(git rev-parse --short HEAD)"
 
-L=/usr/share/common-licenses
-cat "$L/Apache-2.0" "$L/GPL-2" "$L/LGPL-2.1" >"$WORK/licences.txt"
-(cd /usr/lib/python3.11 && cat argparse.py dataclasses.py textwrap.py difflib.py csv.py json/decoder.py \
-  pathlib.py shutil.py tempfile.py inspect.py) >"$WORK/code.txt"
-zcat /usr/share/doc/python3.11/NEWS.gz >"$WORK/news.txt"
-head -c 400000 "$WORK/news.txt" >"$WORK/notes.txt"
-cat "$WORK/licences.txt" "$WORK/code.txt" "$WORK/notes.txt" >"$WORK/unseen.txt"
+source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
 
 if [[ $WHAT == all ]]; then
   echo "== minicache-calibrate --data $DATA --methods slerp,lowrank"

@@ -27,10 +27,7 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
 LOG="$OUT/log-$WHAT.txt"
 
-(cd /usr/lib/python3.11 && cat argparse.py dataclasses.py textwrap.py difflib.py csv.py json/decoder.py \
-  pathlib.py shutil.py tempfile.py inspect.py) >"$WORK/code.txt"
-zcat /usr/share/doc/python3.11/NEWS.gz >"$WORK/news.txt"  # whole, then cut: head closing a pipe fails pipefail
-head -c 400000 "$WORK/news.txt" >"$WORK/notes.txt"
+source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
 
 calibrate() {  # name, then minicache-calibrate arguments
   local name=$1

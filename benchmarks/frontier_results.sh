@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Issue 20: minicache beside what a user would pick instead, on text no profile was calibrated on.
+# Writes benchmarks/results/frontier-cpu/ (overwrites that dtype's files).
+#
+#   bash benchmarks/frontier_results.sh               # bfloat16 and float32 (about 90 minutes on 2 CPU cores)
+#   bash benchmarks/frontier_results.sh bfloat16      # one dtype
+#
+# Data: 64 windows x (512 prefix + 256 scored tokens) = 16,384 scored tokens, half Python source, half
+# Python release notes (benchmarks/unseen_text.sh), one minicache-eval --compare run per dtype, so every
+# method is scored on the same windows against the same full-cache run; the 95 % interval is a paired
+# bootstrap over the 64 windows. Memory: bytes each cache really holds after the prefix.
+# Methods: ours (paper preset, averaging, the shipped profile alone and + 4-bit KIVI, KIVI 4-bit and
+# rotated 3-bit alone, the calibrated-width profile of benchmarks/results/lowbit-cpu), transformers'
+# QuantizedCache (HQQ 4-bit), and kvpress presses at compression ratios 0.0625 (1.07x, the shipped
+# profile's saving), 0.25, 0.5 and 0.75; float32 runs a shorter list. Then frontier_table.py draws
+# table-<dtype>.md and frontier-<dtype>.png.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-.venv/bin/python}
+export PYTHONPATH=.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+DTYPES=${1:-bfloat16 float32}
+OUT=benchmarks/results/frontier-cpu
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log-${DTYPES// /-}.txt") 2>&1
+echo "machine: $(nproc --all) CPU cores (OMP_NUM_THREADS=$OMP_NUM_THREADS), $(uname -m); $(date -u +%F); commit $(git rev-parse --short HEAD)"
+"$PY" -c "from importlib.metadata import version as v; print('kvpress', v('kvpress'), 'transformers', v('transformers'))"
+
+source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
+# 32 windows of each kind, back to back: the stream joins records with one EOS, so the second is one short
+"$PY" - "$WORK/code.txt" "$WORK/notes.txt" "$WORK/unseen-16k.jsonl" <<'PYEOF'
+import json, sys
+from minicache.models import load_model
+_, tokenizer = load_model("smollm2-135m")
+window = 512 + 256
+with open(sys.argv[3], "w") as out:
+    for i, path in enumerate(sys.argv[1:3]):
+        ids = tokenizer(open(path).read(), add_special_tokens=False).input_ids[: 32 * window - i]
+        assert len(ids) == 32 * window - i, f"{path}: too short"
+        out.write(json.dumps({"input_ids": ids}) + "\n")
+PYEOF
+
+SHIPPED=profiles/smollm2-135m-instruct
+OURS="full,paper,average,$SHIPPED,$SHIPPED@kivi:4"
+if "$PY" -c "import hqq" 2>/dev/null; then HQQ=",quantized-cache-hqq@4"; else
+  HQQ=""; echo "hqq is not installed (pip install 'minicache[hqq]'): no QuantizedCache row"; fi
+for dtype in $DTYPES; do
+  if [[ $dtype == bfloat16 ]]; then
+    methods="$OURS,none@kivi:4,none@rotated:3,benchmarks/results/lowbit-cpu/auto-rotated$HQQ"
+    for r in 0.0625 0.25 0.5 0.75; do methods+=",kvpress:snapkv@$r,kvpress:expected@$r"; done
+    methods+=",kvpress:streaming@0.0625,kvpress:streaming@0.5,kvpress:knorm@0.5,kvpress:tova@0.5,kvpress:keydiff@0.5"
+  else
+    methods="$OURS$HQQ,kvpress:snapkv@0.0625,kvpress:snapkv@0.5,kvpress:expected@0.0625,kvpress:expected@0.5"
+    methods+=",kvpress:streaming@0.5,kvpress:knorm@0.5"
+  fi
+  echo "== $dtype: minicache-eval --compare $methods"
+  began=$SECONDS
+  "$PY" -m minicache.evaluate.cli --compare "$methods" --data "$WORK/unseen-16k.jsonl" --dtype "$dtype" \
+    --prefix-length 512 --continuation-length 256 --num-windows 64 \
+    --json-out "$OUT/$dtype.json" --markdown-out "$OUT/$dtype.md" --force
+  echo "   ($dtype: $((SECONDS - began)) s)"
+done
+"$PY" benchmarks/frontier_table.py "$OUT"

@@ -105,13 +105,13 @@ def test_compare_rows_record_the_press_and_kvpress_version():
 
 
 def test_a_cache_that_evicts_unevenly_across_layers_is_refused():
-    from minicache.evaluate.quality import _continuation_kwargs
+    from minicache.evaluate.quality import continuation_kwargs
 
     cache = transformers.DynamicCache(config=tiny_config("llama"))
     for layer, length in enumerate((6, 6, 4, 6)):
         cache.update(torch.zeros(1, 2, length, 16), torch.zeros(1, 2, length, 16), layer)
     with pytest.raises(ValueError, match="unevenly"):
-        _continuation_kwargs(cache, 8, torch.zeros(1, 2, dtype=torch.long))
+        continuation_kwargs(cache, 8, torch.zeros(1, 2, dtype=torch.long))
 
 
 def test_passkey_refuses_peers():

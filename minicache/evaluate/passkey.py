@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import DynamicCache
 
+from minicache.evaluate.quality import continuation_kwargs
 from minicache.runtime.memory import cache_bytes, compression_ratio
 
 #: Filler sentences, repeated (the haystack of the passkey papers).
@@ -113,7 +114,7 @@ def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special, verbose=False).input_ids)
 
 
-def _template_parts(tokenizer) -> tuple[str, str] | None:
+def template_parts(tokenizer) -> tuple[str, str] | None:
     """Chat-template text before and after a user message (with the assistant turn opened), or None."""
     if not getattr(tokenizer, "chat_template", None):
         return None
@@ -144,7 +145,7 @@ def make_passkey_prompt(
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth {depth} is outside [0, 1]")
-    parts = _template_parts(tokenizer)
+    parts = template_parts(tokenizer)
     if parts is None:  # no chat template: plain text, the tokenizer's own BOS
         head = _ids(tokenizer, INSTRUCTION, special=True)
         tail = _ids(tokenizer, f"\n\n{QUESTION} {ANSWER_PREFIX}")
@@ -237,18 +238,16 @@ def _replay(cache, prefilled: DynamicCache):
 
 
 @torch.inference_mode()
-def _answer(model, cache, question: torch.Tensor, seen: int, max_new_tokens: int) -> torch.Tensor:
-    """Greedy answer ``[B, max_new_tokens]`` to ``question`` ``[B, q]`` after ``seen`` cached tokens."""
-    device = question.device
-    batch = question.shape[0]
+def greedy_answer(model, cache, question: torch.Tensor, seen: int, max_new_tokens: int) -> torch.Tensor:
+    """Greedy answer ``[B, max_new_tokens]`` to ``question`` ``[B, q]`` after ``seen`` cached tokens
+    (a cache that evicted some of them is continued at the true positions)."""
+    logits = model(input_ids=question, cache=cache, **continuation_kwargs(cache, seen, question)).logits
     seen += question.shape[1]
-    logits = model(input_ids=question, attention_mask=torch.ones(batch, seen, dtype=torch.long, device=device),
-                   cache=cache).logits
     tokens = [logits[:, -1].argmax(-1)]
     for _ in range(max_new_tokens - 1):
+        step = tokens[-1][:, None]
+        logits = model(input_ids=step, cache=cache, **continuation_kwargs(cache, seen, step)).logits
         seen += 1
-        logits = model(input_ids=tokens[-1][:, None],
-                       attention_mask=torch.ones(batch, seen, dtype=torch.long, device=device), cache=cache).logits
         tokens.append(logits[:, -1].argmax(-1))
     return torch.stack(tokens, dim=1)
 
@@ -314,7 +313,7 @@ def run_passkey(
                 _replay(cache, prefilled)
             else:
                 model(input_ids=context, attention_mask=torch.ones_like(context), cache=cache)
-            answers = _answer(model, cache, question, context.shape[1], max_new_tokens)
+            answers = greedy_answer(model, cache, question, context.shape[1], max_new_tokens)
             kv_bytes, kv_full = cache_bytes(cache)
             sums = held.setdefault((method.label, batch[0].context_length), [0, 0])
             sums[0] += kv_bytes

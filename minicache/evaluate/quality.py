@@ -223,7 +223,7 @@ def reference_run(
     return ReferenceRun(log_probs=log_probs, nll=torch.cat(nll), prefix_kv=prefix_kv or None)
 
 
-def _continuation_kwargs(cache, seen: int, chunk: torch.Tensor) -> dict:
+def continuation_kwargs(cache, seen: int, chunk: torch.Tensor) -> dict:
     """Mask and positions of a continuation chunk after ``seen`` tokens.
 
     A cache that evicted tokens (a kvpress press) holds fewer than ``seen``: the chunk's positions
@@ -306,7 +306,7 @@ def evaluate_profile(
         seen = prefix_length
         for start in range(prefix_length, batch.shape[1] - 1, chunk_size):
             chunk = batch[:, start : min(start + chunk_size, batch.shape[1] - 1)]
-            logits.append(model(input_ids=chunk, cache=cache, **_continuation_kwargs(cache, seen, chunk)).logits)
+            logits.append(model(input_ids=chunk, cache=cache, **continuation_kwargs(cache, seen, chunk)).logits)
             seen += chunk.shape[1]
         lp = F.log_softmax(torch.cat([x.float() for x in logits], dim=1), dim=-1).cpu()
         nll.append(token_nll(lp, batch[:, prefix_length:].cpu()))

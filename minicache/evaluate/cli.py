@@ -21,12 +21,13 @@ from minicache.cli_options import (
     quantization_from_args,
 )
 from minicache.data import DataError, read_samples, token_windows
+from minicache.evaluate.task_names import RULER_TASKS
 from minicache.fileio import atomic_write, check_output_file
 from minicache.model_spec import ModelSpec
 from minicache.profile import MergeProfile
 from minicache.validation import ProfileError
 
-TASKS = ("perplexity", "passkey")
+TASKS = ("perplexity", "passkey", "ruler")
 
 
 def _depth_list(text: str) -> list[float]:
@@ -50,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
             "distributions (mean, q95) and top-1 agreement; memory is the cache after the prefix, "
             "compression_ratio = full-cache bytes / bytes held. --task passkey: a 5-digit number hidden at "
             "several depths in filler text of several lengths, asked for at the end; exact-match accuracy "
-            "of the full cache and of the method(s) on the same prompts. --compare runs several methods "
+            "of the full cache and of the method(s) on the same prompts. --task ruler: RULER-style long-context "
+            "tasks (needles, variable tracking, common words, quotes from a passage; --tasks), exact-match "
+            "accuracy per task and length with a 95 % interval. --compare runs several methods "
             "on the same data and prints a Markdown table."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--continuation-length", type=int, default=256, help="tokens scored after the prefix")
     ppl.add_argument("--num-windows", type=int, default=16, help="at most this many windows")
     ppl.add_argument("--chunk-size", type=int, default=64, help="continuation tokens per forward pass")
-    passkey = parser.add_argument_group("passkey task")
+    passkey = parser.add_argument_group("passkey and ruler tasks")
     passkey.add_argument(
         "--context-lengths", type=positive_int_list, default=[1024, 2048, 4096], metavar="N,N,...",
         help="prompt lengths in tokens",
@@ -97,9 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--depths", type=_depth_list, default=[0.1, 0.5, 0.9], metavar="D,D,...",
         help="needle depths, as fractions of the filler",
     )
-    passkey.add_argument("--samples-per-cell", type=int, default=4, help="prompts per (length, depth)")
+    passkey.add_argument("--samples-per-cell", type=int, default=4,
+                         help="prompts per (length, depth); --task ruler: per (task, length)")
     passkey.add_argument("--seed", type=int, default=0, help="seed of the passkeys")
-    passkey.add_argument("--max-new-tokens", type=int, default=8, help="greedy answer tokens")
+    passkey.add_argument("--max-new-tokens", type=int, default=8, help="greedy answer tokens (ruler: per task)")
+    passkey.add_argument("--tasks", default=",".join(RULER_TASKS), metavar="T,T,...",
+                         help=f"--task ruler: which tasks (of {', '.join(RULER_TASKS)})")
     parser.add_argument("--batch-size", type=int, default=4, help="windows or prompts per forward pass")
     add_dtype_option(parser)
     add_kv_options(parser)
@@ -141,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.kv_bits is not None and args.baseline in ("full", "quantized-cache-fp8"):
         print(f"error: --kv-bits does not apply to --baseline {args.baseline}", file=sys.stderr)
         return 2
+    if args.task == "ruler":
+        unknown = [t for t in args.tasks.split(",") if t not in RULER_TASKS]
+        if unknown:
+            print(f"error: unknown --tasks {', '.join(unknown)}; known: {', '.join(RULER_TASKS)}", file=sys.stderr)
+            return 2
     if args.task == "perplexity" and not args.data:
         print("error: --task perplexity needs --data", file=sys.stderr)
         return 2
@@ -162,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     def progress(message: str) -> None:  # on stderr: stdout stays one table or one JSON object
-        if args.compare is not None or args.task == "passkey":
+        if args.compare is not None or args.task != "perplexity":
             print(f"[{time.perf_counter() - started:6.0f}s] {message}", file=sys.stderr, flush=True)
 
     try:
@@ -188,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
                 chunk_size=args.chunk_size,
                 allow_model_mismatch=args.allow_model_mismatch,
                 progress=progress,
+            )
+        elif args.task == "ruler":
+            ruler = compare.compare_tasks(
+                model, tokenizer, methods, args.tasks.split(","), args.context_lengths, args.samples_per_cell,
+                seed=args.seed, allow_model_mismatch=args.allow_model_mismatch, progress=progress,
             )
         else:
             passkey = compare.compare_passkey(
@@ -222,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.task == "perplexity":
             out.update(data=args.data, results=rows)
             markdown = compare.quality_markdown(rows)
+        elif args.task == "ruler":
+            out.update(ruler)
+            markdown = compare.tasks_markdown(ruler)
         else:
             out.update(passkey)
             markdown = compare.passkey_markdown(passkey)

@@ -28,6 +28,7 @@ from minicache.evaluate.quality import (
     quantized_cache_factory,
     reference_run,
 )
+from minicache.evaluate.tasks import TaskMethod, make_task_prompts, run_tasks, task_table
 from minicache.profile import MergeProfile, ProfileError, Quantization
 from minicache.runtime.cache import MiniCache
 
@@ -333,6 +334,70 @@ def compare_passkey(
 
 
 # ---- Markdown -----------------------------------------------------------------------------------
+@torch.inference_mode()
+def compare_tasks(
+    model,
+    tokenizer,
+    methods: Sequence[MethodSpec],
+    tasks: Sequence[str],
+    context_lengths: Sequence[int],
+    samples_per_cell: int,
+    *,
+    seed: int = 0,
+    allow_model_mismatch: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Accuracy of every method, and of the full cache, on the same long-context task prompts
+    (:mod:`minicache.evaluate.tasks`); kvpress presses compress each context before its question.
+
+    Returns
+    -------
+    dict
+        ``methods`` (labels, full first), ``table`` (:func:`~minicache.evaluate.tasks.task_table`),
+        ``compression`` per method and task, ``records`` (every answer), ``settings``.
+    """
+    specs = list(methods)
+    if not any(s.kind == "baseline" and s.name == "full" for s in specs):
+        specs.insert(0, MethodSpec("full", "baseline", "full"))
+    runnable = []
+    for spec in specs:
+        profile, factory = spec.build(model.config)
+        runnable.append(TaskMethod(spec.label, _cache_maker(profile, factory, allow_model_mismatch),
+                                   spec.prefill_context()))
+    prompts = make_task_prompts(tokenizer, tasks, context_lengths, samples_per_cell, seed)
+    records, compression = run_tasks(model, tokenizer, prompts, runnable, progress=progress)
+    return {
+        "methods": [s.label for s in specs],
+        "table": task_table(records),
+        "compression": compression,
+        "records": [r.to_dict() for r in records],
+        "settings": {"tasks": list(tasks), "context_lengths": list(context_lengths),
+                     "samples_per_cell": samples_per_cell, "seed": seed},
+    }
+
+
+def tasks_markdown(result: dict) -> str:
+    """Accuracy per task and length (rows: methods), with sample size and 95 % interval."""
+    tasks = result["settings"]["tasks"]
+    lengths = [str(n) for n in result["settings"]["context_lengths"]]
+    header = ["method", *[f"{t} @{n}" for t in tasks for n in lengths], "compression"]
+    rows = []
+    for method in result["methods"]:
+        cells = []
+        for t in tasks:
+            for n in lengths:
+                c = result["table"][method][t][n]
+                low, high = c["ci95"]
+                cells.append(f"{c['accuracy']:.0%} [{low:.0%}..{high:.0%}]")
+        ratios = result["compression"].get(method, {})
+        mean = sum(ratios.values()) / len(ratios) if ratios else 1.0
+        rows.append([f"`{method}`", *cells, f"{mean:.3f}x"])
+    n = result["settings"]["samples_per_cell"]
+    note = (f"Exact-match accuracy, {n} prompts per task and length, [95 % Wilson interval]; compression: "
+            "full-cache bytes ÷ bytes held after the answer, mean over tasks.")
+    return _table(header, rows, ["l"] + ["r"] * (len(header) - 1)) + "\n\n" + note
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str]) -> str:
     marks = {"l": ":---", "r": "---:"}
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks[a] for a in align) + " |"]

@@ -54,11 +54,11 @@ def test_prompts_are_exact_seeded_and_hold_their_answer(task):
     if task == "common_words":
         numbered = re.findall(r"\d+\. ([a-z]+)", context)
         counts = sorted(((numbered.count(w), w) for w in set(numbered)), reverse=True)
-        assert {w for _, w in counts[:3]} == set(prompt.answers)
-        assert counts[2][0] >= 2 * counts[3][0]  # the three stand out
+        assert counts[0][1] == prompt.answers[0]
+        assert counts[0][0] >= 5 * counts[1][0]  # it stands out
     elif task == "qa_quote":
         question = tokenizer.decode(prompt.question_ids)
-        quoted = question.rsplit('"', 3)[-3]  # the last question's phrase
+        quoted = question.rsplit('"', 1)[-1]  # the answer prefix opens the quote
         assert f"{quoted} {prompt.answers[0]}" in context
     else:
         for answer in prompt.answers:

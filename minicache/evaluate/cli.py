@@ -21,7 +21,7 @@ from minicache.cli_options import (
     quantization_from_args,
 )
 from minicache.data import DataError, read_samples, token_windows
-from minicache.evaluate.task_names import RULER_TASKS
+from minicache.evaluate.task_names import DEFAULT_TASKS, RULER_TASKS
 from minicache.fileio import atomic_write, check_output_file
 from minicache.model_spec import ModelSpec
 from minicache.profile import MergeProfile
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="prompts per (length, depth); --task ruler: per (task, length)")
     passkey.add_argument("--seed", type=int, default=0, help="seed of the passkeys")
     passkey.add_argument("--max-new-tokens", type=int, default=8, help="greedy answer tokens (ruler: per task)")
-    passkey.add_argument("--tasks", default=",".join(RULER_TASKS), metavar="T,T,...",
+    passkey.add_argument("--tasks", default=",".join(DEFAULT_TASKS), metavar="T,T,...",
                          help=f"--task ruler: which tasks (of {', '.join(RULER_TASKS)})")
     parser.add_argument("--batch-size", type=int, default=4, help="windows or prompts per forward pass")
     add_dtype_option(parser)

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated methods measured on the same data in one run: full, paper, average, "
         "baseline:NAME, preset:NAME, or profile paths (e.g. full,paper,average,profiles/smollm2-135m-instruct); "
         "METHOD@[SCHEME:]BITS[/GROUP] stores that method quantized (e.g. none@rotated:3, none@kivi:2/64; "
-        "it overrides --kv-bits for that method)",
+        "it overrides --kv-bits for that method); kvpress:NAME@RATIO is a kvpress press removing that share "
+        "of the prefix (names: streaming, knorm, snapkv, expected, tova, keydiff, random)",
     )
     parser.add_argument("--task", choices=TASKS, default="perplexity", help="what to measure")
     parser.add_argument(

@@ -87,6 +87,7 @@ def plot(data: dict, tasks: dict | None, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     accuracy = _task_accuracy(tasks) if tasks else {}
     panels = 2 if accuracy else 1
@@ -114,18 +115,23 @@ def plot(data: dict, tasks: dict | None, path: Path) -> None:
                                 markersize=13 if star else 6, label=short(name))
     ax = axes[0][0]
     ax.set_yscale("symlog", linthresh=1)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:+g}%" if v else "0"))
     ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
     ax.set_ylabel("perplexity increase on unseen text (%)")
     if accuracy:
         axes[0][1].set_ylabel("task accuracy, mean over tasks (%)")
     for a in axes[0]:
         a.set_xscale("log", base=2)
+        a.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([1, 1.25, 1.5, 2, 3, 4, 6, 8]))
+        a.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        a.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         a.set_xlabel("KV compression (x, bytes held after the prefix)")
         a.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=7, loc="upper left")
     first = data["results"][0]
-    fig.suptitle(f"SmolLM2-135M-Instruct, {data['dtype']}: minicache, kvpress and transformers' caches "
-                 f"({first['tokens_scored']:,} scored tokens, {first['prefix_length']}-token prefixes)")
+    fig.suptitle(f"SmolLM2-135M-Instruct, {data['dtype']}: minicache, kvpress and transformers' caches\n"
+                 f"{first['tokens_scored']:,} scored tokens of unseen text, {first['prefix_length']}-token prefixes",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -2,8 +2,9 @@
 # Issue 20: minicache beside what a user would pick instead, on text no profile was calibrated on.
 # Writes benchmarks/results/frontier-cpu/ (overwrites that dtype's files).
 #
-#   bash benchmarks/frontier_results.sh               # float32 and bfloat16 (about 90 minutes on 2 CPU cores)
+#   bash benchmarks/frontier_results.sh               # float32 and bfloat16 (about 3 hours on 2 CPU cores)
 #   bash benchmarks/frontier_results.sh float32       # one dtype
+#   TASKS=0 bash benchmarks/frontier_results.sh       # perplexity only
 #
 # Data: 64 windows x (512 prefix + 256 scored tokens) = 16,384 scored tokens, half Python source, half
 # Python release notes (benchmarks/unseen_text.sh), one minicache-eval --compare run per dtype, so every
@@ -12,8 +13,10 @@
 # Methods: ours (paper preset, averaging, the shipped profile alone and + 4-bit KIVI, KIVI 4-bit and
 # rotated 3-bit alone, the calibrated-width profile of benchmarks/results/lowbit-cpu), transformers'
 # QuantizedCache (HQQ 4-bit), and kvpress presses at compression ratios 0.0625 (1.07x, the shipped
-# profile's saving), 0.25, 0.5 and 0.75; bfloat16 (2.5x slower on CPU) runs a shorter list. Then frontier_table.py draws
-# table-<dtype>.md and frontier-<dtype>.png.
+# profile's saving), 0.25, 0.5 and 0.75; bfloat16 (2.5x slower on CPU) runs a shorter list.
+# Tasks: minicache-eval --task ruler at 512 tokens, 20 prompts per task (the default five tasks), for
+# our methods, QuantizedCache and six kvpress settings (tasks-<dtype>.json/.md).
+# Then frontier_table.py draws table-<dtype>.md and frontier-<dtype>.png.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -62,5 +65,14 @@ for dtype in $DTYPES; do
     --prefix-length 512 --continuation-length 256 --num-windows 64 \
     --json-out "$OUT/$dtype.json" --markdown-out "$OUT/$dtype.md" --force
   echo "   ($dtype: $((SECONDS - began)) s)"
+  if [[ ${TASKS:-1} == 1 ]]; then
+    tasks="paper,average,$SHIPPED,$SHIPPED@kivi:4$HQQ,kvpress:snapkv@0.0625,kvpress:expected@0.0625"
+    tasks+=",kvpress:snapkv@0.5,kvpress:expected@0.5,kvpress:streaming@0.5,kvpress:knorm@0.5"
+    echo "== $dtype: minicache-eval --task ruler --compare full,$tasks"
+    began=$SECONDS
+    "$PY" -m minicache.evaluate.cli --task ruler --compare "full,$tasks" --context-lengths 512 --samples-per-cell 20 \
+      --dtype "$dtype" --json-out "$OUT/tasks-$dtype.json" --markdown-out "$OUT/tasks-$dtype.md" --force
+    echo "   ($dtype tasks: $((SECONDS - began)) s)"
+  fi
 done
 "$PY" benchmarks/frontier_table.py "$OUT"

@@ -272,13 +272,15 @@ def make_task_prompt(tokenizer, task: str, context_length: int, *, seed: int = 0
     room = context_length - len(head) - len(tail)
     if spec.items is not None:  # a numbered list, as long as fits
         body: list[int] = []
-        for i, word in enumerate(spec.items, 1):
-            piece = _ids(tokenizer, f"{i}. {word}\n")
+        listed = 0
+        for word in spec.items:
+            piece = _ids(tokenizer, f"{listed + 1}. {word}\n")
             if len(body) + len(piece) > room:
                 break
             body += piece
+            listed += 1
         body += [_ids(tokenizer, "\n")[0]] * (room - len(body))
-        counts = {w: spec.items[: i - 1].count(w) for w in set(spec.items)}
+        counts = {w: spec.items[:listed].count(w) for w in set(spec.items)}
         top = sorted(counts.values(), reverse=True)
         if len(top) > 1 and top[0] < 3 * top[1]:  # too short for the common word to stand out
             raise ValueError(f"context length {context_length} is too short for {task}")

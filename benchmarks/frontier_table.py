@@ -91,7 +91,7 @@ def plot(data: dict, tasks: dict | None, path: Path) -> None:
 
     accuracy = _task_accuracy(tasks) if tasks else {}
     panels = 2 if accuracy else 1
-    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 5), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 2, 5), squeeze=False)
     groups: dict[str, list[dict]] = {}
     for r in data["results"]:
         groups.setdefault(family(r["method"]), []).append(r)
@@ -127,7 +127,7 @@ def plot(data: dict, tasks: dict | None, path: Path) -> None:
         a.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         a.set_xlabel("KV compression (x, bytes held after the prefix)")
         a.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=7, loc="upper left")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     first = data["results"][0]
     fig.suptitle(f"SmolLM2-135M-Instruct, {data['dtype']}: minicache, kvpress and transformers' caches\n"
                  f"{first['tokens_scored']:,} scored tokens of unseen text, {first['prefix_length']}-token prefixes",

@@ -66,7 +66,9 @@ for dtype in $DTYPES; do
     --json-out "$OUT/$dtype.json" --markdown-out "$OUT/$dtype.md" --force
   echo "   ($dtype: $((SECONDS - began)) s)"
   if [[ ${TASKS:-1} == 1 ]]; then
-    tasks="paper,average,$SHIPPED,$SHIPPED@kivi:4$HQQ,kvpress:snapkv@0.0625,kvpress:expected@0.0625"
+    # no QuantizedCache HQQ here: hqq refuses a prompt whose context is not a multiple of its group
+    # (a 447-token context crashed the first run after 60 of 100 prompts)
+    tasks="paper,average,$SHIPPED,$SHIPPED@kivi:4,kvpress:snapkv@0.0625,kvpress:expected@0.0625"
     tasks+=",kvpress:snapkv@0.5,kvpress:expected@0.5,kvpress:streaming@0.5,kvpress:knorm@0.5"
     echo "== $dtype: minicache-eval --task ruler --compare full,$tasks"
     began=$SECONDS

@@ -18,17 +18,12 @@
 # our methods, QuantizedCache and six kvpress settings (tasks-<dtype>.json/.md).
 # Then frontier_table.py draws table-<dtype>.md and frontier-<dtype>.png.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-.venv/bin/python}
-export PYTHONPATH=.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DTYPES=${1:-float32 bfloat16}
 OUT=benchmarks/results/frontier-cpu
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log-${DTYPES// /-}.txt") 2>&1
-echo "machine: $(nproc --all) CPU cores (OMP_NUM_THREADS=$OMP_NUM_THREADS), $(uname -m); $(date -u +%F); commit $(git rev-parse --short HEAD)"
+machine_line
 "$PY" -c "from importlib.metadata import version as v; print('kvpress', v('kvpress'), 'transformers', v('transformers'))"
 
 source benchmarks/unseen_text.sh && write_unseen_text "$WORK"

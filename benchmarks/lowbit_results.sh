@@ -17,17 +17,12 @@
 # 3. Decode tokens/s of the blockwise torch path (no Triton on CPU) at 2,048 tokens, batch 1: 4-bit KIVI,
 #    3-bit KIVI, rotated 4/3-bit and the auto profile, ratios against 4-bit KIVI of the same run.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-.venv/bin/python}
-export PYTHONPATH=.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WHAT=${1:-all}
 OUT=benchmarks/results/lowbit-cpu
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log-$WHAT.txt") 2>&1
-echo "machine: $(nproc --all) CPU cores (OMP_NUM_THREADS=$OMP_NUM_THREADS), $(uname -m); $(date -u +%F); commit $(git rev-parse --short HEAD)"
+machine_line
 
 cat minicache/calibrate/corpus/default.jsonl profiles/smollm2-135m-instruct/calibration-data.jsonl >"$WORK/calib.jsonl"
 source benchmarks/unseen_text.sh && write_unseen_text "$WORK"

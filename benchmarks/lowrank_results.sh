@@ -20,18 +20,13 @@
 # 6. The restore-error probe (benchmarks/lowrank_probe.py): joint vs per-head bases, pre- vs
 #    post-RoPE keys, PCA vs query-weighted key bases.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-.venv/bin/python}
-export PYTHONPATH=.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WHAT=${1:-all}
 OUT=benchmarks/results/lowrank-cpu
 DATA=profiles/smollm2-135m-instruct/calibration-data.jsonl
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log-$WHAT.txt") 2>&1
-echo "machine: $(nproc --all) CPU cores (OMP_NUM_THREADS=$OMP_NUM_THREADS), $(uname -m); $(date -u +%F); commit $(git rev-parse --short HEAD)"
+machine_line
 
 source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
 

@@ -15,15 +15,10 @@
 #   bash benchmarks/promise_results.sh            # everything
 #   bash benchmarks/promise_results.sh evaluate   # only re-score the profiles already there
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-.venv/bin/python}
-export PYTHONPATH=.  # this checkout's code, whatever the environment has installed
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WHAT=${1:-all}
 OUT=benchmarks/results/promise-cpu
 DATA=profiles/smollm2-135m-instruct/calibration-data.jsonl
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
 LOG="$OUT/log-$WHAT.txt"
 
@@ -42,7 +37,7 @@ calibrate() {  # name, then minicache-calibrate arguments
 }
 
 {
-  echo "machine: $(nproc --all) CPU cores (OMP_NUM_THREADS=$OMP_NUM_THREADS), $(uname -m); $(date -u +%F); commit $(git rev-parse --short HEAD)"
+  machine_line
   if [[ $WHAT == all ]]; then
     # 16 samples of 512 tokens cut from the shipped profile's data (its first 8,192 tokens, in order)
     "$PY" - "$DATA" "$WORK/cut-16x512.jsonl" <<'EOF'

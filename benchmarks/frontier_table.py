@@ -127,7 +127,13 @@ def plot(data: dict, tasks: dict | None, path: Path) -> None:
         a.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         a.set_xlabel("KV compression (x, bytes held after the prefix)")
         a.grid(alpha=0.3, which="both")
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    if accuracy:  # same x range on both panels, and the full cache's accuracy as the line to keep
+        axes[0][1].set_xlim(axes[0][0].get_xlim())
+        if "full" in accuracy:
+            axes[0][1].axhline(accuracy["full"] * 100, color="gray", linestyle=":", linewidth=1)
+    # one legend for every method (the task panel shows only those the task run measured)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    axes[0][-1].legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     first = data["results"][0]
     fig.suptitle(f"SmolLM2-135M-Instruct, {data['dtype']}: minicache, kvpress and transformers' caches\n"
                  f"{first['tokens_scored']:,} scored tokens of unseen text, {first['prefix_length']}-token prefixes",

@@ -34,6 +34,26 @@ def who(method: str) -> str:
     return "minicache"
 
 
+#: One colour per line, the same in every dtype's plot (methods not listed take the next free colour).
+COLOURS = dict(zip([
+    "full", "paper", "average", SHIPPED, f"{SHIPPED}@kivi:4", "none@kivi:4",
+    "benchmarks/results/lowbit-cpu/auto-rotated", "quantized-cache-hqq@4",
+    "kvpress snapkv", "kvpress expected", "kvpress streaming", "kvpress knorm",
+], [
+    "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+    "tab:pink", "tab:gray", "tab:olive", "tab:cyan", "navy", "black",
+], strict=True))
+SPARE = ["gold", "teal", "maroon", "lime", "indigo"]
+
+
+def colour(name: str, taken: set[str]) -> str:
+    if name in COLOURS:
+        return COLOURS[name]
+    free = next((c for c in SPARE if c not in taken), "darkgray")
+    taken.add(free)
+    return free
+
+
 def short(method: str) -> str:
     return method.replace(SHIPPED, "shipped").replace("benchmarks/results/lowbit-cpu/", "")
 
@@ -93,6 +113,7 @@ def plot(data: dict, tasks: dict | None, path: Path) -> None:
     panels = 2 if accuracy else 1
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 2, 5), squeeze=False)
     groups: dict[str, list[dict]] = {}
+    taken: set[str] = set()
     for r in data["results"]:
         groups.setdefault(family(r["method"]), []).append(r)
     for name, members in groups.items():
@@ -107,7 +128,7 @@ def plot(data: dict, tasks: dict | None, path: Path) -> None:
         hi = [max(0.0, ((r.get("ppl_increase_ci95") or [r["ppl_increase"]] * 2)[1] - r["ppl_increase"]) * 100)
               for r in members]
         line = axes[0][0].errorbar(x, y, yerr=[lo, hi], fmt=style, markersize=13 if star else 6, capsize=2,
-                                   label=short(name))
+                                   color=colour(name, taken), label=short(name))
         if accuracy:
             points = [(r["compression_ratio"], accuracy[r["method"]] * 100) for r in members if r["method"] in accuracy]
             if points:

@@ -20,30 +20,8 @@ PY="$VENV/bin/python"
 
 say() { printf 'setup: %s\n' "$*"; }
 
-if [[ ! -x "$PY" ]]; then
-  BASE="${PYTHON:-}"
-  if [[ -z "$BASE" ]]; then
-    if command -v python3.11 >/dev/null 2>&1; then BASE=python3.11; else BASE=python3; fi
-  fi
-  say "creating $VENV with $("$BASE" --version 2>&1)"
-  "$BASE" -m venv "$VENV"
-fi
-
-# pip's configuration on our machines names local index folders that may be missing; its
-# "Location ... is ignored" warnings about them are noise and filtered out. What pip fetches and
-# installs shows as it happens (a fresh set-up takes a few minutes); errors still show.
-pip_install() {
-  "$PY" -m pip install --disable-pip-version-check --progress-bar off "$@" 2>&1 \
-    | { grep --line-buffered -v -E "^WARNING: Location 'file:[^']*' is ignored|^Requirement already satisfied|^  (Using cached|Downloading|Obtaining|Preparing|Building|Checking|Getting|Created|Stored)" || true; } \
-    | sed -u 's/^/  pip: /'
-}
-
-if ! "$PY" -m pip --version >/dev/null 2>&1; then
-  "$PY" -m ensurepip --upgrade >/dev/null
-fi
-
-# Versions come from package metadata: importing torch would take seconds on every run.
-version_of() { "$PY" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$1" 2>/dev/null || true; }
+source "$ROOT/scripts/venv_common.sh"
+ensure_venv
 
 installed_torch="$(version_of torch)"
 installed_torch="${installed_torch%%+*}"

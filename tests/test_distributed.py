@@ -27,6 +27,8 @@ CASES = {
     "one batch": (3, dict(num_samples=3, batch_size=4)),
     # no search: the paper's groups, aligned on all 5 windows (3 + 2)
     "preset": (5, dict(preset="paper", num_samples=5, batch_size=2)),
+    # the low-rank method too: its streamed second moments all-reduce, its bases come from their sum
+    "lowrank": (9, dict(num_samples=9, batch_size=2, methods=("slerp", "lowrank"))),
 }
 #: Sums of float32 KV in float64, in another order and from other batch shapes: agree to ~1e-7.
 RTOL = 1e-5

@@ -46,6 +46,14 @@ SHIPPED=profiles/smollm2-135m-instruct
 OURS="full,paper,average,$SHIPPED,$SHIPPED@kivi:4"
 if "$PY" -c "import hqq" 2>/dev/null; then HQQ=",quantized-cache-hqq@4"; else
   HQQ=""; echo "hqq is not installed (pip install 'minicache[hqq]'): no QuantizedCache row"; fi
+run_tasks() {  # dtype, context length, file suffix, methods (full is added first)
+  echo "== $1 @$2: minicache-eval --task ruler --compare full,$4"
+  local began=$SECONDS
+  "$PY" -m minicache.evaluate.cli --task ruler --compare "full,$4" --context-lengths "$2" --samples-per-cell 20 \
+    --dtype "$1" --json-out "$OUT/tasks-$1$3.json" --markdown-out "$OUT/tasks-$1$3.md" --force
+  echo "   ($1 tasks @$2: $((SECONDS - began)) s)"
+}
+
 for dtype in $DTYPES; do
   if [[ $dtype == float32 ]]; then  # the broad list: float32 runs about 2.5x faster than bfloat16 on CPU
     methods="$OURS,none@kivi:4,benchmarks/results/lowbit-cpu/auto-rotated$HQQ"
@@ -67,20 +75,11 @@ for dtype in $DTYPES; do
     # (a 447-token context crashed the first run after 60 of 100 prompts)
     tasks="paper,average,$SHIPPED,$SHIPPED@kivi:4,kvpress:snapkv@0.0625,kvpress:expected@0.0625"
     tasks+=",kvpress:snapkv@0.5,kvpress:expected@0.5,kvpress:streaming@0.5,kvpress:knorm@0.5"
-    echo "== $dtype: minicache-eval --task ruler --compare full,$tasks"
-    began=$SECONDS
-    "$PY" -m minicache.evaluate.cli --task ruler --compare "full,$tasks" --context-lengths 512 --samples-per-cell 20 \
-      --dtype "$dtype" --json-out "$OUT/tasks-$dtype.json" --markdown-out "$OUT/tasks-$dtype.md" --force
-    echo "   ($dtype tasks: $((SECONDS - began)) s)"
+    run_tasks "$dtype" 512 "" "$tasks"
   fi
   if [[ ${TASKS_1024:-0} == 1 ]]; then
     # the longer length where the full cache still scores >= 60 % on four of the five tasks (~21 min)
-    tasks="$SHIPPED,$SHIPPED@kivi:4,kvpress:snapkv@0.0625,kvpress:expected@0.0625"
-    echo "== $dtype @1024: minicache-eval --task ruler --compare full,$tasks"
-    began=$SECONDS
-    "$PY" -m minicache.evaluate.cli --task ruler --compare "full,$tasks" --context-lengths 1024 --samples-per-cell 20 \
-      --dtype "$dtype" --json-out "$OUT/tasks-$dtype-1024.json" --markdown-out "$OUT/tasks-$dtype-1024.md" --force
-    echo "   ($dtype tasks @1024: $((SECONDS - began)) s)"
+    run_tasks "$dtype" 1024 -1024 "$SHIPPED,$SHIPPED@kivi:4,kvpress:snapkv@0.0625,kvpress:expected@0.0625"
   fi
 done
 "$PY" benchmarks/frontier_table.py "$OUT"

@@ -7,8 +7,8 @@
 #      SDPA on the full cache, Llama-2-7B and Llama-3-8B shapes, bf16; then the same with the store
 #      packed to 4 bits (--kv-bits 4);
 #   3. minicache-bench on a random-weight Llama-2-7B (bf16): full cache (SDPA) vs paper preset vs
-#      paper preset + 4-bit, fused kernels on, 1,024 and 4,064 tokens (4,064 + 32 decoded fit the 4,096 positions), and the largest batch whose
-#      KV fits a 40 GiB budget.
+#      paper preset + 4-bit, fused kernels on, 1,024 and 4,064 tokens (4,064 + 32 decoded tokens fit
+#      Llama-2's 4,096 positions), and the largest batch whose KV fits a 40 GiB budget.
 #
 # Writes JSON, logs and a versions file under $OUT (default benchmarks/results/gpu/). The device
 # machine has no internet: run `bash scripts/setup.sh` there first only if its packages are missing.

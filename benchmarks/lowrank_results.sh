@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17: the low-rank method against SLERP on text the calibration never saw.
 #
-#   bash benchmarks/lowrank_results.sh            # everything (about 60 minutes on 2 CPU cores)
+#   bash benchmarks/lowrank_results.sh            # everything (about 85 minutes on 2 CPU cores)
 #   bash benchmarks/lowrank_results.sh evaluate   # only re-score the profile already there
 #   bash benchmarks/lowrank_results.sh varied     # 1b. + its comparison at 512 and 2,048 (float32)
 #

@@ -350,4 +350,5 @@ def test_extension_gallops_past_many_small_steps_and_rules_out_the_one_that_does
     assert budget.fits(result.final)
     assert chosen == set(range(16)) - {bad}, sorted(chosen)
     extensions = [s for s in steps if s.lstrip().startswith("extend")]
-    assert len(extensions) <= 10 and len(extensions) < 15, extensions
+    # at most the 10 allowed; one step at a time would have needed 15 (14 good pairs + the bad one)
+    assert len(extensions) <= 10, extensions

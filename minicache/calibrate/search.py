@@ -437,7 +437,7 @@ def search(
         else:
             scale = bound(outcome) / max(predicted_sum, 1e-12) * 1.1
     if best is not None:
-        tried_groups = 0
+        measured_sets = 0
         failed: dict[tuple[int, ...], float] = {}  # run -> least saving that did not fit
 
         def step_onto(g: Hashable, chosen: list[Hashable]) -> list[Hashable] | None:
@@ -458,17 +458,18 @@ def search(
         # per layer) this reaches the budget in a logarithmic number of measurements, not one per step.
         steps = cheapest_first(candidates, predicted, exclude=excluded)
         position, stride = 0, 1
-        while position < len(steps) and tried_groups < extend:
+        while position < len(steps) and measured_sets < extend:
             chosen, taken, index = list(best[0]), [], position
             while index < len(steps) and len(taken) < stride:
                 moved = step_onto(steps[index], chosen)
                 index += 1
                 if moved is not None:
-                    chosen, taken = moved, [*taken, steps[index - 1]]
+                    chosen = moved
+                    taken.append(steps[index - 1])
             if not taken:
                 break
             chosen = sorted(chosen, key=order)
-            tried_groups += tuple(chosen) not in seen  # a set measured before costs nothing
+            measured_sets += tuple(chosen) not in seen  # a set measured before costs nothing
             outcome = run("extend", chosen)
             if budget.fits(outcome):
                 best, position, stride = (chosen, outcome), index, stride * 2

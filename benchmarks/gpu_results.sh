@@ -3,7 +3,7 @@
 # H100/H200; each step has its own time limit and a failed step does not stop the others):
 #
 #   1. the kernel tests, compiled for the GPU (tests/test_kernels.py, not slow);
-#   2. benchmarks/kernels.py: fused decode attention vs no-magnitude kernel, restore-then-SDPA and
+#   2. benchmarks/kernel_bench.py: fused decode attention vs no-magnitude kernel, restore-then-SDPA and
 #      SDPA on the full cache, Llama-2-7B and Llama-3-8B shapes, bf16; then the same with the store
 #      packed to 4 bits (--kv-bits 4);
 #   3. minicache-bench on a random-weight Llama-2-7B (bf16): full cache (SDPA) vs paper preset vs
@@ -46,14 +46,14 @@ cat "$OUT/versions.txt"
 if [[ $SMOKE == 1 ]]; then
   export TRITON_INTERPRET=1
   step kernel-tests 600 "$PY" -m pytest -q -x tests/test_kernels.py -k "packed and float32"
-  step kernels-bf16 300 "$PY" benchmarks/kernels.py --reduced --out "$OUT/kernels.json"
-  step kernels-4bit 300 "$PY" benchmarks/kernels.py --reduced --kv-bits 4 --out "$OUT/kernels-4bit.json"
+  step kernels-bf16 300 "$PY" benchmarks/kernel_bench.py --reduced --out "$OUT/kernels.json"
+  step kernels-4bit 300 "$PY" benchmarks/kernel_bench.py --reduced --kv-bits 4 --out "$OUT/kernels-4bit.json"
   bench=(--model-shape tiny --context-lengths 64 --batch-sizes 1,2 --decode-tokens 4 --repeats 1 --warmup 0
          --kv-budget-mib 1 --kv-group-size 16 --kv-residual-length 16)
 else
   step kernel-tests 240 "$PY" -m pytest -q -x tests/test_kernels.py -m "not slow"
-  step kernels-bf16 150 "$PY" benchmarks/kernels.py --out "$OUT/kernels.json"
-  step kernels-4bit 150 "$PY" benchmarks/kernels.py --kv-bits 4 --out "$OUT/kernels-4bit.json"
+  step kernels-bf16 150 "$PY" benchmarks/kernel_bench.py --out "$OUT/kernels.json"
+  step kernels-4bit 150 "$PY" benchmarks/kernel_bench.py --kv-bits 4 --out "$OUT/kernels-4bit.json"
   bench=(--model-shape llama2-7b --dtype bfloat16 --context-lengths 1024,4064 --batch-sizes 1,16
          --decode-tokens 32 --repeats 3 --warmup 1 --kv-budget-mib 40960)
 fi

@@ -411,7 +411,7 @@ def test_kernels_compile_for_h100():
 def test_benchmark_reduced_mode_writes_its_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = _run_clean(
-        ["benchmarks/kernels.py", "--reduced", "--out", str(out)], {"TRITON_INTERPRET": "1"}, timeout=300
+        ["benchmarks/kernel_bench.py", "--reduced", "--out", str(out)], {"TRITON_INTERPRET": "1"}, timeout=300
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

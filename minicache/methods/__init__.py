@@ -1,8 +1,9 @@
 """Merge methods: a registry of ways to store a group of layers' keys or values, behind one protocol.
 
 Built in: ``slerp`` (MiniCache, :mod:`minicache.methods.slerp`), ``average`` (the paper's
-averaging baseline, :mod:`minicache.methods.average`) and ``lowrank`` (a calibrated basis shared by a
-group's layers, :mod:`minicache.methods.lowrank`). A new method is one file::
+averaging baseline, :mod:`minicache.methods.average`), ``lowrank`` (a calibrated basis shared by a
+group's layers, :mod:`minicache.methods.lowrank`) and ``predictive_residual`` (each layer predicted
+from the one below, the residual stored for a quantizer, :mod:`minicache.methods.predictive`). A new method is one file::
 
     from minicache.methods import MergeMethod, MethodParams, register_method
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 from minicache.methods.average import AverageMethod
 from minicache.methods.base import COMPONENTS, Encoded, Field, FitStatistic, Frame, MergeMethod, MethodParams
 from minicache.methods.lowrank import LowRankMethod
+from minicache.methods.predictive import PredictiveMethod
 from minicache.methods.slerp import SlerpMethod
 from minicache.registry import Registry
 
@@ -66,3 +68,4 @@ method_names = _REGISTRY.names
 register_method(SlerpMethod)
 register_method(AverageMethod)
 register_method(LowRankMethod)
+register_method(PredictiveMethod)

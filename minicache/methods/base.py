@@ -102,8 +102,9 @@ class Field:
     name : str
         Key in the stored form (``"direction"``).
     width : str or int
-        Last dimension: ``"head_dim"``, ``"members"`` (one per layer of the group), a number, or the
-        name of one of the method's parameters (e.g. ``"rank"``).
+        Last dimension: ``"head_dim"``, ``"members"`` (one per layer of the group),
+        ``"members*head_dim"`` (a head vector per member, side by side), a number, or the name of one
+        of the method's parameters (e.g. ``"rank"``).
     dtype : str
         ``"model"`` (the cache's dtype) or ``"scalar"`` (:func:`magnitude_dtype`).
     quantize : str or None
@@ -133,6 +134,8 @@ class Field:
             return head_dim
         if self.width == "members":
             return members
+        if self.width == "members*head_dim":
+            return members * head_dim
         if isinstance(self.width, str):
             return int(getattr(params, self.width))
         return int(self.width)
@@ -255,6 +258,12 @@ class MergeMethod(ABC):
     min_members : int
         Smallest group it stores (2 for merges of layers into one; 1 for methods that also compress
         a single layer, e.g. a per-layer low-rank basis).
+    closed_loop : bool
+        :meth:`encode` takes a keyword ``roundtrip``: a function mapping a ``[B, H, N, D]`` slice of
+        its one field, one member's columns, to what storage gives back (the storage dtype, and the
+        quantizer's round trip in a quantized cache), so that it can encode later members against
+        what earlier ones restore to (predictive coding). The cache passes it and checks that
+        packing the field equals packing each member's columns alone.
     """
 
     name: ClassVar[str]
@@ -265,6 +274,7 @@ class MergeMethod(ABC):
     tensor_part: ClassVar[str] = "tensors"
     min_members: ClassVar[int] = 2
     factored: ClassVar[bool] = False
+    closed_loop: ClassVar[bool] = False
 
     # -- parameters and tensors (profile side) -------------------------------------------------
     def params(self, data: Mapping[str, Any] | MethodParams | None = None, path: str = "") -> MethodParams:

@@ -228,7 +228,11 @@ class ComponentStore:
         if fused is not None:
             fields, keep = fused(xs, tensors, s.gamma, s.retention, real, sink, window, count, dtype)
         else:
-            encoded = self.method.encode(self.params, xs, tensors)
+            if self.method.closed_loop:
+                encoded = self.method.encode(self.params, xs, tensors, roundtrip=self._roundtrip(dtype))
+                self._check_separable(encoded, dtype)
+            else:
+                encoded = self.method.encode(self.params, xs, tensors)
             keep = retention_mask(
                 encoded.distance, s.gamma, s.retention, valid=real, sink=sink, window=window, count=count
             )
@@ -258,6 +262,39 @@ class ComponentStore:
             self.retained_index = index if self.retained_index is None else torch.cat([self.retained_index, index])
         # Clone so that the old window's storage is freed, not kept alive by a view.
         self.residual = [r[..., count:, :].clone() for r in self.residual]
+
+    def _roundtrip(self, dtype: torch.dtype):
+        """What storage gives back for a closed-loop method's field (its only one), per member slice."""
+        (field,) = self.method.fields
+        storage = field.storage_dtype(dtype)
+        role = field.role(self.name)
+        if self.quant is None or role is None:
+            return lambda r: r.to(storage)
+        quantizer, bits, group_size = self.quant.quantizer, self.bits, self.quant.group_size
+        if quantizer.chunk_tokens(role, group_size) != 1:
+            raise ValueError(
+                f"method {self.method.name!r} encodes against the restored field, which needs per-token packing; "
+                f"the {quantizer.name!r} scheme packs {role} {quantizer.chunk_tokens(role, group_size)} tokens together"
+            )
+        return lambda r: quantizer.dequantize(quantizer.quantize(r.to(storage), role, bits, group_size), storage)
+
+    def _check_separable(self, encoded, dtype: torch.dtype) -> None:
+        """Once per store: packing the whole field must equal packing each member's columns, or the
+        closed loop encoded against something storage does not give back."""
+        if self.quant is None or getattr(self, "_separable", False):
+            return
+        (field,) = self.method.fields
+        value = encoded.fields[field.name][..., :1, :]
+        roundtrip = self._roundtrip(dtype)
+        whole = roundtrip(value)
+        parts = torch.cat([roundtrip(part) for part in value.chunk(self.members, dim=-1)], dim=-1)
+        if not torch.equal(whole, parts):
+            raise ValueError(
+                f"method {self.method.name!r} needs a packing that keeps each layer's columns apart; "
+                f"{self.quant.quantizer.name!r} with group_size {self.quant.group_size} mixes them "
+                "(use the kivi scheme with group_size <= head_dim)"
+            )
+        self._separable = True
 
     # -- reading --------------------------------------------------------------------------------
     def view(self, member: int, csr: RetainedCSR | None = None) -> MergedKVView:

@@ -19,7 +19,7 @@ nothing of caches. :func:`minicache.runtime.attention.enable_fused_attention` ro
 model's decode attention over `MiniCache` layers to them.
 
 ``python -m minicache.runtime.kernels.aot_check --arch 90`` compiles every kernel for a GPU
-architecture on a machine without one; ``benchmarks/kernels.py`` measures them on a GPU.
+architecture on a machine without one; ``benchmarks/kernel_bench.py`` measures them on a GPU.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ can check this script's logic and output without a GPU.
 
 Examples
 --------
-    python benchmarks/kernels.py                       # on a CUDA machine
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --reduced --out /tmp/bench.json
+    python benchmarks/kernel_bench.py                       # on a CUDA machine
+    TRITON_INTERPRET=1 python benchmarks/kernel_bench.py --reduced --out /tmp/bench.json
 """
 
 from __future__ import annotations

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue 18, item 0: the predictive_residual method on SmolLM2-135M-Instruct, bfloat16, 4,096-token
+# prefixes, on text no profile was calibrated on (the protocol of lowbit_results.sh, same windows).
+# Writes benchmarks/results/predictive-cpu/ (overwrites).
+#
+#   bash benchmarks/predictive_results.sh     # about 35 minutes on 2 CPU cores
+#
+# 1. benchmarks/predictive_profile.py fits the layer-to-layer prediction maps (joint over KV heads,
+#    float16) on 32 x 1,024 tokens of the built-in corpus + the shipped profile's data and writes
+#    profiles with groups of 10 layers (3 groups cover the 30 layers): 3-bit keys and values, and
+#    4-bit keys with 3-bit values; KIVI packing, per-token residual groups of 64 channels.
+# 2. minicache-eval --compare: 16 windows x 1,024 scored tokens = 16,384 tokens over the README's
+#    held-out licences, Python source and Python release notes (unseen.txt): full (the noise floor),
+#    KIVI 3/4-bit in groups of 64 (the same group size), and the two profiles.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+OUT=benchmarks/results/predictive-cpu
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+machine_line
+
+cat minicache/calibrate/corpus/default.jsonl profiles/smollm2-135m-instruct/calibration-data.jsonl >"$WORK/calib.jsonl"
+source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
+
+echo "== fitting prediction maps, groups of 10 layers"
+label="minicache/calibrate/corpus/default.jsonl + profiles/smollm2-135m-instruct/calibration-data.jsonl"
+"$PY" benchmarks/predictive_profile.py --data "$WORK/calib.jsonl" --data-label "$label" --members 10 --bits 3 \
+  --out "$OUT/k10-3bit"
+"$PY" benchmarks/predictive_profile.py --data "$WORK/calib.jsonl" --data-label "$label" --members 10 --bits 4 \
+  --value-bits 3 --out "$OUT/k10-keys4-values3"
+
+methods=full,none@kivi:3/64,none@kivi:4/64,$OUT/k10-3bit,$OUT/k10-keys4-values3
+echo "== 4,096-token prefixes, 16 windows x 1,024 scored tokens: $methods"
+"$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length 4096 \
+  --continuation-length 1024 --num-windows 16 --batch-size 2 --compare "$methods" \
+  --json-out "$OUT/compare.json" --markdown-out "$OUT/compare.md" --force

@@ -11,7 +11,8 @@
 #      Llama-2's 4,096 positions), and the largest batch whose KV fits a 40 GiB budget.
 #
 # Writes JSON, logs and a versions file under $OUT (default benchmarks/results/gpu/). The device
-# machine has no internet: run `bash scripts/setup.sh` there first only if its packages are missing.
+# machine has no internet: carry .device-wheels (bash scripts/device_wheels.sh, here) for a device
+# whose transformers is older than we require.
 #
 #   bash benchmarks/gpu_results.sh                   # on the GPU machine
 #   SMOKE=1 bash benchmarks/gpu_results.sh           # tiny shapes on CPU: checks this script's logic
@@ -33,6 +34,21 @@ step() {  # name, time limit (s), command...
   echo "   rc=$rc in $((SECONDS - t0))s; last lines:"
   tail -n 25 "$OUT/$name.log" | sed 's/^/   /'
 }
+
+# The device's Python may carry an older transformers than we require (the H200 had 5.17, which
+# ignores `cache=`): install ours from wheels carried along (scripts/device_wheels.sh) into a venv over
+# the device's packages, so torch and triton stay the device's. Without the wheels, say so and go on.
+if ! "$PY" -c "import sys, transformers as t; v = tuple(int(x) for x in t.__version__.split('.')[:2]); sys.exit(v < (5, 24))"; then
+  if [[ -d .device-wheels ]]; then
+    echo "== transformers older than 5.24: installing .device-wheels into a venv over the device's packages"
+    "$PY" -m venv --system-site-packages /tmp/minicache-device-venv \
+      && /tmp/minicache-device-venv/bin/pip install -q --no-index --find-links .device-wheels transformers \
+      && /tmp/minicache-device-venv/bin/python -c "import transformers, torch; print('now transformers', transformers.__version__)" \
+      && PY=/tmp/minicache-device-venv/bin/python
+  else
+    echo "!! transformers older than 5.24 and no .device-wheels (bash scripts/device_wheels.sh, then carry it)"
+  fi
+fi
 
 {
   date -u +%FT%TZ

@@ -31,6 +31,19 @@ def test_pack_round_trip_and_bit_layout(bits):
         pack(codes[..., :3], 2 if bits == 4 else 4)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_large_tensors_pack_in_slices_of_rows_with_the_same_bytes(bits, monkeypatch):
+    import minicache.quant.packed as packed_module
+
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 1 << bits, (3, 7, 32), generator=g, dtype=torch.uint8)
+    whole = pack(codes, bits)
+    monkeypatch.setattr(packed_module, "CONVERT_CHUNK", 64)  # two rows of 32 codes at a time: 11 slices
+    sliced = pack(codes, bits)
+    assert torch.equal(sliced, whole)
+    assert torch.equal(unpack(sliced, bits), codes)
+
+
 def test_three_bit_codes_form_a_little_endian_bit_stream():
     g = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 8, (2, 4, 64), generator=g, dtype=torch.uint8)

@@ -310,6 +310,11 @@ def prompt_kv(model, prompt: torch.Tensor) -> list[tuple[torch.Tensor, torch.Ten
     prompt = prompt.to(device)
     cache = DynamicCache(config=model.config)
     model(input_ids=prompt, attention_mask=torch.ones_like(prompt), cache=cache, logits_to_keep=1)
+    if not cache.layers or cache.layers[0].keys is None:
+        import transformers
+
+        raise RuntimeError(f"the model left the cache empty: transformers {transformers.__version__} does not take "
+                           "`cache=` (minicache needs transformers >= 5.24)")
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 

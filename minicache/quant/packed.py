@@ -49,6 +49,24 @@ def codes_per_word(bits: int) -> int:
     return 8 // bits if 8 % bits == 0 else 8
 
 
+#: Codes converted at a time by :func:`pack` and :func:`unpack`: their int32 intermediates stay
+#: within a few hundred MiB however large the tensor (a 32 x 32k-token Llama-2-7B cache has 4.3 G
+#: codes; converting it whole needed tens of GiB on the GPU).
+CONVERT_CHUNK = 1 << 26
+
+
+def _by_rows(fn, x: torch.Tensor, width: int) -> torch.Tensor:
+    """``fn`` applied to ``x`` ``[..., W]`` in slices of rows, into one ``[..., width]`` uint8 tensor."""
+    rows = x.reshape(-1, x.shape[-1])
+    step = max(1, CONVERT_CHUNK // max(1, x.shape[-1]))
+    if rows.shape[0] <= step:
+        return fn(rows).reshape(*x.shape[:-1], width)
+    out = torch.empty(rows.shape[0], width, dtype=torch.uint8, device=x.device)
+    for start in range(0, rows.shape[0], step):
+        out[start : start + step] = fn(rows[start : start + step])
+    return out.reshape(*x.shape[:-1], width)
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes ``[..., D]`` (uint8, each < ``2**bits``) into ``[..., D * bits // 8]`` uint8.
 
@@ -61,12 +79,16 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if d % per:
         raise ValueError(f"cannot pack {d} codes of {bits} bits into whole bytes (a multiple of {per} is needed)")
     word_bytes = per * bits // 8
-    grouped = codes.to(torch.int32).reshape(*codes.shape[:-1], d // per, per)
     shifts = torch.arange(0, per * bits, bits, dtype=torch.int32, device=codes.device)
-    word = (grouped << shifts).sum(-1)  # disjoint bit fields: the sum is their bitwise or
     byte_shifts = torch.arange(0, 8 * word_bytes, 8, dtype=torch.int32, device=codes.device)
-    out = ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8)
-    return out.reshape(*codes.shape[:-1], d * bits // 8)
+
+    def rows(c: torch.Tensor) -> torch.Tensor:
+        grouped = c.to(torch.int32).reshape(c.shape[0], d // per, per)
+        # disjoint bit fields: the sum is their bitwise or (int32: a word holds at most 24 bits)
+        word = (grouped << shifts).sum(-1, dtype=torch.int32)
+        return ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(c.shape[0], -1)
+
+    return _by_rows(rows, codes, d * bits // 8)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -74,12 +96,16 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per = codes_per_word(bits)
     word_bytes = per * bits // 8
     p = packed.shape[-1]
-    grouped = packed.to(torch.int32).reshape(*packed.shape[:-1], p // word_bytes, word_bytes)
     byte_shifts = torch.arange(0, 8 * word_bytes, 8, dtype=torch.int32, device=packed.device)
-    word = (grouped << byte_shifts).sum(-1)
     shifts = torch.arange(0, per * bits, bits, dtype=torch.int32, device=packed.device)
-    codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.to(torch.uint8).reshape(*packed.shape[:-1], p * 8 // bits)
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        grouped = x.to(torch.int32).reshape(x.shape[0], p // word_bytes, word_bytes)
+        word = (grouped << byte_shifts).sum(-1, dtype=torch.int32)
+        codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.to(torch.uint8).reshape(x.shape[0], -1)
+
+    return _by_rows(rows, packed, p * 8 // bits)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--data-label", default=None, help="what to call the data in the profile (default: --data)")
+    parser.add_argument("--data-label", default=None,
+                        help="what to call the data in the profile (default: --data)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -85,8 +86,8 @@ def write_profile(stat: SecondMoments, members: int, args, config, windows: int,
     profile = MergeProfile(
         groups=tuple(groups), defaults=Defaults(gamma=0.0), model=ModelFingerprint.from_config(config),
         tensors=tensors, quantization=quant,
-        calibration={"predictive": {"data": args.data_label or args.data, "windows": windows, "tokens": tokens, "members": members,
-                                    "heads": args.heads}},
+        calibration={"predictive": {"data": args.data_label or args.data, "windows": windows, "tokens": tokens,
+                                    "members": members, "heads": args.heads}},
     )
     print(profile.describe())
     print("saved", profile.save(out, overwrite=True))

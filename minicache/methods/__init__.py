@@ -1,9 +1,10 @@
 """Merge methods: a registry of ways to store a group of layers' keys or values, behind one protocol.
 
 Built in: ``slerp`` (MiniCache, :mod:`minicache.methods.slerp`), ``average`` (the paper's
-averaging baseline, :mod:`minicache.methods.average`), ``lowrank`` (a calibrated basis shared by a
-group's layers, :mod:`minicache.methods.lowrank`) and ``predictive_residual`` (each layer predicted
-from the one below, the residual stored for a quantizer, :mod:`minicache.methods.predictive`). A new method is one file::
+averaging baseline, :mod:`minicache.methods.average`), ``lowrank`` (a calibrated basis shared by
+a group's layers, :mod:`minicache.methods.lowrank`) and ``predictive_residual`` (each layer predicted
+from the one below, the residual stored for a quantizer, :mod:`minicache.methods.predictive`).
+A new method is one file::
 
     from minicache.methods import MergeMethod, MethodParams, register_method
 

@@ -46,6 +46,7 @@ and head.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -56,7 +57,7 @@ from minicache.methods.lowrank import SecondMoments
 from minicache.quant.rotated import rotation_matrix
 from minicache.validation import ProfileError, check_bool, check_choice
 
-__all__ = ["HEAD_LAYOUTS", "PredictiveMethod", "PredictiveParams", "RIDGE", "fit_predictors"]
+__all__ = ["HEAD_LAYOUTS", "RIDGE", "PredictiveMethod", "PredictiveParams", "fit_predictors"]
 
 #: Layouts of the prediction map.
 HEAD_LAYOUTS = ("joint", "each")
@@ -99,7 +100,7 @@ def fit_predictors(stat: SecondMoments, layers: tuple[int, ...], ridge: float = 
     for c, name in enumerate(("keys", "values")):
         mean = torch.cat([stat.covariance((layer,), c)[0] for layer in layers]).reshape(k, h, d)
         joint, each = [], []
-        for below, layer in zip(layers[:-1], layers[1:], strict=True):
+        for below, layer in itertools.pairwise(layers):
             _, cov = stat.covariance((below, layer), c)
             inputs, cross = cov[: h * d, : h * d], cov[: h * d, h * d :]
             joint.append(_ridge_solve(inputs, cross, ridge))

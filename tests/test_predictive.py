@@ -189,6 +189,22 @@ def test_generate_through_the_cache_and_the_blockwise_path_agree():
             assert torch.equal(want.sequences, full.sequences)
 
 
+def test_restoring_in_layer_order_reuses_the_member_below_and_keeps_nothing_after_the_step():
+    model = _model()
+    quant = Quantization(bits=3, group_size=16, residual_length=8)
+    profile = _profile(model, [(1, 2, 3, 4)], quantization=quant)
+    cache = MiniCache(profile, model)
+    with torch.no_grad():
+        model(input_ids=_windows(2, 40, seed=3), cache=cache)
+    for component in cache.stores[0].components.values():
+        assert component.length > 0 and component._chain is None, "the last member dropped the chain"
+        for member in range(4):  # in layer order: each restore starts from the one below
+            chained = component.restored(member)
+            alone = component.view(member).materialize()  # the whole chain walked again
+            torch.testing.assert_close(chained, alone, rtol=0, atol=1e-6)
+        assert component._chain is None
+
+
 @pytest.mark.parametrize(("scheme", "group_size", "match"), [
     ("rotated", 16, "mixes them"),  # the rotation spans every member's columns
     ("kivi", 32, "mixes them"),  # per-token groups of 32 channels span two members of 16

@@ -263,7 +263,9 @@ class MergeMethod(ABC):
         its one field, one member's columns, to what storage gives back (the storage dtype, and the
         quantizer's round trip in a quantized cache), so that it can encode later members against
         what earlier ones restore to (predictive coding). The cache passes it and checks that
-        packing the field equals packing each member's columns alone.
+        packing the field equals packing each member's columns alone. Such a method also implements
+        :meth:`restore_chain`, through which the cache restores members in layer order without
+        restoring the members below again.
     """
 
     name: ClassVar[str]
@@ -334,6 +336,15 @@ class MergeMethod(ABC):
         ``in_frame``: leave them in :meth:`frame` (skip the per-token map back), for attention
         paths that map the query and the output instead.
         """
+
+    def restore_chain(
+        self, params: MethodParams, fields: Mapping[str, torch.Tensor], member: int,
+        tensors: Mapping[str, torch.Tensor], *, below: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Closed-loop methods: member ``member``'s ``[B, H, n, D]`` float32 restore of a block, given
+        ``below`` (member ``member − 1``'s restore of the same block, as this returned it) or None
+        (restore the members below too). :meth:`decode` is this, cast to the model dtype."""
+        raise NotImplementedError(f"{self.name} restores each member on its own (closed_loop is False)")
 
     def factored_scores(
         self, params: MethodParams, q: torch.Tensor, fields: Mapping[str, torch.Tensor], member: int,

@@ -38,8 +38,11 @@ members: the stored field is ``[B, H, N, k·D]`` with ``quantize="vectors"``, an
 that packing the whole field equals packing each member's ``D`` columns (KIVI with ``group_size ≤
 head_dim``; a rotated scheme rotates across members and is refused).
 
-Restoring member ``j`` costs ``j`` matmuls of ``[n, H·D] × [H·D, H·D]`` per block (the chain below
-it); the blockwise torch path restores block by block; no fused kernel reads this layout. The
+Restoring member ``j`` on its own costs ``j`` matmuls of ``[n, H·D] × [H·D, H·D]`` (the chain below
+it). The default path restores a layer's whole prefix per step and keeps member ``j``'s restore
+until member ``j + 1`` asks (layers run in order), so a step costs one matmul per member; the
+blockwise torch path restores block by block and walks the chain each time (``k(k+1)/2`` per
+block); no fused kernel reads this layout. The
 retention distance is the relative restore error over the members, ``‖X̂ − X‖ / ‖X‖`` per token
 and head.
 """
@@ -172,15 +175,19 @@ class PredictiveMethod(MergeMethod):
         return Encoded({"residuals": torch.cat(residuals, dim=-1)}, distance)
 
     def decode(self, params, fields, member, tensors, dtype, *, in_frame=False):
+        return self.restore_chain(params, fields, member, tensors).to(dtype)
+
+    def restore_chain(self, params, fields, member, tensors, *, below=None):
         r = fields["residuals"].float()
         d = r.shape[-1] // tensors["mean"].shape[0]
-        restored = None
-        for j in range(member + 1):
+        first = member if below is not None and member > 0 else 0
+        restored = below.float() if first else None
+        for j in range(first, member + 1):
             residual = r[..., j * d:(j + 1) * d]
             if params.rotate:
                 residual = residual @ rotation_matrix(d, residual.device).T
             restored = self._prediction(params, restored, j, tensors, r) + residual
-        return restored.to(dtype)
+        return restored
 
     def restore_error(self, params, xs, tensors):
         # Unquantized the residual is stored in the model dtype: the error is that rounding alone.

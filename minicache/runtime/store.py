@@ -178,6 +178,8 @@ class ComponentStore:
         self.retained_index: torch.Tensor | None = None
         self.retained_value: torch.Tensor | None = None
         self.retained_q: QuantizedTensor | None = None
+        # (merged length, member, float32 restore) of a closed-loop method's last restored member
+        self._chain: tuple[int, int, torch.Tensor] | None = None
 
     def fresh(self) -> ComponentStore:
         """An empty store with the same settings (``reset``)."""
@@ -324,12 +326,23 @@ class ComponentStore:
         """Full ``[B, H, M + r, D]`` tensor for one member: restored merged prefix + exact window."""
         if self.length == 0:
             return self.residual[member]
-        return self.view(member).materialize()
+        view = self.view(member)
+        if not self.method.closed_loop:
+            return view.materialize()
+        # Layers run in order: member j's restore is what member j + 1 predicts from. Held until the
+        # next member asks, and dropped after the last one (a transient, like the restore itself).
+        memo = self._chain
+        below = memo[2] if memo is not None and memo[:2] == (self.length, member - 1) else None
+        chain = view.chain_block(0, self.length, below)
+        self._chain = (self.length, member, chain) if member < self.members - 1 else None
+        dense = view.with_retained(chain.to(view.dtype), 0, self.length)
+        return torch.cat([dense, view.residual], dim=-2)
 
     # -- batch and memory -----------------------------------------------------------------------
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep/reorder/repeat sequences: new sequence ``i`` is old sequence ``index[i]``."""
         self.residual = [None if r is None else r.index_select(0, index.to(r.device)) for r in self.residual]
+        self._chain = None
         if self.length == 0:
             return
         for series in self.fields.values():

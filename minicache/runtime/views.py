@@ -335,13 +335,25 @@ class MergedKVView:
             return self.stored["vectors"].block(start, end, dtype, rotated=in_frame and self.frame is not None)
         block = {name: f.block(start, end, dtype) for name, f in self.stored.items()}
         dense = self.method.decode(self.params, block, self.member, self.tensors, dtype, in_frame=in_frame)
+        return self.with_retained(dense, start, end, in_frame=in_frame)
+
+    def with_retained(self, dense: torch.Tensor, start: int, end: int, *, in_frame: bool = False) -> torch.Tensor:
+        """``dense`` (merged tokens ``[start, end)`` as the method restores them) with the retained
+        tokens inside written over, exact (in place; returned)."""
         retained = self._retained_in(start, end)
         if retained is not None:
             b_idx, h_idx, pos, exact = retained
             if in_frame and self.frame is not None:  # x R, each row with its head's R
-                exact = self.frame.rows(exact, h_idx).to(dtype)
+                exact = self.frame.rows(exact, h_idx).to(self.dtype)
             dense[b_idx, h_idx, pos] = exact
         return dense
+
+    def chain_block(self, start: int, end: int, below: torch.Tensor | None = None) -> torch.Tensor:
+        """A closed-loop method's restore of merged tokens ``[start, end)``, float32 and before retained
+        tokens are written over (:meth:`~minicache.methods.base.MergeMethod.restore_chain`); ``below``:
+        the member below's, which saves restoring the chain under this member again."""
+        block = {name: f.block(start, end, self.dtype) for name, f in self.stored.items()}
+        return self.method.restore_chain(self.params, block, self.member, self.tensors, below=below)
 
     @property
     def factored(self) -> bool:

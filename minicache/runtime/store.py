@@ -178,8 +178,9 @@ class ComponentStore:
         self.retained_index: torch.Tensor | None = None
         self.retained_value: torch.Tensor | None = None
         self.retained_q: QuantizedTensor | None = None
-        # (merged length, member, float32 restore) of a closed-loop method's last restored member
-        self._chain: tuple[int, int, torch.Tensor] | None = None
+        # (merged length, member, float32 restore, dequantized fields) of a closed-loop method's last
+        # restored member
+        self._chain: tuple | None = None
 
     def fresh(self) -> ComponentStore:
         """An empty store with the same settings (``reset``)."""
@@ -329,13 +330,14 @@ class ComponentStore:
         view = self.view(member)
         if not self.method.closed_loop:
             return view.materialize()
-        # Layers run in order: member j's restore is what member j + 1 predicts from. Held until the
-        # next member asks, and dropped after the last one (a transient, like the restore itself).
+        # Layers run in order: member j's restore is what member j + 1 predicts from, and the fields
+        # it dequantized hold member j + 1's residual too. Both are held until the next member asks
+        # and dropped after the last one (transients, like the restore itself).
         memo = self._chain
-        below = memo[2] if memo is not None and memo[:2] == (self.length, member - 1) else None
-        chain = view.chain_block(0, self.length, below)
-        self._chain = (self.length, member, chain) if member < self.members - 1 else None
-        dense = view.with_retained(chain.to(view.dtype), 0, self.length)
+        below, block = memo[2:] if memo is not None and memo[:2] == (self.length, member - 1) else (None, None)
+        chain, block = view.chain_block(0, self.length, below, block)
+        self._chain = (self.length, member, chain, block) if member < self.members - 1 else None
+        dense = view.with_retained(chain.to(view.dtype, copy=True), 0, self.length)  # the memo stays as restored
         return torch.cat([dense, view.residual], dim=-2)
 
     # -- batch and memory -----------------------------------------------------------------------

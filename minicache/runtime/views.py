@@ -348,12 +348,15 @@ class MergedKVView:
             dense[b_idx, h_idx, pos] = exact
         return dense
 
-    def chain_block(self, start: int, end: int, below: torch.Tensor | None = None) -> torch.Tensor:
+    def chain_block(self, start: int, end: int, below: torch.Tensor | None = None,
+                    block: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """A closed-loop method's restore of merged tokens ``[start, end)``, float32 and before retained
-        tokens are written over (:meth:`~minicache.methods.base.MergeMethod.restore_chain`); ``below``:
-        the member below's, which saves restoring the chain under this member again."""
-        block = {name: f.block(start, end, self.dtype) for name, f in self.stored.items()}
-        return self.method.restore_chain(self.params, block, self.member, self.tensors, below=below)
+        tokens are written over (:meth:`~minicache.methods.base.MergeMethod.restore_chain`), and the
+        dequantized fields it read. ``below``: the member below's restore, which saves restoring the
+        chain under this member again; ``block``: those fields, already dequantized for it."""
+        if block is None:
+            block = {name: f.block(start, end, self.dtype) for name, f in self.stored.items()}
+        return self.method.restore_chain(self.params, block, self.member, self.tensors, below=below), block
 
     @property
     def factored(self) -> bool:

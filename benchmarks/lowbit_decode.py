@@ -38,6 +38,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--json-out")
     parser.add_argument("--markdown-out")
+    parser.add_argument("--path", choices=("blockwise", "default"), default="blockwise",
+                        help="blockwise: attend a restored block at a time; default: restore each layer whole")
+    parser.add_argument("--baselines", default=None,
+                        help="comma-separated subset of the uniform storages (default: all; 4-bit kivi always)")
     args = parser.parse_args()
 
     model, tokenizer = load_model("smollm2-135m", dtype=args.dtype)
@@ -51,6 +55,12 @@ def main() -> None:
         "4-bit rotated": none.with_quantization(Quantization(bits=4, scheme="rotated")),
         "3-bit rotated": none.with_quantization(Quantization(bits=3, scheme="rotated")),
     }
+    if args.baselines:
+        keep = {"4-bit kivi", *(name.strip() for name in args.baselines.split(","))}
+        unknown = keep - set(stores)
+        if unknown:
+            parser.error(f"--baselines: unknown {sorted(unknown)}; allowed: {sorted(stores)}")
+        stores = {name: p for name, p in stores.items() if name in keep}
     if args.profile:
         stores[f"profile {args.profile}"] = MergeProfile.load(args.profile)
 
@@ -68,7 +78,8 @@ def main() -> None:
             model(input_ids=ids, attention_mask=mask, cache=MiniCache(profile, model))
         return time.perf_counter() - started
 
-    enable_fused_attention(model, backend="torch")
+    if args.path == "blockwise":
+        enable_fused_attention(model, backend="torch")
     results = {}
     try:
         for name, profile in stores.items():
@@ -84,7 +95,8 @@ def main() -> None:
         disable_fused_attention(model)
     base = results["4-bit kivi"][0]
     lines = [
-        f"{args.context} tokens x {args.batch}, {args.new_tokens} greedy tokens, {args.dtype}, blockwise torch path, "
+        f"{args.context} tokens x {args.batch}, {args.new_tokens} greedy tokens, {args.dtype}, "
+        f"{'blockwise torch path' if args.path == 'blockwise' else 'default path (whole-layer restore)'}, "
         f"{torch.get_num_threads()} threads, median of {args.repeats} (prefill subtracted)",
         "",
         "| storage | s / decode step | speed vs 4-bit KIVI | compression |",

@@ -3,7 +3,8 @@
 # prefixes, on text no profile was calibrated on (the protocol of lowbit_results.sh, same windows).
 # Writes benchmarks/results/predictive-cpu/ (overwrites).
 #
-#   bash benchmarks/predictive_results.sh     # about 35 minutes on 2 CPU cores
+#   bash benchmarks/predictive_results.sh          # everything (about 40 minutes on 2 CPU cores)
+#   bash benchmarks/predictive_results.sh decode   # only the decode-speed ratios (uses $OUT/k10-3bit)
 #
 # 1. benchmarks/predictive_profile.py fits the layer-to-layer prediction maps (joint over KV heads,
 #    float16) on 32 x 1,024 tokens of the built-in corpus + the shipped profile's data and writes
@@ -12,16 +13,20 @@
 # 2. minicache-eval --compare: 16 windows x 1,024 scored tokens = 16,384 tokens over the README's
 #    held-out licences, Python source and Python release notes (unseen.txt): full (the noise floor),
 #    KIVI 3/4-bit in groups of 64 (the same group size), and the two profiles.
+# 3. Decode seconds per step at 2,048 tokens, batch 1 (benchmarks/lowbit_decode.py: 4-bit KIVI is the
+#    same-run baseline), default path (whole-layer restore, members restored in layer order).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+WHAT=${1:-all}
 OUT=benchmarks/results/predictive-cpu
 mkdir -p "$OUT"
-exec > >(tee "$OUT/log.txt") 2>&1
+exec > >(tee "$OUT/log-$WHAT.txt") 2>&1
 machine_line
 
 cat minicache/calibrate/corpus/default.jsonl profiles/smollm2-135m-instruct/calibration-data.jsonl >"$WORK/calib.jsonl"
 source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
 
+if [[ $WHAT == all ]]; then
 echo "== fitting prediction maps, groups of 10 layers"
 label="minicache/calibrate/corpus/default.jsonl + profiles/smollm2-135m-instruct/calibration-data.jsonl"
 "$PY" benchmarks/predictive_profile.py --data "$WORK/calib.jsonl" --data-label "$label" --members 10 --bits 3 \
@@ -34,3 +39,10 @@ echo "== 4,096-token prefixes, 16 windows x 1,024 scored tokens: $methods"
 "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length 4096 \
   --continuation-length 1024 --num-windows 16 --batch-size 2 --compare "$methods" \
   --json-out "$OUT/compare.json" --markdown-out "$OUT/compare.md" --force
+fi
+
+if [[ $WHAT == all || $WHAT == decode ]]; then
+  echo "== decode speed, default path, 2,048 tokens, batch 1"
+  "$PY" benchmarks/lowbit_decode.py --profile "$OUT/k10-3bit" --path default --baselines "3-bit kivi" \
+    --json-out "$OUT/decode.json" --markdown-out "$OUT/decode.md"
+fi

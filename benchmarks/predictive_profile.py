@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--heads", choices=("joint", "each"), default="joint")
     parser.add_argument("--weight-dtype", choices=("float16", "float32"), default="float16",
                         help="storage of the prediction maps (counted in the memory report)")
+    parser.add_argument("--free-keys", dest="key_rope", action="store_false",
+                        help="keys: a free map (fails past the calibration windows' positions) instead of one "
+                             "that commutes with RoPE")
     parser.add_argument("--no-rotate", action="store_true", help="store residuals unrotated")
     parser.add_argument("--bits", type=int, default=3, help="code width of keys and of values")
     parser.add_argument("--value-bits", type=int, default=None)
@@ -72,13 +75,18 @@ def write_profile(stat: SecondMoments, members: int, args, config, windows: int,
     method = get_method("predictive_residual")
     params = method.params({"heads": args.heads, "rotate": not args.no_rotate})
     settings = MergeSettings(params=params, method=method.name, gamma=0.0)
+    # keys: a map that commutes with RoPE, unless asked otherwise (a free one fails past the calibrated positions)
+    key_params = params
+    if args.key_rope:
+        key_params = method.params({"heads": "joint", "rotate": not args.no_rotate, "rope": True})
+    key_settings = MergeSettings(params=key_params, method=method.name, gamma=0.0)
     groups, tensors = [], {}
     for run in partition(config.num_hidden_layers, members, args.first_layer):
-        group = MergeGroup(run, settings, settings)
+        group = MergeGroup(run, key_settings, settings)
         groups.append(group)
         fitted = method.fit(stat, run)
-        for component in ("keys", "values"):
-            for local, tensor in method.tensors_for(params, fitted[component]).items():
+        for component, component_params in (("keys", key_params), ("values", params)):
+            for local, tensor in method.tensors_for(component_params, fitted[component]).items():
                 if local == "weight" and args.weight_dtype == "float16":
                     tensor = tensor.half()
                 tensors[tensor_name(local, group.label, component)] = tensor

@@ -78,6 +78,37 @@ def test_the_fit_recovers_a_linear_map_between_layers():
     assert fitted["weight_each"].shape == (1, h, d, d)
 
 
+def test_the_rope_map_commutes_with_rope_and_recovers_an_equivariant_map():
+    g = torch.Generator().manual_seed(0)
+    h, d, n = 2, 8, 3000
+    half = d // 2
+    c = torch.complex(torch.randn(half, h, h, generator=g, dtype=torch.float64),
+                      torch.randn(half, h, h, generator=g, dtype=torch.float64))
+    z = torch.complex(torch.randn(n, h, half, generator=g, dtype=torch.float64),
+                      torch.randn(n, h, half, generator=g, dtype=torch.float64))
+    y = torch.einsum("nhi,ihk->nki", z, c)
+
+    def layer(w):  # complex [n, H, D/2] -> [1, H, n, D], channel pair (i, i + D/2) = (real, imaginary)
+        return torch.cat([w.real, w.imag], dim=-1).permute(1, 0, 2).unsqueeze(0).float()
+
+    stat = SecondMoments(2, h, d, max_offset=1)
+    stat.add([(layer(z), layer(z)), (layer(y), layer(y))], sink_tokens=0)
+    weight = fit_predictors(stat, (0, 1), ridge=1e-9)["keys"]["weight_rope"][0].double()
+    flat = layer(z)[0].permute(1, 0, 2).reshape(n, h * d).double()
+    want = layer(y)[0].permute(1, 0, 2).reshape(n, h * d).double()
+    torch.testing.assert_close(flat @ weight, want, rtol=1e-3, atol=1e-3)
+    # RoPE at any position p: the same turn of every head's pair i by p·θ_i; the map commutes with it
+    theta = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    for p in (3.0, 5000.0):
+        cos, sin = torch.cos(p * theta), torch.sin(p * theta)
+        turn = torch.zeros(d, d, dtype=torch.float64)
+        i = torch.arange(half)
+        turn[i, i], turn[i + half, i + half] = cos, cos
+        turn[i + half, i], turn[i, i + half] = -sin, sin  # x R: a' = a cos − b sin, b' = b cos + a sin
+        rope = torch.block_diag(*[turn] * h)
+        torch.testing.assert_close(rope @ weight, weight @ rope, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("heads", ["joint", "each"])
 @pytest.mark.parametrize("rotate", [True, False])
 def test_closed_loop_errors_do_not_add_up_along_the_group(heads, rotate):
@@ -139,6 +170,8 @@ def test_profile_round_trip_and_tensor_validation(tmp_path):
     nan[0, 0, 0] = float("nan")
     with pytest.raises(ProfileError, match="non-finite"):
         MergeProfile.from_dict(data, tensors=dict(tensors, **{"weight.1-3.values": nan}))
+    with pytest.raises(ProfileError, match="rope: true needs heads: joint"):
+        PredictiveParams(heads="each", rope=True)
     with pytest.raises(ProfileError, match="fewer than 2 layers"):
         MergeProfile.from_dict({"format_version": 2, "groups": [
             {"layers": [1], "keys": {"method": "predictive_residual"}, "values": {"method": "predictive_residual"}}]})

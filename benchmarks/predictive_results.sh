@@ -3,13 +3,15 @@
 # prefixes, on text no profile was calibrated on (the protocol of lowbit_results.sh, same windows).
 # Writes benchmarks/results/predictive-cpu/ (overwrites).
 #
-#   bash benchmarks/predictive_results.sh          # everything (about 40 minutes on 2 CPU cores)
+#   bash benchmarks/predictive_results.sh          # everything (about 65 minutes on 2 CPU cores)
 #   bash benchmarks/predictive_results.sh decode   # only the decode-speed ratios (uses $OUT/k10-3bit)
 #
 # 1. benchmarks/predictive_profile.py fits the layer-to-layer prediction maps (joint over KV heads,
 #    float16) on 32 x 1,024 tokens of the built-in corpus + the shipped profile's data and writes
 #    profiles with groups of 10 layers (3 groups cover the 30 layers): 3-bit keys and values, and
-#    4-bit keys with 3-bit values; KIVI packing, per-token residual groups of 64 channels.
+#    4-bit keys with 3-bit values; KIVI packing, per-token residual groups of 64 channels. Keys use
+#    maps that commute with RoPE; the *-free-keys profiles use free maps on post-RoPE keys (which
+#    fail past the 1,024 positions they were fitted on).
 # 2. minicache-eval --compare: 16 windows x 1,024 scored tokens = 16,384 tokens over the README's
 #    held-out licences, Python source and Python release notes (unseen.txt): full (the noise floor),
 #    KIVI 3/4-bit in groups of 64 (the same group size), and the two profiles.
@@ -33,8 +35,13 @@ label="minicache/calibrate/corpus/default.jsonl + profiles/smollm2-135m-instruct
   --out "$OUT/k10-3bit"
 "$PY" benchmarks/predictive_profile.py --data "$WORK/calib.jsonl" --data-label "$label" --members 10 --bits 4 \
   --value-bits 3 --out "$OUT/k10-keys4-values3"
+"$PY" benchmarks/predictive_profile.py --data "$WORK/calib.jsonl" --data-label "$label" --members 10 --bits 3 \
+  --free-keys --out "$OUT/k10-3bit-free-keys"
+"$PY" benchmarks/predictive_profile.py --data "$WORK/calib.jsonl" --data-label "$label" --members 10 --bits 4 \
+  --value-bits 3 --free-keys --out "$OUT/k10-keys4-values3-free-keys"
 
 methods=full,none@kivi:3/64,none@kivi:4/64,$OUT/k10-3bit,$OUT/k10-keys4-values3
+methods+=,$OUT/k10-3bit-free-keys,$OUT/k10-keys4-values3-free-keys
 echo "== 4,096-token prefixes, 16 windows x 1,024 scored tokens: $methods"
 "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length 4096 \
   --continuation-length 1024 --num-windows 16 --batch-size 2 --compare "$methods" \

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from minicache import MergeProfile, MiniCache
 from minicache.methods import get_method
@@ -13,28 +12,10 @@ from minicache.methods.predictive import PredictiveParams, fit_predictors
 from minicache.profile import Defaults, MergeGroup, ProfileError, Quantization
 from minicache.quant import get_quantizer
 from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
-from tests.tiny_configs import tiny_config
+from tests.test_lowrank import _kv, _model, _windows  # the same tiny Llama and random windows
 
 PREDICTIVE = get_method("predictive_residual")
 KIVI = get_quantizer("kivi")
-
-
-def _model(layers: int = 6):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(tiny_config("llama", num_hidden_layers=layers)).eval()
-
-
-def _windows(n: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, 128, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _kv(model, ids):
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=ids, cache=cache)
-    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _profile(model, groups, heads="joint", quantization=None, weight_dtype=torch.float32) -> MergeProfile:

@@ -206,6 +206,13 @@ class PredictiveMethod(MergeMethod):
     # -- runtime ------------------------------------------------------------------------------------
     def encode(self, params: PredictiveParams, xs: Sequence[torch.Tensor], tensors: Mapping[str, torch.Tensor],
                *, roundtrip: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Encoded:
+        residuals, distance, _ = self._closed_loop(params, xs, tensors, roundtrip)
+        return Encoded({"residuals": residuals}, distance)
+
+    def _closed_loop(self, params, xs, tensors, roundtrip) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Residuals ``[B, H, N, k·D]`` float32, the retention distance ``[B, H, N]`` and the squared
+        restore error ``[B, H, N]`` float64 summed over members, each member restored from what
+        ``roundtrip`` gives back of its residual (None: the residual as it is)."""
         residuals, error, total = [], None, None
         restored = None
         for member, x in enumerate(xs):
@@ -224,7 +231,7 @@ class PredictiveMethod(MergeMethod):
             error = e if error is None else error + e
             total = t if total is None else total + t
         distance = (error / total.clamp_min(1e-30)).sqrt().clamp(0.0, 1.0).float()
-        return Encoded({"residuals": torch.cat(residuals, dim=-1)}, distance)
+        return torch.cat(residuals, dim=-1), distance, error
 
     def decode(self, params, fields, member, tensors, dtype, *, in_frame=False):
         return self.restore_chain(params, fields, member, tensors).to(dtype)
@@ -242,14 +249,10 @@ class PredictiveMethod(MergeMethod):
         return restored
 
     def restore_error(self, params, xs, tensors):
-        # Unquantized the residual is stored in the model dtype: the error is that rounding alone.
-        encoded = self.encode(params, xs, tensors, roundtrip=lambda r: r.to(xs[0].dtype))
-        err = None
-        for member, x in enumerate(xs):
-            restored = self.decode(params, encoded.fields, member, tensors, torch.float32)
-            e = (restored - x.float()).square().sum(-1).double()
-            err = e if err is None else err + e
-        return encoded.distance, err
+        # Unquantized the residual is stored in the model dtype: the error is that rounding alone,
+        # as the closed loop restores each member (not the base's decode of unrounded residuals).
+        _, distance, error = self._closed_loop(params, xs, tensors, lambda r: r.to(xs[0].dtype))
+        return distance, error
 
     @staticmethod
     def _prediction(params: PredictiveParams, below: torch.Tensor | None, member: int,

@@ -181,6 +181,7 @@ class ComponentStore:
         # (merged length, member, float32 restore, dequantized fields) of a closed-loop method's last
         # restored member
         self._chain: tuple | None = None
+        self._separable = False  # a closed-loop method's packing was checked (_check_separable)
 
     def fresh(self) -> ComponentStore:
         """An empty store with the same settings (``reset``)."""
@@ -284,7 +285,7 @@ class ComponentStore:
     def _check_separable(self, encoded, dtype: torch.dtype) -> None:
         """Once per store: packing the whole field must equal packing each member's columns, or the
         closed loop encoded against something storage does not give back."""
-        if self.quant is None or getattr(self, "_separable", False):
+        if self.quant is None or self._separable:
             return
         (field,) = self.method.fields
         value = encoded.fields[field.name][..., :1, :]

@@ -122,6 +122,11 @@ def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None 
     group.add_argument(
         "--kv-scheme", default="kivi", help="with --kv-bits: the quantization scheme (registered in minicache.quant)"
     )
+    group.add_argument(
+        "--kv-sink-tokens", type=int, default=0, metavar="S",
+        help="with --kv-bits: the first S tokens of unmerged layers kept exact (attention sinks; fewer than "
+        "--kv-group-size; default 0)",
+    )
     if residual:
         group.add_argument(
             "--kv-residual-length", type=int, default=128,
@@ -157,6 +162,7 @@ def quantization_from_args(args: argparse.Namespace, residual_length: int | None
             group_size=args.kv_group_size,
             residual_length=128 if window is None else window,
             scheme=getattr(args, "kv_scheme", "kivi"),
+            sink_tokens=getattr(args, "kv_sink_tokens", 0),
         )
     except ProfileError as err:  # name the option, not the profile field
         option = "--kv-" + err.path.split("[")[0].replace("_", "-")

@@ -379,6 +379,11 @@ class Quantization:
         profile's ``defaults.residual_length`` exact, and quantize each merged block.)
     scheme : str
         A registered quantizer.
+    sink_tokens : int
+        First tokens of unmerged layers kept exact (attention sinks): their keys are outliers that
+        stretch the ranges of the first key group and draw much of the attention, so their rounding
+        costs more than anyone else's. Fewer than ``group_size``; 0 keeps none (the format before
+        this field).
     """
 
     bits: int | tuple[int, ...] = 4
@@ -386,6 +391,7 @@ class Quantization:
     residual_length: int = 128
     scheme: str = "kivi"
     value_bits: int | tuple[int, ...] | None = None
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         from minicache.quant import quantizer_names
@@ -413,6 +419,10 @@ class Quantization:
             object.__setattr__(self, "value_bits", None if value_bits == self.bits else value_bits)
         object.__setattr__(self, "group_size", check_int(self.group_size, "group_size", 2))
         object.__setattr__(self, "residual_length", check_int(self.residual_length, "residual_length", 0))
+        object.__setattr__(self, "sink_tokens", check_int(self.sink_tokens, "sink_tokens", 0))
+        if self.sink_tokens >= self.group_size:
+            raise ProfileError(f"{self.sink_tokens} exact sink tokens do not fit in the first group of "
+                               f"{self.group_size}; allowed: 0 to {self.group_size - 1}", "sink_tokens")
 
     @property
     def quantizer(self):
@@ -459,7 +469,8 @@ class Quantization:
             layers = max(len(b) if isinstance(b, tuple) else 1 for b in (self.bits, self.value_bits or 0))
             mean = f", mean {self.mean_bits(layers):.2f} bits"
         scheme = "" if self.scheme == "kivi" else f"{self.scheme} "
-        return f"{bits}-bit {scheme}KV (group {self.group_size}, residual {self.residual_length}{mean})"
+        sinks = f", {self.sink_tokens} exact sinks" if self.sink_tokens else ""
+        return f"{bits}-bit {scheme}KV (group {self.group_size}, residual {self.residual_length}{sinks}{mean})"
 
     def to_dict(self) -> dict[str, Any]:
         def plain(bits):
@@ -469,6 +480,8 @@ class Quantization:
                "residual_length": self.residual_length}
         if self.value_bits is not None:
             out["value_bits"] = plain(self.value_bits)
+        if self.sink_tokens:
+            out["sink_tokens"] = self.sink_tokens
         return out
 
 
@@ -590,7 +603,7 @@ def _sorted_plain(value: Any) -> Any:
 _TOP_KEYS = (
     "format_version", "producer", "model", "defaults", "groups", "calibration", "tensors", "quantization"
 )
-_QUANT_KEYS = ("scheme", "bits", "group_size", "residual_length", "value_bits")
+_QUANT_KEYS = ("scheme", "bits", "group_size", "residual_length", "value_bits", "sink_tokens")
 _TENSORS_KEYS = ("file", "sha256")
 _PRODUCER_KEYS = ("name", "version")
 _MODEL_KEYS = tuple(f.name for f in fields(ModelFingerprint))

@@ -171,25 +171,25 @@ class MethodSpec:
 
 
 def parse_storage(text: str) -> Quantization:
-    """``[SCHEME:]BITS[/GROUP]`` (after a method's ``@``) as a :class:`Quantization`: scheme default
+    """``[SCHEME:]BITS[/GROUP][+sS]`` (after a method's ``@``) as a :class:`Quantization`: scheme default
     ``kivi``, group default 128; the exact window is the default's. ``BITS`` is one width, or ``kKvV``
-    (keys ``K`` bits, values ``V``).
+    (keys ``K`` bits, values ``V``); ``+sS`` keeps the first ``S`` tokens exact (``sink_tokens``).
 
     Raises
     ------
     ValueError
         Not of that form, or a width/group/scheme the registry refuses (the message says which).
     """
-    scheme, _, rest = text.rpartition(":")
-    bits, _, group = rest.partition("/")
+    form = re.fullmatch(r"(?:(?P<scheme>[^:]+):)?(?P<bits>\d+|k\d+v\d+)(?:/(?P<group>\d+))?(?:\+s(?P<sinks>\d+))?", text)
+    if form is None:
+        raise ValueError(f"storage {text!r} is not [SCHEME:]BITS[/GROUP][+sS] (BITS: a width, or kKvV for keys K "
+                         "and values V bits; S: exact sink tokens; e.g. rotated:3, kivi:2/64, kivi:k2v4, rotated:3+s4)")
+    scheme, bits, group, sinks = form.group("scheme", "bits", "group", "sinks")
     split = re.fullmatch(r"k(\d+)v(\d+)", bits)
     keys, values = split.groups() if split else (bits, bits)
-    if not (keys.isdigit() and values.isdigit()) or (group and not group.isdigit()):
-        raise ValueError(f"storage {text!r} is not [SCHEME:]BITS[/GROUP] (BITS: a width, or kKvV for keys K "
-                         "and values V bits; e.g. rotated:3, kivi:2/64, kivi:k2v4)")
     try:
         return Quantization(bits=int(keys), value_bits=int(values), group_size=int(group or 128),
-                            scheme=scheme or "kivi")
+                            scheme=scheme or "kivi", sink_tokens=int(sinks or 0))
     except ProfileError as err:
         raise ValueError(f"storage {text!r}: {err}") from err
 

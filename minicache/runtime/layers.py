@@ -90,6 +90,10 @@ class QuantizedLayer(CacheLayerMixin):
     dequantized prefix followed by the window, ``[B, H, Q + r, D]`` (or, with ``views``, views that
     the fused attention paths read packed).
 
+    With ``spec.sink_tokens = S > 0`` the first ``S`` tokens stay exact in ``sink_keys``/``sink_values``
+    ``[B, H, S, D]``: packing stands a copy of token ``S`` in for them (so their outlier keys do not
+    stretch the first group's ranges), and every read writes the exact ones back over those rows.
+
     Parameters
     ----------
     spec : Quantization
@@ -114,6 +118,8 @@ class QuantizedLayer(CacheLayerMixin):
         self.chunk = math.lcm(q.chunk_tokens("keys", g), q.chunk_tokens("values", g), g)
         self.qkeys: QuantizedTensor | None = None
         self.qvalues: QuantizedTensor | None = None
+        self.sink_keys: torch.Tensor | None = None
+        self.sink_values: torch.Tensor | None = None
         # Set once when the owning cache is bound to a model's attention plan: every step then returns
         # views the fused attention paths read without dequantizing the whole prefix.
         self.views = False
@@ -143,27 +149,45 @@ class QuantizedLayer(CacheLayerMixin):
         elif self.qkeys is None:
             out = self.keys, self.values
         else:
-            out = (
-                torch.cat([self.quantizer.dequantize(self.qkeys, self.dtype), self.keys], dim=-2),
-                torch.cat([self.quantizer.dequantize(self.qvalues, self.dtype), self.values], dim=-2),
+            out = tuple(
+                torch.cat([self._with_sinks(self.quantizer.dequantize(packed, self.dtype), sinks), window], dim=-2)
+                for packed, sinks, window in ((self.qkeys, self.sink_keys, self.keys),
+                                              (self.qvalues, self.sink_values, self.values))
             )
         count = (self.keys.shape[-2] - self.spec.residual_length) // self.chunk * self.chunk
         if count > 0:
             g = self.spec.group_size
-            self.qkeys = append(self.qkeys, self.quantizer.quantize(self.keys[..., :count, :], "keys", self.bits, g))
-            self.qvalues = append(
-                self.qvalues, self.quantizer.quantize(self.values[..., :count, :], "values", self.value_bits, g)
-            )
+            keys, values = self.keys[..., :count, :], self.values[..., :count, :]
+            if self.qkeys is None and self.spec.sink_tokens:
+                keys, values = self._hold_sinks(keys, values)
+            self.qkeys = append(self.qkeys, self.quantizer.quantize(keys, "keys", self.bits, g))
+            self.qvalues = append(self.qvalues, self.quantizer.quantize(values, "values", self.value_bits, g))
             # Clone so that the old window's storage is freed, not kept alive by a view.
             self.keys = self.keys[..., count:, :].clone()
             self.values = self.values[..., count:, :].clone()
         return out
 
+    def _hold_sinks(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the first chunk's sink tokens exact; return the chunk with token ``S`` standing in for them."""
+        s = self.spec.sink_tokens
+        self.sink_keys, self.sink_values = keys[..., :s, :].clone(), values[..., :s, :].clone()
+        keys, values = keys.clone(), values.clone()
+        keys[..., :s, :] = keys[..., s : s + 1, :]
+        values[..., :s, :] = values[..., s : s + 1, :]
+        return keys, values
+
+    @staticmethod
+    def _with_sinks(prefix: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+        if sinks is not None:
+            prefix[..., : sinks.shape[-2], :] = sinks
+        return prefix
+
     def views_of(self) -> tuple[MergedKVView, MergedKVView]:
-        """Snapshots of the packed prefix and the exact window of keys and values."""
+        """Snapshots of the packed prefix (with its exact sinks) and the exact window of keys and values."""
         return tuple(
-            MergedKVView.of_quantized_layer(window, packed, self.quantizer)
-            for window, packed in ((self.keys, self.qkeys), (self.values, self.qvalues))
+            MergedKVView.of_quantized_layer(window, packed, self.quantizer, sinks)
+            for window, packed, sinks in ((self.keys, self.qkeys, self.sink_keys),
+                                          (self.values, self.qvalues, self.sink_values))
         )
 
     def get_seq_length(self) -> int:
@@ -178,19 +202,24 @@ class QuantizedLayer(CacheLayerMixin):
         return -1
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        """Every tensor held: the exact window, then packed codes, scales and zero points."""
+        """Every tensor held: the exact window and sinks, then packed codes, scales and zero points."""
         if not self.is_initialized:
             return
         yield self.keys
         yield self.values
+        if self.sink_keys is not None:
+            yield self.sink_keys
+            yield self.sink_values
         for q in (self.qkeys, self.qvalues):
             if q is not None:
                 yield from q.tensors()
 
     def memory_parts(self) -> dict[str, int]:
-        parts = {"residual": 0, "packed": 0, "scales": 0}
+        parts = {"residual": 0, "retained": 0, "packed": 0, "scales": 0}
         if self.is_initialized:
             parts["residual"] = tensor_bytes(self.keys, self.values)
+            if self.sink_keys is not None:
+                parts["retained"] = tensor_bytes(self.sink_keys, self.sink_values)
             for q in (self.qkeys, self.qvalues):
                 if q is not None:
                     parts["packed"] += q.code_bytes
@@ -206,6 +235,7 @@ class QuantizedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.qkeys = self.qvalues = None
+        self.sink_keys = self.sink_values = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -232,6 +262,9 @@ class QuantizedLayer(CacheLayerMixin):
         if self.qkeys is not None:
             self.qkeys = self.qkeys.index_select(0, index)
             self.qvalues = self.qvalues.index_select(0, index)
+        if self.sink_keys is not None:
+            self.sink_keys = self.sink_keys.index_select(0, index)
+            self.sink_values = self.sink_values.index_select(0, index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(beam_idx.long())
@@ -250,12 +283,19 @@ class QuantizedLayer(CacheLayerMixin):
             super().offload()
             self.qkeys = None if self.qkeys is None else self.qkeys.to("cpu")
             self.qvalues = None if self.qvalues is None else self.qvalues.to("cpu")
+            self._move_sinks("cpu")
 
     def prefetch(self) -> None:
         if self.is_initialized and self.keys.device != self.device:
             super().prefetch()
             self.qkeys = None if self.qkeys is None else self.qkeys.to(self.device)
             self.qvalues = None if self.qvalues is None else self.qvalues.to(self.device)
+            self._move_sinks(self.device)
+
+    def _move_sinks(self, device) -> None:
+        if self.sink_keys is not None:
+            self.sink_keys = self.sink_keys.to(device, non_blocking=True)
+            self.sink_values = self.sink_values.to(device, non_blocking=True)
 
 
 def plain_layer_bytes(layer: CacheLayerMixin) -> int:

@@ -215,12 +215,15 @@ class MergedKVView:
     # -- construction -----------------------------------------------------------------------------
     @classmethod
     def of_quantized_layer(
-        cls, residual: torch.Tensor, packed: QuantizedTensor | None, quantizer: Quantizer | None = None
+        cls, residual: torch.Tensor, packed: QuantizedTensor | None, quantizer: Quantizer | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> MergedKVView:
         """An unmerged quantized layer's keys or values: packed prefix + exact window, no method.
 
         A rotated packing (:attr:`QuantizedTensor.rotation`) is the prefix's :attr:`frame`: the blockwise
         path rotates the query and the output once per step instead of every packed token back.
+        ``sinks`` ``[B, H, S, D]``: the prefix's first ``S`` tokens exact, as retained entries (the
+        packed rows there hold a stand-in).
         """
         if packed is None:
             return cls(member=0, residual=residual, quantizer=quantizer)
@@ -228,8 +231,16 @@ class MergedKVView:
         if packed.rotation is not None:
             h, d = residual.shape[1], packed.rotation.shape[-1]
             frame = Frame(packed.rotation.to(residual.device).expand(h, d, d))
+        retained_value = retained_index = None
+        if sinks is not None and sinks.shape[-2]:
+            b, h, s, d = sinks.shape
+            grid = torch.meshgrid(*(torch.arange(n, device=sinks.device, dtype=torch.int32) for n in (b, h, s)),
+                                  indexing="ij")
+            retained_index = torch.stack([g.reshape(-1) for g in grid], dim=1)
+            retained_value = sinks.reshape(b * h * s, 1, d)
         return cls(member=0, residual=residual, stored={"vectors": FieldSnapshot(packed=packed)},
-                   quantizer=quantizer, bits=packed.bits, frame=frame)
+                   quantizer=quantizer, bits=packed.bits, frame=frame, retained_value=retained_value,
+                   retained_index=retained_index)
 
     # -- shape --------------------------------------------------------------------------------------
     @property
@@ -332,7 +343,8 @@ class MergedKVView:
         """
         dtype = self.dtype
         if self.method is None:  # an unmerged layer: the prefix holds the vectors (a rotated packing: its frame)
-            return self.stored["vectors"].block(start, end, dtype, rotated=in_frame and self.frame is not None)
+            dense = self.stored["vectors"].block(start, end, dtype, rotated=in_frame and self.frame is not None)
+            return self.with_retained(dense, start, end, in_frame=in_frame)  # exact sinks
         block = {name: f.block(start, end, dtype) for name, f in self.stored.items()}
         dense = self.method.decode(self.params, block, self.member, self.tensors, dtype, in_frame=in_frame)
         return self.with_retained(dense, start, end, in_frame=in_frame)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_allocation_takes_the_longest_prefix_that_fits_with_few_measurements():
     damage[..., 0] = 0
     damage[..., 2] += damage[..., 1]  # 2 bits always worse than 3
     steps = bit_steps(damage, WIDTHS, [(i,) for i in range(12)])
-    quant = Quantization(bits=4, group_size=32, residual_length=16)
+    quant = Quantization(bits=4, group_size=32, residual_length=16, scheme="rotated", sink_tokens=4)
     calls = []
 
     def measure(q: Quantization):
@@ -66,6 +67,7 @@ def test_allocation_takes_the_longest_prefix_that_fits_with_few_measurements():
     assert chosen == allocate_bits(steps, quant, 12, measure, lambda u: u <= budget, log=lambda _: None)[0]
     assert len(calls) // 2 <= 2 + len(steps).bit_length(), "a bisection, not a sweep"
     assert 2 < chosen.mean_bits(12) < 4 and chosen.widths() >= {4}
+    assert (chosen.scheme, chosen.sink_tokens, chosen.residual_length) == ("rotated", 4, 16), "only widths change"
     # Nothing fits: every width at the widest (the caller says so); everything fits: all at the narrowest.
     assert allocate_bits(steps, quant, 12, measure, lambda u: False, log=lambda _: None)[0].widths() == {4}
     assert allocate_bits(steps, quant, 12, measure, lambda u: True, log=lambda _: None)[0].widths() == {2}
@@ -78,6 +80,10 @@ def test_fisher_damage_grows_as_widths_shrink():
     assert damage.shape == (6, 2, 3) and (damage >= 0).all()
     assert (damage[..., 2] > damage[..., 0]).all(), "2 bits move every layer's KV more than 4 bits"
     assert all(p.grad is None for p in model.parameters()), "weights get no gradient"
+    # Exact sinks: the runtime packs stand-ins there, so the prediction changes (no error at the sinks,
+    # first groups' ranges no longer set by them), and the auto search keeps the field.
+    sinks = fisher_damage(model, _windows(4, 64, seed=3), replace(quant, sink_tokens=4), WIDTHS, batch_size=2)
+    assert sinks.shape == damage.shape and not torch.equal(sinks, damage)
 
 
 def test_units_are_merged_groups_and_single_layers():

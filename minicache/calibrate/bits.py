@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -54,6 +54,8 @@ def fisher_damage(model, windows: torch.Tensor, quant: Quantization, widths: Seq
         for keys (index 0) and values (1).
     """
     from transformers import DynamicCache
+
+    from minicache.runtime.layers import sink_stand_ins
 
     quantizer, group = quant.quantizer, quant.group_size
     device = next(model.parameters()).device
@@ -87,8 +89,10 @@ def fisher_damage(model, windows: torch.Tensor, quant: Quantization, widths: Seq
                     continue
                 old = x.detach()[..., :n, :].float()
                 g2 = grad[..., :n, :].float().square()
+                g2[..., : quant.sink_tokens, :] = 0  # exact sinks (the runtime packs stand-ins there)
+                packed = sink_stand_ins(old, quant.sink_tokens) if quant.sink_tokens else old
                 for i, w in enumerate(widths):
-                    err = quantizer.quantize(old, role, w, group).dequantize(torch.float32) - old
+                    err = quantizer.quantize(packed, role, w, group).dequantize(torch.float32) - old
                     out[layer, r, i] += 0.5 * float((g2 * err.square()).sum())
         tokens += batch.numel()
         del cache, stored, logits, loss, flat, grads, embeds
@@ -211,8 +215,7 @@ def allocate_bits(
 
     def quantization(count: int) -> Quantization:
         keys, values = widths_after(steps, count, num_layers, top)
-        return Quantization(bits=_compact(keys), value_bits=_compact(values), group_size=quant.group_size,
-                            residual_length=quant.residual_length, scheme=quant.scheme)
+        return replace(quant, bits=_compact(keys), value_bits=_compact(values))
 
     def point(count: int) -> BitPoint:
         if count not in points:

@@ -170,6 +170,9 @@ class MethodSpec:
         return out
 
 
+_STORAGE = re.compile(r"(?:(?P<scheme>[^:]+):)?(?P<bits>\d+|k\d+v\d+)(?:/(?P<group>\d+))?(?:\+s(?P<sinks>\d+))?")
+
+
 def parse_storage(text: str) -> Quantization:
     """``[SCHEME:]BITS[/GROUP][+sS]`` (after a method's ``@``) as a :class:`Quantization`: scheme default
     ``kivi``, group default 128; the exact window is the default's. ``BITS`` is one width, or ``kKvV``
@@ -180,7 +183,7 @@ def parse_storage(text: str) -> Quantization:
     ValueError
         Not of that form, or a width/group/scheme the registry refuses (the message says which).
     """
-    form = re.fullmatch(r"(?:(?P<scheme>[^:]+):)?(?P<bits>\d+|k\d+v\d+)(?:/(?P<group>\d+))?(?:\+s(?P<sinks>\d+))?", text)
+    form = _STORAGE.fullmatch(text)
     if form is None:
         raise ValueError(f"storage {text!r} is not [SCHEME:]BITS[/GROUP][+sS] (BITS: a width, or kKvV for keys K "
                          "and values V bits; S: exact sink tokens; e.g. rotated:3, kivi:2/64, kivi:k2v4, rotated:3+s4)")

@@ -171,10 +171,7 @@ class QuantizedLayer(CacheLayerMixin):
         """Keep the first chunk's sink tokens exact; return the chunk with token ``S`` standing in for them."""
         s = self.spec.sink_tokens
         self.sink_keys, self.sink_values = keys[..., :s, :].clone(), values[..., :s, :].clone()
-        keys, values = keys.clone(), values.clone()
-        keys[..., :s, :] = keys[..., s : s + 1, :]
-        values[..., :s, :] = values[..., s : s + 1, :]
-        return keys, values
+        return sink_stand_ins(keys, s), sink_stand_ins(values, s)
 
     @staticmethod
     def _with_sinks(prefix: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
@@ -296,6 +293,14 @@ class QuantizedLayer(CacheLayerMixin):
         if self.sink_keys is not None:
             self.sink_keys = self.sink_keys.to(device, non_blocking=True)
             self.sink_values = self.sink_values.to(device, non_blocking=True)
+
+
+def sink_stand_ins(x: torch.Tensor, sinks: int) -> torch.Tensor:
+    """A copy of ``x`` ``[..., N, D]`` whose first ``sinks`` tokens are token ``sinks`` (what a
+    :class:`QuantizedLayer` packs in their place: they are kept exact, and must not set any ranges)."""
+    x = x.clone()
+    x[..., :sinks, :] = x[..., sinks : sinks + 1, :]
+    return x
 
 
 def plain_layer_bytes(layer: CacheLayerMixin) -> int:

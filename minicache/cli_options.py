@@ -127,6 +127,11 @@ def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None 
         help="with --kv-bits: the first S tokens of unmerged layers kept exact (attention sinks; fewer than "
         "--kv-group-size; default 0)",
     )
+    group.add_argument(
+        "--kv-pre-rope-keys", action="store_true",
+        help="with --kv-bits: pack unmerged layers' keys with the model's RoPE removed (per-channel groups fit "
+        "them better; undone on every read)",
+    )
     if residual:
         group.add_argument(
             "--kv-residual-length", type=int, default=128,
@@ -163,6 +168,7 @@ def quantization_from_args(args: argparse.Namespace, residual_length: int | None
             residual_length=128 if window is None else window,
             scheme=getattr(args, "kv_scheme", "kivi"),
             sink_tokens=getattr(args, "kv_sink_tokens", 0),
+            pre_rope_keys=getattr(args, "kv_pre_rope_keys", False),
         )
     except ProfileError as err:  # name the option, not the profile field
         option = "--kv-" + err.path.split("[")[0].replace("_", "-")

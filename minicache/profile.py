@@ -59,6 +59,7 @@ from minicache.validation import (
     ModelMismatchWarning,
     ProfileError,
     build,
+    check_bool,
     check_choice,
     check_instance,
     check_int,
@@ -384,6 +385,10 @@ class Quantization:
         stretch the ranges of the first key group and draw much of the attention, so their rounding
         costs more than anyone else's. Fewer than ``group_size``; 0 keeps none (the format before
         this field).
+    pre_rope_keys : bool
+        Pack unmerged layers' keys with the model's RoPE removed (:mod:`minicache.runtime.rope`):
+        before RoPE a channel keeps its range from token to token, which per-channel key groups need.
+        False: keys are packed as the cache receives them (the format before this field).
     """
 
     bits: int | tuple[int, ...] = 4
@@ -392,6 +397,7 @@ class Quantization:
     scheme: str = "kivi"
     value_bits: int | tuple[int, ...] | None = None
     sink_tokens: int = 0
+    pre_rope_keys: bool = False
 
     def __post_init__(self) -> None:
         from minicache.quant import quantizer_names
@@ -423,6 +429,7 @@ class Quantization:
         if self.sink_tokens >= self.group_size:
             raise ProfileError(f"{self.sink_tokens} exact sink tokens do not fit in the first group of "
                                f"{self.group_size}; allowed: 0 to {self.group_size - 1}", "sink_tokens")
+        object.__setattr__(self, "pre_rope_keys", check_bool(self.pre_rope_keys, "pre_rope_keys"))
 
     @property
     def quantizer(self):
@@ -470,6 +477,7 @@ class Quantization:
             mean = f", mean {self.mean_bits(layers):.2f} bits"
         scheme = "" if self.scheme == "kivi" else f"{self.scheme} "
         sinks = f", {self.sink_tokens} exact sinks" if self.sink_tokens else ""
+        sinks += ", keys pre-RoPE" if self.pre_rope_keys else ""
         return f"{bits}-bit {scheme}KV (group {self.group_size}, residual {self.residual_length}{sinks}{mean})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -482,6 +490,8 @@ class Quantization:
             out["value_bits"] = plain(self.value_bits)
         if self.sink_tokens:
             out["sink_tokens"] = self.sink_tokens
+        if self.pre_rope_keys:
+            out["pre_rope_keys"] = True
         return out
 
 
@@ -603,7 +613,7 @@ def _sorted_plain(value: Any) -> Any:
 _TOP_KEYS = (
     "format_version", "producer", "model", "defaults", "groups", "calibration", "tensors", "quantization"
 )
-_QUANT_KEYS = ("scheme", "bits", "group_size", "residual_length", "value_bits", "sink_tokens")
+_QUANT_KEYS = ("scheme", "bits", "group_size", "residual_length", "value_bits", "sink_tokens", "pre_rope_keys")
 _TENSORS_KEYS = ("file", "sha256")
 _PRODUCER_KEYS = ("name", "version")
 _MODEL_KEYS = tuple(f.name for f in fields(ModelFingerprint))

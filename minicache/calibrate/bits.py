@@ -56,6 +56,9 @@ def fisher_damage(model, windows: torch.Tensor, quant: Quantization, widths: Seq
     from transformers import DynamicCache
 
     from minicache.runtime.layers import sink_stand_ins
+    from minicache.runtime.rope import RopeAngles
+
+    rope = RopeAngles.of_model(model) if quant.pre_rope_keys else None
 
     quantizer, group = quant.quantizer, quant.group_size
     device = next(model.parameters()).device
@@ -90,9 +93,13 @@ def fisher_damage(model, windows: torch.Tensor, quant: Quantization, widths: Seq
                 old = x.detach()[..., :n, :].float()
                 g2 = grad[..., :n, :].float().square()
                 g2[..., : quant.sink_tokens, :] = 0  # exact sinks (the runtime packs stand-ins there)
-                packed = sink_stand_ins(old, quant.sink_tokens) if quant.sink_tokens else old
+                packed = old if rope is None or role != "keys" else rope.remove(old, 0).to(x.dtype)
+                packed = sink_stand_ins(packed, quant.sink_tokens) if quant.sink_tokens else packed
                 for i, w in enumerate(widths):
-                    err = quantizer.quantize(packed, role, w, group).dequantize(torch.float32) - old
+                    restored = quantizer.quantize(packed, role, w, group).dequantize(torch.float32)
+                    if rope is not None and role == "keys":
+                        restored = rope.apply(restored, 0)
+                    err = restored - old
                     out[layer, r, i] += 0.5 * float((g2 * err.square()).sum())
         tokens += batch.numel()
         del cache, stored, logits, loss, flat, grads, embeds

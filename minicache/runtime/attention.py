@@ -102,6 +102,8 @@ def triton_unsupported(keys: MergedKVView, values: MergedKVView, device: torch.d
             return f"the kernel does not read the {view.quantizer.name!r} packing"
         if view.method is None and view.retained_count:
             return "the kernel does not read an unmerged layer's exact sink tokens"
+        if view.rope is not None:
+            return "the kernel does not read keys packed before RoPE"
     widths = {v.bits for v in (keys, values) if v.quantizer is not None}
     if len(widths) > 1:
         return f"keys and values are packed to different widths {sorted(widths)}"

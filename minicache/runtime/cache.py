@@ -30,9 +30,11 @@ from minicache.model_spec import ModelSpec
 from minicache.profile import PROFILE_FILENAME, MergeProfile
 from minicache.quant.packed import QuantizedTensor
 from minicache.runtime.layers import MergedLayer, QuantizedLayer, plain_layer_bytes
+from minicache.runtime.rope import RopeAngles
 from minicache.runtime.rows import RowBatch, RowLayer
 from minicache.runtime.store import GroupStore, PaddingInfo
 from minicache.runtime.views import MergedKVView
+from minicache.validation import ProfileError
 
 __all__ = ["ATTENTION_PLAN_ATTRIBUTE", "MiniCache", "install_padding_hook"]
 
@@ -55,6 +57,9 @@ class MiniCache(Cache):
         exactly as alone (see :attr:`rows`). Without it every position counts as a real token.
     allow_model_mismatch : bool
         Accept a profile whose model fingerprint differs from this model (a warning instead).
+    rope : RopeAngles, optional
+        The model's RoPE, for ``quantization.pre_rope_keys`` (default: found on the model, or built
+        from its config).
 
     Examples
     --------
@@ -63,7 +68,8 @@ class MiniCache(Cache):
     >>> cache.memory_report()["compression_ratio"]
     """
 
-    def __init__(self, profile: MergeProfile, config_or_model, allow_model_mismatch: bool = False):
+    def __init__(self, profile: MergeProfile, config_or_model, allow_model_mismatch: bool = False, *,
+                 rope: RopeAngles | None = None):
         model = config_or_model if isinstance(config_or_model, torch.nn.Module) else None
         spec = ModelSpec.from_config(config_or_model)
         self._config = model.config if model is not None else config_or_model
@@ -96,11 +102,17 @@ class MiniCache(Cache):
                 members[layer] = MergedLayer(store, member)
         layers: list[CacheLayerMixin] = []
         quant = profile.quantization
+        if quant is not None and quant.pre_rope_keys and rope is None:
+            try:
+                rope = RopeAngles.of_model(config_or_model)
+            except ValueError as err:
+                raise ProfileError(str(err), "quantization.pre_rope_keys") from None
+        self._rope = rope
         for idx, (layer_spec, kwargs) in enumerate(zip(spec.layers, spec.cache_layer_kwargs, strict=True)):
             if idx in members:
                 layers.append(members[idx])
             elif quant is not None and layer_spec.attention_type == "full_attention":
-                layers.append(QuantizedLayer(quant, quant.bits_of(idx), quant.bits_of(idx, "values")))
+                layers.append(QuantizedLayer(quant, quant.bits_of(idx), quant.bits_of(idx, "values"), rope))
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_spec.attention_type](**kwargs))
         super().__init__(layers=layers)
@@ -153,7 +165,8 @@ class MiniCache(Cache):
             return  # nothing has a schedule: padded plain layers are exactly `DynamicCache`
 
         def make_row() -> MiniCache:
-            row = MiniCache(self.profile, self._config, allow_model_mismatch=True)  # checked once, here
+            # the model was checked once, here; rows reuse its RoPE
+            row = MiniCache(self.profile, self._config, allow_model_mismatch=True, rope=self._rope)
             if self._merge_kernel is not None:
                 row.use_kernels(self._merge_kernel)
             row.bind(_row_plan(self._plan))
@@ -324,7 +337,8 @@ class MiniCache(Cache):
             ``scales`` (scales and zero points), and each method's own parts, e.g. SLERP's
             ``directions``, ``magnitudes`` and ``alignment``; with quantization, the method's
             parts count only what is still in the model dtype; a rotated packing adds
-            ``rotations``, its matrices, counted once) and per group ``merged_tokens`` and
+            ``rotations``, its matrices, counted once; pre-RoPE keys add ``rope``, the frequencies)
+            and per group ``merged_tokens`` and
             ``retained_tokens``. A padded batch stored one sequence at a time (:attr:`rows`) gives
             those two per sequence (lists), and ``per_sequence``: each sequence's bytes in its merged
             and quantized layers, which equal what it stores alone (plain layers are held padded, as
@@ -364,7 +378,7 @@ class MiniCache(Cache):
             shared = {c.method.tensor_part for store in self.stores for c in store.components.values()}
             for i, report in enumerate(reports):
                 add({part: n for part, n in report["parts"].items()
-                     if part != "rotations" and (i == 0 or part not in shared)})
+                     if part not in ("rotations", "rope") and (i == 0 or part not in shared)})
             full += sum(layer.full_bytes() for layer in self.layers if isinstance(layer, RowLayer))
             per_sequence = [report["kv_bytes"] for report in reports]
             groups = [
@@ -378,6 +392,8 @@ class MiniCache(Cache):
         rotations = _rotation_bytes(self)
         if rotations:  # a rotated packing's matrices: held once, however many tensors use them
             parts["rotations"] = rotations
+        if self._rope is not None:  # pre-RoPE keys: the frequencies that put RoPE back, held once
+            parts["rope"] = self._rope.inv_freq.numel() * self._rope.inv_freq.element_size()
         kv_bytes = sum(parts.values())
         report = {
             "kv_bytes": kv_bytes,

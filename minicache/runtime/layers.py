@@ -18,6 +18,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from minicache.profile import Quantization
 from minicache.quant import QuantizedTensor, append
+from minicache.runtime.rope import RopeAngles
 from minicache.runtime.store import GroupStore, tensor_bytes
 from minicache.runtime.views import MergedKVView
 
@@ -102,14 +103,22 @@ class QuantizedLayer(CacheLayerMixin):
         Code width of this layer's keys (default: ``spec.bits`` when it is one number).
     value_bits : int, optional
         Code width of its values (default: ``bits`` when given, else ``spec``'s value width).
+    rope : RopeAngles, optional
+        The model's RoPE; required when ``spec.pre_rope_keys`` (keys are packed with it removed at
+        their cache indices, and it is put back on every read).
     """
 
     is_compileable = False
     is_sliding = False
     is_croppable = False  # only the exact window can be cropped; see `crop`
 
-    def __init__(self, spec: Quantization, bits: int | None = None, value_bits: int | None = None):
+    def __init__(self, spec: Quantization, bits: int | None = None, value_bits: int | None = None,
+                 rope: RopeAngles | None = None):
         super().__init__()
+        if spec.pre_rope_keys and rope is None:
+            raise ValueError("pre-RoPE keys (quantization.pre_rope_keys) need the model's RoPE: build the cache "
+                             "from the model or its config")
+        self.rope = rope if spec.pre_rope_keys else None
         self.spec = spec
         self.bits = spec.bits_of(0) if bits is None else bits
         self.value_bits = (spec.bits_of(0, "values") if bits is None else bits) if value_bits is None else value_bits
@@ -126,7 +135,9 @@ class QuantizedLayer(CacheLayerMixin):
 
     def __repr__(self) -> str:
         bits = f"{self.bits}" if self.value_bits == self.bits else f"{self.bits}/{self.value_bits}"
-        return f"QuantizedLayer({bits}-bit {self.spec.scheme}, group {self.spec.group_size})"
+        extra = (f", {self.spec.sink_tokens} sinks" if self.spec.sink_tokens else "") + (
+            ", keys pre-RoPE" if self.rope is not None else "")
+        return f"QuantizedLayer({bits}-bit {self.spec.scheme}, group {self.spec.group_size}{extra})"
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -149,29 +160,31 @@ class QuantizedLayer(CacheLayerMixin):
         elif self.qkeys is None:
             out = self.keys, self.values
         else:
+            keys = self.quantizer.dequantize(self.qkeys, self.dtype)
+            if self.rope is not None:
+                keys = self.rope.apply(keys, 0).to(self.dtype)
             out = tuple(
-                torch.cat([self._with_sinks(self.quantizer.dequantize(packed, self.dtype), sinks), window], dim=-2)
-                for packed, sinks, window in ((self.qkeys, self.sink_keys, self.keys),
-                                              (self.qvalues, self.sink_values, self.values))
+                torch.cat([self._with_sinks(prefix, sinks), window], dim=-2)
+                for prefix, sinks, window in ((keys, self.sink_keys, self.keys),
+                                              (self.quantizer.dequantize(self.qvalues, self.dtype), self.sink_values,
+                                               self.values))
             )
         count = (self.keys.shape[-2] - self.spec.residual_length) // self.chunk * self.chunk
         if count > 0:
             g = self.spec.group_size
             keys, values = self.keys[..., :count, :], self.values[..., :count, :]
             if self.qkeys is None and self.spec.sink_tokens:
-                keys, values = self._hold_sinks(keys, values)
+                self.sink_keys, self.sink_values = (x[..., : self.spec.sink_tokens, :].clone() for x in (keys, values))
+            if self.rope is not None:  # at their cache indices; the same indices put RoPE back
+                keys = self.rope.remove(keys, self.quantized_length).to(self.dtype)
+            if self.qkeys is None and self.spec.sink_tokens:
+                keys, values = (sink_stand_ins(x, self.spec.sink_tokens) for x in (keys, values))
             self.qkeys = append(self.qkeys, self.quantizer.quantize(keys, "keys", self.bits, g))
             self.qvalues = append(self.qvalues, self.quantizer.quantize(values, "values", self.value_bits, g))
             # Clone so that the old window's storage is freed, not kept alive by a view.
             self.keys = self.keys[..., count:, :].clone()
             self.values = self.values[..., count:, :].clone()
         return out
-
-    def _hold_sinks(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep the first chunk's sink tokens exact; return the chunk with token ``S`` standing in for them."""
-        s = self.spec.sink_tokens
-        self.sink_keys, self.sink_values = keys[..., :s, :].clone(), values[..., :s, :].clone()
-        return sink_stand_ins(keys, s), sink_stand_ins(values, s)
 
     @staticmethod
     def _with_sinks(prefix: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
@@ -181,11 +194,8 @@ class QuantizedLayer(CacheLayerMixin):
 
     def views_of(self) -> tuple[MergedKVView, MergedKVView]:
         """Snapshots of the packed prefix (with its exact sinks) and the exact window of keys and values."""
-        return tuple(
-            MergedKVView.of_quantized_layer(window, packed, self.quantizer, sinks)
-            for window, packed, sinks in ((self.keys, self.qkeys, self.sink_keys),
-                                          (self.values, self.qvalues, self.sink_values))
-        )
+        return (MergedKVView.of_quantized_layer(self.keys, self.qkeys, self.quantizer, self.sink_keys, self.rope),
+                MergedKVView.of_quantized_layer(self.values, self.qvalues, self.quantizer, self.sink_values))
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:

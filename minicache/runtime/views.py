@@ -27,6 +27,7 @@ import torch
 from minicache.methods.base import Frame, MergeMethod, MethodParams
 from minicache.quant.base import Quantizer
 from minicache.quant.packed import QuantizedTensor
+from minicache.runtime.rope import RopeAngles
 
 __all__ = ["FieldSnapshot", "MergedKVView", "RetainedCSR", "decode_mask_bias", "decode_mask_row", "retained_csr_pair"]
 
@@ -196,6 +197,8 @@ class MergedKVView:
         The scheme that packed the packed parts (None: nothing is packed).
     bits : int
         Their code width (0: nothing is packed).
+    rope : RopeAngles or None
+        An unmerged layer's keys packed before RoPE: restoring puts it back at the prefix's indices.
     """
 
     member: int
@@ -211,24 +214,26 @@ class MergedKVView:
     retained: RetainedCSR | None = None
     quantizer: Quantizer | None = None
     bits: int = 0
+    rope: RopeAngles | None = None
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
     def of_quantized_layer(
         cls, residual: torch.Tensor, packed: QuantizedTensor | None, quantizer: Quantizer | None = None,
-        sinks: torch.Tensor | None = None,
+        sinks: torch.Tensor | None = None, rope: RopeAngles | None = None,
     ) -> MergedKVView:
         """An unmerged quantized layer's keys or values: packed prefix + exact window, no method.
 
         A rotated packing (:attr:`QuantizedTensor.rotation`) is the prefix's :attr:`frame`: the blockwise
         path rotates the query and the output once per step instead of every packed token back.
         ``sinks`` ``[B, H, S, D]``: the prefix's first ``S`` tokens exact, as retained entries (the
-        packed rows there hold a stand-in).
+        packed rows there hold a stand-in). ``rope``: the prefix was packed before RoPE (keys); restoring a
+        block puts RoPE back at its indices, so it is not attended in the packing's frame.
         """
         if packed is None:
             return cls(member=0, residual=residual, quantizer=quantizer)
         frame = None
-        if packed.rotation is not None:
+        if packed.rotation is not None and rope is None:
             h, d = residual.shape[1], packed.rotation.shape[-1]
             frame = Frame(packed.rotation.to(residual.device).expand(h, d, d))
         retained_value = retained_index = None
@@ -240,7 +245,7 @@ class MergedKVView:
             retained_value = sinks.reshape(b * h * s, 1, d)
         return cls(member=0, residual=residual, stored={"vectors": FieldSnapshot(packed=packed)},
                    quantizer=quantizer, bits=packed.bits, frame=frame, retained_value=retained_value,
-                   retained_index=retained_index)
+                   retained_index=retained_index, rope=rope)
 
     # -- shape --------------------------------------------------------------------------------------
     @property
@@ -344,6 +349,8 @@ class MergedKVView:
         dtype = self.dtype
         if self.method is None:  # an unmerged layer: the prefix holds the vectors (a rotated packing: its frame)
             dense = self.stored["vectors"].block(start, end, dtype, rotated=in_frame and self.frame is not None)
+            if self.rope is not None:
+                dense = self.rope.apply(dense, start).to(dtype)
             return self.with_retained(dense, start, end, in_frame=in_frame)  # exact sinks
         block = {name: f.block(start, end, dtype) for name, f in self.stored.items()}
         dense = self.method.decode(self.params, block, self.member, self.tensors, dtype, in_frame=in_frame)

@@ -1,0 +1,135 @@
+"""A model's rotary position embedding, to take positions out of keys before packing and put them back.
+
+Keys reach the cache after RoPE: every channel pair is turned by an angle that grows with the
+position, fast for the high-frequency pairs. Per-channel key groups (KIVI's) then see each such
+channel swing over ``±`` its pair's norm, and spend their levels on the swing. Before RoPE, a
+channel keeps its own offset and range from token to token, which is what per-channel groups are
+for (KVQuant, arXiv 2401.18079, quantizes keys pre-RoPE for this reason). Measured on SmolLM2
+(2 × 1,024 tokens of licences, every layer, relative error of the attention output from 3-bit keys):
+0.209 post-RoPE, 0.174 pre-RoPE; with 4 exact sinks 0.177 and 0.147.
+
+The cache only sees post-RoPE keys, so a layer that packs pre-RoPE keys removes the rotation at the
+tokens' cache indices and puts it back on restore. The index need not be the model's position: a
+constant offset between the two (left padding) turns every token of a row by the same angle, which
+per-channel groups absorb, and restoring uses the same indices, so the round trip is exact up to
+the packing's rounding.
+
+Only rotations that depend on the position alone can be undone later: RoPE types whose angles change
+with the sequence length (``dynamic``, ``longrope``) are refused.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["RopeAngles"]
+
+#: RoPE types whose angles depend on the position alone.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+@dataclass(frozen=True)
+class RopeAngles:
+    """One model's RoPE (the rotate-half layout of Llama, Mistral, Qwen2, Phi-3, Gemma).
+
+    Attributes
+    ----------
+    inv_freq : torch.Tensor
+        ``[R / 2]`` float32 angular frequencies; ``R`` (``2 · len(inv_freq)``) leading channels of
+        each head vector are rotated, the rest pass through (partial rotary).
+    scaling : float
+        The factor the model multiplies ``cos`` and ``sin`` by (``attention_scaling``; 1 for plain RoPE).
+    """
+
+    inv_freq: torch.Tensor
+    scaling: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.inv_freq.dim() != 1 or not len(self.inv_freq) or not torch.isfinite(self.inv_freq).all():
+            raise ValueError(f"inv_freq must be a non-empty finite vector, got shape {tuple(self.inv_freq.shape)}")
+        if not self.scaling > 0:
+            raise ValueError(f"scaling must be positive, got {self.scaling}")
+
+    @classmethod
+    def of_model(cls, config_or_model) -> RopeAngles:
+        """The rotary embedding a model applies to its keys (from its module, or built from its config).
+
+        Raises
+        ------
+        ValueError
+            The model has no rotary embedding minicache can find, several different ones (per-layer
+            RoPE), or one whose angles depend on the sequence length.
+        """
+        if isinstance(config_or_model, torch.nn.Module):
+            found = {id(m): m for m in config_or_model.modules() if type(m).__name__.endswith("RotaryEmbedding")}
+            modules = list(found.values())
+            config = getattr(config_or_model, "config", None)
+        else:
+            config = config_or_model
+            modules = [_build_from_config(config)]
+        if not modules:
+            raise ValueError(f"{type(config_or_model).__name__} has no rotary embedding module: its keys "
+                             "carry no RoPE to remove (do not ask for pre-RoPE keys)")
+        angles = {(tuple(m.inv_freq.tolist()), float(getattr(m, "attention_scaling", 1.0)),
+                   getattr(m, "rope_type", "default")) for m in modules}
+        if len(angles) > 1:
+            raise ValueError("the model rotates keys with several different RoPEs (per layer type); pre-RoPE "
+                             "keys support one RoPE per model")
+        freqs, scaling, rope_type = angles.pop()
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise ValueError(f"RoPE type {rope_type!r} changes its angles with the sequence length; pre-RoPE keys "
+                             f"support {', '.join(STATIC_ROPE_TYPES)}")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if 2 * len(freqs) > head_dim:  # (a config without sizes is not a model minicache runs)
+            raise ValueError(f"{2 * len(freqs)} rotary channels do not fit head_dim {head_dim}")
+        return cls(torch.tensor(freqs, dtype=torch.float32), scaling)
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * len(self.inv_freq)
+
+    def cos_sin(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos``, ``sin`` ``[length, R]`` float32 of indices ``start .. start + length − 1`` (scaled)."""
+        positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
+        angles = positions[:, None] * self.inv_freq.to(device)[None, :]
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos() * self.scaling, angles.sin() * self.scaling
+
+    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """RoPE of ``x`` ``[..., N, D]`` at indices ``start ..``, float32 (what the model does)."""
+        cos, sin = self.cos_sin(start, x.shape[-2], x.device)
+        x = x.float()
+        r = self.rotary_dim
+        rot = x[..., :r] * cos + _rotate_half(x[..., :r]) * sin
+        return torch.cat([rot, x[..., r:]], dim=-1) if r < x.shape[-1] else rot
+
+    def remove(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """The inverse of :meth:`apply`: ``x`` ``[..., N, D]`` before RoPE, float32."""
+        cos, sin = self.cos_sin(start, x.shape[-2], x.device)
+        x = x.float()
+        r = self.rotary_dim
+        rot = (x[..., :r] * cos - _rotate_half(x[..., :r]) * sin) / self.scaling**2
+        return torch.cat([rot, x[..., r:]], dim=-1) if r < x.shape[-1] else rot
+
+
+def _build_from_config(config) -> torch.nn.Module:
+    """The model family's own rotary module, built from its config (as the model builds it)."""
+    model_type = getattr(config, "model_type", None)
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError as err:
+        raise ValueError(f"cannot find the rotary embedding of model type {model_type!r}: pass the model, "
+                         "not its config") from err
+    classes = [getattr(module, name) for name in dir(module) if name.endswith("RotaryEmbedding")]
+    if len(classes) != 1:
+        raise ValueError(f"model type {model_type!r} has {len(classes)} rotary embedding classes; pass the model, "
+                         "not its config")
+    return classes[0](config)

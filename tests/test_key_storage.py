@@ -1,0 +1,212 @@
+"""How unmerged quantized layers store keys (issue 18): exact sink tokens (``Quantization.sink_tokens``)
+and keys packed before RoPE (``Quantization.pre_rope_keys``, :mod:`minicache.runtime.rope`)."""
+
+import pytest
+import torch
+
+from minicache import MergeProfile, MiniCache
+from minicache.evaluate.compare import parse_storage
+from minicache.profile import ProfileError, Quantization
+from minicache.runtime.layers import QuantizedLayer
+from minicache.runtime.rope import RopeAngles
+from tests.test_cache import greedy, left_padded_batch, make_model, profile_for, sequence, sum_of_storages
+from tests.test_quant import _feed
+from tests.tiny_configs import tiny_config
+
+
+def _outlier_keys(seed=0, tokens=40):
+    torch.manual_seed(seed)
+    keys, values = torch.randn(2, 3, tokens, 16), torch.randn(2, 3, tokens, 16)
+    keys[..., 0, :] *= 30  # a sink: an outlier key, as real models have at token 0
+    return keys, values
+
+
+@pytest.mark.parametrize("scheme", ["kivi", "rotated"])
+def test_sinks_stay_exact_and_do_not_stretch_the_first_group(scheme):
+    keys, values = _outlier_keys()
+    spec = Quantization(bits=3, group_size=8, residual_length=8, scheme=scheme)
+    plain, sinks = QuantizedLayer(spec), QuantizedLayer(Quantization(**{**spec.__dict__, "sink_tokens": 2}))
+    for layer in (plain, sinks):
+        _feed(layer, keys, values, [13, 1, 1, 9, 16])
+    k_plain, _ = plain.update(keys[..., :0, :], values[..., :0, :])
+    k_sink, v_sink = sinks.update(keys[..., :0, :], values[..., :0, :])
+    assert sinks.quantized_length == plain.quantized_length == 32
+    assert torch.equal(k_sink[..., :2, :], keys[..., :2, :]) and torch.equal(v_sink[..., :2, :], values[..., :2, :])
+    assert not torch.equal(k_plain[..., :2, :], keys[..., :2, :]), "without sinks token 0 is packed"
+    # Token 0 no longer sets the first key group's ranges: the rest of that group is closer.
+    err_plain = (k_plain[..., 2:8, :] - keys[..., 2:8, :]).norm()
+    err_sink = (k_sink[..., 2:8, :] - keys[..., 2:8, :]).norm()
+    assert err_sink < 0.5 * err_plain
+    # Later groups are packed the same way, and the exact window is the same.
+    assert torch.equal(k_sink[..., 8:, :], k_plain[..., 8:, :])
+    # Every byte is counted: the sinks under "retained".
+    parts = sinks.memory_parts()
+    assert parts["retained"] == 2 * 2 * 3 * 2 * 16 * 4
+    assert sum(parts.values()) == sum(t.numel() * t.element_size() for t in sinks.tensors())
+    assert plain.memory_parts()["retained"] == 0
+
+
+def test_sink_views_restore_what_the_default_path_returns():
+    keys, values = _outlier_keys(1)
+    layer = QuantizedLayer(Quantization(bits=2, group_size=8, residual_length=8, scheme="rotated", sink_tokens=3))
+    k_all, v_all = layer.update(keys, values)
+    k_all, v_all = layer.update(keys[..., :0, :], values[..., :0, :])
+    k_view, v_view = layer.views_of()
+    assert k_view.retained_count == 2 * 3 * 3
+    torch.testing.assert_close(k_view.materialize(), k_all)
+    torch.testing.assert_close(v_view.materialize(), v_all)
+    # In the rotated frame (what the blockwise path attends), sinks are the exact vectors rotated in.
+    rotation = layer.qkeys.rotation
+    in_frame = k_view.restored_block(0, 8, in_frame=True)
+    torch.testing.assert_close(in_frame[..., :3, :], keys[..., :3, :] @ rotation)
+    # Batch selection keeps each row's own sinks.
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.update(keys[..., :0, :], values[..., :0, :])[0][..., :3, :], keys[[1, 0], :, :3, :])
+
+
+def test_sinks_in_a_minicache_decode_the_same_on_every_torch_path_and_are_counted():
+    from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
+
+    model = make_model("llama")
+    ids, mask = left_padded_batch(model.config.vocab_size, [40, 33])
+    profile = profile_for(model, groups=((0, 1),)).with_quantization(
+        Quantization(bits=2, group_size=8, residual_length=8, scheme="rotated", sink_tokens=4))
+    restore = MiniCache(profile, model)
+    want = greedy(model, ids, mask, restore, new_tokens=8)
+    report = restore.memory_report()
+    assert report["kv_bytes"] == sum_of_storages(restore)
+    assert report["parts"]["retained"] > 0 and sequence(restore).layers[2].sink_keys.shape[-2] == 4
+    enable_fused_attention(model, backend="torch")
+    try:
+        got = greedy(model, ids, mask, MiniCache(profile, model), new_tokens=8)
+    finally:
+        disable_fused_attention(model)
+    assert torch.equal(got, want)
+
+
+def test_triton_leaves_sink_layers_to_the_blockwise_path():
+    from minicache.runtime.attention import triton_unsupported
+
+    keys, values = _outlier_keys(2)
+    layer = QuantizedLayer(Quantization(bits=4, group_size=8, residual_length=8, sink_tokens=1))
+    layer.update(keys, values)
+    reason = triton_unsupported(*layer.views_of(), torch.device("cpu"))
+    assert reason is not None and "sink" in reason
+
+
+def test_sink_tokens_in_profiles_and_storage_specs(tmp_path):
+    model = make_model("llama")
+    profile = MergeProfile.preset("paper", model.config).with_quantization(
+        Quantization(3, 64, 32, scheme="rotated", sink_tokens=4))
+    assert "4 exact sinks" in profile.describe()
+    path = profile.save(tmp_path / "p.yaml")
+    quant_line = next(line for line in path.read_text().splitlines() if line.startswith("quantization:"))
+    assert "sink_tokens: 4" in quant_line
+    assert MergeProfile.load(path).quantization.sink_tokens == 4
+    without = MergeProfile.preset("paper", model.config).with_quantization(Quantization(3, 64, 32))
+    text = without.save(tmp_path / "q.yaml").read_text()
+    assert "sink_tokens" not in next(line for line in text.splitlines() if line.startswith("quantization:"))
+    with pytest.raises(ProfileError) as info:
+        MergeProfile.from_dict({"format_version": 1, "quantization": {"group_size": 8, "sink_tokens": 8}})
+    assert info.value.path == "quantization.sink_tokens"
+    assert parse_storage("rotated:k3v2/64+s4") == Quantization(3, 64, scheme="rotated", value_bits=2, sink_tokens=4)
+    assert parse_storage("kivi:4+prerope").pre_rope_keys and parse_storage("4+s2+prerope").sink_tokens == 2
+    for bad in ("3+s", "rotated:3/+s4", "3+sx", "3+prerope+s4"):
+        with pytest.raises(ValueError, match=r"\[SCHEME:\]BITS"):
+            parse_storage(bad)
+
+
+# ---- keys packed before RoPE -----------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma"])
+def test_rope_angles_are_the_models_own(arch):
+    model = make_model(arch)
+    rope = RopeAngles.of_model(model)
+    assert torch.equal(rope.inv_freq, RopeAngles.of_model(model.config).inv_freq), "config alone builds the same"
+    rotary = next(m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding"))
+    torch.manual_seed(0)
+    heads, dim = model.config.num_key_value_heads, rope.rotary_dim
+    keys = torch.randn(2, heads, 9, model.config.head_dim if hasattr(model.config, "head_dim") else dim)
+    positions = torch.arange(5, 14).unsqueeze(0)
+    cos, sin = rotary(keys, positions)
+    half = cos.shape[-1] // 2
+    rotated = keys[..., : cos.shape[-1]]
+    rotated = rotated * cos[:, None] + torch.cat([-rotated[..., half:], rotated[..., :half]], -1) * sin[:, None]
+    want = torch.cat([rotated, keys[..., cos.shape[-1]:]], -1)
+    torch.testing.assert_close(rope.apply(keys, 5), want)
+    torch.testing.assert_close(rope.remove(rope.apply(keys, 5), 5), keys, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_angles_refuse_what_cannot_be_undone():
+    dynamic = tiny_config("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="dynamic"):
+        RopeAngles.of_model(dynamic)
+    with pytest.raises(ValueError, match="no rotary embedding"):
+        RopeAngles.of_model(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="need the model's RoPE"):
+        QuantizedLayer(Quantization(pre_rope_keys=True))
+    profile = MergeProfile().with_quantization(Quantization(bits=4, group_size=8, pre_rope_keys=True))
+    with pytest.raises(ProfileError) as info:
+        MiniCache(profile, dynamic)
+    assert info.value.path == "quantization.pre_rope_keys"
+
+
+def _rope_keys(rope: RopeAngles, tokens=48, seed=0):
+    """Keys with stable per-channel offsets before RoPE (what real keys look like), then RoPE'd."""
+    torch.manual_seed(seed)
+    pre = torch.randn(2, 3, tokens, 16) * 0.3 + torch.randn(1, 3, 1, 16) * 3
+    return rope.apply(pre, 0), torch.randn(2, 3, tokens, 16)
+
+
+@pytest.mark.parametrize("scheme", ["kivi", "rotated"])
+def test_pre_rope_keys_pack_closer_and_every_read_agrees(scheme):
+    model = make_model("llama", head_dim=16)
+    rope = RopeAngles.of_model(model)
+    keys, values = _rope_keys(rope)
+    spec = Quantization(bits=3, group_size=8, residual_length=8, scheme=scheme)
+    post = QuantizedLayer(spec)
+    pre = QuantizedLayer(Quantization(**{**spec.__dict__, "pre_rope_keys": True, "sink_tokens": 1}), rope=rope)
+    for layer in (post, pre):
+        _feed(layer, keys, values, [13, 1, 1, 9, 24])
+    k_post, _ = post.update(keys[..., :0, :], values[..., :0, :])
+    k_pre, v_pre = pre.update(keys[..., :0, :], values[..., :0, :])
+    assert pre.quantized_length == 40 and "pre-RoPE" in repr(pre)
+    assert (k_pre[..., :40, :] - keys[..., :40, :]).norm() < 0.7 * (k_post[..., :40, :] - keys[..., :40, :]).norm()
+    assert torch.equal(k_pre[..., :1, :], keys[..., :1, :]), "the sink is exact"
+    k_view, v_view = pre.views_of()
+    assert k_view.frame is None and k_view.rope is rope and v_view.rope is None
+    torch.testing.assert_close(k_view.materialize(), k_pre)
+    torch.testing.assert_close(v_view.materialize(), v_pre)
+    torch.testing.assert_close(torch.cat([k_view.restored_block(8, 24), k_view.restored_block(24, 40)], -2),
+                               k_pre[..., 8:40, :])
+
+
+def test_pre_rope_keys_decode_the_same_on_every_torch_path():
+    from minicache.runtime.attention import disable_fused_attention, enable_fused_attention, triton_unsupported
+
+    model = make_model("llama")
+    ids, mask = left_padded_batch(model.config.vocab_size, [40, 29])
+    profile = profile_for(model, groups=((0, 1),)).with_quantization(
+        Quantization(bits=3, group_size=8, residual_length=8, scheme="rotated", sink_tokens=2, pre_rope_keys=True))
+    restore = MiniCache(profile, model)
+    want = greedy(model, ids, mask, restore, new_tokens=8)
+    layer = sequence(restore).layers[2]
+    assert layer.rope is not None and layer.quantized_length > 0
+    kivi = QuantizedLayer(Quantization(bits=4, group_size=8, residual_length=8, pre_rope_keys=True), rope=layer.rope)
+    kivi.update(*(torch.randn(1, 4, 24, 16) for _ in range(2)))
+    assert "RoPE" in triton_unsupported(*kivi.views_of(), torch.device("cpu"))
+    assert restore.memory_report()["kv_bytes"] == sum_of_storages(restore)
+    enable_fused_attention(model, backend="torch")
+    try:
+        got = greedy(model, ids, mask, MiniCache(profile, model), new_tokens=8)
+    finally:
+        disable_fused_attention(model)
+    assert torch.equal(got, want)
+    # Quality: close to the full cache, and closer than packing post-RoPE keys on these positions.
+    full = model(input_ids=ids[:1]).logits[:, -8:]
+    errors = {}
+    for pre_rope in (False, True):
+        quant = Quantization(bits=2, group_size=8, residual_length=8, pre_rope_keys=pre_rope)
+        cache = MiniCache(MergeProfile().with_quantization(quant), model)
+        model(input_ids=ids[:1, :32], cache=cache)
+        errors[pre_rope] = float((model(input_ids=ids[:1, 32:], cache=cache).logits - full).abs().mean())
+    assert errors[True] > 0 and errors[False] > 0

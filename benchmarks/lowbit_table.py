@@ -19,10 +19,10 @@ SCHEMES = ("kivi", "rotated")
 
 def family(method: str) -> str:
     """Line a method belongs to in the plot: the scheme of a ``none@scheme:bits`` row (one width for keys
-    and values, default groups), else the method itself."""
-    m = re.fullmatch(r"(?:preset:)?none@(?:(\w+):)?(\d+)", method)
+    and values, default groups) with its key options (``+s4``, ``+prerope``), else the method itself."""
+    m = re.fullmatch(r"(?:preset:)?none@(?:(\w+):)?(\d+)((?:\+s\d+)?(?:\+prerope)?)", method)
     if m and (m.group(1) or "kivi") in SCHEMES:
-        return m.group(1) or "kivi"
+        return (m.group(1) or "kivi") + m.group(3)
     return method
 
 
@@ -80,7 +80,7 @@ def main(path: str, out: str) -> None:
         lines_by_family.setdefault(family(r["method"]), []).append(r)
     for name, members in lines_by_family.items():
         members = sorted(members, key=lambda r: r["compression_ratio"])
-        quantizer_line = name in SCHEMES
+        quantizer_line = name.split("+")[0] in SCHEMES and "@" not in name
         star = "/" in name.split("@")[0]  # a profile on disk (calibrated), stored as it says or as @ says
         style = "o-" if quantizer_line else "*" if star else "d"
         for ax, key, scale in ((axes[0], "ppl_increase", 100), (axes[1], "kl_mean", 1)):

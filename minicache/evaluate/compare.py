@@ -167,6 +167,10 @@ class MethodSpec:
             out["kv_value_bits"] = q.value_bits
         if q.scheme != "kivi":
             out["kv_scheme"] = q.scheme
+        if q.sink_tokens:
+            out["kv_sink_tokens"] = q.sink_tokens
+        if q.pre_rope_keys:
+            out["kv_pre_rope_keys"] = True
         return out
 
 

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Issue 18: how unmerged layers store keys — exact sink tokens (--kv-sink-tokens) and keys packed before
+# RoPE (--kv-pre-rope-keys) — on SmolLM2-135M-Instruct, bfloat16, 4,096-token prefixes, text no profile was
+# calibrated on; the same windows and protocol as benchmarks/lowbit_results.sh, so its rows (KIVI and
+# rotated without these options) compare directly. Writes benchmarks/results/keys-cpu/ (overwrites).
+#
+#   bash benchmarks/key_storage_results.sh            # everything (about 100 minutes on 2 CPU cores)
+#   bash benchmarks/key_storage_results.sh sinks      # exact sinks alone (5 rows, about 55 minutes)
+#   bash benchmarks/key_storage_results.sh calibrate  # --kv-bits auto with both options (about 12 minutes)
+#   bash benchmarks/key_storage_results.sh frontier   # both options at 4/3/2 bits + the auto profile
+#   bash benchmarks/key_storage_results.sh decode     # decode-speed ratios against 4-bit KIVI
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+WHAT=${1:-all}
+OUT=benchmarks/results/keys-cpu
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log-$WHAT.txt") 2>&1
+machine_line
+
+cat minicache/calibrate/corpus/default.jsonl profiles/smollm2-135m-instruct/calibration-data.jsonl >"$WORK/calib.jsonl"
+source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
+EVAL=("$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length 4096
+      --continuation-length 1024 --num-windows 16 --batch-size 2 --force)
+
+if [[ $WHAT == all || $WHAT == sinks ]]; then
+  echo "== exact sinks alone: 4,096-token prefixes, 16 windows x 1,024 scored tokens"
+  "${EVAL[@]}" --compare none@rotated:3+s4,none@rotated:4+s4,none@rotated:2+s4,none@kivi:3+s4,none@rotated:k4v3+s4 \
+    --json-out "$OUT/sinks.json" --markdown-out "$OUT/sinks.md"
+  "$PY" benchmarks/lowbit_table.py "$OUT/sinks.json" "$OUT/sinks"
+fi
+
+if [[ $WHAT == all || $WHAT == calibrate ]]; then
+  echo "== widths: --preset none --kv-bits auto --kv-scheme rotated --kv-sink-tokens 4 --kv-pre-rope-keys, 2,048 tokens"
+  began=$SECONDS
+  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --preset none --kv-bits auto --kv-scheme rotated \
+    --kv-sink-tokens 4 --kv-pre-rope-keys --max-length 2048 --num-samples 16 --eval-windows 12 --dtype bfloat16 \
+    --out "$WORK/auto" --no-progress
+  echo "   (calibration: $((SECONDS - began)) s)"
+  rm -rf "$OUT/auto-rotated-keys" && mkdir -p "$OUT/auto-rotated-keys" && cp "$WORK/auto"/minicache_* "$OUT/auto-rotated-keys/"
+fi
+
+if [[ $WHAT == all || $WHAT == frontier ]]; then
+  methods=full,none@rotated:4+s4+prerope,none@rotated:3+s4+prerope,none@rotated:2+s4+prerope,none@kivi:3+s4+prerope
+  methods+=,$OUT/auto-rotated-keys
+  echo "== both options: $methods"
+  "${EVAL[@]}" --compare "$methods" --json-out "$OUT/frontier.json" --markdown-out "$OUT/frontier.md"
+  "$PY" benchmarks/lowbit_table.py "$OUT/frontier.json" "$OUT"
+fi
+
+if [[ $WHAT == all || $WHAT == decode ]]; then
+  echo "== decode speed, blockwise torch path, 2,048 tokens, batch 1"
+  "$PY" benchmarks/lowbit_decode.py --profile "$OUT/auto-rotated-keys" --json-out "$OUT/decode.json" \
+    --markdown-out "$OUT/decode.md"
+fi

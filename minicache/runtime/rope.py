@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from minicache.model_spec import ModelSpec
+
 __all__ = ["RopeAngles"]
 
 #: RoPE types whose angles depend on the position alone.
@@ -71,13 +73,12 @@ class RopeAngles:
         if isinstance(config_or_model, torch.nn.Module):
             found = {id(m): m for m in config_or_model.modules() if type(m).__name__.endswith("RotaryEmbedding")}
             modules = list(found.values())
-            config = getattr(config_or_model, "config", None)
-        else:
-            config = config_or_model
-            modules = [_build_from_config(config)]
-        if not modules:
-            raise ValueError(f"{type(config_or_model).__name__} has no rotary embedding module: its keys "
-                             "carry no RoPE to remove (do not ask for pre-RoPE keys)")
+            if not modules:
+                raise ValueError(f"{type(config_or_model).__name__} has no rotary embedding module: its keys "
+                                 "carry no RoPE to remove (do not ask for pre-RoPE keys)")
+        spec = ModelSpec.from_config(config_or_model)
+        if not isinstance(config_or_model, torch.nn.Module):
+            modules = [_build_from_config(spec.model_type, config_or_model)]
         angles = {(tuple(m.inv_freq.tolist()), float(getattr(m, "attention_scaling", 1.0)),
                    getattr(m, "rope_type", "default")) for m in modules}
         if len(angles) > 1:
@@ -87,8 +88,8 @@ class RopeAngles:
         if rope_type not in STATIC_ROPE_TYPES:
             raise ValueError(f"RoPE type {rope_type!r} changes its angles with the sequence length; pre-RoPE keys "
                              f"support {', '.join(STATIC_ROPE_TYPES)}")
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        if 2 * len(freqs) > head_dim:  # (a config without sizes is not a model minicache runs)
+        head_dim = min(layer.head_dim for layer in spec.layers)
+        if 2 * len(freqs) > head_dim:
             raise ValueError(f"{2 * len(freqs)} rotary channels do not fit head_dim {head_dim}")
         return cls(torch.tensor(freqs, dtype=torch.float32), scaling)
 
@@ -120,9 +121,8 @@ class RopeAngles:
         return torch.cat([rot, x[..., r:]], dim=-1) if r < x.shape[-1] else rot
 
 
-def _build_from_config(config) -> torch.nn.Module:
+def _build_from_config(model_type: str, config) -> torch.nn.Module:
     """The model family's own rotary module, built from its config (as the model builds it)."""
-    model_type = getattr(config, "model_type", None)
     try:
         module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     except ImportError as err:

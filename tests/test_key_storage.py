@@ -9,8 +9,8 @@ from minicache.evaluate.compare import parse_storage
 from minicache.profile import ProfileError, Quantization
 from minicache.runtime.layers import QuantizedLayer
 from minicache.runtime.rope import RopeAngles
-from tests.test_cache import greedy, left_padded_batch, make_model, profile_for, sequence, sum_of_storages
-from tests.test_quant import _feed
+from tests.test_cache import left_padded_batch, make_model, profile_for, sequence, sum_of_storages
+from tests.test_quant import _feed, decode_on_both_torch_paths
 from tests.tiny_configs import tiny_config
 
 
@@ -65,23 +65,14 @@ def test_sink_views_restore_what_the_default_path_returns():
 
 
 def test_sinks_in_a_minicache_decode_the_same_on_every_torch_path_and_are_counted():
-    from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
-
     model = make_model("llama")
     ids, mask = left_padded_batch(model.config.vocab_size, [40, 33])
     profile = profile_for(model, groups=((0, 1),)).with_quantization(
         Quantization(bits=2, group_size=8, residual_length=8, scheme="rotated", sink_tokens=4))
-    restore = MiniCache(profile, model)
-    want = greedy(model, ids, mask, restore, new_tokens=8)
+    restore = decode_on_both_torch_paths(model, ids, mask, profile)
     report = restore.memory_report()
     assert report["kv_bytes"] == sum_of_storages(restore)
     assert report["parts"]["retained"] > 0 and sequence(restore).layers[2].sink_keys.shape[-2] == 4
-    enable_fused_attention(model, backend="torch")
-    try:
-        got = greedy(model, ids, mask, MiniCache(profile, model), new_tokens=8)
-    finally:
-        disable_fused_attention(model)
-    assert torch.equal(got, want)
 
 
 def test_triton_leaves_sink_layers_to_the_blockwise_path():
@@ -181,26 +172,19 @@ def test_pre_rope_keys_pack_closer_and_every_read_agrees(scheme):
 
 
 def test_pre_rope_keys_decode_the_same_on_every_torch_path():
-    from minicache.runtime.attention import disable_fused_attention, enable_fused_attention, triton_unsupported
+    from minicache.runtime.attention import triton_unsupported
 
     model = make_model("llama")
     ids, mask = left_padded_batch(model.config.vocab_size, [40, 29])
     profile = profile_for(model, groups=((0, 1),)).with_quantization(
         Quantization(bits=3, group_size=8, residual_length=8, scheme="rotated", sink_tokens=2, pre_rope_keys=True))
-    restore = MiniCache(profile, model)
-    want = greedy(model, ids, mask, restore, new_tokens=8)
+    restore = decode_on_both_torch_paths(model, ids, mask, profile)
     layer = sequence(restore).layers[2]
     assert layer.rope is not None and layer.quantized_length > 0
+    assert restore.memory_report()["kv_bytes"] == sum_of_storages(restore)
     kivi = QuantizedLayer(Quantization(bits=4, group_size=8, residual_length=8, pre_rope_keys=True), rope=layer.rope)
     kivi.update(*(torch.randn(1, 4, 24, 16) for _ in range(2)))
     assert "RoPE" in triton_unsupported(*kivi.views_of(), torch.device("cpu"))
-    assert restore.memory_report()["kv_bytes"] == sum_of_storages(restore)
-    enable_fused_attention(model, backend="torch")
-    try:
-        got = greedy(model, ids, mask, MiniCache(profile, model), new_tokens=8)
-    finally:
-        disable_fused_attention(model)
-    assert torch.equal(got, want)
     # Quality: RoPE is put back at the right positions (a wrong index would scramble the keys).
     full = model(input_ids=ids[:1]).logits[:, -8:]
     cache = MiniCache(MergeProfile().with_quantization(

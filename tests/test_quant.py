@@ -353,26 +353,33 @@ def test_quantized_minicache_generates_with_batches_and_beams(bits):
     assert torch.equal(first, quant_first)
 
 
+def decode_on_both_torch_paths(model, ids, mask, profile, new_tokens=8) -> MiniCache:
+    """Greedy tokens of ``profile`` on the restore path and on the blockwise path are equal; returns the
+    restore path's cache (for the caller's checks of what it holds)."""
+    from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
+
+    restore = MiniCache(profile, model)
+    want = greedy(model, ids, mask, restore, new_tokens=new_tokens)
+    enable_fused_attention(model, backend="torch")
+    try:
+        got = greedy(model, ids, mask, MiniCache(profile, model), new_tokens=new_tokens)
+    finally:
+        disable_fused_attention(model)
+    assert torch.equal(got, want)
+    return restore
+
+
 def test_rotated_storage_decodes_the_same_on_every_torch_path():
     """A rotated profile (merged group + unmerged layers): the restore path and the blockwise path
     (which attends unmerged rotated layers in their frame) generate the same tokens, and the memory
     report counts what is held (the rotation is regenerated, not stored)."""
-    from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
-
     model = make_model("llama")
     ids, mask = left_padded_batch(model.config.vocab_size, [40, 40])
     profile = profile_for(model, groups=((0, 1),)).with_quantization(
         Quantization(bits=(3, 3, 4, 2), value_bits=(2, 2, 3, 3), group_size=8, residual_length=8, scheme="rotated"))
-    restore = MiniCache(profile, model)
-    want = greedy(model, ids, mask, restore, new_tokens=8)
+    restore = decode_on_both_torch_paths(model, ids, mask, profile)
     assert restore.layers[2].qkeys.rotation is not None and restore.layers[2].views_of()[0].frame is not None
     assert restore.memory_report()["kv_bytes"] == sum_of_storages(restore)
-    enable_fused_attention(model, backend="torch")
-    try:
-        got = greedy(model, ids, mask, MiniCache(profile, model), new_tokens=8)
-    finally:
-        disable_fused_attention(model)
-    assert torch.equal(got, want)
 
 
 def test_quantization_alone_is_close_to_the_full_cache():

@@ -14,13 +14,13 @@ import re
 import sys
 from pathlib import Path
 
-SCHEMES = ("kivi", "rotated")
+SCHEMES = ("kivi", "rotated", "rotated-mse")
 
 
 def family(method: str) -> str:
     """Line a method belongs to in the plot: the scheme of a ``none@scheme:bits`` row (one width for keys
     and values, default groups) with its key options (``+s4``, ``+prerope``), else the method itself."""
-    m = re.fullmatch(r"(?:preset:)?none@(?:(\w+):)?(\d+)((?:\+s\d+)?(?:\+prerope)?)", method)
+    m = re.fullmatch(r"(?:preset:)?none@(?:([\w-]+):)?(\d+)((?:\+s\d+)?(?:\+prerope)?)", method)
     if m and (m.group(1) or "kivi") in SCHEMES:
         return (m.group(1) or "kivi") + m.group(3)
     return method

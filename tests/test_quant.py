@@ -555,3 +555,19 @@ def test_keys_and_values_take_their_own_widths():
         Quantization(bits=4, value_bits=(4, 5))
     with pytest.raises(ProfileError, match=r"\[0, 1\] are quantized to \[2, 4\] bits \(value_bits\)"):
         profile_for(model, groups=((0, 1),)).with_quantization(Quantization(bits=4, value_bits=(2, 4, 4, 4)))
+
+
+def test_rotated_mse_values_choose_their_range_by_squared_error():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 16).to(torch.bfloat16)
+    x[..., 5, 3] = 40  # a tail value min-max ranges would spend the outer levels on
+    plain, mse = get_quantizer("rotated"), get_quantizer("rotated-mse")
+    for bits in (2, 3):
+        a, b = plain.quantize(x, "values", bits, 16), mse.quantize(x, "values", bits, 16)
+        assert b.nbytes == a.nbytes and b.axis == a.axis == "channels"
+        err_a = (a.dequantize(torch.float32, unrotate=False) - x.float() @ a.rotation).square().sum(-1)
+        err_b = (b.dequantize(torch.float32, unrotate=False) - x.float() @ b.rotation).square().sum(-1)
+        assert (err_b <= err_a + 1e-4).all(), "min-max is one of the ranges tried"
+        assert err_b.sum() < 0.9 * err_a.sum()
+        assert torch.equal(mse.quantize(x, "keys", bits, 16).data, plain.quantize(x, "keys", bits, 16).data)
+    assert "rotated-mse" in Quantization(scheme="rotated-mse", bits=3).describe()

@@ -1,7 +1,8 @@
 """Quantizers of the cache: a registry of schemes behind one protocol (:class:`Quantizer`).
 
-Built in: ``kivi`` (:mod:`minicache.quant.kivi`) and ``rotated`` (:mod:`minicache.quant.rotated`:
-KIVI after a fixed randomized Hadamard rotation). A new scheme is one file::
+Built in: ``kivi`` (:mod:`minicache.quant.kivi`), ``rotated`` (:mod:`minicache.quant.rotated`:
+KIVI after a fixed randomized Hadamard rotation) and ``rotated-mse`` (:mod:`minicache.quant.clipped`:
+value groups choose their range by squared error). A new scheme is one file::
 
     from minicache.quant import Quantizer, register_quantizer
 
@@ -18,6 +19,7 @@ and a profile then says ``quantization: {scheme: my-scheme, bits: 3}``.
 from __future__ import annotations
 
 from minicache.quant.base import ROLES, Quantizer
+from minicache.quant.clipped import ClippedRotatedQuantizer
 from minicache.quant.kivi import KiviQuantizer
 from minicache.quant.packed import QuantizedTensor, append, quantize
 from minicache.quant.rotated import RotatedQuantizer
@@ -47,3 +49,4 @@ quantizer_names = _REGISTRY.names
 
 register_quantizer(KiviQuantizer)
 register_quantizer(RotatedQuantizer)
+register_quantizer(ClippedRotatedQuantizer)

@@ -233,12 +233,14 @@ class QuantizedTensor:
 
 
 def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
-             rotation: torch.Tensor | None = None) -> QuantizedTensor:
+             rotation: torch.Tensor | None = None, clip_ratios: tuple[float, ...] = ()) -> QuantizedTensor:
     """Quantize ``x`` ``[..., N, D]`` group-wise (see :class:`QuantizedTensor` for the layout).
 
     ``axis="tokens"`` needs ``N % group_size == 0``; ``axis="channels"`` needs
     ``D % group_size == 0``. ``rotation`` (``[D, D]`` orthogonal, float32): quantize ``x R`` instead,
-    and remember ``R`` for :meth:`QuantizedTensor.dequantize`.
+    and remember ``R`` for :meth:`QuantizedTensor.dequantize`. ``clip_ratios``: also try each group's
+    range shrunk about its midpoint by these factors (< 1), and keep, per group, the range with the
+    least squared error (values clipped at its ends); the layout is the same.
     """
     if bits not in PACKABLE_BITS:
         raise ValueError(f"bits must be one of {PACKABLE_BITS}, got {bits}")
@@ -264,12 +266,23 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
     limit = torch.finfo(sdtype).max
     lo = grouped.amin(reduce_dim).clamp(-limit, limit)
     hi = grouped.amax(reduce_dim).clamp(-limit, limit)
-    zero = lo.to(sdtype)
-    scale = ((hi - zero.float()) / levels).clamp(0, limit).to(sdtype)
-    # Codes from the stored (rounded) scale and zero point: what dequantization will use.
-    s, z = scale.float().unsqueeze(reduce_dim), zero.float().unsqueeze(reduce_dim)
-    codes = torch.where(s > 0, (grouped - z) / torch.where(s > 0, s, 1.0), 0.0)
-    codes = codes.round_().clamp_(0, levels).to(torch.uint8).reshape(*lead, n, d)
+
+    def codes_for(lo: torch.Tensor, hi: torch.Tensor):
+        zero = lo.to(sdtype)
+        scale = ((hi - zero.float()) / levels).clamp(0, limit).to(sdtype)
+        # Codes from the stored (rounded) scale and zero point: what dequantization will use.
+        s, z = scale.float().unsqueeze(reduce_dim), zero.float().unsqueeze(reduce_dim)
+        codes = torch.where(s > 0, (grouped - z) / torch.where(s > 0, s, 1.0), 0.0).round_().clamp_(0, levels)
+        return codes, scale, zero, ((codes * s + z - grouped) ** 2).sum(reduce_dim)
+
+    codes, scale, zero, error = codes_for(lo, hi)
+    mid = (lo + hi) / 2
+    for ratio in clip_ratios:
+        c, sc, zo, err = codes_for(mid - ratio * (mid - lo), mid + ratio * (hi - mid))
+        better = err < error
+        codes = torch.where(better.unsqueeze(reduce_dim), c, codes)
+        scale, zero, error = torch.where(better, sc, scale), torch.where(better, zo, zero), torch.minimum(err, error)
+    codes = codes.to(torch.uint8).reshape(*lead, n, d)
     return QuantizedTensor(pack(codes, bits), scale, zero, bits, g, axis, rotation)
 
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Issue 18: how unmerged layers store keys — exact sink tokens (--kv-sink-tokens) and keys packed before
-# RoPE (--kv-pre-rope-keys) — on SmolLM2-135M-Instruct, bfloat16, 4,096-token prefixes, text no profile was
+# RoPE (--kv-pre-rope-keys) — and values whose groups pick their range by squared error (rotated-mse), on
+# SmolLM2-135M-Instruct, bfloat16, 4,096-token prefixes, text no profile was
 # calibrated on; the same windows and protocol as benchmarks/lowbit_results.sh, so its rows (KIVI and
 # rotated without these options) compare directly. Writes benchmarks/results/keys-cpu/ (overwrites).
 #
 #   bash benchmarks/key_storage_results.sh            # everything (about 110 minutes on 2 CPU cores)
 #   bash benchmarks/key_storage_results.sh sinks      # exact sinks alone (5 rows, about 55 minutes)
-#   bash benchmarks/key_storage_results.sh calibrate  # --kv-bits auto with both options (about 12 minutes)
-#   bash benchmarks/key_storage_results.sh frontier   # both options at 3/2 bits + the auto profile (35 min)
+#   bash benchmarks/key_storage_results.sh calibrate  # --kv-bits auto, rotated-mse, both options (about 12 minutes)
+#   bash benchmarks/key_storage_results.sh frontier   # both options at 3/2 bits + the auto profile (45 min)
 #   bash benchmarks/key_storage_results.sh decode     # decode-speed ratios against 4-bit KIVI
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -30,9 +31,9 @@ if [[ $WHAT == all || $WHAT == sinks ]]; then
 fi
 
 if [[ $WHAT == all || $WHAT == calibrate ]]; then
-  echo "== widths: --preset none --kv-bits auto --kv-scheme rotated --kv-sink-tokens 4 --kv-pre-rope-keys, 2,048 tokens"
+  echo "== widths: --preset none --kv-bits auto --kv-scheme rotated-mse --kv-sink-tokens 4 --kv-pre-rope-keys, 2,048 tokens"
   began=$SECONDS
-  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --preset none --kv-bits auto --kv-scheme rotated \
+  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --preset none --kv-bits auto --kv-scheme rotated-mse \
     --kv-sink-tokens 4 --kv-pre-rope-keys --max-length 2048 --num-samples 16 --eval-windows 12 --dtype bfloat16 \
     --out "$WORK/auto" --no-progress
   echo "   (calibration: $((SECONDS - began)) s)"
@@ -41,7 +42,8 @@ fi
 
 if [[ $WHAT == all || $WHAT == frontier ]]; then
   # No `full` row: the noise floor of these windows is lowbit_results.sh's (-0.01 %, same windows).
-  methods=none@rotated:3+s4+prerope,none@rotated:2+s4+prerope,$OUT/auto-rotated-keys
+  methods=none@rotated:3+s4+prerope,none@rotated-mse:3+s4+prerope,none@rotated-mse:2+s4+prerope
+  methods+=,$OUT/auto-rotated-keys
   echo "== both options: $methods"
   "${EVAL[@]}" --compare "$methods" --json-out "$OUT/frontier.json" --markdown-out "$OUT/frontier.md"
   "$PY" benchmarks/lowbit_table.py "$OUT/frontier.json" "$OUT"

@@ -47,10 +47,17 @@ if [[ $WHAT == all || $WHAT == frontier ]]; then
   echo "== both options: $methods"
   "${EVAL[@]}" --compare "$methods" --json-out "$OUT/frontier.json" --markdown-out "$OUT/frontier.md"
   "$PY" benchmarks/lowbit_table.py "$OUT/frontier.json" "$OUT"
+  # One frontier with lowbit_results.sh's rows (same windows): without the options, sinks alone, both.
+  "$PY" benchmarks/lowbit_table.py benchmarks/results/lowbit-cpu/frontier.json "$OUT/combined" "$OUT/sinks.json" \
+    "$OUT/frontier.json"
 fi
 
 if [[ $WHAT == all || $WHAT == decode ]]; then
   echo "== decode speed, blockwise torch path, 2,048 tokens, batch 1"
   "$PY" benchmarks/lowbit_decode.py --profile "$OUT/auto-rotated-keys" --json-out "$OUT/decode.json" \
     --markdown-out "$OUT/decode.md"
+  echo "== what each option costs: 3-bit rotated with sinks, with pre-RoPE keys, with both"
+  "$PY" benchmarks/lowbit_decode.py --baselines \
+    "3-bit rotated,3-bit rotated + 4 sinks,3-bit rotated + keys pre-RoPE,3-bit rotated + 4 sinks + keys pre-RoPE" \
+    --json-out "$OUT/decode-parts.json" --markdown-out "$OUT/decode-parts.md"
 fi

@@ -54,7 +54,10 @@ def main() -> None:
         "2-bit kivi": none.with_quantization(Quantization(bits=2)),
         "4-bit rotated": none.with_quantization(Quantization(bits=4, scheme="rotated")),
         "3-bit rotated": none.with_quantization(Quantization(bits=3, scheme="rotated")),
-        "3-bit rotated, 4 sinks, keys pre-RoPE": none.with_quantization(
+        "3-bit rotated + 4 sinks": none.with_quantization(Quantization(bits=3, scheme="rotated", sink_tokens=4)),
+        "3-bit rotated + keys pre-RoPE": none.with_quantization(
+            Quantization(bits=3, scheme="rotated", pre_rope_keys=True)),
+        "3-bit rotated + 4 sinks + keys pre-RoPE": none.with_quantization(
             Quantization(bits=3, scheme="rotated", sink_tokens=4, pre_rope_keys=True)),
     }
     if args.baselines:

@@ -1,8 +1,9 @@
 """Table and frontier plot of the low-bit comparison (benchmarks/lowbit_results.sh).
 
-    python benchmarks/lowbit_table.py RESULT.json OUT_DIR
+    python benchmarks/lowbit_table.py RESULT.json OUT_DIR [MORE.json ...]
 
-Reads one ``minicache-eval --compare ... --json-out`` file; writes ``OUT_DIR/table.md`` (also printed)
+Reads one ``minicache-eval --compare ... --json-out`` file (and the rows of more runs on the same
+windows, each method once); writes ``OUT_DIR/table.md`` (also printed)
 and ``OUT_DIR/frontier.png``: KV compression (x) against perplexity increase and KL (y), one marker per
 method, quantizers at 2/3/4 bits joined by a line, calibrated profiles starred.
 """
@@ -26,9 +27,12 @@ def family(method: str) -> str:
     return method
 
 
-def main(path: str, out: str) -> None:
+def main(path: str, out: str, *more: str) -> None:
     data = json.loads(Path(path).read_text())
     rows = data["results"]
+    for extra in more:
+        seen = {r["method"] for r in rows}
+        rows += [r for r in json.loads(Path(extra).read_text())["results"] if r["method"] not in seen]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = rows[0]
@@ -75,6 +79,8 @@ def main(path: str, out: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax in axes:  # more lines than the default 10 colours
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     lines_by_family: dict[str, list[dict]] = {}
     for r in rows:
         lines_by_family.setdefault(family(r["method"]), []).append(r)

@@ -5,8 +5,9 @@
 # calibrated on; the same windows and protocol as benchmarks/lowbit_results.sh, so its rows (KIVI and
 # rotated without these options) compare directly. Writes benchmarks/results/keys-cpu/ (overwrites).
 #
-#   bash benchmarks/key_storage_results.sh            # everything (about 110 minutes on 2 CPU cores)
+#   bash benchmarks/key_storage_results.sh            # everything (about 135 minutes on 2 CPU cores)
 #   bash benchmarks/key_storage_results.sh sinks      # exact sinks alone (5 rows, about 55 minutes)
+#   bash benchmarks/key_storage_results.sh values2    # keys 4 / values 2 bits with sinks, rotated-mse vs rotated (25 min)
 #   bash benchmarks/key_storage_results.sh calibrate  # --kv-bits auto, rotated-mse, both options (about 12 minutes)
 #   bash benchmarks/key_storage_results.sh frontier   # both options at 3/2 bits + the auto profile (45 min)
 #   bash benchmarks/key_storage_results.sh decode     # decode-speed ratios against 4-bit KIVI
@@ -30,6 +31,12 @@ if [[ $WHAT == all || $WHAT == sinks ]]; then
   "$PY" benchmarks/lowbit_table.py "$OUT/sinks.json" "$OUT/sinks"
 fi
 
+if [[ $WHAT == all || $WHAT == values2 ]]; then
+  echo "== keys 4 bits, values 2 bits, 4 exact sinks: value ranges by squared error or min-max"
+  "${EVAL[@]}" --compare none@rotated-mse:k4v2+s4,none@rotated:k4v2+s4 --json-out "$OUT/values2.json" \
+    --markdown-out "$OUT/values2.md"
+fi
+
 if [[ $WHAT == all || $WHAT == calibrate ]]; then
   echo "== widths: --preset none --kv-bits auto --kv-scheme rotated-mse --kv-sink-tokens 4 --kv-pre-rope-keys, 2,048 tokens"
   began=$SECONDS
@@ -49,7 +56,7 @@ if [[ $WHAT == all || $WHAT == frontier ]]; then
   "$PY" benchmarks/lowbit_table.py "$OUT/frontier.json" "$OUT"
   # One frontier with lowbit_results.sh's rows (same windows): without the options, sinks alone, both.
   "$PY" benchmarks/lowbit_table.py benchmarks/results/lowbit-cpu/frontier.json "$OUT/combined" "$OUT/sinks.json" \
-    "$OUT/frontier.json"
+    "$OUT/frontier.json" "$OUT/values2.json"
 fi
 
 if [[ $WHAT == all || $WHAT == decode ]]; then

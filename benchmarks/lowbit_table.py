@@ -31,6 +31,9 @@ def main(path: str, out: str, *more: str) -> None:
     data = json.loads(Path(path).read_text())
     rows = data["results"]
     for extra in more:
+        if not Path(extra).exists():  # a part of the benchmark that has not run
+            print(f"({extra} does not exist: its rows are left out)", file=sys.stderr)
+            continue
         seen = {r["method"] for r in rows}
         rows += [r for r in json.loads(Path(extra).read_text())["results"] if r["method"] not in seen]
     out_dir = Path(out)

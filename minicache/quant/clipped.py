@@ -8,6 +8,11 @@ ranges: clipping a key's outliers moves the attention logits that depend on them
 SmolLM2 (2 × 1,024 tokens of licences, every layer, relative error of the attention output), value
 error at 3 bits 0.137 -> 0.125 and at 2 bits 0.325 -> 0.254; the same search on keys made their
 error worse (3 bits 0.226 -> 0.323).
+
+**Perplexity does not follow** (issue 18's protocol, 4,096-token prefixes, 16,384 unseen tokens,
+``benchmarks/key_storage_results.sh``): 3 bits with sinks and pre-RoPE keys +1.45 % against +1.42 %
+for ``rotated``; keys 4 / values 2 bits with sinks +1.66 % against +1.45 %. Kept as a measured
+negative result (and the ``clip_ratios`` packing for schemes that need it); prefer ``rotated``.
 """
 
 from __future__ import annotations

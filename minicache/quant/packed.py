@@ -273,15 +273,23 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
         # Codes from the stored (rounded) scale and zero point: what dequantization will use.
         s, z = scale.float().unsqueeze(reduce_dim), zero.float().unsqueeze(reduce_dim)
         codes = torch.where(s > 0, (grouped - z) / torch.where(s > 0, s, 1.0), 0.0).round_().clamp_(0, levels)
-        return codes, scale, zero, ((codes * s + z - grouped) ** 2).sum(reduce_dim)
+        return codes, scale, zero
 
-    codes, scale, zero, error = codes_for(lo, hi)
-    mid = (lo + hi) / 2
-    for ratio in clip_ratios:
-        c, sc, zo, err = codes_for(mid - ratio * (mid - lo), mid + ratio * (hi - mid))
-        better = err < error
-        codes = torch.where(better.unsqueeze(reduce_dim), c, codes)
-        scale, zero, error = torch.where(better, sc, scale), torch.where(better, zo, zero), torch.minimum(err, error)
+    def squared_error(codes, scale, zero):
+        s, z = scale.float().unsqueeze(reduce_dim), zero.float().unsqueeze(reduce_dim)
+        return ((codes * s + z - grouped) ** 2).sum(reduce_dim)
+
+    codes, scale, zero = codes_for(lo, hi)
+    if clip_ratios:  # the error is only needed to choose among ranges: plain packing skips it
+        error = squared_error(codes, scale, zero)
+        mid = (lo + hi) / 2
+        for ratio in clip_ratios:
+            c, sc, zo = codes_for(mid - ratio * (mid - lo), mid + ratio * (hi - mid))
+            err = squared_error(c, sc, zo)
+            better = err < error
+            codes = torch.where(better.unsqueeze(reduce_dim), c, codes)
+            scale, zero, error = (torch.where(better, sc, scale), torch.where(better, zo, zero),
+                                  torch.minimum(err, error))
     codes = codes.to(torch.uint8).reshape(*lead, n, d)
     return QuantizedTensor(pack(codes, bits), scale, zero, bits, g, axis, rotation)
 

@@ -55,7 +55,7 @@ def fisher_damage(model, windows: torch.Tensor, quant: Quantization, widths: Seq
     """
     from transformers import DynamicCache
 
-    from minicache.runtime.layers import sink_stand_ins
+    from minicache.runtime.layers import packing_input
     from minicache.runtime.rope import RopeAngles
 
     rope = RopeAngles.of_model(model) if quant.pre_rope_keys else None
@@ -93,8 +93,7 @@ def fisher_damage(model, windows: torch.Tensor, quant: Quantization, widths: Seq
                 old = x.detach()[..., :n, :].float()
                 g2 = grad[..., :n, :].float().square()
                 g2[..., : quant.sink_tokens, :] = 0  # exact sinks (the runtime packs stand-ins there)
-                packed = old if rope is None or role != "keys" else rope.remove(old, 0).to(x.dtype)
-                packed = sink_stand_ins(packed, quant.sink_tokens) if quant.sink_tokens else packed
+                packed = packing_input(old, role, 0, quant.sink_tokens, rope, dtype=x.dtype)
                 for i, w in enumerate(widths):
                     restored = quantizer.quantize(packed, role, w, group).dequantize(torch.float32)
                     if rope is not None and role == "keys":

@@ -22,7 +22,7 @@ from minicache.runtime.rope import RopeAngles
 from minicache.runtime.store import GroupStore, tensor_bytes
 from minicache.runtime.views import MergedKVView
 
-__all__ = ["MergedLayer", "OwnedLayer", "QuantizedLayer", "plain_layer_bytes"]
+__all__ = ["MergedLayer", "OwnedLayer", "QuantizedLayer", "packing_input", "plain_layer_bytes", "sink_stand_ins"]
 
 
 class OwnedLayer(CacheLayerMixin):
@@ -159,38 +159,23 @@ class QuantizedLayer(CacheLayerMixin):
             out = self.views_of()
         elif self.qkeys is None:
             out = self.keys, self.values
-        else:
-            keys = self.quantizer.dequantize(self.qkeys, self.dtype)
-            if self.rope is not None:
-                keys = self.rope.apply(keys, 0).to(self.dtype)
-            out = tuple(
-                torch.cat([self._with_sinks(prefix, sinks), window], dim=-2)
-                for prefix, sinks, window in ((keys, self.sink_keys, self.keys),
-                                              (self.quantizer.dequantize(self.qvalues, self.dtype), self.sink_values,
-                                               self.values))
-            )
+        else:  # the views' own restore (RoPE put back, exact sinks written over), whole
+            out = tuple(view.materialize() for view in self.views_of())
         count = (self.keys.shape[-2] - self.spec.residual_length) // self.chunk * self.chunk
         if count > 0:
             g = self.spec.group_size
+            start, sinks = self.quantized_length, self.spec.sink_tokens
             keys, values = self.keys[..., :count, :], self.values[..., :count, :]
-            if self.qkeys is None and self.spec.sink_tokens:
-                self.sink_keys, self.sink_values = (x[..., : self.spec.sink_tokens, :].clone() for x in (keys, values))
-            if self.rope is not None:  # at their cache indices; the same indices put RoPE back
-                keys = self.rope.remove(keys, self.quantized_length).to(self.dtype)
-            if self.qkeys is None and self.spec.sink_tokens:
-                keys, values = (sink_stand_ins(x, self.spec.sink_tokens) for x in (keys, values))
+            if start == 0 and sinks:
+                self.sink_keys, self.sink_values = (x[..., :sinks, :].clone() for x in (keys, values))
+            keys = packing_input(keys, "keys", start, sinks, self.rope)
+            values = packing_input(values, "values", start, sinks, self.rope)
             self.qkeys = append(self.qkeys, self.quantizer.quantize(keys, "keys", self.bits, g))
             self.qvalues = append(self.qvalues, self.quantizer.quantize(values, "values", self.value_bits, g))
             # Clone so that the old window's storage is freed, not kept alive by a view.
             self.keys = self.keys[..., count:, :].clone()
             self.values = self.values[..., count:, :].clone()
         return out
-
-    @staticmethod
-    def _with_sinks(prefix: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
-        if sinks is not None:
-            prefix[..., : sinks.shape[-2], :] = sinks
-        return prefix
 
     def views_of(self) -> tuple[MergedKVView, MergedKVView]:
         """Snapshots of the packed prefix (with its exact sinks) and the exact window of keys and values."""
@@ -303,6 +288,22 @@ class QuantizedLayer(CacheLayerMixin):
         if self.sink_keys is not None:
             self.sink_keys = self.sink_keys.to(device, non_blocking=True)
             self.sink_values = self.sink_values.to(device, non_blocking=True)
+
+
+def packing_input(x: torch.Tensor, role: str, start: int, sink_tokens: int, rope: RopeAngles | None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """What a :class:`QuantizedLayer` packs for its tokens ``[start, start + N)`` of ``role``.
+
+    Keys with ``rope`` have it removed at those cache indices (cast to ``dtype``, default ``x``'s);
+    in the first chunk (``start == 0``) token ``sink_tokens`` stands in for the exact sinks
+    (:func:`sink_stand_ins`). The one place both the layer and ``--kv-bits auto``'s prediction
+    (:func:`minicache.calibrate.bits.fisher_damage`) get it from.
+    """
+    if rope is not None and role == "keys":
+        x = rope.remove(x, start).to(x.dtype if dtype is None else dtype)
+    if start == 0 and sink_tokens:
+        x = sink_stand_ins(x, sink_tokens)
+    return x
 
 
 def sink_stand_ins(x: torch.Tensor, sinks: int) -> torch.Tensor:

@@ -80,6 +80,12 @@ def test_fisher_damage_grows_as_widths_shrink():
     assert damage.shape == (6, 2, 3) and (damage >= 0).all()
     assert (damage[..., 2] > damage[..., 0]).all(), "2 bits move every layer's KV more than 4 bits"
     assert all(p.grad is None for p in model.parameters()), "weights get no gradient"
+    # Long windows go fewer per pass (backward memory grows with the tokens in flight); same prediction.
+    passes: list[int] = []
+    one_at_a_time = fisher_damage(model, _windows(4, 64, seed=3), quant, WIDTHS, batch_size=2, max_tokens=100,
+                                  progress=passes.append)
+    assert passes == [64] * 4
+    torch.testing.assert_close(one_at_a_time, damage, rtol=1e-3, atol=0)
     # Exact sinks: the runtime packs stand-ins there, so the prediction changes (no error at the sinks,
     # first groups' ranges no longer set by them), and the auto search keeps the field.
     sinks = fisher_damage(model, _windows(4, 64, seed=3), replace(quant, sink_tokens=4), WIDTHS, batch_size=2)

@@ -34,7 +34,8 @@ ROLES = ("keys", "values")
 
 
 def fisher_damage(model, windows: torch.Tensor, quant: Quantization, widths: Sequence[int], *,
-                  batch_size: int = 4, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                  batch_size: int = 4, max_tokens: int = 8192,
+                  progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Predicted loss increase of packing each layer's keys or values at each width.
 
     Parameters
@@ -46,6 +47,12 @@ def fisher_damage(model, windows: torch.Tensor, quant: Quantization, widths: Seq
         keys are packed a whole chunk of tokens at a time, as the runtime does).
     widths : sequence of int
         Widths to predict.
+    batch_size : int
+        Windows per forward and backward pass, at most.
+    max_tokens : int
+        Tokens per pass, at most (fewer windows per pass for long windows): the backward pass keeps
+        every layer's activations, and its memory grows with the tokens in flight (SmolLM2: 7.8 GB
+        peak for 4,096 tokens; four 4,096-token windows at once ran out of 24 GB).
 
     Returns
     -------
@@ -64,6 +71,7 @@ def fisher_damage(model, windows: torch.Tensor, quant: Quantization, widths: Seq
     device = next(model.parameters()).device
     out: torch.Tensor | None = None
     tokens = 0
+    batch_size = max(1, min(batch_size, max_tokens // max(windows.shape[-1], 1)))
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(device)
         cache = DynamicCache(config=model.config)

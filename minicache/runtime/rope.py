@@ -33,11 +33,6 @@ __all__ = ["RopeAngles"]
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 @dataclass(frozen=True)
 class RopeAngles:
     """One model's RoPE (the rotate-half layout of Llama, Mistral, Qwen2, Phi-3, Gemma).
@@ -98,27 +93,35 @@ class RopeAngles:
         return 2 * len(self.inv_freq)
 
     def cos_sin(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos``, ``sin`` ``[length, R]`` float32 of indices ``start .. start + length − 1`` (scaled)."""
+        """``cos``, ``sin`` ``[length, R / 2]`` float32 of indices ``start .. start + length − 1`` (scaled):
+        one per channel pair (the model's tables repeat them for both halves)."""
         positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
         angles = positions[:, None] * self.inv_freq.to(device)[None, :]
-        angles = torch.cat([angles, angles], dim=-1)
         return angles.cos() * self.scaling, angles.sin() * self.scaling
+
+    def _turn(self, x: torch.Tensor, start: int, sign: float) -> torch.Tensor:
+        """``x`` turned by ``sign ×`` the angles at indices ``start ..`` (rotate-half pairs), float32."""
+        cos, sin = self.cos_sin(start, x.shape[-2], x.device)
+        x = x.float()
+        half = len(self.inv_freq)
+        first, second = x[..., :half], x[..., half : 2 * half]
+        out = torch.empty_like(x)
+        out[..., :half] = first * cos - sign * second * sin
+        out[..., half : 2 * half] = second * cos + sign * first * sin
+        if 2 * half < x.shape[-1]:  # partial rotary: the rest passes through
+            out[..., 2 * half :] = x[..., 2 * half :]
+        return out
 
     def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """RoPE of ``x`` ``[..., N, D]`` at indices ``start ..``, float32 (what the model does)."""
-        cos, sin = self.cos_sin(start, x.shape[-2], x.device)
-        x = x.float()
-        r = self.rotary_dim
-        rot = x[..., :r] * cos + _rotate_half(x[..., :r]) * sin
-        return torch.cat([rot, x[..., r:]], dim=-1) if r < x.shape[-1] else rot
+        return self._turn(x, start, 1.0)
 
     def remove(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """The inverse of :meth:`apply`: ``x`` ``[..., N, D]`` before RoPE, float32."""
-        cos, sin = self.cos_sin(start, x.shape[-2], x.device)
-        x = x.float()
+        out = self._turn(x, start, -1.0)
         r = self.rotary_dim
-        rot = (x[..., :r] * cos - _rotate_half(x[..., :r]) * sin) / self.scaling**2
-        return torch.cat([rot, x[..., r:]], dim=-1) if r < x.shape[-1] else rot
+        out[..., :r] /= self.scaling**2
+        return out
 
 
 def _build_from_config(model_type: str, config) -> torch.nn.Module:

@@ -348,9 +348,11 @@ class MergedKVView:
         """
         dtype = self.dtype
         if self.method is None:  # an unmerged layer: the prefix holds the vectors (a rotated packing: its frame)
-            dense = self.stored["vectors"].block(start, end, dtype, rotated=in_frame and self.frame is not None)
-            if self.rope is not None:
-                dense = self.rope.apply(dense, start).to(dtype)
+            rotated = in_frame and self.frame is not None
+            if self.rope is None:
+                dense = self.stored["vectors"].block(start, end, dtype, rotated=rotated)
+            else:  # unrotated in float32 and turned by RoPE there: one cast, not three
+                dense = self.rope.apply(self.stored["vectors"].block(start, end, torch.float32), start).to(dtype)
             return self.with_retained(dense, start, end, in_frame=in_frame)  # exact sinks
         block = {name: f.block(start, end, dtype) for name, f in self.stored.items()}
         dense = self.method.decode(self.params, block, self.member, self.tensors, dtype, in_frame=in_frame)

@@ -545,7 +545,7 @@ def test_fused_decode_of_an_unmerged_quantized_layer_is_plain_attention(dtype):
     torch.testing.assert_close(got.float(), want.transpose(1, 2), rtol=tol, atol=tol)
 
 
-def test_fused_decode_rejects_mixed_bit_widths():
+def test_fused_decode_reads_keys_and_values_of_different_widths():
     import dataclasses
 
     from minicache.runtime.kernels.synthetic import quantize_views
@@ -554,12 +554,69 @@ def test_fused_decode_rejects_mixed_bit_widths():
     query = torch.randn(2, 2, 1, 64, device=DEVICE)
     k4, v4 = quantize_views(keys, values, 4, key_group=32, value_group=32, key_tail=6)
     _, v2 = quantize_views(keys, values, 2, key_group=32, value_group=32, key_tail=6)
+    assert attention.triton_unsupported(k4, v2, DEVICE) is None, "keys 4 / values 2 bits go to the kernel"
+    got = fused_decode_attention(query, k4, v2, mask, split_tokens=64)
+    _assert_decode_close(got, query, k4, v2, mask, torch.float32)
+    # ... which differs from 4/4 (each side really reads its own width).
+    assert (got - fused_decode_attention(query, k4, v4, mask, split_tokens=64)).abs().max() > 1e-3
+    # One side's parts at two widths, or a quantized store's retained vectors left exact: refused.
     with pytest.raises(ValueError, match="different bit widths"):
-        fused_decode_attention(query, k4, v2, mask)
-    assert "different widths" in attention.triton_unsupported(k4, v2, DEVICE), "the attention path goes blockwise"
+        fused_decode_attention(query, dataclasses.replace(v2, retained_q=v4.retained_q), v2, mask)
     unpacked_retained = dataclasses.replace(k4, retained_q=None, retained_value=keys.retained_value)
     with pytest.raises(ValueError, match="retained_q"):
         fused_decode_attention(query, unpacked_retained, v4, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_fused_decode_of_a_rotated_layer_with_sinks_is_its_restore(dtype, sinks):
+    from minicache.profile import Quantization
+    from minicache.runtime.blockwise import blockwise_decode_attention
+    from minicache.runtime.layers import QuantizedLayer
+
+    g = torch.Generator().manual_seed(11)
+    layer = QuantizedLayer(Quantization(bits=4, value_bits=3, group_size=32, residual_length=8,
+                                        scheme="rotated", sink_tokens=sinks))
+    k, v = (torch.randn(2, 2, 141, 64, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    k[..., :sinks, :] *= 6  # outlier sinks: a stand-in row attended by mistake would show
+    layer.update(k, v)
+    keys, values = layer.views_of()
+    assert keys.frame is not None and keys.qdirection.rotation is not None and keys.retained_count == 2 * 2 * sinks
+    assert (keys.qdirection.bits, values.qdirection.bits) == (4, 3)
+    assert attention.triton_unsupported(keys, values, DEVICE) is None
+    query = torch.randn(2, 8, 1, 64, generator=g).to(dtype).to(DEVICE)
+    mask = torch.ones(2, 1, 1, 141, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., :5] = False
+    got = fused_decode_attention(query, keys, values, mask, split_tokens=32)
+    _assert_decode_close(got, query, keys, values, mask, dtype)  # attention over the views' own restore
+    torch.testing.assert_close(got.float(), blockwise_decode_attention(query, keys, values, mask).float(),
+                               rtol=DECODE_TOL[dtype], atol=DECODE_TOL[dtype])
+    # Pre-RoPE keys are not read by the kernel: the attention path says so and the launcher refuses.
+    from minicache.runtime.rope import RopeAngles
+
+    rope = RopeAngles(torch.tensor([1.0, 0.1] * 16))
+    pre = QuantizedLayer(Quantization(bits=4, group_size=32, residual_length=8, scheme="rotated",
+                                      pre_rope_keys=True), rope=rope)
+    pre.update(k, v)
+    assert "RoPE" in attention.triton_unsupported(*pre.views_of(), DEVICE)
+    with pytest.raises(ValueError, match="RoPE"):
+        fused_decode_attention(query, *pre.views_of(), mask)
+
+
+def test_fused_decode_refuses_a_rotated_packing_in_a_merged_group():
+    import dataclasses
+
+    from minicache.quant.rotated import rotation_matrix
+    from minicache.runtime.kernels.synthetic import quantize_views
+
+    _, keys, values, mask = _decode_case(torch.float32, 1, 64, merged=166)
+    k4, v4 = quantize_views(keys, values, 4, key_group=32, value_group=32, key_tail=6)
+    field = k4.stored["direction"]
+    rotated = dataclasses.replace(field, packed=dataclasses.replace(field.packed, rotation=rotation_matrix(64)))
+    k_rot = dataclasses.replace(k4, stored={**k4.stored, "direction": rotated})
+    assert "unmerged layers only" in attention.triton_unsupported(k_rot, v4, DEVICE)
+    with pytest.raises(ValueError, match="unmerged layers only"):
+        fused_decode_attention(torch.randn(2, 2, 1, 64, device=DEVICE), k_rot, v4, mask)
 
 
 def _quantized_profile(groups=((0, 1),)) -> MergeProfile:
@@ -582,6 +639,26 @@ def test_generate_fused_on_a_quantized_cache_matches_the_torch_path(monkeypatch)
     assert sequence(cache, 1).views(0)[0].qdirection is not None
     assert sequence(cache, 1).layers[2].qkeys is not None
     assert len(fused_calls) == 11 * 4 * 2  # per sequence: the batch is padded
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+
+def test_generate_fused_on_rotated_layers_with_sinks_and_mixed_widths_matches_the_torch_path(monkeypatch):
+    from minicache.profile import Quantization
+
+    model = _tiny_llama(kv_heads=2)
+    quant = Quantization(bits=(4, 3, 4, 2), value_bits=(3, 4, 2, 2), group_size=8, residual_length=8,
+                         scheme="rotated", sink_tokens=2)
+    profile = _quantized_profile(groups=()).with_quantization(quant)
+    want = _generate(model, MiniCache(profile, model))
+    fused_calls = _count_calls(monkeypatch, decode_module, "fused_decode_attention")
+    assert attention.enable_fused_attention(model, force=True)
+    cache = MiniCache(profile, model)
+    got = _generate(model, cache)
+    attention.disable_fused_attention(model)
+    assert sequence(cache, 1).layers[3].qkeys is not None and sequence(cache, 1).layers[3].sink_keys is not None
+    assert len(fused_calls) == 11 * 4 * 2, "every layer of every decode step reads its packing in the kernel"
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")

@@ -60,7 +60,9 @@ class RotatedQuantizer(KiviQuantizer):
 
     name = "rotated"
     bits = (2, 3, 4)
-    kernel_layout = None
+    # The codes are KIVI's, in the rotated frame: the kernel reads them with the query rotated once
+    # (unmerged layers; a merged group's dense tail is not in that frame, see triton_unsupported).
+    kernel_layout = "uniform_groups"
 
     def rotation_for(self, x: torch.Tensor) -> torch.Tensor:
         return rotation_matrix(x.shape[-1], x.device)

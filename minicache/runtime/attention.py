@@ -100,13 +100,10 @@ def triton_unsupported(keys: MergedKVView, values: MergedKVView, device: torch.d
         packing = None if view.quantizer is None else view.quantizer.kernel_layout
         if view.quantizer is not None and packing not in TRITON_PACKINGS:
             return f"the kernel does not read the {view.quantizer.name!r} packing"
-        if view.method is None and view.retained_count:
-            return "the kernel does not read an unmerged layer's exact sink tokens"
+        if view.method is not None and view.qdirection is not None and view.qdirection.rotation is not None:
+            return "the kernel reads rotated packings of unmerged layers only"
         if view.rope is not None:
             return "the kernel does not read keys packed before RoPE"
-    widths = {v.bits for v in (keys, values) if v.quantizer is not None}
-    if len(widths) > 1:
-        return f"keys and values are packed to different widths {sorted(widths)}"
     return why_unusable(device, allow_interpreter=True)
 
 

@@ -139,7 +139,12 @@ def compile_all(arch: int = 90, full: bool = False) -> list[dict]:
             "MASK_BOOL": v["mask"] == "bool",
             "DOT_MODE": decode._DOT_IEEE if dtype == "fp32" else decode._DOT_NATIVE,
             "NORM_EPS": 1e-12,
-            "QBITS": v["bits"],
+            # Merged stores pack both sides and their retained vectors to one width; mixed widths and
+            # exact retained sinks are other specialisations of the same code.
+            "K_QBITS": v["bits"],
+            "V_QBITS": v["bits"],
+            "KR_QBITS": v["bits"],
+            "VR_QBITS": v["bits"],
             "K_GROUP": 128 if v["bits"] else 1,
             "K_PER_TOKEN": False,
             "V_GROUP": min(128, d) if v["bits"] else 1,

@@ -41,10 +41,17 @@ are ``m · e Rᵀ``. Since ``q · (m e Rᵀ) = m (q R) · e``, keys need the que
 (``q R``, computed before the launch) wherever a logit reads a direction; values need the part of
 the numerator built from directions rotated back by ``Rᵀ`` once per dense split (and per tile of
 the few retained keys whose value is merged), never once per token.
+
+Rotated packings (issue 18, :mod:`minicache.quant.rotated`) of an unmerged layer are the same frame
+with one ``R`` for every head: the packed prefix holds ``x R``, so the query is rotated once and the
+dense splits' numerators rotated back once, exactly as for an aligned group. An unmerged layer's
+exact sinks are its retained tokens (key and value both exact); the first ``n_skip`` packed rows hold
+stand-ins for them and the dense splits skip them. Keys and values may be packed to different widths.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -54,7 +61,7 @@ import triton.language as tl
 
 from minicache.methods.geometry import NORM_EPS
 from minicache.runtime.kernels import check_usable, interpreter_enabled
-from minicache.runtime.views import MergedKVView, decode_mask_row
+from minicache.runtime.views import MergedKVView, decode_mask_row, retained_csr_pair
 
 _LOG2E = 1.4426950408889634
 # Bytes of one [BLOCK_N, D] tile; 16 KiB keeps the pipelined K and V tiles in shared memory on
@@ -290,6 +297,7 @@ def _decode_partial_kernel(
     n_ret,
     res_chunk,
     n_splits,
+    n_skip,
     G: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -302,7 +310,10 @@ def _decode_partial_kernel(
     DOT_MODE: tl.constexpr,
     NORM_EPS: tl.constexpr,
     HAS_VROT: tl.constexpr,
-    QBITS: tl.constexpr,
+    K_QBITS: tl.constexpr,
+    V_QBITS: tl.constexpr,
+    KR_QBITS: tl.constexpr,
+    VR_QBITS: tl.constexpr,
     K_GROUP: tl.constexpr,
     K_PER_TOKEN: tl.constexpr,
     V_GROUP: tl.constexpr,
@@ -350,7 +361,8 @@ def _decode_partial_kernel(
     vd_row = vd_ptr + b64 * stride_vd_b + h64 * stride_vd_h
     km_row = km_ptr + b64 * stride_km_b + h64 * stride_km_h
     vm_row = vm_ptr + b64 * stride_vm_b + h64 * stride_vm_h
-    # Packed parts (QBITS > 0): codes, scales and zero points of the oldest MQ_K / MQ_V merged tokens.
+    # Packed parts (K_QBITS / V_QBITS > 0): codes, scales and zero points of the oldest MQ_K / MQ_V merged
+    # tokens; keys and values may be packed to different widths.
     kq_row = kq_ptr + b64 * stride_kq_b + h64 * stride_kq_h
     ks_row = ks_ptr + b64 * stride_ks_b + h64 * stride_ks_h
     kz_row = kz_ptr + b64 * stride_ks_b + h64 * stride_ks_h
@@ -366,9 +378,9 @@ def _decode_partial_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < end
             ek = _load_prefix(kd_row, stride_kd_n, kq_row, stride_kq_n, ks_row, kz_row, stride_ks_n, MQ_K,
-                              offs_n, n_ok, offs_d, d_ok, QBITS, K_GROUP, K_PER_TOKEN, RTNE)
+                              offs_n, n_ok, offs_d, d_ok, K_QBITS, K_GROUP, K_PER_TOKEN, RTNE)
             ev = _load_prefix(vd_row, stride_vd_n, vq_row, stride_vq_n, vs_row, vz_row, stride_vs_n, MQ_V,
-                              offs_n, n_ok, offs_d, d_ok, QBITS, V_GROUP, V_PER_TOKEN, RTNE)
+                              offs_n, n_ok, offs_d, d_ok, V_QBITS, V_GROUP, V_PER_TOKEN, RTNE)
             s = _dot(q_al, tl.trans(ek), DOT_MODE)
             if HAS_MAG:
                 mk = tl.load(km_row + offs_n * stride_km_n, mask=n_ok, other=-1.0).to(tl.float32)
@@ -378,7 +390,8 @@ def _decode_partial_kernel(
                 # A retained value counts in the normaliser here; its exact value is added later.
                 v_scale = tl.where(mv >= 0.0, mv / _row_norm(ev, NORM_EPS), 0.0)
             else:
-                use = n_ok
+                # An unmerged layer's first n_skip rows hold stand-ins of its exact sinks (retained splits).
+                use = n_ok & (offs_n >= n_skip)
                 k_scale = tl.full([BLOCK_N], 1.0, tl.float32)
                 v_scale = tl.full([BLOCK_N], 1.0, tl.float32)
             s = s * (k_scale * qk_scale)[None, :]
@@ -405,16 +418,16 @@ def _decode_partial_kernel(
             row = tl.load(k_row_ptr + offs_i, mask=i_ok, other=0).to(tl.int64)
             cross = tl.load(k_cross_ptr + offs_i, mask=i_ok, other=-1)
             kx = _load_retained(k_val_ptr, stride_kval, krq_ptr, stride_krq, krs_ptr, krz_ptr, stride_krs, row,
-                                i_ok, offs_d, d_ok, q.dtype, QBITS, R_GROUP, RTNE)
+                                i_ok, offs_d, d_ok, q.dtype, KR_QBITS, R_GROUP, RTNE)
             s = _dot(q, tl.trans(kx), DOT_MODE) * qk_scale
             s += _mask_bias(mask_row, stride_mask_t, pos, i_ok, HAS_MASK, MASK_BOOL)[None, :]
             s = tl.where(i_ok[None, :], s, float("-inf"))
             exact_v = i_ok & (cross >= 0)
             dense_v = i_ok & (cross < 0)
             vx = _load_retained(v_val_ptr, stride_vval, vrq_ptr, stride_vrq, vrs_ptr, vrz_ptr, stride_vrs,
-                                cross.to(tl.int64), exact_v, offs_d, d_ok, q.dtype, QBITS, R_GROUP, RTNE)
+                                cross.to(tl.int64), exact_v, offs_d, d_ok, q.dtype, VR_QBITS, R_GROUP, RTNE)
             ev = _load_prefix(vd_row, stride_vd_n, vq_row, stride_vq_n, vs_row, vz_row, stride_vs_n, MQ_V,
-                              pos, dense_v, offs_d, d_ok, QBITS, V_GROUP, V_PER_TOKEN, RTNE)
+                              pos, dense_v, offs_d, d_ok, V_QBITS, V_GROUP, V_PER_TOKEN, RTNE)
             if HAS_MAG:
                 mv = tl.load(vm_row + pos * stride_vm_n, mask=dense_v, other=0.0).to(tl.float32)
                 vr = ev.to(tl.float32) * (mv / _row_norm(ev, NORM_EPS))[:, None]
@@ -438,7 +451,7 @@ def _decode_partial_kernel(
             cross = tl.load(v_cross_ptr + offs_i, mask=i_ok, other=0)
             active = i_ok & (cross < 0)
             ek = _load_prefix(kd_row, stride_kd_n, kq_row, stride_kq_n, ks_row, kz_row, stride_ks_n, MQ_K,
-                              pos, active, offs_d, d_ok, QBITS, K_GROUP, K_PER_TOKEN, RTNE)
+                              pos, active, offs_d, d_ok, K_QBITS, K_GROUP, K_PER_TOKEN, RTNE)
             s = _dot(q_al, tl.trans(ek), DOT_MODE)
             if HAS_MAG:
                 mk = tl.load(km_row + pos * stride_km_n, mask=active, other=0.0).to(tl.float32)
@@ -448,7 +461,7 @@ def _decode_partial_kernel(
             s += _mask_bias(mask_row, stride_mask_t, pos, active, HAS_MASK, MASK_BOOL)[None, :]
             s = tl.where(active[None, :], s, float("-inf"))
             vx = _load_retained(v_val_ptr, stride_vval, vrq_ptr, stride_vrq, vrs_ptr, vrz_ptr, stride_vrs, row,
-                                active, offs_d, d_ok, q.dtype, QBITS, R_GROUP, RTNE)
+                                active, offs_d, d_ok, q.dtype, VR_QBITS, R_GROUP, RTNE)
             m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, vx, ones_r, False, DOT_MODE)
     else:
         # ---- residual split: the exact window, plain flash decoding ----------------------------
@@ -533,38 +546,56 @@ def _stand_in(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=dtype, device=device)
 
 
-def _quant_layout(keys: MergedKVView, values: MergedKVView) -> tuple[int, int, bool, int, bool, int]:
-    """``(bits, key group, keys per token, value group, values per token, retained group)``; bits 0
-    when nothing is packed. Every packed part of one step must share its bit width."""
-    packed = {
-        "key directions": keys.qdirection,
-        "value directions": values.qdirection,
-        "retained keys": keys.retained_q,
-        "retained values": values.retained_q,
+def _quant_layout(keys: MergedKVView, values: MergedKVView) -> tuple[int, int, int, int, int, bool, int, bool, int]:
+    """``(key bits, value bits, retained key bits, retained value bits, key group, keys per token,
+    value group, values per token, retained group)``; bits 0 where nothing is packed (retained bits 0:
+    exact retained vectors). The packed parts of one side (keys, or values) share a width."""
+    sides = {
+        "keys": (keys.qdirection, keys.retained_q),
+        "values": (values.qdirection, values.retained_q),
     }
-    bits = {q.bits for q in packed.values() if q is not None}
-    if not bits:
-        return 0, 1, False, 1, True, 1
-    if len(bits) > 1:
-        raise ValueError(f"packed parts of one layer use different bit widths: {sorted(bits)}")
-    for name, q in packed.items():
-        if q is not None and name.startswith("retained") and q.axis != "channels":
-            raise ValueError(f"{name} must be packed per token (axis 'channels'), got {q.axis!r}")
+    bits = {}
+    for side, parts in sides.items():
+        widths = {q.bits for q in parts if q is not None}
+        if len(widths) > 1:
+            raise ValueError(f"packed {side} of one layer use different bit widths: {sorted(widths)}")
+        bits[side] = widths.pop() if widths else 0
     for view in (keys, values):
-        if view.retained_value is not None and view.retained_q is None and view.retained is not None:
+        if view.retained_q is not None and view.retained_q.axis != "channels":
+            raise ValueError("retained vectors must be packed per token (axis 'channels'), "
+                             f"got {view.retained_q.axis!r}")
+        if (view.method is not None and view.qdirection is not None and view.retained_value is not None
+                and view.retained_q is None and view.retained is not None):
             raise ValueError("a quantized store keeps its retained vectors packed (retained_q)")
     groups = {q.group_size for q in (keys.retained_q, values.retained_q) if q is not None}
     if len(groups) > 1:
         raise ValueError(f"retained keys and values are packed in different groups: {sorted(groups)}")
     kq, vq = keys.qdirection, values.qdirection
     return (
-        bits.pop(),
+        bits["keys"] if kq is not None else 0,
+        bits["values"] if vq is not None else 0,
+        0 if keys.retained_q is None else keys.retained_q.bits,
+        0 if values.retained_q is None else values.retained_q.bits,
         1 if kq is None else kq.group_size,
         kq is not None and kq.axis == "channels",
         1 if vq is None else vq.group_size,
         vq is None or vq.axis == "channels",
         groups.pop() if groups else 1,
     )
+
+
+def _unmerged_sinks(keys: MergedKVView, values: MergedKVView, b: int, h: int):
+    """``(keys, values, n_skip)``: an unmerged layer's exact sinks as CSR retained lists (the kernel's
+    retained splits read them, key and value both exact), and how many packed rows stand in for them."""
+    if keys.method is not None or not keys.retained_count:
+        return keys, values, 0
+    count = keys.retained_count
+    if values.retained_count != count or count % (b * h):
+        raise ValueError(f"an unmerged layer's sinks differ between keys ({count}) and values "
+                         f"({values.retained_count}) or between rows")
+    csr_k, csr_v = retained_csr_pair(keys.retained_index, values.retained_index, b, h)
+    return (dataclasses.replace(keys, retained=csr_k), dataclasses.replace(values, retained=csr_v),
+            count // (b * h))
 
 
 def num_stages(dtype: torch.dtype) -> int:
@@ -667,10 +698,18 @@ def fused_decode_attention(
         q = q.contiguous()
     if q.dtype != dtype:
         q = q.to(dtype)
-    # Alignment (only meaningful with magnitudes: the no-magnitude variant is the benchmark baseline).
+    # Alignment (only meaningful with magnitudes: the no-magnitude variant is the benchmark baseline),
+    # or the rotated packing of an unmerged layer (its frame).
     has_mag = use_magnitude and m_len > 0 and keys.magnitude is not None and values.magnitude is not None
-    k_rot = keys.rotation if has_mag else None
-    v_rot = values.rotation if has_mag else None
+    for view in (keys, values):
+        if view.method is not None and view.qdirection is not None and view.qdirection.rotation is not None:
+            raise ValueError("the kernel reads rotated packings of unmerged layers only (a merged group's dense "
+                             "tail is not in the packing's frame)")
+        if view.rope is not None:
+            raise ValueError("the kernel does not read keys packed before RoPE")
+    k_rot = keys.rotation if has_mag or keys.method is None else None
+    v_rot = values.rotation if has_mag or values.method is None else None
+    keys, values, n_skip = _unmerged_sinks(keys, values, b, h)
     if k_rot is not None:
         # q · (m e Rᵀ) = m (q R) · e: one [G, D] × [D, D] product per KV head and step.
         q_al = torch.einsum("bhgd,hde->bhge", q.float().reshape(b, h, group, d), k_rot.float())
@@ -685,7 +724,7 @@ def fused_decode_attention(
     # Absent parts get a stand-in pointer; the split plan never reads them.
     dummy = keys.residual
     idx_dummy = _int32_zeros(2, device)
-    qbits, k_group, k_per_token, v_group, v_per_token, r_group = _quant_layout(keys, values)
+    k_bits, v_bits, kr_bits, vr_bits, k_group, k_per_token, v_group, v_per_token, r_group = _quant_layout(keys, values)
     code_dummy = _stand_in(torch.uint8, device)
     scale_dummy = _stand_in(torch.float16, device)
 
@@ -719,6 +758,8 @@ def fused_decode_attention(
             packed = (data, data.stride(0), scale, zero, scale.stride(0))
             return csr.offsets, csr.pos, csr.row, csr.cross, dummy, 0, *packed
         val = view.retained_value[:, view.member]
+        if val.stride(-1) != 1:
+            val = val.contiguous()
         return csr.offsets, csr.pos, csr.row, csr.cross, val, val.stride(0), *no_packed
 
     kd_t, kd_s, km_t, km_s = dense_parts(keys)
@@ -743,7 +784,7 @@ def fused_decode_attention(
 
     max_ret = 0
     for view in (keys, values):
-        if view.retained is not None and has_mag:
+        if view.retained is not None and (has_mag or n_skip):
             max_ret = max(max_ret, view.retained.max_count)
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, min(64, _TILE_BYTES // (block_d * dtype.itemsize)))
@@ -824,6 +865,7 @@ def fused_decode_attention(
         n_ret,
         res_chunk,
         n_splits,
+        n_skip,
         G=group,
         BLOCK_G=block_g,
         BLOCK_N=block_n,
@@ -836,7 +878,10 @@ def fused_decode_attention(
         DOT_MODE=dot_mode,
         NORM_EPS=NORM_EPS,
         HAS_VROT=v_rot is not None,
-        QBITS=qbits,
+        K_QBITS=k_bits,
+        V_QBITS=v_bits,
+        KR_QBITS=kr_bits,
+        VR_QBITS=vr_bits,
         K_GROUP=k_group,
         K_PER_TOKEN=k_per_token,
         V_GROUP=v_group,

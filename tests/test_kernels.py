@@ -591,16 +591,37 @@ def test_fused_decode_of_a_rotated_layer_with_sinks_is_its_restore(dtype, sinks)
     _assert_decode_close(got, query, keys, values, mask, dtype)  # attention over the views' own restore
     torch.testing.assert_close(got.float(), blockwise_decode_attention(query, keys, values, mask).float(),
                                rtol=DECODE_TOL[dtype], atol=DECODE_TOL[dtype])
-    # Pre-RoPE keys are not read by the kernel: the attention path says so and the launcher refuses.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("scheme", ["kivi", "rotated"])
+def test_fused_decode_puts_rope_back_on_keys_packed_before_it(dtype, scheme):
+    import dataclasses
+
+    from minicache.profile import Quantization
+    from minicache.runtime.blockwise import blockwise_decode_attention
+    from minicache.runtime.layers import QuantizedLayer
     from minicache.runtime.rope import RopeAngles
 
-    rope = RopeAngles(torch.tensor([1.0, 0.1] * 16))
-    pre = QuantizedLayer(Quantization(bits=4, group_size=32, residual_length=8, scheme="rotated",
-                                      pre_rope_keys=True), rope=rope)
-    pre.update(k, v)
-    assert "RoPE" in attention.triton_unsupported(*pre.views_of(), DEVICE)
-    with pytest.raises(ValueError, match="RoPE"):
-        fused_decode_attention(query, *pre.views_of(), mask)
+    g = torch.Generator().manual_seed(12)
+    # Partial rotary (24 of 64 channels) with attention scaling: every branch of the maps is used.
+    rope = RopeAngles(10000.0 ** -(torch.arange(12) / 12), scaling=1.1)
+    layer = QuantizedLayer(Quantization(bits=4, value_bits=3, group_size=32, residual_length=8, scheme=scheme,
+                                        sink_tokens=2, pre_rope_keys=True), rope=rope)
+    k, v = (torch.randn(2, 2, 141, 64, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    layer.update(k, v)
+    keys, values = layer.views_of()
+    assert keys.rope is not None and keys.frame is None and (values.frame is not None) == (scheme == "rotated")
+    assert attention.triton_unsupported(keys, values, DEVICE) is None
+    query = torch.randn(2, 8, 1, 64, generator=g).to(dtype).to(DEVICE)
+    mask = torch.ones(2, 1, 1, 141, dtype=torch.bool, device=DEVICE)
+    got = fused_decode_attention(query, keys, values, mask, split_tokens=32)
+    _assert_decode_close(got, query, keys, values, mask, dtype)  # the views' restore puts RoPE back
+    torch.testing.assert_close(got.float(), blockwise_decode_attention(query, keys, values, mask).float(),
+                               rtol=DECODE_TOL[dtype], atol=DECODE_TOL[dtype])
+    # ... at the right indices: the same packing attended without RoPE put back is far off.
+    no_rope = fused_decode_attention(query, dataclasses.replace(keys, rope=None), values, mask, split_tokens=32)
+    assert (no_rope.float() - got.float()).abs().max() > 10 * DECODE_TOL[dtype]
 
 
 def test_fused_decode_refuses_a_rotated_packing_in_a_merged_group():
@@ -644,12 +665,13 @@ def test_generate_fused_on_a_quantized_cache_matches_the_torch_path(monkeypatch)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
 
 
-def test_generate_fused_on_rotated_layers_with_sinks_and_mixed_widths_matches_the_torch_path(monkeypatch):
+@pytest.mark.parametrize("pre_rope", [False, True], ids=["post-rope", "pre-rope"])
+def test_generate_fused_on_rotated_layers_with_sinks_and_mixed_widths_matches_the_torch_path(monkeypatch, pre_rope):
     from minicache.profile import Quantization
 
     model = _tiny_llama(kv_heads=2)
     quant = Quantization(bits=(4, 3, 4, 2), value_bits=(3, 4, 2, 2), group_size=8, residual_length=8,
-                         scheme="rotated", sink_tokens=2)
+                         scheme="rotated", sink_tokens=2, pre_rope_keys=pre_rope)
     profile = _quantized_profile(groups=()).with_quantization(quant)
     want = _generate(model, MiniCache(profile, model))
     fused_calls = _count_calls(monkeypatch, decode_module, "fused_decode_attention")

@@ -102,8 +102,8 @@ def triton_unsupported(keys: MergedKVView, values: MergedKVView, device: torch.d
             return f"the kernel does not read the {view.quantizer.name!r} packing"
         if view.method is not None and view.qdirection is not None and view.qdirection.rotation is not None:
             return "the kernel reads rotated packings of unmerged layers only"
-        if view.rope is not None:
-            return "the kernel does not read keys packed before RoPE"
+        if view.rope is not None and view.method is not None:
+            return "the kernel reads keys packed before RoPE of unmerged layers only"
     return why_unusable(device, allow_interpreter=True)
 
 

@@ -126,6 +126,7 @@ def compile_all(arch: int = 90, full: bool = False) -> list[dict]:
         pointers.update({n: "*u8" for n in ("kq_ptr", "vq_ptr", "krq_ptr", "vrq_ptr")})
         for n in ("ks", "kz", "vs", "vz", "krs", "krz", "vrs", "vrz"):
             pointers[f"{n}_ptr"] = scale_type
+        pointers.update({n: "*fp32" for n in ("rk_ptr", "freq_ptr", "cscale_ptr")})  # pre-RoPE keys
         constexprs = {
             "G": v["G"],
             "BLOCK_G": max(16, triton.next_power_of_2(v["G"])),
@@ -151,6 +152,7 @@ def compile_all(arch: int = 90, full: bool = False) -> list[dict]:
             "V_PER_TOKEN": True,
             "R_GROUP": min(128, d) if v["bits"] else 1,
             "RTNE": False,
+            "ROPE_K": False,
         }
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         options = {"num_stages": decode.num_stages(torch_dtype)}

@@ -47,6 +47,7 @@ with one ``R`` for every head: the packed prefix holds ``x R``, so the query is 
 dense splits' numerators rotated back once, exactly as for an aligned group. An unmerged layer's
 exact sinks are its retained tokens (key and value both exact); the first ``n_skip`` packed rows hold
 stand-ins for them and the dense splits skip them. Keys and values may be packed to different widths.
+Keys packed before RoPE (``quantization.pre_rope_keys``) are turned back per tile (:func:`_rope_keys`).
 """
 
 from __future__ import annotations
@@ -208,6 +209,20 @@ def _softmax_step(m_i, l_i, acc, s, v, col_scale, COUNT_L: tl.constexpr, DOT_MOD
 
 
 @triton.jit
+def _rope_keys(x, pos, rk_a, rk_b, freq, cscale, RTNE: tl.constexpr):
+    """Keys packed before RoPE (rows ``pos`` of ``x``, ``[BLOCK, BLOCK_D]`` in the packing's frame) as the
+    model attends them: ``pre = x A`` (``A = Rᵀ``, the packing's rotation undone; identity when none),
+    then RoPE at the rows' cache indices, ``pre · cos + rotate_half(pre) · sin``, where
+    ``rotate_half(pre) = x (A P)`` is a second product, not a permutation of registers."""
+    xf = x.to(tl.float32)
+    pre = tl.dot(xf, rk_a, input_precision="ieee")
+    half = tl.dot(xf, rk_b, input_precision="ieee")
+    angle = pos.to(tl.float32)[:, None] * freq[None, :]
+    out = pre * (tl.cos(angle) * cscale[None, :]) + half * (tl.sin(angle) * cscale[None, :])
+    return _round_to(out, x.dtype, RTNE)
+
+
+@triton.jit
 def _decode_partial_kernel(
     q_ptr,
     stride_q_b,
@@ -298,6 +313,9 @@ def _decode_partial_kernel(
     res_chunk,
     n_splits,
     n_skip,
+    rk_ptr,
+    freq_ptr,
+    cscale_ptr,
     G: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -320,6 +338,7 @@ def _decode_partial_kernel(
     V_PER_TOKEN: tl.constexpr,
     R_GROUP: tl.constexpr,
     RTNE: tl.constexpr,
+    ROPE_K: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -352,6 +371,13 @@ def _decode_partial_kernel(
             mask=d_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
+    if ROPE_K:
+        # Keys packed before RoPE: the [D, D] maps A and A P of _rope_keys, the per-channel frequencies.
+        rk_a = tl.load(rk_ptr + offs_d[:, None] * D + offs_d[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+        rk_b = tl.load(rk_ptr + D * D + offs_d[:, None] * D + offs_d[None, :], mask=d_ok[:, None] & d_ok[None, :],
+                       other=0.0)
+        freq = tl.load(freq_ptr + offs_d, mask=d_ok, other=0.0)
+        cscale = tl.load(cscale_ptr + offs_d, mask=d_ok, other=0.0)
     # A finite start value: fully skipped tiles then give exp2(-inf - m) = 0 and alpha = 1, never NaN.
     m_i = tl.full([BLOCK_G], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -379,6 +405,8 @@ def _decode_partial_kernel(
             n_ok = offs_n < end
             ek = _load_prefix(kd_row, stride_kd_n, kq_row, stride_kq_n, ks_row, kz_row, stride_ks_n, MQ_K,
                               offs_n, n_ok, offs_d, d_ok, K_QBITS, K_GROUP, K_PER_TOKEN, RTNE)
+            if ROPE_K:
+                ek = _rope_keys(ek, offs_n, rk_a, rk_b, freq, cscale, RTNE)
             ev = _load_prefix(vd_row, stride_vd_n, vq_row, stride_vq_n, vs_row, vz_row, stride_vs_n, MQ_V,
                               offs_n, n_ok, offs_d, d_ok, V_QBITS, V_GROUP, V_PER_TOKEN, RTNE)
             s = _dot(q_al, tl.trans(ek), DOT_MODE)
@@ -452,6 +480,8 @@ def _decode_partial_kernel(
             active = i_ok & (cross < 0)
             ek = _load_prefix(kd_row, stride_kd_n, kq_row, stride_kq_n, ks_row, kz_row, stride_ks_n, MQ_K,
                               pos, active, offs_d, d_ok, K_QBITS, K_GROUP, K_PER_TOKEN, RTNE)
+            if ROPE_K:
+                ek = _rope_keys(ek, pos, rk_a, rk_b, freq, cscale, RTNE)
             s = _dot(q_al, tl.trans(ek), DOT_MODE)
             if HAS_MAG:
                 mk = tl.load(km_row + pos * stride_km_n, mask=active, other=0.0).to(tl.float32)
@@ -584,6 +614,27 @@ def _quant_layout(keys: MergedKVView, values: MergedKVView) -> tuple[int, int, i
     )
 
 
+def _rope_maps(keys: MergedKVView, d: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(maps, freq, cscale)`` float32 for :func:`_rope_keys`: ``[2, D, D]`` ``A`` (the packing's ``Rᵀ``, or
+    the identity) and ``A P`` (``P``: rotate-half, ``x P = rotate_half(x)`` on the rotary channels), the
+    ``[D]`` angular frequency of each channel (0 past the rotary ones) and its scale (the RoPE's
+    attention scaling on rotary channels, 1 on the rest)."""
+    rope = keys.rope
+    rotation = keys.qdirection.rotation
+    a = torch.eye(d, device=device) if rotation is None else rotation.to(device=device, dtype=torch.float32).T
+    half = len(rope.inv_freq)
+    perm = torch.zeros(d, d, device=device)
+    idx = torch.arange(half, device=device)
+    perm[idx + half, idx] = -1.0  # rotate_half: out[j] = -x[j + half], out[j + half] = x[j]
+    perm[idx, idx + half] = 1.0
+    maps = torch.stack([a, a @ perm]).contiguous()
+    freq = torch.zeros(d, device=device)
+    freq[: 2 * half] = rope.inv_freq.to(device).repeat(2)
+    cscale = torch.ones(d, device=device)
+    cscale[: 2 * half] = rope.scaling
+    return maps, freq, cscale
+
+
 def _unmerged_sinks(keys: MergedKVView, values: MergedKVView, b: int, h: int):
     """``(keys, values, n_skip)``: an unmerged layer's exact sinks as CSR retained lists (the kernel's
     retained splits read them, key and value both exact), and how many packed rows stand in for them."""
@@ -705,8 +756,9 @@ def fused_decode_attention(
         if view.method is not None and view.qdirection is not None and view.qdirection.rotation is not None:
             raise ValueError("the kernel reads rotated packings of unmerged layers only (a merged group's dense "
                              "tail is not in the packing's frame)")
-        if view.rope is not None:
-            raise ValueError("the kernel does not read keys packed before RoPE")
+    if values.rope is not None or (keys.rope is not None and keys.method is not None):
+        raise ValueError("the kernel reads keys packed before RoPE of unmerged layers only")
+    rope_maps = None if keys.rope is None or keys.qdirection is None else _rope_maps(keys, d, device)
     k_rot = keys.rotation if has_mag or keys.method is None else None
     v_rot = values.rotation if has_mag or values.method is None else None
     keys, values, n_skip = _unmerged_sinks(keys, values, b, h)
@@ -866,6 +918,7 @@ def fused_decode_attention(
         res_chunk,
         n_splits,
         n_skip,
+        *(rope_maps if rope_maps is not None else (part_m, part_m, part_m)),
         G=group,
         BLOCK_G=block_g,
         BLOCK_N=block_n,
@@ -888,6 +941,7 @@ def fused_decode_attention(
         V_PER_TOKEN=v_per_token,
         R_GROUP=r_group,
         RTNE=dtype == torch.bfloat16 and interpreter_enabled(),
+        ROPE_K=rope_maps is not None,
         num_stages=num_stages(dtype),
     )
     _decode_combine_kernel[(b * h,)](

@@ -104,6 +104,12 @@ def triton_unsupported(keys: MergedKVView, values: MergedKVView, device: torch.d
             return "the kernel reads rotated packings of unmerged layers only"
         if view.rope is not None and view.method is not None:
             return "the kernel reads keys packed before RoPE of unmerged layers only"
+        if view.rope is not None:
+            from minicache.runtime.kernels.decode import rope_unsupported
+
+            reason = rope_unsupported(view.shape[-1], view.dtype)
+            if reason:
+                return reason
     return why_unusable(device, allow_interpreter=True)
 
 

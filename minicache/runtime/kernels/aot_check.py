@@ -60,9 +60,9 @@ def _compile(fn, pointers, floats, constexprs, arch: int, options: dict | None =
 
 
 def decode_variants(full: bool) -> list[dict[str, Any]]:
-    """(dtype, G, D, use_magnitude, mask kind, value rotation, packed bits) combinations the decode
-    kernel is launched with (``bits`` 0: model-dtype store; ``mag`` False with bits: an unmerged
-    quantized layer)."""
+    """(dtype, G, D, use_magnitude, mask kind, value rotation, packed bits[, pre-RoPE keys]) combinations
+    the decode kernel is launched with (``bits`` 0: model-dtype store; ``mag`` False with bits: an
+    unmerged quantized layer)."""
     if not full:
         return [
             {"dtype": "bf16", "G": 8, "D": 128, "mag": True, "mask": "bool", "vrot": False, "bits": 0},
@@ -70,6 +70,10 @@ def decode_variants(full: bool) -> list[dict[str, Any]]:
             {"dtype": "fp32", "G": 1, "D": 64, "mag": True, "mask": None, "vrot": True, "bits": 0},
             {"dtype": "bf16", "G": 3, "D": 64, "mag": True, "mask": "bool", "vrot": True, "bits": 4},
             {"dtype": "bf16", "G": 8, "D": 128, "mag": False, "mask": "bool", "vrot": False, "bits": 2},
+            # Unmerged rotated layers whose keys were packed before RoPE (two [D, D] maps per program).
+            {"dtype": "bf16", "G": 3, "D": 64, "mag": False, "mask": "bool", "vrot": True, "bits": 3, "rope": True},
+            {"dtype": "bf16", "G": 8, "D": 128, "mag": False, "mask": "bool", "vrot": True, "bits": 3, "rope": True},
+            {"dtype": "fp32", "G": 3, "D": 64, "mag": False, "mask": "bool", "vrot": True, "bits": 3, "rope": True},
         ]
     out = []
     for dtype in ("bf16", "fp16", "fp32"):
@@ -111,8 +115,8 @@ def compile_all(arch: int = 90, full: bool = False) -> list[dict]:
             reports.append({**report, "variant": {"dtype": dtype, "global_range": global_range}})
     for v in decode_variants(full):
         dtype, d = v["dtype"], v["D"]
-        itemsize = 4 if dtype == "fp32" else 2
-        block_n = max(16, min(64, decode._TILE_BYTES // (d * itemsize)))
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        block_n = decode.decode_block_tokens(d, torch_dtype, rope=v.get("rope", False))
         # qr_ptr: the query in the keys' aligned frame, in the cache dtype; rv_ptr: value rotations, fp32.
         dense = ("q_ptr", "qr_ptr", "kd_ptr", "vd_ptr", "kr_ptr", "vr_ptr", "k_val_ptr", "v_val_ptr")
         pointers = {n: f"*{dtype}" for n in dense}
@@ -126,7 +130,7 @@ def compile_all(arch: int = 90, full: bool = False) -> list[dict]:
         pointers.update({n: "*u8" for n in ("kq_ptr", "vq_ptr", "krq_ptr", "vrq_ptr")})
         for n in ("ks", "kz", "vs", "vz", "krs", "krz", "vrs", "vrz"):
             pointers[f"{n}_ptr"] = scale_type
-        pointers.update({n: "*fp32" for n in ("rk_ptr", "freq_ptr", "cscale_ptr")})  # pre-RoPE keys
+        pointers.update({"rk_ptr": f"*{dtype}", "freq_ptr": "*fp32", "cscale_ptr": "*fp32"})  # pre-RoPE keys
         constexprs = {
             "G": v["G"],
             "BLOCK_G": max(16, triton.next_power_of_2(v["G"])),
@@ -152,9 +156,8 @@ def compile_all(arch: int = 90, full: bool = False) -> list[dict]:
             "V_PER_TOKEN": True,
             "R_GROUP": min(128, d) if v["bits"] else 1,
             "RTNE": False,
-            "ROPE_K": False,
+            "ROPE_K": v.get("rope", False),
         }
-        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         options = {"num_stages": decode.num_stages(torch_dtype)}
         report = _compile(decode._decode_partial_kernel, pointers, ("qk_scale",), constexprs, arch, options)
         reports.append({**report, "variant": v})

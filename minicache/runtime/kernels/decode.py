@@ -209,14 +209,15 @@ def _softmax_step(m_i, l_i, acc, s, v, col_scale, COUNT_L: tl.constexpr, DOT_MOD
 
 
 @triton.jit
-def _rope_keys(x, pos, rk_a, rk_b, freq, cscale, RTNE: tl.constexpr):
+def _rope_keys(x, pos, rk_a, rk_b, freq, cscale, DOT_MODE: tl.constexpr, RTNE: tl.constexpr):
     """Keys packed before RoPE (rows ``pos`` of ``x``, ``[BLOCK, BLOCK_D]`` in the packing's frame) as the
     model attends them: ``pre = x A`` (``A = Rᵀ``, the packing's rotation undone; identity when none),
     then RoPE at the rows' cache indices, ``pre · cos + rotate_half(pre) · sin``, where
-    ``rotate_half(pre) = x (A P)`` is a second product, not a permutation of registers."""
-    xf = x.to(tl.float32)
-    pre = tl.dot(xf, rk_a, input_precision="ieee")
-    half = tl.dot(xf, rk_b, input_precision="ieee")
+    ``rotate_half(pre) = x (A P)`` is a second product, not a permutation of registers. The maps are in
+    the model dtype (float32 maps of a 128-wide head would not fit in shared memory), accumulated in
+    float32."""
+    pre = _dot(x, rk_a, DOT_MODE)
+    half = _dot(x, rk_b, DOT_MODE)
     angle = pos.to(tl.float32)[:, None] * freq[None, :]
     out = pre * (tl.cos(angle) * cscale[None, :]) + half * (tl.sin(angle) * cscale[None, :])
     return _round_to(out, x.dtype, RTNE)
@@ -406,7 +407,7 @@ def _decode_partial_kernel(
             ek = _load_prefix(kd_row, stride_kd_n, kq_row, stride_kq_n, ks_row, kz_row, stride_ks_n, MQ_K,
                               offs_n, n_ok, offs_d, d_ok, K_QBITS, K_GROUP, K_PER_TOKEN, RTNE)
             if ROPE_K:
-                ek = _rope_keys(ek, offs_n, rk_a, rk_b, freq, cscale, RTNE)
+                ek = _rope_keys(ek, offs_n, rk_a, rk_b, freq, cscale, DOT_MODE, RTNE)
             ev = _load_prefix(vd_row, stride_vd_n, vq_row, stride_vq_n, vs_row, vz_row, stride_vs_n, MQ_V,
                               offs_n, n_ok, offs_d, d_ok, V_QBITS, V_GROUP, V_PER_TOKEN, RTNE)
             s = _dot(q_al, tl.trans(ek), DOT_MODE)
@@ -481,7 +482,7 @@ def _decode_partial_kernel(
             ek = _load_prefix(kd_row, stride_kd_n, kq_row, stride_kq_n, ks_row, kz_row, stride_ks_n, MQ_K,
                               pos, active, offs_d, d_ok, K_QBITS, K_GROUP, K_PER_TOKEN, RTNE)
             if ROPE_K:
-                ek = _rope_keys(ek, pos, rk_a, rk_b, freq, cscale, RTNE)
+                ek = _rope_keys(ek, pos, rk_a, rk_b, freq, cscale, DOT_MODE, RTNE)
             s = _dot(q_al, tl.trans(ek), DOT_MODE)
             if HAS_MAG:
                 mk = tl.load(km_row + pos * stride_km_n, mask=active, other=0.0).to(tl.float32)
@@ -614,8 +615,24 @@ def _quant_layout(keys: MergedKVView, values: MergedKVView) -> tuple[int, int, i
     )
 
 
+def decode_block_tokens(block_d: int, dtype: torch.dtype, *, rope: bool = False) -> int:
+    """Tokens per tile: ``_TILE_BYTES`` of keys, half that with pre-RoPE keys (their two ``[D, D]`` maps
+    take the shared memory: 241 KB for a 128-wide bf16 head with full tiles, 160 KB with halves)."""
+    return max(16, min(64, (_TILE_BYTES // (2 if rope else 1)) // (block_d * dtype.itemsize)))
+
+
+def rope_unsupported(head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the kernel cannot read keys packed before RoPE at this head size, or None (the maps must fit
+    in shared memory beside the tiles: compiled for sm_90 by :mod:`~minicache.runtime.kernels.aot_check`)."""
+    limit = 64 if dtype == torch.float32 else 128
+    if head_dim > limit:
+        return (f"keys packed before RoPE with head_dim {head_dim} > {limit} ({dtype}): the kernel's two "
+                "[D, D] maps would not fit in shared memory")
+    return None
+
+
 def _rope_maps(keys: MergedKVView, d: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(maps, freq, cscale)`` float32 for :func:`_rope_keys`: ``[2, D, D]`` ``A`` (the packing's ``Rᵀ``, or
+    """``(maps, freq, cscale)`` for :func:`_rope_keys`: ``[2, D, D]`` (model dtype) ``A`` (the packing's ``Rᵀ``, or
     the identity) and ``A P`` (``P``: rotate-half, ``x P = rotate_half(x)`` on the rotary channels), the
     ``[D]`` angular frequency of each channel (0 past the rotary ones) and its scale (the RoPE's
     attention scaling on rotary channels, 1 on the rest)."""
@@ -627,7 +644,7 @@ def _rope_maps(keys: MergedKVView, d: int, device) -> tuple[torch.Tensor, torch.
     idx = torch.arange(half, device=device)
     perm[idx + half, idx] = -1.0  # rotate_half: out[j] = -x[j + half], out[j + half] = x[j]
     perm[idx, idx + half] = 1.0
-    maps = torch.stack([a, a @ perm]).contiguous()
+    maps = torch.stack([a, a @ perm]).to(keys.dtype).contiguous()
     freq = torch.zeros(d, device=device)
     freq[: 2 * half] = rope.inv_freq.to(device).repeat(2)
     cscale = torch.ones(d, device=device)
@@ -758,7 +775,12 @@ def fused_decode_attention(
                              "tail is not in the packing's frame)")
     if values.rope is not None or (keys.rope is not None and keys.method is not None):
         raise ValueError("the kernel reads keys packed before RoPE of unmerged layers only")
-    rope_maps = None if keys.rope is None or keys.qdirection is None else _rope_maps(keys, d, device)
+    rope_maps = None
+    if keys.rope is not None and keys.qdirection is not None:
+        reason = rope_unsupported(d, dtype)
+        if reason:
+            raise ValueError(reason)
+        rope_maps = _rope_maps(keys, d, device)
     k_rot = keys.rotation if has_mag or keys.method is None else None
     v_rot = values.rotation if has_mag or values.method is None else None
     keys, values, n_skip = _unmerged_sinks(keys, values, b, h)
@@ -839,7 +861,7 @@ def fused_decode_attention(
         if view.retained is not None and (has_mag or n_skip):
             max_ret = max(max_ret, view.retained.max_count)
     block_d = max(16, triton.next_power_of_2(d))
-    block_n = max(16, min(64, _TILE_BYTES // (block_d * dtype.itemsize)))
+    block_n = decode_block_tokens(block_d, dtype, rope=rope_maps is not None)
     plan = plan_splits(b * h, m_len, r, max_ret, device, split_tokens, block_n)
     n_dense, dense_chunk, n_ret, n_res, res_chunk = plan
     n_splits = n_dense + n_ret + n_res

@@ -184,7 +184,7 @@ def test_pre_rope_keys_decode_the_same_on_every_torch_path():
     assert restore.memory_report()["kv_bytes"] == sum_of_storages(restore)
     kivi = QuantizedLayer(Quantization(bits=4, group_size=8, residual_length=8, pre_rope_keys=True), rope=layer.rope)
     kivi.update(*(torch.randn(1, 4, 24, 16) for _ in range(2)))
-    assert "RoPE" in triton_unsupported(*kivi.views_of(), torch.device("cpu"))
+    assert triton_unsupported(*kivi.views_of(), torch.device("cpu")) is None  # the kernel reads them too
     # Quality: RoPE is put back at the right positions (a wrong index would scramble the keys).
     full = model(input_ids=ids[:1]).logits[:, -8:]
     cache = MiniCache(MergeProfile().with_quantization(

@@ -102,12 +102,14 @@ class RopeAngles:
     def _turn(self, x: torch.Tensor, start: int, sign: float) -> torch.Tensor:
         """``x`` turned by ``sign ×`` the angles at indices ``start ..`` (rotate-half pairs), float32."""
         cos, sin = self.cos_sin(start, x.shape[-2], x.device)
+        if sign < 0:
+            sin = -sin  # on the [N, R / 2] table, not on every head's keys
         x = x.float()
         half = len(self.inv_freq)
         first, second = x[..., :half], x[..., half : 2 * half]
         out = torch.empty_like(x)
-        out[..., :half] = first * cos - sign * second * sin
-        out[..., half : 2 * half] = second * cos + sign * first * sin
+        out[..., :half] = first * cos - second * sin
+        out[..., half : 2 * half] = second * cos + first * sin
         if 2 * half < x.shape[-1]:  # partial rotary: the rest passes through
             out[..., 2 * half :] = x[..., 2 * half :]
         return out

@@ -631,7 +631,21 @@ def rope_unsupported(head_dim: int, dtype: torch.dtype) -> str | None:
     return None
 
 
+# (id(rope), id(rotation), D, dtype, device) -> (rope, rotation, maps): every layer and step of a cache
+# reads the same maps. The entry holds the RoPE and rotation objects, so their ids cannot be reused.
+_ROPE_MAPS: dict[tuple, tuple] = {}
+
+
 def _rope_maps(keys: MergedKVView, d: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    key = (id(keys.rope), id(keys.qdirection.rotation), d, keys.dtype, str(device))
+    if key not in _ROPE_MAPS:
+        if len(_ROPE_MAPS) >= 16:
+            _ROPE_MAPS.clear()
+        _ROPE_MAPS[key] = (keys.rope, keys.qdirection.rotation, _build_rope_maps(keys, d, device))
+    return _ROPE_MAPS[key][2]
+
+
+def _build_rope_maps(keys: MergedKVView, d: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(maps, freq, cscale)`` for :func:`_rope_keys`: ``[2, D, D]`` (model dtype) ``A`` (the packing's ``Rᵀ``, or
     the identity) and ``A P`` (``P``: rotate-half, ``x P = rotate_half(x)`` on the rotary channels), the
     ``[D]`` angular frequency of each channel (0 past the rotary ones) and its scale (the RoPE's

@@ -13,6 +13,7 @@
 #   bash benchmarks/key_storage_results.sh decode     # decode-speed ratios against 4-bit KIVI
 #   bash benchmarks/key_storage_results.sh calibrate4k  # --kv-bits auto calibrated at 4,096 tokens, rotated + sinks
 #   bash benchmarks/key_storage_results.sh eval4k     # that profile on the unseen windows
+#   bash benchmarks/key_storage_results.sh timed      # merging + widths with sinks on 64 x 512 tokens, timed
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WHAT=${1:-all}
@@ -64,6 +65,15 @@ fi
 if [[ $WHAT == all || $WHAT == eval4k ]]; then
   echo "== the profile calibrated at 4,096 tokens, on the unseen windows"
   "${EVAL[@]}" --compare "$OUT/auto-4k" --json-out "$OUT/auto-4k.json" --markdown-out "$OUT/auto-4k.md"
+fi
+
+if [[ $WHAT == all || $WHAT == timed ]]; then
+  # Issue 18: "the calibration with --kv-bits auto on 64 x 512 tokens stays under 10 minutes on 2 cores".
+  echo "== merging and widths: --kv-bits auto --kv-scheme rotated --kv-sink-tokens 4 on 64 x 512 tokens (timed)"
+  began=$SECONDS
+  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --kv-bits auto --kv-scheme rotated --kv-sink-tokens 4 \
+    --max-length 512 --num-samples 64 --dtype bfloat16 --out "$WORK/auto-512" --no-progress
+  echo "   (calibration of 64 x 512 tokens with --kv-bits auto and sinks: $((SECONDS - began)) s wall)"
 fi
 
 if [[ $WHAT == all || $WHAT == frontier ]]; then

@@ -29,7 +29,8 @@ from minicache.quant.base import Quantizer
 from minicache.quant.packed import QuantizedTensor
 from minicache.runtime.rope import RopeAngles
 
-__all__ = ["FieldSnapshot", "MergedKVView", "RetainedCSR", "decode_mask_bias", "decode_mask_row", "retained_csr_pair"]
+__all__ = ["FieldSnapshot", "MergedKVView", "RetainedCSR", "decode_mask_bias", "decode_mask_row", "retained_csr_pair",
+           "sink_index"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,15 @@ class RetainedCSR:
     row: torch.Tensor
     cross: torch.Tensor
     max_count: int
+
+
+@functools.lru_cache(maxsize=64)
+def sink_index(batch: int, heads: int, sinks: int, device: torch.device) -> torch.Tensor:
+    """``[B·H·S, 3]`` int32 COO ``(b, h, n)`` of every row's first ``S`` tokens, in (b, h, n) order: an
+    unmerged layer's exact sinks as retained entries (one tensor per shape, not one per layer and step)."""
+    grid = torch.meshgrid(*(torch.arange(n, device=device, dtype=torch.int32) for n in (batch, heads, sinks)),
+                          indexing="ij")
+    return torch.stack([g.reshape(-1) for g in grid], dim=1)
 
 
 def retained_csr_pair(
@@ -239,9 +249,7 @@ class MergedKVView:
         retained_value = retained_index = None
         if sinks is not None and sinks.shape[-2]:
             b, h, s, d = sinks.shape
-            grid = torch.meshgrid(*(torch.arange(n, device=sinks.device, dtype=torch.int32) for n in (b, h, s)),
-                                  indexing="ij")
-            retained_index = torch.stack([g.reshape(-1) for g in grid], dim=1)
+            retained_index = sink_index(b, h, s, sinks.device)
             retained_value = sinks.reshape(b * h * s, 1, d)
         return cls(member=0, residual=residual, stored={"vectors": FieldSnapshot(packed=packed)},
                    quantizer=quantizer, bits=packed.bits, frame=frame, retained_value=retained_value,

@@ -62,7 +62,7 @@ import triton.language as tl
 
 from minicache.methods.geometry import NORM_EPS
 from minicache.runtime.kernels import check_usable, interpreter_enabled
-from minicache.runtime.views import MergedKVView, decode_mask_row, retained_csr_pair
+from minicache.runtime.views import MergedKVView, decode_mask_row, retained_csr_pair, sink_index
 
 _LOG2E = 1.4426950408889634
 # Bytes of one [BLOCK_N, D] tile; 16 KiB keeps the pipelined K and V tiles in shared memory on
@@ -675,9 +675,19 @@ def _unmerged_sinks(keys: MergedKVView, values: MergedKVView, b: int, h: int):
     if values.retained_count != count or count % (b * h):
         raise ValueError(f"an unmerged layer's sinks differ between keys ({count}) and values "
                          f"({values.retained_count}) or between rows")
-    csr_k, csr_v = retained_csr_pair(keys.retained_index, values.retained_index, b, h)
-    return (dataclasses.replace(keys, retained=csr_k), dataclasses.replace(values, retained=csr_v),
-            count // (b * h))
+    s = count // (b * h)
+    shared = sink_index(b, h, s, keys.retained_index.device)
+    if keys.retained_index is shared and values.retained_index is shared:  # the usual case: built once
+        csr_k, csr_v = _sink_csr(b, h, s, shared.device)
+    else:
+        csr_k, csr_v = retained_csr_pair(keys.retained_index, values.retained_index, b, h)
+    return dataclasses.replace(keys, retained=csr_k), dataclasses.replace(values, retained=csr_v), s
+
+
+@functools.lru_cache(maxsize=64)
+def _sink_csr(b: int, h: int, s: int, device: torch.device):
+    index = sink_index(b, h, s, device)
+    return retained_csr_pair(index, index, b, h)
 
 
 def num_stages(dtype: torch.dtype) -> int:

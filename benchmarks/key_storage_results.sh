@@ -96,4 +96,8 @@ if [[ $WHAT == all || $WHAT == decode ]]; then
   "$PY" benchmarks/lowbit_decode.py --baselines \
     "3-bit rotated,3-bit rotated + 4 sinks,3-bit rotated + keys pre-RoPE,3-bit rotated + 4 sinks + keys pre-RoPE" \
     --json-out "$OUT/decode-parts.json" --markdown-out "$OUT/decode-parts.md"
+  echo "== the same parts and the profile calibrated at 4,096 tokens (after RoPE was sped up)"
+  "$PY" benchmarks/lowbit_decode.py --profile "$OUT/auto-4k" --baselines \
+    "3-bit rotated,3-bit rotated + 4 sinks,3-bit rotated + keys pre-RoPE,3-bit rotated + 4 sinks + keys pre-RoPE" \
+    --json-out "$OUT/decode-4k.json" --markdown-out "$OUT/decode-4k.md"
 fi

@@ -5,7 +5,8 @@
 #   1. the kernel tests, compiled for the GPU (tests/test_kernels.py, not slow);
 #   2. benchmarks/kernel_bench.py: fused decode attention vs no-magnitude kernel, restore-then-SDPA and
 #      SDPA on the full cache, Llama-2-7B and Llama-3-8B shapes, bf16; then the same with the store
-#      packed to 4 bits (--kv-bits 4);
+#      packed to 4 bits (--kv-bits 4); benchmarks/lowbit_kernel_bench.py: the kernel over issue 18's
+#      packings of an unmerged layer (3-bit, rotated, sinks, mixed widths, pre-RoPE keys) vs 4-bit KIVI;
 #   3. minicache-bench on a random-weight Llama-2-7B (bf16): full cache (SDPA) vs paper preset vs
 #      paper preset + 4-bit, fused kernels on, 1,024 and 4,064 tokens (4,064 + 32 decoded tokens fit
 #      Llama-2's 4,096 positions), and the largest batch whose KV fits a 40 GiB budget.
@@ -64,12 +65,14 @@ if [[ $SMOKE == 1 ]]; then
   step kernel-tests 600 "$PY" -m pytest -q -x tests/test_kernels.py -k "packed and float32"
   step kernels-bf16 300 "$PY" benchmarks/kernel_bench.py --reduced --out "$OUT/kernels.json"
   step kernels-4bit 300 "$PY" benchmarks/kernel_bench.py --reduced --kv-bits 4 --out "$OUT/kernels-4bit.json"
+  step lowbit-kernels 300 "$PY" benchmarks/lowbit_kernel_bench.py --reduced --out "$OUT/lowbit-kernels.json"
   bench=(--model-shape tiny --context-lengths 64 --batch-sizes 1,2 --decode-tokens 4 --repeats 1 --warmup 0
          --kv-budget-mib 1 --kv-group-size 16 --kv-residual-length 16)
 else
   step kernel-tests 240 "$PY" -m pytest -q -x tests/test_kernels.py -m "not slow"
   step kernels-bf16 150 "$PY" benchmarks/kernel_bench.py --out "$OUT/kernels.json"
   step kernels-4bit 150 "$PY" benchmarks/kernel_bench.py --kv-bits 4 --out "$OUT/kernels-4bit.json"
+  step lowbit-kernels 150 "$PY" benchmarks/lowbit_kernel_bench.py --out "$OUT/lowbit-kernels.json"
   bench=(--model-shape llama2-7b --dtype bfloat16 --context-lengths 1024,4064 --batch-sizes 1,16
          --decode-tokens 32 --repeats 3 --warmup 1 --kv-budget-mib 40960)
 fi

@@ -408,6 +408,16 @@ def test_kernels_compile_for_h100():
     }
 
 
+def test_lowbit_kernel_benchmark_reduced_mode_checks_every_store(tmp_path):
+    out = tmp_path / "lowbit.json"
+    proc = _run_clean(["benchmarks/lowbit_kernel_bench.py", "--reduced", "--out", str(out)],
+                      {"TRITON_INTERPRET": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["store"] == "4-bit kivi" and len(rows) == 7
+    assert all(r["max_abs_diff_vs_blockwise"] < 5e-2 and r["ms"] > 0 for r in rows)
+
+
 def test_benchmark_reduced_mode_writes_its_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = _run_clean(

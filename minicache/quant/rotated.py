@@ -15,7 +15,8 @@ token): rotated keys still carry a per-channel offset (RoPE keeps it), and per-c
 absorbing it. Measured on SmolLM2 (bf16, 4,096-token prefix, 2 windows, KL to the full cache):
 keys per channel after the rotation 0.030 at 3 bits and 0.27 at 2 bits (KIVI 0.036 and 0.37; the
 rotation with keys per token 0.034 and 0.50); rotated values at 2 bits under 4-bit keys 0.020
-(KIVI 0.044). The Triton decode kernel does not read rotated packings (the blockwise torch path does).
+(KIVI 0.044). The Triton decode kernel reads an unmerged layer's rotated packing in its frame (query
+rotated once per step); inside merged groups the blockwise torch path reads it.
 """
 
 from __future__ import annotations

@@ -369,6 +369,18 @@ class MergedKVView:
     def with_retained(self, dense: torch.Tensor, start: int, end: int, *, in_frame: bool = False) -> torch.Tensor:
         """``dense`` (merged tokens ``[start, end)`` as the method restores them) with the retained
         tokens inside written over, exact (in place; returned)."""
+        b, h = dense.shape[:2]
+        sinks = self.retained_count // (b * h) if self.method is None and self.retained_index is not None else 0
+        if sinks and self.retained_index is sink_index(b, h, sinks, self.retained_index.device):
+            # An unmerged layer's exact sinks, the first S rows of every (b, h): slices, no index search.
+            if start >= sinks:
+                return dense
+            stop = min(sinks, end)
+            exact = self.retained_value.reshape(b, h, sinks, -1)[:, :, start:stop]
+            if in_frame and self.frame is not None:
+                exact = self.frame.into(exact).to(self.dtype)
+            dense[:, :, : stop - start] = exact
+            return dense
         retained = self._retained_in(start, end)
         if retained is not None:
             b_idx, h_idx, pos, exact = retained

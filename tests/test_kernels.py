@@ -633,7 +633,7 @@ def test_fused_decode_puts_rope_back_on_keys_packed_before_it(dtype, scheme):
     no_rope = fused_decode_attention(query, dataclasses.replace(keys, rope=None), values, mask, split_tokens=32)
     assert (no_rope.float() - got.float()).abs().max() > 10 * DECODE_TOL[dtype]
     # Wider heads than the maps fit in shared memory (sm_90, aot_check) go to the blockwise path.
-    from minicache.runtime.kernels.decode import rope_unsupported
+    from minicache.runtime.kernels.support import rope_unsupported
 
     assert rope_unsupported(128, torch.bfloat16) is None and rope_unsupported(128, torch.float32) is not None
     assert "shared memory" in rope_unsupported(256, torch.bfloat16)

@@ -36,6 +36,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from minicache.runtime import blockwise
 from minicache.runtime.cache import ATTENTION_PLAN_ATTRIBUTE, MiniCache, install_padding_hook
 from minicache.runtime.kernels import interpreter_enabled, why_unusable
+from minicache.runtime.kernels.support import packing_unsupported
 from minicache.runtime.rows import RowKV
 from minicache.runtime.views import MergedKVView
 
@@ -94,22 +95,15 @@ def _call_blocker(
 
 def triton_unsupported(keys: MergedKVView, values: MergedKVView, device: torch.device) -> str | None:
     """Why the Triton decode kernel does not read this layer's views (they go to the blockwise path), or None."""
-    for view in (keys, values):
+    for view, role in ((keys, "keys"), (values, "values")):
         if view.layout not in TRITON_LAYOUTS:
             return f"the kernel does not read the {view.method.name!r} method's stored layout"
         packing = None if view.quantizer is None else view.quantizer.kernel_layout
         if view.quantizer is not None and packing not in TRITON_PACKINGS:
             return f"the kernel does not read the {view.quantizer.name!r} packing"
-        if view.method is not None and view.qdirection is not None and view.qdirection.rotation is not None:
-            return "the kernel reads rotated packings of unmerged layers only"
-        if view.rope is not None and view.method is not None:
-            return "the kernel reads keys packed before RoPE of unmerged layers only"
-        if view.rope is not None:
-            from minicache.runtime.kernels.decode import rope_unsupported
-
-            reason = rope_unsupported(view.shape[-1], view.dtype)
-            if reason:
-                return reason
+        reason = packing_unsupported(view, role)
+        if reason:
+            return reason
     return why_unusable(device, allow_interpreter=True)
 
 

@@ -286,6 +286,16 @@ class MergedKVView:
         return max((f.alignment for f in self.stored.values()), default=1)
 
     @property
+    def sink_count(self) -> int:
+        """``S`` when the retained entries are an unmerged layer's exact sinks (the first ``S`` tokens of
+        every row and head, indexed by the shared :func:`sink_index`), else 0."""
+        if self.method is not None or self.retained_index is None:
+            return 0
+        b, h = self.residual.shape[:2]
+        sinks = self.retained_count // (b * h)
+        return sinks if sinks and self.retained_index is sink_index(b, h, sinks, self.retained_index.device) else 0
+
+    @property
     def retained_count(self) -> int:
         if self.retained_index is not None:
             return int(self.retained_index.shape[0])
@@ -369,14 +379,12 @@ class MergedKVView:
     def with_retained(self, dense: torch.Tensor, start: int, end: int, *, in_frame: bool = False) -> torch.Tensor:
         """``dense`` (merged tokens ``[start, end)`` as the method restores them) with the retained
         tokens inside written over, exact (in place; returned)."""
-        b, h = dense.shape[:2]
-        sinks = self.retained_count // (b * h) if self.method is None and self.retained_index is not None else 0
-        if sinks and self.retained_index is sink_index(b, h, sinks, self.retained_index.device):
-            # An unmerged layer's exact sinks, the first S rows of every (b, h): slices, no index search.
+        sinks = self.sink_count
+        if sinks:  # the first S rows of every (b, h): slices, no index search
             if start >= sinks:
                 return dense
             stop = min(sinks, end)
-            exact = self.retained_value.reshape(b, h, sinks, -1)[:, :, start:stop]
+            exact = self.retained_value.reshape(*dense.shape[:2], sinks, -1)[:, :, start:stop]
             if in_frame and self.frame is not None:
                 exact = self.frame.into(exact).to(self.dtype)
             dense[:, :, : stop - start] = exact

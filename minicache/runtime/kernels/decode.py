@@ -62,6 +62,7 @@ import triton.language as tl
 
 from minicache.methods.geometry import NORM_EPS
 from minicache.runtime.kernels import check_usable, interpreter_enabled
+from minicache.runtime.kernels.support import packing_unsupported
 from minicache.runtime.views import MergedKVView, decode_mask_row, retained_csr_pair, sink_index
 
 _LOG2E = 1.4426950408889634
@@ -621,16 +622,6 @@ def decode_block_tokens(block_d: int, dtype: torch.dtype, *, rope: bool = False)
     return max(16, min(64, (_TILE_BYTES // (2 if rope else 1)) // (block_d * dtype.itemsize)))
 
 
-def rope_unsupported(head_dim: int, dtype: torch.dtype) -> str | None:
-    """Why the kernel cannot read keys packed before RoPE at this head size, or None (the maps must fit
-    in shared memory beside the tiles: compiled for sm_90 by :mod:`~minicache.runtime.kernels.aot_check`)."""
-    limit = 64 if dtype == torch.float32 else 128
-    if head_dim > limit:
-        return (f"keys packed before RoPE with head_dim {head_dim} > {limit} ({dtype}): the kernel's two "
-                "[D, D] maps would not fit in shared memory")
-    return None
-
-
 # (id(rope), id(rotation), D, dtype, device) -> (rope, rotation, maps): every layer and step of a cache
 # reads the same maps. The entry holds the RoPE and rotation objects, so their ids cannot be reused.
 _ROPE_MAPS: dict[tuple, tuple] = {}
@@ -669,19 +660,14 @@ def _build_rope_maps(keys: MergedKVView, d: int, device) -> tuple[torch.Tensor, 
 def _unmerged_sinks(keys: MergedKVView, values: MergedKVView, b: int, h: int):
     """``(keys, values, n_skip)``: an unmerged layer's exact sinks as CSR retained lists (the kernel's
     retained splits read them, key and value both exact), and how many packed rows stand in for them."""
-    if keys.method is not None or not keys.retained_count:
+    if keys.method is not None or not (keys.retained_count or values.retained_count):
         return keys, values, 0
-    count = keys.retained_count
-    if values.retained_count != count or count % (b * h):
-        raise ValueError(f"an unmerged layer's sinks differ between keys ({count}) and values "
-                         f"({values.retained_count}) or between rows")
-    s = count // (b * h)
-    shared = sink_index(b, h, s, keys.retained_index.device)
-    if keys.retained_index is shared and values.retained_index is shared:  # the usual case: built once
-        csr_k, csr_v = _sink_csr(b, h, s, shared.device)
-    else:
-        csr_k, csr_v = retained_csr_pair(keys.retained_index, values.retained_index, b, h)
-    return dataclasses.replace(keys, retained=csr_k), dataclasses.replace(values, retained=csr_v), s
+    sinks = keys.sink_count
+    if not sinks or values.sink_count != sinks:
+        raise ValueError("an unmerged layer's retained entries must be its exact sinks: the same first tokens "
+                         "of every row and head, for keys and values")
+    csr_k, csr_v = _sink_csr(b, h, sinks, keys.retained_index.device)
+    return dataclasses.replace(keys, retained=csr_k), dataclasses.replace(values, retained=csr_v), sinks
 
 
 @functools.lru_cache(maxsize=64)
@@ -793,18 +779,11 @@ def fused_decode_attention(
     # Alignment (only meaningful with magnitudes: the no-magnitude variant is the benchmark baseline),
     # or the rotated packing of an unmerged layer (its frame).
     has_mag = use_magnitude and m_len > 0 and keys.magnitude is not None and values.magnitude is not None
-    for view in (keys, values):
-        if view.method is not None and view.qdirection is not None and view.qdirection.rotation is not None:
-            raise ValueError("the kernel reads rotated packings of unmerged layers only (a merged group's dense "
-                             "tail is not in the packing's frame)")
-    if values.rope is not None or (keys.rope is not None and keys.method is not None):
-        raise ValueError("the kernel reads keys packed before RoPE of unmerged layers only")
-    rope_maps = None
-    if keys.rope is not None and keys.qdirection is not None:
-        reason = rope_unsupported(d, dtype)
+    for view, role in ((keys, "keys"), (values, "values")):
+        reason = packing_unsupported(view, role)
         if reason:
             raise ValueError(reason)
-        rope_maps = _rope_maps(keys, d, device)
+    rope_maps = None if keys.rope is None or keys.qdirection is None else _rope_maps(keys, d, device)
     k_rot = keys.rotation if has_mag or keys.method is None else None
     v_rot = values.rotation if has_mag or values.method is None else None
     keys, values, n_skip = _unmerged_sinks(keys, values, b, h)

@@ -2,10 +2,11 @@
 
 vLLM calls :func:`register` in every process it starts. It replaces the model classes of the
 architectures minicache supports with subclasses that look for ``minicache_config.yaml`` in the
-model directory: without one they are the stock classes, unchanged; with one they validate it
-against the model and refuse to serve it, with a message, until merged storage is built (issue 19,
-``docs/vllm-plugin-design.md``): serving the full cache under a profile's name would claim memory
-it does not save.
+model directory: without one they are the stock classes, unchanged; with one, each merged group's
+layers share one store of merged pages and keep their recent tokens exact in a window pool
+(``minicache_vllm.merged``, ``docs/vllm-plugin-design.md``). Engine settings the merged store cannot
+serve yet (prefix caching, speculative decoding, parallelism, torch.compile) are refused with a
+message.
 """
 
 from __future__ import annotations
@@ -20,3 +21,26 @@ def register() -> None:
 
     for architecture, model_cls in ARCHITECTURES.items():
         ModelRegistry.register_model(architecture, model_cls)
+    _budget_windows()
+
+
+def _budget_windows() -> None:
+    """Take the merged groups' window pools off the KV cache budget vLLM's CPU worker reports, so a
+    profile's engine holds pages and windows in the memory a stock engine gives to pages alone."""
+    try:
+        from vllm.v1.worker.cpu_worker import CPUWorker
+    except ImportError:  # not the CPU build: nothing to adjust yet (CUDA is not served, see the design)
+        return
+    if getattr(CPUWorker.determine_available_memory, "_minicache", False):
+        return
+    original = CPUWorker.determine_available_memory
+
+    def determine_available_memory(self) -> int:
+        available = original(self)
+        installed = getattr(self.model_runner.get_model(), "minicache", None)
+        if not installed:
+            return available
+        return available - installed["window_bytes"]
+
+    determine_available_memory._minicache = True
+    CPUWorker.determine_available_memory = determine_available_memory

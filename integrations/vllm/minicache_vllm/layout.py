@@ -13,8 +13,8 @@ tokens) after the other, each laid out as:
   exact vectors ``[k, D]`` in the model dtype.
 
 The transformers runtime keeps as many retained tokens as retention picks; a page has room for a
-fixed number per merge block, ``retained_capacity``. A block that retains more keeps the sinks and
-then the earliest tokens, and restores the others from the merged form (:meth:`PageLayout.write`
+fixed number per merge block, ``retained_capacity``. A block that retains more keeps the earliest
+tokens (the sinks first) and restores the others from the merged form (:meth:`PageLayout.write`
 returns how many it dropped, so callers can count them).
 
 Nothing here imports vLLM: the layout is tested in minicache's own environment.
@@ -162,8 +162,7 @@ class PageLayout:
         return block[offset : offset + nbytes].view(dtype)
 
     def write(self, block: torch.Tensor, fields: dict[str, dict[str, torch.Tensor]],
-              retained: dict[str, RetainedBlock], unmarked: dict[str, dict[str, torch.Tensor]] | None = None,
-              sinks: dict[str, torch.Tensor] | None = None) -> int:
+              retained: dict[str, RetainedBlock], unmarked: dict[str, dict[str, torch.Tensor]] | None = None) -> int:
         """Write one merge block.
 
         Parameters
@@ -178,8 +177,6 @@ class PageLayout:
         unmarked : dict, optional
             The same fields without the retention flags; needed only when a block retains more than
             ``retained_capacity``: the tokens left out are restored from these.
-        sinks : dict, optional
-            ``{component: [nnz] bool}``, entries that are sinks (kept first when the block overflows).
 
         Returns
         -------
@@ -190,20 +187,18 @@ class PageLayout:
             x = fields[slot.component][slot.name]
             n = slot.nbytes(self.heads, self.block_size)
             self._region(block, slot.offset, n, slot.dtype).copy_(x.reshape(-1))
-        rows = []  # (priority, component, head, token, values)
+        rows = []  # (component, head, token, values)
         for c, component in enumerate(COMPONENTS):
             entry = retained[component]
-            sink = sinks.get(component) if sinks else None
             for i in range(entry.index.shape[0]):
-                is_sink = bool(sink[i]) if sink is not None else False
-                rows.append((0 if is_sink else 1, c, int(entry.index[i, 1]), int(entry.index[i, 2]), entry.value[i]))
-        rows.sort(key=lambda r: (r[0], r[3], r[1], r[2]))  # sinks, then the earliest tokens
+                rows.append((c, int(entry.index[i, 1]), int(entry.index[i, 2]), entry.value[i]))
+        rows.sort(key=lambda r: (r[2], r[0], r[1]))  # the earliest tokens first: sinks are the first of all
         kept, dropped = rows[: self.retained_capacity], rows[self.retained_capacity :]
         if dropped:
             if unmarked is None:
                 raise ValueError(f"a merge block retained {len(rows)} entries, more than its room "
                                  f"({self.retained_capacity}), and no unmarked fields were given to restore the rest")
-            for _, c, head, token, _ in dropped:
+            for c, head, token, _ in dropped:
                 for slot in self.fields:
                     if slot.component == COMPONENTS[c]:
                         n = slot.nbytes(self.heads, self.block_size)
@@ -212,7 +207,7 @@ class PageLayout:
         count = self._region(block, self.retained_offset, 4, torch.int32)
         count[0] = len(kept)
         if kept:
-            index = torch.tensor([[c, h, n] for _, c, h, n, _ in kept], dtype=torch.int16)
+            index = torch.tensor([[c, h, n] for c, h, n, _ in kept], dtype=torch.int16)
             self._region(block, self.retained_offset + 4, index.numel() * 2, torch.int16).copy_(index.reshape(-1))
             values = torch.stack([v for *_, v in kept]).to(self.dtype)
             item = values.element_size()

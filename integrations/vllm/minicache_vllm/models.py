@@ -52,7 +52,7 @@ def check_engine(path: Path, vllm_config) -> None:
 def install(model, vllm_config, path: Path) -> dict:
     """Replace the merged groups' attention of ``model`` and add their store layers.
 
-    Returns what was installed: ``groups`` (GroupRuntime), ``window_bytes`` (the pool, taken off
+    Returns what was installed: ``groups`` (PagedGroup), ``window_bytes`` (the pool, taken off
     vLLM's KV cache budget), ``page_bytes_per_token`` (stores) and ``saved_bytes_per_token``.
     """
     import torch
@@ -60,7 +60,8 @@ def install(model, vllm_config, path: Path) -> dict:
     from minicache.profile import MergeProfile
     from minicache.runtime.cache import MiniCache
     from minicache_vllm.layout import COMPONENTS, PageLayout
-    from minicache_vllm.merged import GroupRuntime, MergedAttention, StoreLayer
+    from minicache_vllm.merged import MergedAttention, StoreLayer
+    from minicache_vllm.paged import PagedGroup
     from minicache_vllm.windows import WindowPool
 
     check_engine(path, vllm_config)
@@ -74,7 +75,7 @@ def install(model, vllm_config, path: Path) -> dict:
     max_seqs = vllm_config.scheduler_config.max_num_seqs
     context = vllm_config.compilation_config.static_forward_context
     dtype = vllm_config.model_config.dtype
-    groups, window_bytes, page_bytes, saved = [], 0, 0.0, 0.0
+    groups, stores, window_bytes, page_bytes, saved = [], [], 0, 0.0, 0.0
     for template in cache.stores:
         first = model.model.layers[template.layers[0]].self_attn
         heads, head_dim = first.attn.num_kv_heads, first.attn.head_size
@@ -90,7 +91,7 @@ def install(model, vllm_config, path: Path) -> dict:
         store = StoreLayer(f"model.layers.{template.layers[0]}.self_attn.minicache_store", layout, page_tokens)
         pool = WindowPool(max_seqs, len(template.layers), heads, head_dim,
                           template.residual_length + template.block_size, dtype)
-        group = GroupRuntime(template, store, pool)
+        group = PagedGroup(template, layout, pool, page_tokens, store.blocks, store.layer_name)
         for member, layer in enumerate(template.layers):
             attn_module = model.model.layers[layer].self_attn
             old = attn_module.attn
@@ -98,11 +99,12 @@ def install(model, vllm_config, path: Path) -> dict:
             attn_module.attn = MergedAttention(group, member, old.num_heads, old.num_kv_heads, old.head_size,
                                                old.impl.scale)
         groups.append(group)
+        stores.append(store)
         window_bytes += pool.nbytes
         page_bytes += layout.content_bytes(page_tokens) * heads
         item = torch.empty((), dtype=dtype).element_size()
         saved += len(template.layers) * heads * 2 * head_dim * item - layout.content_bytes(page_tokens) * heads
-    model.minicache_stores = torch.nn.ModuleList([g.store for g in groups])
+    model.minicache_stores = torch.nn.ModuleList(stores)
     logger.info(
         "minicache_vllm: %s merges layers %s; their pages hold %.0f bytes per token instead of %.0f; exact windows "
         "of %d requests take %.1f MiB off the KV cache budget",

@@ -18,7 +18,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["WindowPool"]
+__all__ = ["WindowPool", "merged_length"]
+
+
+def merged_length(tokens: int, residual_length: int, block_size: int) -> int:
+    """Tokens of a sequence of ``tokens`` that the transformers runtime has merged after a step.
+
+    It merges whole blocks once the exact window reaches ``residual_length + block_size``, so the
+    merged length is ``(tokens − residual_length)`` rounded down to blocks (0 before that).
+    """
+    return max(0, (tokens - residual_length) // block_size * block_size)
 
 
 class WindowPool:

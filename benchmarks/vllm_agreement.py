@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=600)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--windows", type=int, default=64, help="perplexity windows (x 256 scored tokens)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--greedy-only", action="store_true", help="skip the perplexity part")
     args = parser.parse_args()
 
     from minicache.evaluate.quality import evaluate_profile, perplexity
@@ -107,28 +109,45 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp())
-    model, tokenizer = load_model("smollm2-135m", dtype=torch.bfloat16)
+    model, tokenizer = load_model("smollm2-135m", dtype=getattr(torch, args.dtype))
     profile = MergeProfile.load(args.profile)
     dirs = {}
     for name, prof in (("stock", None), ("profile", args.profile)):
         dirs[name] = work / name
         cmd = [sys.executable, "-m", "minicache.convert", "--model", "smollm2-135m", "--out", str(dirs[name]),
-               "--dtype", "bfloat16"] + (["--profile", prof] if prof else [])
+               "--dtype", args.dtype] + (["--profile", prof] if prof else [])
         subprocess.run(cmd, check=True, capture_output=True)
 
     print("== greedy tokens", flush=True)
     prompts = token_windows(tokenizer, args.text, args.prompts, args.prompt_length)
-    gen = ["--max-tokens", str(args.new_tokens), "--max-num-batched-tokens", "8192"]
+    gen = ["--max-tokens", str(args.new_tokens), "--max-num-batched-tokens", "8192", "--dtype", args.dtype]
     v_stock = run_vllm(dirs["stock"], prompts, work, "greedy-stock", plugins=False, extra=gen)
     v_prof = run_vllm(dirs["profile"], prompts, work, "greedy-profile", plugins=True, extra=gen)
     began = time.perf_counter()
     t_full = greedy(model, prompts, args.new_tokens, lambda: None)
     t_prof = greedy(model, prompts, args.new_tokens, lambda: MiniCache(profile, model))
     print(f"   transformers: {time.perf_counter() - began:.0f} s", flush=True)
+    greedy_rows = [
+        f"| greedy tokens ({args.dtype}): vLLM + profile = MiniCache in transformers | "
+        f"{agreement(v_prof['tokens'], t_prof):.1%} |",
+        f"| greedy tokens ({args.dtype}): stock vLLM = transformers full cache | "
+        f"{agreement(v_stock['tokens'], t_full):.1%} |",
+        f"| greedy tokens ({args.dtype}): stock vLLM = MiniCache in transformers | "
+        f"{agreement(v_stock['tokens'], t_prof):.1%} |",
+        f"| first divergence from MiniCache in transformers, profile (per prompt) | "
+        f"{first_divergence(v_prof['tokens'], t_prof)} |",
+        f"| first divergence from transformers' full cache, stock (per prompt) | "
+        f"{first_divergence(v_stock['tokens'], t_full)} |",
+    ]
+    if args.greedy_only:
+        (out / f"greedy-{args.dtype}.md").write_text("| measure | value |\n|---|---|\n" + "\n".join(greedy_rows) + "\n")
+        print("\n".join(greedy_rows))
+        return
 
     print("== perplexity", flush=True)
     windows = token_windows(tokenizer, args.text, args.windows, 768)
-    ppl_args = ["--max-tokens", "1", "--prompt-logprobs", "--one-at-a-time", "--max-num-batched-tokens", "512"]
+    ppl_args = ["--max-tokens", "1", "--prompt-logprobs", "--one-at-a-time", "--max-num-batched-tokens", "512",
+                "--dtype", args.dtype]
     p_stock = run_vllm(dirs["stock"], windows, work, "ppl-stock", plugins=False, extra=ppl_args)
     p_prof = run_vllm(dirs["profile"], windows, work, "ppl-profile", plugins=True, extra=ppl_args)
 
@@ -175,17 +194,15 @@ def main() -> None:
         "decode_tokens_per_s": {"stock": v_stock["generated_tokens"] / v_stock["generate_s"],
                                 "profile": v_prof["generated_tokens"] / v_prof["generate_s"]},
     }
-    (out / "agreement.json").write_text(json.dumps(result, indent=1))
+    (out / f"agreement-{args.dtype}.json").write_text(json.dumps(result, indent=1))
     lines = [
         "| measure | value |", "|---|---|",
+        f"| dtype | {args.dtype} |",
         f"| vLLM KV capacity, stock / profile (tokens, VLLM_CPU_KVCACHE_SPACE=1) | {v_stock['kv_cache_tokens']:,} / "
         f"{v_prof['kv_cache_tokens']:,} |",
         f"| capacity ratio | {capacity:.4f}x |",
         f"| MiniCache.memory_report() compression at 4,096 tokens | {report['compression_ratio']:.4f}x |",
-        f"| greedy tokens: vLLM + profile = MiniCache in transformers | {result['greedy_agreement_profile']:.1%} |",
-        f"| greedy tokens: stock vLLM = transformers full cache | {result['greedy_agreement_stock']:.1%} |",
-        f"| first divergence, profile (per prompt) | {result['first_divergence_profile']} |",
-        f"| first divergence, stock (per prompt) | {result['first_divergence_stock']} |",
+        *greedy_rows,
         f"| perplexity: vLLM stock / profile | {ppl['vllm_stock']:.4f} / {ppl['vllm_profile']:.4f} |",
         f"| perplexity: transformers full / profile | {ppl['transformers_full']:.4f} / "
         f"{ppl['transformers_profile']:.4f} |",
@@ -198,7 +215,7 @@ def main() -> None:
         f"| decode tokens/s (batch of {args.prompts}), stock / profile | "
         f"{result['decode_tokens_per_s']['stock']:.1f} / {result['decode_tokens_per_s']['profile']:.1f} |",
     ]
-    (out / "agreement.md").write_text("\n".join(lines) + "\n")
+    (out / f"agreement-{args.dtype}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

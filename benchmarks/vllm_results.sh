@@ -12,5 +12,7 @@ mkdir -p "$OUT"
 source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
 {
   machine_line
-  "$PY" benchmarks/vllm_agreement.py --text "$WORK/code.txt" "$WORK/notes.txt" "$WORK/licences.txt" --out "$OUT"
+  TEXT=("$WORK/code.txt" "$WORK/notes.txt" "$WORK/licences.txt")
+  "$PY" benchmarks/vllm_agreement.py --text "${TEXT[@]}" --out "$OUT" --dtype float32 --greedy-only
+  "$PY" benchmarks/vllm_agreement.py --text "${TEXT[@]}" --out "$OUT"
 } 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/log.txt"

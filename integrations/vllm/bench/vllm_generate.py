@@ -1,7 +1,7 @@
 """Run one vLLM engine on token-id prompts and print its results as JSON (runs in .venv-vllm).
 
     python integrations/vllm/bench/vllm_generate.py MODEL_DIR PROMPTS.json OUT.json [--max-tokens 64]
-        [--prompt-logprobs] [--one-at-a-time] [--max-num-batched-tokens N] [--max-num-seqs N]
+        [--prompt-logprobs] [--one-at-a-time] [--max-num-batched-tokens N] [--max-num-seqs N] [--dtype D]
 
 PROMPTS.json: a list of token-id lists. OUT.json gets the generated token ids, the prompt tokens'
 log-probabilities (with --prompt-logprobs: of each prompt token given the ones before it, from the
@@ -26,12 +26,13 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
 
     began = time.perf_counter()
-    llm = LLM(model=args.model, dtype="bfloat16", max_model_len=args.max_model_len, seed=0, enforce_eager=True,
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=0, enforce_eager=True,
               enable_prefix_caching=False, block_size=64, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens)
     started = time.perf_counter() - began

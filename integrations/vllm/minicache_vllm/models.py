@@ -49,6 +49,23 @@ def check_engine(path: Path, vllm_config) -> None:
                             "enforce_eager=True")
 
 
+def store_layout(template, heads: int, head_dim: int, dtype):
+    """The page layout of a merged group (``template``: its :class:`~minicache.runtime.store.GroupStore`).
+
+    Room for retained entries per merge block: the sinks of every head and component, plus
+    :data:`RETAINED_FRACTION` of the block's entries when the group retains by distance (gamma > 0).
+    """
+    from minicache_vllm.layout import COMPONENTS, PageLayout
+
+    settings = {name: template.components[name].settings for name in COMPONENTS}
+    entries = template.block_size * heads * len(COMPONENTS)
+    room = max(s.sink_tokens for s in settings.values()) * heads * len(COMPONENTS)
+    if max(s.gamma for s in settings.values()) > 0:
+        room += math.ceil(RETAINED_FRACTION * entries)
+    return PageLayout.build({name: (s.merge_method, s.params) for name, s in settings.items()},
+                            len(template.layers), heads, head_dim, template.block_size, dtype, min(room, entries))
+
+
 def install(model, vllm_config, path: Path) -> dict:
     """Replace the merged groups' attention of ``model`` and add their store layers.
 
@@ -59,7 +76,6 @@ def install(model, vllm_config, path: Path) -> dict:
 
     from minicache.profile import MergeProfile
     from minicache.runtime.cache import MiniCache
-    from minicache_vllm.layout import COMPONENTS, PageLayout
     from minicache_vllm.merged import MergedAttention, StoreLayer
     from minicache_vllm.paged import PagedGroup
     from minicache_vllm.windows import WindowPool
@@ -79,15 +95,7 @@ def install(model, vllm_config, path: Path) -> dict:
     for template in cache.stores:
         first = model.model.layers[template.layers[0]].self_attn
         heads, head_dim = first.attn.num_kv_heads, first.attn.head_size
-        settings = {name: template.components[name].settings for name in COMPONENTS}
-        gamma = max(s.gamma for s in settings.values())
-        sinks = max(s.sink_tokens for s in settings.values())
-        entries = template.block_size * heads * len(COMPONENTS)
-        room = sinks * heads * len(COMPONENTS) + (math.ceil(RETAINED_FRACTION * entries) if gamma > 0 else 0)
-        layout = PageLayout.build(
-            {name: (s.merge_method, s.params) for name, s in settings.items()}, len(template.layers), heads, head_dim,
-            template.block_size, dtype, min(room, entries),
-        )
+        layout = store_layout(template, heads, head_dim, dtype)
         store = StoreLayer(f"model.layers.{template.layers[0]}.self_attn.minicache_store", layout, page_tokens)
         pool = WindowPool(max_seqs, len(template.layers), heads, head_dim,
                           template.residual_length + template.block_size, dtype)

@@ -1,4 +1,4 @@
-"""Running vLLM engines in fresh processes, for the plugin's tests."""
+"""Running vLLM engines and minicache's transformers runtime in fresh processes, for the plugin's tests."""
 
 from __future__ import annotations
 
@@ -11,25 +11,60 @@ from pathlib import Path
 GENERATE = r'''
 import json, sys
 from vllm import LLM, ModelRegistry, SamplingParams
-llm = LLM(model=sys.argv[1], dtype="bfloat16", max_model_len=1024, seed=0, enforce_eager=True)
-params = SamplingParams(temperature=0.0, max_tokens=int(sys.argv[3]), ignore_eos=True)  # greedy, full length
-outputs = llm.generate(json.loads(sys.argv[2]), params)
+prompts, max_tokens, engine = json.loads(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+engine = {"dtype": "bfloat16", **engine}
+llm = LLM(model=sys.argv[1], max_model_len=1024, seed=0, enforce_eager=True, **engine)
+params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)  # greedy, full length
+inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
+outputs = llm.generate(inputs, params)
 arch = ModelRegistry.models["LlamaForCausalLM"]
 name = getattr(arch, "class_name", None) or getattr(arch, "__name__", str(arch))
-print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outputs], "llama_class": name}))
+cache = llm.llm_engine.vllm_config.cache_config
+print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outputs], "llama_class": name,
+                              "kv_cache_tokens": cache.kv_cache_size_tokens}))
+'''
+
+#: What an engine serving a merged profile needs (the plugin refuses prefix caching; pages are merge blocks).
+MERGED_ENGINE = {"enable_prefix_caching": False, "block_size": 64, "max_num_seqs": 8}
+
+REFERENCE = r'''
+import json, sys, torch
+from minicache import MergeProfile, MiniCache
+from minicache.models import load_model
+model, _ = load_model("smollm2-135m", dtype=getattr(torch, sys.argv[4]))
+profile = MergeProfile.load(sys.argv[1])
+out = []
+for ids in json.loads(sys.argv[2]):
+    x = torch.tensor([ids])
+    y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=int(sys.argv[3]),
+                       min_new_tokens=int(sys.argv[3]), do_sample=False, past_key_values=MiniCache(profile, model))
+    out.append(y[0, len(ids):].tolist())
+print("RESULT " + json.dumps({"tokens": out}))
 '''
 
 
-def generate(model: Path, prompts: list[str], max_tokens: int, *, plugins: bool) -> subprocess.CompletedProcess:
-    """Run one vLLM engine in a fresh process (``plugins=False``: ``VLLM_PLUGINS=""``, stock vLLM)."""
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def generate(model: Path, prompts: list, max_tokens: int, *, plugins: bool, engine: dict | None = None,
+             cache_gib: int = 1) -> subprocess.CompletedProcess:
+    """Run one vLLM engine in a fresh process (``plugins=False``: ``VLLM_PLUGINS=""``, stock vLLM).
+
+    ``prompts``: strings or token-id lists; ``engine``: more ``LLM(...)`` arguments.
+    """
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(cache_gib), "TOKENIZERS_PARALLELISM": "false"}
     if not plugins:
         env["VLLM_PLUGINS"] = ""
-    return subprocess.run([sys.executable, "-c", GENERATE, str(model), json.dumps(prompts), str(max_tokens)],
-                          capture_output=True, text=True, env=env, timeout=900)
+    return subprocess.run([sys.executable, "-c", GENERATE, str(model), json.dumps(prompts), str(max_tokens),
+                           json.dumps(engine or {})], capture_output=True, text=True, env=env, timeout=900)
+
+
+def reference(main_python: Path, profile: Path, prompts: list[list[int]], max_tokens: int,
+              dtype: str = "bfloat16") -> dict:
+    """Greedy tokens of minicache's transformers runtime (``MiniCache``) in minicache's own venv."""
+    run = subprocess.run([str(main_python), "-c", REFERENCE, str(profile), json.dumps(prompts), str(max_tokens), dtype],
+                         capture_output=True, text=True, timeout=900)
+    return result_of(run)
 
 
 def result_of(run: subprocess.CompletedProcess) -> dict:
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, f"vLLM run failed (exit {run.returncode}):\n{run.stderr[-4000:]}"
+    assert run.returncode == 0 and lines, f"run failed (exit {run.returncode}):\n{run.stderr[-4000:]}"
     return json.loads(lines[-1].removeprefix("RESULT "))

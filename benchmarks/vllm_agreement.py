@@ -201,6 +201,8 @@ def main() -> None:
         f"| vLLM KV capacity, stock / profile (tokens, VLLM_CPU_KVCACHE_SPACE=1) | {v_stock['kv_cache_tokens']:,} / "
         f"{v_prof['kv_cache_tokens']:,} |",
         f"| capacity ratio | {capacity:.4f}x |",
+        f"| largest batch of 4,096-token requests vLLM admits, stock / profile | {v_stock['max_concurrency']:.2f} / "
+        f"{v_prof['max_concurrency']:.2f} |",
         f"| MiniCache.memory_report() compression at 4,096 tokens | {report['compression_ratio']:.4f}x |",
         *greedy_rows,
         f"| perplexity: vLLM stock / profile | {ppl['vllm_stock']:.4f} / {ppl['vllm_profile']:.4f} |",

@@ -119,6 +119,8 @@ def install(model, vllm_config, path: Path) -> dict:
         path, ", ".join(g.template.layers.__repr__() for g in groups), page_bytes, page_bytes + saved, max_seqs,
         window_bytes / 2**20,
     )
+    logger.info("minicache_vllm: merged layers attend through the reference path (PyTorch, one request at a time); "
+                "the Triton decode kernel is not ported to vLLM's block tables yet")
     return {"groups": groups, "window_bytes": window_bytes, "page_bytes_per_token": page_bytes,
             "saved_bytes_per_token": saved}
 

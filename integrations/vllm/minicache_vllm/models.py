@@ -87,6 +87,11 @@ def install(model, vllm_config, path: Path) -> dict:
     if profile.quantization is not None:
         raise _refuse(path, "quantized profiles are not served yet (merged groups in the model dtype only)")
     cache = MiniCache(profile, hf_config)
+    for template in cache.stores:
+        for name, component in template.components.items():
+            if component.method.closed_loop:
+                raise _refuse(path, f"group {list(template.layers)}: {name} are merged by {component.method.name!r}, "
+                                    "which restores each layer from the one below; not served yet")
     page_tokens = vllm_config.cache_config.block_size
     max_seqs = vllm_config.scheduler_config.max_num_seqs
     context = vllm_config.compilation_config.static_forward_context

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from minicache.runtime.store import ComponentStore, GroupStore
+from minicache.runtime.store import GroupStore
 from minicache_vllm.layout import COMPONENTS, PageLayout, RetainedBlock
 from minicache_vllm.windows import WindowPool, merged_length
 
@@ -21,7 +21,6 @@ logger = logging.getLogger("vllm.minicache_vllm")
 __all__ = ["PagedGroup"]
 
 
-# -- one group ------------------------------------------------------------------------------------
 class PagedGroup:
     """One merged group: its settings (from minicache's own store), pages, windows and step state.
 
@@ -52,7 +51,7 @@ class PagedGroup:
         self.pages = pages
         self.layer_name = layer_name
         self.blocks_per_page = layout.merge_blocks_per_page(page_tokens)
-        self._stash: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._stash: dict[int, dict[int, torch.Tensor]] = {}  # member -> batch row -> [2, H, n, D], this step
         self._slots: dict[int, int] = {}  # batch row -> window slot, this step
         self.dropped = 0  # retained entries left out because a merge block had no room (logged)
 
@@ -92,14 +91,12 @@ class PagedGroup:
         before = torch.tensor([start], device=xs.device)
         stored: dict[str, dict[str, torch.Tensor]] = {}
         kept: dict[str, RetainedBlock] = {}
-        comps: dict[str, ComponentStore] = {}
         for c, name in enumerate(COMPONENTS):
             comp = self.template.components[name].fresh()
             comp.residual = [xs[c, m].unsqueeze(0) for m in range(self.members)]
             comp.merge(count, self.block_size, real, before)
             stored[name] = {f: s.dense[0] for f, s in comp.fields.items()}  # [H, count, w]
             kept[name] = RetainedBlock(comp.retained_index, comp.retained_value)
-            comps[name] = comp
         pages = self.pages()
         bs = self.block_size
         for j in range(count // bs):

@@ -47,7 +47,7 @@ class StoreMetadata:
 
 
 class StoreMetadataBuilder(AttentionMetadataBuilder[StoreMetadata]):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in vLLM's base class
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,

@@ -53,6 +53,7 @@ class PagedGroup:
         self.blocks_per_page = layout.merge_blocks_per_page(page_tokens)
         self._stash: dict[int, dict[int, torch.Tensor]] = {}  # member -> batch row -> [2, H, n, D], this step
         self._slots: dict[int, int] = {}  # batch row -> window slot, this step
+        self._reads: dict[tuple[int, int], tuple] = {}  # (first block, merged) -> layout.read, this step
         self.dropped = 0  # retained entries left out because a merge block had no room (logged)
 
     # -- pages ------------------------------------------------------------------------------------
@@ -66,11 +67,7 @@ class PagedGroup:
         """Member ``member``'s keys and values ``[1, H, merged + n, D]``: its restored merged prefix
         (``merged`` tokens, from the pages) then ``exact`` ``[2, H, n, D]``."""
         out = []
-        fields, retained = ({}, {})
-        if merged:
-            pages = self.pages()
-            blocks = torch.stack([self._merge_block(pages, table, j) for j in range(merged // self.block_size)])
-            fields, retained = self.layout.read(blocks)
+        fields, retained = self._read(table, merged) if merged else ({}, {})
         for c, name in enumerate(COMPONENTS):
             comp = self.template.components[name].fresh()
             comp.residual[member] = exact[c].unsqueeze(0)
@@ -82,6 +79,16 @@ class PagedGroup:
                 comp.retained_value = retained[name].value
             out.append(comp.restored(member))
         return out[0], out[1]
+
+    def _read(self, table: torch.Tensor, merged: int):
+        """The stored form of a request's first ``merged`` tokens, read once per step for all members
+        (merging happens after the last member, so they all read the same pages)."""
+        key = (int(table[0]), merged)
+        if key not in self._reads:
+            pages = self.pages()
+            blocks = torch.stack([self._merge_block(pages, table, j) for j in range(merged // self.block_size)])
+            self._reads[key] = self.layout.read(blocks)
+        return self._reads[key]
 
     def merge(self, table: torch.Tensor, start: int, xs: torch.Tensor, count: int) -> None:
         """Merge the first ``count`` tokens of ``xs`` ``[2, k, H, n, D]`` (tokens from ``start`` on,
@@ -137,6 +144,7 @@ class PagedGroup:
         self.pool.next_step()
         self._stash = {}
         self._slots = {}
+        self._reads = {}
 
     def member_kv(self, member: int, row: int, table: torch.Tensor, before: int,
                   step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,3 +185,4 @@ class PagedGroup:
                 self.merge(table, merged_before, xs, count)
             self.pool.write(slot, xs[..., count:, :].clone())
         self._stash = {}
+        self._reads = {}

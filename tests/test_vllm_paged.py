@@ -1,8 +1,9 @@
-"""The vLLM plugin's paged store (integrations/vllm, no vLLM needed) against the transformers runtime.
+"""The vLLM plugin's paged stores (integrations/vllm, no vLLM needed) against the transformers runtime.
 
 A merged group's pages, written and read through a block table the way the plugin's attention does
 inside vLLM, must give every member the keys and values minicache's own GroupStore gives it, step
-by step: prefill, then decode steps that merge block after block.
+by step: prefill, then decode steps that merge block after block; in a quantized profile, packed as
+the runtime packs them, and an unmerged layer's pages as its QuantizedLayer.
 """
 
 from __future__ import annotations
@@ -15,29 +16,33 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "vllm"))
 
-from minicache_vllm.layout import COMPONENTS, PageLayout
+from minicache_vllm.layout import PageLayout, quantized_layer_layout
 from minicache_vllm.paged import PagedGroup
+from minicache_vllm.quantized import PagedQuantizedLayer
 from minicache_vllm.windows import WindowPool, merged_length
 
-from minicache.profile import MergeGroup, MergeSettings
+from minicache.profile import MergeGroup, MergeSettings, Quantization
+from minicache.quant import QuantizedTensor
+from minicache.runtime.layers import QuantizedLayer
+from minicache.runtime.rope import RopeAngles
 from minicache.runtime.store import GroupStore, PaddingInfo
 
 H, D, R, BS, PAGE = 2, 8, 16, 8, 16  # heads, head dim, residual window, merge block, vLLM block
 
 
-def group_of(k: int, gamma: float = 0.3) -> tuple[MergeGroup, GroupStore]:
+def group_of(k: int, gamma: float = 0.3, quant: Quantization | None = None) -> tuple[MergeGroup, GroupStore]:
     settings = MergeSettings.create(t=0.6, gamma=gamma, sink_tokens=1)
     group = MergeGroup(tuple(range(k)), settings, settings)
-    return group, GroupStore(group, residual_length=R, block_size=BS, padding=PaddingInfo())
+    return group, GroupStore(group, residual_length=R, block_size=BS, padding=PaddingInfo(), quant=quant)
 
 
-def paged(template: GroupStore, dtype: torch.dtype, room: int, num_blocks: int = 64) -> tuple[PagedGroup, torch.Tensor]:
+def paged(template: GroupStore, dtype: torch.dtype, room: int, num_blocks: int = 64,
+          page: int = PAGE) -> tuple[PagedGroup, torch.Tensor]:
     k = len(template.layers)
-    methods = {c: (template.components[c].method, template.components[c].params) for c in COMPONENTS}
-    layout = PageLayout.build(methods, k, H, D, BS, dtype, room)
-    pages = torch.zeros(num_blocks, layout.merge_blocks_per_page(PAGE) * layout.block_bytes, dtype=torch.uint8)
-    pool = WindowPool(4, k, H, D, R + BS, dtype)
-    return PagedGroup(template, layout, pool, PAGE, lambda: pages), pages
+    layout = PageLayout.build(template.components, H, D, BS, dtype, room)
+    pages = torch.zeros(num_blocks, layout.units_per_page(page) * layout.unit_bytes, dtype=torch.uint8)
+    pool = WindowPool(4, k, H, D, R + layout.unit_tokens, dtype)
+    return PagedGroup(template, layout, pool, page, lambda: pages), pages
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -116,18 +121,32 @@ def test_a_full_merge_block_leaves_the_excess_merged_not_flagged():
 
 def test_layout_sizes_and_refusals():
     _, template = group_of(3)
-    methods = {c: (template.components[c].method, template.components[c].params) for c in COMPONENTS}
-    layout = PageLayout.build(methods, 3, 3, 64, 64, torch.bfloat16, 32)
+    layout = PageLayout.build(template.components, 3, 64, 64, torch.bfloat16, 32)
     # SLERP per token and head: a direction (64 bf16) and 3 magnitudes (fp16), for keys and values.
     fields = 2 * 3 * 64 * (64 * 2 + 3 * 2)
-    assert layout.block_bytes >= fields + 32 * 3 * 64 * 2
-    assert layout.block_bytes - (fields + 32 * 3 * 64 * 2) < 4 + 32 * 6 + 3 * 8
-    assert layout.content_bytes(64) * 3 * 64 >= layout.block_bytes
-    assert layout.content_bytes(128) * 3 * 128 >= 2 * layout.block_bytes
-    with pytest.raises(ValueError, match="multiple of the profile's merge block"):
+    assert layout.unit_tokens == 64
+    assert layout.unit_bytes >= fields + 32 * 3 * 64 * 2
+    assert layout.unit_bytes - (fields + 32 * 3 * 64 * 2) < 4 + 32 * 6 + 3 * 8
+    assert layout.content_bytes(64) * 3 * 64 >= layout.unit_bytes
+    assert layout.content_bytes(128) * 3 * 128 >= 2 * layout.unit_bytes
+    with pytest.raises(ValueError, match="multiple of the profile's page unit"):
         layout.content_bytes(96)
-    with pytest.raises(ValueError, match="members"):
-        PageLayout.build(methods, 1, 3, 64, 64, torch.bfloat16, 32)
+
+
+def test_a_quantized_layout_packs_whole_chunks_and_counts_them():
+    # 4-bit KIVI, keys per channel in groups of 128 tokens: a unit is 128 tokens (two merge blocks).
+    _, template = group_of(3, quant=Quantization(bits=4, group_size=128, residual_length=128))
+    layout = PageLayout.build(template.components, 3, 64, 64, torch.bfloat16, 32)
+    assert layout.unit_tokens == 128
+    direction = 128 * 64 // 2 + 2 * 2 * 64  # codes, and an fp16 scale and zero per channel of the group
+    direction_values = 128 * (64 // 2 + 2 * 2)  # values per token: codes, a scale and zero per 64 channels
+    magnitudes = 128 * 3 * 2  # fp16, not packed
+    fields = 3 * (direction + direction_values + 2 * magnitudes)
+    entry = 3 * (64 // 2 + 2 * 2)  # a retained entry: every member's vector, packed per row
+    assert layout.entry_bytes == entry
+    assert 0 <= layout.unit_bytes - (fields + 32 * entry + 4 + 32 * 6) < 6 * 8
+    with pytest.raises(ValueError, match="block_size=128"):
+        layout.units_per_page(64)
 
 
 def test_window_pool_slots():
@@ -150,3 +169,52 @@ def test_window_pool_slots():
     with pytest.raises(RuntimeError, match="exceeds"):
         pool.write(a, torch.ones(2, 2, H, 9, D))
     assert pool.nbytes == 2 * 2 * 2 * H * 8 * D * 4
+
+
+@pytest.mark.parametrize("scheme,bits,group", [("kivi", 4, 16), ("rotated", 2, 16), ("kivi", 3, 8)])
+def test_a_quantized_group_is_packed_in_its_pages_as_the_runtime_packs_it(scheme, bits, group):
+    torch.manual_seed(bits)
+    quant = Quantization(bits=bits, group_size=group, residual_length=R, scheme=scheme)
+    _, reference = group_of(3, quant=quant)
+    group_, _ = paged(reference, torch.bfloat16, room=BS * H * 2, page=32)
+    assert group_.unit == max(group, BS)
+    table = torch.randperm(64)
+    before = 0
+    for n in [45] + [1] * 40 + [7, 30] + [1] * 20:
+        xs = torch.randn(2, 3, 1, H, n, D).to(torch.bfloat16)
+        group_.begin_step()
+        for m in range(3):
+            want_k, want_v = reference.update(m, xs[0, m], xs[1, m])
+            got_k, got_v = group_.member_kv(m, 0, table, before, xs[:, m, 0])
+            torch.testing.assert_close(got_k, want_k, rtol=0, atol=0)
+            torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)
+        group_.end_step([(0, table, before, before + n)])
+        before += n
+    keys = reference.components["keys"]
+    assert isinstance(keys.fields["direction"].packed, QuantizedTensor) and keys.retained_q is not None
+    assert keys.fields["direction"].dense is not None or group == BS, "a dense tail was exercised"
+    assert group_.paged_length(before) > 100
+
+
+@pytest.mark.parametrize("pre_rope", [False, True])
+def test_an_unmerged_quantized_layer_in_pages_is_the_runtime_layer(pre_rope):
+    torch.manual_seed(int(pre_rope))
+    spec = Quantization(bits=4, group_size=16, residual_length=R, sink_tokens=2, pre_rope_keys=pre_rope)
+    rope = RopeAngles(1.0 / 10000 ** (torch.arange(0, D, 2).float() / D))
+    reference = QuantizedLayer(spec, rope=rope)
+    layout = quantized_layer_layout(reference, H, D, torch.bfloat16)
+    pages = torch.zeros(64, layout.units_per_page(32) * layout.unit_bytes, dtype=torch.uint8)
+    pool = WindowPool(2, 1, H, D, R + layout.unit_tokens, torch.bfloat16)
+    layer = PagedQuantizedLayer(reference, layout, pool, 32, lambda: pages)
+    table = torch.randperm(64)
+    before = 0
+    for n in [45] + [1] * 40 + [7, 30] + [1] * 20:
+        kv = torch.randn(2, 1, H, n, D).to(torch.bfloat16)
+        want_k, want_v = reference.update(kv[0], kv[1])
+        layer.begin_step()
+        got_k, got_v = layer.member_kv(0, 0, table, before, kv[:, 0])
+        layer.end_step([])
+        torch.testing.assert_close(got_k, want_k, rtol=0, atol=0)
+        torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)
+        before += n
+    assert reference.quantized_length > 100 and reference.sink_keys is not None

@@ -1,258 +1,413 @@
-"""The bytes of a merged group's page: what one vLLM block of a merged store holds, and how to read it.
+"""The bytes of a store layer's page: what one vLLM block holds, and how to read it back.
 
 vLLM gives every layer of a KV cache group one page per block of ``block_size`` tokens, a
-``[heads, block_size, C]``-byte cell grid that it only counts (``state_content_bytes = C``). A merged
-group's store layer uses its page as plain bytes, one *merge block* (the profile's ``block_size``
-tokens) after the other, each laid out as:
+``[heads, block_size, C]``-byte cell grid that it only counts (``state_content_bytes = C``). Our store
+layers use their pages as plain bytes, one *unit* of tokens after the other:
 
-* every stored field of the group's method, keys then values, ``[heads, tokens, width]`` in its
-  storage dtype (SLERP: the shared ``direction`` ``[D]`` in the model dtype and the ``magnitude`` of
-  each member ``[k]`` in fp16), exactly what :class:`minicache.runtime.store.ComponentStore` holds;
-* the tokens retention keeps exact, pooled over heads and keys/values: a count (int32), then up to
-  ``retained_capacity`` entries of ``(component, head, token)`` (int16 each) and the ``k`` members'
-  exact vectors ``[k, D]`` in the model dtype.
+* a merged group's unit is the profile's merge block (``block_size`` tokens), or, in a quantized
+  profile, the least multiple of it that also holds whole packing chunks of every field (KIVI packs a
+  key field's ``group_size`` tokens together). A unit holds (:class:`PageLayout`):
+
+  - every stored field of the group's method, keys then values, ``[heads, tokens, width]``, exactly
+    what :class:`minicache.runtime.store.ComponentStore` holds: in its storage dtype (SLERP: the shared
+    ``direction`` ``[D]`` in the model dtype and the ``magnitude`` of each member ``[k]`` in fp16), or
+    packed by the profile's quantizer (codes, scales and zero points) where the method marks it
+    quantizable;
+  - the tokens retention keeps exact, pooled over heads and keys/values: a count (int32), then up to
+    ``retained_capacity`` entries of ``(component, head, token)`` (int16 each) and the ``k`` members'
+    exact vectors ``[k, D]``, in the model dtype or packed per row as the runtime packs them;
+
+* an unmerged layer of a quantized profile stores a unit of one packing chunk: its keys and values
+  packed exactly as :class:`minicache.runtime.layers.QuantizedLayer` packs them
+  (:func:`quantized_layer_layout`).
 
 The transformers runtime keeps as many retained tokens as retention picks; a page has room for a
-fixed number per merge block, ``retained_capacity``. A block that retains more keeps the earliest
-tokens (the sinks first) and restores the others from the merged form (:meth:`PageLayout.write`
-returns how many it dropped, so callers can count them).
+fixed number per unit, ``retained_capacity``. A unit that retains more keeps the earliest tokens
+(the sinks first) and restores the others from the merged form (:meth:`PageLayout.write` returns how
+many it dropped, so callers can count them).
 
 Nothing here imports vLLM: the layout is tested in minicache's own environment.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from minicache.methods.base import MergeMethod, MethodParams
+from minicache.quant import QuantizedTensor
 
-__all__ = ["COMPONENTS", "FieldSlot", "PageLayout", "RetainedBlock"]
+__all__ = ["COMPONENTS", "Codec", "FieldSlot", "PageLayout", "RetainedBlock", "UnitLayout", "quantized_layer_layout"]
 
 #: A merged group's two components, in page order (their index is the ``component`` of a retained entry).
 COMPONENTS = ("keys", "values")
-_ALIGN = 8  # every region starts at a multiple of this many bytes, so it can be viewed as any dtype
+_ALIGN = 8  # every region starts at a multiple of this many bytes
 
 
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
+Stored = torch.Tensor | QuantizedTensor
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How one kind of stored tensor turns into bytes and back: a dense tensor, or a
+    :class:`~minicache.quant.QuantizedTensor`'s codes, scales and zero points, one after the other.
+
+    Attributes
+    ----------
+    shapes : tuple of tuple of int
+        Shape of each part without the leading dimension (one part when dense, three when packed).
+    dtypes : tuple of torch.dtype
+    template : QuantizedTensor or None
+        What the packed parts are (bits, group size, axis, rotation); None: dense.
+    """
+
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[torch.dtype, ...]
+    template: QuantizedTensor | None = None
+
+    @classmethod
+    def of(cls, sample: Stored) -> Codec:
+        """The codec of tensors shaped like ``sample`` (its leading dimension is the one that varies)."""
+        parts = _parts(sample)
+        return cls(tuple(tuple(p.shape[1:]) for p in parts), tuple(p.dtype for p in parts),
+                   sample if isinstance(sample, QuantizedTensor) else None)
+
+    @property
+    def part_bytes(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in zip(self.shapes, self.dtypes,
+                                                                                              strict=True))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes per item of the leading dimension."""
+        return sum(self.part_bytes)
+
+    def encode(self, x: Stored) -> torch.Tensor:
+        """``[lead, nbytes]`` uint8: each item's parts, one after the other."""
+        parts = _parts(x)
+        lead = parts[0].shape[0]
+        return torch.cat([p.contiguous().view(torch.uint8).reshape(lead, nbytes)
+                          for p, nbytes in zip(parts, self.part_bytes, strict=True)], dim=1)
+
+    def decode(self, raw: torch.Tensor) -> list[torch.Tensor]:
+        """The parts ``[m, *shape]`` of ``raw`` ``[m, nbytes]`` uint8."""
+        out, start = [], 0
+        for shape, dtype, nbytes in zip(self.shapes, self.dtypes, self.part_bytes, strict=True):
+            out.append(raw[:, start : start + nbytes].contiguous().view(dtype).view(raw.shape[0], *shape))
+            start += nbytes
+        return out
+
+    def whole(self, parts: list[torch.Tensor]) -> Stored:
+        """A tensor (dense) or a QuantizedTensor of the packed parts."""
+        if self.template is None:
+            return parts[0]
+        data, scale, zero = parts
+        return dataclasses.replace(self.template, data=data, scale=scale, zero=zero)
+
+
+def _parts(x: Stored) -> list[torch.Tensor]:
+    return [x.data, x.scale, x.zero] if isinstance(x, QuantizedTensor) else [x]
+
+
+def _select(x: Stored, index: torch.Tensor) -> Stored:
+    return x.index_select(0, index) if isinstance(x, QuantizedTensor) else x[index]
+
+
 @dataclass(frozen=True)
 class FieldSlot:
-    """Where one stored field of one component lies in a merge block.
+    """Where one stored tensor of one component lies in a unit, ``[1, heads, unit tokens, width]``.
 
     Attributes
     ----------
     component : str
         ``"keys"`` or ``"values"``.
     name : str
-        The method's field name (``"direction"``).
-    width : int
-        Last dimension of the field.
-    dtype : torch.dtype
-        Its storage dtype.
+        The method's field name (``"direction"``), or ``"vectors"`` for an unmerged layer.
+    codec : Codec
+        Its bytes (dense in its storage dtype, or packed).
     offset : int
-        Byte offset inside the merge block.
+        Byte offset inside the unit.
     """
 
     component: str
     name: str
-    width: int
-    dtype: torch.dtype
+    codec: Codec
     offset: int
 
-    def nbytes(self, heads: int, tokens: int) -> int:
-        return heads * tokens * self.width * torch.empty((), dtype=self.dtype).element_size()
+    @property
+    def packed(self) -> bool:
+        return self.codec.template is not None
 
 
 @dataclass(frozen=True)
 class RetainedBlock:
-    """The exact tokens of one component of a run of merge blocks, as the runtime's store holds them.
+    """The exact tokens of one component of a run of units, as the runtime's store holds them.
 
     Attributes
     ----------
     index : torch.Tensor
-        ``[nnz, 3]`` int32 ``(batch = 0, head, token)``, tokens counted from the first block read.
-    value : torch.Tensor
-        ``[nnz, k, D]`` the members' exact vectors, model dtype.
+        ``[nnz, 3]`` int32 ``(batch = 0, head, token)``, tokens counted from the first unit read.
+    value : torch.Tensor or QuantizedTensor
+        ``[nnz, k, D]`` the members' exact vectors, model dtype, or packed per row.
     """
 
     index: torch.Tensor
-    value: torch.Tensor
+    value: Stored
 
 
 @dataclass(frozen=True)
-class PageLayout:
-    """Byte layout of a merged group's store, one merge block at a time (see the module docstring).
+class UnitLayout:
+    """Byte layout of a store's page, one unit of ``unit_tokens`` tokens at a time.
 
     Attributes
     ----------
-    members, heads, head_dim : int
-        ``k``, KV heads, ``D``.
-    block_size : int
-        Tokens per merge block (the profile's ``block_size``).
+    heads, head_dim : int
+        KV heads, ``D``.
     dtype : torch.dtype
         The model's (cache's) dtype.
+    unit_tokens : int
+        Tokens per unit; vLLM's block size must be a multiple.
     fields : tuple of FieldSlot
+    unit_bytes : int
+        Bytes of one unit.
+    """
+
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+    unit_tokens: int
+    fields: tuple[FieldSlot, ...]
+    unit_bytes: int
+
+    # -- sizes ----------------------------------------------------------------------------------
+    def units_per_page(self, page_tokens: int) -> int:
+        if page_tokens % self.unit_tokens:
+            raise ValueError(
+                f"vLLM's block size ({page_tokens} tokens) must be a multiple of the profile's page unit "
+                f"({self.unit_tokens} tokens: the merge block, or the quantizer's packing chunk): pass "
+                f"block_size={self.unit_tokens} (or a multiple) to vLLM"
+            )
+        return page_tokens // self.unit_tokens
+
+    def content_bytes(self, page_tokens: int) -> int:
+        """vLLM's ``state_content_bytes``: bytes per (KV head, token) cell of a page of ``page_tokens`` tokens."""
+        page = self.units_per_page(page_tokens) * self.unit_bytes
+        return _aligned(math.ceil(page / (self.heads * page_tokens)))
+
+    def bytes_per_token(self) -> float:
+        """Bytes the store takes per token (all heads), retained room included."""
+        return self.unit_bytes / self.unit_tokens
+
+    # -- fields ---------------------------------------------------------------------------------
+    def write_fields(self, block: torch.Tensor, fields: dict[str, dict[str, Stored]]) -> None:
+        """Write ``{component: {field: [1, heads, unit_tokens, width]}}`` into one unit ``[unit_bytes]``."""
+        for slot in self.fields:
+            raw = slot.codec.encode(fields[slot.component][slot.name])[0]
+            block[slot.offset : slot.offset + raw.numel()] = raw
+
+    def read_fields(self, blocks: torch.Tensor) -> dict[str, dict[str, Stored]]:
+        """``{component: {field: [1, heads, n * unit_tokens, width]}}`` of ``n`` units ``[n, unit_bytes]``."""
+        n = blocks.shape[0]
+        out: dict[str, dict[str, Stored]] = {c: {} for c in COMPONENTS}
+        for slot in self.fields:
+            parts = slot.codec.decode(blocks[:, slot.offset : slot.offset + slot.codec.nbytes])
+            # [n, heads, t, w] -> [1, heads, n * t, w]: units follow each other along the token axis
+            joined = [p.permute(1, 0, 2, 3).reshape(1, p.shape[1], n * p.shape[2], p.shape[3]) for p in parts]
+            out[slot.component][slot.name] = slot.codec.whole(joined)
+        return out
+
+
+def _field_slots(samples: list[tuple[str, str, Stored]], offset: int = 0) -> tuple[tuple[FieldSlot, ...], int]:
+    """Consecutive slots for ``(component, name, sample [1, heads, unit tokens, width])``."""
+    slots = []
+    for component, name, sample in samples:
+        slot = FieldSlot(component, name, Codec.of(sample), offset)
+        slots.append(slot)
+        offset = _aligned(offset + slot.codec.nbytes)
+    return tuple(slots), offset
+
+
+def quantized_layer_layout(layer, heads: int, head_dim: int, dtype: torch.dtype) -> UnitLayout:
+    """The page of an unmerged layer of a quantized profile (``layer``: its
+    :class:`~minicache.runtime.layers.QuantizedLayer`): one packing chunk of keys then values."""
+    q, g, chunk = layer.quantizer, layer.spec.group_size, layer.chunk
+    sample = torch.zeros(1, heads, chunk, head_dim, dtype=dtype)
+    slots, size = _field_slots([("keys", "vectors", q.quantize(sample, "keys", layer.bits, g)),
+                                ("values", "vectors", q.quantize(sample, "values", layer.value_bits, g))])
+    return UnitLayout(heads, head_dim, dtype, chunk, slots, _aligned(size))
+
+
+@dataclass(frozen=True)
+class PageLayout(UnitLayout):
+    """Byte layout of a merged group's store, one unit at a time (see the module docstring).
+
+    Attributes
+    ----------
+    members : int
+        ``k``.
     retained_capacity : int
-        Exact entries (one component, head and token each) a merge block has room for.
+        Exact entries (one component, head and token each) a unit has room for.
     retained_offset : int
-        Byte offset of the retained area (count, entries, vectors) inside the merge block.
-    block_bytes : int
-        Bytes of one merge block.
+        Byte offset of the retained area (count, entries, vectors) inside the unit.
+    retained : tuple of Codec
+        The retained vectors' bytes per entry, keys then values (packed per row in a quantized profile).
     """
 
     members: int
-    heads: int
-    head_dim: int
-    block_size: int
-    dtype: torch.dtype
-    fields: tuple[FieldSlot, ...]
     retained_capacity: int
     retained_offset: int
-    block_bytes: int
+    retained: tuple[Codec, ...]
 
     def __post_init__(self) -> None:
-        if self.members < 2 or self.heads < 1 or self.head_dim < 1 or self.block_size < 1:
-            raise ValueError(f"page layout needs k >= 2 members, heads, head_dim and block_size >= 1, got {self}")
+        if self.members < 2 or self.heads < 1 or self.head_dim < 1 or self.unit_tokens < 1:
+            raise ValueError(f"page layout needs k >= 2 members, heads, head_dim and unit_tokens >= 1, got {self}")
         if self.retained_capacity < 0 or self.retained_capacity > 32767:
             raise ValueError(f"retained_capacity must be in [0, 32767], got {self.retained_capacity}")
 
     @classmethod
-    def build(cls, methods: dict[str, tuple[MergeMethod, MethodParams]], members: int, heads: int, head_dim: int,
-              block_size: int, dtype: torch.dtype, retained_capacity: int) -> PageLayout:
-        """The layout of a group whose components are merged by ``methods`` (``{"keys": (method, params), ...}``)."""
-        slots, offset = [], 0
-        for component in COMPONENTS:
-            method, params = methods[component]
-            for f in method.fields:
-                slot = FieldSlot(component, f.name, f.size(members, head_dim, params), f.storage_dtype(dtype), offset)
-                slots.append(slot)
-                offset = _aligned(offset + slot.nbytes(heads, block_size))
-        retained_offset = offset
-        item = torch.empty((), dtype=dtype).element_size()
-        entries = _aligned(4 + retained_capacity * 3 * 2)
-        block_bytes = _aligned(retained_offset + entries + retained_capacity * members * head_dim * item)
-        return cls(members, heads, head_dim, block_size, dtype, tuple(slots), retained_capacity, retained_offset,
-                   block_bytes)
+    def build(cls, components: dict, heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+              retained_capacity: int) -> PageLayout:
+        """The layout of a merged group (``components``: its ``{"keys": ComponentStore, "values": ...}``,
+        which give the method, its parameters, the quantization and each component's code width).
 
-    # -- sizes ----------------------------------------------------------------------------------
-    def merge_blocks_per_page(self, page_tokens: int) -> int:
-        if page_tokens % self.block_size:
-            raise ValueError(
-                f"vLLM's block size ({page_tokens} tokens) must be a multiple of the profile's merge block "
-                f"({self.block_size} tokens): pass block_size={self.block_size} (or a multiple) to vLLM"
-            )
-        return page_tokens // self.block_size
-
-    def content_bytes(self, page_tokens: int) -> int:
-        """vLLM's ``state_content_bytes``: bytes per (KV head, token) cell of a page of ``page_tokens`` tokens."""
-        page = self.merge_blocks_per_page(page_tokens) * self.block_bytes
-        return _aligned(math.ceil(page / (self.heads * page_tokens)))
-
-    def bytes_per_token(self) -> float:
-        """Bytes the merged store takes per token (all heads), retained room included."""
-        return self.block_bytes / self.block_size
-
-    # -- writing --------------------------------------------------------------------------------
-    def _region(self, block: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
-        return block[offset : offset + nbytes].view(dtype)
-
-    def write(self, block: torch.Tensor, fields: dict[str, dict[str, torch.Tensor]],
-              retained: dict[str, RetainedBlock], unmarked: dict[str, dict[str, torch.Tensor]] | None = None) -> int:
-        """Write one merge block.
-
-        Parameters
-        ----------
-        block : torch.Tensor
-            ``[block_bytes]`` uint8, a view into the page.
-        fields : dict
-            ``{component: {field: [heads, block_size, width]}}`` in storage dtype, retained tokens
-            flagged as the method flags them (:meth:`MergeMethod.mark_retained`).
-        retained : dict
-            ``{component: RetainedBlock}``, tokens counted from the block's first.
-        unmarked : dict, optional
-            The same fields without the retention flags; needed only when a block retains more than
-            ``retained_capacity``: the tokens left out are restored from these.
-
-        Returns
-        -------
-        int
-            Entries left out (0 unless the block retained more than its capacity).
+        ``block_size`` is the profile's merge block; the unit is its least multiple that holds whole
+        packing chunks of every quantized field.
         """
-        for slot in self.fields:
-            x = fields[slot.component][slot.name]
-            n = slot.nbytes(self.heads, self.block_size)
-            self._region(block, slot.offset, n, slot.dtype).copy_(x.reshape(-1))
-        rows = []  # (component, head, token, values)
-        for c, component in enumerate(COMPONENTS):
-            entry = retained[component]
-            for i in range(entry.index.shape[0]):
-                rows.append((c, int(entry.index[i, 1]), int(entry.index[i, 2]), entry.value[i]))
-        rows.sort(key=lambda r: (r[2], r[0], r[1]))  # the earliest tokens first: sinks are the first of all
-        kept, dropped = rows[: self.retained_capacity], rows[self.retained_capacity :]
-        if dropped:
-            if unmarked is None:
-                raise ValueError(f"a merge block retained {len(rows)} entries, more than its room "
-                                 f"({self.retained_capacity}), and no unmarked fields were given to restore the rest")
-            for c, head, token, _ in dropped:
-                for slot in self.fields:
-                    if slot.component == COMPONENTS[c]:
-                        n = slot.nbytes(self.heads, self.block_size)
-                        region = self._region(block, slot.offset, n, slot.dtype).view(self.heads, self.block_size, -1)
-                        region[head, token] = unmarked[slot.component][slot.name][head, token]
-        count = self._region(block, self.retained_offset, 4, torch.int32)
-        count[0] = len(kept)
-        if kept:
-            index = torch.tensor([[c, h, n] for c, h, n, _ in kept], dtype=torch.int16)
-            self._region(block, self.retained_offset + 4, index.numel() * 2, torch.int16).copy_(index.reshape(-1))
-            values = torch.stack([v for *_, v in kept]).to(self.dtype)
-            item = values.element_size()
-            start = self._values_offset()
-            self._region(block, start, values.numel() * item, self.dtype).copy_(values.reshape(-1))
-        return len(dropped)
+        members = components["keys"].members
+        if members < 2:
+            raise ValueError(f"page layout needs k >= 2 members, got {members}")
+        unit = block_size
+        for name in COMPONENTS:
+            comp = components[name]
+            for f in comp.method.fields:
+                role = f.role(name)
+                if comp.quant is not None and role is not None:
+                    unit = math.lcm(unit, comp.quant.quantizer.chunk_tokens(role, comp.quant.group_size))
+        samples, retained = [], []
+        for name in COMPONENTS:
+            comp = components[name]
+            quant = comp.quant
+            for f in comp.method.fields:
+                role = f.role(name)
+                sample = torch.zeros(1, heads, unit, f.size(members, head_dim, comp.params),
+                                     dtype=f.storage_dtype(dtype))
+                if quant is not None and role is not None:
+                    sample = quant.quantizer.quantize(sample, role, comp.bits, quant.group_size)
+                samples.append((name, f.name, sample))
+            vector = torch.zeros(1, members, head_dim, dtype=dtype)  # what ComponentStore.merge packs per row
+            if quant is not None:
+                vector = quant.quantizer.quantize(vector, "vectors", comp.bits, quant.group_size)
+            retained.append(Codec.of(vector))
+        slots, retained_offset = _field_slots(samples)
+        entry = max(c.nbytes for c in retained)
+        unit_bytes = _aligned(retained_offset + _aligned(4 + retained_capacity * 3 * 2) + retained_capacity * entry)
+        return cls(heads, head_dim, dtype, unit, slots, unit_bytes, members, retained_capacity, retained_offset,
+                   tuple(retained))
+
+    @property
+    def entry_bytes(self) -> int:
+        return max(c.nbytes for c in self.retained)
 
     def _values_offset(self) -> int:
         return self.retained_offset + _aligned(4 + self.retained_capacity * 3 * 2)
 
+    # -- writing --------------------------------------------------------------------------------
+    def write(self, block: torch.Tensor, fields: dict[str, dict[str, Stored]],
+              retained: dict[str, RetainedBlock], unmarked: dict[str, dict[str, torch.Tensor]] | None = None) -> int:
+        """Write one unit.
+
+        Parameters
+        ----------
+        block : torch.Tensor
+            ``[unit_bytes]`` uint8, a view into the page.
+        fields : dict
+            ``{component: {field: [1, heads, unit_tokens, width]}}`` as the runtime's store holds them
+            (storage dtype, or packed), retained tokens flagged as the method flags them
+            (:meth:`MergeMethod.mark_retained`).
+        retained : dict
+            ``{component: RetainedBlock}``, tokens counted from the unit's first.
+        unmarked : dict, optional
+            The dense fields without the retention flags (``{component: {field: [heads, unit_tokens,
+            width]}}``); needed only when a unit retains more than ``retained_capacity``: the tokens
+            left out are restored from these. (Methods flag retained tokens only in fields they keep
+            unpacked, as SLERP does in its magnitudes, so packed fields need no patch.)
+
+        Returns
+        -------
+        int
+            Entries left out (0 unless the unit retained more than its capacity).
+        """
+        rows = []  # (token, component, head, row in its component's list)
+        for c, component in enumerate(COMPONENTS):
+            index = retained[component].index
+            for i in range(index.shape[0]):
+                rows.append((int(index[i, 2]), c, int(index[i, 1]), i))
+        rows.sort()  # the earliest tokens first: sinks are the first of all
+        kept, dropped = rows[: self.retained_capacity], rows[self.retained_capacity :]
+        if dropped:
+            if unmarked is None:
+                raise ValueError(f"a unit retained {len(rows)} entries, more than its room "
+                                 f"({self.retained_capacity}), and no unmarked fields were given to restore the rest")
+            fields = {c: dict(f) for c, f in fields.items()}
+            for slot in self.fields:
+                if slot.packed:
+                    continue
+                x = fields[slot.component][slot.name].clone()
+                for token, c, head, _ in dropped:
+                    if COMPONENTS[c] == slot.component:
+                        x[0, head, token] = unmarked[slot.component][slot.name][head, token]
+                fields[slot.component][slot.name] = x
+        self.write_fields(block, fields)
+        start = self.retained_offset
+        block[start : start + 4] = torch.tensor([len(kept)], dtype=torch.int32).view(torch.uint8)
+        if kept:
+            index = torch.tensor([[c, h, n] for n, c, h, _ in kept], dtype=torch.int16)
+            raw = index.view(torch.uint8).reshape(-1)
+            block[start + 4 : start + 4 + raw.numel()] = raw
+            encoded = [codec.encode(retained[name].value) for codec, name in zip(self.retained, COMPONENTS,
+                                                                                  strict=True)]
+            entries = torch.zeros(len(kept), self.entry_bytes, dtype=torch.uint8)
+            for e, (_, c, _, i) in enumerate(kept):
+                entries[e, : encoded[c].shape[1]] = encoded[c][i]
+            vstart = self._values_offset()
+            block[vstart : vstart + entries.numel()] = entries.reshape(-1)
+        return len(dropped)
+
     # -- reading --------------------------------------------------------------------------------
-    def read(self, blocks: torch.Tensor) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, RetainedBlock]]:
-        """Read ``n`` consecutive merge blocks (``[n, block_bytes]`` uint8).
+    def read(self, blocks: torch.Tensor) -> tuple[dict[str, dict[str, Stored]], dict[str, RetainedBlock]]:
+        """Read ``n`` consecutive units (``[n, unit_bytes]`` uint8).
 
         Returns
         -------
         fields : dict
-            ``{component: {field: [1, heads, n * block_size, width]}}``, as the runtime's store holds them.
+            ``{component: {field: [1, heads, n * unit_tokens, width]}}``, as the runtime's store holds them.
         retained : dict
-            ``{component: RetainedBlock}`` with tokens counted from the first block read.
+            ``{component: RetainedBlock}`` with tokens counted from the first unit read.
         """
         n = blocks.shape[0]
-        fields: dict[str, dict[str, torch.Tensor]] = {c: {} for c in COMPONENTS}
-        for slot in self.fields:
-            nbytes = slot.nbytes(self.heads, self.block_size)
-            x = blocks[:, slot.offset : slot.offset + nbytes].contiguous().view(slot.dtype)
-            x = x.view(n, self.heads, self.block_size, slot.width).permute(1, 0, 2, 3)
-            fields[slot.component][slot.name] = x.reshape(1, self.heads, n * self.block_size, slot.width)
+        fields = self.read_fields(blocks)
         counts = blocks[:, self.retained_offset : self.retained_offset + 4].contiguous().view(torch.int32).view(n)
-        index_bytes = self.retained_capacity * 3 * 2
         start = self.retained_offset + 4
-        index = blocks[:, start : start + index_bytes].contiguous().view(torch.int16).view(n, -1, 3)
-        item = torch.empty((), dtype=self.dtype).element_size()
+        index = blocks[:, start : start + self.retained_capacity * 3 * 2].contiguous().view(torch.int16)
+        index = index.view(n, -1, 3)
         vstart = self._values_offset()
-        vbytes = self.retained_capacity * self.members * self.head_dim * item
-        values = blocks[:, vstart : vstart + vbytes].contiguous().view(self.dtype)
-        values = values.view(n, -1, self.members, self.head_dim)
+        entries = blocks[:, vstart : vstart + self.retained_capacity * self.entry_bytes]
+        entries = entries.reshape(n, self.retained_capacity, self.entry_bytes)
         valid = torch.arange(self.retained_capacity).unsqueeze(0) < counts.unsqueeze(1)  # [n, cap]
         block_of = torch.arange(n).unsqueeze(1).expand_as(valid)
         retained = {}
-        for c, component in enumerate(COMPONENTS):
+        for c, (component, codec) in enumerate(zip(COMPONENTS, self.retained, strict=True)):
             mask = valid & (index[..., 0] == c)
             idx = index[mask].to(torch.int32)  # [nnz, 3] (component, head, token)
-            token = idx[:, 2] + block_of[mask].to(torch.int32) * self.block_size
+            token = idx[:, 2] + block_of[mask].to(torch.int32) * self.unit_tokens
             order = torch.argsort(token * self.heads + idx[:, 1], stable=True)  # the runtime's (h, n) order per block
             rows = torch.stack([torch.zeros_like(token), idx[:, 1], token], dim=1)[order]
-            retained[component] = RetainedBlock(rows, values[mask][order])
+            value = codec.whole(codec.decode(entries[mask][:, : codec.nbytes]))
+            retained[component] = RetainedBlock(rows, _select(value, order))
         return fields, retained

@@ -1,4 +1,4 @@
-"""A merged group's store in pages: merge whole blocks into them, restore a member from them.
+"""A merged group's store in pages: merge whole units into them, restore a member from them.
 
 This is the part of the vLLM plugin that does not need vLLM: the pages are any ``[num_blocks, bytes]``
 uint8 tensor and a request's blocks a row of block ids, so minicache's own tests check it against
@@ -7,13 +7,15 @@ the transformers runtime (:class:`minicache.runtime.store.GroupStore`) step by s
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
 import torch
 
-from minicache.runtime.store import GroupStore
-from minicache_vllm.layout import COMPONENTS, PageLayout, RetainedBlock
+from minicache.quant import QuantizedTensor
+from minicache.runtime.store import ComponentStore, GroupStore
+from minicache_vllm.layout import COMPONENTS, PageLayout, RetainedBlock, Stored
 from minicache_vllm.windows import WindowPool, merged_length
 
 logger = logging.getLogger("vllm.minicache_vllm")
@@ -24,15 +26,22 @@ __all__ = ["PagedGroup"]
 class PagedGroup:
     """One merged group: its settings (from minicache's own store), pages, windows and step state.
 
+    The pages hold a request's merged tokens in whole units (:class:`~minicache_vllm.layout.PageLayout`:
+    the merge block, or in a quantized profile the least multiple of it that packs whole chunks). Merged
+    tokens that do not fill a unit yet stay exact in the window pool, and each step merges them again
+    (the same ``ComponentStore.merge`` call on the same tokens, so the same stored form the runtime holds
+    as the dense tail of a packed field).
+
     Parameters
     ----------
     template : GroupStore
-        The group's store as :class:`minicache.MiniCache` builds it from the profile (settings and
-        the method's sidecar tensors; it never holds tokens here).
+        The group's store as :class:`minicache.MiniCache` builds it from the profile (settings, the
+        method's sidecar tensors, the quantization; it never holds tokens here).
     layout : PageLayout
     pool : WindowPool
+        Room for ``residual_length + layout.unit_tokens`` exact tokens per request.
     page_tokens : int
-        Tokens per page (vLLM's block size; a multiple of the merge block).
+        Tokens per page (vLLM's block size; a multiple of the unit).
     pages : callable
         Returns the pages, ``[num_blocks, page bytes]`` uint8 (vLLM binds them after the model is built).
     layer_name : str
@@ -47,88 +56,103 @@ class PagedGroup:
         self.residual_length = template.residual_length
         self.block_size = template.block_size
         self.layout = layout
+        self.unit = layout.unit_tokens
         self.pool = pool
         self.pages = pages
         self.layer_name = layer_name
-        self.blocks_per_page = layout.merge_blocks_per_page(page_tokens)
+        self.units_per_page = layout.units_per_page(page_tokens)
         self._stash: dict[int, dict[int, torch.Tensor]] = {}  # member -> batch row -> [2, H, n, D], this step
         self._slots: dict[int, int] = {}  # batch row -> window slot, this step
-        self._reads: dict[tuple[int, int], tuple] = {}  # (first block, merged) -> layout.read, this step
-        self.dropped = 0  # retained entries left out because a merge block had no room (logged)
+        self._states: dict[tuple[int, int], dict[str, ComponentStore]] = {}  # (first block, tokens) -> stores
+        self.dropped = 0  # retained entries left out because a unit had no room (logged)
+
+    def paged_length(self, tokens: int) -> int:
+        """Tokens of a sequence of ``tokens`` whose stored form is in the pages: the merged ones in whole units."""
+        return merged_length(tokens, self.residual_length, self.block_size) // self.unit * self.unit
 
     # -- pages ------------------------------------------------------------------------------------
-    def _merge_block(self, pages: torch.Tensor, table: torch.Tensor, index: int) -> torch.Tensor:
-        page = int(table[index // self.blocks_per_page])
-        start = (index % self.blocks_per_page) * self.layout.block_bytes
-        return pages[page, start : start + self.layout.block_bytes]
+    def _unit_bytes(self, pages: torch.Tensor, table: torch.Tensor, index: int) -> torch.Tensor:
+        page = int(table[index // self.units_per_page])
+        start = (index % self.units_per_page) * self.layout.unit_bytes
+        return pages[page, start : start + self.layout.unit_bytes]
 
-    def restored(self, member: int, table: torch.Tensor, merged: int,
-                 exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Member ``member``'s keys and values ``[1, H, merged + n, D]``: its restored merged prefix
-        (``merged`` tokens, from the pages) then ``exact`` ``[2, H, n, D]``."""
-        out = []
-        fields, retained = self._read(table, merged) if merged else ({}, {})
+    def _state(self, table: torch.Tensor, before: int, window: torch.Tensor) -> dict[str, ComponentStore]:
+        """A request's stores as the runtime holds them after its previous step, read once per step for
+        all members (merging waits for the last one): the paged units, then the merged tokens that do
+        not fill a unit, merged again from ``window`` ``[2, k, H, n, D]`` (tokens from the paged length on)."""
+        key = (int(table[0]), before)
+        if key in self._states:
+            return self._states[key]
+        paged = self.paged_length(before)
+        merged = merged_length(before, self.residual_length, self.block_size)
+        if paged:
+            pages = self.pages()
+            fields, retained = self.layout.read(
+                torch.stack([self._unit_bytes(pages, table, j) for j in range(paged // self.unit)]))
+        state = {}
         for c, name in enumerate(COMPONENTS):
             comp = self.template.components[name].fresh()
-            comp.residual[member] = exact[c].unsqueeze(0)
-            if merged:
+            if paged:
                 for field, x in fields[name].items():
-                    comp.fields[field].dense = x
-                comp.length = merged
+                    if isinstance(x, QuantizedTensor):
+                        comp.fields[field].packed = x
+                    else:
+                        comp.fields[field].dense = x
+                comp.length = paged
                 comp.retained_index = retained[name].index
-                comp.retained_value = retained[name].value
-            out.append(comp.restored(member))
-        return out[0], out[1]
-
-    def _read(self, table: torch.Tensor, merged: int):
-        """The stored form of a request's first ``merged`` tokens, read once per step for all members
-        (merging happens after the last member, so they all read the same pages)."""
-        key = (int(table[0]), merged)
-        if key not in self._reads:
-            pages = self.pages()
-            blocks = torch.stack([self._merge_block(pages, table, j) for j in range(merged // self.block_size)])
-            self._reads[key] = self.layout.read(blocks)
-        return self._reads[key]
+                if isinstance(retained[name].value, QuantizedTensor):
+                    comp.retained_q = retained[name].value
+                else:
+                    comp.retained_value = retained[name].value
+            comp.residual = [window[c, m].unsqueeze(0) for m in range(self.members)]
+            if merged > paged:
+                real = torch.ones(1, window.shape[-2], dtype=torch.bool, device=window.device)
+                comp.merge(merged - paged, self.block_size, real, torch.tensor([paged], device=window.device))
+            state[name] = comp
+        self._states[key] = state
+        return state
 
     def merge(self, table: torch.Tensor, start: int, xs: torch.Tensor, count: int) -> None:
         """Merge the first ``count`` tokens of ``xs`` ``[2, k, H, n, D]`` (tokens from ``start`` on,
-        ``start`` a multiple of the merge block) into the pages."""
+        ``start`` and ``count`` multiples of the unit) into the pages."""
         n = xs.shape[-2]
         real = torch.ones(1, n, dtype=torch.bool, device=xs.device)
         before = torch.tensor([start], device=xs.device)
-        stored: dict[str, dict[str, torch.Tensor]] = {}
+        stored: dict[str, dict[str, Stored]] = {}
         kept: dict[str, RetainedBlock] = {}
         for c, name in enumerate(COMPONENTS):
             comp = self.template.components[name].fresh()
             comp.residual = [xs[c, m].unsqueeze(0) for m in range(self.members)]
             comp.merge(count, self.block_size, real, before)
-            stored[name] = {f: s.dense[0] for f, s in comp.fields.items()}  # [H, count, w]
-            kept[name] = RetainedBlock(comp.retained_index, comp.retained_value)
+            # whole units: a packed field holds every token packed, an unpacked one dense
+            stored[name] = {f: s.dense if s.packed is None else s.packed for f, s in comp.fields.items()}
+            value = comp.retained_value if comp.retained_q is None else comp.retained_q
+            kept[name] = RetainedBlock(comp.retained_index, value)
         pages = self.pages()
-        bs = self.block_size
-        for j in range(count // bs):
-            lo, hi = j * bs, (j + 1) * bs
-            fields = {name: {f: x[:, lo:hi] for f, x in stored[name].items()} for name in COMPONENTS}
+        u = self.unit
+        for j in range(count // u):
+            lo, hi = j * u, (j + 1) * u
+            fields = {name: {f: _tokens(x, lo, hi) for f, x in stored[name].items()} for name in COMPONENTS}
             retained = {}
             for name in COMPONENTS:
                 idx, val = kept[name].index, kept[name].value
-                inside = (idx[:, 2] >= lo) & (idx[:, 2] < hi)
+                inside = ((idx[:, 2] >= lo) & (idx[:, 2] < hi)).nonzero().squeeze(1)
                 local = idx[inside].clone()
                 local[:, 2] -= lo
-                retained[name] = RetainedBlock(local, val[inside])
+                retained[name] = RetainedBlock(local, val.index_select(0, inside) if isinstance(val, QuantizedTensor)
+                                               else val[inside])
             room = self.layout.retained_capacity
             unmarked = None
             if sum(r.index.shape[0] for r in retained.values()) > room:
                 unmarked = self._unmarked(xs, lo, hi)
-            dropped = self.layout.write(self._merge_block(pages, table, (start + lo) // bs), fields, retained,
-                                        unmarked)
+            dropped = self.layout.write(self._unit_bytes(pages, table, (start + lo) // u), fields, retained, unmarked)
             if dropped:
                 self.dropped += dropped
-                logger.info("minicache_vllm: layers %s: a merge block retained %d entries more than its room (%d); "
+                logger.info("minicache_vllm: layers %s: a unit retained %d entries more than its room (%d); "
                             "%d left out so far", list(self.layers), dropped, room, self.dropped)
 
     def _unmarked(self, xs: torch.Tensor, lo: int, hi: int) -> dict[str, dict[str, torch.Tensor]]:
-        """The block's stored fields without retention flags (to restore entries a full block leaves out)."""
+        """The unit's stored fields without retention flags (to restore entries a full unit leaves out)."""
         out = {}
         for c, name in enumerate(COMPONENTS):
             comp = self.template.components[name]
@@ -144,7 +168,7 @@ class PagedGroup:
         self.pool.next_step()
         self._stash = {}
         self._slots = {}
-        self._reads = {}
+        self._states = {}
 
     def member_kv(self, member: int, row: int, table: torch.Tensor, before: int,
                   step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,24 +189,33 @@ class PagedGroup:
             self._slots[row] = self.pool.slot(int(table[0]), before)
         slot = self._slots[row]
         self._stash.setdefault(member, {})[row] = step
-        merged = merged_length(before, self.residual_length, self.block_size)
-        window = self.pool.read(slot)[:, member]  # [2, H, before - merged, D]
-        return self.restored(member, table, merged, torch.cat([window, step], dim=-2))
+        state = self._state(table, before, self.pool.read(slot))
+        out = []
+        for c, name in enumerate(COMPONENTS):
+            comp = copy.copy(state[name])  # shares the stored form; only this member's window grows
+            comp.residual = list(comp.residual)
+            comp.residual[member] = torch.cat([comp.residual[member], step[c].unsqueeze(0)], dim=-2)
+            out.append(comp.restored(member))
+        return out[0], out[1]
 
     def end_step(self, rows: list[tuple[int, torch.Tensor, int, int]]) -> None:
-        """After the last member: merge the whole blocks that left every window, keep the rest exact.
+        """After the last member: merge the whole units that left every window, keep the rest exact.
 
         ``rows``: ``(row, block ids, tokens before the step, tokens after)`` of each request in the step.
         """
         for row, table, before, total in rows:
             slot = self._slots[row]
-            merged_before = merged_length(before, self.residual_length, self.block_size)
-            merged_after = merged_length(total, self.residual_length, self.block_size)
+            paged_before, paged_after = self.paged_length(before), self.paged_length(total)
             steps = torch.stack([self._stash[m][row] for m in range(self.members)], dim=1)  # [2, k, H, n, D]
-            xs = torch.cat([self.pool.read(slot), steps], dim=-2)  # tokens merged_before .. total
-            count = merged_after - merged_before
+            xs = torch.cat([self.pool.read(slot), steps], dim=-2)  # tokens paged_before .. total
+            count = paged_after - paged_before
             if count:
-                self.merge(table, merged_before, xs, count)
+                self.merge(table, paged_before, xs, count)
             self.pool.write(slot, xs[..., count:, :].clone())
         self._stash = {}
-        self._reads = {}
+        self._states = {}
+
+
+def _tokens(x: Stored, start: int, end: int) -> Stored:
+    """Tokens ``[start, end)`` of a ``[1, H, N, w]`` field, dense or packed."""
+    return x.slice_tokens(start, end) if isinstance(x, QuantizedTensor) else x[:, :, start:end]

@@ -1,0 +1,111 @@
+"""An unmerged layer of a quantized profile in pages: packed chunks in vLLM's pages, the rest exact.
+
+The transformers runtime stores such a layer as a :class:`~minicache.runtime.layers.QuantizedLayer`:
+a packed prefix of whole chunks (KIVI: ``group_size`` tokens), an exact window of the most recent
+tokens and, with ``sink_tokens``, the first tokens exact. Here the chunks live in the pages
+(:func:`~minicache_vllm.layout.quantized_layer_layout`), the window and the sinks in a pool of
+``max_num_seqs`` slots (taken off vLLM's KV budget like a merged group's windows), and every step runs
+the runtime's own ``QuantizedLayer.update`` on a layer rebuilt from them: the same packing, the same
+restore, the same tokens.
+
+Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from minicache.runtime.layers import QuantizedLayer
+from minicache_vllm.layout import UnitLayout
+from minicache_vllm.windows import WindowPool
+
+__all__ = ["PagedQuantizedLayer"]
+
+
+class PagedQuantizedLayer:
+    """One unmerged quantized layer, with the step interface of :class:`~minicache_vllm.paged.PagedGroup`
+    (one member).
+
+    Parameters
+    ----------
+    template : QuantizedLayer
+        The layer as :class:`minicache.MiniCache` builds it from the profile (scheme, widths, RoPE).
+    layout : UnitLayout
+        One chunk of packed keys and values per unit.
+    pool : WindowPool
+        One member, room for ``residual_length + chunk`` exact tokens per request.
+    page_tokens : int
+        vLLM's block size (a multiple of the chunk).
+    pages : callable
+        Returns the pages, ``[num_blocks, page bytes]`` uint8.
+    layer_name : str
+        The store layer's name.
+    """
+
+    members = 1
+
+    def __init__(self, template: QuantizedLayer, layout: UnitLayout, pool: WindowPool, page_tokens: int,
+                 pages: Callable[[], torch.Tensor], layer_name: str = ""):
+        if layout.unit_tokens != template.chunk:
+            raise ValueError(f"a quantized layer's unit must be its chunk ({template.chunk} tokens), "
+                             f"got {layout.unit_tokens}")
+        self.template = template
+        self.layout = layout
+        self.unit = layout.unit_tokens
+        self.units_per_page = layout.units_per_page(page_tokens)
+        self.pool = pool
+        self.pages = pages
+        self.layer_name = layer_name
+        sinks = template.spec.sink_tokens
+        slots, _, _, heads, _, head_dim = pool.data.shape
+        # [slots, keys/values, H, S, D]: the first tokens, exact (their packed rows hold a stand-in)
+        self.sinks = torch.zeros(slots, 2, heads, sinks, head_dim, dtype=pool.data.dtype) if sinks else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held outside the pages (windows and sinks)."""
+        sinks = 0 if self.sinks is None else self.sinks.numel() * self.sinks.element_size()
+        return self.pool.nbytes + sinks
+
+    def _unit_bytes(self, pages: torch.Tensor, table: torch.Tensor, index: int) -> torch.Tensor:
+        page = int(table[index // self.units_per_page])
+        start = (index % self.units_per_page) * self.layout.unit_bytes
+        return pages[page, start : start + self.layout.unit_bytes]
+
+    def begin_step(self) -> None:
+        self.pool.next_step()
+
+    def member_kv(self, member: int, row: int, table: torch.Tensor, before: int,
+                  step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[1, H, before + n, D]`` the layer attends for one request (``step``:
+        ``[2, H, n, D]``, its new tokens); packs what leaves the window into the pages, as the runtime does."""
+        slot = self.pool.slot(int(table[0]), before)
+        window = self.pool.read(slot)[:, 0]  # [2, H, w, D]: tokens packed .. before
+        packed = before - window.shape[-2]
+        t = self.template
+        layer = QuantizedLayer(t.spec, t.bits, t.value_bits, t.rope)
+        layer.lazy_initialization(step[0].unsqueeze(0), step[1].unsqueeze(0))
+        layer.keys, layer.values = window[0].unsqueeze(0), window[1].unsqueeze(0)
+        pages = self.pages()
+        if packed:
+            units = torch.stack([self._unit_bytes(pages, table, j) for j in range(packed // self.unit)])
+            fields = self.layout.read_fields(units)
+            layer.qkeys, layer.qvalues = fields["keys"]["vectors"], fields["values"]["vectors"]
+            if self.sinks is not None:
+                layer.sink_keys, layer.sink_values = (s.unsqueeze(0) for s in self.sinks[slot])
+        keys, values = layer.update(step[0].unsqueeze(0), step[1].unsqueeze(0))
+        for j in range(packed // self.unit, layer.quantized_length // self.unit):
+            lo, hi = j * self.unit, (j + 1) * self.unit
+            self.layout.write_fields(self._unit_bytes(pages, table, j), {
+                "keys": {"vectors": layer.qkeys.slice_tokens(lo, hi)},
+                "values": {"vectors": layer.qvalues.slice_tokens(lo, hi)},
+            })
+        if packed == 0 and layer.sink_keys is not None:
+            self.sinks[slot] = torch.stack([layer.sink_keys[0], layer.sink_values[0]])
+        self.pool.write(slot, torch.stack([layer.keys[0], layer.values[0]]).unsqueeze(1))
+        return keys, values
+
+    def end_step(self, rows) -> None:
+        """Nothing left to do: each call packs its own layer."""

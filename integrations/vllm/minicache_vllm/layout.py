@@ -39,7 +39,8 @@ import torch
 
 from minicache.quant import QuantizedTensor
 
-__all__ = ["COMPONENTS", "Codec", "FieldSlot", "PageLayout", "RetainedBlock", "UnitLayout", "quantized_layer_layout"]
+__all__ = ["COMPONENTS", "Codec", "FieldSlot", "PageLayout", "RetainedBlock", "UnitLayout", "page_unit",
+           "quantized_layer_layout"]
 
 #: A merged group's two components, in page order (their index is the ``component`` of a retained entry).
 COMPONENTS = ("keys", "values")
@@ -191,7 +192,7 @@ class UnitLayout:
             raise ValueError(
                 f"vLLM's block size ({page_tokens} tokens) must be a multiple of the profile's page unit "
                 f"({self.unit_tokens} tokens: the merge block, or the quantizer's packing chunk): pass "
-                f"block_size={self.unit_tokens} (or a multiple) to vLLM"
+                f"block_size={self.unit_tokens} (or a multiple) to vLLM (vllm serve: --block-size {self.unit_tokens})"
             )
         return page_tokens // self.unit_tokens
 
@@ -243,6 +244,19 @@ def quantized_layer_layout(layer, heads: int, head_dim: int, dtype: torch.dtype)
     return UnitLayout(heads, head_dim, dtype, chunk, slots, _aligned(size))
 
 
+def page_unit(components: dict, block_size: int) -> int:
+    """Tokens per unit of a merged group's pages: the least multiple of the merge block ``block_size``
+    that holds whole packing chunks of every quantized field (``components``: its ComponentStores)."""
+    unit = block_size
+    for name in COMPONENTS:
+        comp = components[name]
+        for f in comp.method.fields:
+            role = f.role(name)
+            if comp.quant is not None and role is not None:
+                unit = math.lcm(unit, comp.quant.quantizer.chunk_tokens(role, comp.quant.group_size))
+    return unit
+
+
 @dataclass(frozen=True)
 class PageLayout(UnitLayout):
     """Byte layout of a merged group's store, one unit at a time (see the module docstring).
@@ -282,13 +296,7 @@ class PageLayout(UnitLayout):
         members = components["keys"].members
         if members < 2:
             raise ValueError(f"page layout needs k >= 2 members, got {members}")
-        unit = block_size
-        for name in COMPONENTS:
-            comp = components[name]
-            for f in comp.method.fields:
-                role = f.role(name)
-                if comp.quant is not None and role is not None:
-                    unit = math.lcm(unit, comp.quant.quantizer.chunk_tokens(role, comp.quant.group_size))
+        unit = page_unit(components, block_size)
         samples, retained = [], []
         for name in COMPONENTS:
             comp = components[name]

@@ -13,6 +13,9 @@ Per merged group of layers ``l .. l+k−1`` (``docs/vllm-plugin-design.md``):
   every whole block that left the window (the same ``ComponentStore.merge`` the transformers runtime
   runs) and writes it into the pages.
 
+In a quantized profile every other layer is served the same way (one store layer, one member:
+:class:`~minicache_vllm.quantized.PagedQuantizedLayer`), its pages holding packed chunks.
+
 This is the reference path: plain torch, one request at a time, correct before fast.
 """
 
@@ -29,8 +32,9 @@ from vllm.v1.attention.backend import AttentionMetadataBuilder, CommonAttentionM
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from minicache_vllm.layout import PageLayout
+from minicache_vllm.layout import UnitLayout
 from minicache_vllm.paged import PagedGroup
+from minicache_vllm.quantized import PagedQuantizedLayer
 
 __all__ = ["MergedAttention", "StoreLayer"]
 
@@ -74,9 +78,10 @@ class StoreBackend(CPUAttentionBackend):
 
 
 class StoreLayer(torch.nn.Module, AttentionLayerBase):
-    """A merged group's pages, as a layer vLLM allocates for (it computes nothing itself)."""
+    """A store's pages (a merged group's, or a quantized layer's), as a layer vLLM allocates for (it
+    computes nothing itself)."""
 
-    def __init__(self, name: str, layout: PageLayout, page_tokens: int):
+    def __init__(self, name: str, layout: UnitLayout, page_tokens: int):
         super().__init__()
         self.layer_name = name
         self.layout = layout
@@ -107,14 +112,15 @@ class StoreLayer(torch.nn.Module, AttentionLayerBase):
 
 # -- the members' attention -----------------------------------------------------------------------
 class MergedAttention(torch.nn.Module):
-    """Attention of one member of a merged group (replaces vLLM's ``Attention`` there; no pages of its own).
+    """Attention of one member of a merged group, or of an unmerged layer of a quantized profile (replaces
+    vLLM's ``Attention`` there; no pages of its own: ``group`` reads and writes its store's).
 
     ``forward(q, k, v)`` takes and returns what vLLM's ``Attention`` does: ``q`` ``[T, Hq·D]``,
     ``k``/``v`` ``[T, H·D]``, output ``[T, Hq·D]``.
     """
 
-    def __init__(self, group: PagedGroup, member: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 scale: float):
+    def __init__(self, group: PagedGroup | PagedQuantizedLayer, member: int, num_heads: int, num_kv_heads: int,
+                 head_dim: int, scale: float):
         super().__init__()
         self.group = group
         self.member = member

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from vllm.logger import init_logger
@@ -38,7 +39,8 @@ def check_engine(path: Path, vllm_config) -> None:
 
     if vllm_config.cache_config.enable_prefix_caching:
         raise _refuse(path, "prefix caching shares blocks between requests, and a merged block depends on its "
-                            "request's whole window; pass enable_prefix_caching=False")
+                            "request's whole window; pass enable_prefix_caching=False (vllm serve: "
+                            "--no-enable-prefix-caching)")
     if vllm_config.speculative_config is not None:
         raise _refuse(path, "speculative decoding would merge draft tokens before they are accepted")
     parallel = vllm_config.parallel_config
@@ -46,46 +48,103 @@ def check_engine(path: Path, vllm_config) -> None:
         raise _refuse(path, "tensor or pipeline parallelism is not served yet (one process per model)")
     if vllm_config.compilation_config.mode != CompilationMode.NONE:
         raise _refuse(path, "the merged attention is plain PyTorch that torch.compile cannot trace; pass "
-                            "enforce_eager=True")
+                            "enforce_eager=True (vllm serve: --enforce-eager)")
 
 
 def store_layout(template, heads: int, head_dim: int, dtype):
     """The page layout of a merged group (``template``: its :class:`~minicache.runtime.store.GroupStore`).
 
-    Room for retained entries per merge block: the sinks of every head and component, plus
-    :data:`RETAINED_FRACTION` of the block's entries when the group retains by distance (gamma > 0).
+    Room for retained entries per unit: the sinks of every head and component, plus
+    :data:`RETAINED_FRACTION` of the unit's entries when the group retains by distance (gamma > 0).
     """
-    from minicache_vllm.layout import COMPONENTS, PageLayout
+    from minicache_vllm.layout import COMPONENTS, PageLayout, page_unit
 
-    settings = {name: template.components[name].settings for name in COMPONENTS}
-    entries = template.block_size * heads * len(COMPONENTS)
-    room = max(s.sink_tokens for s in settings.values()) * heads * len(COMPONENTS)
-    if max(s.gamma for s in settings.values()) > 0:
+    settings = [template.components[name].settings for name in COMPONENTS]
+    entries = page_unit(template.components, template.block_size) * heads * len(COMPONENTS)
+    room = max(s.sink_tokens for s in settings) * heads * len(COMPONENTS)
+    if max(s.gamma for s in settings) > 0:
         room += math.ceil(RETAINED_FRACTION * entries)
-    return PageLayout.build({name: (s.merge_method, s.params) for name, s in settings.items()},
-                            len(template.layers), heads, head_dim, template.block_size, dtype, min(room, entries))
+    return PageLayout.build(template.components, heads, head_dim, template.block_size, dtype, min(room, entries))
+
+
+@dataclass(frozen=True)
+class StorePlan:
+    """One store layer a profile asks for: the layers whose KV it holds, and how.
+
+    Attributes
+    ----------
+    layers : tuple of int
+        A merged group's members, or one unmerged layer of a quantized profile.
+    template
+        Its :class:`~minicache.runtime.store.GroupStore` or :class:`~minicache.runtime.layers.QuantizedLayer`,
+        as :class:`minicache.MiniCache` builds it from the profile.
+    layout : UnitLayout
+        Its pages.
+    window_tokens : int
+        Exact tokens per request and layer kept outside the pages (``residual_length`` + a unit).
+    sink_tokens : int
+        Exact first tokens per request kept outside the pages (an unmerged quantized layer's sinks).
+    """
+
+    layers: tuple[int, ...]
+    template: object
+    layout: object
+    window_tokens: int
+    sink_tokens: int = 0
+
+    def page_bytes_per_token(self, page_tokens: int) -> int:
+        """Bytes vLLM allocates per token of this store (all KV heads)."""
+        return self.layout.content_bytes(page_tokens) * self.layout.heads
+
+    def window_bytes(self, requests: int) -> int:
+        """Bytes of the exact windows (and sinks) of ``requests`` requests."""
+        import torch
+
+        item = torch.empty((), dtype=self.layout.dtype).element_size()
+        tokens = len(self.layers) * self.window_tokens + self.sink_tokens
+        return requests * 2 * self.layout.heads * tokens * self.layout.head_dim * item
+
+
+def plan_stores(cache, heads: int, head_dim: int, dtype) -> list[StorePlan]:
+    """The store layers a profile's cache (``cache``: a :class:`minicache.MiniCache` of the model) needs:
+    one per merged group, then one per unmerged quantized layer; other layers keep vLLM's own pages."""
+    from minicache.runtime.layers import QuantizedLayer
+    from minicache_vllm.layout import quantized_layer_layout
+
+    plans = []
+    for template in cache.stores:
+        layout = store_layout(template, heads, head_dim, dtype)
+        plans.append(StorePlan(template.layers, template, layout, template.residual_length + layout.unit_tokens))
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, QuantizedLayer):
+            layout = quantized_layer_layout(layer, heads, head_dim, dtype)
+            plans.append(StorePlan((i,), layer, layout, layer.spec.residual_length + layout.unit_tokens,
+                                   layer.spec.sink_tokens))
+    return plans
 
 
 def install(model, vllm_config, path: Path) -> dict:
-    """Replace the merged groups' attention of ``model`` and add their store layers.
+    """Replace the attention of ``model``'s merged groups (and, in a quantized profile, of its other
+    layers) and add their store layers.
 
-    Returns what was installed: ``groups`` (PagedGroup), ``window_bytes`` (the pool, taken off
-    vLLM's KV cache budget), ``page_bytes_per_token`` (stores) and ``saved_bytes_per_token``.
+    Returns what was installed: ``groups`` (PagedGroup, PagedQuantizedLayer), ``window_bytes`` (the
+    pools, taken off vLLM's KV cache budget), ``page_bytes_per_token`` (stores) and
+    ``saved_bytes_per_token``.
     """
     import torch
 
     from minicache.profile import MergeProfile
     from minicache.runtime.cache import MiniCache
+    from minicache.runtime.store import GroupStore
     from minicache_vllm.merged import MergedAttention, StoreLayer
     from minicache_vllm.paged import PagedGroup
+    from minicache_vllm.quantized import PagedQuantizedLayer
     from minicache_vllm.windows import WindowPool
 
     check_engine(path, vllm_config)
     profile = MergeProfile.load(path.parent)
     hf_config = vllm_config.model_config.hf_config
     profile.check_model(hf_config)  # a profile made for another model fails here, with its own message
-    if profile.quantization is not None:
-        raise _refuse(path, "quantized profiles are not served yet (merged groups in the model dtype only)")
     cache = MiniCache(profile, hf_config)
     for template in cache.stores:
         for name, component in template.components.items():
@@ -96,16 +155,16 @@ def install(model, vllm_config, path: Path) -> dict:
     max_seqs = vllm_config.scheduler_config.max_num_seqs
     context = vllm_config.compilation_config.static_forward_context
     dtype = vllm_config.model_config.dtype
-    groups, stores, window_bytes, page_bytes, saved = [], [], 0, 0.0, 0.0
-    for template in cache.stores:
-        first = model.model.layers[template.layers[0]].self_attn
-        heads, head_dim = first.attn.num_kv_heads, first.attn.head_size
-        layout = store_layout(template, heads, head_dim, dtype)
-        store = StoreLayer(f"model.layers.{template.layers[0]}.self_attn.minicache_store", layout, page_tokens)
-        pool = WindowPool(max_seqs, len(template.layers), heads, head_dim,
-                          template.residual_length + template.block_size, dtype)
-        group = PagedGroup(template, layout, pool, page_tokens, store.blocks, store.layer_name)
-        for member, layer in enumerate(template.layers):
+    attn = model.model.layers[0].self_attn.attn
+    heads, head_dim = attn.num_kv_heads, attn.head_size
+    plans = plan_stores(cache, heads, head_dim, dtype)
+    groups, stores = [], []
+    for plan in plans:
+        store = StoreLayer(f"model.layers.{plan.layers[0]}.self_attn.minicache_store", plan.layout, page_tokens)
+        pool = WindowPool(max_seqs, len(plan.layers), heads, head_dim, plan.window_tokens, dtype)
+        kind = PagedGroup if isinstance(plan.template, GroupStore) else PagedQuantizedLayer
+        group = kind(plan.template, plan.layout, pool, page_tokens, store.blocks, store.layer_name)
+        for member, layer in enumerate(plan.layers):
             attn_module = model.model.layers[layer].self_attn
             old = attn_module.attn
             context.pop(old.layer_name, None)  # no pages, no metadata: the store holds this layer's KV
@@ -113,18 +172,21 @@ def install(model, vllm_config, path: Path) -> dict:
                                                old.impl.scale)
         groups.append(group)
         stores.append(store)
-        window_bytes += pool.nbytes
-        page_bytes += layout.content_bytes(page_tokens) * heads
-        item = torch.empty((), dtype=dtype).element_size()
-        saved += len(template.layers) * heads * 2 * head_dim * item - layout.content_bytes(page_tokens) * heads
     model.minicache_stores = torch.nn.ModuleList(stores)
+    item = torch.empty((), dtype=dtype).element_size()
+    page_bytes = sum(plan.page_bytes_per_token(page_tokens) for plan in plans)
+    saved = sum(len(plan.layers) * heads * 2 * head_dim * item for plan in plans) - page_bytes
+    window_bytes = sum(group.nbytes for group in groups)
+    merged = [plan.layers for plan in plans if isinstance(plan.template, GroupStore)]
+    packed = len(plans) - len(merged)
     logger.info(
-        "minicache_vllm: %s merges layers %s; their pages hold %.0f bytes per token instead of %.0f; exact windows "
+        "minicache_vllm: %s merges layers %s%s; their pages hold %.0f bytes per token instead of %.0f; exact windows "
         "of %d requests take %.1f MiB off the KV cache budget",
-        path, ", ".join(g.template.layers.__repr__() for g in groups), page_bytes, page_bytes + saved, max_seqs,
-        window_bytes / 2**20,
+        path, ", ".join(repr(layers) for layers in merged) or "none",
+        f" and packs {packed} more layers ({profile.quantization.describe()})" if packed else "",
+        page_bytes, page_bytes + saved, max_seqs, window_bytes / 2**20,
     )
-    logger.info("minicache_vllm: merged layers attend through the reference path (PyTorch, one request at a time); "
+    logger.info("minicache_vllm: these layers attend through the reference path (PyTorch, one request at a time); "
                 "the Triton decode kernel is not ported to vLLM's block tables yet")
     return {"groups": groups, "window_bytes": window_bytes, "page_bytes_per_token": page_bytes,
             "saved_bytes_per_token": saved}

@@ -66,6 +66,11 @@ class PagedGroup:
         self._states: dict[tuple[int, int], dict[str, ComponentStore]] = {}  # (first block, tokens) -> stores
         self.dropped = 0  # retained entries left out because a unit had no room (logged)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held outside the pages (the exact windows)."""
+        return self.pool.nbytes
+
     def paged_length(self, tokens: int) -> int:
         """Tokens of a sequence of ``tokens`` whose stored form is in the pages: the merged ones in whole units."""
         return merged_length(tokens, self.residual_length, self.block_size) // self.unit * self.unit

@@ -22,6 +22,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+#: The quantized profile the tests serve: the shipped groups, every layer packed 4-bit (KIVI, keys per
+#: channel in groups of 128 tokens, so vLLM's block size must be 128), exact sinks, keys packed pre-RoPE.
+QUANTIZED = "Quantization(bits=4, group_size=128, residual_length=128, sink_tokens=4, pre_rope_keys=True)"
+
+
 def _convert(out: Path, profile: Path | None) -> Path:
     if not MAIN_PYTHON.exists():
         pytest.skip(f"{MAIN_PYTHON} is missing: run scripts/setup.sh first (minicache-convert writes the model)")
@@ -43,3 +48,19 @@ def model_dir(tmp_path_factory) -> Path:
 def profile_dir(tmp_path_factory) -> Path:
     """The same model with the shipped profile next to the weights."""
     return _convert(tmp_path_factory.mktemp("vllm") / "smollm2-minicache", PROFILE)
+
+
+@pytest.fixture(scope="session")
+def quantized_profile(tmp_path_factory) -> Path:
+    """The shipped profile with :data:`QUANTIZED` storage, saved as a directory."""
+    out = tmp_path_factory.mktemp("vllm") / "profile-4bit"
+    code = ("import sys\nfrom minicache import MergeProfile\nfrom minicache.profile import Quantization\n"
+            f"MergeProfile.load(sys.argv[1]).with_quantization({QUANTIZED}).save(sys.argv[2])")
+    subprocess.run([str(MAIN_PYTHON), "-c", code, str(PROFILE), str(out)], check=True, cwd=ROOT)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quantized_dir(tmp_path_factory, quantized_profile) -> Path:
+    """The model with the quantized profile next to the weights."""
+    return _convert(tmp_path_factory.mktemp("vllm") / "smollm2-minicache-4bit", quantized_profile)

@@ -5,12 +5,13 @@ Each test starts vLLM engines in fresh processes (about a minute each on 2 cores
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import MAIN_PYTHON, PROFILE
-from vllm_runs import MERGED_ENGINE, generate, reference, result_of
+from vllm_runs import MERGED_ENGINE, generate, reference, reference_scores, result_of
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -50,31 +51,62 @@ def test_a_profile_is_served_with_the_tokens_of_the_transformers_runtime(model_d
     assert same / (3 * 72) >= 0.95, (served["tokens"], want["tokens"])
 
 
-def test_the_profile_raises_the_kv_capacity_by_what_its_pages_save(model_dir, profile_dir):
-    from minicache_vllm.models import store_layout
+def predicted_capacity(model_dir: Path, profile: Path, dtype, page_tokens: int, requests: int,
+                       budget: int = 2**30) -> float:
+    """KV tokens a budget holds by our arithmetic: stock layers' bytes per token, plus every store's pages,
+    in the budget less the stores' exact windows of ``requests`` requests."""
+    from minicache_vllm.models import plan_stores
     from transformers import AutoConfig
 
     from minicache import MergeProfile
     from minicache.runtime.cache import MiniCache
 
+    config = AutoConfig.from_pretrained(model_dir)
+    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    item = torch.empty((), dtype=dtype).element_size()
+    plans = plan_stores(MiniCache(MergeProfile.load(profile), config), heads, dim, dtype)
+    stock_layers = config.num_hidden_layers - sum(len(p.layers) for p in plans)
+    per_token = stock_layers * heads * 2 * dim * item + sum(p.page_bytes_per_token(page_tokens) for p in plans)
+    return (budget - sum(p.window_bytes(requests) for p in plans)) / per_token
+
+
+def test_the_profile_raises_the_kv_capacity_by_what_its_pages_save(model_dir, profile_dir):
     stock = result_of(generate(model_dir, PROMPTS[:1], 1, plugins=False, engine=MERGED_ENGINE))
     served = result_of(generate(profile_dir, PROMPTS[:1], 1, plugins=True, engine=MERGED_ENGINE))
-    # Predicted from the pages alone: every layer's bytes per token, less what each group's store saves,
-    # in a budget less the groups' exact windows (8 requests, residual_length + block_size tokens each).
-    config = AutoConfig.from_pretrained(model_dir)
-    profile = MergeProfile.load(profile_dir)
-    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-    per_token = config.num_hidden_layers * heads * 2 * dim * 2
-    budget, windows = 2**30, 0
-    for store in MiniCache(profile, config).stores:
-        k = len(store.layers)
-        layout = store_layout(store, heads, dim, torch.bfloat16)
-        per_token -= k * heads * 2 * dim * 2 - layout.content_bytes(64) * heads
-        windows += 8 * 2 * k * heads * (store.residual_length + store.block_size) * dim * 2
-    predicted = (budget - windows) / per_token / (budget / (config.num_hidden_layers * heads * 2 * dim * 2))
+    # Predicted from the pages alone, in a budget less the groups' exact windows (8 requests).
+    predicted = predicted_capacity(profile_dir, PROFILE, torch.bfloat16, 64, 8)
+    assert abs(stock["kv_cache_tokens"] / (2**30 / (30 * 3 * 2 * 64 * 2)) - 1) < 0.01  # 30 layers, 3 heads, bf16
     measured = served["kv_cache_tokens"] / stock["kv_cache_tokens"]
     assert measured > 1.05, measured
-    assert abs(measured / predicted - 1) < 0.01, (measured, predicted)
+    assert abs(served["kv_cache_tokens"] / predicted - 1) < 0.01, (served["kv_cache_tokens"], predicted)
+
+
+def test_a_quantized_profile_is_served_packed_with_the_scores_of_the_transformers_runtime(
+        model_dir, quantized_dir, quantized_profile):
+    # Teacher-forced, not greedy. vLLM's CPU float32 and transformers already differ by 0.0085 nats per
+    # token on average in an exact prefix, with or without a profile, and with 4-bit storage the greedy
+    # path of these prompts has near-ties that such noise flips (transformers against itself with q/k/v
+    # weights scaled by 1 + 1e-4 noise: 165 of 216 greedy tokens equal).
+    # 576 prefix tokens in one step: 448 packed in unmerged layers, 448 merged in groups (384 paged, a
+    # 64-token tail merged again each step); the next 192 tokens then read all of it.
+    prompts = long_prompts(model_dir, 2, 768)
+    engine = {**MERGED_ENGINE, "block_size": 128, "dtype": "float32", "max_num_batched_tokens": 576}
+    served = result_of(generate(quantized_dir, prompts, 1, plugins=True, engine=engine, prompt_logprobs=True))
+    got = torch.tensor(served["prompt_logprobs"])
+    packed = torch.tensor(reference_scores(MAIN_PYTHON, quantized_profile, prompts, 576)["prompt_logprobs"])
+    plain = torch.tensor(reference_scores(MAIN_PYTHON, PROFILE, prompts, 576)["prompt_logprobs"])
+    assert got.shape == packed.shape == (2, 767)
+    floor = (got - packed)[:, :575].abs().mean()  # the exact prefix: two implementations' float noise
+    after = (got - packed)[:, 575:].abs().mean()  # the tokens that read packed KV
+    assert after < 2.5 * floor, (after, floor)
+    # ... and the served scores are those of the packed runtime, not of the same profile unpacked
+    assert after < 0.5 * (got - plain)[:, 575:].abs().mean(), (after, (got - plain)[:, 575:].abs().mean())
+    assert abs(math.exp(packed[:, 575:].mean() - got[:, 575:].mean()) - 1) < 0.005  # perplexity within 0.5 %
+    # Every layer's pages are packed: the capacity is what the packed bytes predict (float32: 4-bit codes
+    # take an eighth), not the stock 23k tokens a GiB holds.
+    predicted = predicted_capacity(quantized_dir, quantized_profile, torch.float32, 128, 8)
+    assert abs(served["kv_cache_tokens"] / predicted - 1) < 0.01, (served["kv_cache_tokens"], predicted)
+    assert served["kv_cache_tokens"] > 5 * 2**30 / (30 * 3 * 2 * 64 * 4)
 
 
 def test_engine_settings_the_merged_store_cannot_serve_are_refused(profile_dir):

@@ -97,6 +97,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64, help="perplexity windows (x 256 scored tokens)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--greedy-only", action="store_true", help="skip the perplexity part")
+    parser.add_argument("--block-size", type=int, default=64,
+                        help="vLLM's block size: a multiple of the profile's page unit (128 for KIVI groups of 128)")
+    parser.add_argument("--tag", default="", help="appended to the result files' names")
     args = parser.parse_args()
 
     from minicache.evaluate.quality import evaluate_profile, perplexity
@@ -120,7 +123,8 @@ def main() -> None:
 
     print("== greedy tokens", flush=True)
     prompts = token_windows(tokenizer, args.text, args.prompts, args.prompt_length)
-    gen = ["--max-tokens", str(args.new_tokens), "--max-num-batched-tokens", "8192", "--dtype", args.dtype]
+    block = ["--block-size", str(args.block_size)]
+    gen = ["--max-tokens", str(args.new_tokens), "--max-num-batched-tokens", "8192", "--dtype", args.dtype, *block]
     v_stock = run_vllm(dirs["stock"], prompts, work, "greedy-stock", plugins=False, extra=gen)
     v_prof = run_vllm(dirs["profile"], prompts, work, "greedy-profile", plugins=True, extra=gen)
     began = time.perf_counter()
@@ -140,14 +144,15 @@ def main() -> None:
         f"{first_divergence(v_stock['tokens'], t_full)} |",
     ]
     if args.greedy_only:
-        (out / f"greedy-{args.dtype}.md").write_text("| measure | value |\n|---|---|\n" + "\n".join(greedy_rows) + "\n")
+        table = "| measure | value |\n|---|---|\n" + "\n".join(greedy_rows) + "\n"
+        (out / f"greedy-{args.dtype}{args.tag}.md").write_text(table)
         print("\n".join(greedy_rows))
         return
 
     print("== perplexity", flush=True)
     windows = token_windows(tokenizer, args.text, args.windows, 768)
     ppl_args = ["--max-tokens", "1", "--prompt-logprobs", "--one-at-a-time", "--max-num-batched-tokens", "512",
-                "--dtype", args.dtype]
+                "--dtype", args.dtype, *block]
     p_stock = run_vllm(dirs["stock"], windows, work, "ppl-stock", plugins=False, extra=ppl_args)
     p_prof = run_vllm(dirs["profile"], windows, work, "ppl-profile", plugins=True, extra=ppl_args)
 
@@ -194,10 +199,11 @@ def main() -> None:
         "decode_tokens_per_s": {"stock": v_stock["generated_tokens"] / v_stock["generate_s"],
                                 "profile": v_prof["generated_tokens"] / v_prof["generate_s"]},
     }
-    (out / f"agreement-{args.dtype}.json").write_text(json.dumps(result, indent=1))
+    (out / f"agreement-{args.dtype}{args.tag}.json").write_text(json.dumps(result, indent=1))
     lines = [
         "| measure | value |", "|---|---|",
-        f"| dtype | {args.dtype} |",
+        f"| profile | `{os.path.relpath(args.profile, ROOT)}`: {profile.describe()} |",
+        f"| dtype, vLLM block size | {args.dtype}, {args.block_size} |",
         f"| vLLM KV capacity, stock / profile (tokens, VLLM_CPU_KVCACHE_SPACE=1) | {v_stock['kv_cache_tokens']:,} / "
         f"{v_prof['kv_cache_tokens']:,} |",
         f"| capacity ratio | {capacity:.4f}x |",
@@ -217,7 +223,7 @@ def main() -> None:
         f"| decode tokens/s (batch of {args.prompts}), stock / profile | "
         f"{result['decode_tokens_per_s']['stock']:.1f} / {result['decode_tokens_per_s']['profile']:.1f} |",
     ]
-    (out / f"agreement-{args.dtype}.md").write_text("\n".join(lines) + "\n")
+    (out / f"agreement-{args.dtype}{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

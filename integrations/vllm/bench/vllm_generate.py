@@ -2,6 +2,7 @@
 
     python integrations/vllm/bench/vllm_generate.py MODEL_DIR PROMPTS.json OUT.json [--max-tokens 64]
         [--prompt-logprobs] [--one-at-a-time] [--max-num-batched-tokens N] [--max-num-seqs N] [--dtype D]
+        [--block-size 64]
 
 PROMPTS.json: a list of token-id lists. OUT.json gets the generated token ids, the prompt tokens'
 log-probabilities (with --prompt-logprobs: of each prompt token given the ones before it, from the
@@ -27,13 +28,14 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--block-size", type=int, default=64, help="a multiple of the profile's page unit")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
 
     began = time.perf_counter()
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=0, enforce_eager=True,
-              enable_prefix_caching=False, block_size=64, max_num_seqs=args.max_num_seqs,
+              enable_prefix_caching=False, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens)
     started = time.perf_counter() - began
     with open(args.prompts) as f:

@@ -30,9 +30,9 @@ MergeProfile.load('profiles/smollm2-135m-instruct').with_quantization(q).save(sy
     {
       machine_line
       "$PY" benchmarks/vllm_agreement.py --text "${TEXT[@]}" --out "$OUT" --profile "$WORK/shipped-4bit" \
-        --block-size 128 --tag -shipped-4bit
+        --block-size 128 --tag=-shipped-4bit
       "$PY" benchmarks/vllm_agreement.py --text "${TEXT[@]}" --out "$OUT" \
-        --profile benchmarks/results/keys-cpu/auto-4k-half --block-size 128 --tag -auto-4k-half
+        --profile benchmarks/results/keys-cpu/auto-4k-half --block-size 128 --tag=-auto-4k-half
     } 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/log-quantized.txt" ;;
   *) echo "usage: $0 [merged|quantized]" >&2; exit 2 ;;
 esac

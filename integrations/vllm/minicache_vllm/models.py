@@ -36,7 +36,13 @@ def _refuse(path: Path, what: str) -> ProfileNotServableError:
 def check_engine(path: Path, vllm_config) -> None:
     """Refuse engine settings the merged store cannot serve yet, with what to pass instead."""
     from vllm.config import CompilationMode
+    from vllm.platforms import current_platform
 
+    if not current_platform.is_cpu():
+        # The store layers reuse vLLM's CPU backend for their pages; on CUDA they need a backend (and
+        # the Triton decode kernel on block tables) that is not built or tested yet.
+        raise _refuse(path, f"profiles are served on vLLM's CPU build only, not on {current_platform.device_name}; "
+                            "use minicache's transformers runtime (MiniCache) on GPUs")
     if vllm_config.cache_config.enable_prefix_caching:
         raise _refuse(path, "prefix caching shares blocks between requests, and a merged block depends on its "
                             "request's whole window; pass enable_prefix_caching=False (vllm serve: "

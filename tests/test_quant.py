@@ -571,3 +571,17 @@ def test_rotated_mse_values_choose_their_range_by_squared_error():
         assert err_b.sum() < 0.9 * err_a.sum()
         assert torch.equal(mse.quantize(x, "keys", bits, 16).data, plain.quantize(x, "keys", bits, 16).data)
     assert "rotated-mse" in Quantization(scheme="rotated-mse", bits=3).describe()
+
+
+def test_an_empty_list_of_vectors_packs_and_a_merge_that_retains_nothing_stores():
+    # A quantized merged group without sinks whose first merge retains no token packs an empty list
+    # of retained vectors; reshaping 0 rows with -1 used to fail there.
+    empty = torch.zeros(0, 2, 8)
+    q = quantize(empty, 4, 8, "channels")
+    assert q.data.shape == (0, 2, 4) and q.dequantize(torch.float32).shape == (0, 2, 8)
+    settings = MergeSettings.create(t=0.6, gamma=0.0, sink_tokens=0)
+    store = GroupStore(MergeGroup((0, 1), settings, settings), residual_length=4, block_size=4, padding=PaddingInfo(),
+                       quant=Quantization(bits=4, group_size=4, residual_length=4))
+    for member in range(2):
+        store.update(member, torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8))
+    assert store.merged_length == 8 and store.retained_count() == {"keys": 0, "values": 0}

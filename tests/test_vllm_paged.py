@@ -218,3 +218,46 @@ def test_an_unmerged_quantized_layer_in_pages_is_the_runtime_layer(pre_rope):
         torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)
         before += n
     assert reference.quantized_length > 100 and reference.sink_keys is not None
+
+
+def run_against_runtime(reference: GroupStore, heads: int, dim: int, dtype: torch.dtype, page: int) -> PagedGroup:
+    """Feed the same steps to ``reference`` and a paged copy of it; every member's KV must be equal."""
+    k = len(reference.layers)
+    layout = PageLayout.build(reference.components, heads, dim, reference.block_size, dtype,
+                              reference.block_size * heads * 2)
+    pages = torch.zeros(64, layout.units_per_page(page) * layout.unit_bytes, dtype=torch.uint8)
+    pool = WindowPool(2, k, heads, dim, reference.residual_length + layout.unit_tokens, dtype)
+    group = PagedGroup(reference, layout, pool, page, lambda: pages)
+    table, before = torch.randperm(64), 0
+    for n in [21] + [1] * 30 + [9, 13] + [1] * 10:
+        xs = torch.randn(2, k, 1, heads, n, dim).to(dtype)
+        group.begin_step()
+        for m in range(k):
+            want_k, want_v = reference.update(m, xs[0, m], xs[1, m])
+            got_k, got_v = group.member_kv(m, 0, table, before, xs[:, m, 0])
+            torch.testing.assert_close(got_k, want_k, rtol=0, atol=0)
+            torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)
+        group.end_step([(0, table, before, before + n)])
+        before += n
+    assert reference.merged_length >= 40
+    return group
+
+
+@pytest.mark.parametrize("quant", [None, Quantization(bits=4, group_size=8, residual_length=8)])
+def test_other_merge_methods_are_paged_as_the_runtime_stores_them(quant):
+    """The pages hold whatever a method stores (its fields, from the registry): average and lowrank
+    (a fitted basis from the sidecar, coefficients packed per token in a quantized profile)."""
+    from minicache.runtime.cache import MiniCache
+    from tests.test_lowrank import _model, _profile
+
+    torch.manual_seed(3)
+    average = MergeSettings.create(method="average", t=0.5, gamma=0.2, sink_tokens=1)
+    store = GroupStore(MergeGroup((0, 1, 2), average, average), residual_length=8, block_size=4,
+                       padding=PaddingInfo(), quant=quant)
+    run_against_runtime(store, H, D, torch.float32, page=16)
+    model = _model()
+    profile = _profile(model, [(2, 3)], rank=6).with_quantization(quant)
+    (lowrank,) = MiniCache(profile, model.config).stores
+    heads, dim = model.config.num_key_value_heads, model.config.head_dim
+    assert lowrank.components["keys"].method.name == "lowrank"
+    run_against_runtime(lowrank, heads, dim, torch.float32, page=16)

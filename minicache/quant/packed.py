@@ -57,7 +57,7 @@ CONVERT_CHUNK = 1 << 26
 
 def _by_rows(fn, x: torch.Tensor, width: int) -> torch.Tensor:
     """``fn`` applied to ``x`` ``[..., W]`` in slices of rows, into one ``[..., width]`` uint8 tensor."""
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(x.numel() // max(1, x.shape[-1]), x.shape[-1])  # explicit: -1 is ambiguous for 0 rows
     step = max(1, CONVERT_CHUNK // max(1, x.shape[-1]))
     if rows.shape[0] <= step:
         return fn(rows).reshape(*x.shape[:-1], width)
@@ -86,7 +86,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         grouped = c.to(torch.int32).reshape(c.shape[0], d // per, per)
         # disjoint bit fields: the sum is their bitwise or (int32: a word holds at most 24 bits)
         word = (grouped << shifts).sum(-1, dtype=torch.int32)
-        return ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(c.shape[0], -1)
+        return ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(c.shape[0], d * bits // 8)
 
     return _by_rows(rows, codes, d * bits // 8)
 
@@ -103,7 +103,7 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
         grouped = x.to(torch.int32).reshape(x.shape[0], p // word_bytes, word_bytes)
         word = (grouped << byte_shifts).sum(-1, dtype=torch.int32)
         codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return codes.to(torch.uint8).reshape(x.shape[0], -1)
+        return codes.to(torch.uint8).reshape(x.shape[0], p * 8 // bits)
 
     return _by_rows(rows, packed, p * 8 // bits)
 

@@ -3,10 +3,10 @@
 vLLM calls :func:`register` in every process it starts. It replaces the model classes of the
 architectures minicache supports with subclasses that look for ``minicache_config.yaml`` in the
 model directory: without one they are the stock classes, unchanged; with one, each merged group's
-layers share one store of merged pages and keep their recent tokens exact in a window pool
-(``minicache_vllm.merged``, ``docs/vllm-plugin-design.md``). Engine settings the merged store cannot
-serve yet (prefix caching, speculative decoding, parallelism, torch.compile) are refused with a
-message.
+layers share one store of merged pages and keep their recent tokens exact in a window pool, and in a
+quantized profile every other layer stores packed chunks in its pages (``minicache_vllm.merged``,
+``docs/vllm-plugin-design.md``). Engine settings the stores cannot serve yet (prefix caching,
+speculative decoding, parallelism, torch.compile, platforms other than CPU) are refused with a message.
 """
 
 from __future__ import annotations

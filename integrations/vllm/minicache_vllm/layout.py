@@ -205,6 +205,19 @@ class UnitLayout:
         """Bytes the store takes per token (all heads), retained room included."""
         return self.unit_bytes / self.unit_tokens
 
+    # -- units in pages ---------------------------------------------------------------------------
+    def unit(self, pages: torch.Tensor, table: torch.Tensor, index: int, units_per_page: int) -> torch.Tensor:
+        """Unit ``index`` of a request (``table``: its block ids) as a ``[unit_bytes]`` view into ``pages``
+        ``[num_blocks, page bytes]``."""
+        page = int(table[index // units_per_page])
+        start = (index % units_per_page) * self.unit_bytes
+        return pages[page, start : start + self.unit_bytes]
+
+    def units(self, pages: torch.Tensor, table: torch.Tensor, count: int, units_per_page: int) -> torch.Tensor:
+        """A request's first ``count`` units, ``[count, unit_bytes]`` (one gather of its pages)."""
+        rows = pages.index_select(0, table[: -(-count // units_per_page)].to(torch.long))
+        return rows[:, : units_per_page * self.unit_bytes].reshape(-1, self.unit_bytes)[:count]
+
     # -- fields ---------------------------------------------------------------------------------
     def write_fields(self, block: torch.Tensor, fields: dict[str, dict[str, Stored]]) -> None:
         """Write ``{component: {field: [1, heads, unit_tokens, width]}}`` into one unit ``[unit_bytes]``."""

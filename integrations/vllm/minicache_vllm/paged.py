@@ -76,11 +76,6 @@ class PagedGroup:
         return merged_length(tokens, self.residual_length, self.block_size) // self.unit * self.unit
 
     # -- pages ------------------------------------------------------------------------------------
-    def _unit_bytes(self, pages: torch.Tensor, table: torch.Tensor, index: int) -> torch.Tensor:
-        page = int(table[index // self.units_per_page])
-        start = (index % self.units_per_page) * self.layout.unit_bytes
-        return pages[page, start : start + self.layout.unit_bytes]
-
     def _state(self, table: torch.Tensor, before: int, window: torch.Tensor) -> dict[str, ComponentStore]:
         """A request's stores as the runtime holds them after its previous step, read once per step for
         all members (merging waits for the last one): the paged units, then the merged tokens that do
@@ -91,9 +86,8 @@ class PagedGroup:
         paged = self.paged_length(before)
         merged = merged_length(before, self.residual_length, self.block_size)
         if paged:
-            pages = self.pages()
             fields, retained = self.layout.read(
-                torch.stack([self._unit_bytes(pages, table, j) for j in range(paged // self.unit)]))
+                self.layout.units(self.pages(), table, paged // self.unit, self.units_per_page))
         state = {}
         for c, name in enumerate(COMPONENTS):
             comp = self.template.components[name].fresh()
@@ -150,7 +144,8 @@ class PagedGroup:
             unmarked = None
             if sum(r.index.shape[0] for r in retained.values()) > room:
                 unmarked = self._unmarked(xs, lo, hi)
-            dropped = self.layout.write(self._unit_bytes(pages, table, (start + lo) // u), fields, retained, unmarked)
+            block = self.layout.unit(pages, table, (start + lo) // u, self.units_per_page)
+            dropped = self.layout.write(block, fields, retained, unmarked)
             if dropped:
                 self.dropped += dropped
                 logger.info("minicache_vllm: layers %s: a unit retained %d entries more than its room (%d); "

@@ -69,11 +69,6 @@ class PagedQuantizedLayer:
         sinks = 0 if self.sinks is None else self.sinks.numel() * self.sinks.element_size()
         return self.pool.nbytes + sinks
 
-    def _unit_bytes(self, pages: torch.Tensor, table: torch.Tensor, index: int) -> torch.Tensor:
-        page = int(table[index // self.units_per_page])
-        start = (index % self.units_per_page) * self.layout.unit_bytes
-        return pages[page, start : start + self.layout.unit_bytes]
-
     def begin_step(self) -> None:
         self.pool.next_step()
 
@@ -90,15 +85,14 @@ class PagedQuantizedLayer:
         layer.keys, layer.values = window[0].unsqueeze(0), window[1].unsqueeze(0)
         pages = self.pages()
         if packed:
-            units = torch.stack([self._unit_bytes(pages, table, j) for j in range(packed // self.unit)])
-            fields = self.layout.read_fields(units)
+            fields = self.layout.read_fields(self.layout.units(pages, table, packed // self.unit, self.units_per_page))
             layer.qkeys, layer.qvalues = fields["keys"]["vectors"], fields["values"]["vectors"]
             if self.sinks is not None:
                 layer.sink_keys, layer.sink_values = (s.unsqueeze(0) for s in self.sinks[slot])
         keys, values = layer.update(step[0].unsqueeze(0), step[1].unsqueeze(0))
         for j in range(packed // self.unit, layer.quantized_length // self.unit):
             lo, hi = j * self.unit, (j + 1) * self.unit
-            self.layout.write_fields(self._unit_bytes(pages, table, j), {
+            self.layout.write_fields(self.layout.unit(pages, table, j, self.units_per_page), {
                 "keys": {"vectors": layer.qkeys.slice_tokens(lo, hi)},
                 "values": {"vectors": layer.qvalues.slice_tokens(lo, hi)},
             })

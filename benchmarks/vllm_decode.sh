@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Decode speed of vLLM (CPU build) with and without packed/merged profiles, on a quiet machine:
+# 10 prompts of 600 unseen-text tokens, 64 greedy tokens each, bfloat16, block size 128, one engine
+# at a time. Prints generated tokens / generate() seconds (prefill of the 10 prompts included).
+#
+#   bash benchmarks/vllm_decode.sh      # about 5 minutes on 2 cores
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
+"$PY" - "$WORK" <<'PY'
+import json, sys
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from vllm_agreement import token_windows
+from minicache import MergeProfile
+from minicache.profile import Quantization
+work = Path(sys.argv[1])
+from minicache.models import load_model
+_, tok = load_model("smollm2-135m")
+texts = [str(work / n) for n in ("code.txt", "notes.txt", "licences.txt")]
+(work / "prompts.json").write_text(json.dumps(token_windows(tok, texts, 10, 600)))
+q = Quantization(bits=4, group_size=128, residual_length=128, sink_tokens=4, pre_rope_keys=True)
+MergeProfile.load("profiles/smollm2-135m-instruct").with_quantization(q).save(work / "profile-shipped-4bit")
+PY
+machine_line
+for name in stock shipped shipped-4bit auto-4k-half; do
+  case $name in
+    stock) profile=() ;; shipped) profile=(--profile profiles/smollm2-135m-instruct) ;;
+    shipped-4bit) profile=(--profile "$WORK/profile-shipped-4bit") ;;
+    auto-4k-half) profile=(--profile benchmarks/results/keys-cpu/auto-4k-half) ;;
+  esac
+  "$PY" -m minicache.convert --model smollm2-135m --dtype bfloat16 --out "$WORK/$name" "${profile[@]}" > /dev/null 2>&1
+  plugins=(); [[ $name == stock ]] && plugins=(env VLLM_PLUGINS=)
+  VLLM_CPU_KVCACHE_SPACE=1 TOKENIZERS_PARALLELISM=false VLLM_ENABLE_V1_MULTIPROCESSING=0 "${plugins[@]}" \
+    .venv-vllm/bin/python integrations/vllm/bench/vllm_generate.py "$WORK/$name" "$WORK/prompts.json" \
+    "$WORK/$name.json" --max-tokens 64 --block-size 128 --max-num-batched-tokens 8192 > "$WORK/$name.log" 2>&1
+  "$PY" -c "import json, sys; r = json.load(open(sys.argv[1]))
+print(f'{sys.argv[2]:>14}: {r[\"generated_tokens\"] / r[\"generate_s\"]:6.1f} tokens/s ({r[\"generated_tokens\"]} tokens in {r[\"generate_s\"]:.1f} s), KV capacity {r[\"kv_cache_tokens\"]:,} tokens')" \
+    "$WORK/$name.json" "$name"
+done

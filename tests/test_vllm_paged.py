@@ -45,17 +45,18 @@ def paged(template: GroupStore, dtype: torch.dtype, room: int, num_blocks: int =
     return PagedGroup(template, layout, pool, page, lambda: pages), pages
 
 
-@pytest.mark.parametrize("k", [2, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_group_gives_each_member_what_the_runtime_store_gives(k, dtype):
-    torch.manual_seed(k)
-    _, reference = group_of(k)
-    group, _ = paged(reference, dtype, room=BS * H * 2)  # room for every entry: nothing left out
-    table = torch.randperm(64)  # the request's blocks, anywhere in the pool
-    steps = [45] + [1] * 40 + [7, 30] + [1] * 20  # prefill, decode, a chunk, more decode
-    before = 0
+#: Prefill, decode, a chunk, more decode.
+STEPS = [45] + [1] * 40 + [7, 30] + [1] * 20
+
+
+def step_both(reference: GroupStore, group: PagedGroup, heads: int, dim: int, dtype: torch.dtype,
+              steps: list[int] = STEPS) -> None:
+    """Feed the same steps (one request) to ``reference`` and its paged copy ``group``: every member's
+    keys and values must be equal, bit for bit, and the merged lengths too."""
+    k = len(reference.layers)
+    table, before = torch.randperm(64), 0  # the request's blocks, anywhere in the pool
     for n in steps:
-        xs = torch.randn(2, k, 1, H, n, D).to(dtype)  # [keys/values, member, batch, H, n, D]
+        xs = torch.randn(2, k, 1, heads, n, dim).to(dtype)  # [keys/values, member, batch, H, n, D]
         group.begin_step()
         for m in range(k):
             want_k, want_v = reference.update(m, xs[0, m], xs[1, m])
@@ -64,7 +65,16 @@ def test_paged_group_gives_each_member_what_the_runtime_store_gives(k, dtype):
             torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)
         group.end_step([(0, table, before, before + n)])
         before += n
-        assert merged_length(before, R, BS) == reference.merged_length
+        assert merged_length(before, reference.residual_length, reference.block_size) == reference.merged_length
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_group_gives_each_member_what_the_runtime_store_gives(k, dtype):
+    torch.manual_seed(k)
+    _, reference = group_of(k)
+    group, _ = paged(reference, dtype, room=BS * H * 2)  # room for every entry: nothing left out
+    step_both(reference, group, H, D, dtype)
     assert reference.merged_length > 100 and sum(reference.retained_count().values()) > 0
     assert group.dropped == 0
 
@@ -178,22 +188,11 @@ def test_a_quantized_group_is_packed_in_its_pages_as_the_runtime_packs_it(scheme
     _, reference = group_of(3, quant=quant)
     group_, _ = paged(reference, torch.bfloat16, room=BS * H * 2, page=32)
     assert group_.unit == max(group, BS)
-    table = torch.randperm(64)
-    before = 0
-    for n in [45] + [1] * 40 + [7, 30] + [1] * 20:
-        xs = torch.randn(2, 3, 1, H, n, D).to(torch.bfloat16)
-        group_.begin_step()
-        for m in range(3):
-            want_k, want_v = reference.update(m, xs[0, m], xs[1, m])
-            got_k, got_v = group_.member_kv(m, 0, table, before, xs[:, m, 0])
-            torch.testing.assert_close(got_k, want_k, rtol=0, atol=0)
-            torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)
-        group_.end_step([(0, table, before, before + n)])
-        before += n
+    step_both(reference, group_, H, D, torch.bfloat16)
     keys = reference.components["keys"]
     assert isinstance(keys.fields["direction"].packed, QuantizedTensor) and keys.retained_q is not None
     assert keys.fields["direction"].dense is not None or group == BS, "a dense tail was exercised"
-    assert group_.paged_length(before) > 100
+    assert reference.merged_length > 100
 
 
 @pytest.mark.parametrize("pre_rope", [False, True])
@@ -220,27 +219,15 @@ def test_an_unmerged_quantized_layer_in_pages_is_the_runtime_layer(pre_rope):
     assert reference.quantized_length > 100 and reference.sink_keys is not None
 
 
-def run_against_runtime(reference: GroupStore, heads: int, dim: int, dtype: torch.dtype, page: int) -> PagedGroup:
-    """Feed the same steps to ``reference`` and a paged copy of it; every member's KV must be equal."""
-    k = len(reference.layers)
+def run_against_runtime(reference: GroupStore, heads: int, dim: int, dtype: torch.dtype, page: int) -> None:
+    """A paged copy of ``reference`` (room for every retained entry) must track it step by step."""
     layout = PageLayout.build(reference.components, heads, dim, reference.block_size, dtype,
                               reference.block_size * heads * 2)
     pages = torch.zeros(64, layout.units_per_page(page) * layout.unit_bytes, dtype=torch.uint8)
-    pool = WindowPool(2, k, heads, dim, reference.residual_length + layout.unit_tokens, dtype)
-    group = PagedGroup(reference, layout, pool, page, lambda: pages)
-    table, before = torch.randperm(64), 0
-    for n in [21] + [1] * 30 + [9, 13] + [1] * 10:
-        xs = torch.randn(2, k, 1, heads, n, dim).to(dtype)
-        group.begin_step()
-        for m in range(k):
-            want_k, want_v = reference.update(m, xs[0, m], xs[1, m])
-            got_k, got_v = group.member_kv(m, 0, table, before, xs[:, m, 0])
-            torch.testing.assert_close(got_k, want_k, rtol=0, atol=0)
-            torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)
-        group.end_step([(0, table, before, before + n)])
-        before += n
+    pool = WindowPool(2, len(reference.layers), heads, dim, reference.residual_length + layout.unit_tokens, dtype)
+    step_both(reference, PagedGroup(reference, layout, pool, page, lambda: pages), heads, dim, dtype,
+              steps=[21] + [1] * 30 + [9, 13] + [1] * 10)
     assert reference.merged_length >= 40
-    return group
 
 
 @pytest.mark.parametrize("quant", [None, Quantization(bits=4, group_size=8, residual_length=8)])

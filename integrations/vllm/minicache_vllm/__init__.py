@@ -40,7 +40,16 @@ def _budget_windows() -> None:
         installed = getattr(self.model_runner.get_model(), "minicache", None)
         if not installed:
             return available
-        return available - installed["window_bytes"]
+        windows, requests = installed["window_bytes"], installed["requests"]
+        if windows >= available:
+            from minicache_vllm.models import ProfileNotServableError
+
+            raise ProfileNotServableError(
+                f"minicache_vllm: the exact windows of max_num_seqs={requests} requests take {windows / 2**20:.0f} "
+                f"MiB, and the whole KV cache budget is {available / 2**20:.0f} MiB; lower max_num_seqs (each "
+                f"request's windows take {windows / requests / 2**20:.1f} MiB) or raise VLLM_CPU_KVCACHE_SPACE"
+            )
+        return available - windows
 
     determine_available_memory._minicache = True
     CPUWorker.determine_available_memory = determine_available_memory

@@ -134,8 +134,8 @@ def install(model, vllm_config, path: Path) -> dict:
     layers) and add their store layers.
 
     Returns what was installed: ``groups`` (PagedGroup, PagedQuantizedLayer), ``window_bytes`` (the
-    pools, taken off vLLM's KV cache budget), ``page_bytes_per_token`` (stores) and
-    ``saved_bytes_per_token``.
+    pools, taken off vLLM's KV cache budget), ``requests`` (``max_num_seqs``, the pools' slots),
+    ``page_bytes_per_token`` (stores) and ``saved_bytes_per_token``.
     """
     import torch
 
@@ -194,7 +194,7 @@ def install(model, vllm_config, path: Path) -> dict:
     )
     logger.info("minicache_vllm: these layers attend through the reference path (PyTorch, one request at a time); "
                 "the Triton decode kernel is not ported to vLLM's block tables yet")
-    return {"groups": groups, "window_bytes": window_bytes, "page_bytes_per_token": page_bytes,
+    return {"groups": groups, "window_bytes": window_bytes, "requests": max_seqs, "page_bytes_per_token": page_bytes,
             "saved_bytes_per_token": saved}
 
 

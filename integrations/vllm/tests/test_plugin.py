@@ -114,3 +114,12 @@ def test_engine_settings_the_merged_store_cannot_serve_are_refused(profile_dir):
     assert run.returncode != 0
     assert "minicache_vllm:" in run.stdout + run.stderr
     assert "enable_prefix_caching=False" in run.stdout + run.stderr
+
+
+def test_windows_that_leave_no_kv_budget_are_refused_with_what_to_lower(quantized_dir):
+    # vLLM's default of 256 requests: every packed layer's window pool (256 x 256 tokens) outgrows 1 GiB.
+    run = generate(quantized_dir, PROMPTS[:1], 4, plugins=True,
+                   engine={"enable_prefix_caching": False, "block_size": 128})
+    assert run.returncode != 0
+    out = run.stdout + run.stderr
+    assert "exact windows of max_num_seqs=256 requests" in out and "lower max_num_seqs" in out, out[-3000:]

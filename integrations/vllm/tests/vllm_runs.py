@@ -27,7 +27,8 @@ result = {"tokens": [list(o.outputs[0].token_ids) for o in outputs], "llama_clas
 if scored:  # log-probability of each prompt token given the ones before it, from the second on
     result["prompt_logprobs"] = [[e[t].logprob for e, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])]
                                  for o in outputs]
-print("RESULT " + json.dumps(result))
+print("RESULT " + json.dumps(result), flush=True)
+llm.llm_engine.engine_core.shutdown()  # stop the engine core before the interpreter tears down
 '''
 
 #: What an engine serving a merged profile needs (the plugin refuses prefix caching; pages are merge blocks).
@@ -101,6 +102,13 @@ def reference(main_python: Path, profile: Path, prompts: list[list[int]], max_to
 
 
 def result_of(run: subprocess.CompletedProcess) -> dict:
+    """The ``RESULT`` line of a run.
+
+    A run killed by a signal *after* printing it still counts: vLLM 0.32's CPU engine now and then
+    aborts in interpreter teardown ("terminate called without an active exception", seen once in CI
+    after both requests had been answered), when everything it was asked has been printed whole.
+    """
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, f"run failed (exit {run.returncode}):\n{run.stderr[-4000:]}"
+    assert lines and (run.returncode == 0 or (run.returncode < 0 and "terminate called" in run.stderr)), (
+        f"run failed (exit {run.returncode}):\n{run.stderr[-4000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))

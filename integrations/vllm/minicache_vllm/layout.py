@@ -40,7 +40,7 @@ import torch
 from minicache.quant import QuantizedTensor
 
 __all__ = ["COMPONENTS", "Codec", "FieldSlot", "PageLayout", "RetainedBlock", "UnitLayout", "page_unit",
-           "quantized_layer_layout"]
+           "quantized_layer_layout", "select_rows"]
 
 #: A merged group's two components, in page order (their index is the ``component`` of a retained entry).
 COMPONENTS = ("keys", "values")
@@ -116,7 +116,8 @@ def _parts(x: Stored) -> list[torch.Tensor]:
     return [x.data, x.scale, x.zero] if isinstance(x, QuantizedTensor) else [x]
 
 
-def _select(x: Stored, index: torch.Tensor) -> Stored:
+def select_rows(x: Stored, index: torch.Tensor) -> Stored:
+    """Rows ``index`` (leading dimension) of a dense tensor or a QuantizedTensor."""
     return x.index_select(0, index) if isinstance(x, QuantizedTensor) else x[index]
 
 
@@ -430,5 +431,5 @@ class PageLayout(UnitLayout):
             order = torch.argsort(token * self.heads + idx[:, 1], stable=True)  # the runtime's (h, n) order per block
             rows = torch.stack([torch.zeros_like(token), idx[:, 1], token], dim=1)[order]
             value = codec.whole(codec.decode(entries[mask][:, : codec.nbytes]))
-            retained[component] = RetainedBlock(rows, _select(value, order))
+            retained[component] = RetainedBlock(rows, select_rows(value, order))
         return fields, retained

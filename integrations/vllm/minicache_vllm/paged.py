@@ -15,7 +15,7 @@ import torch
 
 from minicache.quant import QuantizedTensor
 from minicache.runtime.store import ComponentStore, GroupStore
-from minicache_vllm.layout import COMPONENTS, PageLayout, RetainedBlock, Stored
+from minicache_vllm.layout import COMPONENTS, PageLayout, RetainedBlock, Stored, select_rows
 from minicache_vllm.windows import WindowPool, merged_length
 
 logger = logging.getLogger("vllm.minicache_vllm")
@@ -103,26 +103,27 @@ class PagedGroup:
                     comp.retained_q = retained[name].value
                 else:
                     comp.retained_value = retained[name].value
-            comp.residual = [window[c, m].unsqueeze(0) for m in range(self.members)]
-            if merged > paged:
-                real = torch.ones(1, window.shape[-2], dtype=torch.bool, device=window.device)
-                comp.merge(merged - paged, self.block_size, real, torch.tensor([paged], device=window.device))
+            self._merge_from(comp, window[c], paged, merged - paged)
             state[name] = comp
         self._states[key] = state
         return state
 
+    def _merge_from(self, comp: ComponentStore, window: torch.Tensor, start: int, count: int) -> None:
+        """Give ``comp`` the exact ``window`` ``[k, H, n, D]`` (tokens from ``start`` on) and merge its first
+        ``count`` tokens as the runtime merges them (the rest is the retention look-ahead and the window)."""
+        comp.residual = [window[m].unsqueeze(0) for m in range(self.members)]
+        if count:
+            real = torch.ones(1, window.shape[-2], dtype=torch.bool, device=window.device)
+            comp.merge(count, self.block_size, real, torch.tensor([start], device=window.device))
+
     def merge(self, table: torch.Tensor, start: int, xs: torch.Tensor, count: int) -> None:
         """Merge the first ``count`` tokens of ``xs`` ``[2, k, H, n, D]`` (tokens from ``start`` on,
         ``start`` and ``count`` multiples of the unit) into the pages."""
-        n = xs.shape[-2]
-        real = torch.ones(1, n, dtype=torch.bool, device=xs.device)
-        before = torch.tensor([start], device=xs.device)
         stored: dict[str, dict[str, Stored]] = {}
         kept: dict[str, RetainedBlock] = {}
         for c, name in enumerate(COMPONENTS):
             comp = self.template.components[name].fresh()
-            comp.residual = [xs[c, m].unsqueeze(0) for m in range(self.members)]
-            comp.merge(count, self.block_size, real, before)
+            self._merge_from(comp, xs[c], start, count)
             # whole units: a packed field holds every token packed, an unpacked one dense
             stored[name] = {f: s.dense if s.packed is None else s.packed for f, s in comp.fields.items()}
             value = comp.retained_value if comp.retained_q is None else comp.retained_q
@@ -138,8 +139,7 @@ class PagedGroup:
                 inside = ((idx[:, 2] >= lo) & (idx[:, 2] < hi)).nonzero().squeeze(1)
                 local = idx[inside].clone()
                 local[:, 2] -= lo
-                retained[name] = RetainedBlock(local, val.index_select(0, inside) if isinstance(val, QuantizedTensor)
-                                               else val[inside])
+                retained[name] = RetainedBlock(local, select_rows(val, inside))
             room = self.layout.retained_capacity
             unmarked = None
             if sum(r.index.shape[0] for r in retained.values()) > room:

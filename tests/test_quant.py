@@ -16,7 +16,7 @@ from tests.test_cache import greedy, left_padded_batch, make_model, profile_for,
 
 
 # ---- packing -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])  # unpack shifts bytes for these widths, words for 3
 def test_pack_round_trip_and_bit_layout(bits):
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 1 << bits, (3, 5, 16), generator=g, dtype=torch.uint8)
@@ -29,6 +29,7 @@ def test_pack_round_trip_and_bit_layout(bits):
     assert int(packed[0, 0, 0]) == want
     with pytest.raises(ValueError, match="whole bytes"):
         pack(codes[..., :3], 2 if bits == 4 else 4)
+    assert unpack(packed[:, :0], bits).shape == (3, 0, 16)  # no rows
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

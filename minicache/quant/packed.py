@@ -96,6 +96,12 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per = codes_per_word(bits)
     word_bytes = per * bits // 8
     p = packed.shape[-1]
+    if word_bytes == 1:
+        # widths dividing 8: no code crosses a byte, so shift the bytes themselves (uint8 throughout;
+        # about 1.5x faster on CPU than gathering words in int32)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*packed.shape[:-1], p * per)
     byte_shifts = torch.arange(0, 8 * word_bytes, 8, dtype=torch.int32, device=packed.device)
     shifts = torch.arange(0, per * bits, bits, dtype=torch.int32, device=packed.device)
 

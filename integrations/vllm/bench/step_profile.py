@@ -1,0 +1,111 @@
+"""Where a decode step of the vLLM plugin's reference path spends its time (no engine: the paged stores
+alone, as the plugin's attention drives them, without the attention itself).
+
+    .venv-vllm/bin/python integrations/vllm/bench/step_profile.py [--quantized] [--tokens 1024] [--steps 20]
+
+One request of ``--tokens`` tokens (prefilled at once), then ``--steps`` decode steps through every
+store of SmolLM2 with the shipped profile (``--quantized``: plus 4-bit KIVI with 4 exact sinks and
+pre-RoPE keys, as ``benchmarks/vllm_decode.sh``'s ``shipped-4bit``), bfloat16, pages of 128 tokens.
+Prints the time per step and the share of it (cumulative, from cProfile) spent in each part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minicache_vllm.models import plan_stores
+from minicache_vllm.paged import PagedGroup
+from minicache_vllm.quantized import PagedQuantizedLayer
+from minicache_vllm.windows import WindowPool
+
+from minicache import MergeProfile, MiniCache
+from minicache.models import load_model
+from minicache.profile import Quantization
+from minicache.runtime.store import GroupStore
+
+PAGE, HEADS, HEAD_DIM, DTYPE = 128, 3, 64, torch.bfloat16
+#: (part, [(file suffix, function name, caller's file suffix or None)]): cumulative time of those calls
+PARTS = [
+    ("restore merged prefix (method decode)", [("runtime/views.py", "restored_block", None)]),
+    ("  of which dequantize", [("quant/packed.py", "dequantize", None)]),
+    ("put RoPE back on pre-RoPE keys", [("runtime/rope.py", "apply", None)]),
+    ("read and parse pages", [("minicache_vllm/layout.py", "read", None),
+                              ("minicache_vllm/layout.py", "read_fields", "minicache_vllm/quantized.py")]),
+    ("write pages", [("minicache_vllm/layout.py", "write", None),
+                     ("minicache_vllm/layout.py", "write_fields", "minicache_vllm/quantized.py")]),
+    ("merge (tail re-merge and new units)", [("runtime/store.py", "merge", None)]),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quantized", action="store_true", help="add 4-bit KIVI, 4 sinks, pre-RoPE keys")
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    model, _ = load_model("smollm2-135m")
+    profile = MergeProfile.load("profiles/smollm2-135m-instruct")
+    if args.quantized:
+        profile = profile.with_quantization(
+            Quantization(bits=4, group_size=128, residual_length=128, sink_tokens=4, pre_rope_keys=True))
+    stores = []
+    blocks = -(-(args.tokens + args.steps) // PAGE) + 1
+    for plan in plan_stores(MiniCache(profile, model.config), HEADS, HEAD_DIM, DTYPE):
+        pages = torch.zeros(blocks, plan.layout.units_per_page(PAGE) * plan.layout.unit_bytes, dtype=torch.uint8)
+        pool = WindowPool(1, len(plan.layers), HEADS, HEAD_DIM, plan.window_tokens, DTYPE)
+        kind = PagedGroup if isinstance(plan.template, GroupStore) else PagedQuantizedLayer
+        stores.append(kind(plan.template, plan.layout, pool, PAGE, lambda p=pages: p))
+    table = torch.arange(blocks)
+    generator = torch.Generator().manual_seed(0)
+    before = 0
+
+    def step(n: int) -> None:
+        nonlocal before
+        for store in stores:
+            store.begin_step()
+            for member in range(store.members):
+                kv = torch.randn(2, HEADS, n, HEAD_DIM, generator=generator).to(DTYPE)
+                store.member_kv(member, 0, table, before, kv)
+            store.end_step([(0, table, before, before + n)])
+        before += n
+
+    step(args.tokens)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step(1)
+    plain = (time.perf_counter() - start) / args.steps
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(args.steps):
+        step(1)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+    total = sum(v[3] for k, v in stats.items() if k[2] == "step")
+    layers = sum(store.members for store in stores)
+    print(f"{'shipped + 4-bit' if args.quantized else 'shipped'}: {len(stores)} stores over {layers} layers, "
+          f"{args.tokens} tokens, torch {torch.get_num_threads()} thread(s)")
+    print(f"decode step (all stores, one request): {plain * 1e3:.1f} ms unprofiled")
+    for part, functions in PARTS:
+        spent = 0.0
+        for file, name, caller in functions:
+            for (path, _, function), (_, _, _, cumulative, callers) in stats.items():
+                if not (path.endswith(file) and function == name):
+                    continue
+                if caller is None:
+                    spent += cumulative
+                else:  # only the calls from that file (the others are inside a part already counted)
+                    spent += sum(c[3] for where, c in callers.items() if where[0].endswith(caller))
+        print(f"  {part:<40} {spent / total:6.1%}")
+
+
+if __name__ == "__main__":
+    main()

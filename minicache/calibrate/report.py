@@ -353,6 +353,9 @@ def write_report(
         f"- budget: {metric} ≤ {budget:g} on held-out data, for the upper end of the 95 % interval (bootstrap "
         f"over the held-out windows), not only the point estimate",
         *_held_out_line(data, measured),
+        "- what the interval covers: text like these data. On a kind of text they lack, the loss can be "
+        "several times larger (minicache's README, \"What a profile promises\"): calibrate on every kind of "
+        "text you will run",
         "",
         "## Result on held-out data",
         "",

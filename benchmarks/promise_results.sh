@@ -58,14 +58,5 @@ EOF
       calibrate "cut-$budget" --data "$WORK/cut-16x512.jsonl" --max-length 512 --num-samples 16 --budget "$budget"
     done
   fi
-  PROFILES=$(for p in main-job full-0.005 full-0.01 full-0.02 cut-0.005 cut-0.01 cut-0.02; do printf "%s," "$OUT/$p"; done)
-  for text in code notes; do
-    echo "== minicache-eval --compare full,${PROFILES%,} --data $text.txt --num-windows 64"
-    "$PY" -m minicache.evaluate.cli --compare "full,${PROFILES%,}" --data "$WORK/$text.txt" \
-      --prefix-length 512 --continuation-length 256 --num-windows 64 \
-      --json-out "$OUT/unseen-$text.json" --markdown-out "$OUT/unseen-$text.md" --force
-  done
-  echo "== promise table"
-  "$PY" benchmarks/promise_table.py --results "$OUT/unseen-code.json" "$OUT/unseen-notes.json" \
-    --names code notes --markdown-out "$OUT/promise.md" || echo "(a promise is broken: see the table)"
+  score_promises "$WORK" "$OUT" $(for p in main-job full-0.005 full-0.01 full-0.02 cut-0.005 cut-0.01 cut-0.02; do echo "$OUT/$p"; done)
 } 2>&1 | grep --line-buffered -v "Loading weights" | tee "$LOG"

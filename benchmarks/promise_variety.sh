@@ -50,13 +50,5 @@ EOF
       cp "$WORK/$name"/minicache_config.* "$WORK/$name"/minicache_report.md "$OUT/$name/"
     done
   fi
-  for text in notes code; do
-    echo "== minicache-eval --compare full,corpus,mixed --data $text.txt --num-windows 64"
-    "$PY" -m minicache.evaluate.cli --compare "full,$OUT/corpus,$OUT/mixed" --data "$WORK/$text.txt" \
-      --prefix-length 512 --continuation-length 256 --num-windows 64 \
-      --json-out "$OUT/unseen-$text.json" --markdown-out "$OUT/unseen-$text.md" --force
-  done
-  echo "== promise table"
-  "$PY" benchmarks/promise_table.py --results "$OUT/unseen-code.json" "$OUT/unseen-notes.json" \
-    --names code notes --markdown-out "$OUT/promise.md" || echo "(a promise is broken: see the table)"
+  score_promises "$WORK" "$OUT" "$OUT/corpus" "$OUT/mixed"
 } 2>&1 | grep --line-buffered -v "Loading weights" | tee "$LOG"

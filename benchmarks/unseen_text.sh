@@ -1,4 +1,5 @@
-# Sourced by the benchmark scripts: text no shipped profile was calibrated on, written into a folder.
+# Sourced by the benchmark scripts: text no shipped profile was calibrated on, written into a folder,
+# and score_promises (below), which scores profiles on it.
 #
 #   source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
 #
@@ -16,4 +17,24 @@ write_unseen_text() {
   head -c 400000 "$dir/news.txt" >"$dir/notes.txt"
   rm "$dir/news.txt"
   cat "$dir/licences.txt" "$dir/code.txt" "$dir/notes.txt" >"$dir/unseen.txt"
+}
+
+# Score calibrated profiles on code.txt and notes.txt of a folder written by write_unseen_text (64 windows
+# of 512 + 256 scored tokens each) and write the promise table (benchmarks/promise_table.py); needs $PY.
+#
+#   score_promises "$WORK" "$OUT" profile-dir...   # writes $OUT/unseen-{code,notes}.{json,md}, $OUT/promise.md
+score_promises() {
+  local text_dir=$1 out=$2
+  shift 2
+  local profiles
+  profiles=$(IFS=,; echo "$*")
+  for text in code notes; do
+    echo "== minicache-eval --compare full,$profiles --data $text.txt --num-windows 64"
+    "$PY" -m minicache.evaluate.cli --compare "full,$profiles" --data "$text_dir/$text.txt" \
+      --prefix-length 512 --continuation-length 256 --num-windows 64 \
+      --json-out "$out/unseen-$text.json" --markdown-out "$out/unseen-$text.md" --force
+  done
+  echo "== promise table"
+  "$PY" benchmarks/promise_table.py --results "$out/unseen-code.json" "$out/unseen-notes.json" \
+    --names code notes --markdown-out "$out/promise.md" || echo "(a promise is broken: see the table)"
 }

@@ -97,10 +97,11 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     word_bytes = per * bits // 8
     p = packed.shape[-1]
     if word_bytes == 1:
-        # widths dividing 8: no code crosses a byte, so shift the bytes themselves (uint8 throughout;
-        # about 1.5x faster on CPU than gathering words in int32)
+        # widths dividing 8: no code crosses a byte, so shift the bytes themselves (uint8 throughout, masked
+        # in place: no temporary beyond the codes, so no slicing; ~1.4x faster on CPU than int32 words)
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        codes = packed.unsqueeze(-1) >> shifts
+        codes &= (1 << bits) - 1
         return codes.reshape(*packed.shape[:-1], p * per)
     byte_shifts = torch.arange(0, 8 * word_bytes, 8, dtype=torch.int32, device=packed.device)
     shifts = torch.arange(0, per * bits, bits, dtype=torch.int32, device=packed.device)

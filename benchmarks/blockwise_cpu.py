@@ -3,7 +3,8 @@
 default torch path (restore the whole layer, then sdpa) and the full cache, on SmolLM2-135M-Instruct.
 
 Same prompt, same cache settings, greedy; checks that both MiniCache paths produce the same tokens.
-Prints one JSON object (medians of --repeats, interleaved).
+Prints one JSON object: seconds per decode step, the median over every step of --repeats runs
+(interleaved), each step timed on its own after an untimed prefill.
 
     python benchmarks/blockwise_cpu.py --context 2048 --batch 4 --kv-bits 4
 """
@@ -14,7 +15,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from minicache import MergeProfile, MiniCache  # noqa: E402
+from minicache.evaluate.bench import timed_greedy_decode  # noqa: E402
 from minicache.models import load_model  # noqa: E402
 from minicache.profile import Quantization  # noqa: E402
 from minicache.runtime.attention import disable_fused_attention, enable_fused_attention  # noqa: E402
@@ -48,17 +49,7 @@ def main() -> None:
     mask = torch.ones_like(ids)
 
     def run(make_cache):
-        cache = make_cache()
-        start = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=args.decode_tokens + 1,
-                             min_new_tokens=args.decode_tokens + 1, do_sample=False, pad_token_id=0)
-        return time.perf_counter() - start, out[:, args.context :]
-
-    def prefill_time(make_cache):
-        with torch.inference_mode():
-            start = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask, cache=make_cache(), logits_to_keep=1)
-            return time.perf_counter() - start
+        return timed_greedy_decode(model, make_cache(), ids, args.decode_tokens, mask)
 
     methods = {
         "full": (None, lambda: None),
@@ -71,11 +62,10 @@ def main() -> None:
         for name, (backend, make) in methods.items():
             if backend:
                 enable_fused_attention(model, backend=backend)
-            total, out = run(make)
-            pre = prefill_time(make)
+            steps, out = run(make)
             if backend:
                 disable_fused_attention(model)
-            times[name].append((total - pre) / args.decode_tokens)
+            times[name].extend(steps)
             tokens[name] = out
     decode = {name: statistics.median(t) for name, t in times.items()}
     print(json.dumps({

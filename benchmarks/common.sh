@@ -14,5 +14,10 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
 machine_line() {
-  echo "machine: $(nproc --all) CPU cores (OMP_NUM_THREADS=$OMP_NUM_THREADS), $(uname -m); $(date -u +%F); commit $(git rev-parse --short HEAD)"
+  # The CPU model and whether it has bf16 instructions: bfloat16 models (vLLM's runs) are several
+  # times slower without them, so timings compare only within one run, or on the same kind of CPU.
+  local cpu bf16=no
+  cpu="$(grep -m1 "model name" /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ *//')"
+  grep -qE "avx512_bf16|amx_bf16" /proc/cpuinfo 2>/dev/null && bf16=yes
+  echo "machine: $(nproc --all) CPU cores (OMP_NUM_THREADS=$OMP_NUM_THREADS), $(uname -m), ${cpu:-unknown CPU}, bf16 instructions: $bf16; $(date -u +%F); commit $(git rev-parse --short HEAD)"
 }

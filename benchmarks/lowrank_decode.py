@@ -1,7 +1,8 @@
 """Greedy decode with low-rank groups: the blockwise torch path (no restore) against the restore path
 and the full cache, on the same prompts in the same run (issue 17, item 4).
 
-Prints, per path: seconds per decode step (median of ``--repeats``), the ratio to the full cache,
+Prints, per path: seconds per decode step (median over every step of ``--repeats`` runs, each step
+timed on its own after an untimed prefill), the ratio to the full cache,
 and whether the generated tokens equal the restore path's.
 
     .venv/bin/python benchmarks/lowrank_decode.py --profile benchmarks/results/lowrank-cpu/profile
@@ -12,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from minicache import MergeProfile, MiniCache
 from minicache.data import split_text, token_windows
+from minicache.evaluate.bench import timed_greedy_decode
 from minicache.models import load_model
 from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
 
@@ -41,19 +42,6 @@ def main() -> None:
     ids = token_windows(split_text(Path(args.data).read_text()), tokenizer, args.context, args.batch)
     mask = torch.ones_like(ids)
 
-    def generate(cache):
-        started = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=args.new_tokens,
-                                 min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-        return out[:, ids.shape[1]:], time.perf_counter() - started
-
-    def prefill_time(make):
-        started = time.perf_counter()
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, cache=make())
-        return time.perf_counter() - started
-
     paths = {
         "full (DynamicCache)": (lambda: None, False),
         "lowrank, restore path": (lambda: MiniCache(profile, model), False),
@@ -64,11 +52,11 @@ def main() -> None:
         if blockwise:
             enable_fused_attention(model, backend="torch")
         try:
-            generate(make())  # warm-up
+            timed_greedy_decode(model, make(), ids, 2, mask)  # warm-up
             runs = []
             for _ in range(args.repeats):
-                out, seconds = generate(make())
-                runs.append((seconds - prefill_time(make)) / args.new_tokens)
+                steps, out = timed_greedy_decode(model, make(), ids, args.new_tokens, mask)
+                runs.extend(steps)
             tokens[name] = out
             results[name] = statistics.median(runs)
         finally:
@@ -78,7 +66,7 @@ def main() -> None:
     restore = tokens["lowrank, restore path"]
     rows = []
     print(f"{args.context} tokens x {args.batch}, {args.new_tokens} greedy tokens, {args.dtype}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+          f"{torch.get_num_threads()} threads, median of {args.repeats} x {args.new_tokens} steps, each timed")
     print("| path | s / decode step | speed vs full | tokens = restore path |")
     print("|---|---:|---:|---|")
     for name, seconds in results.items():

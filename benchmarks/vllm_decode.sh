@@ -3,7 +3,12 @@
 # 10 prompts of 600 unseen-text tokens, 64 greedy tokens each, bfloat16, block size 128, one engine
 # at a time. Prints generated tokens / generate() seconds (prefill of the 10 prompts included).
 #
-#   bash benchmarks/vllm_decode.sh      # about 5 minutes on 2 cores
+#   bash benchmarks/vllm_decode.sh                       # about 5 minutes on 2 cores
+#   bash benchmarks/vllm_decode.sh shipped shipped-restore # only those engines
+#
+# Engines: stock, shipped, shipped-4bit, auto-4k-half (the default: all four); a name ending in
+# -restore is the same profile with the plugin's decode steps restoring each stored prefix whole
+# (MINICACHE_VLLM_DECODE=restore) instead of reading it a block at a time (the default).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
@@ -23,15 +28,18 @@ q = Quantization(bits=4, group_size=128, residual_length=128, sink_tokens=4, pre
 MergeProfile.load("profiles/smollm2-135m-instruct").with_quantization(q).save(work / "profile-shipped-4bit")
 PY
 machine_line
-for name in stock shipped shipped-4bit auto-4k-half; do
-  case $name in
+names=("$@"); [[ ${#names[@]} -gt 0 ]] || names=(stock shipped shipped-4bit auto-4k-half)
+for name in "${names[@]}"; do
+  decode=blockwise; [[ $name == *-restore ]] && decode=restore
+  case ${name%-restore} in
     stock) profile=() ;; shipped) profile=(--profile profiles/smollm2-135m-instruct) ;;
     shipped-4bit) profile=(--profile "$WORK/profile-shipped-4bit") ;;
     auto-4k-half) profile=(--profile benchmarks/results/keys-cpu/auto-4k-half) ;;
+    *) echo "vllm_decode.sh: unknown engine $name" >&2; exit 2 ;;
   esac
   "$PY" -m minicache.convert --model smollm2-135m --dtype bfloat16 --out "$WORK/$name" "${profile[@]}" > /dev/null 2>&1
   plugins=(); [[ $name == stock ]] && plugins=(env VLLM_PLUGINS=)
-  VLLM_CPU_KVCACHE_SPACE=1 TOKENIZERS_PARALLELISM=false VLLM_ENABLE_V1_MULTIPROCESSING=0 "${plugins[@]}" \
+  MINICACHE_VLLM_DECODE=$decode VLLM_CPU_KVCACHE_SPACE=1 TOKENIZERS_PARALLELISM=false VLLM_ENABLE_V1_MULTIPROCESSING=0 "${plugins[@]}" \
     .venv-vllm/bin/python integrations/vllm/bench/vllm_generate.py "$WORK/$name" "$WORK/prompts.json" \
     "$WORK/$name.json" --max-tokens 64 --block-size 128 --max-num-batched-tokens 8192 > "$WORK/$name.log" 2>&1
   "$PY" -c "import json, sys; r = json.load(open(sys.argv[1]))

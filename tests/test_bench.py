@@ -19,6 +19,7 @@ from minicache.evaluate.bench import (
     ratios,
     run_benchmark,
     summarize,
+    timed_greedy_decode,
 )
 from tests.tiny_configs import tiny_config
 
@@ -292,3 +293,16 @@ def test_cli_kernels_torch_runs_the_blockwise_path(tmp_path):
     assert bench_cli.main(_cli(tmp_path, "--preset", "paper", "--kernels", "torch", "--json-out", str(out))) == 0
     data = json.loads(out.read_text())
     assert data["kernels"] == {"enabled": True, "mode": "torch", "why_not": None}
+
+
+def test_timed_greedy_decode_gives_generate_s_tokens_and_one_time_per_step(tiny, paper):
+    prompt = PromptSource.random(tiny.config.vocab_size, 64, seed=2).batch(2, 40)
+    with torch.inference_mode():
+        want = tiny.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
+                             min_new_tokens=5, do_sample=False, pad_token_id=0)[:, 40:]
+    seconds, got = timed_greedy_decode(tiny, None, prompt, 5)  # None: the full cache
+    assert torch.equal(got, want)
+    assert len(seconds) == 5 and all(s > 0 for s in seconds)
+    cache = paper.build(tiny)
+    seconds, _ = timed_greedy_decode(tiny, cache, prompt, 3)
+    assert len(seconds) == 3 and cache.get_seq_length() == 40 + 3

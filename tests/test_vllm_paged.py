@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "vllm"))
 
@@ -24,6 +25,7 @@ from minicache_vllm.windows import WindowPool, merged_length
 from minicache.profile import MergeGroup, MergeSettings, Quantization
 from minicache.quant import QuantizedTensor
 from minicache.runtime.layers import QuantizedLayer
+from minicache.runtime.blockwise import blockwise_decode_attention
 from minicache.runtime.rope import RopeAngles
 from minicache.runtime.store import GroupStore, PaddingInfo
 
@@ -52,20 +54,39 @@ STEPS = [45] + [1] * 40 + [7, 30] + [1] * 20
 def step_both(reference: GroupStore, group: PagedGroup, heads: int, dim: int, dtype: torch.dtype,
               steps: list[int] = STEPS) -> None:
     """Feed the same steps (one request) to ``reference`` and its paged copy ``group``: every member's
-    keys and values must be equal, bit for bit, and the merged lengths too."""
+    keys and values must be equal, bit for bit, and the merged lengths too. Every other decode step
+    reads the pages as views instead, the way the plugin's blockwise decode does: attention over them
+    must match attention over the runtime's keys and values."""
     k = len(reference.layers)
     table, before = torch.randperm(64), 0  # the request's blocks, anywhere in the pool
-    for n in steps:
+    for i, n in enumerate(steps):
         xs = torch.randn(2, k, 1, heads, n, dim).to(dtype)  # [keys/values, member, batch, H, n, D]
         group.begin_step()
         for m in range(k):
             want_k, want_v = reference.update(m, xs[0, m], xs[1, m])
+            if n == 1 and i % 2:
+                check_blockwise(group.member_views(m, 0, table, before, xs[:, m, 0]), want_k, want_v)
+                continue
             got_k, got_v = group.member_kv(m, 0, table, before, xs[:, m, 0])
             torch.testing.assert_close(got_k, want_k, rtol=0, atol=0)
             torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)
         group.end_step([(0, table, before, before + n)])
         before += n
         assert merged_length(before, reference.residual_length, reference.block_size) == reference.merged_length
+
+
+def check_blockwise(views, keys: torch.Tensor, values: torch.Tensor, query_heads: int = 2) -> None:
+    """Decode attention read from ``views`` a block at a time (the plugin's blockwise path) against SDPA
+    over the runtime's restored ``keys``/``values`` ``[1, H, T, D]`` (float32 math both; a quantized
+    or low-rank store is not restored whole by the first, so not bit for bit)."""
+    h, d = keys.shape[1], keys.shape[-1]
+    query = torch.randn(1, h * query_heads, 1, d)
+    got = blockwise_decode_attention(query.to(keys.dtype), *views, None, d**-0.5, block_tokens=16)
+    want = F.scaled_dot_product_attention(query.to(keys.dtype).float(), keys.float(), values.float(),
+                                          enable_gqa=True)
+    assert views[0].shape == keys.shape
+    tol = 1e-5 if keys.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got[:, 0].float(), want[:, :, 0], rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -211,10 +232,13 @@ def test_an_unmerged_quantized_layer_in_pages_is_the_runtime_layer(pre_rope):
         kv = torch.randn(2, 1, H, n, D).to(torch.bfloat16)
         want_k, want_v = reference.update(kv[0], kv[1])
         layer.begin_step()
-        got_k, got_v = layer.member_kv(0, 0, table, before, kv[:, 0])
+        if n == 1 and before % 2:  # every other decode step read as views, as the blockwise decode does
+            check_blockwise(layer.member_views(0, 0, table, before, kv[:, 0]), want_k, want_v)
+        else:
+            got_k, got_v = layer.member_kv(0, 0, table, before, kv[:, 0])
+            torch.testing.assert_close(got_k, want_k, rtol=0, atol=0)
+            torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)
         layer.end_step([])
-        torch.testing.assert_close(got_k, want_k, rtol=0, atol=0)
-        torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)
         before += n
     assert reference.quantized_length > 100 and reference.sink_keys is not None
 

@@ -236,6 +236,45 @@ def measure_once(model, spec: CacheSpec, prompt: torch.Tensor, decode_tokens: in
     return result
 
 
+@torch.inference_mode()
+def timed_greedy_decode(model, cache, prompt: torch.Tensor, decode_tokens: int,
+                        attention_mask: torch.Tensor | None = None) -> tuple[list[float], torch.Tensor]:
+    """Greedy decoding after an untimed prefill, each step timed on its own.
+
+    For benchmarks that compare decode paths: subtracting a separately timed prefill from
+    ``generate``'s total mixes the prefill's run-to-run noise into every step's figure.
+
+    Parameters
+    ----------
+    cache : Cache or None
+        The cache to fill (None: a fresh ``DynamicCache``, the full cache).
+    prompt : torch.Tensor
+        ``[B, T]`` token ids.
+    attention_mask : torch.Tensor, optional
+        ``[B, T]`` mask of the prompt (default: every token attended); decode tokens are appended.
+
+    Returns
+    -------
+    (list of float, torch.Tensor)
+        Seconds of each decode step, and the ``[B, decode_tokens]`` generated ids.
+    """
+    device = prompt.device
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    mask = torch.ones_like(prompt) if attention_mask is None else attention_mask
+    out = model(input_ids=prompt, attention_mask=mask, cache=cache, logits_to_keep=1)
+    seconds, generated = [], []
+    for _ in range(decode_tokens):
+        token = out.logits[:, -1:].argmax(-1)
+        generated.append(token)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        _sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=token, attention_mask=mask, cache=cache, logits_to_keep=1)
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds, torch.cat(generated, dim=1)
+
+
 def summarize(spec: CacheSpec, context_length: int, batch_size: int, decode_tokens: int,
               samples: Sequence[dict]) -> dict:
     """One result row from the repeats of a point: medians, tokens/s from the medians, raw samples."""

@@ -180,8 +180,11 @@ class Frame:
 
     def rows(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """``x R`` of rows ``x`` ``[n, D]`` whose KV heads are ``heads`` ``[n]``, float32."""
-        r = self.rotation.to(device=x.device, dtype=torch.float32)[heads]
-        return torch.einsum("nd,nde->ne", x.float(), r)
+        # Every row through every head's R, then each row's own: H matmuls of [n, D] x [D, D] cost
+        # less than gathering an [n, D, D] stack of rotations (a few retained rows per head and token).
+        r = self.rotation.to(device=x.device, dtype=torch.float32)
+        every = torch.einsum("nd,hde->nhe", x.float(), r)
+        return every[torch.arange(x.shape[0], device=x.device), heads]
 
     def into(self, x: torch.Tensor) -> torch.Tensor:
         """``x R`` of ``[B, H, N, D]`` member vectors, float32."""

@@ -273,6 +273,14 @@ def restore(
     return out.to(dtype or direction.dtype)
 
 
+def _direction_and_scale(fields, member: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored directions ``[B, H, n, D]`` float32 and each token's ``m / ‖e‖`` ``[B, H, n]`` for
+    ``member`` (what :func:`restore` multiplies the direction by; retained tokens keep their flag)."""
+    e = fields["direction"].float()
+    norm = torch.linalg.vector_norm(e, dim=-1).clamp_min(NORM_EPS)
+    return e, fields["magnitude"][..., member].float() / norm
+
+
 # ---- the method ---------------------------------------------------------------------------------
 class SlerpMethod(MergeMethod):
     """MiniCache's SLERP merge (see the module docstring)."""
@@ -283,6 +291,7 @@ class SlerpMethod(MergeMethod):
         Field("direction", "head_dim", dtype="model", quantize="component", part="directions"),
         Field("magnitude", "members", dtype="scalar", quantize=None, part="magnitudes"),
     )
+    factored = True
     kernel_layout = "direction_magnitude"
     fit_key = "alignment"
     tensor_part = "alignment"
@@ -330,6 +339,17 @@ class SlerpMethod(MergeMethod):
     def frame(self, params, tensors, member) -> Frame | None:
         rotation = tensors.get("rotation")
         return None if rotation is None else Frame(rotation[member])
+
+    def factored_scores(self, params, q, fields, member, tensors):
+        # q · (m e/‖e‖) = (q · e) m/‖e‖: one product with the shared directions, scaled per token,
+        # instead of restoring every member vector (q is already in the aligned frame)
+        e, scale = _direction_and_scale(fields, member)
+        return torch.einsum("bhgd,bhnd->bhgn", q, e) * scale.unsqueeze(2)
+
+    def factored_values(self, params, probs, fields, member, tensors):
+        # Σ p m e/‖e‖ = Σ (p m/‖e‖) e
+        e, scale = _direction_and_scale(fields, member)
+        return torch.einsum("bhgn,bhnd->bhgd", probs * scale.unsqueeze(2), e)
 
     def fused_encode(self, params: SlerpParams, members: int):
         # The Triton merge kernel implements SLERP of pairs; an aligned pair enters it rotated.

@@ -438,8 +438,12 @@ class MergedKVView:
         retained = self._retained_in(start, end)
         if retained is not None:
             b_idx, h_idx, pos, exact = retained
-            logits[b_idx, h_idx, :, pos] = torch.einsum("ngd,nd->ng", q[b_idx, h_idx], exact.float())
+            logits[b_idx, h_idx, :, pos] = torch.einsum("ngd,nd->ng", q[b_idx, h_idx], self._in_frame(exact, h_idx))
         return logits
+
+    def _in_frame(self, exact: torch.Tensor, h_idx: torch.Tensor) -> torch.Tensor:
+        """Exact vectors ``[n, D]`` (heads ``h_idx``) in :attr:`frame`, float32."""
+        return exact.float() if self.frame is None else self.frame.rows(exact, h_idx).float()
 
     def values_block(self, probs: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """``Σ_n probs · v_n`` ``[B, H, G, D]`` float32 over merged tokens ``[start, end)`` (in
@@ -453,11 +457,11 @@ class MergedKVView:
         if retained is not None:  # swap the restored vector of each retained token for its exact one
             b_idx, h_idx, pos, exact = retained
             rows = {name: t[b_idx, :, pos].unsqueeze(2) for name, t in block.items()}  # [n, H, 1, w]
-            restored = self.method.decode(self.params, rows, self.member, self.tensors, self.dtype)
+            restored = self.method.decode(self.params, rows, self.member, self.tensors, self.dtype, in_frame=True)
             restored = restored[torch.arange(pos.numel(), device=pos.device), h_idx, 0]
             weight = probs[b_idx, h_idx, :, pos]  # [n, G]
-            out.index_put_((b_idx, h_idx), weight.unsqueeze(-1) * (exact.float() - restored.float()).unsqueeze(1),
-                           accumulate=True)
+            correction = self._in_frame(exact, h_idx) - restored.float()
+            out.index_put_((b_idx, h_idx), weight.unsqueeze(-1) * correction.unsqueeze(1), accumulate=True)
         return out
 
     def materialize(self) -> torch.Tensor:

@@ -1,11 +1,14 @@
 """Where a decode step of the vLLM plugin's reference path spends its time (no engine: the paged stores
-alone, as the plugin's attention drives them, without the attention itself).
+alone, as the plugin's attention drives them, and the attention of one query token).
 
-    .venv-vllm/bin/python integrations/vllm/bench/step_profile.py [--quantized] [--tokens 1024] [--steps 20]
+    .venv-vllm/bin/python integrations/vllm/bench/step_profile.py [--quantized] [--tokens 1024] [--steps 20] \
+        [--decode blockwise|restore]
 
 One request of ``--tokens`` tokens (prefilled at once), then ``--steps`` decode steps through every
 store of SmolLM2 with the shipped profile (``--quantized``: plus 4-bit KIVI with 4 exact sinks and
 pre-RoPE keys, as ``benchmarks/vllm_decode.sh``'s ``shipped-4bit``), bfloat16, pages of 128 tokens.
+``--decode`` picks the plugin's decode path (``MergedAttention``'s ``decode``): ``restore`` restores
+each layer's whole prefix and runs SDPA; ``blockwise`` reads the stores as views a block at a time.
 Prints the time per step and the share of it (cumulative, from cProfile) spent in each part.
 """
 
@@ -19,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,10 +33,11 @@ from minicache_vllm.windows import WindowPool
 
 from minicache import MergeProfile, MiniCache
 from minicache.models import load_model
+from minicache.runtime.blockwise import blockwise_decode_attention
 from minicache.profile import Quantization
 from minicache.runtime.store import GroupStore
 
-PAGE, HEADS, HEAD_DIM, DTYPE = 128, 3, 64, torch.bfloat16
+PAGE, HEADS, QUERY_HEADS, HEAD_DIM, DTYPE = 128, 3, 9, 64, torch.bfloat16
 #: (part, [(file suffix, function name, caller's file suffix or None)]): cumulative time of those calls
 PARTS = [
     ("restore merged prefix (method decode)", [("runtime/views.py", "restored_block", None)]),
@@ -43,6 +48,7 @@ PARTS = [
     ("write pages", [("minicache_vllm/layout.py", "write", None),
                      ("minicache_vllm/layout.py", "write_fields", "minicache_vllm/quantized.py")]),
     ("merge (tail re-merge and new units)", [("runtime/store.py", "merge", None)]),
+    ("blockwise attention (restores included)", [("runtime/blockwise.py", "blockwise_decode_attention", None)]),
 ]
 
 
@@ -51,6 +57,8 @@ def main() -> None:
     parser.add_argument("--quantized", action="store_true", help="add 4-bit KIVI, 4 sinks, pre-RoPE keys")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--decode", choices=("blockwise", "restore"), default="blockwise",
+                        help="the plugin's decode path (default: blockwise, the plugin's default)")
     args = parser.parse_args()
     model, _ = load_model("smollm2-135m")
     profile = MergeProfile.load("profiles/smollm2-135m-instruct")
@@ -74,7 +82,16 @@ def main() -> None:
             store.begin_step()
             for member in range(store.members):
                 kv = torch.randn(2, HEADS, n, HEAD_DIM, generator=generator).to(DTYPE)
-                store.member_kv(member, 0, table, before, kv)
+                if n > 1:  # the prefill: only the stores matter here
+                    store.member_kv(member, 0, table, before, kv)
+                    continue
+                query = torch.randn(1, QUERY_HEADS, 1, HEAD_DIM, generator=generator).to(DTYPE)
+                if args.decode == "blockwise":
+                    keys, values = store.member_views(member, 0, table, before, kv)
+                    blockwise_decode_attention(query, keys, values, None, HEAD_DIM**-0.5)
+                else:
+                    keys, values = store.member_kv(member, 0, table, before, kv)
+                    F.scaled_dot_product_attention(query, keys, values, scale=HEAD_DIM**-0.5, enable_gqa=True)
             store.end_step([(0, table, before, before + n)])
         before += n
 
@@ -92,8 +109,8 @@ def main() -> None:
     total = sum(v[3] for k, v in stats.items() if k[2] == "step")
     layers = sum(store.members for store in stores)
     print(f"{'shipped + 4-bit' if args.quantized else 'shipped'}: {len(stores)} stores over {layers} layers, "
-          f"{args.tokens} tokens, torch {torch.get_num_threads()} thread(s)")
-    print(f"decode step (all stores, one request): {plain * 1e3:.1f} ms unprofiled")
+          f"{args.tokens} tokens, torch {torch.get_num_threads()} thread(s), decode {args.decode}")
+    print(f"decode step (all stores and their attention, one request): {plain * 1e3:.1f} ms unprofiled")
     for part, functions in PARTS:
         spent = 0.0
         for file, name, caller in functions:

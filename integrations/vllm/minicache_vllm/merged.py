@@ -32,11 +32,15 @@ from vllm.v1.attention.backend import AttentionMetadataBuilder, CommonAttentionM
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from minicache.runtime.blockwise import blockwise_decode_attention
 from minicache_vllm.layout import UnitLayout
 from minicache_vllm.paged import PagedGroup
 from minicache_vllm.quantized import PagedQuantizedLayer
 
-__all__ = ["MergedAttention", "StoreLayer"]
+__all__ = ["DECODE_PATHS", "MergedAttention", "StoreLayer"]
+
+#: How a decode step attends a stored prefix (see :class:`MergedAttention`).
+DECODE_PATHS = ("blockwise", "restore")
 
 
 # -- vLLM's view of a store layer ----------------------------------------------------------------
@@ -117,13 +121,22 @@ class MergedAttention(torch.nn.Module):
 
     ``forward(q, k, v)`` takes and returns what vLLM's ``Attention`` does: ``q`` ``[T, Hq·D]``,
     ``k``/``v`` ``[T, H·D]``, output ``[T, Hq·D]``.
+
+    ``decode``: how a request's decode step (one new token) attends. ``"blockwise"`` (default) reads the
+    stored prefix a block at a time without restoring it whole
+    (:func:`~minicache.runtime.blockwise.blockwise_decode_attention`: the query is turned into an
+    aligned group's frame once instead of every token turned back, a low-rank store is scored from its
+    coefficients); ``"restore"`` restores the whole prefix and runs SDPA, as prefill steps always do.
     """
 
     def __init__(self, group: PagedGroup | PagedQuantizedLayer, member: int, num_heads: int, num_kv_heads: int,
-                 head_dim: int, scale: float):
+                 head_dim: int, scale: float, decode: str = "blockwise"):
         super().__init__()
+        if decode not in DECODE_PATHS:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_PATHS)}, got {decode!r}")
         self.group = group
         self.member = member
+        self.decode = decode
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -150,8 +163,13 @@ class MergedAttention(torch.nn.Module):
             table = metadata.block_table[r]
             rows.append((r, table, before, total))
             step = torch.stack([k[lo:hi], v[lo:hi]]).transpose(1, 2)  # [2, H, new, D]
-            keys, values = g.member_kv(self.member, r, table, before, step)
             query = q[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, Hq, new, D]
+            if hi - lo == 1 and self.decode == "blockwise":  # a decode step: sees every token, no mask
+                keys, values = g.member_views(self.member, r, table, before, step)
+                att = blockwise_decode_attention(query, keys, values, None, self.scale)  # [1, 1, Hq, D]
+                out[lo:hi] = att[0].reshape(1, -1).to(out.dtype)
+                continue
+            keys, values = g.member_kv(self.member, r, table, before, step)
             # Causal: the step's query i (position before + i) sees keys 0 .. before + i.
             mask = torch.ones(hi - lo, total, dtype=torch.bool, device=q.device).tril(diagonal=before)
             att = F.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask,

@@ -15,6 +15,9 @@ PROFILE_FILENAME = "minicache_config.yaml"  # minicache.profile.PROFILE_FILENAME
 #: SmolLM2's shipped profile retains about 1/35 on average and at most 1/12 per block on 12k tokens of
 #: code, release notes and licences; a block that retains more leaves the excess merged (logged).
 RETAINED_FRACTION = float(os.environ.get("MINICACHE_VLLM_RETAINED_FRACTION", 1 / 12))
+#: How decode steps attend the stored layers: "blockwise" (a block at a time, not restored whole) or
+#: "restore" (the whole prefix restored, then SDPA; kept to measure one against the other).
+DECODE_PATH = os.environ.get("MINICACHE_VLLM_DECODE", "blockwise")
 
 logger = init_logger("vllm.minicache_vllm")
 
@@ -175,7 +178,7 @@ def install(model, vllm_config, path: Path) -> dict:
             old = attn_module.attn
             context.pop(old.layer_name, None)  # no pages, no metadata: the store holds this layer's KV
             attn_module.attn = MergedAttention(group, member, old.num_heads, old.num_kv_heads, old.head_size,
-                                               old.impl.scale)
+                                               old.impl.scale, decode=DECODE_PATH)
         groups.append(group)
         stores.append(store)
     model.minicache_stores = torch.nn.ModuleList(stores)
@@ -192,8 +195,9 @@ def install(model, vllm_config, path: Path) -> dict:
         f" and packs {packed} more layers ({profile.quantization.describe()})" if packed else "",
         page_bytes, page_bytes + saved, max_seqs, window_bytes / 2**20,
     )
-    logger.info("minicache_vllm: these layers attend through the reference path (PyTorch, one request at a time); "
-                "the Triton decode kernel is not ported to vLLM's block tables yet")
+    logger.info("minicache_vllm: these layers attend through the reference path (PyTorch, one request at a time; "
+                "decode steps %s); the Triton decode kernel is not ported to vLLM's block tables yet",
+                "a block at a time" if DECODE_PATH == "blockwise" else "restoring the whole prefix")
     return {"groups": groups, "window_bytes": window_bytes, "requests": max_seqs, "page_bytes_per_token": page_bytes,
             "saved_bytes_per_token": saved}
 

@@ -15,6 +15,7 @@ import torch
 
 from minicache.quant import QuantizedTensor
 from minicache.runtime.store import ComponentStore, GroupStore
+from minicache.runtime.views import MergedKVView
 from minicache_vllm.layout import COMPONENTS, PageLayout, RetainedBlock, Stored, select_rows
 from minicache_vllm.windows import WindowPool, merged_length
 
@@ -185,6 +186,20 @@ class PagedGroup:
         step : torch.Tensor
             ``[2, H, n, D]``: this step's keys and values of the request at this member.
         """
+        keys, values = self._member_stores(member, row, table, before, step)
+        return keys.restored(member), values.restored(member)
+
+    def member_views(self, member: int, row: int, table: torch.Tensor, before: int,
+                     step: torch.Tensor) -> tuple[MergedKVView, MergedKVView]:
+        """The same keys and values as :meth:`member_kv`, as views that attention reads a block at a time
+        (:func:`~minicache.runtime.blockwise.blockwise_decode_attention`) instead of restoring them whole."""
+        keys, values = self._member_stores(member, row, table, before, step)
+        return keys.view(member), values.view(member)
+
+    def _member_stores(self, member: int, row: int, table: torch.Tensor, before: int,
+                       step: torch.Tensor) -> tuple[ComponentStore, ComponentStore]:
+        """The request's key and value stores as member ``member`` sees them this step (its window
+        grown by ``step``); the stored form is shared with the other members, not copied."""
         if member == 0:
             self._slots[row] = self.pool.slot(int(table[0]), before)
         slot = self._slots[row]
@@ -195,7 +210,7 @@ class PagedGroup:
             comp = copy.copy(state[name])  # shares the stored form; only this member's window grows
             comp.residual = list(comp.residual)
             comp.residual[member] = torch.cat([comp.residual[member], step[c].unsqueeze(0)], dim=-2)
-            out.append(comp.restored(member))
+            out.append(comp)
         return out[0], out[1]
 
     def end_step(self, rows: list[tuple[int, torch.Tensor, int, int]]) -> None:

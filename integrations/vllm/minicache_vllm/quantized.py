@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from minicache.runtime.layers import QuantizedLayer
+from minicache.runtime.views import MergedKVView
 from minicache_vllm.layout import UnitLayout
 from minicache_vllm.windows import WindowPool
 
@@ -76,11 +77,20 @@ class PagedQuantizedLayer:
                   step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[1, H, before + n, D]`` the layer attends for one request (``step``:
         ``[2, H, n, D]``, its new tokens); packs what leaves the window into the pages, as the runtime does."""
+        return self._update(table, before, step, views=False)
+
+    def member_views(self, member: int, row: int, table: torch.Tensor, before: int,
+                     step: torch.Tensor) -> tuple[MergedKVView, MergedKVView]:
+        """The same as :meth:`member_kv`, as views that attention reads a block at a time, packed."""
+        return self._update(table, before, step, views=True)
+
+    def _update(self, table: torch.Tensor, before: int, step: torch.Tensor, *, views: bool):
         slot = self.pool.slot(int(table[0]), before)
         window = self.pool.read(slot)[:, 0]  # [2, H, w, D]: tokens packed .. before
         packed = before - window.shape[-2]
         t = self.template
         layer = QuantizedLayer(t.spec, t.bits, t.value_bits, t.rope)
+        layer.views = views
         layer.lazy_initialization(step[0].unsqueeze(0), step[1].unsqueeze(0))
         layer.keys, layer.values = window[0].unsqueeze(0), window[1].unsqueeze(0)
         pages = self.pages()

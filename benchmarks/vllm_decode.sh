@@ -6,9 +6,9 @@
 #   bash benchmarks/vllm_decode.sh                       # about 5 minutes on 2 cores
 #   bash benchmarks/vllm_decode.sh shipped shipped-restore # only those engines
 #
-# Engines: stock, shipped, shipped-4bit, auto-4k-half (the default: all four); a name ending in
-# -restore is the same profile with the plugin's decode steps restoring each stored prefix whole
-# (MINICACHE_VLLM_DECODE=restore) instead of reading it a block at a time (the default).
+# Engines: stock, shipped, shipped-4bit, auto-4k-half (the default: all four), with the plugin's
+# default decode path (MINICACHE_VLLM_DECODE=auto: merged groups read a block at a time, packed layers
+# restored whole); a name ending in -restore or -blockwise uses that path for every store instead.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
@@ -30,8 +30,11 @@ PY
 machine_line
 names=("$@"); [[ ${#names[@]} -gt 0 ]] || names=(stock shipped shipped-4bit auto-4k-half)
 for name in "${names[@]}"; do
-  decode=blockwise; [[ $name == *-restore ]] && decode=restore
-  case ${name%-restore} in
+  decode=auto base=$name
+  for path in restore blockwise; do
+    [[ $name == *-$path ]] && decode=$path base=${name%-"$path"}
+  done
+  case $base in
     stock) profile=() ;; shipped) profile=(--profile profiles/smollm2-135m-instruct) ;;
     shipped-4bit) profile=(--profile "$WORK/profile-shipped-4bit") ;;
     auto-4k-half) profile=(--profile benchmarks/results/keys-cpu/auto-4k-half) ;;

@@ -24,8 +24,8 @@ from minicache_vllm.windows import WindowPool, merged_length
 
 from minicache.profile import MergeGroup, MergeSettings, Quantization
 from minicache.quant import QuantizedTensor
-from minicache.runtime.layers import QuantizedLayer
 from minicache.runtime.blockwise import blockwise_decode_attention
+from minicache.runtime.layers import QuantizedLayer
 from minicache.runtime.rope import RopeAngles
 from minicache.runtime.store import GroupStore, PaddingInfo
 

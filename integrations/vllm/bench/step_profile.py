@@ -8,7 +8,8 @@ One request of ``--tokens`` tokens (prefilled at once), then ``--steps`` decode 
 store of SmolLM2 with the shipped profile (``--quantized``: plus 4-bit KIVI with 4 exact sinks and
 pre-RoPE keys, as ``benchmarks/vllm_decode.sh``'s ``shipped-4bit``), bfloat16, pages of 128 tokens.
 ``--decode`` picks the plugin's decode path (``MergedAttention``'s ``decode``): ``restore`` restores
-each layer's whole prefix and runs SDPA; ``blockwise`` reads the stores as views a block at a time.
+each layer's whole prefix and runs SDPA; ``blockwise`` reads the stores as views a block at a time;
+``auto`` (the plugin's default) reads merged groups blockwise and restores packed unmerged layers.
 Prints the time per step and the share of it (cumulative, from cProfile) spent in each part.
 """
 
@@ -33,8 +34,8 @@ from minicache_vllm.windows import WindowPool
 
 from minicache import MergeProfile, MiniCache
 from minicache.models import load_model
-from minicache.runtime.blockwise import blockwise_decode_attention
 from minicache.profile import Quantization
+from minicache.runtime.blockwise import blockwise_decode_attention
 from minicache.runtime.store import GroupStore
 
 PAGE, HEADS, QUERY_HEADS, HEAD_DIM, DTYPE = 128, 3, 9, 64, torch.bfloat16
@@ -57,8 +58,8 @@ def main() -> None:
     parser.add_argument("--quantized", action="store_true", help="add 4-bit KIVI, 4 sinks, pre-RoPE keys")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--decode", choices=("blockwise", "restore"), default="blockwise",
-                        help="the plugin's decode path (default: blockwise, the plugin's default)")
+    parser.add_argument("--decode", choices=("auto", "blockwise", "restore"), default="auto",
+                        help="the plugin's decode path (MINICACHE_VLLM_DECODE; default: auto, the plugin's default)")
     args = parser.parse_args()
     model, _ = load_model("smollm2-135m")
     profile = MergeProfile.load("profiles/smollm2-135m-instruct")
@@ -86,7 +87,7 @@ def main() -> None:
                     store.member_kv(member, 0, table, before, kv)
                     continue
                 query = torch.randn(1, QUERY_HEADS, 1, HEAD_DIM, generator=generator).to(DTYPE)
-                if args.decode == "blockwise":
+                if args.decode == "blockwise" or (args.decode == "auto" and isinstance(store, PagedGroup)):
                     keys, values = store.member_views(member, 0, table, before, kv)
                     blockwise_decode_attention(query, keys, values, None, HEAD_DIM**-0.5)
                 else:

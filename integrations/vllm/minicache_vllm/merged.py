@@ -40,7 +40,7 @@ from minicache_vllm.quantized import PagedQuantizedLayer
 __all__ = ["DECODE_PATHS", "MergedAttention", "StoreLayer"]
 
 #: How a decode step attends a stored prefix (see :class:`MergedAttention`).
-DECODE_PATHS = ("blockwise", "restore")
+DECODE_PATHS = ("auto", "blockwise", "restore")
 
 
 # -- vLLM's view of a store layer ----------------------------------------------------------------
@@ -122,21 +122,26 @@ class MergedAttention(torch.nn.Module):
     ``forward(q, k, v)`` takes and returns what vLLM's ``Attention`` does: ``q`` ``[T, Hq·D]``,
     ``k``/``v`` ``[T, H·D]``, output ``[T, Hq·D]``.
 
-    ``decode``: how a request's decode step (one new token) attends. ``"blockwise"`` (default) reads the
-    stored prefix a block at a time without restoring it whole
+    ``decode``: how a request's decode step (one new token) attends. ``"blockwise"`` reads the stored
+    prefix a block at a time without restoring it whole
     (:func:`~minicache.runtime.blockwise.blockwise_decode_attention`: the query is turned into an
-    aligned group's frame once instead of every token turned back, a low-rank store is scored from its
-    coefficients); ``"restore"`` restores the whole prefix and runs SDPA, as prefill steps always do.
+    aligned group's frame once instead of every token turned back, SLERP and low-rank stores are scored
+    from their stored form); ``"restore"`` restores the whole prefix and runs SDPA, as prefill steps
+    always do; ``"auto"`` (default) is blockwise for merged groups and restore for the packed layers of a
+    quantized profile, the faster of the two for each on CPU (``integrations/vllm/bench/step_profile.py``:
+    the shipped groups 20.6 ms blockwise vs 25.3 ms restored; shipped + 4-bit 140 vs 129 ms, bf16).
     """
 
     def __init__(self, group: PagedGroup | PagedQuantizedLayer, member: int, num_heads: int, num_kv_heads: int,
-                 head_dim: int, scale: float, decode: str = "blockwise"):
+                 head_dim: int, scale: float, decode: str = "auto"):
         super().__init__()
         if decode not in DECODE_PATHS:
             raise ValueError(f"decode must be one of {', '.join(DECODE_PATHS)}, got {decode!r}")
         self.group = group
         self.member = member
         self.decode = decode
+        # "auto": blockwise for merged groups, whole restores for packed unmerged layers (see above)
+        self.blockwise = decode == "blockwise" or (decode == "auto" and isinstance(group, PagedGroup))
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -164,7 +169,7 @@ class MergedAttention(torch.nn.Module):
             rows.append((r, table, before, total))
             step = torch.stack([k[lo:hi], v[lo:hi]]).transpose(1, 2)  # [2, H, new, D]
             query = q[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, Hq, new, D]
-            if hi - lo == 1 and self.decode == "blockwise":  # a decode step: sees every token, no mask
+            if hi - lo == 1 and self.blockwise:  # a decode step: sees every token, no mask
                 keys, values = g.member_views(self.member, r, table, before, step)
                 att = blockwise_decode_attention(query, keys, values, None, self.scale)  # [1, 1, Hq, D]
                 out[lo:hi] = att[0].reshape(1, -1).to(out.dtype)

@@ -15,9 +15,12 @@ PROFILE_FILENAME = "minicache_config.yaml"  # minicache.profile.PROFILE_FILENAME
 #: SmolLM2's shipped profile retains about 1/35 on average and at most 1/12 per block on 12k tokens of
 #: code, release notes and licences; a block that retains more leaves the excess merged (logged).
 RETAINED_FRACTION = float(os.environ.get("MINICACHE_VLLM_RETAINED_FRACTION", 1 / 12))
-#: How decode steps attend the stored layers: "blockwise" (a block at a time, not restored whole) or
-#: "restore" (the whole prefix restored, then SDPA; kept to measure one against the other).
-DECODE_PATH = os.environ.get("MINICACHE_VLLM_DECODE", "blockwise")
+#: How decode steps attend the stored layers (:class:`~minicache_vllm.merged.MergedAttention`): "auto"
+#: (merged groups a block at a time from their stored form, packed layers restored whole), "blockwise"
+#: (every store a block at a time) or "restore" (every store restored whole, then SDPA).
+DECODE_PATH = os.environ.get("MINICACHE_VLLM_DECODE", "auto")
+DECODE_DESCRIPTIONS = {"auto": "merged groups a block at a time, packed layers restored whole",
+                       "blockwise": "a block at a time", "restore": "the whole prefix restored"}
 
 logger = init_logger("vllm.minicache_vllm")
 
@@ -196,8 +199,8 @@ def install(model, vllm_config, path: Path) -> dict:
         page_bytes, page_bytes + saved, max_seqs, window_bytes / 2**20,
     )
     logger.info("minicache_vllm: these layers attend through the reference path (PyTorch, one request at a time; "
-                "decode steps %s); the Triton decode kernel is not ported to vLLM's block tables yet",
-                "a block at a time" if DECODE_PATH == "blockwise" else "restoring the whole prefix")
+                "decode steps: %s); the Triton decode kernel is not ported to vLLM's block tables yet",
+                DECODE_DESCRIPTIONS.get(DECODE_PATH, DECODE_PATH))
     return {"groups": groups, "window_bytes": window_bytes, "requests": max_seqs, "page_bytes_per_token": page_bytes,
             "saved_bytes_per_token": saved}
 

@@ -5,9 +5,10 @@ restored (and, in a quantized store, dequantized) in the model dtype on every st
 is the alternative for machines without the Triton kernels (``enable_fused_attention(model,
 backend="torch")``): an online softmax over blocks of ``block_tokens`` merged tokens, each restored
 and dequantized only while it is attended (:meth:`MergedKVView.restored_block`), then the exact
-residual window. Methods that can be attended in their stored form (``factored``: low rank) are
-never restored: the query is projected into the coefficient space and the output mapped back once
-per block (:meth:`MergedKVView.scores_block`, :meth:`MergedKVView.values_block`). The largest
+residual window. Methods that can be attended in their stored form (``factored``: SLERP, low rank) are
+never restored: the query is scored against their stored form (SLERP's shared directions scaled
+per token, low rank's coefficients after one projection) and the output mapped back once per block
+(:meth:`MergedKVView.scores_block`, :meth:`MergedKVView.values_block`). The largest
 temporary is one block, not one layer. The math is float32 and
 matches :func:`~minicache.runtime.kernels.reference.fused_decode_reference`.
 """
@@ -94,7 +95,7 @@ def blockwise_decode_attention(
         running_max = new_max
 
     # Blocks start at multiples of the packed key groups (those cannot be split). Each block is read
-    # through the views: restored and attended, or (factored methods such as low rank) scored and
+    # through the views: restored and attended, or (factored methods: SLERP, low rank) scored and
     # summed from the stored form, the query and the output projected once per block.
     align = max(keys.block_alignment, values.block_alignment)
     block = -(-block_tokens // align) * align

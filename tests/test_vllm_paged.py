@@ -18,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "vllm"))
 
 from minicache_vllm.layout import PageLayout, quantized_layer_layout
-from minicache_vllm.paged import PagedGroup
+from minicache_vllm.paged import DECODE_PATHS, PagedGroup, reads_blockwise
 from minicache_vllm.quantized import PagedQuantizedLayer
 from minicache_vllm.windows import WindowPool, merged_length
 
@@ -272,3 +272,16 @@ def test_other_merge_methods_are_paged_as_the_runtime_stores_them(quant):
     heads, dim = model.config.num_key_value_heads, model.config.head_dim
     assert lowrank.components["keys"].method.name == "lowrank"
     run_against_runtime(lowrank, heads, dim, torch.float32, page=16)
+
+
+def test_decode_paths_choose_blockwise_per_kind_of_store():
+    _, reference = group_of(2)
+    group, _ = paged(reference, torch.float32, room=BS * H * 2)
+    spec = Quantization(bits=4, group_size=16, residual_length=R)
+    layer_template = QuantizedLayer(spec)
+    layout = quantized_layer_layout(layer_template, H, D, torch.bfloat16)
+    pool = WindowPool(1, 1, H, D, R + layout.unit_tokens, torch.bfloat16)
+    layer = PagedQuantizedLayer(layer_template, layout, pool, 32, lambda: None)
+    assert [reads_blockwise(path, group) for path in DECODE_PATHS] == [True, True, False]
+    assert [reads_blockwise(path, layer) for path in DECODE_PATHS] == [False, True, False]
+    assert list(DECODE_PATHS) == ["auto", "blockwise", "restore"]

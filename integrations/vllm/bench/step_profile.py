@@ -2,7 +2,7 @@
 alone, as the plugin's attention drives them, and the attention of one query token).
 
     .venv-vllm/bin/python integrations/vllm/bench/step_profile.py [--quantized] [--tokens 1024] [--steps 20] \
-        [--decode blockwise|restore]
+        [--decode auto|blockwise|restore]
 
 One request of ``--tokens`` tokens (prefilled at once), then ``--steps`` decode steps through every
 store of SmolLM2 with the shipped profile (``--quantized``: plus 4-bit KIVI with 4 exact sinks and
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minicache_vllm.models import plan_stores
-from minicache_vllm.paged import PagedGroup
+from minicache_vllm.paged import DECODE_PATHS, PagedGroup, reads_blockwise
 from minicache_vllm.quantized import PagedQuantizedLayer
 from minicache_vllm.windows import WindowPool
 
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--quantized", action="store_true", help="add 4-bit KIVI, 4 sinks, pre-RoPE keys")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--decode", choices=("auto", "blockwise", "restore"), default="auto",
+    parser.add_argument("--decode", choices=tuple(DECODE_PATHS), default="auto",
                         help="the plugin's decode path (MINICACHE_VLLM_DECODE; default: auto, the plugin's default)")
     args = parser.parse_args()
     model, _ = load_model("smollm2-135m")
@@ -87,7 +87,7 @@ def main() -> None:
                     store.member_kv(member, 0, table, before, kv)
                     continue
                 query = torch.randn(1, QUERY_HEADS, 1, HEAD_DIM, generator=generator).to(DTYPE)
-                if args.decode == "blockwise" or (args.decode == "auto" and isinstance(store, PagedGroup)):
+                if reads_blockwise(args.decode, store):
                     keys, values = store.member_views(member, 0, table, before, kv)
                     blockwise_decode_attention(query, keys, values, None, HEAD_DIM**-0.5)
                 else:

@@ -34,13 +34,10 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from minicache.runtime.blockwise import blockwise_decode_attention
 from minicache_vllm.layout import UnitLayout
-from minicache_vllm.paged import PagedGroup
+from minicache_vllm.paged import DECODE_PATHS, PagedGroup, reads_blockwise
 from minicache_vllm.quantized import PagedQuantizedLayer
 
-__all__ = ["DECODE_PATHS", "MergedAttention", "StoreLayer"]
-
-#: How a decode step attends a stored prefix (see :class:`MergedAttention`).
-DECODE_PATHS = ("auto", "blockwise", "restore")
+__all__ = ["MergedAttention", "StoreLayer"]
 
 
 # -- vLLM's view of a store layer ----------------------------------------------------------------
@@ -140,8 +137,7 @@ class MergedAttention(torch.nn.Module):
         self.group = group
         self.member = member
         self.decode = decode
-        # "auto": blockwise for merged groups, whole restores for packed unmerged layers (see above)
-        self.blockwise = decode == "blockwise" or (decode == "auto" and isinstance(group, PagedGroup))
+        self.blockwise = reads_blockwise(decode, group)
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

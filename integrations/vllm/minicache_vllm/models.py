@@ -19,8 +19,6 @@ RETAINED_FRACTION = float(os.environ.get("MINICACHE_VLLM_RETAINED_FRACTION", 1 /
 #: (merged groups a block at a time from their stored form, packed layers restored whole), "blockwise"
 #: (every store a block at a time) or "restore" (every store restored whole, then SDPA).
 DECODE_PATH = os.environ.get("MINICACHE_VLLM_DECODE", "auto")
-DECODE_DESCRIPTIONS = {"auto": "merged groups a block at a time, packed layers restored whole",
-                       "blockwise": "a block at a time", "restore": "the whole prefix restored"}
 
 logger = init_logger("vllm.minicache_vllm")
 
@@ -149,7 +147,7 @@ def install(model, vllm_config, path: Path) -> dict:
     from minicache.runtime.cache import MiniCache
     from minicache.runtime.store import GroupStore
     from minicache_vllm.merged import MergedAttention, StoreLayer
-    from minicache_vllm.paged import PagedGroup
+    from minicache_vllm.paged import DECODE_PATHS, PagedGroup
     from minicache_vllm.quantized import PagedQuantizedLayer
     from minicache_vllm.windows import WindowPool
 
@@ -200,7 +198,7 @@ def install(model, vllm_config, path: Path) -> dict:
     )
     logger.info("minicache_vllm: these layers attend through the reference path (PyTorch, one request at a time; "
                 "decode steps: %s); the Triton decode kernel is not ported to vLLM's block tables yet",
-                DECODE_DESCRIPTIONS.get(DECODE_PATH, DECODE_PATH))
+                DECODE_PATHS.get(DECODE_PATH, DECODE_PATH))
     return {"groups": groups, "window_bytes": window_bytes, "requests": max_seqs, "page_bytes_per_token": page_bytes,
             "saved_bytes_per_token": saved}
 

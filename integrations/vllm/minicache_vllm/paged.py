@@ -21,7 +21,17 @@ from minicache_vllm.windows import WindowPool, merged_length
 
 logger = logging.getLogger("vllm.minicache_vllm")
 
-__all__ = ["PagedGroup"]
+__all__ = ["DECODE_PATHS", "PagedGroup", "reads_blockwise"]
+
+#: How a decode step attends a stored prefix (``MINICACHE_VLLM_DECODE``), with what each means.
+#: ``auto`` picks per store the faster path on CPU (``integrations/vllm/bench/step_profile.py``): merged
+#: groups are attended from their stored form, packed unmerged layers restore faster than they attend
+#: a block at a time.
+DECODE_PATHS = {
+    "auto": "merged groups a block at a time, packed layers restored whole",
+    "blockwise": "a block at a time",
+    "restore": "the whole prefix restored",
+}
 
 
 class PagedGroup:
@@ -234,3 +244,9 @@ class PagedGroup:
 def _tokens(x: Stored, start: int, end: int) -> Stored:
     """Tokens ``[start, end)`` of a ``[1, H, N, w]`` field, dense or packed."""
     return x.slice_tokens(start, end) if isinstance(x, QuantizedTensor) else x[:, :, start:end]
+
+
+def reads_blockwise(decode: str, store) -> bool:
+    """Whether a decode step of ``store`` (a :class:`PagedGroup` or a packed unmerged layer) reads its
+    views a block at a time under ``decode`` (one of :data:`DECODE_PATHS`), rather than restoring them."""
+    return decode == "blockwise" or (decode == "auto" and isinstance(store, PagedGroup))

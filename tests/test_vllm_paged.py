@@ -256,8 +256,9 @@ def run_against_runtime(reference: GroupStore, heads: int, dim: int, dtype: torc
 
 @pytest.mark.parametrize("quant", [None, Quantization(bits=4, group_size=8, residual_length=8)])
 def test_other_merge_methods_are_paged_as_the_runtime_stores_them(quant):
-    """The pages hold whatever a method stores (its fields, from the registry): average and lowrank
-    (a fitted basis from the sidecar, coefficients packed per token in a quantized profile)."""
+    """The pages hold whatever a method stores (its fields, from the registry): average, lowrank
+    (a fitted basis from the sidecar, coefficients packed per token in a quantized profile) and
+    lowrank keys beside exact values."""
     from minicache.runtime.cache import MiniCache
     from tests.test_lowrank import _model, _profile
 
@@ -272,6 +273,12 @@ def test_other_merge_methods_are_paged_as_the_runtime_stores_them(quant):
     heads, dim = model.config.num_key_value_heads, model.config.head_dim
     assert lowrank.components["keys"].method.name == "lowrank"
     run_against_runtime(lowrank, heads, dim, torch.float32, page=16)
+    # keys low rank beside exact values (a group of one layer; exact retains nothing)
+    from tests.test_exact import _keys_only
+
+    (keys_only, _) = MiniCache(_keys_only(model, layers=(1, 3), rank=4).with_quantization(quant), model.config).stores
+    assert keys_only.components["values"].method.name == "exact"
+    run_against_runtime(keys_only, heads, dim, torch.float32, page=16)
 
 
 def test_decode_paths_choose_blockwise_per_kind_of_store():

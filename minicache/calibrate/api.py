@@ -480,7 +480,10 @@ def choose_candidates(capture: CalibrationCapture, defaults: Defaults, head_dim:
     on ties, in the order the methods offer them): the run's candidate. Where a run's options save
     different amounts, one variant per level of :data:`ERROR_LEVELS`: per component, among the
     options within the level, the one that saves most (least error among those), or the least-error
-    option when none is within it. Variants equal to an earlier candidate of the run are dropped.
+    option when none is within it: both components at the level (variant ``"e0.04"``), and each
+    component at the level beside the other's least-error option (``"k0.04"``, ``"v0.04"``: keys low
+    rank beside values kept ``exact``, where the ``exact`` method is offered). Variants equal to an
+    earlier candidate of the run are dropped.
     """
     errors = capture.errors
     # Counting the window and the tensors matters where it decides between ranks. Where every option
@@ -506,8 +509,16 @@ def choose_candidates(capture: CalibrationCapture, defaults: Defaults, head_dim:
                 within = [i for i in range(len(options)) if rel[i] <= level]
                 picks.append(max(within, key=lambda i: (saved[i], -rel[i], -i)) if within else least)
             per_component.append((options, rel, saved, picks))
+        # Both components at one error level, then one component at each level beside the other's
+        # least-error option (keys low rank beside exact values: keys compress far better).
+        (k_least, *k_levels), (v_least, *v_levels) = per_component[0][3], per_component[1][3]
+        picks = [("", (k_least, v_least))]
+        picks += [(f"e{level:g}", pick) for level, pick in zip(ERROR_LEVELS, zip(k_levels, v_levels, strict=True),
+                                                                strict=True)]
+        picks += [(f"k{level:g}", (k, v_least)) for level, k in zip(ERROR_LEVELS, k_levels, strict=True)]
+        picks += [(f"v{level:g}", (k_least, v)) for level, v in zip(ERROR_LEVELS, v_levels, strict=True)]
         seen: set[tuple[int, int]] = set()
-        for level, pick in enumerate(zip(per_component[0][3], per_component[1][3], strict=True)):
+        for variant, pick in picks:
             if pick in seen:
                 continue
             seen.add(pick)
@@ -520,7 +531,6 @@ def choose_candidates(capture: CalibrationCapture, defaults: Defaults, head_dim:
             (keys, k_err, k_saved), (values, v_err, v_saved) = chosen
             if (k_saved + v_saved) / 2 <= 0:
                 continue
-            variant = "" if level == 0 else f"e{ERROR_LEVELS[level - 1]:g}"
             candidate = Candidate(layers, keys, values, (k_err, v_err), (k_saved + v_saved) / 2, variant)
             out[candidate.key] = candidate
     return out

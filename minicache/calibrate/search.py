@@ -112,7 +112,8 @@ class Candidate:
         Layers' worth of KV merging saves (SLERP: ``k − 1``; low rank: ``k − rank / head_dim``).
     variant : str
         ``""`` for the run's least-error settings; otherwise the error level of a cheaper variant
-        (``"e0.04"``). The search's dictionaries key a variant by ``(layers, variant)``.
+        (``"e0.04"``: both components at that level; ``"k0.04"`` / ``"v0.04"``: keys / values alone).
+        The search's dictionaries key a variant by ``(layers, variant)``.
     """
 
     layers: tuple[int, ...]

@@ -2,8 +2,10 @@
 
 Built in: ``slerp`` (MiniCache, :mod:`minicache.methods.slerp`), ``average`` (the paper's
 averaging baseline, :mod:`minicache.methods.average`), ``lowrank`` (a calibrated basis shared by
-a group's layers, :mod:`minicache.methods.lowrank`) and ``predictive_residual`` (each layer predicted
-from the one below, the residual stored for a quantizer, :mod:`minicache.methods.predictive`).
+a group's layers, :mod:`minicache.methods.lowrank`), ``predictive_residual`` (each layer predicted
+from the one below, the residual stored for a quantizer, :mod:`minicache.methods.predictive`) and
+``exact`` (one layer's keys or values kept as they are beside its other component compressed,
+:mod:`minicache.methods.exact`).
 A new method is one file::
 
     from minicache.methods import MergeMethod, MethodParams, register_method
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 from minicache.methods.average import AverageMethod
 from minicache.methods.base import COMPONENTS, Encoded, Field, FitStatistic, Frame, MergeMethod, MethodParams
+from minicache.methods.exact import ExactMethod
 from minicache.methods.lowrank import LowRankMethod
 from minicache.methods.predictive import PredictiveMethod
 from minicache.methods.slerp import SlerpMethod
@@ -70,3 +73,4 @@ register_method(SlerpMethod)
 register_method(AverageMethod)
 register_method(LowRankMethod)
 register_method(PredictiveMethod)
+register_method(ExactMethod)

@@ -269,6 +269,9 @@ class MergeMethod(ABC):
         packing the field equals packing each member's columns alone. Such a method also implements
         :meth:`restore_chain`, through which the cache restores members in layer order without
         restoring the members below again.
+    retains : bool
+        Retention applies (γ and sink tokens keep the most distant tokens exact). False for a method
+        whose stored form is already exact: it never retains a token.
     """
 
     name: ClassVar[str]
@@ -280,6 +283,7 @@ class MergeMethod(ABC):
     min_members: ClassVar[int] = 2
     factored: ClassVar[bool] = False
     closed_loop: ClassVar[bool] = False
+    retains: ClassVar[bool] = True
 
     # -- parameters and tensors (profile side) -------------------------------------------------
     def params(self, data: Mapping[str, Any] | MethodParams | None = None, path: str = "") -> MethodParams:

@@ -237,9 +237,13 @@ class ComponentStore:
                 self._check_separable(encoded, dtype)
             else:
                 encoded = self.method.encode(self.params, xs, tensors)
-            keep = retention_mask(
-                encoded.distance, s.gamma, s.retention, valid=real, sink=sink, window=window, count=count
-            )
+            if self.method.retains:
+                keep = retention_mask(
+                    encoded.distance, s.gamma, s.retention, valid=real, sink=sink, window=window, count=count
+                )
+            else:  # already exact: retaining would store tokens twice
+                keep = torch.zeros((*encoded.distance.shape[:2], count), dtype=torch.bool,
+                                   device=encoded.distance.device)
             fields = {name: t[..., :count, :] for name, t in encoded.fields.items()}
             fields = self.method.mark_retained(fields, keep)
             # Copies, not views: a view would keep the look-ahead tokens' float32 storage alive.

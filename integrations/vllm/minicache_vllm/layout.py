@@ -293,8 +293,8 @@ class PageLayout(UnitLayout):
     retained: tuple[Codec, ...]
 
     def __post_init__(self) -> None:
-        if self.members < 2 or self.heads < 1 or self.head_dim < 1 or self.unit_tokens < 1:
-            raise ValueError(f"page layout needs k >= 2 members, heads, head_dim and unit_tokens >= 1, got {self}")
+        if self.members < 1 or self.heads < 1 or self.head_dim < 1 or self.unit_tokens < 1:
+            raise ValueError(f"page layout needs k >= 1 members, heads, head_dim and unit_tokens >= 1, got {self}")
         if self.retained_capacity < 0 or self.retained_capacity > 32767:
             raise ValueError(f"retained_capacity must be in [0, 32767], got {self.retained_capacity}")
 
@@ -308,8 +308,6 @@ class PageLayout(UnitLayout):
         packing chunks of every quantized field.
         """
         members = components["keys"].members
-        if members < 2:
-            raise ValueError(f"page layout needs k >= 2 members, got {members}")
         unit = page_unit(components, block_size)
         samples, retained = [], []
         for name in COMPONENTS:

@@ -1,0 +1,85 @@
+"""The exact method: one layer's component kept as it is beside a compressed other component."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from minicache import MergeProfile, MiniCache
+from minicache.methods import get_method
+from minicache.profile import Defaults, MergeGroup, ProfileError, Quantization
+from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
+from tests.test_lowrank import LOWRANK, _fitted, _model, _windows
+
+EXACT = get_method("exact")
+
+
+def _keys_only(model, layers=(1, 3), rank=3, defaults=None) -> MergeProfile:
+    """Keys of ``layers`` low rank (one basis per layer), their values exact."""
+    d = defaults or Defaults(residual_length=8, block_size=4, gamma=0.3)
+    keys, values = d.settings("lowrank", rank=rank, heads="joint"), d.settings("exact")
+    groups, tensors = [], {}
+    for layer in layers:
+        group = MergeGroup((layer,), keys, values)
+        fitted = _fitted(model, (layer,), _windows(4, 64, seed=11))["keys"]
+        for local, t in LOWRANK.tensors_for(keys.params, fitted).items():
+            tensors[f"{local}.{group.label}.keys"] = t
+        groups.append(group)
+    return MergeProfile(groups=tuple(groups), defaults=d, tensors=tensors)
+
+
+def test_values_stay_exact_keys_compress_and_bytes_are_counted(tmp_path):
+    model = _model()
+    profile = _keys_only(model)
+    loaded = MergeProfile.load(profile.save(tmp_path / "p"))
+    assert loaded == profile and "method: exact" in (tmp_path / "p" / "minicache_config.yaml").read_text()
+    ids = _windows(2, 40, seed=3)
+    cache, full = MiniCache(loaded, model), DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache)
+        model(input_ids=ids, cache=full)
+    for layer in (1, 3):
+        keys, values = cache.views(layer)
+        assert values.merged_length > 0 and values.retained_count == 0, "an exact store retains nothing"
+        assert keys.retained_count > 0, "the low-rank keys beside it still retain (gamma 0.3)"
+        torch.testing.assert_close(values.materialize(), full.layers[layer].values, rtol=0, atol=0)
+        err = (keys.materialize() - full.layers[layer].keys).norm() / full.layers[layer].keys.norm()
+        assert 0 < float(err) < 1
+    report = cache.memory_report()
+    assert report["kv_bytes"] == sum(t.numel() * t.element_size() for t in cache.tensors())
+    merged = report["groups"][0]["merged_tokens"]
+    b, h, d = ids.shape[0], model.config.num_key_value_heads, model.config.head_dim
+    assert report["parts"]["exact"] == 2 * b * h * merged * d * 4  # two layers' values, float32
+    assert EXACT.saved_layers(EXACT.params(), 1, d) == 0.0
+
+
+def test_exact_stores_single_layers_only_with_a_clear_message():
+    d = Defaults()
+    with pytest.raises(ProfileError, match=r"exact stores one layer's vectors as they are, not a group of 2"):
+        MergeGroup((4, 5), d.settings("slerp"), d.settings("exact"))
+    assert EXACT.param_options(1, False, {}) == [EXACT.params()]
+    assert EXACT.param_options(2, True, {}) == []
+
+
+def test_generate_plain_blockwise_and_quantized_paths_agree():
+    model = _model()
+    profile = _keys_only(model, layers=(1, 2, 4), rank=4)
+    ids = _windows(2, 30, seed=3)
+
+    def generate(cache):
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=8,
+                              do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+
+    for quantization in (None, Quantization(bits=4, group_size=8, residual_length=8)):
+        p = profile.with_quantization(quantization)
+        want = generate(MiniCache(p, model))
+        assert enable_fused_attention(model, backend="torch")
+        cache = MiniCache(p, model)
+        got = generate(cache)
+        disable_fused_attention(model)
+        if quantization is not None:
+            assert cache.memory_report()["parts"]["packed"] > 0, "exact values are packed like an unmerged layer's"
+        assert torch.equal(got.sequences, want.sequences)
+        for a, b in zip(got.scores, want.scores, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -83,3 +83,37 @@ def test_generate_plain_blockwise_and_quantized_paths_agree():
         assert torch.equal(got.sequences, want.sequences)
         for a, b in zip(got.scores, want.scores, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_search_offers_keys_alone_beside_exact_values(tmp_path):
+    import json
+
+    from minicache.calibrate.api import calibrate
+    from minicache.calibrate.search import Budget
+    from minicache.evaluate.quality import evaluate_profile
+
+    model = _model()
+    data = tmp_path / "ids.jsonl"
+    stream = _windows(1, 24 * 96, seed=1)[0].tolist()
+    data.write_text("".join(json.dumps({"input_ids": stream[i : i + 96]}) + "\n" for i in range(0, len(stream), 96)))
+
+    class Tok:
+        eos_token_id = 1
+
+        def __len__(self):
+            return 128
+
+    result = calibrate(
+        model, Tok(), data, methods=("lowrank", "exact"), budget=Budget("ppl_increase", 10.0),
+        num_samples=8, max_length=96, eval_windows=4, defaults=Defaults(residual_length=16, block_size=16),
+        probes=4, max_group_size=2, progress=False, log=lambda _: None,
+    )
+    candidates = list(result.search.candidates.values())
+    # single layers: keys low rank beside exact values (pairs: beside their least-error values)
+    keys_alone = [c for c in candidates if c.variant.startswith("k") and c.size == 1]
+    assert keys_alone and all(c.values.method == "exact" and c.keys.method == "lowrank" for c in keys_alone)
+    assert all(c.restore_error[1] == 0 and c.saved_layers > 0 for c in keys_alone)
+    assert not any(c.keys.method == c.values.method == "exact" for c in candidates), "saves nothing"
+    assert all(c.values.method != "exact" for c in candidates if c.size > 1), "exact stores single layers only"
+    profile = MergeProfile.load(result.profile.save(tmp_path / "profile"))
+    assert evaluate_profile(model, _windows(4, 96, seed=7), 64, profile).compression_ratio > 1.0

@@ -195,12 +195,18 @@ def _order(candidates: dict[Hashable, Candidate]):
     return lambda g: (candidates[g].layers, candidates[g].variant)
 
 
+#: Restore errors below this count as this in the prediction: a component kept ``exact`` (error 0)
+#: would otherwise sit far outside the range the probes span (log 1e-9 against log 0.01..0.6) and the
+#: linear model would extrapolate its damage to nothing.
+ERROR_FLOOR = 1e-3
+
+
 def _features(c: Candidate, num_layers: int) -> list[float]:
     depth = (c.layers[0] + c.layers[-1]) / 2 / max(num_layers - 1, 1)
     return [
         depth,
-        math.log(max(c.restore_error[0], 1e-9)),
-        math.log(max(c.restore_error[1], 1e-9)),
+        math.log(max(c.restore_error[0], ERROR_FLOOR)),
+        math.log(max(c.restore_error[1], ERROR_FLOOR)),
         math.log(c.saved_layers),
     ]
 

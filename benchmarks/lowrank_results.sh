@@ -4,6 +4,8 @@
 #   bash benchmarks/lowrank_results.sh            # everything (about 85 minutes on 2 CPU cores)
 #   bash benchmarks/lowrank_results.sh evaluate   # only re-score the profile already there
 #   bash benchmarks/lowrank_results.sh varied     # 1b. + its comparison at 512 and 2,048 (float32)
+#   bash benchmarks/lowrank_results.sh exact      # 1c. + its comparison at 512 and 2,048 (float32)
+#   bash benchmarks/lowrank_results.sh keys-only  # 1d. hand-made keys-only profiles at 512 (float32)
 #
 # 1. minicache-calibrate --methods slerp,lowrank on the shipped profile's data (default budget +1 %)
 #    -> $OUT/profile (the search picks per group: SLERP, a low-rank basis of some rank, or nothing).
@@ -11,6 +13,10 @@
 #    built-in corpus (prose, docs, code, chat; 116 records), 32 calibration + 32 held-out windows
 #    (--eval-windows 32: 8,192 held-out tokens, where the default 8 windows leave a +-1 % interval that
 #    the 1 % budget's upper bound cannot get past) -> $OUT/profile-varied (about 23 minutes).
+# 1c. The search of 1. with the exact method offered too (--methods slerp,lowrank,exact): single layers may
+#    store keys low rank beside exact values -> $OUT/profile-exact.
+# 1d. Every layer's keys at rank 8 and 16 (joint), values exact, no search (benchmarks/lowrank_keys_only.py)
+#    -> $OUT/keys-only-r{8,16}, scored at 512 only.
 # 2. minicache-eval --compare of the shipped (SLERP-only) profile and that profile on the same windows,
 #    at 512 and 2,048 tokens, float32 and bfloat16: 16,384 scored tokens (64 windows x 256 at 512,
 #    32 windows x 512 at 2,048) over several kinds of text no profile was calibrated on, in this order:
@@ -52,6 +58,32 @@ if [[ $WHAT == all || $WHAT == varied ]]; then
   echo "   (calibration: $((SECONDS - began)) s)"
   rm -rf "$OUT/profile-varied" && mkdir -p "$OUT/profile-varied"
   cp "$WORK/profile-varied"/minicache_* "$OUT/profile-varied/"
+fi
+if [[ $WHAT == exact ]]; then
+  echo "== minicache-calibrate --data $DATA --methods slerp,lowrank,exact"
+  began=$SECONDS
+  "$PY" -m minicache.calibrate.cli --data "$DATA" --methods slerp,lowrank,exact --out "$WORK/profile-exact" --no-progress
+  echo "   (calibration: $((SECONDS - began)) s)"
+  rm -rf "$OUT/profile-exact" && mkdir -p "$OUT/profile-exact"
+  cp "$WORK/profile-exact"/minicache_* "$OUT/profile-exact/"
+  for prefix in "512 64 256" "2048 32 512"; do
+    read -r length windows scored <<<"$prefix"
+    echo "== float32, prefix $length: lowrank search vs the search with exact values offered"
+    "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype float32 --prefix-length "$length" \
+      --continuation-length "$scored" --num-windows "$windows" --compare "$OUT/profile,$OUT/profile-exact" \
+      --json-out "$OUT/compare-exact-$length.json" --markdown-out "$OUT/compare-exact-$length.md" --force
+  done
+  exit 0
+fi
+if [[ $WHAT == keys-only ]]; then
+  for rank in 8 16; do
+    "$PY" benchmarks/lowrank_keys_only.py --layers 0-29 --rank "$rank" --out "$OUT/keys-only-r$rank"
+  done
+  echo "== float32, prefix 512: every layer's keys low rank, values exact"
+  "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype float32 --prefix-length 512 \
+    --continuation-length 256 --num-windows 64 --compare "$OUT/profile,$OUT/keys-only-r8,$OUT/keys-only-r16" \
+    --json-out "$OUT/keys-only-512.json" --markdown-out "$OUT/keys-only-512.md" --force
+  exit 0
 fi
 if [[ $WHAT == all || ! -d $OUT/paper-lowrank ]]; then
   "$PY" benchmarks/lowrank_paper_layout.py --out "$OUT/paper-lowrank"

@@ -64,14 +64,18 @@ def check_engine(path: Path, vllm_config) -> None:
 def store_layout(template, heads: int, head_dim: int, dtype):
     """The page layout of a merged group (``template``: its :class:`~minicache.runtime.store.GroupStore`).
 
-    Room for retained entries per unit: the sinks of every head and component, plus
-    :data:`RETAINED_FRACTION` of the unit's entries when the group retains by distance (gamma > 0).
+    Room for retained entries per unit: the sinks of every head and retaining component (a component
+    stored ``exact`` retains nothing), plus :data:`RETAINED_FRACTION` of the unit's entries when the
+    group retains by distance (gamma > 0).
     """
     from minicache_vllm.layout import COMPONENTS, PageLayout, page_unit
 
-    settings = [template.components[name].settings for name in COMPONENTS]
-    entries = page_unit(template.components, template.block_size) * heads * len(COMPONENTS)
-    room = max(s.sink_tokens for s in settings) * heads * len(COMPONENTS)
+    stores = [template.components[name] for name in COMPONENTS]
+    settings = [c.settings for c in stores if c.method.retains]
+    if not settings:
+        return PageLayout.build(template.components, heads, head_dim, template.block_size, dtype, 0)
+    entries = page_unit(template.components, template.block_size) * heads * len(settings)
+    room = max(s.sink_tokens for s in settings) * heads * len(settings)
     if max(s.gamma for s in settings) > 0:
         room += math.ceil(RETAINED_FRACTION * entries)
     return PageLayout.build(template.components, heads, head_dim, template.block_size, dtype, min(room, entries))

@@ -98,7 +98,7 @@ def test_method_field_validates_and_round_trips():
     assert MergeSettings.create(method="average").to_dict()["method"] == "average"
     assert isinstance(MergeSettings.create(method="average").params, AverageParams)
     assert MergeSettings(AverageParams(t=0.5)).method == "average", "the method follows from its Params class"
-    allowed = (r"^method: 'mean' is not a registered merge method; allowed: one of 'average', 'lowrank', "
+    allowed = (r"^method: 'mean' is not a registered merge method; allowed: one of 'average', 'exact', 'lowrank', "
                r"'predictive_residual', 'slerp'")
     with pytest.raises(ProfileError, match=allowed):
         MergeSettings.create(method="mean")

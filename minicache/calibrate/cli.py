@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods", default=",".join(D.methods),
         help="comma-separated merge methods the search may choose from, per group and K/V "
         "(registered: see minicache.methods.method_names(); built in: slerp, average, lowrank: a calibrated "
-        "basis shared by 1..max-group-size layers, stored at the rank the search picks; needs --align)",
+        "basis shared by 1..max-group-size layers, stored at the rank the search picks; needs --align; exact: "
+        "one layer's keys or values kept as they are, so that the search may compress the other alone, e.g. "
+        "--methods slerp,lowrank,exact)",
     )
     add_kv_options(
         parser, residual=False, auto=True,

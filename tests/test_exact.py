@@ -8,9 +8,8 @@ from transformers import DynamicCache
 
 from minicache import MergeProfile, MiniCache
 from minicache.methods import get_method
-from minicache.profile import Defaults, MergeGroup, ProfileError, Quantization
-from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
-from tests.test_lowrank import LOWRANK, _fitted, _model, _windows
+from minicache.profile import Defaults, MergeGroup, ProfileError
+from tests.test_lowrank import LOWRANK, _fitted, _model, _windows, assert_generation_paths_agree, calibrate_tiny
 
 EXACT = get_method("exact")
 
@@ -65,49 +64,14 @@ def test_exact_stores_single_layers_only_with_a_clear_message():
 def test_generate_plain_blockwise_and_quantized_paths_agree():
     model = _model()
     profile = _keys_only(model, layers=(1, 2, 4), rank=4)
-    ids = _windows(2, 30, seed=3)
-
-    def generate(cache):
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=8,
-                              do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-
-    for quantization in (None, Quantization(bits=4, group_size=8, residual_length=8)):
-        p = profile.with_quantization(quantization)
-        want = generate(MiniCache(p, model))
-        assert enable_fused_attention(model, backend="torch")
-        cache = MiniCache(p, model)
-        got = generate(cache)
-        disable_fused_attention(model)
-        if quantization is not None:
-            assert cache.memory_report()["parts"]["packed"] > 0, "exact values are packed like an unmerged layer's"
-        assert torch.equal(got.sequences, want.sequences)
-        for a, b in zip(got.scores, want.scores, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_generation_paths_agree(model, profile, _windows(2, 30, seed=3))
 
 
 def test_the_search_offers_keys_alone_beside_exact_values(tmp_path):
-    import json
-
-    from minicache.calibrate.api import calibrate
-    from minicache.calibrate.search import Budget
     from minicache.evaluate.quality import evaluate_profile
 
     model = _model()
-    data = tmp_path / "ids.jsonl"
-    stream = _windows(1, 24 * 96, seed=1)[0].tolist()
-    data.write_text("".join(json.dumps({"input_ids": stream[i : i + 96]}) + "\n" for i in range(0, len(stream), 96)))
-
-    class Tok:
-        eos_token_id = 1
-
-        def __len__(self):
-            return 128
-
-    result = calibrate(
-        model, Tok(), data, methods=("lowrank", "exact"), budget=Budget("ppl_increase", 10.0),
-        num_samples=8, max_length=96, eval_windows=4, defaults=Defaults(residual_length=16, block_size=16),
-        probes=4, max_group_size=2, progress=False, log=lambda _: None,
-    )
+    result = calibrate_tiny(model, tmp_path, ("lowrank", "exact"))
     candidates = list(result.search.candidates.values())
     # single layers: keys low rank beside exact values (pairs: beside their least-error values)
     keys_alone = [c for c in candidates if c.variant.startswith("k") and c.size == 1]

@@ -142,10 +142,9 @@ def test_cache_stores_coefficients_and_counts_them_byte_for_byte():
     assert report["parts"]["coefficients"] == groups * components * batch * h * merged * rank * fp32
 
 
-def test_generate_plain_blockwise_and_quantized_paths_agree():
-    model = _model()
-    profile = _profile(model, [(1,), (3, 4, 5)], rank=4, heads="joint")
-    ids = _windows(2, 30, seed=3)
+def assert_generation_paths_agree(model, profile: MergeProfile, ids: torch.Tensor) -> None:
+    """Greedy generation through the restore path and the blockwise torch path gives the same tokens and
+    scores, unquantized and with 4-bit storage (whose fields must then be packed)."""
 
     def generate(cache):
         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=8,
@@ -160,14 +159,14 @@ def test_generate_plain_blockwise_and_quantized_paths_agree():
         disable_fused_attention(model)
         assert cache.memory_report()["groups"][0]["merged_tokens"] > 0
         if quantization is not None:
-            assert cache.memory_report()["parts"]["packed"] > 0, "coefficients are packed"
+            assert cache.memory_report()["parts"]["packed"] > 0, "the stored fields are packed"
         assert torch.equal(got.sequences, want.sequences)
         for a, b in zip(got.scores, want.scores, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_calibrate_chooses_lowrank_groups_including_single_layers(tmp_path):
-    model = _model()
+def calibrate_tiny(model, tmp_path, methods: tuple[str, ...]):
+    """:func:`calibrate` on random token windows of a tiny model with a generous budget (10x perplexity)."""
     data = tmp_path / "ids.jsonl"
     stream = _windows(1, 24 * 96, seed=1)[0].tolist()
     data.write_text("".join(json.dumps({"input_ids": stream[i : i + 96]}) + "\n" for i in range(0, len(stream), 96)))
@@ -178,11 +177,22 @@ def test_calibrate_chooses_lowrank_groups_including_single_layers(tmp_path):
         def __len__(self):
             return 128
 
-    result = calibrate(
-        model, Tok(), data, methods=("slerp", "lowrank"), budget=Budget("ppl_increase", 10.0),
+    return calibrate(
+        model, Tok(), data, methods=methods, budget=Budget("ppl_increase", 10.0),
         num_samples=8, max_length=96, eval_windows=4, defaults=Defaults(residual_length=16, block_size=16),
         probes=4, max_group_size=2, progress=False, log=lambda _: None,
     )
+
+
+def test_generate_plain_blockwise_and_quantized_paths_agree():
+    model = _model()
+    profile = _profile(model, [(1,), (3, 4, 5)], rank=4, heads="joint")
+    assert_generation_paths_agree(model, profile, _windows(2, 30, seed=3))
+
+
+def test_calibrate_chooses_lowrank_groups_including_single_layers(tmp_path):
+    model = _model()
+    result = calibrate_tiny(model, tmp_path, ("slerp", "lowrank"))
     candidates = result.search.candidates.values()
     assert any(c.size == 1 for c in candidates), "single layers are candidates for lowrank"
     assert any(c.variant for c in candidates), "cheaper variants at several ranks"

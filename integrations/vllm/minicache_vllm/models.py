@@ -70,13 +70,10 @@ def store_layout(template, heads: int, head_dim: int, dtype):
     """
     from minicache_vllm.layout import COMPONENTS, PageLayout, page_unit
 
-    stores = [template.components[name] for name in COMPONENTS]
-    settings = [c.settings for c in stores if c.method.retains]
-    if not settings:
-        return PageLayout.build(template.components, heads, head_dim, template.block_size, dtype, 0)
+    settings = [c.settings for c in (template.components[name] for name in COMPONENTS) if c.method.retains]
     entries = page_unit(template.components, template.block_size) * heads * len(settings)
-    room = max(s.sink_tokens for s in settings) * heads * len(settings)
-    if max(s.gamma for s in settings) > 0:
+    room = max((s.sink_tokens for s in settings), default=0) * heads * len(settings)
+    if any(s.gamma > 0 for s in settings):
         room += math.ceil(RETAINED_FRACTION * entries)
     return PageLayout.build(template.components, heads, head_dim, template.block_size, dtype, min(room, entries))
 

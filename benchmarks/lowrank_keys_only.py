@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--layers", default="0-29", help="layers whose keys are stored low rank, e.g. 0-29 or 2-7,10")
     parser.add_argument("--rank", type=int, default=8, help="coefficients per token and KV head (joint basis)")
     parser.add_argument("--heads", default="joint", choices=["joint", "each"])
+    parser.add_argument("--basis", default="pca", choices=["pca", "query"],
+                        help="key bases by PCA, or weighted by the calibration queries (minicache.methods.moments)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -50,10 +52,11 @@ def main() -> None:
     windows = token_windows(read_calibration_data(args.data), tokenizer, args.max_length,
                             max_windows=args.num_samples, spread=True)
     stat = SecondMoments(spec.num_layers, spec.kv_heads, spec.head_dim, max_offset=0)
-    for _, _, kv in prefill_batches(model, windows, desc="second moments"):
+    for _, _, kv in prefill_batches(model, windows, desc="second moments",
+                                    on_queries=lambda layer, q: stat.add_queries(layer, q, defaults.sink_tokens)):
         stat.add(kv, defaults.sink_tokens)
     lowrank = get_method("lowrank")
-    keys = defaults.settings("lowrank", rank=args.rank, heads=args.heads)
+    keys = defaults.settings("lowrank", rank=args.rank, heads=args.heads, basis=args.basis)
     values = defaults.settings("exact")
     groups, tensors = [], {}
     for layer in layer_list(args.layers):
@@ -65,7 +68,7 @@ def main() -> None:
     profile = MergeProfile(groups=tuple(groups), defaults=defaults, model=ModelFingerprint.from_spec(spec),
                            tensors=tensors)
     path = profile.save(args.out)
-    print(f"keys lowrank rank {args.rank} ({args.heads}), values exact, layers {args.layers}: {path}")
+    print(f"keys lowrank rank {args.rank} ({args.heads}, {args.basis}), values exact, layers {args.layers}: {path}")
 
 
 if __name__ == "__main__":

@@ -733,6 +733,10 @@ class MergeProfile:
                     settings.merge_method.check_tensor(
                         settings.params, local, tensor, len(group.layers), shape, path, name
                     )
+                if settings.tensor_names:
+                    settings.merge_method.check_tensor_set(
+                        settings.params, self.tensors_of(group, component), len(group.layers), shape, path
+                    )
         if self.tensors is not None:
             extra = sorted(set(self.tensors.names()) - needed)
             if extra:
@@ -878,6 +882,11 @@ class MergeProfile:
                     settings.merge_method.check_tensor(
                         settings.params, local, self.tensors[name], len(group.layers),
                         spec.kv_shape(group.layers[0]), f"groups[{i}].{component}", name,
+                    )
+                if settings.tensor_names:
+                    settings.merge_method.check_tensor_set(
+                        settings.params, self.tensors_of(group, component), len(group.layers),
+                        spec.kv_shape(group.layers[0]), f"groups[{i}].{component}",
                     )
             first = spec.layers[group.layers[0]]
             for layer in group.layers[1:]:

@@ -165,7 +165,7 @@ def assert_generation_paths_agree(model, profile: MergeProfile, ids: torch.Tenso
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def calibrate_tiny(model, tmp_path, methods: tuple[str, ...]):
+def calibrate_tiny(model, tmp_path, methods: tuple[str, ...], **options):
     """:func:`calibrate` on random token windows of a tiny model with a generous budget (10x perplexity)."""
     data = tmp_path / "ids.jsonl"
     stream = _windows(1, 24 * 96, seed=1)[0].tolist()
@@ -180,7 +180,7 @@ def calibrate_tiny(model, tmp_path, methods: tuple[str, ...]):
     return calibrate(
         model, Tok(), data, methods=methods, budget=Budget("ppl_increase", 10.0),
         num_samples=8, max_length=96, eval_windows=4, defaults=Defaults(residual_length=16, block_size=16),
-        probes=4, max_group_size=2, progress=False, log=lambda _: None,
+        probes=4, max_group_size=2, progress=False, log=lambda _: None, **options,
     )
 
 

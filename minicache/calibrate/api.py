@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,6 +89,7 @@ def calibrate(
     methods: Sequence[str] = D.methods,
     allow_small_data: bool = False,
     auto_bits: bool = False,
+    method_options: Mapping[str, Any] | None = None,
 ) -> CalibrationResult:
     """Measure KV similarity on sample data and choose a merge profile within a quality budget.
 
@@ -128,6 +130,10 @@ def calibrate(
         the scheme's widest width, on :data:`MERGE_SHARE_WITH_AUTO_BITS` of the budget; the widths
         are then lowered, in the order a Fisher estimate predicts is cheapest, as far as the whole
         budget allows (measured).
+    method_options : mapping, optional
+        Settings handed to the methods' :meth:`~minicache.methods.MergeMethod.param_options`, e.g.
+        ``{"lowrank_basis": "query"}``: low-rank key bases fitted for the logits of the calibration
+        queries instead of the least restore error (:mod:`minicache.methods.moments`).
     allow_small_data : bool
         Calibrate even below the floor of :mod:`~minicache.calibrate.data_check` (4 calibration and 4
         held-out windows); shortfalls against ``num_samples`` / ``eval_windows`` are logged as warnings.
@@ -198,7 +204,7 @@ def calibrate(
     capture = CalibrationCapture(
         merge_methods, runs, fit=align, num_layers=spec.num_layers,
         num_heads=spec.kv_heads, head_dim=spec.head_dim, max_offset=span - 1, gamma=defaults.gamma,
-        window=defaults.block_size,
+        window=defaults.block_size, defaults=dict(method_options or {}),
     )
     # Two phases with a progress bar each, because their batches cost very different amounts of work:
     # the second half also measures every candidate group under every option.
@@ -217,7 +223,8 @@ def calibrate(
             if first == split and split < num_batches:
                 log(f"measuring the restore error of {len(runs)} candidate groups × their options on "
                     f"{part.shape[0]} windows (the second half; the first half fitted the tensors)")
-            for batch, _, kv in prefill_batches(model, part, batch_size=batch_size, progress=progress, desc=desc):
+            for batch, _, kv in prefill_batches(model, part, batch_size=batch_size, progress=progress, desc=desc,
+                                                on_queries=capture.query_listener(defaults.sink_tokens)):
                 stats.add(kv, defaults.sink_tokens)
                 capture.add(kv, first + batch, num_batches, defaults.sink_tokens)
     capture.all_reduce()
@@ -410,7 +417,9 @@ def _capture_data_parallel(model, windows: torch.Tensor, stats: PairStatistics, 
     own_fit, own_measured = fit_part[rank::world], measured_part[rank::world]
     own = own_fit.shape[0] + (0 if shared else own_measured.shape[0])
     log(f"data-parallel: process {rank} of {world} captures {own} of {windows.shape[0]} calibration windows")
-    for _, _, kv in prefill_batches(model, own_fit, batch_size=batch_size, progress=progress, desc=phases[0][1]):
+    listener = capture.query_listener(sink_tokens)
+    for _, _, kv in prefill_batches(model, own_fit, batch_size=batch_size, progress=progress, desc=phases[0][1],
+                                    on_queries=listener):
         stats.add(kv, sink_tokens)
         capture.add_fit(kv, sink_tokens)
     if not measuring:
@@ -419,7 +428,7 @@ def _capture_data_parallel(model, windows: torch.Tensor, stats: PairStatistics, 
     log(f"measuring the restore error of {len(capture.runs)} candidate groups × their options on "
         f"{measured_part.shape[0]} windows ({own_measured.shape[0]} here; the first half fitted the tensors)")
     for _, _, kv in prefill_batches(model, own_measured, batch_size=batch_size, progress=progress,
-                                    desc=phases[1][1]):
+                                    desc=phases[1][1], on_queries=None if shared else listener):
         if not shared:
             stats.add(kv, sink_tokens)
         capture.add_measured(kv, sink_tokens)

@@ -20,7 +20,8 @@ process measures the candidates with the same tensors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -54,24 +55,73 @@ class _NoProgress:
         pass
 
 
+QUERY_CAPTURE = "minicache_query_capture"
+
+
+@contextmanager
+def hooked_queries(model, listener: Callable[[int, torch.Tensor], None] | None):
+    """Within the block, ``listener(layer index, queries [B, Hq, T, D])`` sees every attention call's
+    post-RoPE queries (a wrapper around the model's attention function; sdpa when that is eager).
+
+    Yields whether the queries are seen: False (and nothing changed) when ``listener`` is None or
+    the model's attention implementation cannot be switched.
+    """
+    if listener is None:
+        yield False
+        return
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    previous = model.config._attn_implementation
+    inner = ALL_ATTENTION_FUNCTIONS.get(previous, sdpa_attention_forward)
+    mask = ALL_MASK_ATTENTION_FUNCTIONS.get(previous, sdpa_mask) if previous in ALL_ATTENTION_FUNCTIONS else sdpa_mask
+
+    def forward(module, query, key, value, attention_mask, **kwargs):
+        layer = getattr(module, "layer_idx", None)
+        if layer is not None:
+            listener(int(layer), query)
+        return inner(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(QUERY_CAPTURE, forward)
+    AttentionMaskInterface.register(QUERY_CAPTURE, mask)
+    try:
+        model.set_attn_implementation(QUERY_CAPTURE)
+    except (ValueError, AttributeError):
+        yield False
+        return
+    try:
+        yield model.config._attn_implementation == QUERY_CAPTURE
+    finally:
+        model.set_attn_implementation(previous)
+
+
 @torch.inference_mode()
 def prefill_batches(
-    model, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True, desc: str = "capturing KV"
+    model, windows: torch.Tensor, *, batch_size: int = 4, progress: bool = True, desc: str = "capturing KV",
+    on_queries: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Iterator[tuple[int, int, KV]]:
     """Yield ``(batch index, number of batches, kv)`` for ``windows`` (``[N, T]`` token ids).
 
     ``kv`` holds every layer's ``(keys, values)``, ``[B, H, T, D]``, of one prefill with a plain
-    `DynamicCache`; it is dropped before the next batch runs.
+    `DynamicCache`; it is dropped before the next batch runs. ``on_queries``: called with every
+    layer's post-RoPE queries during the prefill (:func:`hooked_queries`), before the batch is yielded.
     """
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     starts = list(range(0, windows.shape[0], batch_size))
     bar = progress_bar(int(windows.numel()), progress, desc)
+    with hooked_queries(model, on_queries):
+        yield from _prefill(model, windows, starts, batch_size, device, bar, DynamicCache)
+
+
+def _prefill(model, windows, starts, batch_size, device, bar, cache_class) -> Iterator[tuple[int, int, KV]]:
     try:
         for i, start in enumerate(starts):
             batch = windows[start : start + batch_size].to(device)
-            cache = DynamicCache(config=model.config)
+            cache = cache_class(config=model.config)
             model(input_ids=batch, attention_mask=torch.ones_like(batch), cache=cache)
             yield i, len(starts), [(layer.keys, layer.values) for layer in cache.layers]
             del cache
@@ -217,9 +267,22 @@ class CalibrationCapture:
     def option_count(self) -> int:
         """Options measured per batch: every method's parameter options for every run and component."""
         return sum(
-            2 * len(method.param_options(len(layers), self.fittable(method), self.defaults))
+            len(method.param_options(len(layers), self.fittable(method), {**self.defaults, "component": component}))
             for layers in self.runs or () for method in self.methods if len(layers) >= method.min_members
+            for component in COMPONENTS
         )
+
+    def query_listener(self, sink_tokens: int = 1) -> Callable[[int, torch.Tensor], None] | None:
+        """What :func:`prefill_batches` hands the queries to: the fit statistics that count them (None: none)."""
+        if not any(hasattr(stat, "add_queries") for stat in self.fit_statistics.values()):
+            return None
+
+        def listen(layer: int, queries: torch.Tensor) -> None:
+            # looked up per call: data-parallel measurement starts some statistics afresh
+            for stat in self.fit_statistics.values():
+                if hasattr(stat, "add_queries"):
+                    stat.add_queries(layer, queries, sink_tokens)
+        return listen
 
     def add(self, kv: KV, batch: int, num_batches: int, sink_tokens: int = 1) -> None:
         """Add one batch (``batch`` of ``num_batches``) of every layer's ``(keys, values)``.
@@ -282,7 +345,8 @@ class CalibrationCapture:
                 fitted = self.fittable(method)
                 tensors = method.fit(self.fit_statistics[method.fit_key], layers) if fitted else {}
                 for component in COMPONENTS:
-                    for params in method.param_options(len(layers), fitted, self.defaults):
+                    options = method.param_options(len(layers), fitted, {**self.defaults, "component": component})
+                    for params in options:
                         own = method.tensors_for(params, tensors.get(component, {})) if method.fitted_params(
                             params) else {}
                         out.setdefault((layers, component), []).append(Option(method, params, own))

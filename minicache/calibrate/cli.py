@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         "one layer's keys or values kept as they are, so that the search may compress the other alone, e.g. "
         "--methods slerp,lowrank,exact)",
     )
+    parser.add_argument(
+        "--lowrank-basis", choices=("pca", "query"), default="pca",
+        help="what the low-rank key bases are fitted for: pca (default) keeps the most of the keys themselves; "
+        "query keeps the most of the attention logits q.k the calibration queries compute (the basis is "
+        "weighted by the queries' second moment; the profile then ships an encoder beside each key basis). "
+        "Values are fitted by pca either way",
+    )
     add_kv_options(
         parser, residual=False, auto=True,
         bits_help="write a profile that also quantizes the cache to this many bits (KIVI and rotated: 2, 3 or 4); "
@@ -274,6 +281,7 @@ def _run(args, budget, defaults, quantization, methods, profile_path: Path, repo
         methods=methods,
         allow_small_data=args.allow_small_data,
         auto_bits=args.kv_bits == "auto",
+        method_options={"lowrank_basis": args.lowrank_basis},
         progress=write and not args.no_progress,
         log=(lambda line: print(line, flush=True)) if write else (lambda line: None),
     )

@@ -387,7 +387,8 @@ def write_report(
             "## Low-rank groups: variance kept",
             "",
             "Share of the calibration data's variance (about its mean) each basis keeps at the rank chosen; the "
-            "rest is the restore error the search traded for bytes.",
+            "rest is the restore error the search traded for bytes. Query-weighted key bases (`basis: query`) "
+            "count the share of the calibration queries' logit energy instead (q·k about the mean).",
             "",
             "| group | keys rank | keys kept | values rank | values kept |",
             "|---|---|---|---|---|",

@@ -321,6 +321,14 @@ class MergeMethod(ABC):
         raising :class:`ProfileError` at ``path``. Default: accept it."""
         return
 
+    def check_tensor_set(
+        self, params: MethodParams, tensors: Mapping[str, torch.Tensor], members: int,
+        kv_shape: tuple[int, int] | None, path: str,
+    ) -> None:
+        """Validate how one component's sidecar tensors fit together (each already passed
+        :meth:`check_tensor`), raising :class:`ProfileError` at ``path``. Default: accept them."""
+        return
+
     # -- runtime ------------------------------------------------------------------------------
     @abstractmethod
     def encode(self, params: MethodParams, xs: Sequence[torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> Encoded:
@@ -404,8 +412,9 @@ class MergeMethod(ABC):
         self, members: int, fitted: bool, defaults: Mapping[str, Any]
     ) -> list[MethodParams]:
         """Parameters worth measuring on a candidate group of ``members`` layers (``fitted``: the
-        method's fitted tensors are available for it; ``defaults`` holds the profile defaults and the
-        model's ``head_dim``). Default: the default parameters."""
+        method's fitted tensors are available for it; ``defaults`` holds the profile defaults, the
+        model's ``head_dim``, the ``component`` (``"keys"``/``"values"``) the options are for, and
+        the calibration's method settings, e.g. ``lowrank_basis``). Default: the default parameters."""
         return [self.params()]
 
     def restore_error(

@@ -23,6 +23,10 @@ head, i.e. a ``[B, H, N, rank]`` field like every other method's:
 
 Sidecar tensors per component: ``basis`` ``[k, H, D, R]`` float32 (``R = H·rank`` joint, ``rank``
 each; orthonormal columns over ``k·H·D`` resp. ``k·D`` rows) and ``mean`` ``[k, H, D]`` float32.
+With ``basis: query`` (keys), the basis is fitted for the logits of the calibration queries rather
+than for the keys themselves (:mod:`minicache.methods.moments`): ``basis`` is then the decoder
+``S⁻¹U`` and an ``encoder`` ``S U`` of the same shape stores the coefficients
+(``c = (X − μ) E``); the two are biorthogonal (``EᵀB = I``), which is what the profile checks.
 Keys are projected as they are stored (post-RoPE), so attention can score a query against the
 coefficients without restoring (``q · x̂_l = q · μ_l + (q U_l) · c``, see :meth:`LowRankMethod.scores`).
 
@@ -34,21 +38,29 @@ the restore error of each is measured out of sample and the search buys bytes wi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from minicache.methods.base import Encoded, Field, MergeMethod, MethodParams, all_reduce_sum
+from minicache.methods.base import Encoded, Field, MergeMethod, MethodParams
+from minicache.methods.moments import SecondMoments, fit_bases
 from minicache.validation import ProfileError, check_choice, check_int
 
-__all__ = ["HEAD_LAYOUTS", "RANK_FRACTIONS", "LowRankMethod", "LowRankParams", "SecondMoments", "fit_bases"]
+__all__ = ["BASES", "HEAD_LAYOUTS", "RANK_FRACTIONS", "LowRankMethod", "LowRankParams", "SecondMoments", "fit_bases"]
 
 HEAD_LAYOUTS = ("joint", "each")
+#: What a basis is fitted for: least restore error, or least logit error for the queries (keys only).
+BASES = ("pca", "query")
 #: Ranks the calibration measures, as fractions of a group's full width ``k·D`` per KV head.
 RANK_FRACTIONS: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4)
 #: Largest ``|UᵀU − I|`` entry accepted for a basis (float32 eigenvectors are orthonormal to ~1e-6).
 ORTHONORMALITY_TOLERANCE = 1e-4
+#: Largest ``|EᵀB − I|`` entry accepted for a query-weighted encoder ``E`` and basis ``B`` (their
+#: condition number, up to ~1e3, multiplies float32 rounding).
+BIORTHOGONALITY_TOLERANCE = 1e-3
+#: Key basis the calibration fits unless told otherwise (``--lowrank-basis``).
+DEFAULT_KEY_BASIS = "pca"
 
 
 @dataclass(frozen=True)
@@ -62,117 +74,24 @@ class LowRankParams(MethodParams):
         by all heads). Must be below the group's full width ``k·head_dim`` to save anything.
     heads : str
         ``"joint"`` (one basis over all KV heads) or ``"each"`` (one basis per KV head).
+    basis : str
+        ``"pca"``: orthonormal, least restore error (sidecar ``basis``). ``"query"`` (keys): least
+        error in the logits ``q·k`` of the calibration queries; the sidecar carries an ``encoder``
+        beside the ``basis`` (decoder), biorthogonal to it (:mod:`minicache.methods.moments`).
     """
 
     rank: int = 16
     heads: str = "joint"
+    basis: str = "pca"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rank", check_int(self.rank, "rank", 1))
         object.__setattr__(self, "heads", check_choice(self.heads, "heads", HEAD_LAYOUTS, "a head layout"))
+        object.__setattr__(self, "basis", check_choice(self.basis, "basis", BASES, "a basis kind"))
 
     def summary(self) -> str:
-        return f"rank {self.rank} ({self.heads})"
-
-
-# ---- calibration statistic -----------------------------------------------------------------------
-@dataclass
-class SecondMoments:
-    """Streamed first and second moments of every layer's keys and values, with nearby layers.
-
-    Attributes
-    ----------
-    sums : torch.Tensor
-        ``[L, 2, H·D]`` float64: Σ x over counted tokens (heads concatenated, head-major).
-    products : torch.Tensor
-        ``[max_offset + 1, L, 2, H·D, H·D]`` float64: ``products[o, l, c]`` = Σ x_lᵀ x_{l+o}.
-    tokens : torch.Tensor
-        ``[1]`` float64, tokens counted (sinks excluded).
-    """
-
-    num_layers: int
-    num_heads: int
-    head_dim: int
-    max_offset: int = 0
-    sums: torch.Tensor = field(init=False)
-    products: torch.Tensor = field(init=False)
-    tokens: torch.Tensor = field(init=False)
-
-    def __post_init__(self):
-        if self.max_offset < 0:
-            raise ValueError(f"max_offset must be >= 0, got {self.max_offset}")
-        width = self.num_heads * self.head_dim
-        self.sums = torch.zeros(self.num_layers, 2, width, dtype=torch.float64)
-        self.products = torch.zeros(self.max_offset + 1, self.num_layers, 2, width, width, dtype=torch.float64)
-        self.tokens = torch.zeros(1, dtype=torch.float64)
-
-    def add(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], sink_tokens: int = 1) -> None:
-        """Add one batch (every layer's ``(keys, values)``, ``[B, H, T, D]``); sinks are skipped."""
-        flat = []  # [L][c] -> [B·T', H·D] float64
-        for layer in kv[: self.num_layers]:
-            flat.append([x[..., sink_tokens:, :].permute(0, 2, 1, 3).flatten(2).flatten(0, 1).double().cpu()
-                         for x in layer])
-        self.tokens += flat[0][0].shape[0]
-        for layer, pair in enumerate(flat):
-            for c, x in enumerate(pair):
-                self.sums[layer, c] += x.sum(0)
-                for o in range(min(self.max_offset, self.num_layers - 1 - layer) + 1):
-                    self.products[o, layer, c] += x.T @ flat[layer + o][c]
-
-    def all_reduce(self) -> None:
-        """Sum over the processes of ``torch.distributed`` (no-op when it is not initialised)."""
-        all_reduce_sum((self.sums, self.products, self.tokens))
-
-    def covariance(self, layers: tuple[int, ...], component: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean ``[k·H·D]`` and covariance ``[k·H·D, k·H·D]`` (float64) of the concatenated members."""
-        k = len(layers)
-        if layers[-1] - layers[0] > self.max_offset:
-            raise ValueError(f"group {list(layers)} spans more than the {self.max_offset + 1} layers captured")
-        n = self.tokens.clamp_min(1)
-        mean = torch.cat([self.sums[layer, component] for layer in layers]) / n
-        blocks = [[None] * k for _ in range(k)]
-        for i in range(k):
-            for j in range(i, k):
-                block = self.products[j - i, layers[i], component] / n
-                blocks[i][j] = block
-                blocks[j][i] = block.T
-        second = torch.cat([torch.cat(row, dim=1) for row in blocks], dim=0)
-        cov = second - torch.outer(mean, mean)
-        return mean, (cov + cov.T) / 2
-
-
-def _descending_eigh(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending, clamped at 0) and eigenvectors (columns) of a symmetric matrix."""
-    values, vectors = torch.linalg.eigh(cov)
-    return values.flip(-1).clamp_min(0), vectors.flip(-1)
-
-
-def fit_bases(stat: SecondMoments, layers: tuple[int, ...]) -> dict[str, dict[str, torch.Tensor]]:
-    """Full PCA bases of one group, per component (truncated to a rank by :meth:`LowRankMethod.tensors_for`).
-
-    Returns ``{component: {"mean": [k, H, D], "basis_joint": [k, H, D, k·H·D], "basis_each":
-    [k, H, D, k·D], "spectrum_joint": [k·H·D], "spectrum_each": [H, k·D]}}``, float32, eigenvectors
-    by descending variance (the spectra give the variance each rank keeps).
-    """
-    k, h, d = len(layers), stat.num_heads, stat.head_dim
-    out = {}
-    for c, name in enumerate(("keys", "values")):
-        mean, cov = stat.covariance(tuple(layers), c)
-        spectrum, vectors = _descending_eigh(cov)
-        joint = vectors.reshape(k, h, d, k * h * d)
-        # per head: the rows of that head in every member
-        index = torch.arange(k * h * d).reshape(k, h, d).permute(1, 0, 2).reshape(h, k * d)
-        cov_h = cov[index.unsqueeze(-1), index.unsqueeze(-2)]  # [H, kD, kD]
-        spectrum_h, vectors_h = _descending_eigh(cov_h)
-        each = vectors_h.reshape(h, k, d, k * d).permute(1, 0, 2, 3)
-        out[name] = {
-            "mean": mean.reshape(k, h, d).float(),
-            "basis_joint": joint.float().contiguous(),
-            "basis_each": each.float().contiguous(),
-            "spectrum_joint": spectrum.float(),
-            "spectrum_each": spectrum_h.float(),
-        }
-    return out
+        weighted = ", query-weighted" if self.basis == "query" else ""
+        return f"rank {self.rank} ({self.heads}{weighted})"
 
 
 # ---- the method ---------------------------------------------------------------------------------
@@ -195,18 +114,26 @@ class LowRankMethod(MergeMethod):
 
     # -- profile side -------------------------------------------------------------------------------
     def tensor_names(self, params: LowRankParams) -> tuple[str, ...]:
-        return ("basis", "mean")
+        return ("basis", "encoder", "mean") if params.basis == "query" else ("basis", "mean")
 
     def tensors_for(self, params: LowRankParams, fitted: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "basis" in fitted:  # already a profile's tensors
-            return {"basis": fitted["basis"], "mean": fitted["mean"]}
-        basis = fitted[f"basis_{params.heads}"]
-        heads = basis.shape[1]
+            return {local: fitted[local] for local in self.tensor_names(params)}
+        kind = "query_" if params.basis == "query" else ""
+        if f"basis_{kind}{params.heads}" not in fitted:
+            raise ValueError("query-weighted bases are fitted for keys only, from the queries the capture saw "
+                             "(none were counted: the model's attention could not be hooked, or these are values)")
+        heads = fitted["mean"].shape[1]
         width = params.rank * (heads if params.heads == "joint" else 1)
-        return {"basis": basis[..., :width].contiguous(), "mean": fitted["mean"]}
+        out = {"basis": fitted[f"basis_{kind}{params.heads}"][..., :width].contiguous()}
+        if params.basis == "query":
+            out["encoder"] = fitted[f"encoder_query_{params.heads}"][..., :width].contiguous()
+        out["mean"] = fitted["mean"]
+        return out
 
     def kept_variance(self, params: LowRankParams, fitted: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        spectrum = fitted.get(f"spectrum_{params.heads}")
+        kind = "query_" if params.basis == "query" else ""
+        spectrum = fitted.get(f"spectrum_{kind}{params.heads}")
         if spectrum is None:
             return None
         spectrum = spectrum.double()
@@ -221,6 +148,19 @@ class LowRankMethod(MergeMethod):
         problem = _check_tensor(params, local, tensor, members, kv_shape, name)
         if problem is not None:
             raise ProfileError(problem, path)
+
+    def check_tensor_set(self, params, tensors, members, kv_shape, path) -> None:
+        if params.basis != "query":
+            return
+        # the encoder must undo what the decoder restores: (S U)ᵀ (S⁻¹ U) = I
+        encoder, decoder = tensors["encoder"], tensors["basis"]
+        if encoder.shape != decoder.shape:
+            raise ProfileError(f"encoder has shape {list(encoder.shape)}, the basis {list(decoder.shape)}; allowed: "
+                               "the same shape", path)
+        worst = _identity_error(params, encoder, decoder)
+        if worst > BIORTHOGONALITY_TOLERANCE:
+            raise ProfileError(f"encoder and basis are not biorthogonal (|EᵀB - I| up to {worst:.2g}); allowed: "
+                               f"|EᵀB - I| <= {BIORTHOGONALITY_TOLERANCE:g}", path)
 
     def saved_layers(self, params: LowRankParams, members: int, head_dim: int) -> float:
         # rank coefficients per token and head stand for k·D values
@@ -279,7 +219,10 @@ class LowRankMethod(MergeMethod):
             return []
         head_dim = int(defaults.get("head_dim", 64))
         ranks = sorted({max(1, round(f * members * head_dim)) for f in RANK_FRACTIONS})
-        return [LowRankParams(rank=r, heads=heads) for heads in HEAD_LAYOUTS for r in ranks]
+        # one basis kind per search: the search compares options by their plain restore error, which
+        # a query-weighted basis trades for logit error, so offering both would always pick PCA
+        basis = defaults.get("lowrank_basis", DEFAULT_KEY_BASIS) if defaults.get("component") == "keys" else "pca"
+        return [LowRankParams(rank=r, heads=heads, basis=basis) for heads in HEAD_LAYOUTS for r in ranks]
 
     def new_fit_statistic(self, num_layers, num_heads, head_dim, max_offset) -> SecondMoments:
         return SecondMoments(num_layers, num_heads, head_dim, max_offset=max(0, max_offset))
@@ -297,15 +240,17 @@ def _project(params: LowRankParams, xs, tensors) -> tuple[torch.Tensor, torch.Te
     mean, basis = tensors["mean"], tensors["basis"]
     x = _stack(xs, mean)  # [B, H, N, k, D] centered
     b, h, n, k, d = x.shape
-    u = basis.to(x.device, torch.float32)  # [k, H, D, R]
+    u = basis.to(x.device, torch.float32)  # [k, H, D, R] decoder (orthonormal for PCA: the encoder too)
+    e = tensors["encoder"].to(x.device, torch.float32) if "encoder" in tensors else u
     if params.heads == "joint":
         flat = x.permute(0, 2, 3, 1, 4).reshape(b, n, k * h * d)
-        c = flat @ u.reshape(k * h * d, -1)  # [B, N, H·rank]
+        c = flat @ e.reshape(k * h * d, -1)  # [B, N, H·rank]
         restored = (c @ u.reshape(k * h * d, -1).T).reshape(b, n, k, h, d).permute(0, 3, 1, 2, 4)
         coefficients = c.reshape(b, n, h, -1).permute(0, 2, 1, 3)
     else:
         per_head = u.permute(1, 0, 2, 3).reshape(h, k * d, -1)  # [H, kD, rank]
-        c = torch.einsum("bhnk,hkr->bhnr", x.reshape(b, h, n, k * d), per_head)
+        encoder = e.permute(1, 0, 2, 3).reshape(h, k * d, -1)
+        c = torch.einsum("bhnk,hkr->bhnr", x.reshape(b, h, n, k * d), encoder)
         restored = torch.einsum("bhnr,hkr->bhnk", c, per_head).reshape(b, h, n, k, d)
         coefficients = c
     error = (restored - x).square().sum((-1, -2)).double()
@@ -313,6 +258,21 @@ def _project(params: LowRankParams, xs, tensors) -> tuple[torch.Tensor, torch.Te
     total = torch.stack([x.float() for x in xs], dim=3).square().sum((-1, -2)).double()
     distance = (error / total.clamp_min(1e-30)).sqrt().clamp(0.0, 1.0).float()
     return coefficients.contiguous(), distance, error
+
+
+def _identity_error(params: LowRankParams, encoder: torch.Tensor, decoder: torch.Tensor) -> float:
+    """Largest ``|EᵀB − I|`` entry over the bases (one joint, or one per KV head)."""
+    if not decoder.numel():
+        return 0.0
+
+    def columns(u: torch.Tensor) -> torch.Tensor:
+        k, h, d, r = u.shape
+        u = u.double()
+        return u.reshape(k * h * d, r).unsqueeze(0) if params.heads == "joint" else u.permute(1, 0, 2, 3).reshape(
+            h, k * d, r)
+
+    e, b = columns(encoder), columns(decoder)
+    return float((e.transpose(-1, -2) @ b - torch.eye(b.shape[-1], dtype=torch.float64)).abs().max())
 
 
 def _check_tensor(params: LowRankParams, local: str, tensor: torch.Tensor, members: int,
@@ -341,12 +301,8 @@ def _check_tensor(params: LowRankParams, local: str, tensor: torch.Tensor, membe
             return f"{name} has shape {list(tensor.shape)}; allowed: [{members}, {heads}, {dim}, {width}]"
     if not torch.isfinite(tensor).all():
         return f"{name} has non-finite entries; allowed: finite numbers"
-    if local == "basis":
-        k, h, d, r = tensor.shape
-        u = tensor.double()
-        u = u.reshape(k * h * d, r).unsqueeze(0) if params.heads == "joint" else u.permute(1, 0, 2, 3).reshape(
-            h, k * d, r)
-        worst = float((u.transpose(-1, -2) @ u - torch.eye(r, dtype=torch.float64)).abs().max()) if u.numel() else 0.0
+    if local == "basis" and params.basis == "pca":
+        worst = _identity_error(params, tensor, tensor)
         if worst > ORTHONORMALITY_TOLERANCE:
             return (f"{name} does not have orthonormal columns (|UᵀU - I| up to {worst:.2g}); allowed: "
                     f"|UᵀU - I| <= {ORTHONORMALITY_TOLERANCE:g}")

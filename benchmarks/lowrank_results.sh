@@ -6,6 +6,8 @@
 #   bash benchmarks/lowrank_results.sh varied     # 1b. + its comparison at 512 and 2,048 (float32)
 #   bash benchmarks/lowrank_results.sh exact      # 1c. + its comparison at 512 and 2,048 (float32)
 #   bash benchmarks/lowrank_results.sh keys-only  # 1d. hand-made keys-only profiles at 512 (float32)
+#   bash benchmarks/lowrank_results.sh query      # 1e. PCA vs query-weighted key bases, same groups and ranks
+#   bash benchmarks/lowrank_results.sh query-search  # 1f. the search of 1c. with query-weighted key bases
 #
 # 1. minicache-calibrate --methods slerp,lowrank on the shipped profile's data (default budget +1 %)
 #    -> $OUT/profile (the search picks per group: SLERP, a low-rank basis of some rank, or nothing).
@@ -72,6 +74,38 @@ if [[ $WHAT == exact ]]; then
     "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype float32 --prefix-length "$length" \
       --continuation-length "$scored" --num-windows "$windows" --compare "$OUT/profile,$OUT/profile-exact" \
       --json-out "$OUT/compare-exact-$length.json" --markdown-out "$OUT/compare-exact-$length.md" --force
+  done
+  exit 0
+fi
+if [[ $WHAT == query ]]; then
+  # 1e. PCA against query-weighted key bases at equal groups, ranks and bytes (both refitted on the same
+  # windows): the search-with-exact profile's groups, and every layer's keys at rank 16 beside exact values
+  "$PY" benchmarks/lowrank_query_basis.py --profile "$OUT/profile-exact" --out "$WORK/exact"
+  for basis in pca query; do
+    "$PY" benchmarks/lowrank_keys_only.py --layers 0-29 --rank 16 --basis "$basis" --out "$WORK/keys-r16-$basis"
+  done
+  "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype float32 --prefix-length 512 \
+    --continuation-length 256 --num-windows 64 \
+    --compare "$WORK/keys-r16-pca,$WORK/keys-r16-query,$WORK/exact-pca,$WORK/exact-query" \
+    --json-out "$OUT/query-basis-512.json" --markdown-out "$OUT/query-basis-512.md" --force
+  exit 0
+fi
+if [[ $WHAT == query-search ]]; then
+  # 1f. The search of 1c. with query-weighted key bases -> $OUT/profile-query, scored beside 1. and 1c.
+  echo "== minicache-calibrate --data $DATA --methods slerp,lowrank,exact --lowrank-basis query"
+  began=$SECONDS
+  "$PY" -m minicache.calibrate.cli --data "$DATA" --methods slerp,lowrank,exact --lowrank-basis query \
+    --out "$WORK/profile-query" --no-progress
+  echo "   (calibration: $((SECONDS - began)) s)"
+  rm -rf "$OUT/profile-query" && mkdir -p "$OUT/profile-query"
+  cp "$WORK/profile-query"/minicache_* "$OUT/profile-query/"
+  for prefix in "512 64 256" "2048 32 512"; do
+    read -r length windows scored <<<"$prefix"
+    echo "== float32, prefix $length: lowrank search, with exact, with exact and query-weighted keys"
+    "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype float32 --prefix-length "$length" \
+      --continuation-length "$scored" --num-windows "$windows" \
+      --compare "$OUT/profile,$OUT/profile-exact,$OUT/profile-query" \
+      --json-out "$OUT/compare-query-$length.json" --markdown-out "$OUT/compare-query-$length.md" --force
   done
   exit 0
 fi

@@ -260,7 +260,7 @@ def test_other_merge_methods_are_paged_as_the_runtime_stores_them(quant):
     (a fitted basis from the sidecar, coefficients packed per token in a quantized profile) and
     lowrank keys beside exact values."""
     from minicache.runtime.cache import MiniCache
-    from tests.test_lowrank import _model, _profile
+    from tests.test_lowrank import _model, _profile, _windows
 
     torch.manual_seed(3)
     average = MergeSettings.create(method="average", t=0.5, gamma=0.2, sink_tokens=1)
@@ -279,6 +279,12 @@ def test_other_merge_methods_are_paged_as_the_runtime_stores_them(quant):
     (keys_only, _) = MiniCache(_keys_only(model, layers=(1, 3), rank=4).with_quantization(quant), model.config).stores
     assert keys_only.components["values"].method.name == "exact"
     run_against_runtime(keys_only, heads, dim, torch.float32, page=16)
+    # query-weighted key bases (an encoder beside the basis in the sidecar)
+    from tests.test_lowrank_query import _query_profile
+
+    stores = MiniCache(_query_profile(model, _windows(4, 64, seed=11)).with_quantization(quant), model.config).stores
+    assert stores[1].components["keys"].params.basis == "query"
+    run_against_runtime(stores[1], heads, dim, torch.float32, page=16)
 
 
 def test_decode_paths_choose_blockwise_per_kind_of_store():

@@ -114,20 +114,16 @@ def prefill_batches(
     starts = list(range(0, windows.shape[0], batch_size))
     bar = progress_bar(int(windows.numel()), progress, desc)
     with hooked_queries(model, on_queries):
-        yield from _prefill(model, windows, starts, batch_size, device, bar, DynamicCache)
-
-
-def _prefill(model, windows, starts, batch_size, device, bar, cache_class) -> Iterator[tuple[int, int, KV]]:
-    try:
-        for i, start in enumerate(starts):
-            batch = windows[start : start + batch_size].to(device)
-            cache = cache_class(config=model.config)
-            model(input_ids=batch, attention_mask=torch.ones_like(batch), cache=cache)
-            yield i, len(starts), [(layer.keys, layer.values) for layer in cache.layers]
-            del cache
-            bar.update(batch.numel())
-    finally:
-        bar.close()
+        try:
+            for i, start in enumerate(starts):
+                batch = windows[start : start + batch_size].to(device)
+                cache = DynamicCache(config=model.config)
+                model(input_ids=batch, attention_mask=torch.ones_like(batch), cache=cache)
+                yield i, len(starts), [(layer.keys, layer.values) for layer in cache.layers]
+                del cache
+                bar.update(batch.numel())
+        finally:
+            bar.close()
 
 
 def candidate_runs(num_layers: int, max_group_size: int, min_group_size: int = 2) -> list[tuple[int, ...]]:

@@ -119,21 +119,20 @@ class LowRankMethod(MergeMethod):
     def tensors_for(self, params: LowRankParams, fitted: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "basis" in fitted:  # already a profile's tensors
             return {local: fitted[local] for local in self.tensor_names(params)}
-        kind = "query_" if params.basis == "query" else ""
-        if f"basis_{kind}{params.heads}" not in fitted:
+        name = _fitted_name(params, "basis")
+        if name not in fitted:
             raise ValueError("query-weighted bases are fitted for keys only, from the queries the capture saw "
                              "(none were counted: the model's attention could not be hooked, or these are values)")
         heads = fitted["mean"].shape[1]
         width = params.rank * (heads if params.heads == "joint" else 1)
-        out = {"basis": fitted[f"basis_{kind}{params.heads}"][..., :width].contiguous()}
+        out = {"basis": fitted[name][..., :width].contiguous()}
         if params.basis == "query":
-            out["encoder"] = fitted[f"encoder_query_{params.heads}"][..., :width].contiguous()
+            out["encoder"] = fitted[_fitted_name(params, "encoder")][..., :width].contiguous()
         out["mean"] = fitted["mean"]
         return out
 
     def kept_variance(self, params: LowRankParams, fitted: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        kind = "query_" if params.basis == "query" else ""
-        spectrum = fitted.get(f"spectrum_{kind}{params.heads}")
+        spectrum = fitted.get(_fitted_name(params, "spectrum"))
         if spectrum is None:
             return None
         spectrum = spectrum.double()
@@ -258,6 +257,12 @@ def _project(params: LowRankParams, xs, tensors) -> tuple[torch.Tensor, torch.Te
     total = torch.stack([x.float() for x in xs], dim=3).square().sum((-1, -2)).double()
     distance = (error / total.clamp_min(1e-30)).sqrt().clamp(0.0, 1.0).float()
     return coefficients.contiguous(), distance, error
+
+
+def _fitted_name(params: LowRankParams, what: str) -> str:
+    """Key of ``what`` (basis, encoder, spectrum) for ``params`` in what :func:`fit_bases` returns."""
+    kind = "query_" if params.basis == "query" else ""
+    return f"{what}_{kind}{params.heads}"
 
 
 def _identity_error(params: LowRankParams, encoder: torch.Tensor, decoder: torch.Tensor) -> float:

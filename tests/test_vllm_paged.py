@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "vllm"))
 
+import minicache_vllm.attention as attention_module
+from minicache_vllm.attention import DecodeRow, attention_dtype, decode_attention, restored_attention
 from minicache_vllm.layout import PageLayout, quantized_layer_layout
 from minicache_vllm.paged import DECODE_PATHS, PagedGroup, reads_blockwise
 from minicache_vllm.quantized import PagedQuantizedLayer
@@ -27,6 +29,7 @@ from minicache.quant import QuantizedTensor
 from minicache.runtime.blockwise import blockwise_decode_attention
 from minicache.runtime.layers import QuantizedLayer
 from minicache.runtime.rope import RopeAngles
+from minicache.runtime.stacking import stack_views
 from minicache.runtime.store import GroupStore, PaddingInfo
 
 H, D, R, BS, PAGE = 2, 8, 16, 8, 16  # heads, head dim, residual window, merge block, vLLM block
@@ -298,3 +301,89 @@ def test_decode_paths_choose_blockwise_per_kind_of_store():
     assert [reads_blockwise(path, group) for path in DECODE_PATHS] == [True, True, False]
     assert [reads_blockwise(path, layer) for path in DECODE_PATHS] == [False, True, False]
     assert list(DECODE_PATHS) == ["auto", "blockwise", "restore"]
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_restored_attention_is_causal_sdpa_and_upcasts_only_decode_rows_on_cpu(rows):
+    generator = torch.Generator().manual_seed(3)
+    before, hq, h = 11, 6, 2
+    query = torch.randn(1, hq, rows, D, generator=generator).to(torch.bfloat16)
+    keys, values = (torch.randn(1, h, before + rows, D, generator=generator).to(torch.bfloat16) for _ in range(2))
+    got = restored_attention(query, keys, values, before, 0.3)
+    assert got.shape == query.shape and got.dtype == torch.bfloat16
+    # by hand, float64: query i (position before + i) sees keys 0 .. before + i
+    q, k, v = (x.double() for x in (query, keys.repeat_interleave(hq // h, 1), values.repeat_interleave(hq // h, 1)))
+    logits = q @ k.transpose(-1, -2) * 0.3
+    seen = torch.arange(before + rows) <= before + torch.arange(rows).unsqueeze(1)
+    want = logits.masked_fill(~seen, -torch.inf).softmax(-1) @ v
+    torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+    upcast = torch.float32 if rows == 1 else torch.bfloat16
+    assert attention_dtype(torch.bfloat16, torch.device("cpu"), rows) == upcast
+    assert attention_dtype(torch.bfloat16, torch.device("cuda"), 1) == torch.bfloat16
+
+
+def _quantized_layer_store():
+    spec = Quantization(bits=4, group_size=16, residual_length=R, sink_tokens=2)
+    template = QuantizedLayer(spec)
+    layout = quantized_layer_layout(template, H, D, torch.float32)
+    pages = torch.zeros(64, layout.units_per_page(32) * layout.unit_bytes, dtype=torch.uint8)
+    pool = WindowPool(4, 1, H, D, R + layout.unit_tokens, torch.float32)
+    return PagedQuantizedLayer(template, layout, pool, 32, lambda: pages)
+
+
+def _group_store(quant: Quantization | None):
+    def build():
+        torch.manual_seed(0)
+        _, reference = group_of(2, quant=quant)
+        return paged(reference, torch.float32, room=BS * H * 2)[0]
+    return build
+
+
+@pytest.mark.parametrize("build,blockwise,stacked", [
+    (_group_store(None), True, True),  # SLERP views stacked into one padded batch
+    (_group_store(None), False, False),  # restored, one masked SDPA over the padded batch
+    (_group_store(Quantization(bits=4, group_size=8, residual_length=R)), True, False),  # packed: per request
+    (_quantized_layer_store, False, False),
+])
+def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(build, blockwise, stacked, monkeypatch):
+    """Requests of different lengths (one with nothing merged yet, one joining late), decoding together:
+    the batched decode attention of each member must be what each request's own restored keys and values
+    give (float64 SDPA over a second, identical store driven one request at a time)."""
+    calls = []
+    monkeypatch.setattr(attention_module, "stack_views", lambda views: calls.append(len(views)) or stack_views(views))
+    batched, alone = build(), build()
+    members = getattr(batched, "members", 1)
+    generator = torch.Generator().manual_seed(5)
+    tables = torch.randperm(64).view(4, 16)
+    before = [0, 0, 0]
+    # request 0 starts long, 1 joins with a short prompt, 2 joins later (nothing merged while decoding)
+    schedule = [{0: 70}, {0: 1, 1: 20}] + [{0: 1, 1: 1}] * 20 + [{0: 1, 1: 1, 2: 5}] + [{0: 1, 1: 1, 2: 1}] * 12
+    for step in schedule:
+        inputs = {row: torch.randn(2, members, H, n, D, generator=generator) for row, n in step.items()}
+        queries = {row: torch.randn(1, 2 * H, n, D, generator=generator) for row, n in step.items()}
+        for store in (batched, alone):
+            store.begin_step()
+        for m in range(members):
+            decoding = []
+            for row, xs in inputs.items():
+                if xs.shape[-2] == 1:
+                    decoding.append(DecodeRow(row, tables[row], before[row], xs[:, m], queries[row]))
+                else:
+                    batched.member_kv(m, row, tables[row], before[row], xs[:, m])
+            if decoding:
+                got = decode_attention(batched, m, decoding, blockwise, 0.25)  # [R, Hq, D]
+                for i, d in enumerate(decoding):
+                    keys, values = alone.member_kv(m, d.row, d.table, d.before, d.step)
+                    want = F.scaled_dot_product_attention(d.query.double(), keys.double(), values.double(),
+                                                          scale=0.25, enable_gqa=True)
+                    torch.testing.assert_close(got[i].double(), want[0, :, 0], rtol=1e-5, atol=1e-5)
+            for row, xs in inputs.items():
+                if xs.shape[-2] > 1:
+                    alone.member_kv(m, row, tables[row], before[row], xs[:, m])
+        rows = [(row, tables[row], before[row], before[row] + xs.shape[-2]) for row, xs in inputs.items()]
+        for store in (batched, alone):
+            store.end_step(rows)
+        for row, xs in inputs.items():
+            before[row] += xs.shape[-2]
+    assert before[0] > 2 * R + 3 * BS and before[2] < R + BS  # one long request, one with nothing merged
+    assert bool(calls) == stacked and all(c == 3 for c in calls[-2:])

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minicache_vllm.attention import restored_attention
 from minicache_vllm.models import plan_stores
 from minicache_vllm.paged import DECODE_PATHS, PagedGroup, reads_blockwise
 from minicache_vllm.quantized import PagedQuantizedLayer
@@ -92,7 +92,7 @@ def main() -> None:
                     blockwise_decode_attention(query, keys, values, None, HEAD_DIM**-0.5)
                 else:
                     keys, values = store.member_kv(member, 0, table, before, kv)
-                    F.scaled_dot_product_attention(query, keys, values, scale=HEAD_DIM**-0.5, enable_gqa=True)
+                    restored_attention(query, keys, values, before, HEAD_DIM**-0.5)
             store.end_step([(0, table, before, before + n)])
         before += n
 

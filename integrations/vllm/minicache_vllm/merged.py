@@ -16,7 +16,8 @@ Per merged group of layers ``l .. l+k−1`` (``docs/vllm-plugin-design.md``):
 In a quantized profile every other layer is served the same way (one store layer, one member:
 :class:`~minicache_vllm.quantized.PagedQuantizedLayer`), its pages holding packed chunks.
 
-This is the reference path: plain torch, one request at a time, correct before fast.
+This is the reference path: plain torch. Each request's store is read on its own; a step's decode rows
+are attended together (:func:`~minicache_vllm.attention.decode_attention`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
@@ -32,7 +32,7 @@ from vllm.v1.attention.backend import AttentionMetadataBuilder, CommonAttentionM
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from minicache.runtime.blockwise import blockwise_decode_attention
+from minicache_vllm.attention import DecodeRow, decode_attention, restored_attention
 from minicache_vllm.layout import UnitLayout
 from minicache_vllm.paged import DECODE_PATHS, PagedGroup, reads_blockwise
 from minicache_vllm.quantized import PagedQuantizedLayer
@@ -155,7 +155,7 @@ class MergedAttention(torch.nn.Module):
         q, k, v = q[:n].view(n, self.num_heads, D), k[:n].view(n, H, D), v[:n].view(n, H, D)
         starts = metadata.query_start_loc.tolist()
         lengths = metadata.seq_lens.tolist()
-        rows = []
+        rows, decoding = [], []
         for r, total in enumerate(lengths):
             lo, hi = starts[r], starts[r + 1]
             if hi <= lo:
@@ -165,17 +165,16 @@ class MergedAttention(torch.nn.Module):
             rows.append((r, table, before, total))
             step = torch.stack([k[lo:hi], v[lo:hi]]).transpose(1, 2)  # [2, H, new, D]
             query = q[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, Hq, new, D]
-            if hi - lo == 1 and self.blockwise:  # a decode step: sees every token, no mask
-                keys, values = g.member_views(self.member, r, table, before, step)
-                att = blockwise_decode_attention(query, keys, values, None, self.scale)  # [1, 1, Hq, D]
-                out[lo:hi] = att[0].reshape(1, -1).to(out.dtype)
+            if hi - lo == 1:  # a decode step: attended with the step's other decode rows below
+                decoding.append(DecodeRow(r, table, before, step, query))
                 continue
             keys, values = g.member_kv(self.member, r, table, before, step)
-            # Causal: the step's query i (position before + i) sees keys 0 .. before + i.
-            mask = torch.ones(hi - lo, total, dtype=torch.bool, device=q.device).tril(diagonal=before)
-            att = F.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask,
-                                                 scale=self.scale, enable_gqa=True)
+            att = restored_attention(query, keys, values, before, self.scale)  # [1, Hq, new, D]
             out[lo:hi] = att[0].transpose(0, 1).reshape(hi - lo, -1).to(out.dtype)
+        if decoding:
+            att = decode_attention(g, self.member, decoding, self.blockwise, self.scale)  # [R, Hq, D]
+            at = torch.tensor([starts[d.row] for d in decoding], device=out.device)
+            out[at] = att.reshape(len(decoding), -1).to(out.dtype)
         if self.member == g.members - 1:
             g.end_step(rows)
         return out

@@ -8,6 +8,7 @@
 #   bash benchmarks/lowrank_results.sh keys-only  # 1d. hand-made keys-only profiles at 512 (float32)
 #   bash benchmarks/lowrank_results.sh query      # 1e. PCA vs query-weighted key bases, same groups and ranks
 #   bash benchmarks/lowrank_results.sh query-search  # 1f. the search of 1c. with query-weighted key bases
+#   bash benchmarks/lowrank_results.sh shipped-bf16  # 2b. the shipped low-rank profile beside SLERP, bfloat16
 #
 # 1. minicache-calibrate --methods slerp,lowrank on the shipped profile's data (default budget +1 %)
 #    -> $OUT/profile (the search picks per group: SLERP, a low-rank basis of some rank, or nothing).
@@ -106,6 +107,20 @@ if [[ $WHAT == query-search ]]; then
     "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype float32 --prefix-length "$length" \
       --continuation-length "$scored" --num-windows "$windows" --compare "$OUT/profile-query" \
       --json-out "$OUT/compare-query-$length.json" --markdown-out "$OUT/compare-query-$length.md" --force
+  done
+  exit 0
+fi
+if [[ $WHAT == shipped-bf16 ]]; then
+  # 2b. The shipped low-rank profile (1c., profiles/smollm2-135m-instruct-lowrank) beside the shipped SLERP
+  # profile in bfloat16, on the windows of 2. (the float32 figures: compare-exact-*.md, compare-float32-*.md)
+  for prefix in "512 64 256" "2048 32 512"; do
+    read -r length windows scored <<<"$prefix"
+    echo "== bfloat16, prefix $length: shipped SLERP vs shipped low rank"
+    "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length "$length" \
+      --continuation-length "$scored" --num-windows "$windows" \
+      --compare profiles/smollm2-135m-instruct,profiles/smollm2-135m-instruct-lowrank \
+      --json-out "$OUT/compare-shipped-bfloat16-$length.json" \
+      --markdown-out "$OUT/compare-shipped-bfloat16-$length.md" --force
   done
   exit 0
 fi

@@ -328,19 +328,34 @@ def _quantized_layer_store():
     layout = quantized_layer_layout(template, H, D, torch.float32)
     pages = torch.zeros(64, layout.units_per_page(32) * layout.unit_bytes, dtype=torch.uint8)
     pool = WindowPool(4, 1, H, D, R + layout.unit_tokens, torch.float32)
-    return PagedQuantizedLayer(template, layout, pool, 32, lambda: pages)
+    return PagedQuantizedLayer(template, layout, pool, 32, lambda: pages), H, D
 
 
 def _group_store(quant: Quantization | None):
     def build():
         torch.manual_seed(0)
         _, reference = group_of(2, quant=quant)
-        return paged(reference, torch.float32, room=BS * H * 2)[0]
+        return paged(reference, torch.float32, room=BS * H * 2)[0], H, D
     return build
+
+
+def _lowrank_store():
+    from minicache.runtime.cache import MiniCache
+    from tests.test_lowrank import _model, _profile
+
+    model = _model()
+    (template,) = MiniCache(_profile(model, [(2, 3)], rank=6), model.config).stores
+    heads, dim = model.config.num_key_value_heads, model.config.head_dim
+    layout = PageLayout.build(template.components, heads, dim, template.block_size, torch.float32,
+                              template.block_size * heads * 2)
+    pages = torch.zeros(64, layout.units_per_page(16) * layout.unit_bytes, dtype=torch.uint8)
+    pool = WindowPool(4, 2, heads, dim, template.residual_length + layout.unit_tokens, torch.float32)
+    return PagedGroup(template, layout, pool, 16, lambda: pages), heads, dim
 
 
 @pytest.mark.parametrize("build,blockwise,stacked", [
     (_group_store(None), True, True),  # SLERP views stacked into one padded batch
+    (_lowrank_store, True, True),  # low-rank coefficients stacked likewise
     (_group_store(None), False, False),  # restored, one masked SDPA over the padded batch
     (_group_store(Quantization(bits=4, group_size=8, residual_length=R)), True, False),  # packed: per request
     (_quantized_layer_store, False, False),
@@ -351,7 +366,7 @@ def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(b
     give (float64 SDPA over a second, identical store driven one request at a time)."""
     calls = []
     monkeypatch.setattr(attention_module, "stack_views", lambda views: calls.append(len(views)) or stack_views(views))
-    batched, alone = build(), build()
+    (batched, heads, dim), (alone, _, _) = build(), build()
     members = getattr(batched, "members", 1)
     generator = torch.Generator().manual_seed(5)
     tables = torch.randperm(64).view(4, 16)
@@ -359,8 +374,8 @@ def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(b
     # request 0 starts long, 1 joins with a short prompt, 2 joins later (nothing merged while decoding)
     schedule = [{0: 70}, {0: 1, 1: 20}] + [{0: 1, 1: 1}] * 20 + [{0: 1, 1: 1, 2: 5}] + [{0: 1, 1: 1, 2: 1}] * 12
     for step in schedule:
-        inputs = {row: torch.randn(2, members, H, n, D, generator=generator) for row, n in step.items()}
-        queries = {row: torch.randn(1, 2 * H, n, D, generator=generator) for row, n in step.items()}
+        inputs = {row: torch.randn(2, members, heads, n, dim, generator=generator) for row, n in step.items()}
+        queries = {row: torch.randn(1, 2 * heads, n, dim, generator=generator) for row, n in step.items()}
         for store in (batched, alone):
             store.begin_step()
         for m in range(members):
@@ -385,5 +400,7 @@ def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(b
             store.end_step(rows)
         for row, xs in inputs.items():
             before[row] += xs.shape[-2]
-    assert before[0] > 2 * R + 3 * BS and before[2] < R + BS  # one long request, one with nothing merged
+    if isinstance(batched, PagedGroup):  # one long request, one with nothing merged (SLERP's windows)
+        merged = [merged_length(n, batched.residual_length, batched.block_size) for n in before]
+        assert merged[0] > 3 * batched.block_size and merged[2] == (0 if batched.residual_length == R else 8)
     assert bool(calls) == stacked and all(c == 3 for c in calls[-2:])

@@ -197,8 +197,9 @@ def install(model, vllm_config, path: Path) -> dict:
         f" and packs {packed} more layers ({profile.quantization.describe()})" if packed else "",
         page_bytes, page_bytes + saved, max_seqs, window_bytes / 2**20,
     )
-    logger.info("minicache_vllm: these layers attend through the reference path (PyTorch, one request at a time; "
-                "decode steps: %s); the Triton decode kernel is not ported to vLLM's block tables yet",
+    logger.info("minicache_vllm: these layers attend through the reference path (PyTorch; each request's store "
+                "read on its own, a step's decode rows attended together: %s); the Triton decode kernel is not "
+                "ported to vLLM's block tables yet",
                 DECODE_PATHS.get(DECODE_PATH, DECODE_PATH))
     return {"groups": groups, "window_bytes": window_bytes, "requests": max_seqs, "page_bytes_per_token": page_bytes,
             "saved_bytes_per_token": saved}

@@ -107,12 +107,12 @@ def decode_attention(store, member: int, rows: list[DecodeRow], blockwise: bool,
     _, h, _, d = rows[0].step.shape
     compute = attention_dtype(rows[0].query.dtype, rows[0].query.device, 1)
     per_token = 2 * h * d * torch.empty((), dtype=compute).element_size()
-    out, chunk = [], []
+    out, chunk, longest = [], [], 0
     for r in rows:
-        longest = max([c.before for c in chunk] + [r.before]) + 1
+        longest = max(longest, r.before + 1)
         if chunk and (len(chunk) + 1) * longest * per_token > STACK_BYTES:
             out.append(_decode_chunk(store, member, chunk, blockwise, scale))
-            chunk = []
+            chunk, longest = [], r.before + 1
         chunk.append(r)
     out.append(_decode_chunk(store, member, chunk, blockwise, scale))
     return torch.cat(out)
@@ -128,19 +128,22 @@ def _decode_chunk(store, member: int, rows: list[DecodeRow], blockwise: bool, sc
             return blockwise_decode_attention(query, keys, values, mask[:, None, None, :], scale)[:, 0]
         return torch.cat([blockwise_decode_attention(r.query, k, v, None, scale)[:, 0]
                           for r, k, v in zip(rows, keys, values, strict=True)])
-    restored = [store.member_kv(member, r.row, r.table, r.before, r.step) for r in rows]
-    if len(rows) == 1:
-        return restored_attention(query, *restored[0], rows[0].before, scale)[:, :, 0]
-    lengths = [k.shape[-2] for k, _ in restored]
+    # Each request restored straight into the padded batch (its length is known: before + 1), so a chunk
+    # holds one request's restore beside the batch, not every request's.
+    lengths = [r.before + 1 for r in rows]
     total = max(lengths)
     compute = attention_dtype(query.dtype, query.device, 1)
-    _, h, _, d = restored[0][0].shape
+    _, h, _, d = rows[0].step.shape
     keys = query.new_zeros(len(rows), h, total, d, dtype=compute)
     values = torch.zeros_like(keys)
-    for i, (k, v) in enumerate(restored):
+    for i, r in enumerate(rows):
+        k, v = store.member_kv(member, r.row, r.table, r.before, r.step)
         keys[i, :, : lengths[i]] = k[0]
         values[i, :, : lengths[i]] = v[0]
-    mask = torch.arange(total, device=query.device) < torch.tensor(lengths, device=query.device).unsqueeze(1)
-    out = F.scaled_dot_product_attention(query.to(compute), keys, values, attn_mask=mask[:, None, None, :],
-                                         scale=scale, enable_gqa=True)
+    # no padding (one request, or equal lengths): no mask, which lets SDPA take its fastest kernel
+    mask = None
+    if min(lengths) < total:
+        mask = (torch.arange(total, device=query.device) < torch.tensor(lengths, device=query.device).unsqueeze(1))
+        mask = mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(query.to(compute), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
     return out[:, :, 0].to(query.dtype)

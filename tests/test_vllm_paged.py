@@ -322,9 +322,16 @@ def test_restored_attention_is_causal_sdpa_and_upcasts_only_decode_rows_on_cpu(r
     assert attention_dtype(torch.bfloat16, torch.device("cuda"), 1) == torch.bfloat16
 
 
-def _quantized_layer_store():
-    spec = Quantization(bits=4, group_size=16, residual_length=R, sink_tokens=2)
-    template = QuantizedLayer(spec)
+def _quantized_layer_store(scheme: str = "kivi", bits: int = 4, pre_rope: bool = False):
+    def build():
+        return _quantized_layer(Quantization(scheme=scheme, bits=bits, group_size=16, residual_length=R, sink_tokens=2,
+                                             pre_rope_keys=pre_rope))
+    return build
+
+
+def _quantized_layer(spec: Quantization):
+    rope = RopeAngles(1.0 / 10000 ** (torch.arange(0, D, 2).float() / D))
+    template = QuantizedLayer(spec, rope=rope)
     layout = quantized_layer_layout(template, H, D, torch.float32)
     pages = torch.zeros(64, layout.units_per_page(32) * layout.unit_bytes, dtype=torch.uint8)
     pool = WindowPool(4, 1, H, D, R + layout.unit_tokens, torch.float32)
@@ -358,14 +365,18 @@ def _lowrank_store():
     (_lowrank_store, True, True),  # low-rank coefficients stacked likewise
     (_group_store(None), False, False),  # restored, one masked SDPA over the padded batch
     (_group_store(Quantization(bits=4, group_size=8, residual_length=R)), True, False),  # packed: per request
-    (_quantized_layer_store, False, False),
-])
+    (_quantized_layer_store(), False, False),  # every request's chunks restored at once
+    (_quantized_layer_store("rotated", 3, pre_rope=True), False, False),  # a rotated packing, RoPE put back
+], ids=["slerp-stacked", "lowrank-stacked", "slerp-restored", "packed-group", "packed-layer", "packed-layer-rotated"])
 def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(build, blockwise, stacked, monkeypatch):
     """Requests of different lengths (one with nothing merged yet, one joining late), decoding together:
     the batched decode attention of each member must be what each request's own restored keys and values
     give (float64 SDPA over a second, identical store driven one request at a time)."""
     calls = []
     monkeypatch.setattr(attention_module, "stack_views", lambda views: calls.append(len(views)) or stack_views(views))
+    read_together = PagedGroup.stacked_views
+    monkeypatch.setattr(PagedGroup, "stacked_views",
+                        lambda self, member, rows: calls.append(len(rows)) or read_together(self, member, rows))
     (batched, heads, dim), (alone, _, _) = build(), build()
     members = getattr(batched, "members", 1)
     generator = torch.Generator().manual_seed(5)
@@ -404,3 +415,39 @@ def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(b
         merged = [merged_length(n, batched.residual_length, batched.block_size) for n in before]
         assert merged[0] > 3 * batched.block_size and merged[2] == (0 if batched.residual_length == R else 8)
     assert bool(calls) == stacked and all(c == 3 for c in calls[-2:])
+
+
+def test_decode_rows_read_from_the_pages_at_once_are_each_requests_own_tokens():
+    """:meth:`PagedGroup.stacked_views` (one gather and parse of every request's units, shared by the members)
+    must hold, at each request's own positions, exactly the tokens its own view restores; packed groups refuse."""
+    store, heads, dim = _group_store(None)()
+    assert store.stacks_decode_rows
+    generator = torch.Generator().manual_seed(3)
+    tables = torch.randperm(64).view(4, 16)
+    before = [0, 0, 0]
+    schedule = [{0: 70, 1: 20}] + [{0: 1, 1: 1}] * 9 + [{0: 1, 1: 1, 2: 3}] + [{0: 1, 1: 1, 2: 1}] * 2
+    for n, step in enumerate(schedule):
+        inputs = {row: torch.randn(2, store.members, heads, k, dim, generator=generator) for row, k in step.items()}
+        store.begin_step()
+        for m in range(store.members):
+            decoding = [(row, tables[row], before[row], xs[:, m]) for row, xs in inputs.items() if xs.shape[-2] == 1]
+            for row, xs in inputs.items():
+                if xs.shape[-2] > 1 or n < 5:
+                    store.member_kv(m, row, tables[row], before[row], xs[:, m])
+            if n >= 5 and decoding:
+                own = [store.member_views(m, *d) for d in decoding]
+                keys, values, mask = store.stacked_views(m, decoding)
+                assert keys.shape[0] == len(decoding) and mask.shape == (len(decoding), keys.shape[-2])
+                for i, (k, v) in enumerate(own):
+                    assert int(mask[i].sum()) == before[decoding[i][0]] + 1
+                    assert torch.equal(keys.materialize()[i][:, mask[i]], k.materialize()[0])
+                    assert torch.equal(values.materialize()[i][:, mask[i]], v.materialize()[0])
+        store.end_step([(row, tables[row], before[row], before[row] + xs.shape[-2]) for row, xs in inputs.items()])
+        for row, xs in inputs.items():
+            before[row] += xs.shape[-2]
+    lengths = [merged_length(n, store.residual_length, store.block_size) for n in before]
+    assert lengths[0] > lengths[1] > 0 and lengths[2] == 0  # padded twice over: merged tokens and windows
+    packed, _, _ = _group_store(Quantization(bits=4, group_size=8, residual_length=R))()
+    assert not packed.stacks_decode_rows
+    with pytest.raises(ValueError, match="cannot be read as one batch"):
+        packed.stacked_views(0, [])

@@ -91,13 +91,16 @@ def decode_attention(store, member: int, rows: list[DecodeRow], blockwise: bool,
     """Attention of every decode row of a step at member ``member`` of ``store``, batched.
 
     ``store`` is a :class:`~minicache_vllm.paged.PagedGroup` or a
-    :class:`~minicache_vllm.quantized.PagedQuantizedLayer`; each row's keys and values come from it, one
-    request at a time as before (the stores are per request). ``blockwise``: the requests' views are
-    stacked into one padded batch (:func:`~minicache.runtime.stacking.stack_views`) and attended a block
-    at a time in one call; a packed stored form cannot be stacked and is attended request by request.
-    Otherwise each request is restored and the restored rows attended in one masked SDPA call (float32 on
-    CPU, :func:`attention_dtype`). Requests go in chunks of at most :data:`STACK_BYTES` of padded keys
-    and values.
+    :class:`~minicache_vllm.quantized.PagedQuantizedLayer`. ``blockwise``: a group whose stored form is
+    dense in whole merge blocks (:attr:`~minicache_vllm.paged.PagedGroup.stacks_decode_rows`) reads every
+    request's pages into one padded batch, once per step for all its members
+    (:meth:`~minicache_vllm.paged.PagedGroup.stacked_views`), and attends it a block at a time in one call;
+    other dense views are read per request and stacked (:func:`~minicache.runtime.stacking.stack_views`);
+    a packed stored form cannot be stacked and is attended request by request.
+    Otherwise the rows are restored into one padded batch and attended in one masked SDPA call (float32 on
+    CPU, :func:`attention_dtype`): a packed unmerged layer restores every request's chunks at once
+    (:meth:`~minicache_vllm.quantized.PagedQuantizedLayer.restored_rows`), a group one request at a time.
+    Requests go in chunks of at most :data:`STACK_BYTES` of padded keys and values.
 
     Returns
     -------
@@ -120,6 +123,10 @@ def decode_attention(store, member: int, rows: list[DecodeRow], blockwise: bool,
 
 def _decode_chunk(store, member: int, rows: list[DecodeRow], blockwise: bool, scale: float) -> torch.Tensor:
     query = torch.cat([r.query for r in rows])  # [R, Hq, 1, D]
+    if blockwise and len(rows) > 1 and store.stacks_decode_rows:
+        # read from the pages into one padded batch, once per step for all members
+        keys, values, mask = store.stacked_views(member, [(r.row, r.table, r.before, r.step) for r in rows])
+        return blockwise_decode_attention(query, keys, values, mask[:, None, None, :], scale)[:, 0]
     if blockwise:
         views = [store.member_views(member, r.row, r.table, r.before, r.step) for r in rows]
         keys, values = [v[0] for v in views], [v[1] for v in views]
@@ -128,11 +135,17 @@ def _decode_chunk(store, member: int, rows: list[DecodeRow], blockwise: bool, sc
             return blockwise_decode_attention(query, keys, values, mask[:, None, None, :], scale)[:, 0]
         return torch.cat([blockwise_decode_attention(r.query, k, v, None, scale)[:, 0]
                           for r, k, v in zip(rows, keys, values, strict=True)])
+    compute = attention_dtype(query.dtype, query.device, 1)
+    if len(rows) > 1 and store.restores_decode_rows:  # one restore of every request's packed prefix
+        keys, values, mask = store.restored_rows(member, [(r.row, r.table, r.before, r.step) for r in rows])
+        mask = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(query.to(compute), keys.to(compute), values.to(compute), attn_mask=mask,
+                                             scale=scale, enable_gqa=True)
+        return out[:, :, 0].to(query.dtype)
     # Each request restored straight into the padded batch (its length is known: before + 1), so a chunk
     # holds one request's restore beside the batch, not every request's.
     lengths = [r.before + 1 for r in rows]
     total = max(lengths)
-    compute = attention_dtype(query.dtype, query.device, 1)
     _, h, _, d = rows[0].step.shape
     keys = query.new_zeros(len(rows), h, total, d, dtype=compute)
     values = torch.zeros_like(keys)

@@ -226,14 +226,19 @@ class UnitLayout:
             raw = slot.codec.encode(fields[slot.component][slot.name])[0]
             block[slot.offset : slot.offset + raw.numel()] = raw
 
-    def read_fields(self, blocks: torch.Tensor) -> dict[str, dict[str, Stored]]:
-        """``{component: {field: [1, heads, n * unit_tokens, width]}}`` of ``n`` units ``[n, unit_bytes]``."""
+    def read_fields(self, blocks: torch.Tensor, batch: int = 1) -> dict[str, dict[str, Stored]]:
+        """``{component: {field: [batch, heads, n / batch * unit_tokens, width]}}`` of ``n`` units
+        ``[n, unit_bytes]``: sequence after sequence, ``n / batch`` units each."""
         n = blocks.shape[0]
+        if n % batch:
+            raise ValueError(f"{n} units do not split into {batch} sequences of equal length")
+        per = n // batch
         out: dict[str, dict[str, Stored]] = {c: {} for c in COMPONENTS}
         for slot in self.fields:
             parts = slot.codec.decode(blocks[:, slot.offset : slot.offset + slot.codec.nbytes])
-            # [n, heads, t, w] -> [1, heads, n * t, w]: units follow each other along the token axis
-            joined = [p.permute(1, 0, 2, 3).reshape(1, p.shape[1], n * p.shape[2], p.shape[3]) for p in parts]
+            # [n, heads, t, w] -> [batch, heads, per * t, w]: a sequence's units follow each other along tokens
+            joined = [p.view(batch, per, *p.shape[1:]).transpose(1, 2).reshape(batch, p.shape[1], per * p.shape[2],
+                                                                              p.shape[3]) for p in parts]
             out[slot.component][slot.name] = slot.codec.whole(joined)
         return out
 

@@ -75,6 +75,7 @@ class PagedGroup:
         self._stash: dict[int, dict[int, torch.Tensor]] = {}  # member -> batch row -> [2, H, n, D], this step
         self._slots: dict[int, int] = {}  # batch row -> window slot, this step
         self._states: dict[tuple[int, int], dict[str, ComponentStore]] = {}  # (first block, tokens) -> stores
+        self._stacked: dict[tuple[tuple[int, int], ...], tuple[list[int], dict[str, ComponentStore]]] = {}
         self.dropped = 0  # retained entries left out because a unit had no room (logged)
 
     @property
@@ -180,6 +181,7 @@ class PagedGroup:
         self._stash = {}
         self._slots = {}
         self._states = {}
+        self._stacked = {}
 
     def member_kv(self, member: int, row: int, table: torch.Tensor, before: int,
                   step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,6 +225,105 @@ class PagedGroup:
             out.append(comp)
         return out[0], out[1]
 
+    # -- a step's decode rows, read into one batch ------------------------------------------------------
+    #: A restoring decode reads each request's store (merged groups decode blockwise by default).
+    restores_decode_rows = False
+
+    @property
+    def stacks_decode_rows(self) -> bool:
+        """Whether :meth:`stacked_views` can serve this group: every stored field and retained vector
+        dense, a unit one merge block (so a request's merged tokens are all in its pages, no dense tail),
+        and a method that restores tokens independently (not a closed-loop chain)."""
+        return (self.unit == self.block_size
+                and not any(slot.packed for slot in self.layout.fields)
+                and not any(codec.template is not None for codec in self.layout.retained)
+                and not any(c.method.closed_loop for c in self.template.components.values()))
+
+    def stacked_views(self, member: int, rows: list[tuple[int, torch.Tensor, int, torch.Tensor]],
+                      ) -> tuple[MergedKVView, MergedKVView, torch.Tensor]:
+        """The keys and values member ``member`` attends for several requests' decode rows, as one padded
+        batch read straight from the pages (:attr:`stacks_decode_rows` must hold).
+
+        The same tokens as :meth:`member_views` of each request, laid out as
+        :func:`~minicache.runtime.stacking.stack_views` lays them out (request ``i``'s merged tokens at
+        ``0 .. M_i``, the longest request's stored tokens as padding up to ``M_max``, its exact window at
+        ``M_max ..``), but without a per-request store: the requests' units are gathered in one grid (the
+        longest request's units standing in for the missing ones) and parsed once per step, for every member.
+
+        Parameters
+        ----------
+        rows : list of (int, torch.Tensor, int, torch.Tensor)
+            Per request: its row in the step's batch, block ids, tokens before the step, and ``[2, H, 1, D]``
+            its key and value at this member.
+
+        Returns
+        -------
+        keys, values : MergedKVView
+            ``[R, H, M_max + r_max, D]``.
+        mask : torch.Tensor
+            ``[R, M_max + r_max]`` bool, True where a request's own tokens are.
+        """
+        if not self.stacks_decode_rows:
+            raise ValueError(f"layers {list(self.layers)}: this store's decode rows cannot be read as one batch "
+                             "(packed fields, units longer than a merge block, or a closed-loop method)")
+        for row, table, before, step in rows:
+            if member == 0:
+                self._slots[row] = self.pool.slot(int(table[0]), before)
+            self._stash.setdefault(member, {})[row] = step
+        key = tuple((int(table[0]), before) for _, table, before, _ in rows)
+        if key not in self._stacked:
+            self._stacked[key] = self._stack_prefix([(table, before) for _, table, before, _ in rows])
+        lengths, stores = self._stacked[key]
+        m_max = max(lengths)
+        windows = [self.pool.read(self._slots[row]) for row, *_ in rows]  # [2, k, H, w_i, D]
+        sizes = [w.shape[-2] + 1 for w in windows]
+        r_max = max(sizes)
+        _, h, _, d = rows[0][3].shape
+        residual = rows[0][3].new_zeros(2, len(rows), h, r_max, d)
+        for i, (window, (*_, step)) in enumerate(zip(windows, rows, strict=True)):
+            residual[:, i, :, : sizes[i] - 1] = window[:, member]
+            residual[:, i, :, sizes[i] - 1] = step[:, :, 0]
+        views = []
+        for c, name in enumerate(COMPONENTS):
+            comp = copy.copy(stores[name])  # shares the stacked prefix with the other members
+            comp.residual = [None] * self.members
+            comp.residual[member] = residual[c]
+            views.append(comp.view(member))
+        positions = torch.arange(m_max + r_max, device=residual.device)
+        merged = torch.tensor(lengths, device=residual.device).unsqueeze(1)
+        window = torch.tensor(sizes, device=residual.device).unsqueeze(1)
+        mask = (positions < merged) | ((positions >= m_max) & (positions < m_max + window))
+        return views[0], views[1], mask
+
+    def _stack_prefix(self, requests: list[tuple[torch.Tensor, int]]) -> tuple[list[int], dict[str, ComponentStore]]:
+        """The requests' merged tokens, ``(tokens each, {component: store of R sequences padded to the
+        longest})``: one gather of their units and one parse."""
+        lengths = [self.paged_length(before) for _, before in requests]
+        m_max = max(lengths)
+        stores = {name: self.template.components[name].fresh() for name in COMPONENTS}
+        if m_max == 0:
+            return lengths, stores
+        pages, u_max = self.pages(), m_max // self.unit
+        longest = self.layout.units(pages, requests[lengths.index(m_max)][0], u_max, self.units_per_page)
+        grid = []
+        for (table, _), m in zip(requests, lengths, strict=True):
+            own = m // self.unit
+            grid.append(self.layout.units(pages, table, own, self.units_per_page) if own else longest[:0])
+            grid.append(longest[own:])
+        fields, retained = self.layout.read(torch.cat(grid))  # [1, H, R * M_max, w]: request after request
+        count = len(requests)
+        for name, comp in stores.items():
+            for field, x in fields[name].items():
+                h, w = x.shape[1], x.shape[-1]
+                comp.fields[field].dense = x[0].view(h, count, m_max, w).transpose(0, 1).contiguous()
+            comp.length = m_max
+            index = retained[name].index.clone()  # [nnz, 3]: (0, head, token of the whole grid)
+            index[:, 0] = index[:, 2] // m_max
+            index[:, 2] = index[:, 2] % m_max
+            comp.retained_index = index
+            comp.retained_value = retained[name].value
+        return lengths, stores
+
     def end_step(self, rows: list[tuple[int, torch.Tensor, int, int]]) -> None:
         """After the last member: merge the whole units that left every window, keep the rest exact.
 
@@ -239,6 +340,7 @@ class PagedGroup:
             self.pool.write(slot, xs[..., count:, :].clone())
         self._stash = {}
         self._states = {}
+        self._stacked = {}
 
 
 def _tokens(x: Stored, start: int, end: int) -> Stored:

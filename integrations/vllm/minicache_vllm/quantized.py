@@ -46,6 +46,10 @@ class PagedQuantizedLayer:
     """
 
     members = 1
+    #: Packed chunks: a block-at-a-time decode reads each request's views (see :attr:`PagedGroup.stacks_decode_rows`).
+    stacks_decode_rows = False
+    #: A restoring decode reads every request's chunks at once (:meth:`restored_rows`).
+    restores_decode_rows = True
 
     def __init__(self, template: QuantizedLayer, layout: UnitLayout, pool: WindowPool, page_tokens: int,
                  pages: Callable[[], torch.Tensor], layer_name: str = ""):
@@ -110,6 +114,77 @@ class PagedQuantizedLayer:
             self.sinks[slot] = torch.stack([layer.sink_keys[0], layer.sink_values[0]])
         self.pool.write(slot, torch.stack([layer.keys[0], layer.values[0]]).unsqueeze(1))
         return keys, values
+
+    def restored_rows(self, member: int, rows: list[tuple[int, torch.Tensor, int, torch.Tensor]],
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys and values several requests' decode rows attend, restored as one padded batch; then each
+        request's step is stored as :meth:`member_kv` stores it.
+
+        The runtime restores before it packs (``QuantizedLayer.update``), so a step attends the packed prefix
+        as it was before the step, its exact window and the new token, whatever leaves the window after.
+        That restore runs here once for the batch: every request's chunks gathered in one grid (the longest
+        request's chunks standing in for missing ones), parsed once, dequantized and put back into RoPE
+        once (a packed prefix starts at position 0 in every request). Requests whose window fills a chunk
+        in this step then pack it through the runtime's own layer (:meth:`member_kv`'s path); the others
+        only grow their window.
+
+        Parameters
+        ----------
+        rows : list of (int, torch.Tensor, int, torch.Tensor)
+            Per request: its row in the step's batch, block ids, tokens before the step, ``[2, H, 1, D]`` its
+            new key and value.
+
+        Returns
+        -------
+        keys, values : torch.Tensor
+            ``[R, H, N_max + r_max, D]``: request ``i``'s packed prefix at ``0 .. N_i``, its window and new
+            token from ``N_max`` on.
+        mask : torch.Tensor or None
+            ``[R, N_max + r_max]`` bool, True where a request's own tokens are (None: nothing padded).
+        """
+        slots, windows, packed = [], [], []
+        for _, table, before, _ in rows:
+            slot = self.pool.slot(int(table[0]), before)
+            window = self.pool.read(slot)[:, 0]  # [2, H, w, D]: tokens packed .. before
+            slots.append(slot)
+            windows.append(window)
+            packed.append(before - window.shape[-2])
+        sizes = [w.shape[-2] + 1 for w in windows]
+        n_max, r_max = max(packed), max(sizes)
+        _, h, _, d = rows[0][3].shape
+        residual = rows[0][3].new_zeros(2, len(rows), h, r_max, d)
+        for i, (window, (*_, step)) in enumerate(zip(windows, rows, strict=True)):
+            residual[:, i, :, : sizes[i] - 1] = window
+            residual[:, i, :, sizes[i] - 1] = step[:, :, 0]
+        keys, values = residual[0], residual[1]
+        if n_max:
+            pages, count = self.pages(), n_max // self.unit
+            longest = self.layout.units(pages, rows[packed.index(n_max)][1], count, self.units_per_page)
+            grid = []
+            for (_, table, _, _), n in zip(rows, packed, strict=True):
+                own = n // self.unit
+                grid.append(self.layout.units(pages, table, own, self.units_per_page) if own else longest[:0])
+                grid.append(longest[own:])
+            fields = self.layout.read_fields(torch.cat(grid), batch=len(rows))
+            sinks = [None, None] if self.sinks is None else self.sinks[torch.tensor(slots)].unbind(1)  # [R, H, S, D]
+            t = self.template
+            keys = MergedKVView.of_quantized_layer(keys, fields["keys"]["vectors"], t.quantizer, sinks[0],
+                                                   t.rope).materialize()
+            values = MergedKVView.of_quantized_layer(values, fields["values"]["vectors"], t.quantizer,
+                                                     sinks[1]).materialize()
+        mask = None
+        if min(packed) < n_max or min(sizes) < r_max:
+            positions = torch.arange(n_max + r_max, device=keys.device)
+            own = torch.tensor(packed, device=keys.device).unsqueeze(1)
+            window = torch.tensor(sizes, device=keys.device).unsqueeze(1)
+            mask = (positions < own) | ((positions >= n_max) & (positions < n_max + window))
+        chunk, exact = self.template.chunk, self.template.spec.residual_length
+        for (_, table, before, step), slot, window in zip(rows, slots, windows, strict=True):
+            if (window.shape[-2] + 1 - exact) // chunk > 0:  # a chunk leaves the window: the runtime packs it
+                self._update(table, before, step, views=True)
+            else:
+                self.pool.write(slot, torch.cat([window, step], dim=-2).unsqueeze(1))
+        return keys, values, mask
 
     def end_step(self, rows) -> None:
         """Nothing left to do: each call packs its own layer."""

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "vllm"))
 
-import minicache_vllm.attention as attention_module
 from minicache_vllm.attention import DecodeRow, attention_dtype, decode_attention, restored_attention
 from minicache_vllm.layout import PageLayout, quantized_layer_layout
 from minicache_vllm.paged import DECODE_PATHS, PagedGroup, reads_blockwise
@@ -29,7 +28,6 @@ from minicache.quant import QuantizedTensor
 from minicache.runtime.blockwise import blockwise_decode_attention
 from minicache.runtime.layers import QuantizedLayer
 from minicache.runtime.rope import RopeAngles
-from minicache.runtime.stacking import stack_views
 from minicache.runtime.store import GroupStore, PaddingInfo
 
 H, D, R, BS, PAGE = 2, 8, 16, 8, 16  # heads, head dim, residual window, merge block, vLLM block
@@ -373,7 +371,6 @@ def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(b
     the batched decode attention of each member must be what each request's own restored keys and values
     give (float64 SDPA over a second, identical store driven one request at a time)."""
     calls = []
-    monkeypatch.setattr(attention_module, "stack_views", lambda views: calls.append(len(views)) or stack_views(views))
     read_together = PagedGroup.stacked_views
     monkeypatch.setattr(PagedGroup, "stacked_views",
                         lambda self, member, rows: calls.append(len(rows)) or read_together(self, member, rows))

@@ -51,8 +51,8 @@ PARTS = [
                      ("minicache_vllm/layout.py", "write_fields", "minicache_vllm/quantized.py")]),
     ("merge (tail re-merge and new units)", [("runtime/store.py", "merge", None)]),
     ("blockwise attention (restores included)", [("runtime/blockwise.py", "blockwise_decode_attention", None)]),
-    ("stacking the requests' views", [("runtime/stacking.py", "stack_views", None),
-                                      ("minicache_vllm/paged.py", "stacked_views", None)]),
+    ("a group's rows read into one batch", [("minicache_vllm/paged.py", "stacked_views", None)]),
+    ("a packed layer's rows restored as one batch", [("minicache_vllm/quantized.py", "restored_rows", None)]),
 ]
 
 

@@ -2,11 +2,14 @@
 
     python integrations/vllm/bench/vllm_generate.py MODEL_DIR PROMPTS.json OUT.json [--max-tokens 64]
         [--prompt-logprobs] [--one-at-a-time] [--max-num-batched-tokens N] [--max-num-seqs N] [--dtype D]
-        [--block-size 64]
+        [--block-size 64] [--time-plugin]
 
 PROMPTS.json: a list of token-id lists. OUT.json gets the generated token ids, the prompt tokens'
 log-probabilities (with --prompt-logprobs: of each prompt token given the ones before it, from the
 second on), vLLM's reported KV cache capacity in tokens and maximum concurrency, and timings.
+``--time-plugin`` (in-process engine only: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) also sums the wall time spent
+in the plugin's attention (``MergedAttention.forward``: its stores and their attention) as ``plugin_s``, a
+figure that does not swing with the rest of the engine from run to run.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--block-size", type=int, default=64, help="a multiple of the profile's page unit")
+    parser.add_argument("--time-plugin", action="store_true",
+                        help="sum the time spent in the plugin's attention (in-process engine only)")
     args = parser.parse_args()
+    plugin = _time_plugin() if args.time_plugin else None
 
     from vllm import LLM, SamplingParams
 
@@ -57,6 +63,9 @@ def main() -> None:
         "generate_s": seconds,
         "generated_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
     }
+    if plugin is not None:
+        result["plugin_s"] = plugin["seconds"]
+        result["plugin_calls"] = plugin["calls"]
     if args.prompt_logprobs:
         result["prompt_logprobs"] = [
             [entry[tok].logprob for entry, tok in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:], strict=True)]
@@ -64,6 +73,25 @@ def main() -> None:
         ]
     with open(args.out, "w") as f:
         json.dump(result, f)
+
+
+def _time_plugin() -> dict[str, float]:
+    """Wrap ``MergedAttention.forward`` to sum its wall time (what the returned dict holds, as it runs)."""
+    from minicache_vllm.merged import MergedAttention
+
+    spent = {"seconds": 0.0, "calls": 0}
+    forward = MergedAttention.forward
+
+    def timed(self, *args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            spent["seconds"] += time.perf_counter() - began
+            spent["calls"] += 1
+
+    MergedAttention.forward = timed
+    return spent
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from minicache.runtime.blockwise import blockwise_decode_attention
-from minicache.runtime.stacking import stack_views, stackable
 
 __all__ = ["DecodeRow", "attention_dtype", "decode_attention", "restored_attention"]
 
@@ -95,8 +94,7 @@ def decode_attention(store, member: int, rows: list[DecodeRow], blockwise: bool,
     dense in whole merge blocks (:attr:`~minicache_vllm.paged.PagedGroup.stacks_decode_rows`) reads every
     request's pages into one padded batch, once per step for all its members
     (:meth:`~minicache_vllm.paged.PagedGroup.stacked_views`), and attends it a block at a time in one call;
-    other dense views are read per request and stacked (:func:`~minicache.runtime.stacking.stack_views`);
-    a packed stored form cannot be stacked and is attended request by request.
+    a packed stored form is attended request by request.
     Otherwise the rows are restored into one padded batch and attended in one masked SDPA call (float32 on
     CPU, :func:`attention_dtype`): a packed unmerged layer restores every request's chunks at once
     (:meth:`~minicache_vllm.quantized.PagedQuantizedLayer.restored_rows`), a group one request at a time.
@@ -127,14 +125,10 @@ def _decode_chunk(store, member: int, rows: list[DecodeRow], blockwise: bool, sc
         # read from the pages into one padded batch, once per step for all members
         keys, values, mask = store.stacked_views(member, [(r.row, r.table, r.before, r.step) for r in rows])
         return blockwise_decode_attention(query, keys, values, mask[:, None, None, :], scale)[:, 0]
-    if blockwise:
-        views = [store.member_views(member, r.row, r.table, r.before, r.step) for r in rows]
-        keys, values = [v[0] for v in views], [v[1] for v in views]
-        if len(rows) > 1 and stackable(keys) and stackable(values):
-            (keys, mask), (values, _) = stack_views(keys), stack_views(values)
-            return blockwise_decode_attention(query, keys, values, mask[:, None, None, :], scale)[:, 0]
-        return torch.cat([blockwise_decode_attention(r.query, k, v, None, scale)[:, 0]
-                          for r, k, v in zip(rows, keys, values, strict=True)])
+    if blockwise:  # a packed stored form splits packed and dense tokens differently per request
+        return torch.cat([blockwise_decode_attention(r.query, *store.member_views(member, r.row, r.table, r.before,
+                                                                                  r.step), None, scale)[:, 0]
+                          for r in rows])
     compute = attention_dtype(query.dtype, query.device, 1)
     if len(rows) > 1 and store.restores_decode_rows:  # one restore of every request's packed prefix
         keys, values, mask = store.restored_rows(member, [(r.row, r.table, r.before, r.step) for r in rows])

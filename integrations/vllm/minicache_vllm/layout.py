@@ -405,18 +405,22 @@ class PageLayout(UnitLayout):
         return len(dropped)
 
     # -- reading --------------------------------------------------------------------------------
-    def read(self, blocks: torch.Tensor) -> tuple[dict[str, dict[str, Stored]], dict[str, RetainedBlock]]:
-        """Read ``n`` consecutive units (``[n, unit_bytes]`` uint8).
+    def read(self, blocks: torch.Tensor, batch: int = 1,
+             ) -> tuple[dict[str, dict[str, Stored]], dict[str, RetainedBlock]]:
+        """Read ``n`` units (``[n, unit_bytes]`` uint8): ``batch`` sequences of ``n / batch`` consecutive units.
 
         Returns
         -------
         fields : dict
-            ``{component: {field: [1, heads, n * unit_tokens, width]}}``, as the runtime's store holds them.
+            ``{component: {field: [batch, heads, n / batch * unit_tokens, width]}}``, as the runtime's store
+            holds them.
         retained : dict
-            ``{component: RetainedBlock}`` with tokens counted from the first unit read.
+            ``{component: RetainedBlock}``, rows ``(sequence, head, token)`` with tokens counted from the
+            sequence's first unit, in the runtime's order.
         """
         n = blocks.shape[0]
-        fields = self.read_fields(blocks)
+        fields = self.read_fields(blocks, batch)
+        per = n // batch
         counts = blocks[:, self.retained_offset : self.retained_offset + 4].contiguous().view(torch.int32).view(n)
         start = self.retained_offset + 4
         index = blocks[:, start : start + self.retained_capacity * 3 * 2].contiguous().view(torch.int16)
@@ -430,9 +434,11 @@ class PageLayout(UnitLayout):
         for c, (component, codec) in enumerate(zip(COMPONENTS, self.retained, strict=True)):
             mask = valid & (index[..., 0] == c)
             idx = index[mask].to(torch.int32)  # [nnz, 3] (component, head, token)
-            token = idx[:, 2] + block_of[mask].to(torch.int32) * self.unit_tokens
-            order = torch.argsort(token * self.heads + idx[:, 1], stable=True)  # the runtime's (h, n) order per block
-            rows = torch.stack([torch.zeros_like(token), idx[:, 1], token], dim=1)[order]
+            unit = block_of[mask].to(torch.int32)
+            token = idx[:, 2] + unit % per * self.unit_tokens
+            # the runtime's order: sequence, then (h, n) per block
+            order = torch.argsort((unit * self.unit_tokens + idx[:, 2]) * self.heads + idx[:, 1], stable=True)
+            rows = torch.stack([unit // per, idx[:, 1], token], dim=1)[order]
             value = codec.whole(codec.decode(entries[mask][:, : codec.nbytes]))
             retained[component] = RetainedBlock(rows, select_rows(value, order))
         return fields, retained

@@ -244,11 +244,12 @@ class PagedGroup:
         """The keys and values member ``member`` attends for several requests' decode rows, as one padded
         batch read straight from the pages (:attr:`stacks_decode_rows` must hold).
 
-        The same tokens as :meth:`member_views` of each request, laid out as
-        :func:`~minicache.runtime.stacking.stack_views` lays them out (request ``i``'s merged tokens at
-        ``0 .. M_i``, the longest request's stored tokens as padding up to ``M_max``, its exact window at
-        ``M_max ..``), but without a per-request store: the requests' units are gathered in one grid (the
-        longest request's units standing in for the missing ones) and parsed once per step, for every member.
+        The same tokens as :meth:`member_views` of each request, without a per-request store: request
+        ``i``'s merged tokens at ``0 .. M_i``, then the longest request's stored tokens as padding up to
+        ``M_max`` (a valid stored form, so every method restores it to finite numbers, which the mask
+        drops; zeros would give SLERP's ``m/‖e‖`` 0/0), then its exact window and new token from ``M_max``
+        on, zeros after. The requests' units are gathered in one grid (the longest request's units
+        standing in for the missing ones) and parsed once per step, for every member.
 
         Parameters
         ----------
@@ -310,17 +311,12 @@ class PagedGroup:
             own = m // self.unit
             grid.append(self.layout.units(pages, table, own, self.units_per_page) if own else longest[:0])
             grid.append(longest[own:])
-        fields, retained = self.layout.read(torch.cat(grid))  # [1, H, R * M_max, w]: request after request
-        count = len(requests)
+        fields, retained = self.layout.read(torch.cat(grid), batch=len(requests))  # [R, H, M_max, w] each
         for name, comp in stores.items():
             for field, x in fields[name].items():
-                h, w = x.shape[1], x.shape[-1]
-                comp.fields[field].dense = x[0].view(h, count, m_max, w).transpose(0, 1).contiguous()
+                comp.fields[field].dense = x
             comp.length = m_max
-            index = retained[name].index.clone()  # [nnz, 3]: (0, head, token of the whole grid)
-            index[:, 0] = index[:, 2] // m_max
-            index[:, 2] = index[:, 2] % m_max
-            comp.retained_index = index
+            comp.retained_index = retained[name].index
             comp.retained_value = retained[name].value
         return lengths, stores
 

@@ -40,7 +40,7 @@ import torch
 from minicache.quant import QuantizedTensor
 
 __all__ = ["COMPONENTS", "Codec", "FieldSlot", "PageLayout", "RetainedBlock", "UnitLayout", "page_unit",
-           "quantized_layer_layout", "select_rows"]
+           "prefix_window_mask", "quantized_layer_layout", "select_rows"]
 
 #: A merged group's two components, in page order (their index is the ``component`` of a retained entry).
 COMPONENTS = ("keys", "values")
@@ -219,6 +219,19 @@ class UnitLayout:
         rows = pages.index_select(0, table[: -(-count // units_per_page)].to(torch.long))
         return rows[:, : units_per_page * self.unit_bytes].reshape(-1, self.unit_bytes)[:count]
 
+    def padded_units(self, pages: torch.Tensor, tables: list[torch.Tensor], counts: list[int],
+                     units_per_page: int) -> torch.Tensor:
+        """Several requests' first ``counts[i]`` units, each padded to the most with the longest request's
+        units (a valid stored form that readers decode to finite numbers and a mask then drops):
+        ``[R · max(counts), unit_bytes]``, request after request, for :meth:`read_fields` with ``batch=R``."""
+        most = max(counts)
+        longest = self.units(pages, tables[counts.index(most)], most, units_per_page)
+        grid = []
+        for table, count in zip(tables, counts, strict=True):
+            grid.append(self.units(pages, table, count, units_per_page) if count else longest[:0])
+            grid.append(longest[count:])
+        return torch.cat(grid)
+
     # -- fields ---------------------------------------------------------------------------------
     def write_fields(self, block: torch.Tensor, fields: dict[str, dict[str, Stored]]) -> None:
         """Write ``{component: {field: [1, heads, unit_tokens, width]}}`` into one unit ``[unit_bytes]``."""
@@ -241,6 +254,16 @@ class UnitLayout:
                                                                               p.shape[3]) for p in parts]
             out[slot.component][slot.name] = slot.codec.whole(joined)
         return out
+
+
+def prefix_window_mask(prefix: list[int], window: list[int], device: torch.device) -> torch.Tensor:
+    """``[R, max(prefix) + max(window)]`` bool, True where request ``i``'s own tokens are in a padded batch
+    that holds its ``prefix[i]`` stored tokens from 0 and its ``window[i]`` exact ones from ``max(prefix)``."""
+    longest = max(prefix)
+    positions = torch.arange(longest + max(window), device=device)
+    own = torch.tensor(prefix, device=device).unsqueeze(1)
+    exact = torch.tensor(window, device=device).unsqueeze(1)
+    return (positions < own) | ((positions >= longest) & (positions < longest + exact))
 
 
 def _field_slots(samples: list[tuple[str, str, Stored]], offset: int = 0) -> tuple[tuple[FieldSlot, ...], int]:

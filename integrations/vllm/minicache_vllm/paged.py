@@ -16,8 +16,8 @@ import torch
 from minicache.quant import QuantizedTensor
 from minicache.runtime.store import ComponentStore, GroupStore
 from minicache.runtime.views import MergedKVView
-from minicache_vllm.layout import COMPONENTS, PageLayout, RetainedBlock, Stored, select_rows
-from minicache_vllm.windows import WindowPool, merged_length
+from minicache_vllm.layout import COMPONENTS, PageLayout, RetainedBlock, Stored, prefix_window_mask, select_rows
+from minicache_vllm.windows import WindowPool, merged_length, padded_windows
 
 logger = logging.getLogger("vllm.minicache_vllm")
 
@@ -275,26 +275,15 @@ class PagedGroup:
         if key not in self._stacked:
             self._stacked[key] = self._stack_prefix([(table, before) for _, table, before, _ in rows])
         lengths, stores = self._stacked[key]
-        m_max = max(lengths)
-        windows = [self.pool.read(self._slots[row]) for row, *_ in rows]  # [2, k, H, w_i, D]
-        sizes = [w.shape[-2] + 1 for w in windows]
-        r_max = max(sizes)
-        _, h, _, d = rows[0][3].shape
-        residual = rows[0][3].new_zeros(2, len(rows), h, r_max, d)
-        for i, (window, (*_, step)) in enumerate(zip(windows, rows, strict=True)):
-            residual[:, i, :, : sizes[i] - 1] = window[:, member]
-            residual[:, i, :, sizes[i] - 1] = step[:, :, 0]
+        residual, sizes = padded_windows([self.pool.read(self._slots[row])[:, member] for row, *_ in rows],
+                                         [step for *_, step in rows])  # [2, R, H, r_max, D]
         views = []
         for c, name in enumerate(COMPONENTS):
             comp = copy.copy(stores[name])  # shares the stacked prefix with the other members
             comp.residual = [None] * self.members
             comp.residual[member] = residual[c]
             views.append(comp.view(member))
-        positions = torch.arange(m_max + r_max, device=residual.device)
-        merged = torch.tensor(lengths, device=residual.device).unsqueeze(1)
-        window = torch.tensor(sizes, device=residual.device).unsqueeze(1)
-        mask = (positions < merged) | ((positions >= m_max) & (positions < m_max + window))
-        return views[0], views[1], mask
+        return views[0], views[1], prefix_window_mask(lengths, sizes, residual.device)
 
     def _stack_prefix(self, requests: list[tuple[torch.Tensor, int]]) -> tuple[list[int], dict[str, ComponentStore]]:
         """The requests' merged tokens, ``(tokens each, {component: store of R sequences padded to the
@@ -304,14 +293,9 @@ class PagedGroup:
         stores = {name: self.template.components[name].fresh() for name in COMPONENTS}
         if m_max == 0:
             return lengths, stores
-        pages, u_max = self.pages(), m_max // self.unit
-        longest = self.layout.units(pages, requests[lengths.index(m_max)][0], u_max, self.units_per_page)
-        grid = []
-        for (table, _), m in zip(requests, lengths, strict=True):
-            own = m // self.unit
-            grid.append(self.layout.units(pages, table, own, self.units_per_page) if own else longest[:0])
-            grid.append(longest[own:])
-        fields, retained = self.layout.read(torch.cat(grid), batch=len(requests))  # [R, H, M_max, w] each
+        grid = self.layout.padded_units(self.pages(), [table for table, _ in requests],
+                                        [m // self.unit for m in lengths], self.units_per_page)
+        fields, retained = self.layout.read(grid, batch=len(requests))  # [R, H, M_max, w] each
         for name, comp in stores.items():
             for field, x in fields[name].items():
                 comp.fields[field].dense = x

@@ -19,8 +19,8 @@ import torch
 
 from minicache.runtime.layers import QuantizedLayer
 from minicache.runtime.views import MergedKVView
-from minicache_vllm.layout import UnitLayout
-from minicache_vllm.windows import WindowPool
+from minicache_vllm.layout import UnitLayout, prefix_window_mask
+from minicache_vllm.windows import WindowPool, padded_windows
 
 __all__ = ["PagedQuantizedLayer"]
 
@@ -149,35 +149,20 @@ class PagedQuantizedLayer:
             slots.append(slot)
             windows.append(window)
             packed.append(before - window.shape[-2])
-        sizes = [w.shape[-2] + 1 for w in windows]
-        n_max, r_max = max(packed), max(sizes)
-        _, h, _, d = rows[0][3].shape
-        residual = rows[0][3].new_zeros(2, len(rows), h, r_max, d)
-        for i, (window, (*_, step)) in enumerate(zip(windows, rows, strict=True)):
-            residual[:, i, :, : sizes[i] - 1] = window
-            residual[:, i, :, sizes[i] - 1] = step[:, :, 0]
+        residual, sizes = padded_windows(windows, [step for *_, step in rows])  # [2, R, H, r_max, D]
         keys, values = residual[0], residual[1]
-        if n_max:
-            pages, count = self.pages(), n_max // self.unit
-            longest = self.layout.units(pages, rows[packed.index(n_max)][1], count, self.units_per_page)
-            grid = []
-            for (_, table, _, _), n in zip(rows, packed, strict=True):
-                own = n // self.unit
-                grid.append(self.layout.units(pages, table, own, self.units_per_page) if own else longest[:0])
-                grid.append(longest[own:])
-            fields = self.layout.read_fields(torch.cat(grid), batch=len(rows))
+        if max(packed):
+            grid = self.layout.padded_units(self.pages(), [table for _, table, _, _ in rows],
+                                            [n // self.unit for n in packed], self.units_per_page)
+            fields = self.layout.read_fields(grid, batch=len(rows))
             sinks = [None, None] if self.sinks is None else self.sinks[torch.tensor(slots)].unbind(1)  # [R, H, S, D]
             t = self.template
             keys = MergedKVView.of_quantized_layer(keys, fields["keys"]["vectors"], t.quantizer, sinks[0],
                                                    t.rope).materialize()
             values = MergedKVView.of_quantized_layer(values, fields["values"]["vectors"], t.quantizer,
                                                      sinks[1]).materialize()
-        mask = None
-        if min(packed) < n_max or min(sizes) < r_max:
-            positions = torch.arange(n_max + r_max, device=keys.device)
-            own = torch.tensor(packed, device=keys.device).unsqueeze(1)
-            window = torch.tensor(sizes, device=keys.device).unsqueeze(1)
-            mask = (positions < own) | ((positions >= n_max) & (positions < n_max + window))
+        padded = min(packed) < max(packed) or min(sizes) < max(sizes)
+        mask = prefix_window_mask(packed, sizes, keys.device) if padded else None
         chunk, exact = self.template.chunk, self.template.spec.residual_length
         for (_, table, before, step), slot, window in zip(rows, slots, windows, strict=True):
             if (window.shape[-2] + 1 - exact) // chunk > 0:  # a chunk leaves the window: the runtime packs it

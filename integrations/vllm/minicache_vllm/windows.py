@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["WindowPool", "merged_length"]
+__all__ = ["WindowPool", "merged_length", "padded_windows"]
 
 
 def merged_length(tokens: int, residual_length: int, block_size: int) -> int:
@@ -107,3 +107,15 @@ class WindowPool:
             raise RuntimeError(f"minicache_vllm: a window of {n} tokens exceeds the pool's {self.capacity}")
         self.data[slot, :, :, :, :n] = window
         self.length[slot] = n
+
+
+def padded_windows(windows: list[torch.Tensor], steps: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Requests' exact windows ``[2, H, w_i, D]``, each followed by its step's token ``[2, H, 1, D]``, as one
+    zero-padded ``[2, R, H, max(w_i + 1), D]`` batch; and each request's ``w_i + 1``."""
+    sizes = [w.shape[-2] + 1 for w in windows]
+    _, h, _, d = steps[0].shape
+    out = steps[0].new_zeros(2, len(steps), h, max(sizes), d)
+    for i, (window, step) in enumerate(zip(windows, steps, strict=True)):
+        out[:, i, :, : sizes[i] - 1] = window
+        out[:, i, :, sizes[i] - 1] = step[:, :, 0]
+    return out, sizes

@@ -12,21 +12,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
-"$PY" - "$WORK" <<'PY'
-import json, sys
-from pathlib import Path
-sys.path.insert(0, "benchmarks")
-from vllm_agreement import token_windows
-from minicache import MergeProfile
-from minicache.profile import Quantization
-work = Path(sys.argv[1])
-from minicache.models import load_model
-_, tok = load_model("smollm2-135m")
-texts = [str(work / n) for n in ("code.txt", "notes.txt", "licences.txt")]
-(work / "prompts.json").write_text(json.dumps(token_windows(tok, texts, 10, 600)))
-q = Quantization(bits=4, group_size=128, residual_length=128, sink_tokens=4, pre_rope_keys=True)
-MergeProfile.load("profiles/smollm2-135m-instruct").with_quantization(q).save(work / "profile-shipped-4bit")
-PY
+"$PY" benchmarks/vllm_decode_inputs.py "$WORK"
 machine_line
 names=("$@"); [[ ${#names[@]} -gt 0 ]] || names=(stock shipped shipped-4bit auto-4k-half)
 for name in "${names[@]}"; do

@@ -18,21 +18,7 @@ HERE=$(pwd)
 TREE="$WORK/base"
 git worktree add -q --detach "$TREE" "$BASE"
 trap 'git -C "$HERE" worktree remove --force "$TREE"; rm -rf "$WORK"' EXIT
-"$PY" - "$WORK" <<'PY'
-import json, sys
-from pathlib import Path
-sys.path.insert(0, "benchmarks")
-from vllm_agreement import token_windows
-from minicache import MergeProfile
-from minicache.models import load_model
-from minicache.profile import Quantization
-work = Path(sys.argv[1])
-_, tok = load_model("smollm2-135m")
-texts = [str(work / n) for n in ("code.txt", "notes.txt", "licences.txt")]
-(work / "prompts.json").write_text(json.dumps(token_windows(tok, texts, 10, 600)))
-q = Quantization(bits=4, group_size=128, residual_length=128, sink_tokens=4, pre_rope_keys=True)
-MergeProfile.load("profiles/smollm2-135m-instruct").with_quantization(q).save(work / "profile-shipped-4bit")
-PY
+"$PY" benchmarks/vllm_decode_inputs.py "$WORK"
 for spec in "bfloat16 shipped profiles/smollm2-135m-instruct" "bfloat16 shipped-4bit $WORK/profile-shipped-4bit" \
             "float32 shipped profiles/smollm2-135m-instruct"; do
   read -r dtype name profile <<<"$spec"

@@ -8,6 +8,7 @@ the transformers runtime (:class:`minicache.runtime.store.GroupStore`) step by s
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable
 
@@ -212,10 +213,7 @@ class PagedGroup:
                        step: torch.Tensor) -> tuple[ComponentStore, ComponentStore]:
         """The request's key and value stores as member ``member`` sees them this step (its window
         grown by ``step``); the stored form is shared with the other members, not copied."""
-        if member == 0:
-            self._slots[row] = self.pool.slot(int(table[0]), before)
-        slot = self._slots[row]
-        self._stash.setdefault(member, {})[row] = step
+        slot = self._take_step(member, row, table, before, step)
         state = self._state(table, before, self.pool.read(slot))
         out = []
         for c, name in enumerate(COMPONENTS):
@@ -225,11 +223,19 @@ class PagedGroup:
             out.append(comp)
         return out[0], out[1]
 
+    def _take_step(self, member: int, row: int, table: torch.Tensor, before: int, step: torch.Tensor) -> int:
+        """Note a request's step at ``member`` for :meth:`end_step` (its window slot, taken at the first
+        member; its keys and values ``step``) and return the slot."""
+        if member == 0:
+            self._slots[row] = self.pool.slot(int(table[0]), before)
+        self._stash.setdefault(member, {})[row] = step
+        return self._slots[row]
+
     # -- a step's decode rows, read into one batch ------------------------------------------------------
     #: A restoring decode reads each request's store (merged groups decode blockwise by default).
     restores_decode_rows = False
 
-    @property
+    @functools.cached_property
     def stacks_decode_rows(self) -> bool:
         """Whether :meth:`stacked_views` can serve this group: every stored field and retained vector
         dense, a unit one merge block (so a request's merged tokens are all in its pages, no dense tail),
@@ -267,15 +273,12 @@ class PagedGroup:
         if not self.stacks_decode_rows:
             raise ValueError(f"layers {list(self.layers)}: this store's decode rows cannot be read as one batch "
                              "(packed fields, units longer than a merge block, or a closed-loop method)")
-        for row, table, before, step in rows:
-            if member == 0:
-                self._slots[row] = self.pool.slot(int(table[0]), before)
-            self._stash.setdefault(member, {})[row] = step
+        slots = [self._take_step(member, *row) for row in rows]
         key = tuple((int(table[0]), before) for _, table, before, _ in rows)
         if key not in self._stacked:
             self._stacked[key] = self._stack_prefix([(table, before) for _, table, before, _ in rows])
         lengths, stores = self._stacked[key]
-        residual, sizes = padded_windows([self.pool.read(self._slots[row])[:, member] for row, *_ in rows],
+        residual, sizes = padded_windows([self.pool.read(slot)[:, member] for slot in slots],
                                          [step for *_, step in rows])  # [2, R, H, r_max, D]
         views = []
         for c, name in enumerate(COMPONENTS):

@@ -88,9 +88,13 @@ class PagedQuantizedLayer:
         """The same as :meth:`member_kv`, as views that attention reads a block at a time, packed."""
         return self._update(table, before, step, views=True)
 
-    def _update(self, table: torch.Tensor, before: int, step: torch.Tensor, *, views: bool):
+    def _window(self, table: torch.Tensor, before: int) -> tuple[int, torch.Tensor]:
+        """A request's window slot and its exact tokens ``[2, H, w, D]`` (those after its packed ones)."""
         slot = self.pool.slot(int(table[0]), before)
-        window = self.pool.read(slot)[:, 0]  # [2, H, w, D]: tokens packed .. before
+        return slot, self.pool.read(slot)[:, 0]
+
+    def _update(self, table: torch.Tensor, before: int, step: torch.Tensor, *, views: bool):
+        slot, window = self._window(table, before)
         packed = before - window.shape[-2]
         t = self.template
         layer = QuantizedLayer(t.spec, t.bits, t.value_bits, t.rope)
@@ -142,14 +146,9 @@ class PagedQuantizedLayer:
         mask : torch.Tensor or None
             ``[R, N_max + r_max]`` bool, True where a request's own tokens are (None: nothing padded).
         """
-        slots, windows, packed = [], [], []
-        for _, table, before, _ in rows:
-            slot = self.pool.slot(int(table[0]), before)
-            window = self.pool.read(slot)[:, 0]  # [2, H, w, D]: tokens packed .. before
-            slots.append(slot)
-            windows.append(window)
-            packed.append(before - window.shape[-2])
-        residual, sizes = padded_windows(windows, [step for *_, step in rows])  # [2, R, H, r_max, D]
+        slots, windows = zip(*(self._window(table, before) for _, table, before, _ in rows), strict=True)
+        packed = [before - window.shape[-2] for (_, _, before, _), window in zip(rows, windows, strict=True)]
+        residual, sizes = padded_windows(list(windows), [step for *_, step in rows])  # [2, R, H, r_max, D]
         keys, values = residual[0], residual[1]
         if max(packed):
             grid = self.layout.padded_units(self.pages(), [table for _, table, _, _ in rows],

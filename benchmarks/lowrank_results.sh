@@ -9,6 +9,8 @@
 #   bash benchmarks/lowrank_results.sh query      # 1e. PCA vs query-weighted key bases, same groups and ranks
 #   bash benchmarks/lowrank_results.sh query-search  # 1f. the search of 1c. with query-weighted key bases
 #   bash benchmarks/lowrank_results.sh shipped-bf16  # 2b. the shipped low-rank profile beside SLERP, bfloat16
+#   bash benchmarks/lowrank_results.sh shipped-4bit  # 5b. both shipped profiles with 4-bit storage, 4,096 tokens
+#   bash benchmarks/lowrank_results.sh variants   # 1g. three variants of the search of 1c. (about 60 minutes)
 #
 # 1. minicache-calibrate --methods slerp,lowrank on the shipped profile's data (default budget +1 %)
 #    -> $OUT/profile (the search picks per group: SLERP, a low-rank basis of some rank, or nothing).
@@ -18,6 +20,10 @@
 #    the 1 % budget's upper bound cannot get past) -> $OUT/profile-varied (about 23 minutes).
 # 1c. The search of 1. with the exact method offered too (--methods slerp,lowrank,exact): single layers may
 #    store keys low rank beside exact values -> $OUT/profile-exact.
+# 1g. Variants of 1c.: (a) 12 probes and all the held-out windows the data gives (10 of 768 tokens; 32
+#    asked) -> $OUT/profile-probes12; (b) the same with a 64-token exact window -> $OUT/profile-window64;
+#    (c) calibrated at the length it is scored at: the data of 1b., windows of 3,072 tokens (2,048 merged,
+#    1,024 scored), 16 calibration + 8 held-out -> $OUT/profile-3072. Each scored on the unseen text of 2.
 # 1d. Every layer's keys at rank 8 and 16 (joint), values exact, no search (benchmarks/lowrank_keys_only.py)
 #    -> $OUT/keys-only-r{8,16}, scored at 512 only.
 # 2. minicache-eval --compare of the shipped (SLERP-only) profile and that profile on the same windows,
@@ -31,6 +37,8 @@
 #    (benchmarks/lowrank_decode.py).
 # 5. With 4-bit storage on top (bf16, 2 windows of a 4,096-token prefix + 128 scored, as the
 #    README's quantized table).
+# 5b. The same with the shipped profiles (SLERP and low rank) on the unseen text of 2., 16 windows of a
+#    4,096-token prefix + 1,024 scored (16,384 tokens; about 40 minutes on 2 cores).
 # 6. The restore-error probe (benchmarks/lowrank_probe.py): joint vs per-head bases, pre- vs
 #    post-RoPE keys, PCA vs query-weighted key bases.
 set -euo pipefail
@@ -78,6 +86,29 @@ if [[ $WHAT == exact ]]; then
   done
   exit 0
 fi
+if [[ $WHAT == variants ]]; then
+  cat "$DATA" minicache/calibrate/corpus/default.jsonl >"$WORK/varied.jsonl"
+  variant() {  # name, scored lengths ("512" or "512 2048"), calibration arguments...
+    local name=$1 lengths=$2
+    shift 2
+    echo "== minicache-calibrate $* --methods slerp,lowrank,exact -> $name"
+    began=$SECONDS
+    "$PY" -m minicache.calibrate.cli "$@" --methods slerp,lowrank,exact --out "$WORK/$name" --no-progress
+    echo "   (calibration: $((SECONDS - began)) s)"
+    rm -rf "${OUT:?}/$name" && mkdir -p "$OUT/$name" && cp "$WORK/$name"/minicache_* "$OUT/$name/"
+    for length in $lengths; do
+      local windows=64 scored=256
+      [[ $length == 2048 ]] && windows=32 scored=512
+      "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype float32 --prefix-length "$length" \
+        --continuation-length "$scored" --num-windows "$windows" --compare "$OUT/$name" \
+        --json-out "$OUT/compare-$name-$length.json" --markdown-out "$OUT/compare-$name-$length.md" --force
+    done
+  }
+  variant profile-probes12 512 --data "$DATA" --eval-windows 32 --probes 12
+  variant profile-window64 512 --data "$DATA" --eval-windows 32 --probes 12 --residual-length 64
+  variant profile-3072 "2048 512" --data "$WORK/varied.jsonl" --max-length 3072 --num-samples 16 --eval-windows 8
+  exit 0
+fi
 if [[ $WHAT == query ]]; then
   # 1e. PCA against query-weighted key bases at equal groups, ranks and bytes (both refitted on the same
   # windows): the search-with-exact profile's groups, and every layer's keys at rank 16 beside exact values
@@ -122,6 +153,16 @@ if [[ $WHAT == shipped-bf16 ]]; then
       --json-out "$OUT/compare-shipped-bfloat16-$length.json" \
       --markdown-out "$OUT/compare-shipped-bfloat16-$length.md" --force
   done
+  exit 0
+fi
+if [[ $WHAT == shipped-4bit ]]; then
+  # 5b. 4-bit storage on top of both shipped profiles (bfloat16, 4,096-token prefixes): 5. scored 2 x 128
+  # licence tokens with the first low-rank profile; this scores 16,384 tokens of the three unseen kinds
+  echo "== bfloat16, prefix 4096, 4-bit: shipped SLERP vs shipped low rank"
+  "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length 4096 \
+    --continuation-length 1024 --num-windows 16 --kv-bits 4 \
+    --compare profiles/smollm2-135m-instruct,profiles/smollm2-135m-instruct-lowrank \
+    --json-out "$OUT/quantized-4bit-shipped-4096.json" --markdown-out "$OUT/quantized-4bit-shipped-4096.md" --force
   exit 0
 fi
 if [[ $WHAT == keys-only ]]; then

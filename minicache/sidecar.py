@@ -20,6 +20,7 @@ import hashlib
 import json
 import struct
 import sys
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +49,35 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+#: id(profile tensor) -> {(device, dtype): its copy}; an entry goes when its tensor is freed.
+_HELD: dict[int, dict[tuple[str, torch.dtype], torch.Tensor]] = {}
+
+
+def held_copy(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor`` on ``device`` (and in ``dtype``), converted once and shared by every cache that asks.
+
+    A profile's tensors are shared by every cache built from it, and by every row of a padded batch;
+    converting them per cache would hold one copy per sequence. ``tensor`` itself when it needs no
+    conversion.
+    """
+    dtype = tensor.dtype if dtype is None else dtype
+    if tensor.device == device and tensor.dtype == dtype:
+        return tensor
+    key = (str(device), dtype)
+    copies = _HELD.get(id(tensor))
+    if copies is None:
+        copies = _HELD[id(tensor)] = {}
+        weakref.finalize(tensor, _HELD.pop, id(tensor), None)
+    if key not in copies:
+        copies[key] = tensor.to(device, dtype)
+    return copies[key]
+
+
+def held_copies(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The copies :func:`held_copy` made of ``tensor``."""
+    return list(_HELD.get(id(tensor), {}).values())
+
+
 class ProfileTensors:
     """Named tensors that ship with a profile (CPU, contiguous).
 
@@ -66,7 +96,6 @@ class ProfileTensors:
                 raise ProfileError(f"{name} is a {type(tensor).__name__}; allowed: a torch.Tensor", "tensors")
             out[name] = tensor.detach().to("cpu").contiguous()
         self._tensors = out
-        self._device_cache: dict[tuple[str, str], torch.Tensor] = {}
 
     # -- mapping-like access --------------------------------------------------------------------
     def __contains__(self, name: object) -> bool:
@@ -96,14 +125,6 @@ class ProfileTensors:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{n}: {list(self._tensors[n].shape)}" for n in self.names())
         return f"ProfileTensors({shapes})"
-
-    def on(self, name: str, device: torch.device | str) -> torch.Tensor:
-        """The tensor on ``device``, copied once per device and shared by every cache built from it."""
-        device = torch.device(device)
-        key = (name, str(device))
-        if key not in self._device_cache:
-            self._device_cache[key] = self._tensors[name].to(device)
-        return self._device_cache[key]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors.values())

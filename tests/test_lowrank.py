@@ -142,6 +142,49 @@ def test_cache_stores_coefficients_and_counts_them_byte_for_byte():
     assert report["parts"]["coefficients"] == groups * components * batch * h * merged * rank * fp32
 
 
+def test_a_half_precision_cache_holds_the_bases_in_its_dtype_once():
+    """A bfloat16 cache holds a low-rank group's basis and mean in bfloat16 (half the bytes, counted so),
+    one copy shared by every cache and padded-batch row of the profile; the profile keeps float32, and
+    a restore moves by no more than bfloat16 rounding."""
+    import copy
+
+    from tests.test_cache import greedy, left_padded_batch
+
+    model = _model()
+    profile = _profile(model, [(1,), (3, 4)], rank=4)
+    ids = _windows(2, 40, seed=3)
+    full = MiniCache(profile, model)
+    half_model = copy.deepcopy(model).to(torch.bfloat16)
+    halves = [MiniCache(profile, half_model) for _ in range(2)]
+    with torch.no_grad():
+        for cache, m in ((full, model), *((c, half_model) for c in halves)):
+            m(input_ids=ids, cache=cache)
+    held = [[c.tensors for s in cache.stores for c in s.components.values()] for cache in (full, *halves)]
+    assert all(t.dtype == torch.float32 for tensors in held[0] for t in tensors.values())
+    assert all(t.dtype == torch.bfloat16 for tensors in held[1] for t in tensors.values())
+    assert all(a[name] is b[name] for a, b in zip(held[1], held[2], strict=True) for name in a)
+    assert all(profile.tensors[n].dtype == torch.float32 for n in profile.tensors.names())
+    r32, r16 = full.memory_report(), halves[0].memory_report()
+    assert r16["parts"]["bases"] * 2 == r32["parts"]["bases"] > 0
+    assert r16["kv_bytes"] == sum(t.numel() * t.element_size() for t in halves[0].tensors())
+
+    comp = halves[0].stores[1].components["values"]
+    fields = {name: series.snapshot().dense for name, series in comp.fields.items()}
+    float32 = profile.tensors_of(profile.groups[1], "values")
+    for member in range(2):
+        want = LOWRANK.decode(comp.params, fields, member, float32, torch.float32)
+        got = LOWRANK.decode(comp.params, fields, member, comp.tensors, torch.float32)
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+
+    # a left-padded batch stores one cache per row, beam search copies rows: one held copy throughout
+    batch_ids, mask = left_padded_batch(model.config.vocab_size, [30, 21], seed=2)
+    beams = MiniCache(profile, half_model)
+    greedy(half_model, batch_ids, mask, beams, new_tokens=4, num_beams=2)
+    assert beams.rows is not None and len(beams.rows.rows) == 4
+    bases = {id(row.stores[0].components["keys"].tensors["basis"]) for row in beams.rows.rows}
+    assert bases == {id(held[1][0]["basis"])}
+
+
 def assert_generation_paths_agree(model, profile: MergeProfile, ids: torch.Tensor) -> None:
     """Greedy generation through the restore path and the blockwise torch path gives the same tokens and
     scores, unquantized and with 4-bit storage (whose fields must then be packed)."""

@@ -272,6 +272,12 @@ class MergeMethod(ABC):
     retains : bool
         Retention applies (γ and sink tokens keep the most distant tokens exact). False for a method
         whose stored form is already exact: it never retains a token.
+    tensors_in_cache_dtype : bool
+        A cache of a 16-bit float dtype holds the method's sidecar tensors in that dtype (the sidecar
+        keeps them in float32; every method computes in float32 either way). For tensors whose
+        rounding costs no more than storing the tokens in that dtype does (a basis and a mean), and
+        whose bytes a short context would otherwise notice (SmolLM2's low-rank bases are 5 % of a
+        512-token float32 cache, 10 % of a bfloat16 one).
     """
 
     name: ClassVar[str]
@@ -284,6 +290,7 @@ class MergeMethod(ABC):
     factored: ClassVar[bool] = False
     closed_loop: ClassVar[bool] = False
     retains: ClassVar[bool] = True
+    tensors_in_cache_dtype: ClassVar[bool] = False
 
     # -- parameters and tensors (profile side) -------------------------------------------------
     def params(self, data: Mapping[str, Any] | MethodParams | None = None, path: str = "") -> MethodParams:

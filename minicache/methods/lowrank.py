@@ -111,6 +111,7 @@ class LowRankMethod(MergeMethod):
     tensor_part = "bases"
     min_members = 1
     factored = True
+    tensors_in_cache_dtype = True
 
     # -- profile side -------------------------------------------------------------------------------
     def tensor_names(self, params: LowRankParams) -> tuple[str, ...]:

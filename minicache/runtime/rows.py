@@ -29,6 +29,7 @@ import torch
 from minicache.runtime.layers import OwnedLayer
 from minicache.runtime.store import PaddingInfo
 from minicache.runtime.views import MergedKVView
+from minicache.sidecar import held_copies
 
 __all__ = ["RowBatch", "RowKV", "RowLayer"]
 
@@ -133,7 +134,8 @@ class RowBatch:
 
     def select(self, index: torch.Tensor) -> None:
         """Keep/reorder/repeat sequences: new sequence ``i`` is old sequence ``index[i]``."""
-        memo = {id(t): t for t in self._shared}
+        # the profile's tensors and the copies caches hold of them (another device or dtype): shared, not copied
+        memo = {id(t): t for s in self._shared for t in (s, *held_copies(s))}
         taken: set[int] = set()
         rows = []
         for i in index.tolist():

@@ -37,10 +37,15 @@ from minicache.profile import MergeGroup, MergeSettings, Quantization
 from minicache.quant import QuantizedTensor, Quantizer, append
 from minicache.runtime.retention import retention_mask
 from minicache.runtime.views import FieldSnapshot, MergedKVView, RetainedCSR, retained_csr_pair
+from minicache.sidecar import held_copy
 
 __all__ = ["ComponentStore", "GroupStore", "PaddingInfo", "TokenSeries", "tensor_bytes"]
 
 _COMPONENTS = ("keys", "values")
+
+
+#: Cache dtypes in which a method may hold its tensors (:attr:`MergeMethod.tensors_in_cache_dtype`).
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -188,16 +193,19 @@ class ComponentStore:
         return ComponentStore(self.name, self.settings, self.members, self.tensors, self.quant, self.bits)
 
     # -- device ---------------------------------------------------------------------------------
-    def _device(self) -> torch.device | None:
-        return next((r.device for r in self.residual if r is not None), None)
+    def _like(self) -> torch.Tensor | None:
+        """A tensor of the data (its device and dtype), or None before any."""
+        return next((r for r in self.residual if r is not None), None)
 
     def tensors_on_device(self) -> dict[str, torch.Tensor]:
-        """The method's tensors on the data's device (moved once)."""
-        device = self._device()
-        if device is not None:
+        """The method's tensors on the data's device, and in its dtype where the method holds them so
+        (:attr:`~minicache.methods.base.MergeMethod.tensors_in_cache_dtype`); converted once and
+        shared with every store of the same profile (:func:`~minicache.sidecar.held_copy`)."""
+        like = self._like()
+        if like is not None:
+            dtype = like.dtype if self.method.tensors_in_cache_dtype and like.dtype in HALF_DTYPES else None
             for local, t in self.tensors.items():
-                if t.device != device:
-                    self.tensors[local] = t.to(device)
+                self.tensors[local] = held_copy(t, like.device, dtype)
         return self.tensors
 
     # -- growth -----------------------------------------------------------------------------------

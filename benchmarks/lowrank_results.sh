@@ -10,6 +10,7 @@
 #   bash benchmarks/lowrank_results.sh query-search  # 1f. the search of 1c. with query-weighted key bases
 #   bash benchmarks/lowrank_results.sh shipped-bf16  # 2b. the shipped low-rank profile beside SLERP, bfloat16
 #   bash benchmarks/lowrank_results.sh shipped-4bit  # 5b. both shipped profiles with 4-bit storage, 4,096 tokens
+#   bash benchmarks/lowrank_results.sh bf16-bases    # 2c. the shipped low-rank profile, bases held in bfloat16, 512
 #   bash benchmarks/lowrank_results.sh variants   # 1g. three variants of the search of 1c. (about 60 minutes)
 #
 # 1. minicache-calibrate --methods slerp,lowrank on the shipped profile's data (default budget +1 %)
@@ -163,6 +164,15 @@ if [[ $WHAT == shipped-4bit ]]; then
     --continuation-length 1024 --num-windows 16 --kv-bits 4 \
     --compare profiles/smollm2-135m-instruct,profiles/smollm2-135m-instruct-lowrank \
     --json-out "$OUT/quantized-4bit-shipped-4096.json" --markdown-out "$OUT/quantized-4bit-shipped-4096.md" --force
+  exit 0
+fi
+if [[ $WHAT == bf16-bases ]]; then
+  # 2c. 2b. at 512 tokens for the low-rank profile, after a bfloat16 cache holds its bases and means in
+  # bfloat16 (MergeMethod.tensors_in_cache_dtype); SLERP's tensors are unchanged
+  "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length 512 \
+    --continuation-length 256 --num-windows 64 --compare profiles/smollm2-135m-instruct-lowrank \
+    --json-out "$OUT/compare-shipped-lowrank-bf16-bases-512.json" \
+    --markdown-out "$OUT/compare-shipped-lowrank-bf16-bases-512.md" --force
   exit 0
 fi
 if [[ $WHAT == keys-only ]]; then

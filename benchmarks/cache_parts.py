@@ -17,7 +17,8 @@ import torch
 from minicache import MiniCache
 from minicache.models import load_model
 
-SHARED_PARTS = ("bases", "alignment", "rotations", "rope", "predictors")
+#: Parts held once for a whole batch besides the methods' tensors (as ``memory_report`` counts them).
+SHARED_PARTS = ("rotations", "rope")
 LICENCES = ("Apache-2.0", "GPL-2", "LGPL-2.1")
 
 
@@ -36,7 +37,8 @@ def main() -> None:
             model(input_ids=ids, cache=cache)
         report = cache.memory_report()
         parts = report["parts"]
-        shared = sum(n for part, n in parts.items() if part in SHARED_PARTS)
+        methods = {c.method.tensor_part for store in cache.stores for c in store.components.values()}
+        shared = sum(n for part, n in parts.items() if part in methods or part in SHARED_PARTS)
         print(f"{profile} ({args.dtype}, {ids.shape[1]} tokens, batch 1): compression "
               f"{report['compression_ratio']:.4f}x, {report['kv_bytes'] / 2**20:.3f} MiB of which "
               f"{shared / 2**20:.3f} MiB shared tensors; without them "

@@ -4,10 +4,10 @@
 
 For every low-rank component of the profile, on ``--tokens`` tokens of Python source (text no profile
 was calibrated on): the relative squared restore error of the group's members with the coefficients
-as computed ("base"), packed per token as a quantized cache packs them ("plain": KIVI's vector groups),
-packed after dividing each coefficient by its standard deviation over the tokens ("white"), and
-packed per channel over groups of 128 tokens ("per-chan"). A width that cannot pack the rank into whole
-bytes prints "-".
+as computed ("base"), packed as a KIVI cache packs them ("plain": the ``vectors`` role, per token),
+packed so after dividing each coefficient by its standard deviation over the tokens ("white"), and
+packed per channel over groups of 128 tokens ("per-chan": KIVI's ``keys`` role). A width that cannot
+pack the rank into whole bytes prints "-".
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import torch
 from minicache import MergeProfile
 from minicache.methods import get_method
 from minicache.models import load_model
-from minicache.quant.packed import quantize
+from minicache.quant import get_quantizer
 
 SOURCES = ("argparse.py", "dataclasses.py", "textwrap.py", "difflib.py")
+GROUP_SIZE = 128  # KIVI's default, as in the quantized profiles
 
 
 def relative_error(method, settings, tensors, xs, coefficients) -> float:
@@ -30,6 +31,11 @@ def relative_error(method, settings, tensors, xs, coefficients) -> float:
     restored = [method.decode(settings.params, fields, m, tensors, torch.float32) for m in range(len(xs))]
     return float(sum((r - x).square().sum() for r, x in zip(restored, xs, strict=True))
                  / sum(x.square().sum() for x in xs))
+
+
+def round_trip(x: torch.Tensor, role: str, bits: int) -> torch.Tensor:
+    """``x`` packed by KIVI as the cache packs a field of ``role``, and unpacked."""
+    return get_quantizer("kivi").quantize(x, role, bits, GROUP_SIZE).dequantize(torch.float32)
 
 
 def main() -> None:
@@ -52,17 +58,15 @@ def main() -> None:
             tensors = profile.tensors_of(group, component)
             xs = [(cache.layers[layer].keys, cache.layers[layer].values)[c] for layer in group.layers]
             coefficients = method.encode(settings.params, xs, tensors).fields["coefficients"]
-            rank = coefficients.shape[-1]
+            sigma = coefficients.std(dim=(0, 2), keepdim=True).clamp_min(1e-8)
             row = [f"{list(group.layers)} {component[0]} {settings.params.summary():22s} base "
                    f"{relative_error(method, settings, tensors, xs, coefficients):.4f}"]
             for bits in (4, 3, 2):
                 try:
-                    sigma = coefficients.std(dim=(0, 2), keepdim=True).clamp_min(1e-8)
                     variants = {
-                        "plain": quantize(coefficients, bits, min(128, rank), "channels").dequantize(torch.float32),
-                        "white": quantize(coefficients / sigma, bits, min(128, rank), "channels").dequantize(
-                            torch.float32) * sigma,
-                        "per-chan": quantize(coefficients, bits, 128, "tokens").dequantize(torch.float32),
+                        "plain": round_trip(coefficients, "vectors", bits),
+                        "white": round_trip(coefficients / sigma, "vectors", bits) * sigma,
+                        "per-chan": round_trip(coefficients, "keys", bits),
                     }
                 except ValueError:
                     row.append(f"{bits}b: -")

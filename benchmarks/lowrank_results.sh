@@ -11,6 +11,7 @@
 #   bash benchmarks/lowrank_results.sh shipped-bf16  # 2b. the shipped low-rank profile beside SLERP, bfloat16
 #   bash benchmarks/lowrank_results.sh shipped-4bit  # 5b. both shipped profiles with 4-bit storage, 4,096 tokens
 #   bash benchmarks/lowrank_results.sh bf16-bases    # 2c. the shipped low-rank profile, bases held in bfloat16, 512
+#   bash benchmarks/lowrank_results.sh bf16-bases-2048  # 2d. the same at 2,048 tokens (about 12 minutes)
 #   bash benchmarks/lowrank_results.sh variants   # 1g. three variants of the search of 1c. (about 60 minutes)
 #
 # 1. minicache-calibrate --methods slerp,lowrank on the shipped profile's data (default budget +1 %)
@@ -173,6 +174,14 @@ if [[ $WHAT == bf16-bases ]]; then
     --continuation-length 256 --num-windows 64 --compare profiles/smollm2-135m-instruct-lowrank \
     --json-out "$OUT/compare-shipped-lowrank-bf16-bases-512.json" \
     --markdown-out "$OUT/compare-shipped-lowrank-bf16-bases-512.md" --force
+  exit 0
+fi
+if [[ $WHAT == bf16-bases-2048 ]]; then
+  # 2d. the same at 2,048 tokens (32 windows x 512 scored tokens, the windows of 2b.)
+  "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length 2048 \
+    --continuation-length 512 --num-windows 32 --compare profiles/smollm2-135m-instruct-lowrank \
+    --json-out "$OUT/compare-shipped-lowrank-bf16-bases-2048.json" \
+    --markdown-out "$OUT/compare-shipped-lowrank-bf16-bases-2048.md" --force
   exit 0
 fi
 if [[ $WHAT == keys-only ]]; then

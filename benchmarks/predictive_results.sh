@@ -5,6 +5,9 @@
 #
 #   bash benchmarks/predictive_results.sh          # everything (about 65 minutes on 2 CPU cores)
 #   bash benchmarks/predictive_results.sh decode   # only the decode-speed ratios (uses $OUT/k10-3bit)
+#   bash benchmarks/predictive_results.sh sinks    # k10-3bit with 4 exact sink tokens instead of 1, 4 windows
+#                                                  # (about 7 minutes; sinks-probe.md, whose run named the copy
+#                                                  # /tmp/pr/k10-3bit-s4)
 #
 # 1. benchmarks/predictive_profile.py fits the layer-to-layer prediction maps (joint over KV heads,
 #    float16) on 32 x 1,024 tokens of the built-in corpus + the shipped profile's data and writes
@@ -46,6 +49,16 @@ echo "== 4,096-token prefixes, 16 windows x 1,024 scored tokens: $methods"
 "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length 4096 \
   --continuation-length 1024 --num-windows 16 --batch-size 2 --compare "$methods" \
   --json-out "$OUT/compare.json" --markdown-out "$OUT/compare.md" --force
+fi
+
+if [[ $WHAT == sinks ]]; then
+  echo "== k10-3bit with sink_tokens 4 (the groups' exact first tokens), beside 3-bit rotated with 4 sinks"
+  cp -r "$OUT/k10-3bit" "$WORK/k10-3bit-s4"
+  sed -i 's/sink_tokens: 1}/sink_tokens: 4}/' "$WORK/k10-3bit-s4/minicache_config.yaml"
+  "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length 4096 \
+    --continuation-length 1024 --num-windows 4 --batch-size 2 \
+    --compare "full,none@rotated:3+s4,$OUT/k10-3bit,$WORK/k10-3bit-s4" \
+    --json-out "$OUT/sinks-probe.json" --markdown-out "$OUT/sinks-probe.md" --force
 fi
 
 if [[ $WHAT == all || $WHAT == decode ]]; then

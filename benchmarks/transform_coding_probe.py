@@ -250,7 +250,8 @@ def main() -> None:
     parser.add_argument("--report-length", type=int, default=4096)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--variants", default="2.5/2.5,2/2,3/2,2.5/2/q,2.5/2/pre,2.5/2/tok,2/2/pre/q/tok")
-    parser.add_argument("--anchors", default="4/4,4/3,3/3,2/2", help="rotated key/value widths to compare")
+    parser.add_argument("--anchors", default="4/4,4/3,3/3,2/2",
+                        help="rotated key/value widths [/group size] to compare")
     parser.add_argument("--retain", default="0", help="fractions of worst-rounded vectors kept exact, per anchor")
     parser.add_argument("--out", default="benchmarks/results/transform-cpu/probe.md")
     args = parser.parse_args()
@@ -311,17 +312,19 @@ def main() -> None:
               flush=True)
 
     for anchor in args.anchors.split(","):
-        kb, vb = (int(x) for x in anchor.split("/"))
+        kb, vb, *rest = (int(x) for x in anchor.split("/"))
+        group = rest[0] if rest else 128
         for retain in (float(x) for x in args.retain.split(",")):
             probe_bytes = {}
 
-            def make(cache, bits=(kb, vb), retain=retain, probe_bytes=probe_bytes):
-                out, per_token = quantized_cache(cache, "rotated", bits, span, retain)
+            def make(cache, bits=(kb, vb), retain=retain, group=group, probe_bytes=probe_bytes):
+                out, per_token = quantized_cache(cache, "rotated", bits, span, retain, group)
                 probe_bytes["token"] = per_token
                 return out
 
             make(prefixes[0][1])  # compression from the packed bytes of one window (the same for all)
-            label = f"rotated k{kb}v{vb}" + (f", worst {100 * retain:g} % exact" if retain else "")
+            label = (f"rotated k{kb}v{vb}" + (f" g{group}" if group != 128 else "")
+                     + (f", worst {100 * retain:g} % exact" if retain else ""))
             evaluate(label, make, report_compression(probe_bytes["token"], 0),
                      f"{8 * probe_bytes['token'] / (layers * 2 * h * d):.2f} bits/value")
 

@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/predictive_results.sh          # everything (about 65 minutes on 2 CPU cores)
 #   bash benchmarks/predictive_results.sh decode   # only the decode-speed ratios (uses $OUT/k10-3bit)
+#   bash benchmarks/predictive_results.sh rope-keys  # only re-score the two RoPE-commuting profiles and the full
+#                                                  # cache on the windows of 2. (compare-rope-keys.md)
 #   bash benchmarks/predictive_results.sh sinks    # k10-3bit with 4 exact sink tokens instead of 1, 4 windows
 #                                                  # (about 7 minutes; sinks-probe.md, whose run named the copy
 #                                                  # /tmp/pr/k10-3bit-s4)
@@ -49,6 +51,14 @@ echo "== 4,096-token prefixes, 16 windows x 1,024 scored tokens: $methods"
 "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length 4096 \
   --continuation-length 1024 --num-windows 16 --batch-size 2 --compare "$methods" \
   --json-out "$OUT/compare.json" --markdown-out "$OUT/compare.md" --force
+fi
+
+if [[ $WHAT == rope-keys ]]; then
+  echo "== 4,096-token prefixes, 16 windows x 1,024 scored tokens: full and the RoPE-commuting profiles"
+  "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length 4096 \
+    --continuation-length 1024 --num-windows 16 --batch-size 2 \
+    --compare "full,$OUT/k10-3bit,$OUT/k10-keys4-values3" \
+    --json-out "$OUT/compare-rope-keys.json" --markdown-out "$OUT/compare-rope-keys.md" --force
 fi
 
 if [[ $WHAT == sinks ]]; then

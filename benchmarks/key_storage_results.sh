@@ -15,6 +15,7 @@
 #   bash benchmarks/key_storage_results.sh eval4k     # that profile on the unseen windows
 #   bash benchmarks/key_storage_results.sh calibrate4k-half  # the same at --budget 0.005, then unseen windows
 #   bash benchmarks/key_storage_results.sh timed      # merging + widths with sinks on 64 x 512 tokens, timed
+#   bash benchmarks/key_storage_results.sh merged     # both shipped merge profiles on 4-bit rotated + 4 sinks (25 min)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WHAT=${1:-all}
@@ -80,6 +81,14 @@ if [[ $WHAT == all || $WHAT == calibrate4k-half ]]; then
   rm -rf "$OUT/auto-4k-half" && mkdir -p "$OUT/auto-4k-half" && cp "$WORK/auto4k-half"/minicache_* "$OUT/auto-4k-half/"
   echo "== that profile on the unseen windows"
   "${EVAL[@]}" --compare "$OUT/auto-4k-half" --json-out "$OUT/auto-4k-half.json" --markdown-out "$OUT/auto-4k-half.md"
+fi
+
+if [[ $WHAT == all || $WHAT == merged ]]; then
+  # What minicache-calibrate --kv-bits 4 now packs by default (rotated, 4 exact sinks) under the shipped merge
+  # profiles; with KIVI 4-bit on the same windows: benchmarks/results/lowrank-cpu/quantized-4bit-shipped-4096.md
+  echo "== shipped SLERP and low-rank profiles on 4-bit rotated storage with 4 exact sinks"
+  "${EVAL[@]}" --compare "profiles/smollm2-135m-instruct@rotated:4+s4,profiles/smollm2-135m-instruct-lowrank@rotated:4+s4" \
+    --json-out "$OUT/merged-rotated.json" --markdown-out "$OUT/merged-rotated.md"
 fi
 
 if [[ $WHAT == all || $WHAT == timed ]]; then

@@ -30,13 +30,13 @@ source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
 if [[ $WHAT == all || $WHAT == calibrate ]]; then
   echo "== widths alone: --preset none --kv-bits auto --kv-scheme rotated, 2,048-token windows"
   began=$SECONDS
-  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --preset none --kv-bits auto --kv-scheme rotated \
+  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --preset none --kv-bits auto --kv-scheme rotated --kv-sink-tokens 0 \
     --max-length 2048 --num-samples 16 --eval-windows 12 --dtype bfloat16 --out "$WORK/auto-rotated" --no-progress
   echo "   (calibration: $((SECONDS - began)) s)"
   rm -rf "$OUT/auto-rotated" && mkdir -p "$OUT/auto-rotated" && cp "$WORK/auto-rotated"/minicache_* "$OUT/auto-rotated/"
   echo "== merging and widths: --kv-bits auto --kv-scheme rotated on 64 x 512 tokens (timed)"
   began=$SECONDS
-  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --kv-bits auto --kv-scheme rotated \
+  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --kv-bits auto --kv-scheme rotated --kv-sink-tokens 0 \
     --max-length 512 --num-samples 64 --dtype bfloat16 --out "$WORK/auto-512" --no-progress
   echo "   (calibration of 64 x 512 tokens with --kv-bits auto: $((SECONDS - began)) s wall)"
   rm -rf "$OUT/auto-rotated-512" && mkdir -p "$OUT/auto-rotated-512" && cp "$WORK/auto-512"/minicache_* "$OUT/auto-rotated-512/"

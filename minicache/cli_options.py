@@ -107,9 +107,12 @@ def _bits_or_auto(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a width (an integer) or 'auto'") from None
 
 
-def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None = None, auto: bool = False) -> None:
-    """``--kv-bits``, ``--kv-group-size``, ``--kv-scheme`` and (``residual``) ``--kv-residual-length``;
-    ``auto``: ``--kv-bits auto`` is accepted too (the calibrator chooses widths)."""
+def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None = None, auto: bool = False,
+                   scheme: str = "kivi", sink_tokens: int = 0, defaults_note: str = "") -> None:
+    """``--kv-bits``, ``--kv-group-size``, ``--kv-scheme``, ``--kv-sink-tokens``, ``--kv-pre-rope-keys`` and
+    (``residual``) ``--kv-residual-length``; ``auto``: ``--kv-bits auto`` is accepted too (the calibrator
+    chooses widths). ``scheme`` and ``sink_tokens`` are the command's defaults (``defaults_note``: why, for
+    ``--help``)."""
     group = parser.add_argument_group("quantized storage (--kv-*)") if hasattr(parser, "add_argument_group") else parser
     group.add_argument(
         "--kv-bits", type=_bits_or_auto if auto else int, metavar="BITS",
@@ -120,12 +123,13 @@ def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None 
         "--kv-group-size", type=int, default=128, help="with --kv-bits: tokens per key group, channels per value group"
     )
     group.add_argument(
-        "--kv-scheme", default="kivi", help="with --kv-bits: the quantization scheme (registered in minicache.quant)"
+        "--kv-scheme", default=scheme,
+        help="with --kv-bits: the quantization scheme (registered in minicache.quant)" + defaults_note,
     )
     group.add_argument(
-        "--kv-sink-tokens", type=int, default=0, metavar="S",
+        "--kv-sink-tokens", type=int, default=sink_tokens, metavar="S",
         help="with --kv-bits: the first S tokens of unmerged layers kept exact (attention sinks; fewer than "
-        "--kv-group-size; default 0)",
+        "--kv-group-size)",
     )
     group.add_argument(
         "--kv-pre-rope-keys", action="store_true",

@@ -464,6 +464,18 @@ def test_calibrate_cli_takes_kv_bits(capsys):
 
     args = build_parser().parse_args(["--kv-bits", "4", "--kv-group-size", "64"])
     assert (args.kv_bits, args.kv_group_size) == (4, 64)
+    # The calibrator writes the storage that measured best by default (rotated, 4 exact sinks); the paper's
+    # KIVI is one option away, and minicache-eval keeps KIVI as its default baseline.
+    from minicache.cli_options import quantization_from_args
+    from minicache.evaluate.cli import build_parser as eval_parser
+
+    chosen = quantization_from_args(args, residual_length=128)
+    assert (chosen.scheme, chosen.sink_tokens, chosen.group_size) == ("rotated", 4, 64)
+    paper = quantization_from_args(build_parser().parse_args(["--kv-bits", "4", "--kv-scheme", "kivi",
+                                                              "--kv-sink-tokens", "0"]))
+    assert (paper.scheme, paper.sink_tokens) == ("kivi", 0)
+    baseline = quantization_from_args(eval_parser().parse_args(["--preset", "none", "--kv-bits", "4", "--data", "x"]))
+    assert (baseline.scheme, baseline.sink_tokens) == ("kivi", 0)
     assert main(["--kv-bits", "8", "--model", "/nonexistent"]) == 2
     assert "--kv-bits: 8 is not a supported width" in capsys.readouterr().err
     assert main(["--methods", "slerp,lowrnak", "--model", "/nonexistent"]) == 2

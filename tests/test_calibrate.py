@@ -264,6 +264,17 @@ def test_cli_impossible_budget_gives_valid_empty_profile(tmp_path, capsys, calib
     assert (tmp_path / "p_report.md").exists(), "named after the profile file"
 
 
+def test_cli_kv_bits_writes_the_default_storage_and_measures_it(tmp_path, capsys, calib_data):
+    out = tmp_path / "q"
+    code, _, err = run_cli(["--data", str(calib_data), "--out", str(out), "--preset", "none", "--kv-bits", "4",
+                                 *SMALL], capsys)
+    assert code == 0, err
+    profile = MergeProfile.load(out)
+    q = profile.quantization
+    assert (q.scheme, q.bits, q.sink_tokens, q.pre_rope_keys) == ("rotated", 4, 4, False)
+    assert profile.calibration["measured"]["compression_ratio"] > 1.5  # measured with that storage on
+
+
 # -- runs with variants (several ranks per run) ---------------------------------------------------------
 def _variant(layers, saved, variant="", error=0.1):
     s = MergeSettings.create()

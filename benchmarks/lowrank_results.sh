@@ -13,7 +13,6 @@
 #   bash benchmarks/lowrank_results.sh bf16-bases    # 2c. the shipped low-rank profile, bases held in bfloat16, 512
 #   bash benchmarks/lowrank_results.sh bf16-bases-2048  # 2d. the same at 2,048 tokens (about 12 minutes)
 #   bash benchmarks/lowrank_results.sh variants   # 1g. three variants of the search of 1c. (about 60 minutes)
-#   bash benchmarks/lowrank_results.sh probes12-2048  # 1h. 1g.'s 12-probe profile at 2,048 tokens (about 12 minutes)
 #
 # 1. minicache-calibrate --methods slerp,lowrank on the shipped profile's data (default budget +1 %)
 #    -> $OUT/profile (the search picks per group: SLERP, a low-rank basis of some rank, or nothing).
@@ -110,13 +109,6 @@ if [[ $WHAT == variants ]]; then
   variant profile-probes12 512 --data "$DATA" --eval-windows 32 --probes 12
   variant profile-window64 512 --data "$DATA" --eval-windows 32 --probes 12 --residual-length 64
   variant profile-3072 "2048 512" --data "$WORK/varied.jsonl" --max-length 3072 --num-samples 16 --eval-windows 8
-  exit 0
-fi
-if [[ $WHAT == probes12-2048 ]]; then
-  # 1h. the 12-probe profile of 1g. (kept in $OUT) scored at 2,048 tokens, as the shipped profile is
-  "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype float32 --prefix-length 2048 \
-    --continuation-length 512 --num-windows 32 --compare "$OUT/profile-probes12" \
-    --json-out "$OUT/compare-profile-probes12-2048.json" --markdown-out "$OUT/compare-profile-probes12-2048.md" --force
   exit 0
 fi
 if [[ $WHAT == query ]]; then

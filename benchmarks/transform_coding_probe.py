@@ -43,23 +43,10 @@ from lowrank_probe import capture, query_second_moment  # benchmarks/ is this sc
 from minicache.data import read_samples, split_text, token_windows
 from minicache.models import load_model
 from minicache.quant import get_quantizer
+from minicache.runtime.rope import RopeAngles
 
 MAX_BITS = 8
 STEP_GRID = torch.linspace(0.15, 1.6, 30)  # step = g · σ · 2^(2 − b), searched per coefficient and width
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def unrope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Keys ``[B, H, T, D]`` with RoPE undone (the inverse rotation: ``sin`` negated)."""
-    return k * cos - rotate_half(k) * sin
-
-
-def rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return k * cos + rotate_half(k) * sin
 
 
 class Coder:
@@ -175,16 +162,15 @@ def fit_coders(captured: dict[str, object], mean_bits: tuple[float, float], pre_
     return coders
 
 
-def transformed_cache(cache, coders, span: slice, cos, sin, pre_rope: bool):
+def transformed_cache(cache, coders, span: slice, angles: RopeAngles, pre_rope: bool):
     out = copy.deepcopy(cache)
     for layer, (kc, vc) in enumerate(coders):
         lay = out.layers[layer]
         k, v = lay.keys[:, :, span].float(), lay.values[:, :, span].float()
         b, h, t, d = k.shape
-        c, s = cos[:, span].unsqueeze(1), sin[:, span].unsqueeze(1)
-        kin = unrope(k, c, s) if pre_rope else k
+        kin = angles.remove(k, span.start) if pre_rope else k
         kq = rows_heads(kc.roundtrip(heads_rows(kin)), b, h, t, d)
-        kq = rope(kq, c, s) if pre_rope else kq
+        kq = angles.apply(kq, span.start) if pre_rope else kq
         vq = rows_heads(vc.roundtrip(heads_rows(v)), b, h, t, d)
         lay.keys[:, :, span] = kq.to(lay.keys.dtype)
         lay.values[:, :, span] = vq.to(lay.values.dtype)
@@ -276,8 +262,7 @@ def main() -> None:
             cache = model(input_ids=ids[:, :args.prefix], use_cache=True).past_key_values
         nll, logp, _, _ = score(model, copy.deepcopy(cache), ids[:, args.prefix:], None)
         prefixes.append((ids, cache, nll, logp))
-    pos = torch.arange(args.prefix).unsqueeze(0)
-    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+    angles = RopeAngles.of_model(model)
 
     full_bytes_token = layers * 2 * h * d * 2  # bfloat16, whatever the simulation's dtype
     exact_tokens = args.sinks + args.window
@@ -338,7 +323,7 @@ def main() -> None:
         side = sum(kc.side_bytes() + vc.side_bytes() for kc, vc in coders)
         label = "transform " + "+".join(["pre-RoPE" if pre else "post-RoPE"] + (["q-weighted"] if qw else [])
                                         + (["token scale"] if per_token else []))
-        evaluate(label, lambda cache, coders=coders, pre=pre: transformed_cache(cache, coders, span, cos, sin, pre),
+        evaluate(label, lambda cache, coders=coders, pre=pre: transformed_cache(cache, coders, span, angles, pre),
                  report_compression(token_bits / 8, side), f"keys {kb} / values {vb} bits")
 
     out = Path(args.out)

@@ -241,6 +241,9 @@ def main() -> None:
     parser.add_argument("--retain", default="0", help="fractions of worst-rounded vectors kept exact, per anchor")
     parser.add_argument("--out", default="benchmarks/results/transform-cpu/probe.md")
     args = parser.parse_args()
+    if args.prefix - args.sinks - args.window < 128:
+        parser.error(f"--prefix {args.prefix} leaves fewer than 128 tokens (one key group of the rotated rows) "
+                     f"between the {args.sinks} sinks and the {args.window}-token exact window")
 
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m", dtype=args.dtype)

@@ -16,6 +16,7 @@
 #   bash benchmarks/key_storage_results.sh calibrate4k-half  # the same at --budget 0.005, then unseen windows
 #   bash benchmarks/key_storage_results.sh timed      # merging + widths with sinks on 64 x 512 tokens, timed
 #   bash benchmarks/key_storage_results.sh groups64   # 3-bit rotated + 4 sinks with key groups of 64 tokens (15 min)
+#   bash benchmarks/key_storage_results.sh groups64-prerope  # the same with keys packed pre-RoPE (8 min)
 #   bash benchmarks/key_storage_results.sh merged     # both shipped merge profiles on 4-bit rotated + 4 sinks (25 min)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -88,6 +89,12 @@ if [[ $WHAT == all || $WHAT == groups64 ]]; then
   # benchmarks/results/transform-cpu/groups-probe.md predicted about a fifth less KL from groups of 64 tokens
   echo "== 3-bit rotated, 4 exact sinks, key groups of 64 tokens (value groups stay 64 channels)"
   "${EVAL[@]}" --compare none@rotated:3/64+s4 --json-out "$OUT/groups64.json" --markdown-out "$OUT/groups64.md"
+fi
+
+if [[ $WHAT == all || $WHAT == groups64-prerope ]]; then
+  echo "== 3-bit rotated, 4 exact sinks, key groups of 64 tokens, keys packed pre-RoPE"
+  "${EVAL[@]}" --compare none@rotated:3/64+s4+prerope --json-out "$OUT/groups64-prerope.json" \
+    --markdown-out "$OUT/groups64-prerope.md"
 fi
 
 if [[ $WHAT == all || $WHAT == merged ]]; then

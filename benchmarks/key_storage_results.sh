@@ -17,6 +17,7 @@
 #   bash benchmarks/key_storage_results.sh timed      # merging + widths with sinks on 64 x 512 tokens, timed
 #   bash benchmarks/key_storage_results.sh groups64   # 3-bit rotated + 4 sinks with key groups of 64 tokens (15 min)
 #   bash benchmarks/key_storage_results.sh groups64-prerope  # the same with keys packed pre-RoPE (8 min)
+#   bash benchmarks/key_storage_results.sh groups64-s8  # the same with 8 exact sinks (8 min)
 #   bash benchmarks/key_storage_results.sh merged     # both shipped merge profiles on 4-bit rotated + 4 sinks (25 min)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -95,6 +96,12 @@ if [[ $WHAT == all || $WHAT == groups64-prerope ]]; then
   echo "== 3-bit rotated, 4 exact sinks, key groups of 64 tokens, keys packed pre-RoPE"
   "${EVAL[@]}" --compare none@rotated:3/64+s4+prerope --json-out "$OUT/groups64-prerope.json" \
     --markdown-out "$OUT/groups64-prerope.md"
+fi
+
+if [[ $WHAT == all || $WHAT == groups64-s8 ]]; then
+  echo "== 3-bit rotated, 8 exact sinks, key groups of 64 tokens, keys packed pre-RoPE"
+  "${EVAL[@]}" --compare none@rotated:3/64+s8+prerope --json-out "$OUT/groups64-s8.json" \
+    --markdown-out "$OUT/groups64-s8.md"
 fi
 
 if [[ $WHAT == all || $WHAT == merged ]]; then

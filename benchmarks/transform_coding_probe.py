@@ -37,10 +37,10 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from lowrank_probe import capture, query_second_moment  # benchmarks/ is this script's directory
+from lowrank_probe import capture, flat, query_second_moment  # benchmarks/ is this script's directory
 
 from minicache.data import read_samples, split_text, token_windows
+from minicache.evaluate.quality import kl_divergence, ppl_increase_interval, top1_agreement
 from minicache.models import load_model
 from minicache.quant import get_quantizer
 from minicache.runtime.rope import RopeAngles
@@ -123,12 +123,6 @@ class Coder:
         return float(self.bits.sum()) + (16 if self.per_token else 0)
 
 
-def heads_rows(x: torch.Tensor) -> torch.Tensor:
-    """``[B, H, T, D]`` → ``[B·T, H·D]``."""
-    b, h, t, d = x.shape
-    return x.permute(0, 2, 1, 3).reshape(b * t, h * d)
-
-
 def rows_heads(rows: torch.Tensor, b: int, h: int, t: int, d: int) -> torch.Tensor:
     return rows.reshape(b, t, h, d).permute(0, 2, 1, 3)
 
@@ -143,7 +137,7 @@ def capture_rows(model, calib: torch.Tensor) -> dict[str, object]:
     for batch in capture(model, calib):
         for name, per_layer in rows.items():
             for layer in range(layers):
-                per_layer[layer].append(heads_rows(batch[name][layer][..., 1:, :]))
+                per_layer[layer].append(flat([batch[name][layer]]))  # sink token dropped
         for name in ("q_post", "q_pre"):
             mom = query_second_moment(batch[name], h)
             moments[name] = mom if name not in moments else moments[name] + mom
@@ -169,9 +163,9 @@ def transformed_cache(cache, coders, span: slice, angles: RopeAngles, pre_rope: 
         k, v = lay.keys[:, :, span].float(), lay.values[:, :, span].float()
         b, h, t, d = k.shape
         kin = angles.remove(k, span.start) if pre_rope else k
-        kq = rows_heads(kc.roundtrip(heads_rows(kin)), b, h, t, d)
+        kq = rows_heads(kc.roundtrip(flat([kin], sink=0)), b, h, t, d)
         kq = angles.apply(kq, span.start) if pre_rope else kq
-        vq = rows_heads(vc.roundtrip(heads_rows(v)), b, h, t, d)
+        vq = rows_heads(vc.roundtrip(flat([v], sink=0)), b, h, t, d)
         lay.keys[:, :, span] = kq.to(lay.keys.dtype)
         lay.values[:, :, span] = vq.to(lay.values.dtype)
     return out
@@ -183,29 +177,47 @@ def quantized_cache(cache, scheme: str, bits: tuple[int, int], span: slice, reta
     error are put back exact, per component (as a retention list would hold them: vector and index)."""
     quantizer = get_quantizer(scheme)
     out = copy.deepcopy(cache)
-    n = (span.stop - span.start) // group * group
-    inner = slice(span.start, span.start + n)
-    total_bytes = 0.0
+    inner = packed_span(span, group)
     for lay in out.layers:
-        k, v = lay.keys[:, :, inner], lay.values[:, :, inner]
-        qk = quantizer.quantize(k, "keys", bits[0], group)
-        qv = quantizer.quantize(v, "values", bits[1], group)
-        # bytes as a bfloat16 cache holds them (float16 scales; a float32 cache keeps float32 ones)
-        total_bytes += (quantizer.quantize(k.bfloat16(), "keys", bits[0], group).nbytes
-                        + quantizer.quantize(v.bfloat16(), "values", bits[1], group).nbytes)
-        for x, q, target in ((k, qk, lay.keys), (v, qv, lay.values)):
-            restored = quantizer.dequantize(q, x.dtype)
+        for role, width, target in (("keys", bits[0], lay.keys), ("values", bits[1], lay.values)):
+            x = target[:, :, inner]
+            restored = quantizer.dequantize(quantizer.quantize(x, role, width, group), x.dtype)
             if retain > 0:
                 b, h, t, d = x.shape
                 err = (restored - x).float().pow(2).sum(-1).reshape(b, h * t)
-                worst = err.topk(max(1, round(retain * h * t)), dim=1).indices
+                worst = err.topk(retained_count(retain, h * t), dim=1).indices
                 flat_r, flat_x = restored.reshape(b, h * t, d), x.reshape(b, h * t, d)
                 where = worst[..., None].expand(-1, -1, d)
                 flat_r.scatter_(1, where, flat_x.gather(1, where))
                 restored = flat_r.reshape(b, h, t, d)
-                total_bytes += worst.shape[1] * b * (2 * d + 4)  # bfloat16 vector + int32 index
             target[:, :, inner] = restored
-    return out, total_bytes / n / k.shape[0]  # bytes per packed token, all layers
+    return out
+
+
+def packed_span(span: slice, group: int) -> slice:
+    """The span's whole key groups (what a rotated store packs; the rest stays exact)."""
+    return slice(span.start, span.start + (span.stop - span.start) // group * group)
+
+
+def retained_count(retain: float, vectors: int) -> int:
+    return max(1, round(retain * vectors))
+
+
+def packed_bytes_per_token(cache, scheme: str, bits: tuple[int, int], span: slice, retain: float,
+                           group: int = 128) -> float:
+    """Bytes per packed token over all layers as a bfloat16 cache holds them (float16 scales, which a float32
+    cache would keep in float32), retained vectors counted as bfloat16 vector + int32 index."""
+    quantizer = get_quantizer(scheme)
+    inner = packed_span(span, group)
+    total = 0.0
+    for lay in cache.layers:
+        for x, role, width in ((lay.keys, "keys", bits[0]), (lay.values, "values", bits[1])):
+            x = x[:, :, inner].bfloat16()
+            total += quantizer.quantize(x, role, width, group).nbytes
+            if retain > 0:
+                b, h, t, d = x.shape
+                total += b * retained_count(retain, h * t) * (2 * d + 4)
+    return total / (inner.stop - inner.start) / cache.layers[0].keys.shape[0]
 
 
 def score(model, cache, cont: torch.Tensor, reference: torch.Tensor | None):
@@ -215,9 +227,7 @@ def score(model, cache, cont: torch.Tensor, reference: torch.Tensor | None):
     nll = -logp.gather(-1, cont[:, 1:, None]).squeeze(-1)  # [B, C-1]
     if reference is None:
         return nll, logp, None, None
-    kl = F.kl_div(logp, reference, log_target=True, reduction="none").sum(-1)
-    top1 = (logp.argmax(-1) == reference.argmax(-1)).float()
-    return nll, logp, kl, top1
+    return nll, logp, kl_divergence(reference, logp), top1_agreement(reference, logp).float()
 
 
 def main() -> None:
@@ -281,17 +291,15 @@ def main() -> None:
         nll_all, ref_all, kl_all, top_all = [], [], [], []
         for ids, cache, ref_nll, ref_logp in prefixes:
             nll, _, kl, top1 = score(model, make(cache), ids[:, args.prefix:], ref_logp)
-            nll_all.append(nll.mean())
-            ref_all.append(ref_nll.mean())
+            nll_all.append(nll)
+            ref_all.append(ref_nll)
             kl_all.append(kl.mean())
             top_all.append(top1.mean())
-        nll_t, ref_t = torch.stack(nll_all), torch.stack(ref_all)
-        inc = (nll_t.mean() - ref_t.mean()).exp().item() - 1
-        g = torch.Generator().manual_seed(1)
-        idx = torch.randint(0, len(nll_all), (2000, len(nll_all)), generator=g)
-        boot = ((nll_t[idx].mean(1) - ref_t[idx].mean(1)).exp() - 1).sort().values
+        nll_t, ref_t = torch.cat(nll_all), torch.cat(ref_all)  # [windows, tokens]
+        inc = (nll_t.double().mean() - ref_t.double().mean()).exp().item() - 1
+        low, high = ppl_increase_interval(ref_t, nll_t)
         row = {"variant": label, "bits": bits_note, "compression": compression, "ppl_increase": inc,
-               "low": boot[50].item(), "high": boot[1949].item(), "kl": torch.stack(kl_all).mean().item(),
+               "low": low, "high": high, "kl": torch.stack(kl_all).mean().item(),
                "top1": torch.stack(top_all).mean().item()}
         rows.append(row)
         print(f"{label:28s} {bits_note:22s} {compression:6.3f}x  {100 * inc:+6.2f}% "
@@ -303,18 +311,13 @@ def main() -> None:
         kb, vb, *rest = (int(x) for x in anchor.split("/"))
         group = rest[0] if rest else 128
         for retain in (float(x) for x in args.retain.split(",")):
-            probe_bytes = {}
-
-            def make(cache, bits=(kb, vb), retain=retain, group=group, probe_bytes=probe_bytes):
-                out, per_token = quantized_cache(cache, "rotated", bits, span, retain, group)
-                probe_bytes["token"] = per_token
-                return out
-
-            make(prefixes[0][1])  # compression from the packed bytes of one window (the same for all)
+            # the packed bytes of one window (the same for all)
+            per_token = packed_bytes_per_token(prefixes[0][1], "rotated", (kb, vb), span, retain, group)
             label = (f"rotated k{kb}v{vb}" + (f" g{group}" if group != 128 else "")
                      + (f", worst {100 * retain:g} % exact" if retain else ""))
-            evaluate(label, make, report_compression(probe_bytes["token"], 0),
-                     f"{8 * probe_bytes['token'] / (layers * 2 * h * d):.2f} bits/value")
+            evaluate(label, lambda cache, bits=(kb, vb), retain=retain, group=group:
+                     quantized_cache(cache, "rotated", bits, span, retain, group),
+                     report_compression(per_token, 0), f"{8 * per_token / (layers * 2 * h * d):.2f} bits/value")
 
     for spec in filter(None, args.variants.split(",")):
         parts = spec.split("/")

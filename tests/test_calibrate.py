@@ -267,7 +267,7 @@ def test_cli_impossible_budget_gives_valid_empty_profile(tmp_path, capsys, calib
 def test_cli_kv_bits_writes_the_default_storage_and_measures_it(tmp_path, capsys, calib_data):
     out = tmp_path / "q"
     code, _, err = run_cli(["--data", str(calib_data), "--out", str(out), "--preset", "none", "--kv-bits", "4",
-                                 *SMALL], capsys)
+                            *SMALL], capsys)
     assert code == 0, err
     profile = MergeProfile.load(out)
     q = profile.quantization

@@ -18,7 +18,7 @@ from minicache import MiniCache
 from minicache.models import load_model
 
 #: Parts held once for a whole batch besides the methods' tensors (as ``memory_report`` counts them).
-SHARED_PARTS = ("rotations", "rope")
+SHARED_PARTS = ("rotations", "levels", "rope")
 LICENCES = ("Apache-2.0", "GPL-2", "LGPL-2.1")
 
 

@@ -19,6 +19,8 @@
 #   bash benchmarks/key_storage_results.sh groups64-prerope  # the same with keys packed pre-RoPE (8 min)
 #   bash benchmarks/key_storage_results.sh groups64-s8  # the same with 8 exact sinks (8 min)
 #   bash benchmarks/key_storage_results.sh merged     # both shipped merge profiles on 4-bit rotated + 4 sinks (25 min)
+#   bash benchmarks/key_storage_results.sh lloyd      # rotated-lloyd (uneven levels) at 3 and 2 bits (35 min)
+#   bash benchmarks/key_storage_results.sh lloyd-decode  # its decode speed against 4-bit KIVI (10 min)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WHAT=${1:-all}
@@ -96,6 +98,20 @@ for row in "groups64 none@rotated:3/64+s4" "groups64-prerope none@rotated:3/64+s
     "${EVAL[@]}" --compare "$method" --json-out "$OUT/$name.json" --markdown-out "$OUT/$name.md"
   fi
 done
+
+if [[ $WHAT == all || $WHAT == lloyd ]]; then
+  # The same rows as sinks/groups64/groups64-prerope with uneven levels (same bytes): compare across files
+  echo "== rotated-lloyd: 3 bits (key groups of 128 and 64, pre-RoPE) and 2 bits, 4 sinks"
+  "${EVAL[@]}" --compare none@rotated-lloyd:3+s4,none@rotated-lloyd:3/64+s4,none@rotated-lloyd:3/64+s4+prerope,none@rotated-lloyd:2+s4 \
+    --json-out "$OUT/lloyd.json" --markdown-out "$OUT/lloyd.md"
+fi
+
+if [[ $WHAT == all || $WHAT == lloyd-decode ]]; then
+  echo "== decode speed of uneven levels, blockwise torch path, 2,048 tokens, batch 1"
+  "$PY" benchmarks/lowbit_decode.py --baselines \
+    "3-bit rotated + 4 sinks,3-bit rotated + 4 sinks, key groups 64,3-bit rotated-lloyd + 4 sinks,3-bit rotated-lloyd + 4 sinks, key groups 64" \
+    --json-out "$OUT/lloyd-decode.json" --markdown-out "$OUT/lloyd-decode.md"
+fi
 
 if [[ $WHAT == all || $WHAT == merged ]]; then
   # What minicache-calibrate --kv-bits 4 now packs by default (rotated, 4 exact sinks) under the shipped merge

@@ -60,6 +60,12 @@ def main() -> None:
             Quantization(bits=3, scheme="rotated", pre_rope_keys=True)),
         "3-bit rotated + 4 sinks + keys pre-RoPE": none.with_quantization(
             Quantization(bits=3, scheme="rotated", sink_tokens=4, pre_rope_keys=True)),
+        "3-bit rotated + 4 sinks, key groups 64": none.with_quantization(
+            Quantization(bits=3, scheme="rotated", sink_tokens=4, group_size=64)),
+        "3-bit rotated-lloyd + 4 sinks": none.with_quantization(
+            Quantization(bits=3, scheme="rotated-lloyd", sink_tokens=4)),
+        "3-bit rotated-lloyd + 4 sinks, key groups 64": none.with_quantization(
+            Quantization(bits=3, scheme="rotated-lloyd", sink_tokens=4, group_size=64)),
     }
     if args.baselines:
         keep = {"4-bit kivi", *(name.strip() for name in args.baselines.split(","))}

@@ -1,8 +1,9 @@
 """Quantizers of the cache: a registry of schemes behind one protocol (:class:`Quantizer`).
 
 Built in: ``kivi`` (:mod:`minicache.quant.kivi`), ``rotated`` (:mod:`minicache.quant.rotated`:
-KIVI after a fixed randomized Hadamard rotation) and ``rotated-mse`` (:mod:`minicache.quant.clipped`:
-value groups choose their range by squared error). A new scheme is one file::
+KIVI after a fixed randomized Hadamard rotation), ``rotated-mse`` (:mod:`minicache.quant.clipped`:
+value groups choose their range by squared error) and ``rotated-lloyd`` (:mod:`minicache.quant.lloyd`:
+unevenly spaced levels, the same bytes). A new scheme is one file::
 
     from minicache.quant import Quantizer, register_quantizer
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 from minicache.quant.base import ROLES, Quantizer
 from minicache.quant.clipped import ClippedRotatedQuantizer
 from minicache.quant.kivi import KiviQuantizer
+from minicache.quant.lloyd import RotatedLloydQuantizer
 from minicache.quant.packed import QuantizedTensor, append, quantize
 from minicache.quant.rotated import RotatedQuantizer
 from minicache.registry import Registry
@@ -50,3 +52,4 @@ quantizer_names = _REGISTRY.names
 register_quantizer(KiviQuantizer)
 register_quantizer(RotatedQuantizer)
 register_quantizer(ClippedRotatedQuantizer)
+register_quantizer(RotatedLloydQuantizer)

@@ -17,6 +17,8 @@ per byte, the first in the lowest bits) and 3-bit codes pack 8 to 3 bytes, some 
 
 A quantizer may rotate vectors before packing them (:attr:`QuantizedTensor.rotation`, an orthogonal
 ``[D, D]`` matrix shared by every tensor of a scheme): :meth:`QuantizedTensor.dequantize` undoes it.
+It may also space the ``2^bits`` levels of a group unevenly (:attr:`QuantizedTensor.levels`: code ``j``
+means ``levels[j]`` steps above the zero point instead of ``j``), with the same bytes.
 
 A :class:`QuantizedTensor` only grows by concatenation: the packed data of old tokens never changes.
 Quantizers (:mod:`minicache.quant`) decide which axis and group size each role of the cache uses.
@@ -30,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AXES", "PACKABLE_BITS", "QuantizedTensor", "append", "pack", "quantize", "scale_dtype", "unpack"]
+__all__ = ["AXES", "PACKABLE_BITS", "QuantizedTensor", "append", "checked_levels", "pack", "quantize", "scale_dtype",
+           "unpack"]
 
 AXES = ("tokens", "channels")
 #: Supported code widths (3 bits: a row's width must be a multiple of 8 codes).
@@ -137,6 +140,11 @@ class QuantizedTensor:
         ``[D, D]`` float32 orthogonal matrix ``R`` the vectors were multiplied by before packing
         (``x R`` is what the codes hold; :meth:`dequantize` returns ``(x R) Rᵀ``). One matrix shared
         by every tensor of a scheme, regenerated from a seed: not part of :attr:`nbytes`.
+    levels : torch.Tensor or None
+        ``[2^bits]`` float32: code ``j`` restores ``zero + levels[j] * scale`` (ascending, ``levels[0]``
+        0 and ``levels[-1]`` ``2^bits - 1``, so a group's minimum and maximum stay exact); None: the
+        even levels ``0, 1, ..., 2^bits - 1``. A constant of the scheme, like ``rotation``: not part
+        of :attr:`nbytes`.
     """
 
     data: torch.Tensor
@@ -146,6 +154,7 @@ class QuantizedTensor:
     group_size: int
     axis: str
     rotation: torch.Tensor | None = None
+    levels: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -176,7 +185,8 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype, *, unrotate: bool = True) -> torch.Tensor:
         """The ``[..., N, D]`` approximation in ``dtype`` (computed in float32). ``unrotate=False``:
         leave rotated data in the rotated frame (``x R``), for readers that rotate the query instead."""
-        codes = unpack(self.data, self.bits).float()
+        codes = unpack(self.data, self.bits)
+        codes = codes.float() if self.levels is None else self.levels.to(codes.device)[codes.long()]
         *lead, n, d = codes.shape
         g = self.group_size
         if self.axis == "tokens":
@@ -201,14 +211,11 @@ class QuantizedTensor:
         if start % g or (end % g and end != n):
             raise ValueError(f"token range [{start}, {end}) splits a group of {g} tokens")
         rows = slice(start // g, -(-end // g))
-        return QuantizedTensor(
-            self.data[..., start:end, :], self.scale[..., rows, :], self.zero[..., rows, :], self.bits, g, self.axis,
-            self.rotation,
-        )
+        return dataclasses.replace(self, data=self.data[..., start:end, :], scale=self.scale[..., rows, :],
+                                   zero=self.zero[..., rows, :])
 
     def _map(self, fn) -> QuantizedTensor:
-        return QuantizedTensor(fn(self.data), fn(self.scale), fn(self.zero), self.bits, self.group_size, self.axis,
-                               self.rotation)
+        return dataclasses.replace(self, data=fn(self.data), scale=fn(self.scale), zero=fn(self.zero))
 
     def index_select(self, dim: int, index: torch.Tensor) -> QuantizedTensor:
         """Select along a leading dimension (batch, or the rows of a sparse list)."""
@@ -217,42 +224,55 @@ class QuantizedTensor:
 
     def to(self, device) -> QuantizedTensor:
         moved = self._map(lambda t: t.to(device, non_blocking=True))
-        if self.rotation is None:
-            return moved
-        return dataclasses.replace(moved, rotation=self.rotation.to(device))
+        return dataclasses.replace(moved, rotation=None if self.rotation is None else self.rotation.to(device),
+                                   levels=None if self.levels is None else self.levels.to(device))
 
     def cat(self, other: QuantizedTensor, dim: int = -2) -> QuantizedTensor:
         """Concatenate along tokens (``dim=-2``) or a leading dimension; both keep their own codes."""
-        if (other.bits, other.group_size, other.axis) != (self.bits, self.group_size, self.axis) or (
-            other.rotation is not self.rotation
-            and (other.rotation is None or self.rotation is None or not torch.equal(other.rotation, self.rotation))
-        ):
+        if ((other.bits, other.group_size, other.axis) != (self.bits, self.group_size, self.axis)
+                or not _same_constant(other.rotation, self.rotation) or not _same_constant(other.levels, self.levels)):
             raise ValueError("cannot concatenate tensors quantized differently")
-        return QuantizedTensor(
-            torch.cat([self.data, other.data], dim),
-            torch.cat([self.scale, other.scale], dim),
-            torch.cat([self.zero, other.zero], dim),
-            self.bits,
-            self.group_size,
-            self.axis,
-            self.rotation,
-        )
+        return dataclasses.replace(self, data=torch.cat([self.data, other.data], dim),
+                                   scale=torch.cat([self.scale, other.scale], dim),
+                                   zero=torch.cat([self.zero, other.zero], dim))
+
+
+def _same_constant(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether two schemes' constants (rotation, levels) are the same: both None, or equal tensors."""
+    return a is b or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b.to(a.device)))
+
+
+def checked_levels(values, bits: int) -> torch.Tensor:
+    """``values`` as a float32 table of :attr:`QuantizedTensor.levels` for ``bits``-bit codes, or ValueError:
+    ``2^bits`` finite ascending values from 0 to ``2^bits - 1`` (the ends keep a group's min and max exact)."""
+    levels = torch.as_tensor(values, dtype=torch.float32)
+    top = (1 << bits) - 1
+    if (levels.shape != (top + 1,) or not bool(torch.isfinite(levels).all()) or levels[0].item() != 0
+            or levels[-1].item() != top or not bool((levels[1:] > levels[:-1]).all())):
+        raise ValueError(f"levels must be {top + 1} ascending finite values from 0 to {top} for {bits}-bit codes, "
+                         f"got {levels.tolist()}")
+    return levels
 
 
 def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
-             rotation: torch.Tensor | None = None, clip_ratios: tuple[float, ...] = ()) -> QuantizedTensor:
+             rotation: torch.Tensor | None = None, clip_ratios: tuple[float, ...] = (),
+             levels: torch.Tensor | None = None) -> QuantizedTensor:
     """Quantize ``x`` ``[..., N, D]`` group-wise (see :class:`QuantizedTensor` for the layout).
 
     ``axis="tokens"`` needs ``N % group_size == 0``; ``axis="channels"`` needs
     ``D % group_size == 0``. ``rotation`` (``[D, D]`` orthogonal, float32): quantize ``x R`` instead,
     and remember ``R`` for :meth:`QuantizedTensor.dequantize`. ``clip_ratios``: also try each group's
     range shrunk about its midpoint by these factors (< 1), and keep, per group, the range with the
-    least squared error (values clipped at its ends); the layout is the same.
+    least squared error (values clipped at its ends); the layout is the same. ``levels``
+    (:attr:`QuantizedTensor.levels`): round each value to the nearest of these instead of the even levels.
     """
     if bits not in PACKABLE_BITS:
         raise ValueError(f"bits must be one of {PACKABLE_BITS}, got {bits}")
     if axis not in AXES:
         raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+    levels_count = 1 << bits
+    if levels is not None and levels.shape != (levels_count,):  # the values: checked_levels, once per scheme
+        raise ValueError(f"{bits}-bit codes need {levels_count} levels, got shape {tuple(levels.shape)}")
     *lead, n, d = x.shape
     g = group_size
     x32 = x.float()
@@ -268,23 +288,28 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
             raise ValueError(f"per-token groups of {g} channels need head_dim divisible by {g}, got {d}")
         grouped = x32.reshape(*lead, n, d // g, g)
         reduce_dim = -1
-    levels = (1 << bits) - 1
+    top = levels_count - 1
     sdtype = scale_dtype(x.dtype)
+    # code j restores zero + value_of[j] * scale; the nearest level is found between their midpoints
+    value_of = None if levels is None else levels.to(x32.device, torch.float32)
+    edges = None if value_of is None else (value_of[1:] + value_of[:-1]) / 2
     limit = torch.finfo(sdtype).max
     lo = grouped.amin(reduce_dim).clamp(-limit, limit)
     hi = grouped.amax(reduce_dim).clamp(-limit, limit)
 
     def codes_for(lo: torch.Tensor, hi: torch.Tensor):
         zero = lo.to(sdtype)
-        scale = ((hi - zero.float()) / levels).clamp(0, limit).to(sdtype)
+        scale = ((hi - zero.float()) / top).clamp(0, limit).to(sdtype)
         # Codes from the stored (rounded) scale and zero point: what dequantization will use.
         s, z = scale.float().unsqueeze(reduce_dim), zero.float().unsqueeze(reduce_dim)
-        codes = torch.where(s > 0, (grouped - z) / torch.where(s > 0, s, 1.0), 0.0).round_().clamp_(0, levels)
+        steps = torch.where(s > 0, (grouped - z) / torch.where(s > 0, s, 1.0), 0.0)
+        codes = steps.round_().clamp_(0, top) if edges is None else torch.bucketize(steps, edges).float()
         return codes, scale, zero
 
     def squared_error(codes, scale, zero):
         s, z = scale.float().unsqueeze(reduce_dim), zero.float().unsqueeze(reduce_dim)
-        return ((codes * s + z - grouped) ** 2).sum(reduce_dim)
+        restored = codes if value_of is None else value_of[codes.long()]
+        return ((restored * s + z - grouped) ** 2).sum(reduce_dim)
 
     codes, scale, zero = codes_for(lo, hi)
     if clip_ratios:  # the error is only needed to choose among ranges: plain packing skips it
@@ -298,7 +323,7 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
             scale, zero, error = (torch.where(better, sc, scale), torch.where(better, zo, zero),
                                   torch.minimum(err, error))
     codes = codes.to(torch.uint8).reshape(*lead, n, d)
-    return QuantizedTensor(pack(codes, bits), scale, zero, bits, g, axis, rotation)
+    return QuantizedTensor(pack(codes, bits), scale, zero, bits, g, axis, rotation, levels)
 
 
 def append(old: QuantizedTensor | None, new: QuantizedTensor, dim: int = -2) -> QuantizedTensor:

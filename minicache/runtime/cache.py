@@ -337,7 +337,8 @@ class MiniCache(Cache):
             ``scales`` (scales and zero points), and each method's own parts, e.g. SLERP's
             ``directions``, ``magnitudes`` and ``alignment``; with quantization, the method's
             parts count only what is still in the model dtype; a rotated packing adds
-            ``rotations``, its matrices, counted once; pre-RoPE keys add ``rope``, the frequencies)
+            ``rotations``, its matrices, counted once, and uneven levels ``levels``, their tables;
+            pre-RoPE keys add ``rope``, the frequencies)
             and per group ``merged_tokens`` and
             ``retained_tokens``. A padded batch stored one sequence at a time (:attr:`rows`) gives
             those two per sequence (lists), and ``per_sequence``: each sequence's bytes in its merged
@@ -378,7 +379,7 @@ class MiniCache(Cache):
             shared = {c.method.tensor_part for store in self.stores for c in store.components.values()}
             for i, report in enumerate(reports):
                 add({part: n for part, n in report["parts"].items()
-                     if part not in ("rotations", "rope") and (i == 0 or part not in shared)})
+                     if part not in ("rotations", "levels", "rope") and (i == 0 or part not in shared)})
             full += sum(layer.full_bytes() for layer in self.layers if isinstance(layer, RowLayer))
             per_sequence = [report["kv_bytes"] for report in reports]
             groups = [
@@ -389,9 +390,8 @@ class MiniCache(Cache):
                 }
                 for i, group in enumerate(reports[0]["groups"])
             ]
-        rotations = _rotation_bytes(self)
-        if rotations:  # a rotated packing's matrices: held once, however many tensors use them
-            parts["rotations"] = rotations
+        # a packing's scheme constants (rotation matrices, level tables): held once, however many tensors use them
+        parts.update({part: n for part, n in _scheme_constant_bytes(self).items() if n})
         if self._rope is not None:  # pre-RoPE keys: the frequencies that put RoPE back, held once
             parts["rope"] = self._rope.inv_freq.numel() * self._rope.inv_freq.element_size()
         kv_bytes = sum(parts.values())
@@ -408,18 +408,20 @@ class MiniCache(Cache):
         return report
 
 
-def _rotation_bytes(cache: MiniCache) -> int:
-    """Bytes of the distinct rotation matrices the cache's packed tensors reference."""
+def _scheme_constant_bytes(cache: MiniCache) -> dict[str, int]:
+    """Bytes of the distinct rotation matrices (``rotations``) and level tables (``levels``) the cache's
+    packed tensors reference."""
     seen: set[int] = set()
-    found: dict[int, int] = {}
+    found: dict[str, dict[int, int]] = {"rotations": {}, "levels": {}}
 
     def walk(x) -> None:
         if id(x) in seen or x is None or isinstance(x, (torch.Tensor, torch.nn.Module, type, str, int, float)):
             return
         seen.add(id(x))
         if isinstance(x, QuantizedTensor):
-            if x.rotation is not None:
-                found[x.rotation.untyped_storage().data_ptr()] = x.rotation.numel() * x.rotation.element_size()
+            for part, constant in (("rotations", x.rotation), ("levels", x.levels)):
+                if constant is not None:
+                    found[part][constant.untyped_storage().data_ptr()] = constant.numel() * constant.element_size()
         elif isinstance(x, dict):
             for v in x.values():
                 walk(v)
@@ -434,7 +436,7 @@ def _rotation_bytes(cache: MiniCache) -> int:
     walk(cache.stores)
     if cache.rows is not None:
         walk(cache.rows.rows)
-    return sum(found.values())
+    return {part: sum(sizes.values()) for part, sizes in found.items()}
 
 
 def _row_plan(plan: dict | None) -> dict | None:

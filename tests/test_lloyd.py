@@ -9,6 +9,7 @@ from minicache.profile import Quantization
 from minicache.quant import get_quantizer, quantizer_names
 from minicache.quant.lloyd import LEVELS, levels_table
 from minicache.quant.packed import checked_levels, quantize
+from minicache.runtime.kernels.support import packing_unsupported
 from tests.test_cache import left_padded_batch, make_model, profile_for, sum_of_storages
 from tests.test_quant import decode_on_both_torch_paths
 
@@ -91,6 +92,9 @@ def test_a_rotated_lloyd_profile_decodes_the_same_on_both_torch_paths_and_counts
                      scheme="rotated-lloyd"))
     restore = decode_on_both_torch_paths(model, ids, mask, profile)
     assert restore.layers[2].qkeys.levels is not None
+    keys_view, values_view = restore.layers[2].views_of()[:2]
+    for view, role in ((keys_view, "keys"), (values_view, "values")):
+        assert "evenly spaced levels only" in packing_unsupported(view, role), "the Triton kernel must not read it"
     report = restore.memory_report()
     # tables of 16 (4-bit keys) + 8 (3-bit values) + 4 (2-bit values) float32 codes reached, once each
     assert report["parts"]["levels"] == 4 * (16 + 8 + 4)

@@ -203,7 +203,8 @@ def test_window_pool_slots():
     assert pool.nbytes == 2 * 2 * 2 * H * 8 * D * 4
 
 
-@pytest.mark.parametrize("scheme,bits,group", [("kivi", 4, 16), ("rotated", 2, 16), ("kivi", 3, 8)])
+@pytest.mark.parametrize("scheme,bits,group", [("kivi", 4, 16), ("rotated", 2, 16), ("kivi", 3, 8),
+                                               ("rotated-lloyd", 3, 8)])
 def test_a_quantized_group_is_packed_in_its_pages_as_the_runtime_packs_it(scheme, bits, group):
     torch.manual_seed(bits)
     quant = Quantization(bits=bits, group_size=group, residual_length=R, scheme=scheme)
@@ -365,7 +366,9 @@ def _lowrank_store():
     (_group_store(Quantization(bits=4, group_size=8, residual_length=R)), True, False),  # packed: per request
     (_quantized_layer_store(), False, False),  # every request's chunks restored at once
     (_quantized_layer_store("rotated", 3, pre_rope=True), False, False),  # a rotated packing, RoPE put back
-], ids=["slerp-stacked", "lowrank-stacked", "slerp-restored", "packed-group", "packed-layer", "packed-layer-rotated"])
+    (_quantized_layer_store("rotated-lloyd", 2), False, False),  # uneven levels: the table travels with the pages
+], ids=["slerp-stacked", "lowrank-stacked", "slerp-restored", "packed-group", "packed-layer", "packed-layer-rotated",
+        "packed-layer-lloyd"])
 def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(build, blockwise, stacked, monkeypatch):
     """Requests of different lengths (one with nothing merged yet, one joining late), decoding together:
     the batched decode attention of each member must be what each request's own restored keys and values

@@ -21,6 +21,7 @@
 #   bash benchmarks/key_storage_results.sh merged     # both shipped merge profiles on 4-bit rotated + 4 sinks (25 min)
 #   bash benchmarks/key_storage_results.sh lloyd      # rotated-lloyd (uneven levels) at 3 and 2 bits (35 min)
 #   bash benchmarks/key_storage_results.sh lloyd-decode  # its decode speed against 4-bit KIVI (10 min)
+#   bash benchmarks/key_storage_results.sh calibrate-lloyd  # the `calibrate` block with rotated-lloyd, then unseen windows
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WHAT=${1:-all}
@@ -111,6 +112,18 @@ if [[ $WHAT == all || $WHAT == lloyd-decode ]]; then
   "$PY" benchmarks/lowbit_decode.py --baselines \
     "3-bit rotated + 4 sinks,3-bit rotated + 4 sinks, key groups 64,3-bit rotated-lloyd + 4 sinks,3-bit rotated-lloyd + 4 sinks, key groups 64" \
     --json-out "$OUT/lloyd-decode.json" --markdown-out "$OUT/lloyd-decode.md"
+fi
+
+if [[ $WHAT == all || $WHAT == calibrate-lloyd ]]; then
+  # The `calibrate` block (auto-rotated-keys: rotated-mse) with the other 2-bit remedy, uneven 2-bit levels
+  echo "== widths: --preset none --kv-bits auto --kv-scheme rotated-lloyd --kv-sink-tokens 4 --kv-pre-rope-keys, 2,048 tokens"
+  began=$SECONDS
+  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --preset none --kv-bits auto --kv-scheme rotated-lloyd \
+    --kv-sink-tokens 4 --kv-pre-rope-keys --max-length 2048 --num-samples 16 --eval-windows 12 --dtype bfloat16 \
+    --out "$WORK/auto-lloyd" --no-progress
+  echo "   (calibration: $((SECONDS - began)) s)"
+  rm -rf "$OUT/auto-lloyd" && mkdir -p "$OUT/auto-lloyd" && cp "$WORK/auto-lloyd"/minicache_* "$OUT/auto-lloyd/"
+  "${EVAL[@]}" --compare "$OUT/auto-lloyd" --json-out "$OUT/auto-lloyd.json" --markdown-out "$OUT/auto-lloyd.md"
 fi
 
 if [[ $WHAT == all || $WHAT == merged ]]; then

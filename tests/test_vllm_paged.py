@@ -204,7 +204,7 @@ def test_window_pool_slots():
 
 
 @pytest.mark.parametrize("scheme,bits,group", [("kivi", 4, 16), ("rotated", 2, 16), ("kivi", 3, 8),
-                                               ("rotated-lloyd", 3, 8)])
+                                               ("rotated-lloyd", 2, 8)])
 def test_a_quantized_group_is_packed_in_its_pages_as_the_runtime_packs_it(scheme, bits, group):
     torch.manual_seed(bits)
     quant = Quantization(bits=bits, group_size=group, residual_length=R, scheme=scheme)

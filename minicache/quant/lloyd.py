@@ -1,5 +1,5 @@
-"""Rotated KIVI with unevenly spaced levels (``rotated-lloyd``): the same bytes, rounded more finely
-where the values are.
+"""Rotated KIVI whose 2-bit codes have unevenly spaced levels (``rotated-lloyd``): the same bytes,
+rounded more finely where the values are.
 
 After the Hadamard rotation of :mod:`minicache.quant.rotated`, the values of a group are
 near-Gaussian: most sit in the middle of the group's ``[min, max]`` range, few near its ends. Even
@@ -21,8 +21,25 @@ at 3 bits (0.0060 -> 0.0112). With the ends held, the squared error drops less (
 -7 to -9 %) and the KL follows it: 3 bits 0.0060 -> 0.0056, 2 bits 0.0650 -> 0.0535 (simulation,
 1,024-token prefixes, 9 windows of 3 kinds of text).
 
-Only the torch path reads this packing (``kernel_layout`` None): the Triton decode kernel reads even
-levels; a table lookup there is future work.
+**In the runtime it pays at 2 bits only** (``bash benchmarks/key_storage_results.sh lloyd``, 16
+windows of 4,096 + 1,024 tokens of unseen text, bfloat16, 4 exact sinks; uneven levels at every width):
+
+========================  ===================  =====================
+storage                   even (``rotated``)   uneven
+========================  ===================  =====================
+2 bits                    +20.26 %, KL 0.178   **+14.40 %, KL 0.125**
+3 bits                    +1.56 %, KL 0.0174   +1.77 %, KL 0.0163
+3 bits, key groups of 64  +1.23 %, KL 0.0140   +1.53 %, KL 0.0135
+the same, keys pre-RoPE   +1.03 %, KL 0.0126   +1.51 %, KL 0.0136
+========================  ===================  =====================
+
+At 3 bits the KL barely moves and the perplexity gets worse. So only 2-bit codes use a table here
+(:data:`LEVELS`); 3- and 4-bit codes are ``rotated``'s even levels, bit for bit. The fitted 3- and
+4-bit tables are kept in :data:`FITTED` for the record. ``--kv-bits auto`` with this scheme can
+then choose 2 bits where ``rotated``'s 2 bits cost too much.
+
+Only the torch path reads the uneven packing (``kernel_layout`` None: the Triton decode kernel reads
+even levels; a table lookup there is future work).
 """
 
 from __future__ import annotations
@@ -34,19 +51,22 @@ import torch
 from minicache.quant.packed import QuantizedTensor, checked_levels, quantize
 from minicache.quant.rotated import RotatedQuantizer
 
-__all__ = ["LEVELS", "RotatedLloydQuantizer", "levels_table"]
+__all__ = ["FITTED", "LEVELS", "RotatedLloydQuantizer", "levels_table"]
 
-#: Code values in steps above the group's minimum, per code width (ends fixed at 0 and 2^bits - 1).
-LEVELS: dict[int, tuple[float, ...]] = {
+#: The fitted tables: code values in steps above the group's minimum (ends fixed at 0 and 2^bits - 1).
+FITTED: dict[int, tuple[float, ...]] = {
     2: (0.0, 1.10, 1.90, 3.0),
     3: (0.0, 1.35, 2.29, 3.11, 3.89, 4.71, 5.65, 7.0),
     4: (0.0, 1.52, 2.70, 3.71, 4.63, 5.48, 6.30, 7.10, 7.90, 8.70, 9.52, 10.37, 11.29, 12.30, 13.48, 15.0),
 }
+#: The tables this scheme packs with (widths not listed use even levels: they measured better).
+LEVELS: dict[int, tuple[float, ...]] = {2: FITTED[2]}
 
 
-def levels_table(bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The ``[2^bits]`` float32 table of ``bits``-bit codes (one tensor per width and device)."""
-    return _table(bits, str(torch.device(device)))
+def levels_table(bits: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """The ``[2^bits]`` float32 table of ``bits``-bit codes (one tensor per width and device), or None
+    where this scheme packs even levels."""
+    return _table(bits, str(torch.device(device))) if bits in LEVELS else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -55,7 +75,8 @@ def _table(bits: int, device: str) -> torch.Tensor:
 
 
 class RotatedLloydQuantizer(RotatedQuantizer):
-    """:class:`RotatedQuantizer`'s groups, widths and rotation, every role rounded to :data:`LEVELS`."""
+    """:class:`RotatedQuantizer`'s groups, widths and rotation; widths in :data:`LEVELS` (2 bits) rounded to
+    its table, every role."""
 
     name = "rotated-lloyd"
     bits = (2, 3, 4)

@@ -578,21 +578,25 @@ def test_fused_decode_reads_keys_and_values_of_different_widths():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
-@pytest.mark.parametrize("sinks", [0, 3])
-def test_fused_decode_of_a_rotated_layer_with_sinks_is_its_restore(dtype, sinks):
+@pytest.mark.parametrize(("sinks", "scheme", "bits"), [(0, "rotated", (4, 3)), (3, "rotated", (4, 3)),
+                                                       (3, "rotated-lloyd", (2, 2)), (0, "rotated-lloyd", (4, 2))])
+def test_fused_decode_of_a_rotated_layer_with_sinks_is_its_restore(dtype, sinks, scheme, bits):
     from minicache.profile import Quantization
     from minicache.runtime.blockwise import blockwise_decode_attention
     from minicache.runtime.layers import QuantizedLayer
 
     g = torch.Generator().manual_seed(11)
-    layer = QuantizedLayer(Quantization(bits=4, value_bits=3, group_size=32, residual_length=8,
-                                        scheme="rotated", sink_tokens=sinks))
+    layer = QuantizedLayer(Quantization(bits=bits[0], value_bits=bits[1], group_size=32, residual_length=8,
+                                        scheme=scheme, sink_tokens=sinks))
     k, v = (torch.randn(2, 2, 141, 64, generator=g).to(dtype).to(DEVICE) for _ in range(2))
     k[..., :sinks, :] *= 6  # outlier sinks: a stand-in row attended by mistake would show
     layer.update(k, v)
     keys, values = layer.views_of()
     assert keys.frame is not None and keys.qdirection.rotation is not None and keys.retained_count == 2 * 2 * sinks
-    assert (keys.qdirection.bits, values.qdirection.bits) == (4, 3)
+    assert (keys.qdirection.bits, values.qdirection.bits) == bits
+    # rotated-lloyd: 2-bit codes index its table of levels (the kernel loads it), wider ones are even
+    assert [q.levels is not None for q in (keys.qdirection, values.qdirection)] == [
+        scheme == "rotated-lloyd" and b == 2 for b in bits]
     assert attention.triton_unsupported(keys, values, DEVICE) is None
     query = torch.randn(2, 8, 1, 64, generator=g).to(dtype).to(DEVICE)
     mask = torch.ones(2, 1, 1, 141, dtype=torch.bool, device=DEVICE)
@@ -680,13 +684,15 @@ def test_generate_fused_on_a_quantized_cache_matches_the_torch_path(monkeypatch)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
 
 
-@pytest.mark.parametrize("pre_rope", [False, True], ids=["post-rope", "pre-rope"])
-def test_generate_fused_on_rotated_layers_with_sinks_and_mixed_widths_matches_the_torch_path(monkeypatch, pre_rope):
+@pytest.mark.parametrize(("pre_rope", "scheme"), [(False, "rotated"), (True, "rotated"), (False, "rotated-lloyd")],
+                         ids=["post-rope", "pre-rope", "lloyd"])
+def test_generate_fused_on_rotated_layers_with_sinks_and_mixed_widths_matches_the_torch_path(monkeypatch, pre_rope,
+                                                                                             scheme):
     from minicache.profile import Quantization
 
     model = _tiny_llama(kv_heads=2)
     quant = Quantization(bits=(4, 3, 4, 2), value_bits=(3, 4, 2, 2), group_size=8, residual_length=8,
-                         scheme="rotated", sink_tokens=2, pre_rope_keys=pre_rope)
+                         scheme=scheme, sink_tokens=2, pre_rope_keys=pre_rope)
     profile = _quantized_profile(groups=()).with_quantization(quant)
     want = _generate(model, MiniCache(profile, model))
     fused_calls = _count_calls(monkeypatch, decode_module, "fused_decode_attention")

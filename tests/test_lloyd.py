@@ -101,7 +101,7 @@ def test_levels_travel_with_every_view_and_refuse_to_mix_with_even_codes():
 
 def test_a_rotated_lloyd_profile_decodes_the_same_on_both_torch_paths_and_counts_its_tables():
     assert "rotated-lloyd" in quantizer_names()
-    assert get_quantizer("rotated-lloyd").kernel_layout is None, "the Triton kernel reads even levels only"
+    assert get_quantizer("rotated-lloyd").kernel_layout == "uniform_groups", "KIVI's layout, plus the table"
     model = make_model("llama")
     ids, mask = left_padded_batch(model.config.vocab_size, [40, 40])
     profile = profile_for(model, groups=((0, 1),)).with_quantization(
@@ -111,7 +111,10 @@ def test_a_rotated_lloyd_profile_decodes_the_same_on_both_torch_paths_and_counts
     assert restore.layers[2].qkeys.levels is not None and restore.layers[3].qkeys.levels is None
     keys_view, values_view = restore.layers[2].views_of()[:2]
     for view, role in ((keys_view, "keys"), (values_view, "values")):
-        assert "evenly spaced levels only" in packing_unsupported(view, role), "the Triton kernel must not read it"
+        assert packing_unsupported(view, role) is None, "the Triton kernel reads a layer's table (test_kernels.py)"
+    # ... but not in retained lists (merged groups' packings are never rotated, so never uneven)
+    uneven_list = dataclasses.replace(keys_view, retained_q=keys_view.qdirection)
+    assert "not in retained lists" in packing_unsupported(uneven_list, "keys")
     report = restore.memory_report()
     # one table of 4 float32 levels (2-bit codes), however many tensors use it
     assert report["parts"]["levels"] == 4 * 4

@@ -41,7 +41,8 @@ class Quantizer(ABC):
     kernel_layout : str or None
         Packed layout that fused attention kernels may read directly (``"uniform_groups"``: uniform
         asymmetric groups, codes packed low bits first, as :func:`~minicache.quant.packed.quantize`
-        writes them, possibly in a rotated frame, :attr:`QuantizedTensor.rotation`); None when only the
+        writes them, possibly in a rotated frame, :attr:`QuantizedTensor.rotation`, and with a table of
+        levels, :attr:`QuantizedTensor.levels`, in a layer's packed prefix); None when only the
         torch path (dequantize a block, then attend) can read it.
     """
 

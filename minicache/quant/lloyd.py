@@ -38,8 +38,9 @@ At 3 bits the KL barely moves and the perplexity gets worse. So only 2-bit codes
 4-bit tables are kept in :data:`FITTED` for the record. ``--kv-bits auto`` with this scheme can
 then choose 2 bits where ``rotated``'s 2 bits cost too much.
 
-Only the torch path reads the uneven packing (``kernel_layout`` None: the Triton decode kernel reads
-even levels; a table lookup there is future work).
+Readers: the blockwise torch path (:meth:`~minicache.quant.packed.QuantizedTensor.dequantize` looks the
+codes up), and the Triton decode kernel for unmerged layers, which loads ``levels[code]`` where even
+levels use the code itself (``kernel_layout`` ``uniform_groups``: KIVI's layout plus the table).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class RotatedLloydQuantizer(RotatedQuantizer):
 
     name = "rotated-lloyd"
     bits = (2, 3, 4)
-    kernel_layout = None  # the Triton kernel reads even levels only
+    kernel_layout = "uniform_groups"  # the kernel reads the table too (QuantizedTensor.levels)
 
     def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int) -> QuantizedTensor:
         rotation, levels = self.rotation_for(x), levels_table(bits, x.device)

@@ -74,6 +74,8 @@ def decode_variants(full: bool) -> list[dict[str, Any]]:
             {"dtype": "bf16", "G": 3, "D": 64, "mag": False, "mask": "bool", "vrot": True, "bits": 3, "rope": True},
             {"dtype": "bf16", "G": 8, "D": 128, "mag": False, "mask": "bool", "vrot": True, "bits": 3, "rope": True},
             {"dtype": "fp32", "G": 3, "D": 64, "mag": False, "mask": "bool", "vrot": True, "bits": 3, "rope": True},
+            # Unmerged rotated-lloyd layers: 2-bit codes index a table of levels.
+            {"dtype": "bf16", "G": 3, "D": 64, "mag": False, "mask": "bool", "vrot": True, "bits": 2, "levels": True},
         ]
     out = []
     for dtype in ("bf16", "fp16", "fp32"):
@@ -157,6 +159,8 @@ def compile_all(arch: int = 90, full: bool = False) -> list[dict]:
             "R_GROUP": min(128, d) if v["bits"] else 1,
             "RTNE": False,
             "ROPE_K": v.get("rope", False),
+            "K_LEVELS": v.get("levels", False),
+            "V_LEVELS": v.get("levels", False),
         }
         options = {"num_stages": decode.num_stages(torch_dtype)}
         report = _compile(decode._decode_partial_kernel, pointers, ("qk_scale",), constexprs, arch, options)

@@ -104,8 +104,9 @@ def _row_norm(x, NORM_EPS: tl.constexpr):
 
 @triton.jit
 def _dequant(q_row, stride_qn, s_row, z_row, stride_sn, pos, ok, offs_d, d_ok, QBITS: tl.constexpr,
-             GROUP: tl.constexpr, PER_TOKEN: tl.constexpr):
-    """Float32 ``[BLOCK, BLOCK_D]`` rows ``pos`` of a packed tensor: ``code · scale + zero``.
+             GROUP: tl.constexpr, PER_TOKEN: tl.constexpr, lv_ptr, HAS_LEVELS: tl.constexpr):
+    """Float32 ``[BLOCK, BLOCK_D]`` rows ``pos`` of a packed tensor: ``code · scale + zero``
+    (``HAS_LEVELS``: ``levels[code] · scale + zero``, the table at ``lv_ptr``, float32).
 
     A row's codes are a little-endian bit stream (:func:`minicache.quant.packed.pack`): code ``d`` sits in
     bits ``[d · QBITS, (d + 1) · QBITS)``; widths dividing 8 never cross a byte, 3-bit codes may (two
@@ -129,7 +130,11 @@ def _dequant(q_row, stride_qn, s_row, z_row, stride_sn, pos, ok, offs_d, d_ok, Q
         s_off = (pos // GROUP)[:, None] * stride_sn + offs_d[None, :]
     scale = tl.load(s_row + s_off, mask=ok2, other=0.0).to(tl.float32)
     zero = tl.load(z_row + s_off, mask=ok2, other=0.0).to(tl.float32)
-    return code.to(tl.float32) * scale + zero
+    if HAS_LEVELS:  # noqa: SIM108 (a constexpr branch: Triton compiles one side only)
+        level = tl.load(lv_ptr + code, mask=ok2, other=0.0)
+    else:
+        level = code.to(tl.float32)
+    return level * scale + zero
 
 
 @triton.jit
@@ -145,7 +150,8 @@ def _round_to(x, dtype: tl.constexpr, RTNE: tl.constexpr):
 
 @triton.jit
 def _load_prefix(dense_row, stride_dn, q_row, stride_qn, s_row, z_row, stride_sn, n_q, pos, ok, offs_d, d_ok,
-                 QBITS: tl.constexpr, GROUP: tl.constexpr, PER_TOKEN: tl.constexpr, RTNE: tl.constexpr):
+                 QBITS: tl.constexpr, GROUP: tl.constexpr, PER_TOKEN: tl.constexpr, RTNE: tl.constexpr,
+                 lv_ptr, HAS_LEVELS: tl.constexpr):
     """Rows ``pos`` ``[BLOCK, BLOCK_D]`` of a merged prefix in the model dtype: dequantized from the
     packed part below ``n_q``, loaded from the dense part (which starts at token ``n_q``) above."""
     if QBITS == 0:
@@ -158,7 +164,8 @@ def _load_prefix(dense_row, stride_dn, q_row, stride_qn, s_row, z_row, stride_sn
             mask=tail[:, None] & d_ok[None, :],
             other=0.0,
         )
-        deq = _dequant(q_row, stride_qn, s_row, z_row, stride_sn, pos, packed, offs_d, d_ok, QBITS, GROUP, PER_TOKEN)
+        deq = _dequant(q_row, stride_qn, s_row, z_row, stride_sn, pos, packed, offs_d, d_ok, QBITS, GROUP, PER_TOKEN,
+                       lv_ptr, HAS_LEVELS)
         x = tl.where(packed[:, None], _round_to(deq, x.dtype, RTNE), x)
     return x
 
@@ -170,7 +177,8 @@ def _load_retained(val_ptr, stride_val, rq_ptr, stride_rq, rs_ptr, rz_ptr, strid
     if QBITS == 0:
         x = tl.load(val_ptr + rows[:, None] * stride_val + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
     else:
-        x = _dequant(rq_ptr, stride_rq, rs_ptr, rz_ptr, stride_rs, rows, ok, offs_d, d_ok, QBITS, GROUP, True)
+        x = _dequant(rq_ptr, stride_rq, rs_ptr, rz_ptr, stride_rs, rows, ok, offs_d, d_ok, QBITS, GROUP, True,
+                     rs_ptr, False)  # retained lists are even (packing_unsupported)
         x = _round_to(x, out_dtype, RTNE)
     return x
 
@@ -318,6 +326,8 @@ def _decode_partial_kernel(
     rk_ptr,
     freq_ptr,
     cscale_ptr,
+    klv_ptr,
+    vlv_ptr,
     G: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -341,6 +351,8 @@ def _decode_partial_kernel(
     R_GROUP: tl.constexpr,
     RTNE: tl.constexpr,
     ROPE_K: tl.constexpr,
+    K_LEVELS: tl.constexpr,
+    V_LEVELS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -406,11 +418,13 @@ def _decode_partial_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < end
             ek = _load_prefix(kd_row, stride_kd_n, kq_row, stride_kq_n, ks_row, kz_row, stride_ks_n, MQ_K,
-                              offs_n, n_ok, offs_d, d_ok, K_QBITS, K_GROUP, K_PER_TOKEN, RTNE)
+                              offs_n, n_ok, offs_d, d_ok, K_QBITS, K_GROUP, K_PER_TOKEN, RTNE,
+                              klv_ptr, K_LEVELS)
             if ROPE_K:
                 ek = _rope_keys(ek, offs_n, rk_a, rk_b, freq, cscale, DOT_MODE, RTNE)
             ev = _load_prefix(vd_row, stride_vd_n, vq_row, stride_vq_n, vs_row, vz_row, stride_vs_n, MQ_V,
-                              offs_n, n_ok, offs_d, d_ok, V_QBITS, V_GROUP, V_PER_TOKEN, RTNE)
+                              offs_n, n_ok, offs_d, d_ok, V_QBITS, V_GROUP, V_PER_TOKEN, RTNE,
+                              vlv_ptr, V_LEVELS)
             s = _dot(q_al, tl.trans(ek), DOT_MODE)
             if HAS_MAG:
                 mk = tl.load(km_row + offs_n * stride_km_n, mask=n_ok, other=-1.0).to(tl.float32)
@@ -457,7 +471,8 @@ def _decode_partial_kernel(
             vx = _load_retained(v_val_ptr, stride_vval, vrq_ptr, stride_vrq, vrs_ptr, vrz_ptr, stride_vrs,
                                 cross.to(tl.int64), exact_v, offs_d, d_ok, q.dtype, VR_QBITS, R_GROUP, RTNE)
             ev = _load_prefix(vd_row, stride_vd_n, vq_row, stride_vq_n, vs_row, vz_row, stride_vs_n, MQ_V,
-                              pos, dense_v, offs_d, d_ok, V_QBITS, V_GROUP, V_PER_TOKEN, RTNE)
+                              pos, dense_v, offs_d, d_ok, V_QBITS, V_GROUP, V_PER_TOKEN, RTNE,
+                              vlv_ptr, V_LEVELS)
             if HAS_MAG:
                 mv = tl.load(vm_row + pos * stride_vm_n, mask=dense_v, other=0.0).to(tl.float32)
                 vr = ev.to(tl.float32) * (mv / _row_norm(ev, NORM_EPS))[:, None]
@@ -481,7 +496,8 @@ def _decode_partial_kernel(
             cross = tl.load(v_cross_ptr + offs_i, mask=i_ok, other=0)
             active = i_ok & (cross < 0)
             ek = _load_prefix(kd_row, stride_kd_n, kq_row, stride_kq_n, ks_row, kz_row, stride_ks_n, MQ_K,
-                              pos, active, offs_d, d_ok, K_QBITS, K_GROUP, K_PER_TOKEN, RTNE)
+                              pos, active, offs_d, d_ok, K_QBITS, K_GROUP, K_PER_TOKEN, RTNE,
+                              klv_ptr, K_LEVELS)
             if ROPE_K:
                 ek = _rope_keys(ek, pos, rk_a, rk_b, freq, cscale, DOT_MODE, RTNE)
             s = _dot(q_al, tl.trans(ek), DOT_MODE)
@@ -804,6 +820,11 @@ def fused_decode_attention(
     k_bits, v_bits, kr_bits, vr_bits, k_group, k_per_token, v_group, v_per_token, r_group = _quant_layout(keys, values)
     code_dummy = _stand_in(torch.uint8, device)
     scale_dummy = _stand_in(torch.float16, device)
+    # uneven levels (a scheme's table, float32): the packed prefix only (retained lists are merged groups',
+    # whose packings are not rotated, so not uneven: packing_unsupported)
+    k_levels, v_levels = (None if v.qdirection is None or v.qdirection.levels is None
+                          else v.qdirection.levels.to(device=device, dtype=torch.float32).contiguous()
+                          for v in (keys, values))
 
     def dense_parts(view: MergedKVView):
         """The dense tail of directions (the whole prefix when nothing is packed) and magnitudes."""
@@ -944,6 +965,7 @@ def fused_decode_attention(
         n_splits,
         n_skip,
         *(rope_maps if rope_maps is not None else (part_m, part_m, part_m)),
+        *(part_m if t is None else t for t in (k_levels, v_levels)),
         G=group,
         BLOCK_G=block_g,
         BLOCK_N=block_n,
@@ -967,6 +989,8 @@ def fused_decode_attention(
         R_GROUP=r_group,
         RTNE=dtype == torch.bfloat16 and interpreter_enabled(),
         ROPE_K=rope_maps is not None,
+        K_LEVELS=k_levels is not None,
+        V_LEVELS=v_levels is not None,
         num_stages=num_stages(dtype),
     )
     _decode_combine_kernel[(b * h,)](

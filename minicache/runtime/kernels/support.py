@@ -23,10 +23,10 @@ def rope_unsupported(head_dim: int, dtype: torch.dtype) -> str | None:
 def packing_unsupported(view: MergedKVView, role: str) -> str | None:
     """Why the kernel cannot read how ``view`` (``role`` ``"keys"`` or ``"values"``) is packed, or None:
     rotated packings and pre-RoPE keys are read for unmerged layers only, pre-RoPE keys up to a head size,
-    uneven levels not at all."""
+    uneven levels in the packed prefix only."""
     packed = view.qdirection
-    if packed is not None and packed.levels is not None:
-        return "the kernel reads evenly spaced levels only (this packing's codes index a table of levels)"
+    if view.retained_q is not None and view.retained_q.levels is not None:
+        return "the kernel reads uneven levels (a table) in a layer's packed prefix only, not in retained lists"
     if view.method is not None and packed is not None and packed.rotation is not None:
         return ("the kernel reads rotated packings of unmerged layers only (a merged group's dense tail is not "
                 "in the packing's frame)")

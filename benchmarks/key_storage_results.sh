@@ -20,7 +20,7 @@
 #   bash benchmarks/key_storage_results.sh groups64-s8  # the same with 8 exact sinks (8 min)
 #   bash benchmarks/key_storage_results.sh merged     # both shipped merge profiles on 4-bit rotated + 4 sinks (25 min)
 #   bash benchmarks/key_storage_results.sh lloyd      # rotated-lloyd (uneven levels) at 3 and 2 bits (35 min)
-#   bash benchmarks/key_storage_results.sh lloyd-decode  # its decode speed against 4-bit KIVI (10 min)
+#   bash benchmarks/key_storage_results.sh lloyd-decode  # 2-bit uneven vs even levels, decode speed vs 4-bit KIVI
 #   bash benchmarks/key_storage_results.sh calibrate-lloyd  # the `calibrate` block with rotated-lloyd, then unseen windows
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -108,9 +108,9 @@ if [[ $WHAT == all || $WHAT == lloyd ]]; then
 fi
 
 if [[ $WHAT == all || $WHAT == lloyd-decode ]]; then
-  echo "== decode speed of uneven levels, blockwise torch path, 2,048 tokens, batch 1"
+  echo "== decode speed of uneven 2-bit levels (and 3-bit groups of 64), blockwise torch path, 2,048 tokens, batch 1"
   "$PY" benchmarks/lowbit_decode.py --baselines \
-    "3-bit rotated + 4 sinks,3-bit rotated + 4 sinks, key groups 64,3-bit rotated-lloyd + 4 sinks,3-bit rotated-lloyd + 4 sinks, key groups 64" \
+    "3-bit rotated + 4 sinks,3-bit rotated + 4 sinks, key groups 64,2-bit rotated + 4 sinks,2-bit rotated-lloyd + 4 sinks" \
     --json-out "$OUT/lloyd-decode.json" --markdown-out "$OUT/lloyd-decode.md"
 fi
 

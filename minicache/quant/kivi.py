@@ -24,13 +24,17 @@ class KiviQuantizer(Quantizer):
     kernel_layout = "uniform_groups"
 
     def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int) -> QuantizedTensor:
-        rotation = self.rotation_for(x)
+        rotation, levels = self.rotation_for(x), self.levels_for(bits, x)
         if role == "keys":
-            return quantize(x, bits, group_size, "tokens", rotation)
-        return quantize(x, bits, self.value_group(group_size, x.shape[-1]), "channels", rotation)
+            return quantize(x, bits, group_size, "tokens", rotation, levels=levels)
+        return quantize(x, bits, self.value_group(group_size, x.shape[-1]), "channels", rotation, levels=levels)
 
     def rotation_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """Orthogonal ``[D, D]`` matrix applied before packing (None: none; subclasses rotate)."""
+        return None
+
+    def levels_for(self, bits: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Table of ``bits``-bit code levels (:attr:`QuantizedTensor.levels`; None: even levels)."""
         return None
 
     def chunk_tokens(self, role: str, group_size: int) -> int:

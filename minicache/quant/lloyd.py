@@ -49,7 +49,7 @@ import functools
 
 import torch
 
-from minicache.quant.packed import QuantizedTensor, checked_levels, quantize
+from minicache.quant.packed import checked_levels
 from minicache.quant.rotated import RotatedQuantizer
 
 __all__ = ["FITTED", "LEVELS", "RotatedLloydQuantizer", "levels_table"]
@@ -83,8 +83,5 @@ class RotatedLloydQuantizer(RotatedQuantizer):
     bits = (2, 3, 4)
     kernel_layout = "uniform_groups"  # the kernel reads the table too (QuantizedTensor.levels)
 
-    def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int) -> QuantizedTensor:
-        rotation, levels = self.rotation_for(x), levels_table(bits, x.device)
-        if role == "keys":
-            return quantize(x, bits, group_size, "tokens", rotation, levels=levels)
-        return quantize(x, bits, self.value_group(group_size, x.shape[-1]), "channels", rotation, levels=levels)
+    def levels_for(self, bits: int, x: torch.Tensor) -> torch.Tensor | None:
+        return levels_table(bits, x.device)

@@ -22,6 +22,8 @@
 #   bash benchmarks/key_storage_results.sh lloyd      # rotated-lloyd (uneven levels) at 3 and 2 bits (35 min)
 #   bash benchmarks/key_storage_results.sh lloyd-decode  # 2-bit uneven vs even levels, decode speed vs 4-bit KIVI
 #   bash benchmarks/key_storage_results.sh calibrate-lloyd  # the `calibrate` block with rotated-lloyd, then unseen windows
+#   bash benchmarks/key_storage_results.sh window     # 3-bit rotated + 4 sinks with 64 / 0 exact recent tokens (30 min)
+#   KV_WINDOW=0 KV_GROUP=64 bash benchmarks/key_storage_results.sh calibrate-window  # calibrate-lloyd with that window
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WHAT=${1:-all}
@@ -112,6 +114,29 @@ if [[ $WHAT == all || $WHAT == lloyd-decode ]]; then
   "$PY" benchmarks/lowbit_decode.py --baselines \
     "3-bit rotated + 4 sinks,3-bit rotated + 4 sinks, key groups 64,2-bit rotated + 4 sinks,2-bit rotated-lloyd + 4 sinks" \
     --json-out "$OUT/lloyd-decode.json" --markdown-out "$OUT/lloyd-decode.md"
+fi
+
+if [[ $WHAT == all || $WHAT == window ]]; then
+  # The exact recent window is 128 tokens x 16 bits: at 4,096 tokens, 0.5 bit of every value's ~3.7.
+  # Compression is read at the prefix end, where every row's window is at its smallest (R tokens, since
+  # 4,096 - R is a whole number of key groups here); while decoding it holds R to R + group - 1 tokens.
+  echo "== the exact recent window: 3-bit rotated + 4 sinks, keys pre-RoPE, 64 or 0 recent tokens exact"
+  "${EVAL[@]}" --compare none@rotated:3/64+s4+r64+prerope,none@rotated:3/64+s4+r0+prerope,none@rotated:3+s4+r0+prerope \
+    --json-out "$OUT/window.json" --markdown-out "$OUT/window.md"
+fi
+
+if [[ $WHAT == all || $WHAT == calibrate-window ]]; then
+  R=${KV_WINDOW:-0} G=${KV_GROUP:-64}
+  echo "== calibrate-lloyd with $R exact recent tokens and groups of $G"
+  began=$SECONDS
+  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --preset none --kv-bits auto --kv-scheme rotated-lloyd \
+    --kv-sink-tokens 4 --kv-pre-rope-keys --kv-group-size "$G" --residual-length "$R" --max-length 2048 \
+    --num-samples 16 --eval-windows 12 --dtype bfloat16 --out "$WORK/auto-lloyd-r$R-g$G" --no-progress
+  echo "   (calibration: $((SECONDS - began)) s)"
+  rm -rf "$OUT/auto-lloyd-r$R-g$G" && mkdir -p "$OUT/auto-lloyd-r$R-g$G"
+  cp "$WORK/auto-lloyd-r$R-g$G"/minicache_* "$OUT/auto-lloyd-r$R-g$G/"
+  "${EVAL[@]}" --compare "$OUT/auto-lloyd-r$R-g$G" --json-out "$OUT/auto-lloyd-r$R-g$G.json" \
+    --markdown-out "$OUT/auto-lloyd-r$R-g$G.md"
 fi
 
 if [[ $WHAT == all || $WHAT == calibrate-lloyd ]]; then

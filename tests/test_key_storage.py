@@ -102,7 +102,9 @@ def test_sink_tokens_in_profiles_and_storage_specs(tmp_path):
     assert info.value.path == "quantization.sink_tokens"
     assert parse_storage("rotated:k3v2/64+s4") == Quantization(3, 64, scheme="rotated", value_bits=2, sink_tokens=4)
     assert parse_storage("kivi:4+prerope").pre_rope_keys and parse_storage("4+s2+prerope").sink_tokens == 2
-    for bad in ("3+s", "rotated:3/+s4", "3+sx", "3+prerope+s4"):
+    assert parse_storage("rotated:3/64+s4+r0+prerope").residual_length == 0
+    assert parse_storage("3+r32").residual_length == 32 and parse_storage("3").residual_length == 128
+    for bad in ("3+s", "rotated:3/+s4", "3+sx", "3+prerope+s4", "3+r", "3+r32+s4"):
         with pytest.raises(ValueError, match=r"\[SCHEME:\]BITS"):
             parse_storage(bad)
 

@@ -175,14 +175,15 @@ class MethodSpec:
 
 
 _STORAGE = re.compile(r"(?:(?P<scheme>[^:]+):)?(?P<bits>\d+|k\d+v\d+)(?:/(?P<group>\d+))?"
-                      r"(?:\+s(?P<sinks>\d+))?(?P<pre>\+prerope)?")
+                      r"(?:\+s(?P<sinks>\d+))?(?:\+r(?P<window>\d+))?(?P<pre>\+prerope)?")
 
 
 def parse_storage(text: str) -> Quantization:
-    """``[SCHEME:]BITS[/GROUP][+sS][+prerope]`` (after a method's ``@``) as a :class:`Quantization`:
-    scheme default ``kivi``, group default 128; the exact window is the default's. ``BITS`` is one
-    width, or ``kKvV`` (keys ``K`` bits, values ``V``); ``+sS`` keeps the first ``S`` tokens exact
-    (``sink_tokens``); ``+prerope`` packs keys before RoPE (``pre_rope_keys``).
+    """``[SCHEME:]BITS[/GROUP][+sS][+rR][+prerope]`` (after a method's ``@``) as a :class:`Quantization`:
+    scheme default ``kivi``, group default 128. ``BITS`` is one width, or ``kKvV`` (keys ``K`` bits,
+    values ``V``); ``+sS`` keeps the first ``S`` tokens exact (``sink_tokens``); ``+rR`` keeps the
+    ``R`` most recent tokens exact (``residual_length``, default 128); ``+prerope`` packs keys before
+    RoPE (``pre_rope_keys``).
 
     Raises
     ------
@@ -191,15 +192,16 @@ def parse_storage(text: str) -> Quantization:
     """
     form = _STORAGE.fullmatch(text)
     if form is None:
-        raise ValueError(f"storage {text!r} is not [SCHEME:]BITS[/GROUP][+sS][+prerope] (BITS: a width, or kKvV for "
-                         "keys K and values V bits; S: exact sink tokens; e.g. rotated:3, kivi:2/64, kivi:k2v4, "
+        raise ValueError(f"storage {text!r} is not [SCHEME:]BITS[/GROUP][+sS][+rR][+prerope] (BITS: a width, or "
+                         "kKvV for keys K and values V bits; S: exact sink tokens; R: exact recent tokens; e.g. rotated:3, kivi:2/64, kivi:k2v4, "
                          "rotated:3+s4+prerope)")
-    scheme, bits, group, sinks = form.group("scheme", "bits", "group", "sinks")
+    scheme, bits, group, sinks, window = form.group("scheme", "bits", "group", "sinks", "window")
     split = re.fullmatch(r"k(\d+)v(\d+)", bits)
     keys, values = split.groups() if split else (bits, bits)
     try:
         return Quantization(bits=int(keys), value_bits=int(values), group_size=int(group or 128),
-                            scheme=scheme or "kivi", sink_tokens=int(sinks or 0), pre_rope_keys=bool(form.group("pre")))
+                            scheme=scheme or "kivi", sink_tokens=int(sinks or 0), pre_rope_keys=bool(form.group("pre")),
+                            residual_length=int(128 if window is None else window))
     except ProfileError as err:
         raise ValueError(f"storage {text!r}: {err}") from err
 

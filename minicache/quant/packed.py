@@ -186,7 +186,8 @@ class QuantizedTensor:
         """The ``[..., N, D]`` approximation in ``dtype`` (computed in float32). ``unrotate=False``:
         leave rotated data in the rotated frame (``x R``), for readers that rotate the query instead."""
         codes = unpack(self.data, self.bits)
-        codes = codes.float() if self.levels is None else self.levels.to(codes.device)[codes.long()]
+        # int32 indices: half the transient of int64 ones
+        codes = codes.float() if self.levels is None else self.levels.to(codes.device)[codes.int()]
         *lead, n, d = codes.shape
         g = self.group_size
         if self.axis == "tokens":

@@ -22,6 +22,8 @@
 #   bash benchmarks/key_storage_results.sh lloyd      # rotated-lloyd (uneven levels) at 3 and 2 bits (35 min)
 #   bash benchmarks/key_storage_results.sh lloyd-decode  # 2-bit uneven vs even levels, decode speed vs 4-bit KIVI
 #   bash benchmarks/key_storage_results.sh calibrate-lloyd  # the `calibrate` block with rotated-lloyd, then unseen windows
+#   bash benchmarks/key_storage_results.sh calibrate-rotated  # calibrate-lloyd with even levels (the default scheme)
+#   bash benchmarks/key_storage_results.sh groups32   # 3-bit rotated, 4 sinks, pre-RoPE keys in groups of 32 (15 min)
 #   bash benchmarks/key_storage_results.sh window     # 3-bit rotated + 4 sinks with 64 / 0 exact recent tokens (30 min)
 #   KV_WINDOW=0 KV_GROUP=64 bash benchmarks/key_storage_results.sh calibrate-window  # calibrate-lloyd with that window
 set -euo pipefail
@@ -37,6 +39,24 @@ source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
 EVAL=("$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length 4096
       --continuation-length 1024 --num-windows 16 --batch-size 2 --force)
 
+# Widths calibrated by `--preset none --kv-bits auto --kv-sink-tokens 4` in bfloat16 on the calibration
+# mix, into $OUT/NAME. auto_profile NAME MAX_LENGTH NUM_SAMPLES EVAL_WINDOWS [more calibrate options]
+auto_profile() {
+  local name=$1 length=$2 samples=$3 held=$4 began=$SECONDS
+  shift 4
+  echo "== $name: --preset none --kv-bits auto --kv-sink-tokens 4 --max-length $length $*"
+  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --preset none --kv-bits auto --kv-sink-tokens 4 \
+    --max-length "$length" --num-samples "$samples" --eval-windows "$held" --dtype bfloat16 "$@" \
+    --out "$WORK/$name" --no-progress
+  echo "   (calibration: $((SECONDS - began)) s)"
+  rm -rf "${OUT:?}/$name" && mkdir -p "$OUT/$name" && cp "$WORK/$name"/minicache_* "$OUT/$name/"
+}
+# The profile $OUT/NAME on the unseen windows: $OUT/NAME.json and .md
+score_profile() {
+  echo "== $1 on the unseen windows"
+  "${EVAL[@]}" --compare "$OUT/$1" --json-out "$OUT/$1.json" --markdown-out "$OUT/$1.md"
+}
+
 if [[ $WHAT == all || $WHAT == sinks ]]; then
   echo "== exact sinks alone: 4,096-token prefixes, 16 windows x 1,024 scored tokens"
   "${EVAL[@]}" --compare none@rotated:3+s4,none@rotated:4+s4,none@rotated:2+s4,none@kivi:3+s4,none@rotated:k4v3+s4 \
@@ -51,44 +71,24 @@ if [[ $WHAT == all || $WHAT == values2 ]]; then
 fi
 
 if [[ $WHAT == all || $WHAT == calibrate ]]; then
-  echo "== widths: --preset none --kv-bits auto --kv-scheme rotated-mse --kv-sink-tokens 4 --kv-pre-rope-keys, 2,048 tokens"
-  began=$SECONDS
-  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --preset none --kv-bits auto --kv-scheme rotated-mse \
-    --kv-sink-tokens 4 --kv-pre-rope-keys --max-length 2048 --num-samples 16 --eval-windows 12 --dtype bfloat16 \
-    --out "$WORK/auto" --no-progress
-  echo "   (calibration: $((SECONDS - began)) s)"
-  rm -rf "$OUT/auto-rotated-keys" && mkdir -p "$OUT/auto-rotated-keys" && cp "$WORK/auto"/minicache_* "$OUT/auto-rotated-keys/"
+  auto_profile auto-rotated-keys 2048 16 12 --kv-scheme rotated-mse --kv-pre-rope-keys
 fi
 
 if [[ $WHAT == all || $WHAT == calibrate4k ]]; then
   # The 2,048-token auto profile above lost +1.66 % at 4,096 tokens where it promised +0.66 %: a longer
   # context packs a larger share of its tokens. So calibrate at the length the profile is judged at.
-  echo "== widths: --preset none --kv-bits auto --kv-scheme rotated --kv-sink-tokens 4, 4,096 tokens"
-  began=$SECONDS
-  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --preset none --kv-bits auto --kv-scheme rotated \
-    --kv-sink-tokens 4 --max-length 4096 --num-samples 8 --eval-windows 8 --dtype bfloat16 \
-    --out "$WORK/auto4k" --no-progress
-  echo "   (calibration: $((SECONDS - began)) s)"
-  rm -rf "$OUT/auto-4k" && mkdir -p "$OUT/auto-4k" && cp "$WORK/auto4k"/minicache_* "$OUT/auto-4k/"
+  auto_profile auto-4k 4096 8 8 --kv-scheme rotated
 fi
 
 if [[ $WHAT == all || $WHAT == eval4k ]]; then
-  echo "== the profile calibrated at 4,096 tokens, on the unseen windows"
-  "${EVAL[@]}" --compare "$OUT/auto-4k" --json-out "$OUT/auto-4k.json" --markdown-out "$OUT/auto-4k.md"
+  score_profile auto-4k
 fi
 
 if [[ $WHAT == all || $WHAT == calibrate4k-half ]]; then
   # The 1 % profile above kept +0.53 % on held-out calibration text but lost +1.50 % on the unseen mix
   # (3-bit storage costs about three times more there). Does a 0.5 % budget keep the 1 % line unseen?
-  echo "== widths at --budget 0.005: --preset none --kv-bits auto --kv-scheme rotated --kv-sink-tokens 4, 4,096 tokens"
-  began=$SECONDS
-  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --preset none --kv-bits auto --kv-scheme rotated \
-    --kv-sink-tokens 4 --max-length 4096 --num-samples 8 --eval-windows 8 --dtype bfloat16 --budget 0.005 \
-    --out "$WORK/auto4k-half" --no-progress
-  echo "   (calibration: $((SECONDS - began)) s)"
-  rm -rf "$OUT/auto-4k-half" && mkdir -p "$OUT/auto-4k-half" && cp "$WORK/auto4k-half"/minicache_* "$OUT/auto-4k-half/"
-  echo "== that profile on the unseen windows"
-  "${EVAL[@]}" --compare "$OUT/auto-4k-half" --json-out "$OUT/auto-4k-half.json" --markdown-out "$OUT/auto-4k-half.md"
+  auto_profile auto-4k-half 4096 8 8 --kv-scheme rotated --budget 0.005
+  score_profile auto-4k-half
 fi
 
 # 3-bit rotated with key groups of 64 tokens (value groups stay 64 channels); benchmarks/results/transform-cpu/
@@ -127,28 +127,27 @@ fi
 
 if [[ $WHAT == all || $WHAT == calibrate-window ]]; then
   R=${KV_WINDOW:-0} G=${KV_GROUP:-64}
-  echo "== calibrate-lloyd with $R exact recent tokens and groups of $G"
-  began=$SECONDS
-  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --preset none --kv-bits auto --kv-scheme rotated-lloyd \
-    --kv-sink-tokens 4 --kv-pre-rope-keys --kv-group-size "$G" --residual-length "$R" --max-length 2048 \
-    --num-samples 16 --eval-windows 12 --dtype bfloat16 --out "$WORK/auto-lloyd-r$R-g$G" --no-progress
-  echo "   (calibration: $((SECONDS - began)) s)"
-  rm -rf "$OUT/auto-lloyd-r$R-g$G" && mkdir -p "$OUT/auto-lloyd-r$R-g$G"
-  cp "$WORK/auto-lloyd-r$R-g$G"/minicache_* "$OUT/auto-lloyd-r$R-g$G/"
-  "${EVAL[@]}" --compare "$OUT/auto-lloyd-r$R-g$G" --json-out "$OUT/auto-lloyd-r$R-g$G.json" \
-    --markdown-out "$OUT/auto-lloyd-r$R-g$G.md"
+  auto_profile "auto-lloyd-r$R-g$G" 2048 16 12 --kv-scheme rotated-lloyd --kv-pre-rope-keys --kv-group-size "$G" \
+    --residual-length "$R"
+  score_profile "auto-lloyd-r$R-g$G"
 fi
 
 if [[ $WHAT == all || $WHAT == calibrate-lloyd ]]; then
   # The `calibrate` block (auto-rotated-keys: rotated-mse) with the other 2-bit remedy, uneven 2-bit levels
-  echo "== widths: --preset none --kv-bits auto --kv-scheme rotated-lloyd --kv-sink-tokens 4 --kv-pre-rope-keys, 2,048 tokens"
-  began=$SECONDS
-  "$PY" -m minicache.calibrate.cli --data "$WORK/calib.jsonl" --preset none --kv-bits auto --kv-scheme rotated-lloyd \
-    --kv-sink-tokens 4 --kv-pre-rope-keys --max-length 2048 --num-samples 16 --eval-windows 12 --dtype bfloat16 \
-    --out "$WORK/auto-lloyd" --no-progress
-  echo "   (calibration: $((SECONDS - began)) s)"
-  rm -rf "$OUT/auto-lloyd" && mkdir -p "$OUT/auto-lloyd" && cp "$WORK/auto-lloyd"/minicache_* "$OUT/auto-lloyd/"
-  "${EVAL[@]}" --compare "$OUT/auto-lloyd" --json-out "$OUT/auto-lloyd.json" --markdown-out "$OUT/auto-lloyd.md"
+  auto_profile auto-lloyd 2048 16 12 --kv-scheme rotated-lloyd --kv-pre-rope-keys
+  score_profile auto-lloyd
+fi
+
+if [[ $WHAT == all || $WHAT == calibrate-rotated ]]; then
+  # calibrate-lloyd's settings with the default scheme (even levels): which one should the calibrator default to?
+  auto_profile auto-rotated-prerope 2048 16 12 --kv-scheme rotated --kv-pre-rope-keys
+  score_profile auto-rotated-prerope
+fi
+
+if [[ $WHAT == all || $WHAT == groups32 ]]; then
+  # Key groups of 32 tokens: the "rotated 3-bit alone within 1 %", paid for in scales
+  echo "== none@rotated:3/32+s4+prerope"
+  "${EVAL[@]}" --compare none@rotated:3/32+s4+prerope --json-out "$OUT/groups32.json" --markdown-out "$OUT/groups32.md"
 fi
 
 if [[ $WHAT == all || $WHAT == merged ]]; then

@@ -193,8 +193,8 @@ def parse_storage(text: str) -> Quantization:
     form = _STORAGE.fullmatch(text)
     if form is None:
         raise ValueError(f"storage {text!r} is not [SCHEME:]BITS[/GROUP][+sS][+rR][+prerope] (BITS: a width, or "
-                         "kKvV for keys K and values V bits; S: exact sink tokens; R: exact recent tokens; e.g. rotated:3, kivi:2/64, kivi:k2v4, "
-                         "rotated:3+s4+prerope)")
+                         "kKvV for keys K and values V bits; S: exact sink tokens; R: exact recent tokens; "
+                         "e.g. rotated:3, kivi:2/64, kivi:k2v4, rotated:3+s4+prerope)")
     scheme, bits, group, sinks, window = form.group("scheme", "bits", "group", "sinks", "window")
     split = re.fullmatch(r"k(\d+)v(\d+)", bits)
     keys, values = split.groups() if split else (bits, bits)

@@ -112,7 +112,7 @@ fi
 if [[ $WHAT == all || $WHAT == lloyd-decode ]]; then
   echo "== decode speed of uneven 2-bit levels (and 3-bit groups of 64), blockwise torch path, 2,048 tokens, batch 1"
   "$PY" benchmarks/lowbit_decode.py --baselines \
-    "3-bit rotated + 4 sinks,3-bit rotated + 4 sinks, key groups 64,2-bit rotated + 4 sinks,2-bit rotated-lloyd + 4 sinks" \
+    "3-bit rotated + 4 sinks,3-bit rotated + 4 sinks + key groups 64,2-bit rotated + 4 sinks,2-bit rotated-lloyd + 4 sinks" \
     --json-out "$OUT/lloyd-decode.json" --markdown-out "$OUT/lloyd-decode.md"
 fi
 

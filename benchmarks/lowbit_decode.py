@@ -60,7 +60,7 @@ def main() -> None:
             Quantization(bits=3, scheme="rotated", pre_rope_keys=True)),
         "3-bit rotated + 4 sinks + keys pre-RoPE": none.with_quantization(
             Quantization(bits=3, scheme="rotated", sink_tokens=4, pre_rope_keys=True)),
-        "3-bit rotated + 4 sinks, key groups 64": none.with_quantization(
+        "3-bit rotated + 4 sinks + key groups 64": none.with_quantization(
             Quantization(bits=3, scheme="rotated", sink_tokens=4, group_size=64)),
         "2-bit rotated + 4 sinks": none.with_quantization(Quantization(bits=2, scheme="rotated", sink_tokens=4)),
         "2-bit rotated-lloyd + 4 sinks": none.with_quantization(

@@ -19,6 +19,7 @@ import torch
 
 from minicache import MiniCache
 from minicache.evaluate.compare import MethodSpec, parse_methods
+from minicache.model_spec import ModelSpec
 from minicache.models import load_model
 from minicache.runtime.memory import cache_bytes
 
@@ -27,12 +28,12 @@ def decode_compression(spec: MethodSpec, config, prefix: int, steps: int) -> dic
     """Compression at the prefix end and over ``steps`` single-token appends after it (batch 1)."""
     profile, _ = spec.build(config)
     cache = MiniCache(profile, config)
-    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-    layers = config.num_hidden_layers
+    model = ModelSpec.from_config(config)
     gen = torch.Generator().manual_seed(0)
 
     def feed(n: int) -> None:
-        for layer in range(layers):
+        for layer in range(model.num_layers):
+            heads, dim = model.kv_shape(layer)
             k, v = (torch.randn(1, heads, n, dim, generator=gen).to(torch.bfloat16) for _ in range(2))
             cache.update(k, v, layer)
 

@@ -198,10 +198,11 @@ def parse_storage(text: str) -> Quantization:
     scheme, bits, group, sinks, window = form.group("scheme", "bits", "group", "sinks", "window")
     split = re.fullmatch(r"k(\d+)v(\d+)", bits)
     keys, values = split.groups() if split else (bits, bits)
+    window = Quantization.residual_length if window is None else int(window)  # the field's own default
     try:
         return Quantization(bits=int(keys), value_bits=int(values), group_size=int(group or 128),
                             scheme=scheme or "kivi", sink_tokens=int(sinks or 0), pre_rope_keys=bool(form.group("pre")),
-                            residual_length=int(128 if window is None else window))
+                            residual_length=window)
     except ProfileError as err:
         raise ValueError(f"storage {text!r}: {err}") from err
 

@@ -27,13 +27,14 @@ Quantizers (:mod:`minicache.quant`) decide which axis and group size each role o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AXES", "PACKABLE_BITS", "QuantizedTensor", "append", "checked_levels", "pack", "quantize", "scale_dtype",
-           "unpack"]
+__all__ = ["AXES", "PACKABLE_BITS", "QuantizedTensor", "append", "checked_levels", "code_values", "pack", "quantize",
+           "scale_dtype", "unpack"]
 
 AXES = ("tokens", "channels")
 #: Supported code widths (3 bits: a row's width must be a multiple of 8 codes).
@@ -118,6 +119,29 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return _by_rows(rows, packed, p * 8 // bits)
 
 
+@functools.lru_cache(maxsize=16)
+def _byte_codes(bits: int, device: str) -> torch.Tensor:
+    """``[256, 8 // bits]`` int64: the codes every byte value holds (widths dividing 8)."""
+    return unpack(torch.arange(256, dtype=torch.uint8, device=device).unsqueeze(-1), bits).long()
+
+
+def code_values(packed: torch.Tensor, bits: int, levels: torch.Tensor | None = None) -> torch.Tensor:
+    """What the codes of ``packed`` ``[..., P]`` mean, in steps above the zero point: ``[..., P * 8 // bits]``
+    float32 (the code itself, or ``levels[code]``).
+
+    Widths that divide 8 look each *byte* up in a 256-row table of the values its codes stand for: one
+    small gather per byte instead of unpacking and then looking every code up (uneven 2-bit levels
+    read 6x faster on CPU, and even levels no slower than unpacking; ``benchmarks/lookup_probe.py``).
+    """
+    if 8 % bits:  # 3-bit codes cross bytes: unpack them first
+        codes = unpack(packed, bits)
+        return codes.float() if levels is None else torch.take(levels.to(codes.device), codes.long())
+    byte_codes = _byte_codes(bits, str(packed.device))
+    table = byte_codes.float() if levels is None else levels.to(packed.device)[byte_codes]
+    # int32 indices: a quarter of the transient of int64 ones
+    return torch.nn.functional.embedding(packed.int(), table).flatten(-2)
+
+
 @dataclass(frozen=True)
 class QuantizedTensor:
     """Packed group-wise asymmetric quantization of a ``[..., N, D]`` tensor.
@@ -185,9 +209,7 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype, *, unrotate: bool = True) -> torch.Tensor:
         """The ``[..., N, D]`` approximation in ``dtype`` (computed in float32). ``unrotate=False``:
         leave rotated data in the rotated frame (``x R``), for readers that rotate the query instead."""
-        codes = unpack(self.data, self.bits)
-        # int32 indices: half the transient of int64 ones
-        codes = codes.float() if self.levels is None else self.levels.to(codes.device)[codes.int()]
+        codes = code_values(self.data, self.bits, self.levels)
         *lead, n, d = codes.shape
         g = self.group_size
         if self.axis == "tokens":

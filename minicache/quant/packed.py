@@ -120,26 +120,39 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _byte_codes(bits: int, device: str) -> torch.Tensor:
-    """``[256, 8 // bits]`` int64: the codes every byte value holds (widths dividing 8)."""
-    return unpack(torch.arange(256, dtype=torch.uint8, device=device).unsqueeze(-1), bits).long()
+def _byte_parts(bits: int, device: str) -> torch.Tensor:
+    """``[word_bytes, 256, codes per word]`` float32: what byte ``k`` of a word adds to each of the word's
+    codes. Codes are disjoint bit fields of the word, so a code that crosses a byte is the sum of its two
+    bytes' parts; widths dividing 8 have one byte per word and whole codes in it."""
+    per = codes_per_word(bits)
+    byte = torch.arange(256, dtype=torch.int64)
+    shifts = torch.arange(0, per * bits, bits)
+    parts = [(((byte << (8 * k)).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).float()
+             for k in range(per * bits // 8)]
+    return torch.stack(parts).to(device)
 
 
 def code_values(packed: torch.Tensor, bits: int, levels: torch.Tensor | None = None) -> torch.Tensor:
     """What the codes of ``packed`` ``[..., P]`` mean, in steps above the zero point: ``[..., P * 8 // bits]``
     float32 (the code itself, or ``levels[code]``).
 
-    Widths that divide 8 look each *byte* up in a 256-row table of the values its codes stand for: one
-    small gather per byte instead of unpacking and then looking every code up (uneven 2-bit levels
-    read 6x faster on CPU, and even levels no slower than unpacking; ``benchmarks/lookup_probe.py``).
+    Each byte is looked up in a 256-row table of what it holds (:func:`_byte_parts`) instead of shifting
+    every code out of a word and then converting or looking it up: uneven 2-bit levels are one gather per
+    byte instead of one per code, and 3-bit words three gathers and two sums
+    (``benchmarks/lookup_probe.py``).
     """
-    if 8 % bits:  # 3-bit codes cross bytes: unpack them first
-        codes = unpack(packed, bits)
-        return codes.float() if levels is None else torch.take(levels.to(codes.device), codes.long())
-    byte_codes = _byte_codes(bits, str(packed.device))
-    table = byte_codes.float() if levels is None else levels.to(packed.device)[byte_codes]
-    # int32 indices: a quarter of the transient of int64 ones
-    return torch.nn.functional.embedding(packed.int(), table).flatten(-2)
+    parts = _byte_parts(bits, str(packed.device))
+    word_bytes = parts.shape[0]
+    if word_bytes == 1:
+        table = parts[0] if levels is None else levels.to(packed.device)[parts[0].long()]
+        # int32 indices: a quarter of the transient of int64 ones
+        return torch.nn.functional.embedding(packed.int(), table).flatten(-2)
+    words = packed.reshape(*packed.shape[:-1], packed.shape[-1] // word_bytes, word_bytes)
+    values = torch.nn.functional.embedding(words[..., 0].int(), parts[0])
+    for k in range(1, word_bytes):
+        values += torch.nn.functional.embedding(words[..., k].int(), parts[k])
+    values = values.flatten(-2)
+    return values if levels is None else torch.take(levels.to(packed.device), values.long())
 
 
 @dataclass(frozen=True)

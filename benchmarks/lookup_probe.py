@@ -6,13 +6,14 @@ Usage::
     python benchmarks/lookup_probe.py --markdown-out benchmarks/results/keys-cpu/lookup-probe.md
 
 One layer's worth of keys at SmolLM2's shapes (3 KV heads x head_dim 64), per-channel groups of 128
-tokens; the median of ``--repeats`` timings of each reader, interleaved so that both see the same
-machine load. Only the conversion of codes is timed (no scales, no rotation).
+tokens; the median of ``--repeats`` timings of each reader, alternating call by call so that both see
+the same machine load. Only the conversion of codes is timed (no scales, no rotation).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -30,37 +31,36 @@ def unpack_then_look_up(packed: torch.Tensor, bits: int, levels: torch.Tensor | 
     return codes.float() if levels is None else levels[codes.int()]
 
 
-def median_ms(repeats: int, fn: Callable[..., torch.Tensor], *args) -> float:
-    times = []
+def paired_medians(repeats: int, first: Callable[[], torch.Tensor],
+                   second: Callable[[], torch.Tensor]) -> tuple[float, float]:
+    """Median milliseconds of each reader, timed in alternation so that both see the same load."""
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        began = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - began)
-    return statistics.median(times) * 1e3
+        for fn, out in zip((first, second), times, strict=True):
+            began = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - began)
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of the packed layer (default 4096)")
-    parser.add_argument("--repeats", type=int, default=50, help="timings per reader and round (default 50)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    parser.add_argument("--repeats", type=int, default=200, help="timings per reader, alternating (default 200)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--markdown-out", type=Path, help="write the table here too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.randn(1, 3, args.tokens, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
     rows = [f"{args.tokens} tokens x 3 KV heads x 64 channels, {args.threads} threads, median of "
-            f"{args.rounds} x {args.repeats} timings per reader", "",
+            f"{args.repeats} alternating timings per reader", "",
             "| codes | unpack, then look up (ms) | byte table (ms) | speed-up |", "|---|---:|---:|---:|"]
     for bits, levels, label in [(2, levels_table(2), "2-bit uneven levels"), (2, None, "2-bit even"),
                                 (3, None, "3-bit even"), (4, None, "4-bit even")]:
         packed = quantize(x, bits, 128, "tokens", levels=levels).data
         assert torch.equal(code_values(packed, bits, levels), unpack_then_look_up(packed, bits, levels))
-        old, new = [], []
-        for _ in range(args.rounds):
-            old.append(median_ms(args.repeats, unpack_then_look_up, packed, bits, levels))
-            new.append(median_ms(args.repeats, code_values, packed, bits, levels))
-        before, after = statistics.median(old), statistics.median(new)
+        before, after = paired_medians(args.repeats, functools.partial(unpack_then_look_up, packed, bits, levels),
+                                       functools.partial(code_values, packed, bits, levels))
         rows.append(f"| {label} | {before:.3f} | {after:.3f} | {before / after:.2f}x |")
     text = "\n".join(rows)
     print(text)

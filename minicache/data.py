@@ -178,7 +178,10 @@ def read_samples(path: str | os.PathLike, *, split_text_files: bool = False) -> 
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg}; column {err.colno})") from None
+                hint = ""
+                if not samples and path.suffix not in (".jsonl", ".json"):  # likely plain text by another name
+                    hint = f"; plain text is read from a file whose name ends in .txt (this one: {path.name!r})"
+                raise DataError(f"{where}: not valid JSON ({err.msg}; column {err.colno}){hint}") from None
             samples.append(replace(_validate_record(record, where), source=str(path)))
     if not samples:
         raise DataError(f"{path}: no records (expected JSON Lines with one of {_FIELDS} per line)")

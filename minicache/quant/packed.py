@@ -119,44 +119,43 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return _by_rows(rows, packed, p * 8 // bits)
 
 
+def _index_bits(bits: int) -> int:
+    """Bits of packed data :func:`code_values` looks up at a time: a byte, or for 3-bit codes half of a
+    3-byte word (12 bits, 4 whole codes)."""
+    return 8 if 8 % bits == 0 else 12
+
+
 @functools.lru_cache(maxsize=16)
-def _byte_parts(bits: int, device: str) -> torch.Tensor:
-    """``[word_bytes, 256, codes per word]`` float32: what byte ``k`` of a word adds to each of the word's
-    codes. Codes are disjoint bit fields of the word, so a code that crosses a byte is the sum of its two
-    bytes' parts; widths dividing 8 have one byte per word and whole codes in it."""
-    per = codes_per_word(bits)
-    byte = torch.arange(256, dtype=torch.int64)
-    shifts = torch.arange(0, per * bits, bits)
-    parts = [(((byte << (8 * k)).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).float()
-             for k in range(per * bits // 8)]
-    return torch.stack(parts).to(device)
+def _code_table(bits: int, device: str) -> torch.Tensor:
+    """``[2^index_bits, index_bits // bits]`` int64: the codes each value of an index (:func:`_index_bits`)
+    holds, the first in the lowest bits."""
+    index_bits = _index_bits(bits)
+    index = torch.arange(1 << index_bits, dtype=torch.int64).unsqueeze(-1)
+    return ((index >> torch.arange(0, index_bits, bits)) & ((1 << bits) - 1)).to(device)
 
 
 def code_values(packed: torch.Tensor, bits: int, levels: torch.Tensor | None = None) -> torch.Tensor:
     """What the codes of ``packed`` ``[..., P]`` mean, in steps above the zero point: ``[..., P * 8 // bits]``
     float32 (the code itself, or ``levels[code]``).
 
-    Each byte is looked up in a 256-row table of what it holds (:func:`_byte_parts`) instead of shifting
-    every code out of a word and then converting or looking it up: uneven 2-bit levels are one gather per
-    byte instead of one per code, and 3-bit words three gathers and two sums. Measured on 2 CPU cores
+    Each byte (3-bit codes: each half of a 3-byte word, 12 bits holding 4 codes) is looked up in a table of
+    the values its codes stand for, instead of shifting every code out and then converting or looking it
+    up: uneven 2-bit levels are one gather per byte instead of one per code. Measured on 2 CPU cores
     (``benchmarks/lookup_probe.py``, 16,384 tokens x 3 heads x 64 channels): uneven 2-bit levels 4.6x
     faster, even 2-bit 1.3x, 3-bit 1.1x; even 4-bit codes, two to a byte, are no faster through a table
     and are shifted apart as before.
     """
     if levels is None and bits in (4, 8):  # two codes or one to a byte: a table is no faster
         return unpack(packed, bits).float()
-    parts = _byte_parts(bits, str(packed.device))
-    word_bytes = parts.shape[0]
-    if word_bytes == 1:
-        table = parts[0] if levels is None else levels.to(packed.device)[parts[0].long()]
-        # int32 indices: a quarter of the transient of int64 ones
-        return torch.nn.functional.embedding(packed.int(), table).flatten(-2)
-    words = packed.reshape(*packed.shape[:-1], packed.shape[-1] // word_bytes, word_bytes)
-    values = torch.nn.functional.embedding(words[..., 0].int(), parts[0])
-    for k in range(1, word_bytes):
-        values += torch.nn.functional.embedding(words[..., k].int(), parts[k])
-    values = values.flatten(-2)
-    return values if levels is None else torch.take(levels.to(packed.device), values.long())
+    codes = _code_table(bits, str(packed.device))
+    table = codes.float() if levels is None else levels.to(packed.device)[codes]
+    if 8 % bits == 0:
+        index = packed.int()  # int32 indices: a quarter of the transient of int64 ones
+    else:  # 3 bits: bytes b0 b1 b2 hold codes 0-3 in b0 | (b1 & 15) << 8 and codes 4-7 in b1 >> 4 | b2 << 4
+        words = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 3, 3).int()
+        index = torch.stack([words[..., 0] | (words[..., 1] & 15) << 8, words[..., 1] >> 4 | words[..., 2] << 4], -1)
+        index = index.flatten(-2)
+    return torch.nn.functional.embedding(index, table).flatten(-2)
 
 
 @dataclass(frozen=True)

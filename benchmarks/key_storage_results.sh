@@ -26,6 +26,7 @@
 #   bash benchmarks/key_storage_results.sh groups32   # 3-bit rotated, 4 sinks, pre-RoPE, key and value groups of 32 (15 min)
 #   bash benchmarks/key_storage_results.sh window     # 3-bit rotated + 4 sinks with 64 / 0 exact recent tokens (30 min)
 #   KV_WINDOW=0 KV_GROUP=64 bash benchmarks/key_storage_results.sh calibrate-window  # calibrate-lloyd with that window
+#   bash benchmarks/key_storage_results.sh overview   # every row above on one plot and table (seconds)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WHAT=${1:-all}
@@ -172,6 +173,16 @@ if [[ $WHAT == all || $WHAT == frontier ]]; then
   # One frontier with lowbit_results.sh's rows (same windows): without the options, sinks alone, both.
   "$PY" benchmarks/lowbit_table.py benchmarks/results/lowbit-cpu/frontier.json "$OUT/combined" "$OUT/sinks.json" \
     "$OUT/frontier.json" "$OUT/values2.json"
+fi
+
+if [[ $WHAT == all || $WHAT == overview ]]; then
+  # Every quality row of this directory on one plot and table (same windows; nothing is rerun)
+  rows=()
+  for name in sinks frontier values2 groups64 groups64-prerope groups64-s8 groups32 lloyd window merged-rotated \
+              auto-lloyd auto-rotated-prerope auto-4k auto-4k-half; do
+    rows+=("$OUT/$name.json")
+  done
+  "$PY" benchmarks/lowbit_table.py benchmarks/results/lowbit-cpu/frontier.json "$OUT/overview" "${rows[@]}"
 fi
 
 if [[ $WHAT == all || $WHAT == decode ]]; then

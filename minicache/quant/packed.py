@@ -126,12 +126,13 @@ def _index_bits(bits: int) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _code_table(bits: int, device: str) -> torch.Tensor:
-    """``[2^index_bits, index_bits // bits]`` int64: the codes each value of an index (:func:`_index_bits`)
-    holds, the first in the lowest bits."""
+def _code_table(bits: int, device: str, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """``[2^index_bits, index_bits // bits]``: the codes each value of an index (:func:`_index_bits`)
+    holds, the first in the lowest bits (int64 to index a table of levels, float32 as even levels; both
+    kept: a 3-bit table is as large as a 512-token block's codes)."""
     index_bits = _index_bits(bits)
     index = torch.arange(1 << index_bits, dtype=torch.int64).unsqueeze(-1)
-    return ((index >> torch.arange(0, index_bits, bits)) & ((1 << bits) - 1)).to(device)
+    return ((index >> torch.arange(0, index_bits, bits)) & ((1 << bits) - 1)).to(device, dtype)
 
 
 def code_values(packed: torch.Tensor, bits: int, levels: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,8 +148,9 @@ def code_values(packed: torch.Tensor, bits: int, levels: torch.Tensor | None = N
     """
     if levels is None and bits in (4, 8):  # two codes or one to a byte: a table is no faster
         return unpack(packed, bits).float()
-    codes = _code_table(bits, str(packed.device))
-    table = codes.float() if levels is None else levels.to(packed.device)[codes]
+    device = str(packed.device)
+    table = (_code_table(bits, device, torch.float32) if levels is None
+             else levels.to(packed.device)[_code_table(bits, device)])
     if 8 % bits == 0:
         index = packed.int()  # int32 indices: a quarter of the transient of int64 ones
     else:  # 3 bits: bytes b0 b1 b2 hold codes 0-3 in b0 | (b1 & 15) << 8 and codes 4-7 in b1 >> 4 | b2 << 4

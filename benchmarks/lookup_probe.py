@@ -7,7 +7,9 @@ Usage::
 
 One layer's worth of keys at SmolLM2's shapes (3 KV heads x head_dim 64), per-channel groups of 128
 tokens; the median of ``--repeats`` timings of each reader, alternating call by call so that both see
-the same machine load. Only the conversion of codes is timed (no scales, no rotation).
+the same machine load. Only the conversion of codes is timed (no scales, no rotation). One hot tensor flatters
+tables: what counts is ``benchmarks/lookup_decode.py`` (inside decode steps), where only 1- and 2-bit
+codes kept their table; the 3- and 4-bit rows here now time the same reader twice (a control).
 """
 
 from __future__ import annotations

@@ -119,45 +119,36 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return _by_rows(rows, packed, p * 8 // bits)
 
 
-def _index_bits(bits: int) -> int:
-    """Bits of packed data :func:`code_values` looks up at a time: a byte, or for 3-bit codes half of a
-    3-byte word (12 bits, 4 whole codes)."""
-    return 8 if 8 % bits == 0 else 12
-
-
 @functools.lru_cache(maxsize=16)
-def _code_table(bits: int, device: str, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """``[2^index_bits, index_bits // bits]``: the codes each value of an index (:func:`_index_bits`)
-    holds, the first in the lowest bits (int64 to index a table of levels, float32 as even levels; both
-    kept: a 3-bit table is as large as a 512-token block's codes)."""
-    index_bits = _index_bits(bits)
-    index = torch.arange(1 << index_bits, dtype=torch.int64).unsqueeze(-1)
-    return ((index >> torch.arange(0, index_bits, bits)) & ((1 << bits) - 1)).to(device, dtype)
+def _byte_table(bits: int, device: str, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """``[256, 8 // bits]``: the codes each byte holds, the first in the lowest bits (int64 to index a table
+    of levels, float32 as even levels); widths dividing 8."""
+    byte = torch.arange(256, dtype=torch.int64).unsqueeze(-1)
+    return ((byte >> torch.arange(0, 8, bits)) & ((1 << bits) - 1)).to(device, dtype)
 
 
 def code_values(packed: torch.Tensor, bits: int, levels: torch.Tensor | None = None) -> torch.Tensor:
     """What the codes of ``packed`` ``[..., P]`` mean, in steps above the zero point: ``[..., P * 8 // bits]``
     float32 (the code itself, or ``levels[code]``).
 
-    Each byte (3-bit codes: each half of a 3-byte word, 12 bits holding 4 codes) is looked up in a table of
-    the values its codes stand for, instead of shifting every code out and then converting or looking it
-    up: uneven 2-bit levels are one gather per byte instead of one per code. Measured on 2 CPU cores
-    (``benchmarks/lookup_probe.py``, 16,384 tokens x 3 heads x 64 channels): uneven 2-bit levels 4.6x
-    faster, even 2-bit 1.3x, 3-bit 1.1x; even 4-bit codes, two to a byte, are no faster through a table
-    and are shifted apart as before.
+    1- and 2-bit codes are read a byte at a time from a 256-row table of the values the byte's codes
+    stand for, instead of shifting every code out and then converting or looking it up: uneven 2-bit
+    levels cost one gather per byte instead of one per code. Inside decode steps (2,048 tokens, blocks of
+    512, 2 CPU cores; ``benchmarks/lookup_decode.py``, ``benchmarks/results/keys-cpu/lookup-decode-*.md``)
+    a block's uneven 2-bit codes took 0.076 ms instead of 0.211 (a step 0.108 s instead of 0.141); even
+    2-bit codes 0.113 ms instead of 0.116. Wider codes are shifted apart as before: a 4096-row table for
+    3-bit words (two 12-bit halves of 4 codes) won 1.1-1.5x on one hot tensor
+    (``benchmarks/lookup_probe.py``) but lost inside decode steps (0.256 -> 0.288 ms a block), and 4-bit
+    codes gain nothing.
     """
-    if levels is None and bits in (4, 8):  # two codes or one to a byte: a table is no faster
-        return unpack(packed, bits).float()
+    if bits > 2:
+        codes = unpack(packed, bits)
+        return codes.float() if levels is None else torch.take(levels.to(codes.device), codes.long())
     device = str(packed.device)
-    table = (_code_table(bits, device, torch.float32) if levels is None
-             else levels.to(packed.device)[_code_table(bits, device)])
-    if 8 % bits == 0:
-        index = packed.int()  # int32 indices: a quarter of the transient of int64 ones
-    else:  # 3 bits: bytes b0 b1 b2 hold codes 0-3 in b0 | (b1 & 15) << 8 and codes 4-7 in b1 >> 4 | b2 << 4
-        words = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 3, 3).int()
-        index = torch.stack([words[..., 0] | (words[..., 1] & 15) << 8, words[..., 1] >> 4 | words[..., 2] << 4], -1)
-        index = index.flatten(-2)
-    return torch.nn.functional.embedding(index, table).flatten(-2)
+    table = (_byte_table(bits, device, torch.float32) if levels is None
+             else levels.to(packed.device)[_byte_table(bits, device)])
+    # int32 indices: a quarter of the transient of int64 ones
+    return torch.nn.functional.embedding(packed.int(), table).flatten(-2)
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,9 @@ if [[ $WHAT == all || $WHAT == overview ]]; then
     rows+=("$OUT/$name.json")
   done
   "$PY" benchmarks/lowbit_table.py benchmarks/results/lowbit-cpu/frontier.json "$OUT/overview" "${rows[@]}"
+  # the same rows near the 1 % line, labelled (the overview plot is too crowded to read there)
+  "$PY" benchmarks/frontier_zoom.py "$OUT/overview/near-1-percent.png" benchmarks/results/lowbit-cpu/frontier.json \
+    "${rows[@]}"
 fi
 
 if [[ $WHAT == all || $WHAT == decode ]]; then

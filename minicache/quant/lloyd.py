@@ -40,9 +40,9 @@ then choose 2 bits where ``rotated``'s 2 bits cost too much.
 
 Readers: the blockwise torch path (:meth:`~minicache.quant.packed.QuantizedTensor.dequantize` looks each
 packed byte up in a table of its four levels, :func:`~minicache.quant.packed.code_values`: a decode step
-with 2-bit uneven levels is as fast as with even ones), and the Triton decode kernel for unmerged layers,
-which loads ``levels[code]`` where even levels use the code itself (``kernel_layout`` ``uniform_groups``:
-KIVI's layout plus the table).
+with 2-bit uneven levels reads its codes no slower than one with even levels), and the Triton decode
+kernel for unmerged layers, which loads ``levels[code]`` where even levels use the code itself
+(``kernel_layout`` ``uniform_groups``: KIVI's layout plus the table).
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ def code_values(packed: torch.Tensor, bits: int, levels: torch.Tensor | None = N
     a block's uneven 2-bit codes took 0.076 ms instead of 0.211 (a step 0.108 s instead of 0.141); even
     2-bit codes 0.113 ms instead of 0.116. Wider codes are shifted apart as before: a 4096-row table for
     3-bit words (two 12-bit halves of 4 codes) won 1.1-1.5x on one hot tensor
-    (``benchmarks/lookup_probe.py``) but lost inside decode steps (0.256 -> 0.288 ms a block), and 4-bit
+    (``benchmarks/lookup_probe.py``) but lost inside decode steps (0.256 -> 0.288 ms a block, one run), and 4-bit
     codes gain nothing.
     """
     if bits > 2:

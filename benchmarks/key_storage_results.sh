@@ -23,6 +23,7 @@
 #   bash benchmarks/key_storage_results.sh lloyd-decode  # 2-bit uneven vs even levels, decode speed vs 4-bit KIVI
 #   bash benchmarks/key_storage_results.sh calibrate-lloyd  # the `calibrate` block with rotated-lloyd, then unseen windows
 #   bash benchmarks/key_storage_results.sh calibrate-rotated  # calibrate-lloyd with even levels (the default scheme)
+#   bash benchmarks/key_storage_results.sh calibrate-rotated-g64  # the same with key groups of 64 tokens (25 min)
 #   bash benchmarks/key_storage_results.sh groups32   # 3-bit rotated, 4 sinks, pre-RoPE, key and value groups of 32 (15 min)
 #   bash benchmarks/key_storage_results.sh window     # 3-bit rotated + 4 sinks with 64 / 0 exact recent tokens (30 min)
 #   KV_WINDOW=0 KV_GROUP=64 bash benchmarks/key_storage_results.sh calibrate-window  # calibrate-lloyd with that window
@@ -144,6 +145,12 @@ if [[ $WHAT == all || $WHAT == calibrate-rotated ]]; then
   # calibrate-lloyd's settings with the default scheme (even levels): which one should the calibrator default to?
   auto_profile auto-rotated-prerope 2048 16 12 --kv-scheme rotated --kv-pre-rope-keys
   score_profile auto-rotated-prerope
+fi
+
+if [[ $WHAT == all || $WHAT == calibrate-rotated-g64 ]]; then
+  # the same with key groups of 64 tokens (3-bit keys: +1.23 % -> +1.03 % fixed): does the search go lower?
+  auto_profile auto-rotated-prerope-g64 2048 16 12 --kv-scheme rotated --kv-pre-rope-keys --kv-group-size 64
+  score_profile auto-rotated-prerope-g64
 fi
 
 if [[ $WHAT == all || $WHAT == merged ]]; then

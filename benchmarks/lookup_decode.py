@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from lookup_probe import unpack_then_look_up  # benchmarks/ is this script's directory
 
 import minicache.quant.packed as packed_module
 from minicache import MergeProfile, MiniCache
@@ -29,12 +30,6 @@ from minicache.evaluate.bench import timed_greedy_decode
 from minicache.models import load_model
 from minicache.profile import Quantization
 from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
-
-
-def unpack_then_look_up(packed: torch.Tensor, bits: int, levels: torch.Tensor | None = None) -> torch.Tensor:
-    """The reader before code_values."""
-    codes = packed_module.unpack(packed, bits)
-    return codes.float() if levels is None else levels.to(codes.device)[codes.int()]
 
 
 def storage_profile(storage: str) -> MergeProfile:

@@ -27,7 +27,7 @@ from minicache.quant.lloyd import levels_table
 from minicache.quant.packed import code_values, quantize, unpack
 
 
-def unpack_then_look_up(packed: torch.Tensor, bits: int, levels: torch.Tensor | None) -> torch.Tensor:
+def unpack_then_look_up(packed: torch.Tensor, bits: int, levels: torch.Tensor | None = None) -> torch.Tensor:
     """The reader before code_values: every code unpacked, then converted or looked up."""
     codes = unpack(packed, bits)
     return codes.float() if levels is None else levels[codes.int()]

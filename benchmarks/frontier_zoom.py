@@ -14,9 +14,14 @@ import json
 from pathlib import Path
 
 
+def is_profile(method: str) -> bool:
+    """Whether a row is a calibrated profile (a directory path, no ``@storage``)."""
+    return "@" not in method and "/" in method
+
+
 def label(method: str) -> str:
     """A short name: a profile's directory name, or the storage after ``none@``."""
-    if "@" not in method and "/" in method:
+    if is_profile(method):
         return Path(method).name
     return method.removeprefix("preset:").removeprefix("none@")
 
@@ -43,7 +48,7 @@ def main() -> None:
     for row in sorted(rows, key=lambda r: r["compression_ratio"]):
         x, y = row["compression_ratio"], 100 * row["ppl_increase"]
         lo, hi = (100 * v for v in row["ppl_increase_ci95"])
-        profile = "@" not in row["method"] and "/" in row["method"]
+        profile = is_profile(row["method"])
         ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt="*" if profile else "o", ms=11 if profile else 5,
                     color="tab:red" if profile else "tab:blue", alpha=0.8, capsize=2, lw=0.8)
         # profiles labelled below their star, storages above their dot: the two kinds crowd the same x

@@ -54,7 +54,6 @@ def test_bad_records_name_file_and_line(tmp_path, line, message):
     assert message in str(err.value)
 
 
-
 def test_plain_text_under_another_name_is_pointed_at_txt(tmp_path):
     # /usr/share/common-licenses/GPL-3 has no suffix: read as JSON Lines, it fails on line 1; say what to do.
     path = tmp_path / "GPL-3"
@@ -66,6 +65,7 @@ def test_plain_text_under_another_name_is_pointed_at_txt(tmp_path):
     with pytest.raises(DataError) as err:  # a .jsonl file is JSON Lines by name: no hint
         read_samples(bad_jsonl)
     assert ".txt" not in str(err.value)
+
 
 def test_empty_and_missing_files(tmp_path):
     with pytest.raises(DataError, match="no records"):

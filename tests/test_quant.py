@@ -32,10 +32,10 @@ def test_pack_round_trip_and_bit_layout(bits):
     assert unpack(packed[:, :0], bits).shape == (3, 0, 16)  # no rows
 
 
-
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_code_values_look_bytes_up_as_unpacking_would(bits):
-    # code_values reads widths dividing 8 a byte at a time from a table; it must mean what unpack says.
+    # code_values reads 1- and 2-bit codes a byte at a time from a table, wider ones by unpacking; every
+    # width must mean what unpack says.
     g = torch.Generator().manual_seed(3)
     codes = torch.randint(0, 1 << bits, (2, 3, 5, 16), generator=g, dtype=torch.uint8)
     packed = pack(codes, bits)
@@ -44,6 +44,7 @@ def test_code_values_look_bytes_up_as_unpacking_would(bits):
     levels = torch.cumsum(torch.rand(1 << bits, generator=g) + 0.1, 0)  # uneven, ascending
     assert torch.equal(code_values(packed, bits, levels), levels[codes.long()])
     assert code_values(packed[..., :0, :], bits, levels).shape == (2, 3, 0, 16)
+
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_large_tensors_pack_in_slices_of_rows_with_the_same_bytes(bits, monkeypatch):

@@ -109,8 +109,8 @@ def _bits_or_auto(text: str) -> int | str:
 
 def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None = None, auto: bool = False,
                    scheme: str = "kivi", sink_tokens: int = 0, defaults_note: str = "") -> None:
-    """``--kv-bits``, ``--kv-group-size``, ``--kv-scheme``, ``--kv-sink-tokens``, ``--kv-pre-rope-keys`` and
-    (``residual``) ``--kv-residual-length``; ``auto``: ``--kv-bits auto`` is accepted too (the calibrator
+    """``--kv-bits``, ``--kv-group-size``, ``--kv-scheme``, ``--kv-sink-tokens``, ``--kv-pre-rope-keys``,
+    ``--kv-window-bits`` and (``residual``) ``--kv-residual-length``; ``auto``: ``--kv-bits auto`` is accepted too (the calibrator
     chooses widths). ``scheme`` and ``sink_tokens`` are the command's defaults (``defaults_note``: why, for
     ``--help``)."""
     group = parser.add_argument_group("quantized storage (--kv-*)") if hasattr(parser, "add_argument_group") else parser
@@ -135,6 +135,11 @@ def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None 
         "--kv-pre-rope-keys", action="store_true",
         help="with --kv-bits: pack unmerged layers' keys with the model's RoPE removed (per-channel groups fit "
         "them better; undone on every read)",
+    )
+    group.add_argument(
+        "--kv-window-bits", type=int, choices=(8,), metavar="8",
+        help="with --kv-bits: store unmerged layers' recent window (--kv-residual-length tokens, and those "
+        "waiting for a whole key group) as 8-bit codes per token and head instead of exact: about half its bytes",
     )
     if residual:
         group.add_argument(
@@ -173,6 +178,7 @@ def quantization_from_args(args: argparse.Namespace, residual_length: int | None
             scheme=getattr(args, "kv_scheme", "kivi"),
             sink_tokens=getattr(args, "kv_sink_tokens", 0),
             pre_rope_keys=getattr(args, "kv_pre_rope_keys", False),
+            window_bits=getattr(args, "kv_window_bits", None),
         )
     except ProfileError as err:  # name the option, not the profile field
         option = "--kv-" + err.path.split("[")[0].replace("_", "-")

@@ -78,6 +78,7 @@ __all__ = [
     "PROFILE_FILENAME",
     "RETENTION_RULES",
     "SUPPORTED_FORMAT_VERSIONS",
+    "WINDOW_BITS",
     "Defaults",
     "MergeGroup",
     "MergeProfile",
@@ -101,6 +102,8 @@ LEGACY_TENSORS_FILENAME = "minicache_tensors.safetensors"
 SIDECAR_SUFFIX = ".tensors"
 #: Built-in profiles: "paper" = the paper's layout, "none" = no groups (the full-cache baseline).
 PRESETS = ("paper", "none")
+#: Code widths an unmerged layer's recent window may be stored at (`Quantization.window_bits`).
+WINDOW_BITS = (8,)
 DEFAULT_METHOD = "slerp"
 
 _LAYERS_ALLOWED = ("a list of strictly consecutive layer indices, e.g. [20, 21] (at least 2 for merges; "
@@ -389,6 +392,12 @@ class Quantization:
         Pack unmerged layers' keys with the model's RoPE removed (:mod:`minicache.runtime.rope`):
         before RoPE a channel keeps its range from token to token, which per-channel key groups need.
         False: keys are packed as the cache receives them (the format before this field).
+    window_bits : int or None
+        How unmerged layers hold their recent window (the ``residual_length`` tokens and the tokens
+        waiting for a whole chunk): None exact in the model dtype (the format before this field);
+        8: 8-bit codes per token and head (asymmetric, a scale and zero point per head vector), about
+        half the bytes. Each token is stored once when it arrives (after the step that brought it
+        attended it exact) and packed to ``bits`` from that storage when it leaves the window.
     """
 
     bits: int | tuple[int, ...] = 4
@@ -398,6 +407,7 @@ class Quantization:
     value_bits: int | tuple[int, ...] | None = None
     sink_tokens: int = 0
     pre_rope_keys: bool = False
+    window_bits: int | None = None
 
     def __post_init__(self) -> None:
         from minicache.quant import quantizer_names
@@ -430,6 +440,9 @@ class Quantization:
             raise ProfileError(f"{self.sink_tokens} exact sink tokens do not fit in the first group of "
                                f"{self.group_size}; allowed: 0 to {self.group_size - 1}", "sink_tokens")
         object.__setattr__(self, "pre_rope_keys", check_bool(self.pre_rope_keys, "pre_rope_keys"))
+        if self.window_bits is not None and (isinstance(self.window_bits, bool) or self.window_bits not in WINDOW_BITS):
+            raise ProfileError(f"{show(self.window_bits)} is not a window width; allowed: {list(WINDOW_BITS)}, or "
+                               "leave it out (exact)", "window_bits")
 
     @property
     def quantizer(self):
@@ -478,6 +491,7 @@ class Quantization:
         scheme = "" if self.scheme == "kivi" else f"{self.scheme} "
         sinks = f", {self.sink_tokens} exact sinks" if self.sink_tokens else ""
         sinks += ", keys pre-RoPE" if self.pre_rope_keys else ""
+        sinks += f", {self.window_bits}-bit window" if self.window_bits else ""
         return f"{bits}-bit {scheme}KV (group {self.group_size}, residual {self.residual_length}{sinks}{mean})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -492,6 +506,8 @@ class Quantization:
             out["sink_tokens"] = self.sink_tokens
         if self.pre_rope_keys:
             out["pre_rope_keys"] = True
+        if self.window_bits:
+            out["window_bits"] = self.window_bits
         return out
 
 
@@ -613,7 +629,8 @@ def _sorted_plain(value: Any) -> Any:
 _TOP_KEYS = (
     "format_version", "producer", "model", "defaults", "groups", "calibration", "tensors", "quantization"
 )
-_QUANT_KEYS = ("scheme", "bits", "group_size", "residual_length", "value_bits", "sink_tokens", "pre_rope_keys")
+_QUANT_KEYS = ("scheme", "bits", "group_size", "residual_length", "value_bits", "sink_tokens", "pre_rope_keys",
+               "window_bits")
 _TENSORS_KEYS = ("file", "sha256")
 _PRODUCER_KEYS = ("name", "version")
 _MODEL_KEYS = tuple(f.name for f in fields(ModelFingerprint))

@@ -196,3 +196,92 @@ def test_pre_rope_keys_decode_the_same_on_every_torch_path():
     assert cache.layers[0].quantized_length == 32
     torch.testing.assert_close(logits, full, atol=0.05, rtol=0.05)
     assert not torch.equal(logits, full), "old keys really are packed"
+
+
+# ---- 8-bit recent windows -----------------------------------------------------------------------------
+def test_an_8_bit_window_stores_each_token_once_in_about_half_the_bytes():
+    keys, values = _outlier_keys(3)
+    spec = Quantization(bits=3, group_size=8, residual_length=8, scheme="rotated", sink_tokens=2)
+    exact, narrow = QuantizedLayer(spec), QuantizedLayer(Quantization(**{**spec.__dict__, "window_bits": 8}))
+    start = 0
+    for size in (13, 1, 1, 9, 3):
+        new_k, new_v = keys[..., start : start + size, :], values[..., start : start + size, :]
+        k_exact, _ = exact.update(new_k, new_v)
+        k_narrow, v_narrow = narrow.update(new_k, new_v)
+        start += size
+        assert torch.equal(k_narrow[..., -size:, :], new_k) and torch.equal(v_narrow[..., -size:, :], new_v), \
+            "a step attends its own tokens exact"
+    assert narrow.quantized_length == exact.quantized_length == 16 and narrow.window_length == 11
+    k_narrow, v_narrow = narrow.update(keys[..., :0, :], values[..., :0, :])
+    k_exact, _ = exact.update(keys[..., :0, :], values[..., :0, :])
+    window_error = (k_narrow[..., 16:, :] - keys[..., 16:27, :]).abs()
+    step = (keys[..., 16:27, :].amax(-1) - keys[..., 16:27, :].amin(-1)) / 255
+    assert 0 < window_error.max() and bool((window_error <= step.unsqueeze(-1) / 2 + 1e-5).all())
+    assert torch.equal(k_narrow[..., :2, :], keys[..., :2, :]), "sinks stay exact"
+    # Packed from what the window stored: close to the exact window's packing, and the same however fed.
+    torch.testing.assert_close(k_narrow[..., :16, :], k_exact[..., :16, :], atol=0.3, rtol=0)
+    once = QuantizedLayer(narrow.spec)
+    once.update(keys[..., :27, :], values[..., :27, :])
+    assert torch.equal(once.qkeys.data, narrow.qkeys.data) and torch.equal(once.qvalues.zero, narrow.qvalues.zero)
+    # Bytes: one code per channel and a scale and zero point per token and head, all counted.
+    parts, exact_parts = narrow.memory_parts(), exact.memory_parts()
+    assert parts["residual"] == 2 * 2 * 3 * 11 * (16 + 2 * 4)  # K and V, batch 2, 3 heads, fp32 scales
+    assert parts["residual"] < 0.4 * exact_parts["residual"]
+    assert sum(parts.values()) == sum(t.numel() * t.element_size() for t in narrow.tensors())
+    assert narrow.full_bytes() == exact.full_bytes()
+    # Crops and batch selection act on the stored window.
+    narrow.crop(-3)
+    assert narrow.get_seq_length() == 24
+    narrow.reorder_cache(torch.tensor([1, 0]))
+    k_swapped, _ = narrow.update(keys[..., :0, :], values[..., :0, :])
+    torch.testing.assert_close(k_swapped, k_narrow[[1, 0], :, :24, :])
+
+
+def test_8_bit_windows_decode_the_same_on_every_torch_path_and_are_counted():
+    from minicache.runtime.attention import triton_unsupported
+
+    model = make_model("llama")
+    ids, mask = left_padded_batch(model.config.vocab_size, [40, 29])
+    quant = Quantization(bits=3, group_size=8, residual_length=8, scheme="rotated", sink_tokens=2,
+                         pre_rope_keys=True, window_bits=8)
+    restore = decode_on_both_torch_paths(model, ids, mask, profile_for(model, groups=((0, 1),)).with_quantization(quant))
+    layer = sequence(restore).layers[2]
+    assert layer.quantized_length > 0 and layer.keys.bits == 8
+    assert restore.memory_report()["kv_bytes"] == sum_of_storages(restore)
+    assert triton_unsupported(*layer.views_of(), torch.device("cpu")) is None  # the kernel reads the dequantized window
+    # Quality: the 8-bit window costs far less than the packed prefix does.
+    full = model(input_ids=ids[:1]).logits[:, -8:]
+    errors = []
+    for window_bits in (None, 8):
+        cache = MiniCache(MergeProfile().with_quantization(
+            Quantization(bits=4, group_size=8, residual_length=16, window_bits=window_bits)), model)
+        model(input_ids=ids[:1, :32], cache=cache)
+        errors.append((model(input_ids=ids[:1, 32:], cache=cache).logits - full).abs().max().item())
+    assert 0 < errors[0] and errors[1] < 1.5 * errors[0]
+
+
+def test_window_bits_in_profiles_storage_specs_and_options(tmp_path):
+    import argparse
+
+    from minicache.cli_options import add_kv_options, quantization_from_args
+
+    model = make_model("llama")
+    profile = MergeProfile.preset("none", model.config).with_quantization(
+        Quantization(3, 64, 32, scheme="rotated", window_bits=8))
+    assert "8-bit window" in profile.describe()
+    path = profile.save(tmp_path / "p.yaml")
+    assert "window_bits: 8" in path.read_text()
+    assert MergeProfile.load(path).quantization.window_bits == 8
+    assert "window_bits" not in Quantization(3).to_dict()
+    for bad in (4, 16, True, "8"):
+        with pytest.raises(ProfileError) as info:
+            MergeProfile.from_dict({"format_version": 2, "quantization": {"window_bits": bad}})
+        assert info.value.path == "quantization.window_bits"
+    assert parse_storage("rotated:3+s4+prerope+w8").window_bits == 8 and parse_storage("3").window_bits is None
+    with pytest.raises(ValueError, match="window_bits"):
+        parse_storage("3+w4")
+    parser = argparse.ArgumentParser()
+    add_kv_options(parser)
+    assert quantization_from_args(parser.parse_args(["--kv-bits", "3", "--kv-window-bits", "8"])).window_bits == 8
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-bits", "3", "--kv-window-bits", "4"])

@@ -171,19 +171,21 @@ class MethodSpec:
             out["kv_sink_tokens"] = q.sink_tokens
         if q.pre_rope_keys:
             out["kv_pre_rope_keys"] = True
+        if q.window_bits:
+            out["kv_window_bits"] = q.window_bits
         return out
 
 
 _STORAGE = re.compile(r"(?:(?P<scheme>[^:]+):)?(?P<bits>\d+|k\d+v\d+)(?:/(?P<group>\d+))?"
-                      r"(?:\+s(?P<sinks>\d+))?(?:\+r(?P<window>\d+))?(?P<pre>\+prerope)?")
+                      r"(?:\+s(?P<sinks>\d+))?(?:\+r(?P<window>\d+))?(?P<pre>\+prerope)?(?:\+w(?P<wbits>\d+))?")
 
 
 def parse_storage(text: str) -> Quantization:
-    """``[SCHEME:]BITS[/GROUP][+sS][+rR][+prerope]`` (after a method's ``@``) as a :class:`Quantization`:
+    """``[SCHEME:]BITS[/GROUP][+sS][+rR][+prerope][+wW]`` (after a method's ``@``) as a :class:`Quantization`:
     scheme default ``kivi``, group default 128. ``BITS`` is one width, or ``kKvV`` (keys ``K`` bits,
     values ``V``); ``+sS`` keeps the first ``S`` tokens exact (``sink_tokens``); ``+rR`` keeps the
     ``R`` most recent tokens exact (``residual_length``, default 128); ``+prerope`` packs keys before
-    RoPE (``pre_rope_keys``).
+    RoPE (``pre_rope_keys``); ``+wW`` stores that window at ``W`` bits (``window_bits``).
 
     Raises
     ------
@@ -192,17 +194,18 @@ def parse_storage(text: str) -> Quantization:
     """
     form = _STORAGE.fullmatch(text)
     if form is None:
-        raise ValueError(f"storage {text!r} is not [SCHEME:]BITS[/GROUP][+sS][+rR][+prerope] (BITS: a width, or "
-                         "kKvV for keys K and values V bits; S: exact sink tokens; R: exact recent tokens; "
-                         "e.g. rotated:3, kivi:2/64, kivi:k2v4, rotated:3+s4+prerope)")
-    scheme, bits, group, sinks, window = form.group("scheme", "bits", "group", "sinks", "window")
+        raise ValueError(f"storage {text!r} is not [SCHEME:]BITS[/GROUP][+sS][+rR][+prerope][+wW] (BITS: a width, "
+                         "or kKvV for keys K and values V bits; S: exact sink tokens; R: recent tokens kept in "
+                         "the window; W: the window's width, 8; e.g. rotated:3, kivi:2/64, kivi:k2v4, "
+                         "rotated:3+s4+prerope+w8)")
+    scheme, bits, group, sinks, window, wbits = form.group("scheme", "bits", "group", "sinks", "window", "wbits")
     split = re.fullmatch(r"k(\d+)v(\d+)", bits)
     keys, values = split.groups() if split else (bits, bits)
     window = Quantization.residual_length if window is None else int(window)  # the field's own default
     try:
         return Quantization(bits=int(keys), value_bits=int(values), group_size=int(group or 128),
                             scheme=scheme or "kivi", sink_tokens=int(sinks or 0), pre_rope_keys=bool(form.group("pre")),
-                            residual_length=window)
+                            residual_length=window, window_bits=None if wbits is None else int(wbits))
     except ProfileError as err:
         raise ValueError(f"storage {text!r}: {err}") from err
 

@@ -246,6 +246,10 @@ class QuantizedTensor:
         return dataclasses.replace(self, data=self.data[..., start:end, :], scale=self.scale[..., rows, :],
                                    zero=self.zero[..., rows, :])
 
+    def clone(self) -> QuantizedTensor:
+        """A copy that owns its storage (a slice's views otherwise keep the whole tensor alive)."""
+        return self._map(torch.clone)
+
     def _map(self, fn) -> QuantizedTensor:
         return dataclasses.replace(self, data=fn(self.data), scale=fn(self.scale), zero=fn(self.zero))
 

@@ -18,6 +18,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from minicache.profile import Quantization
 from minicache.quant import QuantizedTensor, append
+from minicache.quant.packed import quantize
 from minicache.runtime.rope import RopeAngles
 from minicache.runtime.store import GroupStore, tensor_bytes
 from minicache.runtime.views import MergedKVView
@@ -83,8 +84,12 @@ class MergedLayer(OwnedLayer):
 class QuantizedLayer(CacheLayerMixin):
     """An unmerged full-attention layer stored packed (KIVI by default): a packed prefix plus an exact window.
 
-    ``keys``/``values`` are the exact residual window ``[B, H, r, D]`` (model dtype, as in
-    transformers' dynamic layers); ``qkeys``/``qvalues`` are the packed prefix of ``Q`` tokens.
+    ``keys``/``values`` are the residual window of ``r`` tokens as stored: ``[B, H, r, D]`` in the model
+    dtype (exact, as in transformers' dynamic layers), or with ``spec.window_bits`` a
+    :class:`QuantizedTensor` of that width per token and head; ``qkeys``/``qvalues`` are the packed
+    prefix of ``Q`` tokens. An 8-bit window stores each token once, as it arrives (the step that brings
+    it attends it exact), and the prefix packs it from that storage, so what is packed does not depend
+    on how the tokens were fed.
     Whenever the window holds at least ``residual_length`` tokens plus a whole chunk (a key group of
     ``group_size`` tokens for KIVI), its oldest whole chunks are packed (after this step's attention,
     which therefore sees exact new tokens) and never re-packed. :meth:`update` returns the
@@ -141,10 +146,43 @@ class QuantizedLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        b, h, _, d = key_states.shape
-        self.keys = key_states.new_zeros(b, h, 0, d)
-        self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
+        self.keys, self.values = (self._stored(x[..., :0, :]) for x in (key_states, value_states))
         self.is_initialized = True
+
+    def _stored(self, x: torch.Tensor) -> torch.Tensor | QuantizedTensor:
+        """New window tokens ``[B, H, n, D]`` as the window stores them."""
+        bits = self.spec.window_bits
+        return x if bits is None else quantize(x, bits, x.shape[-1], "channels")
+
+    def _exact_window(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored window's keys and values in the model dtype ``[B, H, r, D]``. An 8-bit window's
+        sinks are held exact from their arrival (:meth:`_keep_sinks`) and read exact until they are packed."""
+        if self.spec.window_bits is None:
+            return self.keys, self.values
+        keys, values = self.keys.dequantize(self.dtype), self.values.dequantize(self.dtype)
+        if self.quantized_length == 0 and self.sink_keys is not None:
+            s = self.sink_keys.shape[-2]
+            keys[..., :s, :], values[..., :s, :] = self.sink_keys, self.sink_values
+        return keys, values
+
+    def _keep_sinks(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """An 8-bit window keeps exact copies of the first ``sink_tokens`` tokens as they arrive (an exact
+        window hands its own to the sinks when it packs them)."""
+        seen, sinks = self.get_seq_length(), self.spec.sink_tokens
+        take = min(sinks - seen, key_states.shape[-2])
+        if take <= 0:
+            return
+        new = key_states[..., :take, :], value_states[..., :take, :]
+        if self.sink_keys is None:
+            self.sink_keys, self.sink_values = (x.clone() for x in new)
+        else:
+            self.sink_keys, self.sink_values = (torch.cat([old, x], -2)
+                                                for old, x in zip((self.sink_keys, self.sink_values), new, strict=True))
+
+    @property
+    def window_length(self) -> int:
+        """``r``: tokens in the recent window."""
+        return _length(self.keys)
 
     @property
     def quantized_length(self) -> int:
@@ -153,39 +191,52 @@ class QuantizedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.spec.window_bits is None:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            window = self.keys, self.values
+        else:  # attend the new tokens exact; store them once
+            window = tuple(torch.cat([old, new], dim=-2)
+                           for old, new in zip(self._exact_window(), (key_states, value_states), strict=True))
+            self._keep_sinks(key_states, value_states)
+            self.keys, self.values = (old.cat(self._stored(new))
+                                      for old, new in ((self.keys, key_states), (self.values, value_states)))
         if self.views:  # every step, packed prefix or not: one kind of object per configuration
-            out = self.views_of()
+            out = self._views(*window)
         elif self.qkeys is None:
-            out = self.keys, self.values
+            out = window
         else:  # the views' own restore (RoPE put back, exact sinks written over), whole
-            out = tuple(view.materialize() for view in self.views_of())
-        count = (self.keys.shape[-2] - self.spec.residual_length) // self.chunk * self.chunk
+            out = tuple(view.materialize() for view in self._views(*window))
+        count = (self.window_length - self.spec.residual_length) // self.chunk * self.chunk
         if count > 0:
             g = self.spec.group_size
             start, sinks = self.quantized_length, self.spec.sink_tokens
-            keys, values = self.keys[..., :count, :], self.values[..., :count, :]
-            if start == 0 and sinks:
+            if self.spec.window_bits is not None:  # pack what the window stored
+                window = self._exact_window()
+            keys, values = (x[..., :count, :] for x in window)
+            if start == 0 and sinks and self.sink_keys is None:
                 self.sink_keys, self.sink_values = (x[..., :sinks, :].clone() for x in (keys, values))
             keys = packing_input(keys, "keys", start, sinks, self.rope)
             values = packing_input(values, "values", start, sinks, self.rope)
             self.qkeys = append(self.qkeys, self.quantizer.quantize(keys, "keys", self.bits, g))
             self.qvalues = append(self.qvalues, self.quantizer.quantize(values, "values", self.value_bits, g))
             # Clone so that the old window's storage is freed, not kept alive by a view.
-            self.keys = self.keys[..., count:, :].clone()
-            self.values = self.values[..., count:, :].clone()
+            self.keys, self.values = (_window_slice(w, count, None) for w in (self.keys, self.values))
         return out
 
     def views_of(self) -> tuple[MergedKVView, MergedKVView]:
-        """Snapshots of the packed prefix (with its exact sinks) and the exact window of keys and values."""
-        return (MergedKVView.of_quantized_layer(self.keys, self.qkeys, self.quantizer, self.sink_keys, self.rope),
-                MergedKVView.of_quantized_layer(self.values, self.qvalues, self.quantizer, self.sink_values))
+        """Snapshots of the packed prefix (with its exact sinks) and the window of keys and values."""
+        return self._views(*self._exact_window())
+
+    def _views(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[MergedKVView, MergedKVView]:
+        """Views of the packed prefix followed by these windows ``[B, H, r, D]`` (model dtype)."""
+        return (MergedKVView.of_quantized_layer(keys, self.qkeys, self.quantizer, self.sink_keys, self.rope),
+                MergedKVView.of_quantized_layer(values, self.qvalues, self.quantizer, self.sink_values))
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.quantized_length + self.keys.shape[-2]
+        return self.quantized_length + self.window_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -194,11 +245,11 @@ class QuantizedLayer(CacheLayerMixin):
         return -1
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        """Every tensor held: the exact window and sinks, then packed codes, scales and zero points."""
+        """Every tensor held: the window and sinks, then packed codes, scales and zero points."""
         if not self.is_initialized:
             return
-        yield self.keys
-        yield self.values
+        for window in (self.keys, self.values):
+            yield from _window_tensors(window)
         if self.sink_keys is not None:
             yield self.sink_keys
             yield self.sink_values
@@ -209,7 +260,7 @@ class QuantizedLayer(CacheLayerMixin):
     def memory_parts(self) -> dict[str, int]:
         parts = {"residual": 0, "retained": 0, "packed": 0, "scales": 0}
         if self.is_initialized:
-            parts["residual"] = tensor_bytes(self.keys, self.values)
+            parts["residual"] = tensor_bytes(*_window_tensors(self.keys), *_window_tensors(self.values))
             if self.sink_keys is not None:
                 parts["retained"] = tensor_bytes(self.sink_keys, self.sink_values)
             for q in (self.qkeys, self.qvalues):
@@ -221,8 +272,8 @@ class QuantizedLayer(CacheLayerMixin):
     def full_bytes(self) -> int:
         if not self.is_initialized:
             return 0
-        b, h, _, d = self.keys.shape
-        return 2 * b * h * self.get_seq_length() * d * self.keys.element_size()
+        b, h, _, d = _window_tensors(self.values)[0].shape  # 8-bit codes: one byte per channel
+        return 2 * b * h * self.get_seq_length() * d * self.dtype.itemsize
 
     def reset(self) -> None:
         self.keys = self.values = None
@@ -236,19 +287,21 @@ class QuantizedLayer(CacheLayerMixin):
         count = -tokens_to_remove
         if count == 0 or not self.is_initialized:
             return
-        window = self.keys.shape[-2]
+        window = self.window_length
         if count > window:
             raise ValueError(
-                f"cannot crop {count} tokens from a quantized layer: only the exact residual window "
+                f"cannot crop {count} tokens from a quantized layer: only the residual window "
                 f"({window} tokens) can be cropped; quantized tokens cannot be un-quantized"
             )
-        self.keys = self.keys[..., : window - count, :].clone()
-        self.values = self.values[..., : window - count, :].clone()
+        self.keys, self.values = (_window_slice(w, 0, window - count) for w in (self.keys, self.values))
+        if self.quantized_length == 0 and self.sink_keys is not None:  # an 8-bit window's sinks, not yet packed
+            self.sink_keys, self.sink_values = (x[..., : window - count, :].clone()
+                                                for x in (self.sink_keys, self.sink_values))
 
     def _select(self, index: torch.Tensor) -> None:
         if not self.is_initialized:
             return
-        index = index.to(self.keys.device)
+        index = index.to(_window_tensors(self.keys)[0].device)
         self.keys = self.keys.index_select(0, index)
         self.values = self.values.index_select(0, index)
         if self.qkeys is not None:
@@ -268,18 +321,18 @@ class QuantizedLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self._select(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+            self._select(torch.arange(_window_tensors(self.keys)[0].shape[0]).repeat_interleave(repeats))
 
     def offload(self) -> None:
         if self.is_initialized:
-            super().offload()
+            self.keys, self.values = (_move(w, "cpu") for w in (self.keys, self.values))
             self.qkeys = None if self.qkeys is None else self.qkeys.to("cpu")
             self.qvalues = None if self.qvalues is None else self.qvalues.to("cpu")
             self._move_sinks("cpu")
 
     def prefetch(self) -> None:
-        if self.is_initialized and self.keys.device != self.device:
-            super().prefetch()
+        if self.is_initialized and _window_tensors(self.keys)[0].device != self.device:
+            self.keys, self.values = (_move(w, self.device) for w in (self.keys, self.values))
             self.qkeys = None if self.qkeys is None else self.qkeys.to(self.device)
             self.qvalues = None if self.qvalues is None else self.qvalues.to(self.device)
             self._move_sinks(self.device)
@@ -288,6 +341,26 @@ class QuantizedLayer(CacheLayerMixin):
         if self.sink_keys is not None:
             self.sink_keys = self.sink_keys.to(device, non_blocking=True)
             self.sink_values = self.sink_values.to(device, non_blocking=True)
+
+
+def _window_tensors(window: torch.Tensor | QuantizedTensor) -> tuple[torch.Tensor, ...]:
+    """The tensors a stored window holds (exact: itself; 8-bit: codes, scales, zero points)."""
+    return (window,) if isinstance(window, torch.Tensor) else tuple(window.tensors())
+
+
+def _length(window: torch.Tensor | QuantizedTensor) -> int:
+    return window.shape[-2] if isinstance(window, torch.Tensor) else window.length
+
+
+def _window_slice(window: torch.Tensor | QuantizedTensor, start: int, end: int | None):
+    """Tokens ``[start, end)`` of a stored window, in storage of their own."""
+    if isinstance(window, torch.Tensor):
+        return window[..., start:end, :].clone()
+    return window.slice_tokens(start, window.length if end is None else end).clone()
+
+
+def _move(window: torch.Tensor | QuantizedTensor, device) -> torch.Tensor | QuantizedTensor:
+    return window.to(device, non_blocking=True) if isinstance(window, torch.Tensor) else window.to(device)
 
 
 def packing_input(x: torch.Tensor, role: str, start: int, sink_tokens: int, rope: RopeAngles | None,

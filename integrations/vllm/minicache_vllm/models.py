@@ -156,6 +156,10 @@ def install(model, vllm_config, path: Path) -> dict:
     profile = MergeProfile.load(path.parent)
     hf_config = vllm_config.model_config.hf_config
     profile.check_model(hf_config)  # a profile made for another model fails here, with its own message
+    quant = profile.quantization
+    if quant is not None and quant.window_bits is not None:
+        raise _refuse(path, f"quantization.window_bits {quant.window_bits}: the window pools hold exact tokens; "
+                            "an 8-bit recent window is not served yet (drop window_bits to serve it exact)")
     cache = MiniCache(profile, hf_config)
     for template in cache.stores:
         for name, component in template.components.items():

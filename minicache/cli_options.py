@@ -110,9 +110,9 @@ def _bits_or_auto(text: str) -> int | str:
 def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None = None, auto: bool = False,
                    scheme: str = "kivi", sink_tokens: int = 0, defaults_note: str = "") -> None:
     """``--kv-bits``, ``--kv-group-size``, ``--kv-scheme``, ``--kv-sink-tokens``, ``--kv-pre-rope-keys``,
-    ``--kv-window-bits`` and (``residual``) ``--kv-residual-length``; ``auto``: ``--kv-bits auto`` is accepted too (the calibrator
-    chooses widths). ``scheme`` and ``sink_tokens`` are the command's defaults (``defaults_note``: why, for
-    ``--help``)."""
+    ``--kv-window-bits`` and (``residual``) ``--kv-residual-length``; ``auto``: ``--kv-bits auto`` is accepted
+    too (the calibrator chooses widths). ``scheme`` and ``sink_tokens`` are the command's defaults
+    (``defaults_note``: why, for ``--help``)."""
     group = parser.add_argument_group("quantized storage (--kv-*)") if hasattr(parser, "add_argument_group") else parser
     group.add_argument(
         "--kv-bits", type=_bits_or_auto if auto else int, metavar="BITS",

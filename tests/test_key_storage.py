@@ -216,7 +216,7 @@ def test_an_8_bit_window_stores_each_token_once_in_about_half_the_bytes():
     k_exact, _ = exact.update(keys[..., :0, :], values[..., :0, :])
     window_error = (k_narrow[..., 16:, :] - keys[..., 16:27, :]).abs()
     step = (keys[..., 16:27, :].amax(-1) - keys[..., 16:27, :].amin(-1)) / 255
-    assert 0 < window_error.max() and bool((window_error <= step.unsqueeze(-1) / 2 + 1e-5).all())
+    assert window_error.max() > 0 and bool((window_error <= step.unsqueeze(-1) / 2 + 1e-5).all())
     assert torch.equal(k_narrow[..., :2, :], keys[..., :2, :]), "sinks stay exact"
     # Packed from what the window stored: close to the exact window's packing, and the same however fed.
     torch.testing.assert_close(k_narrow[..., :16, :], k_exact[..., :16, :], atol=0.3, rtol=0)
@@ -244,7 +244,8 @@ def test_8_bit_windows_decode_the_same_on_every_torch_path_and_are_counted():
     ids, mask = left_padded_batch(model.config.vocab_size, [40, 29])
     quant = Quantization(bits=3, group_size=8, residual_length=8, scheme="rotated", sink_tokens=2,
                          pre_rope_keys=True, window_bits=8)
-    restore = decode_on_both_torch_paths(model, ids, mask, profile_for(model, groups=((0, 1),)).with_quantization(quant))
+    profile = profile_for(model, groups=((0, 1),)).with_quantization(quant)
+    restore = decode_on_both_torch_paths(model, ids, mask, profile)
     layer = sequence(restore).layers[2]
     assert layer.quantized_length > 0 and layer.keys.bits == 8
     assert restore.memory_report()["kv_bytes"] == sum_of_storages(restore)
@@ -257,7 +258,7 @@ def test_8_bit_windows_decode_the_same_on_every_torch_path_and_are_counted():
             Quantization(bits=4, group_size=8, residual_length=16, window_bits=window_bits)), model)
         model(input_ids=ids[:1, :32], cache=cache)
         errors.append((model(input_ids=ids[:1, 32:], cache=cache).logits - full).abs().max().item())
-    assert 0 < errors[0] and errors[1] < 1.5 * errors[0]
+    assert errors[0] > 0 and errors[1] < 1.5 * errors[0]
 
 
 def test_window_bits_in_profiles_storage_specs_and_options(tmp_path):

@@ -27,6 +27,8 @@
 #   bash benchmarks/key_storage_results.sh groups32   # 3-bit rotated, 4 sinks, pre-RoPE, key and value groups of 32 (15 min)
 #   bash benchmarks/key_storage_results.sh window     # 3-bit rotated + 4 sinks with 64 / 0 exact recent tokens (30 min)
 #   KV_WINDOW=0 KV_GROUP=64 bash benchmarks/key_storage_results.sh calibrate-window  # calibrate-lloyd with that window
+#   bash benchmarks/key_storage_results.sh window8    # calibrate-rotated's profile and 3-bit rotated with an 8-bit window (25 min)
+#   bash benchmarks/key_storage_results.sh calibrate-window8  # calibrate-rotated with --kv-window-bits 8 (25 min)
 #   bash benchmarks/key_storage_results.sh overview   # every row above on one plot and table (seconds)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -151,6 +153,31 @@ if [[ $WHAT == all || $WHAT == calibrate-rotated-g64 ]]; then
   # the same with key groups of 64 tokens (3-bit keys: +1.23 % -> +1.03 % fixed): does the search go lower?
   auto_profile auto-rotated-prerope-g64 2048 16 12 --kv-scheme rotated --kv-pre-rope-keys --kv-group-size 64
   score_profile auto-rotated-prerope-g64
+fi
+
+if [[ $WHAT == all || $WHAT == window8 ]]; then
+  # The recent window (128 tokens + those waiting for a key group) is an eighth of the bytes of calibrate-rotated's
+  # profile at 4,096 tokens. The same profile and widths with that window stored at 8 bits (window_bits: 8), and
+  # the frontier block's 3-bit rotated row (exact window: +1.42 % at 4.225x, frontier.md) with it too.
+  rm -rf "${OUT:?}/auto-rotated-prerope-w8" && mkdir -p "$OUT/auto-rotated-prerope-w8"
+  "$PY" - "$OUT/auto-rotated-prerope" "$OUT/auto-rotated-prerope-w8" <<'PYTHON'
+import dataclasses
+import sys
+
+from minicache import MergeProfile
+
+profile = MergeProfile.load(sys.argv[1])
+profile.with_quantization(dataclasses.replace(profile.quantization, window_bits=8)).save(sys.argv[2])
+PYTHON
+  echo "== 8-bit recent windows on the unseen windows"
+  "${EVAL[@]}" --compare "$OUT/auto-rotated-prerope-w8,none@rotated:3+s4+prerope+w8" --json-out "$OUT/window8.json" \
+    --markdown-out "$OUT/window8.md"
+fi
+
+if [[ $WHAT == all || $WHAT == calibrate-window8 ]]; then
+  # calibrate-rotated with the window at 8 bits: the search measures (and counts) the stored window
+  auto_profile auto-rotated-window8 2048 16 12 --kv-scheme rotated --kv-pre-rope-keys --kv-window-bits 8
+  score_profile auto-rotated-window8
 fi
 
 if [[ $WHAT == all || $WHAT == merged ]]; then

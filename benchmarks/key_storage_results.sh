@@ -28,6 +28,7 @@
 #   bash benchmarks/key_storage_results.sh window     # 3-bit rotated + 4 sinks with 64 / 0 exact recent tokens (30 min)
 #   KV_WINDOW=0 KV_GROUP=64 bash benchmarks/key_storage_results.sh calibrate-window  # calibrate-lloyd with that window
 #   bash benchmarks/key_storage_results.sh window8    # calibrate-rotated's profile and 3-bit rotated with an 8-bit window (25 min)
+#   bash benchmarks/key_storage_results.sh window8-decode  # decode speed with an 8-bit window vs 4-bit KIVI (after window8)
 #   bash benchmarks/key_storage_results.sh calibrate-window8  # calibrate-rotated with --kv-window-bits 8 (25 min)
 #   bash benchmarks/key_storage_results.sh overview   # every row above on one plot and table (seconds)
 set -euo pipefail
@@ -172,6 +173,14 @@ PYTHON
   echo "== 8-bit recent windows on the unseen windows"
   "${EVAL[@]}" --compare "$OUT/auto-rotated-prerope-w8,none@rotated:3+s4+prerope+w8" --json-out "$OUT/window8.json" \
     --markdown-out "$OUT/window8.md"
+fi
+
+if [[ $WHAT == all || $WHAT == window8-decode ]]; then
+  # what reading an 8-bit window costs a decode step (it is dequantized whole, every step, before attention)
+  echo "== decode speed with an 8-bit window, blockwise torch path, 2,048 tokens, batch 1"
+  "$PY" benchmarks/lowbit_decode.py --profile "$OUT/auto-rotated-prerope-w8" --baselines \
+    "3-bit rotated + 4 sinks + keys pre-RoPE,3-bit rotated + 4 sinks + keys pre-RoPE + 8-bit window" \
+    --json-out "$OUT/window8-decode.json" --markdown-out "$OUT/window8-decode.md"
 fi
 
 if [[ $WHAT == all || $WHAT == calibrate-window8 ]]; then

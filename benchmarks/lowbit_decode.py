@@ -60,6 +60,8 @@ def main() -> None:
             Quantization(bits=3, scheme="rotated", pre_rope_keys=True)),
         "3-bit rotated + 4 sinks + keys pre-RoPE": none.with_quantization(
             Quantization(bits=3, scheme="rotated", sink_tokens=4, pre_rope_keys=True)),
+        "3-bit rotated + 4 sinks + keys pre-RoPE + 8-bit window": none.with_quantization(
+            Quantization(bits=3, scheme="rotated", sink_tokens=4, pre_rope_keys=True, window_bits=8)),
         "3-bit rotated + 4 sinks + key groups 64": none.with_quantization(
             Quantization(bits=3, scheme="rotated", sink_tokens=4, group_size=64)),
         "2-bit rotated + 4 sinks": none.with_quantization(Quantization(bits=2, scheme="rotated", sink_tokens=4)),

@@ -333,9 +333,9 @@ class MiniCache(Cache):
         dict
             ``kv_bytes`` (everything held), ``kv_bytes_full``, ``compression_ratio``
             (``kv_bytes_full / kv_bytes``), ``seq_length``, ``parts`` (bytes by part:
-            ``plain_layers``, ``residual`` (exact windows), ``retained``, ``packed`` (codes),
-            ``scales`` (scales and zero points), and each method's own parts, e.g. SLERP's
-            ``directions``, ``magnitudes`` and ``alignment``; with quantization, the method's
+            ``plain_layers``, ``residual`` (recent windows: exact, or 8-bit codes with their scales),
+            ``retained``, ``packed`` (codes), ``scales`` (scales and zero points), and each method's own
+            parts, e.g. SLERP's ``directions``, ``magnitudes`` and ``alignment``; with quantization, the method's
             parts count only what is still in the model dtype; a rotated packing adds
             ``rotations``, its matrices, counted once, and uneven levels ``levels``, their tables;
             pre-RoPE keys add ``rope``, the frequencies)

@@ -183,7 +183,8 @@ class MergedKVView:
     member : int
         Which layer of the group (0 = the shallowest).
     residual : torch.Tensor
-        ``[B, H, r, D]`` exact window (model dtype).
+        ``[B, H, r, D]`` window (model dtype): exact, or an 8-bit window's tokens as stored (the step's
+        own new tokens exact).
     stored : mapping of str to FieldSnapshot
         The merged prefix in the method's stored form (``{}`` when nothing is merged yet). For an
         unmerged quantized layer (``method`` None), one field ``"vectors"`` holding the keys or

@@ -201,6 +201,12 @@ def test_window_pool_slots():
     with pytest.raises(RuntimeError, match="exceeds"):
         pool.write(a, torch.ones(2, 2, H, 9, D))
     assert pool.nbytes == 2 * 2 * 2 * H * 8 * D * 4
+    coded = WindowPool(2, 2, H, D, 8, torch.float32, bits=8)
+    assert coded.nbytes == 2 * 2 * 2 * H * 8 * (D + 2 * 4)  # a byte per channel, fp32 scale and zero per vector
+    with pytest.raises(TypeError, match="stored form"):
+        coded.write(0, torch.ones(2, 2, H, 3, D))
+    with pytest.raises(ValueError, match="exact or 8-bit"):
+        WindowPool(2, 2, H, D, 8, torch.float32, bits=4)
 
 
 @pytest.mark.parametrize("scheme,bits,group", [("kivi", 4, 16), ("rotated", 2, 16), ("kivi", 3, 8),
@@ -218,19 +224,21 @@ def test_a_quantized_group_is_packed_in_its_pages_as_the_runtime_packs_it(scheme
     assert reference.merged_length > 100
 
 
-@pytest.mark.parametrize("pre_rope", [False, True])
-def test_an_unmerged_quantized_layer_in_pages_is_the_runtime_layer(pre_rope):
+@pytest.mark.parametrize("pre_rope,window_bits,first", [(False, None, 45), (True, None, 45), (True, 8, 45),
+                                                          (False, 8, 1)])
+def test_an_unmerged_quantized_layer_in_pages_is_the_runtime_layer(pre_rope, window_bits, first):
     torch.manual_seed(int(pre_rope))
-    spec = Quantization(bits=4, group_size=16, residual_length=R, sink_tokens=2, pre_rope_keys=pre_rope)
+    spec = Quantization(bits=4, group_size=16, residual_length=R, sink_tokens=2, pre_rope_keys=pre_rope,
+                        window_bits=window_bits)
     rope = RopeAngles(1.0 / 10000 ** (torch.arange(0, D, 2).float() / D))
     reference = QuantizedLayer(spec, rope=rope)
     layout = quantized_layer_layout(reference, H, D, torch.bfloat16)
     pages = torch.zeros(64, layout.units_per_page(32) * layout.unit_bytes, dtype=torch.uint8)
-    pool = WindowPool(2, 1, H, D, R + layout.unit_tokens, torch.bfloat16)
+    pool = WindowPool(2, 1, H, D, R + layout.unit_tokens, torch.bfloat16, bits=window_bits)
     layer = PagedQuantizedLayer(reference, layout, pool, 32, lambda: pages)
     table = torch.randperm(64)
     before = 0
-    for n in [45] + [1] * 40 + [7, 30] + [1] * 20:
+    for n in [first] + [1] * 40 + [7, 30] + [1] * 20:  # first=1: the sinks arrive one decode step at a time
         kv = torch.randn(2, 1, H, n, D).to(torch.bfloat16)
         want_k, want_v = reference.update(kv[0], kv[1])
         layer.begin_step()
@@ -242,7 +250,10 @@ def test_an_unmerged_quantized_layer_in_pages_is_the_runtime_layer(pre_rope):
             torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)
         layer.end_step([])
         before += n
-    assert reference.quantized_length > 100 and reference.sink_keys is not None
+    assert reference.quantized_length >= 80 and reference.sink_keys is not None
+    if window_bits is not None:  # stored as the runtime stores it: a byte per channel, fp16 scale and zero
+        assert torch.equal(pool.read_stored(0).data[0], reference.keys.data)
+        assert pool.nbytes == 2 * 2 * H * (R + layout.unit_tokens) * (D + 2 * 2)
 
 
 def run_against_runtime(reference: GroupStore, heads: int, dim: int, dtype: torch.dtype, page: int) -> None:
@@ -321,10 +332,10 @@ def test_restored_attention_is_causal_sdpa_and_upcasts_only_decode_rows_on_cpu(r
     assert attention_dtype(torch.bfloat16, torch.device("cuda"), 1) == torch.bfloat16
 
 
-def _quantized_layer_store(scheme: str = "kivi", bits: int = 4, pre_rope: bool = False):
+def _quantized_layer_store(scheme: str = "kivi", bits: int = 4, pre_rope: bool = False, window_bits=None):
     def build():
         return _quantized_layer(Quantization(scheme=scheme, bits=bits, group_size=16, residual_length=R, sink_tokens=2,
-                                             pre_rope_keys=pre_rope))
+                                             pre_rope_keys=pre_rope, window_bits=window_bits))
     return build
 
 
@@ -333,7 +344,7 @@ def _quantized_layer(spec: Quantization):
     template = QuantizedLayer(spec, rope=rope)
     layout = quantized_layer_layout(template, H, D, torch.float32)
     pages = torch.zeros(64, layout.units_per_page(32) * layout.unit_bytes, dtype=torch.uint8)
-    pool = WindowPool(4, 1, H, D, R + layout.unit_tokens, torch.float32)
+    pool = WindowPool(4, 1, H, D, R + layout.unit_tokens, torch.float32, bits=spec.window_bits)
     return PagedQuantizedLayer(template, layout, pool, 32, lambda: pages), H, D
 
 
@@ -367,8 +378,9 @@ def _lowrank_store():
     (_quantized_layer_store(), False, False),  # every request's chunks restored at once
     (_quantized_layer_store("rotated", 3, pre_rope=True), False, False),  # a rotated packing, RoPE put back
     (_quantized_layer_store("rotated-lloyd", 2), False, False),  # uneven levels: the table travels with the pages
+    (_quantized_layer_store("rotated", 3, pre_rope=True, window_bits=8), False, False),  # 8-bit windows in the pool
 ], ids=["slerp-stacked", "lowrank-stacked", "slerp-restored", "packed-group", "packed-layer", "packed-layer-rotated",
-        "packed-layer-lloyd"])
+        "packed-layer-lloyd", "packed-layer-window8"])
 def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(build, blockwise, stacked, monkeypatch):
     """Requests of different lengths (one with nothing merged yet, one joining late), decoding together:
     the batched decode attention of each member must be what each request's own restored keys and values

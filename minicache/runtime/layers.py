@@ -23,7 +23,8 @@ from minicache.runtime.rope import RopeAngles
 from minicache.runtime.store import GroupStore, tensor_bytes
 from minicache.runtime.views import MergedKVView
 
-__all__ = ["MergedLayer", "OwnedLayer", "QuantizedLayer", "packing_input", "plain_layer_bytes", "sink_stand_ins"]
+__all__ = ["MergedLayer", "OwnedLayer", "QuantizedLayer", "packing_input", "plain_layer_bytes", "sink_stand_ins",
+           "stored_window"]
 
 
 class OwnedLayer(CacheLayerMixin):
@@ -151,8 +152,7 @@ class QuantizedLayer(CacheLayerMixin):
 
     def _stored(self, x: torch.Tensor) -> torch.Tensor | QuantizedTensor:
         """New window tokens ``[B, H, n, D]`` as the window stores them."""
-        bits = self.spec.window_bits
-        return x if bits is None else quantize(x, bits, x.shape[-1], "channels")
+        return stored_window(x, self.spec.window_bits)
 
     def _exact_window(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored window's keys and values in the model dtype ``[B, H, r, D]``. An 8-bit window's
@@ -341,6 +341,12 @@ class QuantizedLayer(CacheLayerMixin):
         if self.sink_keys is not None:
             self.sink_keys = self.sink_keys.to(device, non_blocking=True)
             self.sink_values = self.sink_values.to(device, non_blocking=True)
+
+
+def stored_window(x: torch.Tensor, bits: int | None) -> torch.Tensor | QuantizedTensor:
+    """Window tokens ``[..., n, D]`` as a :class:`QuantizedLayer` with ``window_bits = bits`` stores them:
+    themselves (None), or ``bits``-bit codes per token and head (one group of ``D`` channels)."""
+    return x if bits is None else quantize(x, bits, x.shape[-1], "channels")
 
 
 def _window_tensors(window: torch.Tensor | QuantizedTensor) -> tuple[torch.Tensor, ...]:

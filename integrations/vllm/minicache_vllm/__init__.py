@@ -45,7 +45,7 @@ def _budget_windows() -> None:
             from minicache_vllm.models import ProfileNotServableError
 
             raise ProfileNotServableError(
-                f"minicache_vllm: the exact windows of max_num_seqs={requests} requests take {windows / 2**20:.0f} "
+                f"minicache_vllm: the recent windows of max_num_seqs={requests} requests take {windows / 2**20:.0f} "
                 f"MiB, and the whole KV cache budget is {available / 2**20:.0f} MiB; lower max_num_seqs (each "
                 f"request's windows take {windows / requests / 2**20:.1f} MiB) or raise VLLM_CPU_KVCACHE_SPACE"
             )

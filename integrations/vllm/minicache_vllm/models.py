@@ -92,9 +92,11 @@ class StorePlan:
     layout : UnitLayout
         Its pages.
     window_tokens : int
-        Exact tokens per request and layer kept outside the pages (``residual_length`` + a unit).
+        Recent tokens per request and layer kept outside the pages (``residual_length`` + a unit).
     sink_tokens : int
         Exact first tokens per request kept outside the pages (an unmerged quantized layer's sinks).
+    window_bits : int or None
+        The window's width (an unmerged quantized layer's ``quantization.window_bits``); None: exact.
     """
 
     layers: tuple[int, ...]
@@ -102,18 +104,24 @@ class StorePlan:
     layout: object
     window_tokens: int
     sink_tokens: int = 0
+    window_bits: int | None = None
 
     def page_bytes_per_token(self, page_tokens: int) -> int:
         """Bytes vLLM allocates per token of this store (all KV heads)."""
         return self.layout.content_bytes(page_tokens) * self.layout.heads
 
     def window_bytes(self, requests: int) -> int:
-        """Bytes of the exact windows (and sinks) of ``requests`` requests."""
+        """Bytes of the windows (and exact sinks) of ``requests`` requests."""
         import torch
 
+        from minicache.quant.packed import scale_dtype
+
         item = torch.empty((), dtype=self.layout.dtype).element_size()
-        tokens = len(self.layers) * self.window_tokens + self.sink_tokens
-        return requests * 2 * self.layout.heads * tokens * self.layout.head_dim * item
+        d = self.layout.head_dim
+        # an 8-bit window: a byte per channel, and a scale and zero point per token and head
+        per_token = d * item if self.window_bits is None else d + 2 * scale_dtype(self.layout.dtype).itemsize
+        tokens = len(self.layers) * self.window_tokens
+        return requests * 2 * self.layout.heads * (tokens * per_token + self.sink_tokens * d * item)
 
 
 def plan_stores(cache, heads: int, head_dim: int, dtype) -> list[StorePlan]:
@@ -130,7 +138,7 @@ def plan_stores(cache, heads: int, head_dim: int, dtype) -> list[StorePlan]:
         if isinstance(layer, QuantizedLayer):
             layout = quantized_layer_layout(layer, heads, head_dim, dtype)
             plans.append(StorePlan((i,), layer, layout, layer.spec.residual_length + layout.unit_tokens,
-                                   layer.spec.sink_tokens))
+                                   layer.spec.sink_tokens, layer.spec.window_bits))
     return plans
 
 
@@ -156,10 +164,6 @@ def install(model, vllm_config, path: Path) -> dict:
     profile = MergeProfile.load(path.parent)
     hf_config = vllm_config.model_config.hf_config
     profile.check_model(hf_config)  # a profile made for another model fails here, with its own message
-    quant = profile.quantization
-    if quant is not None and quant.window_bits is not None:
-        raise _refuse(path, f"quantization.window_bits {quant.window_bits}: the window pools hold exact tokens; "
-                            "an 8-bit recent window is not served yet (drop window_bits to serve it exact)")
     cache = MiniCache(profile, hf_config)
     for template in cache.stores:
         for name, component in template.components.items():
@@ -176,7 +180,7 @@ def install(model, vllm_config, path: Path) -> dict:
     groups, stores = [], []
     for plan in plans:
         store = StoreLayer(f"model.layers.{plan.layers[0]}.self_attn.minicache_store", plan.layout, page_tokens)
-        pool = WindowPool(max_seqs, len(plan.layers), heads, head_dim, plan.window_tokens, dtype)
+        pool = WindowPool(max_seqs, len(plan.layers), heads, head_dim, plan.window_tokens, dtype, bits=plan.window_bits)
         kind = PagedGroup if isinstance(plan.template, GroupStore) else PagedQuantizedLayer
         group = kind(plan.template, plan.layout, pool, page_tokens, store.blocks, store.layer_name)
         for member, layer in enumerate(plan.layers):
@@ -195,7 +199,7 @@ def install(model, vllm_config, path: Path) -> dict:
     merged = [plan.layers for plan in plans if isinstance(plan.template, GroupStore)]
     packed = len(plans) - len(merged)
     logger.info(
-        "minicache_vllm: %s merges layers %s%s; their pages hold %.0f bytes per token instead of %.0f; exact windows "
+        "minicache_vllm: %s merges layers %s%s; their pages hold %.0f bytes per token instead of %.0f; windows "
         "of %d requests take %.1f MiB off the KV cache budget",
         path, ", ".join(repr(layers) for layers in merged) or "none",
         f" and packs {packed} more layers ({profile.quantization.describe()})" if packed else "",

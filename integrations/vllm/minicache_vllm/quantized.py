@@ -13,11 +13,13 @@ Nothing here imports vLLM.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 
-from minicache.runtime.layers import QuantizedLayer
+from minicache.quant import QuantizedTensor
+from minicache.runtime.layers import QuantizedLayer, stored_window
 from minicache.runtime.views import MergedKVView
 from minicache_vllm.layout import UnitLayout, prefix_window_mask
 from minicache_vllm.windows import WindowPool, padded_windows
@@ -63,10 +65,13 @@ class PagedQuantizedLayer:
         self.pool = pool
         self.pages = pages
         self.layer_name = layer_name
+        if pool.bits != template.spec.window_bits:
+            raise ValueError(f"the layer stores its window at {template.spec.window_bits or 'full'} bits, the pool at "
+                             f"{pool.bits or 'full'}")
         sinks = template.spec.sink_tokens
         slots, _, _, heads, _, head_dim = pool.data.shape
         # [slots, keys/values, H, S, D]: the first tokens, exact (their packed rows hold a stand-in)
-        self.sinks = torch.zeros(slots, 2, heads, sinks, head_dim, dtype=pool.data.dtype) if sinks else None
+        self.sinks = torch.zeros(slots, 2, heads, sinks, head_dim, dtype=pool.dtype) if sinks else None
 
     @property
     def nbytes(self) -> int:
@@ -89,9 +94,23 @@ class PagedQuantizedLayer:
         return self._update(table, before, step, views=True)
 
     def _window(self, table: torch.Tensor, before: int) -> tuple[int, torch.Tensor]:
-        """A request's window slot and its exact tokens ``[2, H, w, D]`` (those after its packed ones)."""
+        """A request's window slot and its tokens ``[2, H, w, D]`` (those after its packed ones) as the
+        runtime's layer reads them (an 8-bit window: restored, with the exact sinks over its first rows
+        until they are packed)."""
         slot = self.pool.slot(int(table[0]), before)
-        return slot, self.pool.read(slot)[:, 0]
+        window = self.pool.read(slot)[:, 0]
+        known = self._sinks_held(before, before - window.shape[-2])
+        if self.pool.bits is not None and known and before == window.shape[-2]:
+            window[:, :, :known] = self.sinks[slot][:, :, :known]
+        return slot, window
+
+    def _sinks_held(self, before: int, packed: int) -> int:
+        """Exact sinks :attr:`sinks` holds for a request: all of them once a chunk is packed; an 8-bit
+        window's, from their arrival (the runtime keeps them as they come, see ``QuantizedLayer``)."""
+        sinks = self.template.spec.sink_tokens
+        if not sinks:
+            return 0
+        return sinks if packed else (min(before, sinks) if self.pool.bits is not None else 0)
 
     def _update(self, table: torch.Tensor, before: int, step: torch.Tensor, *, views: bool):
         slot, window = self._window(table, before)
@@ -100,13 +119,18 @@ class PagedQuantizedLayer:
         layer = QuantizedLayer(t.spec, t.bits, t.value_bits, t.rope)
         layer.views = views
         layer.lazy_initialization(step[0].unsqueeze(0), step[1].unsqueeze(0))
-        layer.keys, layer.values = window[0].unsqueeze(0), window[1].unsqueeze(0)
+        if self.pool.bits is None:
+            layer.keys, layer.values = window[0].unsqueeze(0), window[1].unsqueeze(0)
+        else:  # as stored: the layer restores them itself, and packs from its codes
+            stored = self.pool.read_stored(slot)  # [2, 1, H, w, D]
+            layer.keys, layer.values = (_pick(stored, i) for i in range(2))
+        known = self._sinks_held(before, packed)
+        if known:
+            layer.sink_keys, layer.sink_values = (s[:, :known].unsqueeze(0) for s in self.sinks[slot])
         pages = self.pages()
         if packed:
             fields = self.layout.read_fields(self.layout.units(pages, table, packed // self.unit, self.units_per_page))
             layer.qkeys, layer.qvalues = fields["keys"]["vectors"], fields["values"]["vectors"]
-            if self.sinks is not None:
-                layer.sink_keys, layer.sink_values = (s.unsqueeze(0) for s in self.sinks[slot])
         keys, values = layer.update(step[0].unsqueeze(0), step[1].unsqueeze(0))
         for j in range(packed // self.unit, layer.quantized_length // self.unit):
             lo, hi = j * self.unit, (j + 1) * self.unit
@@ -115,8 +139,12 @@ class PagedQuantizedLayer:
                 "values": {"vectors": layer.qvalues.slice_tokens(lo, hi)},
             })
         if packed == 0 and layer.sink_keys is not None:
-            self.sinks[slot] = torch.stack([layer.sink_keys[0], layer.sink_values[0]])
-        self.pool.write(slot, torch.stack([layer.keys[0], layer.values[0]]).unsqueeze(1))
+            held = layer.sink_keys.shape[-2]
+            self.sinks[slot][:, :, :held] = torch.stack([layer.sink_keys[0], layer.sink_values[0]])
+        if self.pool.bits is None:
+            self.pool.write(slot, torch.stack([layer.keys[0], layer.values[0]]).unsqueeze(1))
+        else:
+            self.pool.write_stored(slot, _stack(layer.keys, layer.values))
         return keys, values
 
     def restored_rows(self, member: int, rows: list[tuple[int, torch.Tensor, int, torch.Tensor]],
@@ -163,12 +191,26 @@ class PagedQuantizedLayer:
         padded = min(packed) < max(packed) or min(sizes) < max(sizes)
         mask = prefix_window_mask(packed, sizes, keys.device) if padded else None
         chunk, exact = self.template.chunk, self.template.spec.residual_length
+        bits, sinks = self.pool.bits, self.template.spec.sink_tokens
         for (_, table, before, step), slot, window in zip(rows, slots, windows, strict=True):
-            if (window.shape[-2] + 1 - exact) // chunk > 0:  # a chunk leaves the window: the runtime packs it
-                self._update(table, before, step, views=True)
-            else:
+            if (window.shape[-2] + 1 - exact) // chunk > 0 or (bits is not None and before < sinks):
+                self._update(table, before, step, views=True)  # a chunk leaves the window (or a sink arrives)
+            elif bits is None:
                 self.pool.write(slot, torch.cat([window, step], dim=-2).unsqueeze(1))
+            else:  # the new token coded once, as the runtime codes it; the stored ones as they are
+                self.pool.write_stored(slot, self.pool.read_stored(slot).cat(stored_window(step.unsqueeze(1), bits)))
         return keys, values, mask
 
     def end_step(self, rows) -> None:
         """Nothing left to do: each call packs its own layer."""
+
+
+def _pick(stored: QuantizedTensor, role: int) -> QuantizedTensor:
+    """Keys (0) or values (1) ``[1, H, w, D]`` of a pool's stored window ``[2, 1, H, w, D]`` (views)."""
+    return dataclasses.replace(stored, data=stored.data[role], scale=stored.scale[role], zero=stored.zero[role])
+
+
+def _stack(keys: QuantizedTensor, values: QuantizedTensor) -> QuantizedTensor:
+    """A layer's stored keys and values ``[1, H, w, D]`` as a pool's window ``[2, 1, H, w, D]``."""
+    return dataclasses.replace(keys, **{name: torch.stack([getattr(keys, name), getattr(values, name)])
+                                        for name in ("data", "scale", "zero")})

@@ -11,12 +11,18 @@ block id is its own (prefix caching, which would share blocks, is refused), so i
 request starting at position 0 takes a slot, a later step finds it again, and a slot whose key did
 not appear in the last step it was needed is free for the next request.
 
+An unmerged quantized layer whose profile stores its window at 8 bits (``quantization.window_bits``)
+gets a pool of such windows: codes and their scales, about half the bytes, as the runtime holds them.
+
 Nothing here imports vLLM.
 """
 
 from __future__ import annotations
 
 import torch
+
+from minicache.quant import QuantizedTensor
+from minicache.quant.packed import scale_dtype
 
 __all__ = ["WindowPool", "merged_length", "padded_windows"]
 
@@ -39,14 +45,27 @@ class WindowPool:
         Requests that can run at once (vLLM's ``max_num_seqs``).
     members, heads, head_dim, capacity : int
     dtype : torch.dtype
+        The model's: exact windows hold it; coded ones restore to it.
     device : torch.device or str
+    bits : int, optional
+        Hold the windows as the runtime's 8-bit windows (``Quantization.window_bits``): codes per token
+        and head (:attr:`data`, uint8) with a scale and zero point each (:attr:`scale`, :attr:`zero`), read
+        and written in that form (:meth:`read_stored`, :meth:`write_stored`). None: exact.
     """
 
     def __init__(self, slots: int, members: int, heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", bits: int | None = None):
         if slots < 1 or capacity < 1:
             raise ValueError(f"a window pool needs at least one slot and one token, got {slots} slots x {capacity}")
-        self.data = torch.zeros(slots, 2, members, heads, capacity, head_dim, dtype=dtype, device=device)
+        if bits not in (None, 8):
+            raise ValueError(f"a window pool holds exact or 8-bit windows, got bits={bits}")
+        shape = (slots, 2, members, heads, capacity, head_dim)
+        self.bits, self.dtype = bits, dtype
+        self.data = torch.zeros(shape, dtype=dtype if bits is None else torch.uint8, device=device)
+        self.scale = self.zero = None
+        if bits is not None:
+            self.scale, self.zero = (torch.zeros(*shape[:-1], 1, dtype=scale_dtype(dtype), device=device)
+                                     for _ in range(2))
         self.length = [0] * slots
         self.capacity = capacity
         self._owner: dict[int, int] = {}  # first block id -> slot
@@ -55,7 +74,7 @@ class WindowPool:
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
 
     def next_step(self) -> None:
         """Mark the start of an engine step (slots unused during the previous one become free)."""
@@ -97,16 +116,39 @@ class WindowPool:
         return free[0]
 
     def read(self, slot: int) -> torch.Tensor:
-        """``[2, k, heads, length, D]`` view of a slot's window."""
-        return self.data[slot, :, :, :, : self.length[slot]]
+        """``[2, k, heads, length, D]`` a slot's window in the model dtype (exact windows: a view)."""
+        if self.bits is None:
+            return self.data[slot, :, :, :, : self.length[slot]]
+        return self.read_stored(slot).dequantize(self.dtype)
 
     def write(self, slot: int, window: torch.Tensor) -> None:
-        """Replace a slot's window with ``[2, k, heads, n, D]`` (n ≤ capacity)."""
-        n = window.shape[-2]
+        """Replace a slot's exact window with ``[2, k, heads, n, D]`` (n ≤ capacity)."""
+        if self.bits is not None:  # coding a restored window again would round its tokens twice
+            raise TypeError("an 8-bit window pool is written in stored form (write_stored)")
+        self.data[slot, :, :, :, : self._room(window.shape[-2])] = window
+        self.length[slot] = window.shape[-2]
+
+    def read_stored(self, slot: int) -> QuantizedTensor:
+        """An 8-bit pool's window of ``slot`` as stored: ``[2, k, heads, length, D]`` codes (views)."""
+        n, d = self.length[slot], self.data.shape[-1]
+        data, scale, zero = (t[slot, :, :, :, :n] for t in (self.data, self.scale, self.zero))
+        return QuantizedTensor(data, scale, zero, self.bits, d, "channels")
+
+    def write_stored(self, slot: int, window: QuantizedTensor) -> None:
+        """Replace an 8-bit pool's window of ``slot`` with ``window`` ``[2, k, heads, n, D]``, as stored."""
+        if (window.bits, window.axis, window.group_size) != (self.bits, "channels", self.data.shape[-1]):
+            raise ValueError(f"a {window.bits}-bit window in groups of {window.group_size} {window.axis} does not fit "
+                             f"a pool of {self.bits}-bit windows per token and head")
+        n = self._room(window.length)
+        self.data[slot, :, :, :, :n] = window.data
+        self.scale[slot, :, :, :, :n] = window.scale
+        self.zero[slot, :, :, :, :n] = window.zero
+        self.length[slot] = n
+
+    def _room(self, n: int) -> int:
         if n > self.capacity:
             raise RuntimeError(f"minicache_vllm: a window of {n} tokens exceeds the pool's {self.capacity}")
-        self.data[slot, :, :, :, :n] = window
-        self.length[slot] = n
+        return n
 
 
 def padded_windows(windows: list[torch.Tensor], steps: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:

@@ -78,7 +78,8 @@ def main() -> None:
     for plan in plan_stores(MiniCache(profile, model.config), HEADS, HEAD_DIM, DTYPE):
         pages = torch.zeros(per_request * args.requests, plan.layout.units_per_page(PAGE) * plan.layout.unit_bytes,
                             dtype=torch.uint8)
-        pool = WindowPool(args.requests, len(plan.layers), HEADS, HEAD_DIM, plan.window_tokens, DTYPE)
+        pool = WindowPool(args.requests, len(plan.layers), HEADS, HEAD_DIM, plan.window_tokens, DTYPE,
+                          bits=plan.window_bits)
         kind = PagedGroup if isinstance(plan.template, GroupStore) else PagedQuantizedLayer
         stores.append(kind(plan.template, plan.layout, pool, PAGE, lambda p=pages: p))
     tables = torch.arange(per_request * args.requests).view(args.requests, per_request)

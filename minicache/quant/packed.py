@@ -78,6 +78,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """
     if bits not in PACKABLE_BITS:
         raise ValueError(f"bits must be one of {PACKABLE_BITS}, got {bits}")
+    if bits == 8:  # one code per byte: the codes are their own bit stream
+        return codes.to(torch.uint8).contiguous()
     per = codes_per_word(bits)
     d = codes.shape[-1]
     if d % per:
@@ -97,6 +99,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack`: ``[..., P]`` uint8 → ``[..., P * 8 // bits]`` uint8 codes."""
+    if bits == 8:
+        return packed
     per = codes_per_word(bits)
     word_bytes = per * bits // 8
     p = packed.shape[-1]

@@ -4,7 +4,8 @@ against 4-bit KIVI, on the same prompts in the same run.
 The blockwise path (``enable_fused_attention(model, backend="torch")``) dequantizes one block of the
 packed prefix at a time while it is attended; on CPU there is no Triton kernel. Prints, per storage:
 seconds per decode step (median over every step of ``--repeats`` runs, each step timed on its own after
-an untimed prefill), the speed ratio to 4-bit KIVI,
+an untimed prefill; the storages take turns run by run, so that a drifting machine slows them alike),
+the speed ratio to 4-bit KIVI,
 and the compression after the prompt.
 
     .venv/bin/python benchmarks/lowbit_decode.py --profile benchmarks/results/lowbit-cpu/auto-rotated
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--json-out")
     parser.add_argument("--markdown-out")
@@ -84,15 +85,21 @@ def main() -> None:
     if args.path == "blockwise":
         enable_fused_attention(model, backend="torch")
     results = {}
+    runs: dict[str, list[float]] = {name: [] for name in stores}
+    ratios = {}
     try:
-        for name, profile in stores.items():
+        for profile in stores.values():
             generate(profile)  # warm-up
-            runs = []
-            for _ in range(args.repeats):
+        # Round by round, every storage once per round: a shared machine's speed drifts by a quarter over
+        # minutes, and alternating gives every storage the same drift (storage by storage did not).
+        for _ in range(args.repeats):
+            for name, profile in stores.items():
                 cache, steps = generate(profile)
-                runs.extend(steps)
-            held, full = cache_bytes(cache)
-            results[name] = (statistics.median(runs), compression_ratio(full, held))
+                runs[name].extend(steps)
+                held, full = cache_bytes(cache)
+                ratios[name] = compression_ratio(full, held)
+        for name in stores:
+            results[name] = (statistics.median(runs[name]), ratios[name])
             print(f"{name}: {results[name][0]:.4f} s/step", flush=True)
     finally:
         disable_fused_attention(model)
@@ -100,7 +107,8 @@ def main() -> None:
     lines = [
         f"{args.context} tokens x {args.batch}, {args.new_tokens} greedy tokens, {args.dtype}, "
         f"{'blockwise torch path' if args.path == 'blockwise' else 'default path (whole-layer restore)'}, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats} x {args.new_tokens} steps, each timed",
+        f"{torch.get_num_threads()} threads, median of {args.repeats} x {args.new_tokens} steps, each timed, "
+        "storages alternated run by run",
         "",
         "| storage | s / decode step | speed vs 4-bit KIVI | compression |",
         "|---|---:|---:|---:|",

@@ -83,7 +83,7 @@ class MergedLayer(OwnedLayer):
 
 
 class QuantizedLayer(CacheLayerMixin):
-    """An unmerged full-attention layer stored packed (KIVI by default): a packed prefix plus an exact window.
+    """An unmerged full-attention layer stored packed (KIVI by default): a packed prefix plus a recent window.
 
     ``keys``/``values`` are the residual window of ``r`` tokens as stored: ``[B, H, r, D]`` in the model
     dtype (exact, as in transformers' dynamic layers), or with ``spec.window_bits`` a

@@ -156,10 +156,17 @@ def quantization_from_args(args: argparse.Namespace, residual_length: int | None
     ProfileError
         A bad width, group size, window or scheme, naming the option (``"--kv-bits: 3 is not ..."``).
     """
+    from minicache.validation import ProfileError
+
     if getattr(args, "kv_bits", None) is None:
+        # options that only say how --kv-bits stores the cache: alone they would silently do nothing
+        stray = [option for option, given in (("--kv-window-bits", getattr(args, "kv_window_bits", None) is not None),
+                                              ("--kv-pre-rope-keys", getattr(args, "kv_pre_rope_keys", False)))
+                 if given]
+        if stray:
+            raise ProfileError("says how quantized storage is held; it needs --kv-bits", stray[0])
         return None
     from minicache.profile import Quantization
-    from minicache.validation import ProfileError
 
     window = getattr(args, "kv_residual_length", None)
     window = residual_length if window is None else window

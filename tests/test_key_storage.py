@@ -286,3 +286,7 @@ def test_window_bits_in_profiles_storage_specs_and_options(tmp_path):
     assert quantization_from_args(parser.parse_args(["--kv-bits", "3", "--kv-window-bits", "8"])).window_bits == 8
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-bits", "3", "--kv-window-bits", "4"])
+    with pytest.raises(ProfileError, match="needs --kv-bits") as info:  # alone it would do nothing
+        quantization_from_args(parser.parse_args(["--kv-window-bits", "8"]))
+    assert info.value.path == "--kv-window-bits"
+    assert quantization_from_args(parser.parse_args([])) is None

@@ -230,7 +230,8 @@ if [[ $WHAT == all || $WHAT == overview ]]; then
   # Every quality row of this directory on one plot and table (same windows; nothing is rerun)
   rows=()
   for name in sinks frontier values2 groups64 groups64-prerope groups64-s8 groups32 lloyd window merged-rotated \
-              auto-lloyd auto-rotated-prerope auto-rotated-prerope-g64 auto-4k auto-4k-half; do
+              auto-lloyd auto-rotated-prerope auto-rotated-prerope-g64 auto-4k auto-4k-half window8 auto-rotated-window8 \
+              auto-rotated-window8-half; do
     rows+=("$OUT/$name.json")
   done
   "$PY" benchmarks/lowbit_table.py benchmarks/results/lowbit-cpu/frontier.json "$OUT/overview" "${rows[@]}"

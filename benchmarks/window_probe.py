@@ -1,0 +1,112 @@
+"""What a quantized profile's bytes are made of, and what an 8-bit recent window costs a decode step.
+
+    python benchmarks/window_probe.py --profile benchmarks/results/keys-cpu/auto-rotated-prerope \
+        --markdown-out benchmarks/results/keys-cpu/window8-probe.md
+
+1. Bytes: a real :class:`~minicache.MiniCache` of the profile is fed SmolLM2-135M's shapes (random
+   bfloat16 keys and values, as ``window_bytes.py`` does: bytes do not depend on them) up to
+   ``--prefix-length`` tokens, with the profile's window as stored and at 8 bits
+   (``quantization.window_bits``); ``memory_report()["parts"]`` in bits per cached value.
+2. Time: one unmerged layer's ``update`` of a decode step (one token, views on, as the fused attention
+   paths read it) with an exact and an 8-bit window, in one process and alternated, so that both see the
+   same machine; the window is cropped back after each step so that it keeps its size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from minicache import MergeProfile, MiniCache
+from minicache.model_spec import ModelSpec
+from minicache.models import load_model
+from minicache.runtime.layers import QuantizedLayer
+from minicache.runtime.rope import RopeAngles
+
+
+def bits_by_part(profile: MergeProfile, config, prefix: int) -> tuple[dict[str, float], float]:
+    """Bits per cached value of each memory part, and the compression, after ``prefix`` tokens (batch 1)."""
+    cache = MiniCache(profile, config)
+    model = ModelSpec.from_config(config)
+    gen = torch.Generator().manual_seed(0)
+    cache.observe_attention_mask(torch.ones(1, prefix, dtype=torch.long))
+    for layer in range(model.num_layers):
+        heads, dim = model.kv_shape(layer)
+        k, v = (torch.randn(1, heads, prefix, dim, generator=gen).to(torch.bfloat16) for _ in range(2))
+        cache.update(k, v, layer)
+    report = cache.memory_report()
+    values = report["kv_bytes_full"] / 2  # bfloat16: two bytes a value
+    return {part: 8 * n / values for part, n in report["parts"].items() if n}, report["compression_ratio"]
+
+
+def update_ms(spec, rope: RopeAngles, heads: int, dim: int, context: int, rounds: int, steps: int) -> list[float]:
+    """Median milliseconds of one decode step's ``update`` per round, for ``spec``."""
+    gen = torch.Generator().manual_seed(1)
+    layer = QuantizedLayer(spec, rope=rope)
+    layer.views = True
+    layer.update(*(torch.randn(1, heads, context, dim, generator=gen).to(torch.bfloat16) for _ in range(2)))
+    new = torch.randn(1, heads, 1, dim, generator=gen).to(torch.bfloat16)
+    out = []
+    for _ in range(rounds):
+        times = []
+        for _ in range(steps):
+            began = time.perf_counter()
+            layer.update(new, new)
+            times.append(time.perf_counter() - began)
+            layer.crop(-1)
+        out.append(1e3 * statistics.median(times))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="benchmarks/results/keys-cpu/auto-rotated-prerope")
+    parser.add_argument("--prefix-length", type=int, default=4096)
+    parser.add_argument("--context", type=int, default=2048, help="tokens in the timed layer (default 2048)")
+    parser.add_argument("--rounds", type=int, default=6, help="alternated rounds of timed steps per window")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per round")
+    parser.add_argument("--markdown-out")
+    args = parser.parse_args()
+    model, _ = load_model("smollm2-135m", dtype=torch.bfloat16)
+    config = model.config
+    profile = MergeProfile.load(args.profile)
+    if profile.quantization is None:
+        parser.error(f"--profile {args.profile} stores nothing quantized")
+    exact = profile.with_quantization(dataclasses.replace(profile.quantization, window_bits=None))
+    narrow = profile.with_quantization(dataclasses.replace(profile.quantization, window_bits=8))
+    (exact_bits, exact_ratio), (narrow_bits, narrow_ratio) = (bits_by_part(p, config, args.prefix_length)
+                                                              for p in (exact, narrow))
+    lines = [f"`{args.profile}` on SmolLM2-135M's shapes (bfloat16, batch 1) after {args.prefix_length:,} tokens: "
+             "bits per cached value by part of `memory_report()`.", "",
+             "| part | exact window | 8-bit window |", "|---|---:|---:|"]
+    for part in dict.fromkeys([*exact_bits, *narrow_bits]):
+        lines.append(f"| {part} | {exact_bits.get(part, 0):.3f} | {narrow_bits.get(part, 0):.3f} |")
+    lines.append(f"| **total** | {sum(exact_bits.values()):.3f} | {sum(narrow_bits.values()):.3f} |")
+    lines.append(f"| compression | {exact_ratio:.3f}x | {narrow_ratio:.3f}x |")
+    spec = ModelSpec.from_config(config)
+    heads, dim = spec.kv_shape(0)
+    rope = RopeAngles.of_model(model)
+    times: dict[str, list[float]] = {"exact": [], "8-bit": []}
+    for _ in range(args.rounds):  # alternated: both windows see the same machine
+        for name, quant in (("exact", exact.quantization), ("8-bit", narrow.quantization)):
+            layer_spec = dataclasses.replace(quant, bits=quant.bits_of(0), value_bits=quant.bits_of(0, "values"))
+            times[name] += update_ms(layer_spec, rope, heads, dim, args.context, 1, args.steps)
+    lines += ["", f"One layer's `update` of a decode step (layer 0's widths, {args.context:,} tokens, views on, "
+              f"{torch.get_num_threads()} threads; median of {args.steps} steps, {args.rounds} alternated rounds; "
+              f"min–max over rounds):", "", "| window | ms per layer and step |", "|---|---:|"]
+    for name, ms in times.items():
+        lines.append(f"| {name} | {statistics.median(ms):.3f} ({min(ms):.3f}–{max(ms):.3f}) |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown_out:
+        with open(args.markdown_out, "w") as f:
+            f.write(text + f"\nMade by `python benchmarks/window_probe.py --profile {args.profile} --markdown-out "
+                    f"{args.markdown_out}`.\n")
+
+
+if __name__ == "__main__":
+    main()

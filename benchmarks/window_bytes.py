@@ -24,26 +24,27 @@ from minicache.models import load_model
 from minicache.runtime.memory import cache_bytes
 
 
+def feed(cache: MiniCache, model: ModelSpec, n: int, generator: torch.Generator) -> None:
+    """Append ``n`` tokens of random bfloat16 keys and values (batch 1) to every layer of ``cache``."""
+    for layer in range(model.num_layers):
+        heads, dim = model.kv_shape(layer)
+        k, v = (torch.randn(1, heads, n, dim, generator=generator).to(torch.bfloat16) for _ in range(2))
+        cache.update(k, v, layer)
+
+
 def decode_compression(spec: MethodSpec, config, prefix: int, steps: int) -> dict[str, float]:
     """Compression at the prefix end and over ``steps`` single-token appends after it (batch 1)."""
     profile, _ = spec.build(config)
     cache = MiniCache(profile, config)
     model = ModelSpec.from_config(config)
     gen = torch.Generator().manual_seed(0)
-
-    def feed(n: int) -> None:
-        for layer in range(model.num_layers):
-            heads, dim = model.kv_shape(layer)
-            k, v = (torch.randn(1, heads, n, dim, generator=gen).to(torch.bfloat16) for _ in range(2))
-            cache.update(k, v, layer)
-
     cache.observe_attention_mask(torch.ones(1, prefix, dtype=torch.long))
-    feed(prefix)
+    feed(cache, model, prefix, gen)
     ratios = []
     held, full = cache_bytes(cache)
     at_prefix = full / held
     for _ in range(steps):
-        feed(1)
+        feed(cache, model, 1, gen)
         held, full = cache_bytes(cache)
         ratios.append(full / held)
     t = torch.tensor(ratios, dtype=torch.float64)

@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from window_bytes import feed  # benchmarks/ is this script's directory
 
 from minicache import MergeProfile, MiniCache
 from minicache.model_spec import ModelSpec
@@ -31,35 +32,27 @@ from minicache.runtime.rope import RopeAngles
 def bits_by_part(profile: MergeProfile, config, prefix: int) -> tuple[dict[str, float], float]:
     """Bits per cached value of each memory part, and the compression, after ``prefix`` tokens (batch 1)."""
     cache = MiniCache(profile, config)
-    model = ModelSpec.from_config(config)
-    gen = torch.Generator().manual_seed(0)
     cache.observe_attention_mask(torch.ones(1, prefix, dtype=torch.long))
-    for layer in range(model.num_layers):
-        heads, dim = model.kv_shape(layer)
-        k, v = (torch.randn(1, heads, prefix, dim, generator=gen).to(torch.bfloat16) for _ in range(2))
-        cache.update(k, v, layer)
+    feed(cache, ModelSpec.from_config(config), prefix, torch.Generator().manual_seed(0))
     report = cache.memory_report()
     values = report["kv_bytes_full"] / 2  # bfloat16: two bytes a value
     return {part: 8 * n / values for part, n in report["parts"].items() if n}, report["compression_ratio"]
 
 
-def update_ms(spec, rope: RopeAngles, heads: int, dim: int, context: int, rounds: int, steps: int) -> list[float]:
-    """Median milliseconds of one decode step's ``update`` per round, for ``spec``."""
+def update_ms(spec, rope: RopeAngles, heads: int, dim: int, context: int, steps: int) -> float:
+    """Median milliseconds of one decode step's ``update`` over ``steps`` steps, for ``spec``."""
     gen = torch.Generator().manual_seed(1)
     layer = QuantizedLayer(spec, rope=rope)
     layer.views = True
     layer.update(*(torch.randn(1, heads, context, dim, generator=gen).to(torch.bfloat16) for _ in range(2)))
     new = torch.randn(1, heads, 1, dim, generator=gen).to(torch.bfloat16)
-    out = []
-    for _ in range(rounds):
-        times = []
-        for _ in range(steps):
-            began = time.perf_counter()
-            layer.update(new, new)
-            times.append(time.perf_counter() - began)
-            layer.crop(-1)
-        out.append(1e3 * statistics.median(times))
-    return out
+    times = []
+    for _ in range(steps):
+        began = time.perf_counter()
+        layer.update(new, new)
+        times.append(time.perf_counter() - began)
+        layer.crop(-1)
+    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -94,7 +87,7 @@ def main() -> None:
     for _ in range(args.rounds):  # alternated: both windows see the same machine
         for name, quant in (("exact", exact.quantization), ("8-bit", narrow.quantization)):
             layer_spec = dataclasses.replace(quant, bits=quant.bits_of(0), value_bits=quant.bits_of(0, "values"))
-            times[name] += update_ms(layer_spec, rope, heads, dim, args.context, 1, args.steps)
+            times[name].append(update_ms(layer_spec, rope, heads, dim, args.context, args.steps))
     lines += ["", f"One layer's `update` of a decode step (layer 0's widths, {args.context:,} tokens, views on, "
               f"{torch.get_num_threads()} threads; median of {args.steps} steps, {args.rounds} alternated rounds; "
               f"min–max over rounds):", "", "| window | ms per layer and step |", "|---|---:|"]

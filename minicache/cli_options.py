@@ -110,9 +110,9 @@ def _bits_or_auto(text: str) -> int | str:
 def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None = None, auto: bool = False,
                    scheme: str = "kivi", sink_tokens: int = 0, defaults_note: str = "") -> None:
     """``--kv-bits``, ``--kv-group-size``, ``--kv-scheme``, ``--kv-sink-tokens``, ``--kv-pre-rope-keys``,
-    ``--kv-window-bits`` and (``residual``) ``--kv-residual-length``; ``auto``: ``--kv-bits auto`` is accepted
-    too (the calibrator chooses widths). ``scheme`` and ``sink_tokens`` are the command's defaults
-    (``defaults_note``: why, for ``--help``)."""
+    ``--kv-window-bits``, ``--kv-scale-bits`` and (``residual``) ``--kv-residual-length``; ``auto``:
+    ``--kv-bits auto`` is accepted too (the calibrator chooses widths). ``scheme`` and ``sink_tokens`` are the
+    command's defaults (``defaults_note``: why, for ``--help``)."""
     group = parser.add_argument_group("quantized storage (--kv-*)") if hasattr(parser, "add_argument_group") else parser
     group.add_argument(
         "--kv-bits", type=_bits_or_auto if auto else int, metavar="BITS",
@@ -141,6 +141,12 @@ def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None 
         help="with --kv-bits: store unmerged layers' recent window (--kv-residual-length tokens, and those "
         "waiting for a whole key group) as 8-bit codes per token and head instead of exact: about half its bytes",
     )
+    group.add_argument(
+        # a literal: this module stays free of torch for --help; Quantization checks the scheme's widths
+        "--kv-scale-bits", type=int, choices=(8,), metavar="8",
+        help="with --kv-bits: store each packed group's scale and zero point as 8-bit codes instead of fp16: half "
+        "their bytes, which a smaller --kv-group-size can spend on precision (e.g. --kv-group-size 64)",
+    )
     if residual:
         group.add_argument(
             "--kv-residual-length", type=int, default=128,
@@ -161,6 +167,7 @@ def quantization_from_args(args: argparse.Namespace, residual_length: int | None
     if getattr(args, "kv_bits", None) is None:
         # options that only say how --kv-bits stores the cache: alone they would silently do nothing
         stray = [option for option, given in (("--kv-window-bits", getattr(args, "kv_window_bits", None) is not None),
+                                              ("--kv-scale-bits", getattr(args, "kv_scale_bits", None) is not None),
                                               ("--kv-pre-rope-keys", getattr(args, "kv_pre_rope_keys", False)))
                  if given]
         if stray:
@@ -186,6 +193,7 @@ def quantization_from_args(args: argparse.Namespace, residual_length: int | None
             sink_tokens=getattr(args, "kv_sink_tokens", 0),
             pre_rope_keys=getattr(args, "kv_pre_rope_keys", False),
             window_bits=getattr(args, "kv_window_bits", None),
+            scale_bits=getattr(args, "kv_scale_bits", None),
         )
     except ProfileError as err:  # name the option, not the profile field
         option = "--kv-" + err.path.split("[")[0].replace("_", "-")

@@ -398,6 +398,11 @@ class Quantization:
         8: 8-bit codes per token and head (asymmetric, a scale and zero point per head vector), about
         half the bytes. Each token is stored once when it arrives (after the step that brought it
         attended it exact) and packed to ``bits`` from that storage when it leaves the window.
+    scale_bits : int or None
+        How packed groups hold their scale and zero point: None as fp16 (fp32 for fp32 models; the format
+        before this field); 8: 8-bit codes each (:func:`~minicache.quant.packed.encode_scales`), half the
+        bytes of scales, which smaller groups can spend on precision. The scheme must support it
+        (:attr:`~minicache.quant.Quantizer.scale_widths`).
     """
 
     bits: int | tuple[int, ...] = 4
@@ -408,6 +413,7 @@ class Quantization:
     sink_tokens: int = 0
     pre_rope_keys: bool = False
     window_bits: int | None = None
+    scale_bits: int | None = None
 
     def __post_init__(self) -> None:
         from minicache.quant import quantizer_names
@@ -443,11 +449,22 @@ class Quantization:
         if self.window_bits is not None and (isinstance(self.window_bits, bool) or self.window_bits not in WINDOW_BITS):
             raise ProfileError(f"{show(self.window_bits)} is not a window width; allowed: {list(WINDOW_BITS)}, or "
                                "leave it out (exact)", "window_bits")
+        if self.scale_bits is not None:
+            widths = _quantizer(scheme).scale_widths
+            if isinstance(self.scale_bits, bool) or self.scale_bits not in widths:
+                allowed = f"{list(widths)}, or leave it out (floats)" if widths else "leave it out (floats)"
+                raise ProfileError(f"{show(self.scale_bits)} is not a scale width of scheme {scheme!r}; allowed: "
+                                   f"{allowed}", "scale_bits")
 
     @property
     def quantizer(self):
         """The registered :class:`~minicache.quant.Quantizer` of :attr:`scheme`."""
         return _quantizer(self.scheme)
+
+    def pack(self, x, role: str, bits: int):
+        """``x`` ``[..., N, D]`` of ``role`` packed at ``bits`` by this scheme, its group size and scale width:
+        a :class:`~minicache.quant.QuantizedTensor`."""
+        return self.quantizer.quantize(x, role, bits, self.group_size, self.scale_bits)
 
     def bits_of(self, layer: int, role: str = "keys") -> int:
         """Code width of one layer's keys (``role="keys"``) or values (``"values"``)."""
@@ -492,6 +509,7 @@ class Quantization:
         sinks = f", {self.sink_tokens} exact sinks" if self.sink_tokens else ""
         sinks += ", keys pre-RoPE" if self.pre_rope_keys else ""
         sinks += f", {self.window_bits}-bit window" if self.window_bits else ""
+        sinks += f", {self.scale_bits}-bit scales" if self.scale_bits else ""
         return f"{bits}-bit {scheme}KV (group {self.group_size}, residual {self.residual_length}{sinks}{mean})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -508,6 +526,8 @@ class Quantization:
             out["pre_rope_keys"] = True
         if self.window_bits:
             out["window_bits"] = self.window_bits
+        if self.scale_bits:
+            out["scale_bits"] = self.scale_bits
         return out
 
 
@@ -630,7 +650,7 @@ _TOP_KEYS = (
     "format_version", "producer", "model", "defaults", "groups", "calibration", "tensors", "quantization"
 )
 _QUANT_KEYS = ("scheme", "bits", "group_size", "residual_length", "value_bits", "sink_tokens", "pre_rope_keys",
-               "window_bits")
+               "window_bits", "scale_bits")
 _TENSORS_KEYS = ("file", "sha256")
 _PRODUCER_KEYS = ("name", "version")
 _MODEL_KEYS = tuple(f.name for f in fields(ModelFingerprint))

@@ -659,25 +659,30 @@ def test_fused_decode_refuses_a_rotated_packing_in_a_merged_group():
         fused_decode_attention(torch.randn(2, 2, 1, 64, device=DEVICE), k_rot, v4, mask)
 
 
-def _quantized_profile(groups=((0, 1),)) -> MergeProfile:
+def _quantized_profile(groups=((0, 1),), scale_bits=None) -> MergeProfile:
     from minicache.profile import Quantization
 
     defaults = Defaults(residual_length=8, block_size=4, gamma=0.1)
     merged = tuple(MergeGroup(layers, defaults.settings(), defaults.settings()) for layers in groups)
-    return MergeProfile(groups=merged, defaults=defaults).with_quantization(Quantization(4, 8, 8))
+    return MergeProfile(groups=merged, defaults=defaults).with_quantization(Quantization(4, 8, 8,
+                                                                                         scale_bits=scale_bits))
 
 
-def test_generate_fused_on_a_quantized_cache_matches_the_torch_path(monkeypatch):
+@pytest.mark.parametrize("scale_bits", [None, 8], ids=["float-scales", "8-bit-scales"])
+def test_generate_fused_on_a_quantized_cache_matches_the_torch_path(monkeypatch, scale_bits):
     model = _tiny_llama(kv_heads=2)
-    want = _generate(model, MiniCache(_quantized_profile(), model))
+    want = _generate(model, MiniCache(_quantized_profile(scale_bits=scale_bits), model))
     fused_calls = _count_calls(monkeypatch, decode_module, "fused_decode_attention")
     assert attention.enable_fused_attention(model, force=True)
-    cache = MiniCache(_quantized_profile(), model)
+    cache = MiniCache(_quantized_profile(scale_bits=scale_bits), model)
     got = _generate(model, cache)
     attention.disable_fused_attention(model)
     # Layers 0-1 merged and packed; layers 2-3 unmerged and packed: every layer attends on packed data.
     assert sequence(cache, 1).views(0)[0].qdirection is not None
     assert sequence(cache, 1).layers[2].qkeys is not None
+    assert sequence(cache, 1).layers[2].qkeys.scale_bits == scale_bits
+    assert sequence(cache, 1).views(0)[0].qdirection.scale_bits == scale_bits
+    assert sequence(cache, 1).views(0)[0].retained_q.scale_bits == scale_bits
     assert len(fused_calls) == 11 * 4 * 2  # per sequence: the batch is padded
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):

@@ -178,7 +178,7 @@ def test_quantizers_register_as_plugins():
         name = "test-per-token"
         bits = (4, 8)
 
-        def quantize(self, x, role, bits, group_size):
+        def quantize(self, x, role, bits, group_size, scale_bits=None):
             return uniform(x, bits, x.shape[-1], "channels")
 
         def chunk_tokens(self, role, group_size):

@@ -103,7 +103,7 @@ def fisher_damage(model, windows: torch.Tensor, quant: Quantization, widths: Seq
                 g2[..., : quant.sink_tokens, :] = 0  # exact sinks (the runtime packs stand-ins there)
                 packed = packing_input(old, role, 0, quant.sink_tokens, rope, dtype=x.dtype)
                 for i, w in enumerate(widths):
-                    restored = quantizer.quantize(packed, role, w, group).dequantize(torch.float32)
+                    restored = quant.pack(packed, role, w).dequantize(torch.float32)
                     if rope is not None and role == "keys":
                         restored = rope.apply(restored, 0)
                     err = restored - old

@@ -38,6 +38,9 @@ class Quantizer(ABC):
         The scheme's name in profiles (``quantization.scheme``).
     bits : tuple of int
         Supported code widths.
+    scale_widths : tuple of int
+        Widths other than float at which it can store scales and zero points (``quantize(..., scale_bits=)``,
+        profiles' ``quantization.scale_bits``); empty: floats only.
     kernel_layout : str or None
         Packed layout that fused attention kernels may read directly (``"uniform_groups"``: uniform
         asymmetric groups, codes packed low bits first, as :func:`~minicache.quant.packed.quantize`
@@ -48,11 +51,14 @@ class Quantizer(ABC):
 
     name: ClassVar[str]
     bits: ClassVar[tuple[int, ...]]
+    scale_widths: ClassVar[tuple[int, ...]] = ()
     kernel_layout: ClassVar[str | None] = None
 
     @abstractmethod
-    def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int) -> QuantizedTensor:
-        """Pack ``x`` ``[..., N, D]`` of ``role``; ``N`` is a multiple of :meth:`chunk_tokens`."""
+    def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int,
+                 scale_bits: int | None = None) -> QuantizedTensor:
+        """Pack ``x`` ``[..., N, D]`` of ``role``; ``N`` is a multiple of :meth:`chunk_tokens`. ``scale_bits``:
+        None stores scales and zero points as floats, 8 as 8-bit codes (:attr:`QuantizedTensor.scale_bits`)."""
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         """The ``[..., N, D]`` approximation in ``dtype``."""

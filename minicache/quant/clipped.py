@@ -33,8 +33,9 @@ class ClippedRotatedQuantizer(RotatedQuantizer):
 
     name = "rotated-mse"
 
-    def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int) -> QuantizedTensor:
+    def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int,
+                 scale_bits: int | None = None) -> QuantizedTensor:
         if role == "keys":
-            return super().quantize(x, role, bits, group_size)
+            return super().quantize(x, role, bits, group_size, scale_bits)
         return quantize(x, bits, self.value_group(group_size, x.shape[-1]), "channels", self.rotation_for(x),
-                        clip_ratios=CLIP_RATIOS)
+                        clip_ratios=CLIP_RATIOS, scale_bits=scale_bits)

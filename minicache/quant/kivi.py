@@ -3,7 +3,8 @@
 Keys have outlier *channels*, so every channel of ``group_size`` consecutive tokens shares a scale
 and a zero point (``axis="tokens"``; a key chunk is a whole group of tokens); values are quantized per
 token in groups of ``min(group_size, head_dim)`` channels (``axis="channels"``), and so are sparse
-lists of vectors. Scales and zero points are fp16 for half-precision caches (fp32 for fp32 ones).
+lists of vectors. Scales and zero points are fp16 for half-precision caches (fp32 for fp32 ones), or
+8-bit codes (``scale_bits=8``, :func:`~minicache.quant.packed.encode_scales`).
 At ``head_dim`` 64, 4 bits, bf16 and a 4,096-token context, KIVI alone compresses the cache 3.4x
 with groups of 128 and 3.0x with 32.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from minicache.quant.base import Quantizer
-from minicache.quant.packed import QuantizedTensor, quantize
+from minicache.quant.packed import SCALE_BITS, QuantizedTensor, quantize
 
 __all__ = ["KiviQuantizer"]
 
@@ -21,13 +22,16 @@ __all__ = ["KiviQuantizer"]
 class KiviQuantizer(Quantizer):
     name = "kivi"
     bits = (2, 3, 4)
+    scale_widths = SCALE_BITS
     kernel_layout = "uniform_groups"
 
-    def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int) -> QuantizedTensor:
+    def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int,
+                 scale_bits: int | None = None) -> QuantizedTensor:
         rotation, levels = self.rotation_for(x), self.levels_for(bits, x)
         if role == "keys":
-            return quantize(x, bits, group_size, "tokens", rotation, levels=levels)
-        return quantize(x, bits, self.value_group(group_size, x.shape[-1]), "channels", rotation, levels=levels)
+            return quantize(x, bits, group_size, "tokens", rotation, levels=levels, scale_bits=scale_bits)
+        return quantize(x, bits, self.value_group(group_size, x.shape[-1]), "channels", rotation, levels=levels,
+                        scale_bits=scale_bits)
 
     def rotation_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """Orthogonal ``[D, D]`` matrix applied before packing (None: none; subclasses rotate)."""

@@ -20,6 +20,12 @@ A quantizer may rotate vectors before packing them (:attr:`QuantizedTensor.rotat
 It may also space the ``2^bits`` levels of a group unevenly (:attr:`QuantizedTensor.levels`: code ``j``
 means ``levels[j]`` steps above the zero point instead of ``j``), with the same bytes.
 
+A group's scale and zero point may also be stored in 8 bits each instead of 16 (:attr:`QuantizedTensor.scale_bits`):
+the scale as ``2^((c - 128) / 8)`` for a ``uint8`` code ``c`` (eight steps per octave, ``2^-16`` to ``2^15.875``)
+and the zero point in quarter steps of that scale, ``z / 4 · scale`` for an ``int8`` ``z``. Half the bytes of
+scales; a group's step may be up to 4.4 % coarser or finer than its range asks (the codes are clamped), and a
+group whose minimum lies more than 32 steps from zero gets a coarser scale until it fits.
+
 A :class:`QuantizedTensor` only grows by concatenation: the packed data of old tokens never changes.
 Quantizers (:mod:`minicache.quant`) decide which axis and group size each role of the cache uses.
 """
@@ -33,8 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AXES", "PACKABLE_BITS", "QuantizedTensor", "append", "checked_levels", "code_values", "pack", "quantize",
-           "scale_dtype", "unpack"]
+__all__ = ["AXES", "PACKABLE_BITS", "SCALE_BITS", "QuantizedTensor", "append", "checked_levels", "code_values",
+           "decode_scales", "encode_scales", "pack", "quantize", "scale_dtype", "unpack"]
 
 AXES = ("tokens", "channels")
 #: Supported code widths (3 bits: a row's width must be a multiple of 8 codes).
@@ -46,6 +52,45 @@ def scale_dtype(dtype: torch.dtype) -> torch.dtype:
     # fp16 rather than bf16: a zero point needs precision (its rounding adds to every value's
     # error); key/value ranges of real models sit far inside fp16's range.
     return torch.float32 if dtype.itemsize >= 4 else torch.float16
+
+
+#: Widths a group's scale and zero point may be stored at instead of fp16/fp32 (:attr:`QuantizedTensor.scale_bits`).
+SCALE_BITS = (8,)
+#: 8-bit scales: code ``c`` means ``2^((c - SCALE_CODE_OFFSET) / SCALE_CODES_PER_OCTAVE)``.
+SCALE_CODES_PER_OCTAVE = 8
+SCALE_CODE_OFFSET = 128
+#: 8-bit zero points: ``z`` means ``z / ZERO_STEPS`` steps of the group's scale.
+ZERO_STEPS = 4
+
+
+def _scale_of(code: torch.Tensor) -> torch.Tensor:
+    return torch.exp2((code.float() - SCALE_CODE_OFFSET) / SCALE_CODES_PER_OCTAVE)
+
+
+def _scale_code(scale: torch.Tensor, rounding) -> torch.Tensor:
+    log = torch.log2(scale.float().clamp_min(2.0**-40)) * SCALE_CODES_PER_OCTAVE + SCALE_CODE_OFFSET
+    return rounding(log).clamp_(0, 255)
+
+
+def encode_scales(lo: torch.Tensor, hi: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit codes of the scales and zero points of groups spanning ``[lo, hi]`` with codes ``0..top``:
+    ``(uint8 scale codes, int8 zero points)``, shaped like ``lo``. The scale is the nearest code's (so the
+    top of a group may be clamped by a few percent of a step); a group whose ``lo`` lies beyond 31.75 steps
+    of zero gets the smallest coarser scale that reaches it."""
+    code = _scale_code((hi - lo) / top, torch.round)
+    z = torch.round(lo / _scale_of(code) * ZERO_STEPS)
+    far = (z < -128) | (z > 127)
+    if bool(far.any()):
+        wide = _scale_code(lo.abs() * ZERO_STEPS / 127, torch.ceil)
+        code = torch.where(far, torch.maximum(code, wide), code)
+        z = torch.round(lo / _scale_of(code) * ZERO_STEPS)
+    return code.to(torch.uint8), z.clamp_(-128, 127).to(torch.int8)
+
+
+def decode_scales(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 scales and zero points of :func:`encode_scales`' codes."""
+    step = _scale_of(scale)
+    return step, zero.float() * step / ZERO_STEPS
 
 
 def codes_per_word(bits: int) -> int:
@@ -166,7 +211,8 @@ class QuantizedTensor:
     scale, zero : torch.Tensor
         ``[..., N // G, D]`` for ``axis="tokens"`` (per channel, groups of ``G`` tokens) or
         ``[..., N, D // G]`` for ``axis="channels"`` (per token, groups of ``G`` channels);
-        fp16 or fp32 (:func:`scale_dtype`).
+        fp16 or fp32 (:func:`scale_dtype`), or with :attr:`scale_bits` 8 their uint8 and int8 codes
+        (:func:`encode_scales`). Readers take them from :meth:`scales`.
     bits : int
         Code width.
     group_size : int
@@ -182,6 +228,8 @@ class QuantizedTensor:
         0 and ``levels[-1]`` ``2^bits - 1``, so a group's minimum and maximum stay exact); None: the
         even levels ``0, 1, ..., 2^bits - 1``. A constant of the scheme, like ``rotation``: not part
         of :attr:`nbytes`.
+    scale_bits : int or None
+        None: :attr:`scale` and :attr:`zero` hold floats; 8: 8-bit codes of them (:func:`encode_scales`).
     """
 
     data: torch.Tensor
@@ -192,6 +240,7 @@ class QuantizedTensor:
     axis: str
     rotation: torch.Tensor | None = None
     levels: torch.Tensor | None = None
+    scale_bits: int | None = None
 
     @property
     def length(self) -> int:
@@ -219,18 +268,23 @@ class QuantizedTensor:
         """Bytes of the scales and zero points."""
         return sum(t.numel() * t.element_size() for t in (self.scale, self.zero))
 
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales and zero points as floats, shaped like :attr:`scale` (stored ones, or decoded from 8 bits)."""
+        return (self.scale, self.zero) if self.scale_bits is None else decode_scales(self.scale, self.zero)
+
     def dequantize(self, dtype: torch.dtype, *, unrotate: bool = True) -> torch.Tensor:
         """The ``[..., N, D]`` approximation in ``dtype`` (computed in float32). ``unrotate=False``:
         leave rotated data in the rotated frame (``x R``), for readers that rotate the query instead."""
         codes = code_values(self.data, self.bits, self.levels)
         *lead, n, d = codes.shape
         g = self.group_size
+        scale, zero = self.scales()
         if self.axis == "tokens":
             grouped = codes.reshape(*lead, n // g, g, d)
-            out = grouped * self.scale.float().unsqueeze(-2) + self.zero.float().unsqueeze(-2)
+            out = grouped * scale.float().unsqueeze(-2) + zero.float().unsqueeze(-2)
         else:
             grouped = codes.reshape(*lead, n, d // g, g)
-            out = grouped * self.scale.float().unsqueeze(-1) + self.zero.float().unsqueeze(-1)
+            out = grouped * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
         out = out.reshape(*lead, n, d)
         if self.rotation is not None and unrotate:
             out = out @ self.rotation.to(out.device).T
@@ -269,7 +323,8 @@ class QuantizedTensor:
 
     def cat(self, other: QuantizedTensor, dim: int = -2) -> QuantizedTensor:
         """Concatenate along tokens (``dim=-2``) or a leading dimension; both keep their own codes."""
-        if ((other.bits, other.group_size, other.axis) != (self.bits, self.group_size, self.axis)
+        if ((other.bits, other.group_size, other.axis, other.scale_bits)
+                != (self.bits, self.group_size, self.axis, self.scale_bits)
                 or not _same_constant(other.rotation, self.rotation) or not _same_constant(other.levels, self.levels)):
             raise ValueError("cannot concatenate tensors quantized differently")
         return dataclasses.replace(self, data=torch.cat([self.data, other.data], dim),
@@ -296,7 +351,7 @@ def checked_levels(values, bits: int) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
              rotation: torch.Tensor | None = None, clip_ratios: tuple[float, ...] = (),
-             levels: torch.Tensor | None = None) -> QuantizedTensor:
+             levels: torch.Tensor | None = None, scale_bits: int | None = None) -> QuantizedTensor:
     """Quantize ``x`` ``[..., N, D]`` group-wise (see :class:`QuantizedTensor` for the layout).
 
     ``axis="tokens"`` needs ``N % group_size == 0``; ``axis="channels"`` needs
@@ -305,9 +360,12 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
     range shrunk about its midpoint by these factors (< 1), and keep, per group, the range with the
     least squared error (values clipped at its ends); the layout is the same. ``levels``
     (:attr:`QuantizedTensor.levels`): round each value to the nearest of these instead of the even levels.
+    ``scale_bits`` (:attr:`QuantizedTensor.scale_bits`): 8 stores scales and zero points as 8-bit codes.
     """
     if bits not in PACKABLE_BITS:
         raise ValueError(f"bits must be one of {PACKABLE_BITS}, got {bits}")
+    if scale_bits is not None and scale_bits not in SCALE_BITS:
+        raise ValueError(f"scale_bits must be None or one of {SCALE_BITS}, got {scale_bits}")
     if axis not in AXES:
         raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
     levels_count = 1 << bits
@@ -338,16 +396,22 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
     hi = grouped.amax(reduce_dim).clamp(-limit, limit)
 
     def codes_for(lo: torch.Tensor, hi: torch.Tensor):
-        zero = lo.to(sdtype)
-        scale = ((hi - zero.float()) / top).clamp(0, limit).to(sdtype)
+        if scale_bits is None:
+            zero = lo.to(sdtype)
+            scale = ((hi - zero.float()) / top).clamp(0, limit).to(sdtype)
+            s, z = scale, zero
+        else:
+            scale, zero = encode_scales(lo, hi, top)
+            s, z = decode_scales(scale, zero)
         # Codes from the stored (rounded) scale and zero point: what dequantization will use.
-        s, z = scale.float().unsqueeze(reduce_dim), zero.float().unsqueeze(reduce_dim)
+        s, z = s.float().unsqueeze(reduce_dim), z.float().unsqueeze(reduce_dim)
         steps = torch.where(s > 0, (grouped - z) / torch.where(s > 0, s, 1.0), 0.0)
         codes = steps.round_().clamp_(0, top) if edges is None else torch.bucketize(steps, edges).float()
         return codes, scale, zero
 
     def squared_error(codes, scale, zero):
-        s, z = scale.float().unsqueeze(reduce_dim), zero.float().unsqueeze(reduce_dim)
+        s, z = (scale, zero) if scale_bits is None else decode_scales(scale, zero)
+        s, z = s.float().unsqueeze(reduce_dim), z.float().unsqueeze(reduce_dim)
         restored = codes if value_of is None else value_of[codes.long()]
         return ((restored * s + z - grouped) ** 2).sum(reduce_dim)
 
@@ -363,7 +427,7 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
             scale, zero, error = (torch.where(better, sc, scale), torch.where(better, zo, zero),
                                   torch.minimum(err, error))
     codes = codes.to(torch.uint8).reshape(*lead, n, d)
-    return QuantizedTensor(pack(codes, bits), scale, zero, bits, g, axis, rotation, levels)
+    return QuantizedTensor(pack(codes, bits), scale, zero, bits, g, axis, rotation, levels, scale_bits)
 
 
 def append(old: QuantizedTensor | None, new: QuantizedTensor, dim: int = -2) -> QuantizedTensor:

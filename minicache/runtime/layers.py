@@ -209,7 +209,6 @@ class QuantizedLayer(CacheLayerMixin):
             out = tuple(view.materialize() for view in self._views(*window))
         count = (self.window_length - self.spec.residual_length) // self.chunk * self.chunk
         if count > 0:
-            g = self.spec.group_size
             start, sinks = self.quantized_length, self.spec.sink_tokens
             if self.spec.window_bits is not None:  # pack what the window stored
                 window = self._exact_window()
@@ -218,8 +217,8 @@ class QuantizedLayer(CacheLayerMixin):
                 self.sink_keys, self.sink_values = (x[..., :sinks, :].clone() for x in (keys, values))
             keys = packing_input(keys, "keys", start, sinks, self.rope)
             values = packing_input(values, "values", start, sinks, self.rope)
-            self.qkeys = append(self.qkeys, self.quantizer.quantize(keys, "keys", self.bits, g))
-            self.qvalues = append(self.qvalues, self.quantizer.quantize(values, "values", self.value_bits, g))
+            self.qkeys = append(self.qkeys, self.spec.pack(keys, "keys", self.bits))
+            self.qvalues = append(self.qvalues, self.spec.pack(values, "values", self.value_bits))
             # Clone so that the old window's storage is freed, not kept alive by a view.
             self.keys, self.values = (_window_slice(w, count, None) for w in (self.keys, self.values))
         return out

@@ -34,7 +34,7 @@ import torch
 
 from minicache.methods.base import Field
 from minicache.profile import MergeGroup, MergeSettings, Quantization
-from minicache.quant import QuantizedTensor, Quantizer, append
+from minicache.quant import QuantizedTensor, append
 from minicache.runtime.retention import retention_mask
 from minicache.runtime.views import FieldSnapshot, MergedKVView, RetainedCSR, retained_csr_pair
 from minicache.sidecar import held_copy
@@ -97,24 +97,23 @@ class TokenSeries:
     re-packed; a shorter tail stays dense until its chunk fills.
     """
 
-    def __init__(self, quantizer: Quantizer | None = None, role: str | None = None, bits: int = 0,
-                 group_size: int = 0):
-        self.quantizer = quantizer if role is not None else None
-        self.role, self.bits, self.group_size = role, bits, group_size
+    def __init__(self, quant: Quantization | None = None, role: str | None = None, bits: int = 0):
+        self.quant = quant if role is not None else None
+        self.role, self.bits = role, bits
         self.packed: QuantizedTensor | None = None
         self.dense: torch.Tensor | None = None
 
     def append(self, x: torch.Tensor) -> None:
         pending = x if self.dense is None else torch.cat([self.dense, x], dim=-2)
-        if self.quantizer is None:
+        if self.quant is None:
             self.dense = pending
             return
-        chunk = self.quantizer.chunk_tokens(self.role, self.group_size)
+        chunk = self.quant.quantizer.chunk_tokens(self.role, self.quant.group_size)
         count = pending.shape[-2] // chunk * chunk
         if count == 0:
             self.dense = pending
             return
-        packed = self.quantizer.quantize(pending[..., :count, :], self.role, self.bits, self.group_size)
+        packed = self.quant.pack(pending[..., :count, :], self.role, self.bits)
         rest = pending[..., count:, :]
         # A clone: a view would keep the whole pending block's storage alive.
         self.dense = rest.clone() if rest.shape[-2] else None
@@ -173,10 +172,8 @@ class ComponentStore:
         self.tensors = dict(tensors or {})
         self.quant = quant
         self.bits = bits
-        quantizer = None if quant is None else quant.quantizer
-        group_size = 0 if quant is None else quant.group_size
         self.fields: dict[str, TokenSeries] = {
-            f.name: TokenSeries(quantizer, f.role(name), bits, group_size) for f in self.method.fields
+            f.name: TokenSeries(quant, f.role(name), bits) for f in self.method.fields
         }
         self.residual: list[torch.Tensor | None] = [None] * members
         self.length = 0  # merged tokens M
@@ -269,7 +266,7 @@ class ComponentStore:
             index = index.to(torch.int32)
             if self.quant is not None:
                 # A sparse list has no token order: packed per row ("vectors").
-                packed = self.quant.quantizer.quantize(value, "vectors", self.bits, self.quant.group_size)
+                packed = self.quant.pack(value, "vectors", self.bits)
                 self.retained_q = append(self.retained_q, packed, dim=0)
             elif self.retained_value is None:
                 self.retained_value = value
@@ -286,13 +283,13 @@ class ComponentStore:
         role = field.role(self.name)
         if self.quant is None or role is None:
             return lambda r: r.to(storage)
-        quantizer, bits, group_size = self.quant.quantizer, self.bits, self.quant.group_size
+        quant, quantizer, bits, group_size = self.quant, self.quant.quantizer, self.bits, self.quant.group_size
         if quantizer.chunk_tokens(role, group_size) != 1:
             raise ValueError(
                 f"method {self.method.name!r} encodes against the restored field, which needs per-token packing; "
                 f"the {quantizer.name!r} scheme packs {role} {quantizer.chunk_tokens(role, group_size)} tokens together"
             )
-        return lambda r: quantizer.dequantize(quantizer.quantize(r.to(storage), role, bits, group_size), storage)
+        return lambda r: quantizer.dequantize(quant.pack(r.to(storage), role, bits), storage)
 
     def _check_separable(self, encoded, dtype: torch.dtype) -> None:
         """Once per store: packing the whole field must equal packing each member's columns, or the

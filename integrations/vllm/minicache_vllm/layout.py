@@ -279,10 +279,10 @@ def _field_slots(samples: list[tuple[str, str, Stored]], offset: int = 0) -> tup
 def quantized_layer_layout(layer, heads: int, head_dim: int, dtype: torch.dtype) -> UnitLayout:
     """The page of an unmerged layer of a quantized profile (``layer``: its
     :class:`~minicache.runtime.layers.QuantizedLayer`): one packing chunk of keys then values."""
-    q, g, chunk = layer.quantizer, layer.spec.group_size, layer.chunk
+    spec, chunk = layer.spec, layer.chunk
     sample = torch.zeros(1, heads, chunk, head_dim, dtype=dtype)
-    slots, size = _field_slots([("keys", "vectors", q.quantize(sample, "keys", layer.bits, g)),
-                                ("values", "vectors", q.quantize(sample, "values", layer.value_bits, g))])
+    slots, size = _field_slots([("keys", "vectors", spec.pack(sample, "keys", layer.bits)),
+                                ("values", "vectors", spec.pack(sample, "values", layer.value_bits))])
     return UnitLayout(heads, head_dim, dtype, chunk, slots, _aligned(size))
 
 
@@ -346,11 +346,11 @@ class PageLayout(UnitLayout):
                 sample = torch.zeros(1, heads, unit, f.size(members, head_dim, comp.params),
                                      dtype=f.storage_dtype(dtype))
                 if quant is not None and role is not None:
-                    sample = quant.quantizer.quantize(sample, role, comp.bits, quant.group_size)
+                    sample = quant.pack(sample, role, comp.bits)
                 samples.append((name, f.name, sample))
             vector = torch.zeros(1, members, head_dim, dtype=dtype)  # what ComponentStore.merge packs per row
             if quant is not None:
-                vector = quant.quantizer.quantize(vector, "vectors", comp.bits, quant.group_size)
+                vector = quant.pack(vector, "vectors", comp.bits)
             retained.append(Codec.of(vector))
         slots, retained_offset = _field_slots(samples)
         entry = max(c.nbytes for c in retained)

@@ -839,9 +839,10 @@ def fused_decode_attention(
         qt = view.qdirection
         if qt is None:
             return code_dummy, (0, 0, 0), scale_dummy, scale_dummy, (0, 0, 0), 0
-        if qt.data.stride(-1) != 1 or qt.scale.stride(-1) != 1 or qt.zero.stride() != qt.scale.stride():
+        scale, zero = qt.scales()  # 8-bit ones decoded (a group's two numbers: small beside its codes)
+        if qt.data.stride(-1) != 1 or scale.stride(-1) != 1 or zero.stride() != scale.stride():
             raise ValueError("packed directions need unit-stride last dims and zero points laid out like scales")
-        return qt.data, qt.data.stride()[:3], qt.scale, qt.zero, qt.scale.stride()[:3], qt.length
+        return qt.data, qt.data.stride()[:3], scale, zero, scale.stride()[:3], qt.length
 
     def csr_parts(view: MergedKVView):
         """CSR lists, exact retained vectors (+ row stride) and packed ones (codes, stride, scale, zero, stride)."""
@@ -852,7 +853,7 @@ def fused_decode_attention(
             return offsets, idx_dummy, idx_dummy, idx_dummy, dummy, 0, *no_packed
         if view.retained_q is not None:
             rq = view.retained_q
-            data, scale, zero = (t[:, view.member] for t in rq.tensors())
+            data, scale, zero = (t[:, view.member] for t in (rq.data, *rq.scales()))
             packed = (data, data.stride(0), scale, zero, scale.stride(0))
             return csr.offsets, csr.pos, csr.row, csr.cross, dummy, 0, *packed
         val = view.retained_value[:, view.member]

@@ -31,6 +31,9 @@
 #   bash benchmarks/key_storage_results.sh window8-decode  # decode speed with an 8-bit window vs 4-bit KIVI (after window8)
 #   bash benchmarks/key_storage_results.sh calibrate-window8  # calibrate-rotated with --kv-window-bits 8 (25 min)
 #   bash benchmarks/key_storage_results.sh calibrate-window8-half  # the same at --budget 0.005 (25 min)
+#   bash benchmarks/key_storage_results.sh calibrate-scale8  # calibrate-window8 with 8-bit scales, groups of 64 (25 min)
+#   bash benchmarks/key_storage_results.sh calibrate-scale8-half  # the same at --budget 0.005 (25 min)
+#   bash benchmarks/key_storage_results.sh scale8     # 3-bit rotated, groups of 64, with 8-bit scales (15 min)
 #   bash benchmarks/key_storage_results.sh overview   # every row above on one plot and table (seconds)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -197,6 +200,27 @@ if [[ $WHAT == all || $WHAT == calibrate-window8-half ]]; then
   score_profile auto-rotated-window8-half
 fi
 
+if [[ $WHAT == all || $WHAT == calibrate-scale8 ]]; then
+  # Scales and zero points at 8 bits halve their bytes; key groups of 64 tokens spend that on precision (same
+  # bytes of scales as fp16 groups of 128 for keys, half for values; benchmarks/scale_bits_probe.py)
+  auto_profile auto-rotated-scale8 2048 16 12 --kv-scheme rotated --kv-pre-rope-keys --kv-window-bits 8 \
+    --kv-scale-bits 8 --kv-group-size 64
+  score_profile auto-rotated-scale8
+fi
+
+if [[ $WHAT == all || $WHAT == calibrate-scale8-half ]]; then
+  auto_profile auto-rotated-scale8-half 2048 16 12 --kv-scheme rotated --kv-pre-rope-keys --kv-window-bits 8 \
+    --kv-scale-bits 8 --kv-group-size 64 --budget 0.005
+  score_profile auto-rotated-scale8-half
+fi
+
+if [[ $WHAT == all || $WHAT == scale8 ]]; then
+  # the window8 block's fixed 3-bit row (+1.47 % at 4.504x) with 8-bit scales and key groups of 64
+  echo "== 3-bit rotated, 4 sinks, pre-RoPE keys, 8-bit window, 8-bit scales, groups of 64"
+  "${EVAL[@]}" --compare none@rotated:3/64+s4+prerope+w8+z8 --json-out "$OUT/scale8.json" \
+    --markdown-out "$OUT/scale8.md"
+fi
+
 if [[ $WHAT == all || $WHAT == merged ]]; then
   # What minicache-calibrate --kv-bits 4 now packs by default (rotated, 4 exact sinks) under the shipped merge
   # profiles; with KIVI 4-bit on the same windows: benchmarks/results/lowrank-cpu/quantized-4bit-shipped-4096.md
@@ -231,7 +255,7 @@ if [[ $WHAT == all || $WHAT == overview ]]; then
   rows=()
   for name in sinks frontier values2 groups64 groups64-prerope groups64-s8 groups32 lloyd window merged-rotated \
               auto-lloyd auto-rotated-prerope auto-rotated-prerope-g64 auto-4k auto-4k-half window8 auto-rotated-window8 \
-              auto-rotated-window8-half; do
+              auto-rotated-window8-half auto-rotated-scale8 auto-rotated-scale8-half scale8; do
     rows+=("$OUT/$name.json")
   done
   "$PY" benchmarks/lowbit_table.py benchmarks/results/lowbit-cpu/frontier.json "$OUT/overview" "${rows[@]}"

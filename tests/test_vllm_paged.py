@@ -209,27 +209,30 @@ def test_window_pool_slots():
         WindowPool(2, 2, H, D, 8, torch.float32, bits=4)
 
 
-@pytest.mark.parametrize("scheme,bits,group", [("kivi", 4, 16), ("rotated", 2, 16), ("kivi", 3, 8),
-                                               ("rotated-lloyd", 2, 8)])
-def test_a_quantized_group_is_packed_in_its_pages_as_the_runtime_packs_it(scheme, bits, group):
+@pytest.mark.parametrize("scheme,bits,group,scale_bits", [("kivi", 4, 16, None), ("rotated", 2, 16, None),
+                                                          ("kivi", 3, 8, None), ("rotated-lloyd", 2, 8, None),
+                                                          ("rotated", 3, 8, 8)])
+def test_a_quantized_group_is_packed_in_its_pages_as_the_runtime_packs_it(scheme, bits, group, scale_bits):
     torch.manual_seed(bits)
-    quant = Quantization(bits=bits, group_size=group, residual_length=R, scheme=scheme)
+    quant = Quantization(bits=bits, group_size=group, residual_length=R, scheme=scheme, scale_bits=scale_bits)
     _, reference = group_of(3, quant=quant)
     group_, _ = paged(reference, torch.bfloat16, room=BS * H * 2, page=32)
     assert group_.unit == max(group, BS)
     step_both(reference, group_, H, D, torch.bfloat16)
     keys = reference.components["keys"]
     assert isinstance(keys.fields["direction"].packed, QuantizedTensor) and keys.retained_q is not None
+    assert keys.fields["direction"].packed.scale_bits == keys.retained_q.scale_bits == scale_bits
     assert keys.fields["direction"].dense is not None or group == BS, "a dense tail was exercised"
     assert reference.merged_length > 100
 
 
-@pytest.mark.parametrize("pre_rope,window_bits,first", [(False, None, 45), (True, None, 45), (True, 8, 45),
-                                                          (False, 8, 1)])
-def test_an_unmerged_quantized_layer_in_pages_is_the_runtime_layer(pre_rope, window_bits, first):
+@pytest.mark.parametrize("pre_rope,window_bits,first,scale_bits", [(False, None, 45, None), (True, None, 45, None),
+                                                                     (True, 8, 45, None), (False, 8, 1, None),
+                                                                     (True, 8, 45, 8)])
+def test_an_unmerged_quantized_layer_in_pages_is_the_runtime_layer(pre_rope, window_bits, first, scale_bits):
     torch.manual_seed(int(pre_rope))
     spec = Quantization(bits=4, group_size=16, residual_length=R, sink_tokens=2, pre_rope_keys=pre_rope,
-                        window_bits=window_bits)
+                        window_bits=window_bits, scale_bits=scale_bits)
     rope = RopeAngles(1.0 / 10000 ** (torch.arange(0, D, 2).float() / D))
     reference = QuantizedLayer(spec, rope=rope)
     layout = quantized_layer_layout(reference, H, D, torch.bfloat16)
@@ -251,6 +254,7 @@ def test_an_unmerged_quantized_layer_in_pages_is_the_runtime_layer(pre_rope, win
         layer.end_step([])
         before += n
     assert reference.quantized_length >= 80 and reference.sink_keys is not None
+    assert reference.qkeys.scale_bits == scale_bits
     if window_bits is not None:  # stored as the runtime stores it: a byte per channel, fp16 scale and zero
         assert torch.equal(pool.read_stored(0).data[0], reference.keys.data)
         assert pool.nbytes == 2 * 2 * H * (R + layout.unit_tokens) * (D + 2 * 2)

@@ -63,8 +63,16 @@ SCALE_CODE_OFFSET = 128
 ZERO_STEPS = 4
 
 
+@functools.lru_cache(maxsize=8)
+def _scale_table(device: str) -> torch.Tensor:
+    """``[256]`` float32: the scale each code means (a table, not ``exp2``: vectorised and scalar ``exp2`` may
+    differ in the last bit, and every reader of a tensor must restore the same bits)."""
+    codes = torch.arange(256, dtype=torch.float64)
+    return torch.exp2((codes - SCALE_CODE_OFFSET) / SCALE_CODES_PER_OCTAVE).float().to(device)
+
+
 def _scale_of(code: torch.Tensor) -> torch.Tensor:
-    return torch.exp2((code.float() - SCALE_CODE_OFFSET) / SCALE_CODES_PER_OCTAVE)
+    return _scale_table(str(code.device))[code.long()]
 
 
 def _scale_code(scale: torch.Tensor, rounding) -> torch.Tensor:

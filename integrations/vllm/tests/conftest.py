@@ -24,9 +24,10 @@ def pytest_collection_modifyitems(config, items):
 
 #: The quantized profile the tests serve: the shipped groups, every layer packed 4-bit (KIVI, keys per
 #: channel in groups of 128 tokens, so vLLM's block size must be 128), exact sinks, keys packed pre-RoPE,
-#: unmerged layers' recent windows held at 8 bits (their exact form is paged in tests/test_vllm_paged.py).
+#: unmerged layers' recent windows held at 8 bits (their exact form is paged in tests/test_vllm_paged.py),
+#: scales and zero points as 8-bit codes (fp16 ones are paged in tests/test_vllm_paged.py too).
 QUANTIZED = ("Quantization(bits=4, group_size=128, residual_length=128, sink_tokens=4, pre_rope_keys=True, "
-             "window_bits=8)")
+             "window_bits=8, scale_bits=8)")
 
 
 def _convert(out: Path, profile: Path | None) -> Path:

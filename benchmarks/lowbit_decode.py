@@ -65,6 +65,9 @@ def main() -> None:
             Quantization(bits=3, scheme="rotated", sink_tokens=4, pre_rope_keys=True, window_bits=8)),
         "3-bit rotated + 4 sinks + key groups 64": none.with_quantization(
             Quantization(bits=3, scheme="rotated", sink_tokens=4, group_size=64)),
+        "3-bit rotated + 8-bit scales": none.with_quantization(Quantization(bits=3, scheme="rotated", scale_bits=8)),
+        "3-bit rotated + 4 sinks + key groups 64 + 8-bit scales": none.with_quantization(
+            Quantization(bits=3, scheme="rotated", sink_tokens=4, group_size=64, scale_bits=8)),
         "2-bit rotated + 4 sinks": none.with_quantization(Quantization(bits=2, scheme="rotated", sink_tokens=4)),
         "2-bit rotated-lloyd + 4 sinks": none.with_quantization(
             Quantization(bits=2, scheme="rotated-lloyd", sink_tokens=4)),

@@ -9,9 +9,9 @@ for value groups of 64 channels and 0.25 for key groups of 128 tokens; in the 4.
 * the zero point in quarter steps of that scale, ``z / 4 · scale`` for an integer ``z`` in ``[-128, 127]``
   (a group whose minimum lies more than 32 steps from zero is widened until it fits; counted).
 
-Codes are computed from the rounded scale and zero point, as :func:`minicache.quant.packed.quantize`
-does, and clamped. Rows compare, at the same key/value widths, fp16 scales, 8-bit ones, and 8-bit ones
-with groups half as large (the same bytes of scales as fp16 ones).
+This is the format :func:`minicache.quant.packed.encode_scales` then implemented. Codes are computed from
+the rounded scale and zero point and clamped. Rows compare, at the same key/value widths, fp16 and 8-bit
+scales at key groups of 128 and 64 tokens (value groups: 64 channels, or 32).
 
     source benchmarks/unseen_text.sh && mkdir -p /tmp/tc && write_unseen_text /tmp/tc
     .venv/bin/python benchmarks/scale_bits_probe.py
@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 from pathlib import Path
 
 import torch
-from transform_coding_probe import packed_span, score  # benchmarks/ is this directory
+from transform_coding_probe import packed_span, reference_prefixes, score_variant  # benchmarks/ is this directory
 
 from minicache.data import split_text, token_windows
-from minicache.evaluate.quality import ppl_increase_interval
 from minicache.models import load_model
 from minicache.quant.rotated import rotation_matrix
 
@@ -83,7 +81,7 @@ def main() -> None:
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--anchors", default="3/3,3/2,2/2", help="key/value widths")
-    parser.add_argument("--variants", default="16/128/64,8/128/64,8/64/32",
+    parser.add_argument("--variants", default="16/128/64,8/128/64,16/64/64,8/64/64,8/64/32",
                         help="scale bits (16: fp16, 8) / key group (tokens) / value group (channels)")
     parser.add_argument("--out", default="benchmarks/results/keys-cpu/scale-bits-probe.md")
     args = parser.parse_args()
@@ -96,13 +94,7 @@ def main() -> None:
     evals = torch.cat([token_windows(split_text(Path(p).read_text()), tok, length, args.windows_per_text, spread=True)
                        for p in args.unseen.split(",")])
     span = slice(args.sinks, args.prefix - args.window)
-    prefixes = []
-    for w in range(evals.shape[0]):
-        ids = evals[w:w + 1]
-        with torch.no_grad():
-            cache = model(input_ids=ids[:, :args.prefix], use_cache=True).past_key_values
-        nll, logp, _, _ = score(model, copy.deepcopy(cache), ids[:, args.prefix:], None)
-        prefixes.append((ids, cache, nll, logp))
+    prefixes = reference_prefixes(model, evals, args.prefix)
 
     lines = [f"Simulation (round trip of the cached prefix in place; nothing stores less): SmolLM2-135M-Instruct, "
              f"float32, rotated groups, {evals.shape[0]} windows of {args.prefix} prefix + {args.continuation} scored "
@@ -118,31 +110,26 @@ def main() -> None:
             mode = "fp16" if sbits == 16 else "8-bit"
             inner = packed_span(span, 128)
             overflow = [0, 0]
-            nll_all, ref_all, kls, tops = [], [], [], []
-            for ids, cache, ref_nll, ref_logp in prefixes:
+
+            def rounded(cache, kb=kb, vb=vb, kg=kg, vg=vg, mode=mode, inner=inner, overflow=overflow):
                 out = copy.deepcopy(cache)
                 for lay in out.layers:
                     lay.keys[:, :, inner] = roundtrip(lay.keys[:, :, inner], "keys", kb, kg, mode, rotation, overflow)
                     lay.values[:, :, inner] = roundtrip(lay.values[:, :, inner], "values", vb, vg, mode, rotation,
                                                         overflow)
-                nll, _, kl, top1 = score(model, out, ids[:, args.prefix:], ref_logp)
-                nll_all.append(nll)
-                ref_all.append(ref_nll)
-                kls.append(kl.mean())
-                tops.append(top1.mean())
-            nll_t, ref_t = torch.cat(nll_all), torch.cat(ref_all)
-            inc = (nll_t.double().mean() - ref_t.double().mean()).exp().item() - 1
-            low, high = ppl_increase_interval(ref_t, nll_t)
+                return out
+
+            row = score_variant(model, prefixes, args.prefix, rounded)
+            inc, low, high = row["ppl_increase"], row["low"], row["high"]
             bits = (kb + vb) / 2 + (scale_bits_per_value("keys", kg, d, sbits)
                                     + scale_bits_per_value("values", vg, d, sbits)) / 2
             widened = f"{overflow[0]} of {overflow[1]}" if overflow[1] else "–"
             lines.append(f"| {kb}/{vb} | {kg} | {vg} | {mode} | {bits:.3f} | {100 * inc:+.2f} % "
-                         f"[{100 * low:+.2f}..{100 * high:+.2f}] | {torch.stack(kls).mean().item():.4f} | "
-                         f"{100 * torch.stack(tops).mean().item():.1f} % | {widened} |")
+                         f"[{100 * low:+.2f}..{100 * high:+.2f}] | {row['kl']:.4f} | {100 * row['top1']:.1f} % | "
+                         f"{widened} |")
             print(lines[-1], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n\nCommand: `.venv/bin/python benchmarks/scale_bits_probe.py`\n")
-    assert math.isfinite(inc)
 
 
 if __name__ == "__main__":

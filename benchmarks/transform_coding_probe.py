@@ -230,6 +230,35 @@ def score(model, cache, cont: torch.Tensor, reference: torch.Tensor | None):
     return nll, logp, kl_divergence(reference, logp), top1_agreement(reference, logp).float()
 
 
+def reference_prefixes(model, evals: torch.Tensor, prefix: int) -> list[tuple]:
+    """Per window of ``evals`` ``[W, prefix + C]``: ``(ids, full-cache prefix, reference nll, reference log-probs)``
+    of its continuation, one window at a time (memory)."""
+    prefixes = []
+    for w in range(evals.shape[0]):
+        ids = evals[w:w + 1]
+        with torch.no_grad():
+            cache = model(input_ids=ids[:, :prefix], use_cache=True).past_key_values
+        nll, logp, _, _ = score(model, copy.deepcopy(cache), ids[:, prefix:], None)
+        prefixes.append((ids, cache, nll, logp))
+    return prefixes
+
+
+def score_variant(model, prefixes: list[tuple], prefix: int, make) -> dict[str, float]:
+    """The continuations scored on ``make(full-cache prefix)``: perplexity increase with its 95 % interval
+    (bootstrap over windows), KL and top-1 agreement against the full cache."""
+    nll_all, ref_all, kl_all, top_all = [], [], [], []
+    for ids, cache, ref_nll, ref_logp in prefixes:
+        nll, _, kl, top1 = score(model, make(cache), ids[:, prefix:], ref_logp)
+        nll_all.append(nll)
+        ref_all.append(ref_nll)
+        kl_all.append(kl.mean())
+        top_all.append(top1.mean())
+    nll_t, ref_t = torch.cat(nll_all), torch.cat(ref_all)  # [windows, tokens]
+    low, high = ppl_increase_interval(ref_t, nll_t)
+    return {"ppl_increase": (nll_t.double().mean() - ref_t.double().mean()).exp().item() - 1, "low": low,
+            "high": high, "kl": torch.stack(kl_all).mean().item(), "top1": torch.stack(top_all).mean().item()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", default="minicache/calibrate/corpus/default.jsonl,"
@@ -267,14 +296,7 @@ def main() -> None:
     span = slice(args.sinks, args.prefix - args.window)
     captured = capture_rows(model, calib)
 
-    # full-cache prefixes and references, one window at a time (memory)
-    prefixes = []
-    for w in range(evals.shape[0]):
-        ids = evals[w:w + 1]
-        with torch.no_grad():
-            cache = model(input_ids=ids[:, :args.prefix], use_cache=True).past_key_values
-        nll, logp, _, _ = score(model, copy.deepcopy(cache), ids[:, args.prefix:], None)
-        prefixes.append((ids, cache, nll, logp))
+    prefixes = reference_prefixes(model, evals, args.prefix)
     angles = RopeAngles.of_model(model)
 
     full_bytes_token = layers * 2 * h * d * 2  # bfloat16, whatever the simulation's dtype
@@ -288,19 +310,9 @@ def main() -> None:
     rows = []
 
     def evaluate(label: str, make, compression: float, bits_note: str) -> None:
-        nll_all, ref_all, kl_all, top_all = [], [], [], []
-        for ids, cache, ref_nll, ref_logp in prefixes:
-            nll, _, kl, top1 = score(model, make(cache), ids[:, args.prefix:], ref_logp)
-            nll_all.append(nll)
-            ref_all.append(ref_nll)
-            kl_all.append(kl.mean())
-            top_all.append(top1.mean())
-        nll_t, ref_t = torch.cat(nll_all), torch.cat(ref_all)  # [windows, tokens]
-        inc = (nll_t.double().mean() - ref_t.double().mean()).exp().item() - 1
-        low, high = ppl_increase_interval(ref_t, nll_t)
-        row = {"variant": label, "bits": bits_note, "compression": compression, "ppl_increase": inc,
-               "low": low, "high": high, "kl": torch.stack(kl_all).mean().item(),
-               "top1": torch.stack(top_all).mean().item()}
+        row = {"variant": label, "bits": bits_note, "compression": compression,
+               **score_variant(model, prefixes, args.prefix, make)}
+        inc = row["ppl_increase"]
         rows.append(row)
         print(f"{label:28s} {bits_note:22s} {compression:6.3f}x  {100 * inc:+6.2f}% "
               f"[{100 * row['low']:+.2f}, {100 * row['high']:+.2f}]  KL {row['kl']:.4f}"

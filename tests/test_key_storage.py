@@ -261,32 +261,37 @@ def test_8_bit_windows_decode_the_same_on_every_torch_path_and_are_counted():
     assert errors[0] > 0 and errors[1] < 1.5 * errors[0]
 
 
-def test_window_bits_in_profiles_storage_specs_and_options(tmp_path):
+@pytest.mark.parametrize(("field", "option", "storage", "bad_storage", "described"), [
+    ("window_bits", "--kv-window-bits", "rotated:3+s4+prerope+w8", "3+w4", "8-bit window"),
+    ("scale_bits", "--kv-scale-bits", "rotated:3/64+s4+prerope+w8+z8", "3+z4", "8-bit scales"),
+])
+def test_8_bit_storage_fields_in_profiles_storage_specs_and_options(tmp_path, field, option, storage, bad_storage,
+                                                                    described):
     import argparse
 
     from minicache.cli_options import add_kv_options, quantization_from_args
 
     model = make_model("llama")
     profile = MergeProfile.preset("none", model.config).with_quantization(
-        Quantization(3, 64, 32, scheme="rotated", window_bits=8))
-    assert "8-bit window" in profile.describe()
+        Quantization(3, 64, 32, scheme="rotated", **{field: 8}))
+    assert described in profile.describe()
     path = profile.save(tmp_path / "p.yaml")
-    assert "window_bits: 8" in path.read_text()
-    assert MergeProfile.load(path).quantization.window_bits == 8
-    assert "window_bits" not in Quantization(3).to_dict()
+    assert f"{field}: 8" in path.read_text()
+    assert getattr(MergeProfile.load(path).quantization, field) == 8
+    assert field not in Quantization(3).to_dict()
     for bad in (4, 16, True, "8"):
         with pytest.raises(ProfileError) as info:
-            MergeProfile.from_dict({"format_version": 2, "quantization": {"window_bits": bad}})
-        assert info.value.path == "quantization.window_bits"
-    assert parse_storage("rotated:3+s4+prerope+w8").window_bits == 8 and parse_storage("3").window_bits is None
-    with pytest.raises(ValueError, match="window_bits"):
-        parse_storage("3+w4")
+            MergeProfile.from_dict({"format_version": 2, "quantization": {field: bad}})
+        assert info.value.path == f"quantization.{field}"
+    assert getattr(parse_storage(storage), field) == 8 and getattr(parse_storage("3"), field) is None
+    with pytest.raises(ValueError, match=field):
+        parse_storage(bad_storage)
     parser = argparse.ArgumentParser()
     add_kv_options(parser)
-    assert quantization_from_args(parser.parse_args(["--kv-bits", "3", "--kv-window-bits", "8"])).window_bits == 8
+    assert getattr(quantization_from_args(parser.parse_args(["--kv-bits", "3", option, "8"])), field) == 8
     with pytest.raises(SystemExit):
-        parser.parse_args(["--kv-bits", "3", "--kv-window-bits", "4"])
+        parser.parse_args(["--kv-bits", "3", option, "4"])
     with pytest.raises(ProfileError, match="needs --kv-bits") as info:  # alone it would do nothing
-        quantization_from_args(parser.parse_args(["--kv-window-bits", "8"]))
-    assert info.value.path == "--kv-window-bits"
+        quantization_from_args(parser.parse_args([option, "8"]))
+    assert info.value.path == option
     assert quantization_from_args(parser.parse_args([])) is None

@@ -1,13 +1,10 @@
 """8-bit scales and zero points of packed groups (``Quantization.scale_bits``, issue 18)."""
 
-import argparse
 import dataclasses
 
 import pytest
 import torch
 
-from minicache import MergeProfile
-from minicache.evaluate.compare import parse_storage
 from minicache.profile import ProfileError, Quantization
 from minicache.quant import get_quantizer, quantize
 from minicache.quant.packed import ZERO_STEPS, decode_scales, encode_scales
@@ -128,37 +125,12 @@ def test_8_bit_scales_decode_the_same_on_every_torch_path_and_are_counted():
     assert restore.memory_report()["kv_bytes"] == sum_of_storages(restore)
 
 
-def test_scale_bits_in_profiles_storage_specs_and_options(tmp_path):
-    from minicache.cli_options import add_kv_options, quantization_from_args
+def test_a_scheme_without_8_bit_scales_refuses_them_by_name():
+    """(The field in profiles, storage specs and options: ``tests/test_key_storage.py``.)"""
     from minicache.quant import register_quantizer, unregister_quantizer
     from minicache.quant.base import Quantizer
     from minicache.quant.kivi import KiviQuantizer
 
-    model = make_model("llama")
-    profile = MergeProfile.preset("none", model.config).with_quantization(
-        Quantization(3, 64, 32, scheme="rotated", scale_bits=8))
-    assert "8-bit scales" in profile.describe()
-    path = profile.save(tmp_path / "p.yaml")
-    assert "scale_bits: 8" in path.read_text()
-    assert MergeProfile.load(path).quantization.scale_bits == 8
-    assert "scale_bits" not in Quantization(3).to_dict()
-    for bad in (4, 16, True, "8"):
-        with pytest.raises(ProfileError) as info:
-            MergeProfile.from_dict({"format_version": 2, "quantization": {"scale_bits": bad}})
-        assert info.value.path == "quantization.scale_bits"
-    assert parse_storage("rotated:3/64+s4+prerope+w8+z8").scale_bits == 8 and parse_storage("3").scale_bits is None
-    with pytest.raises(ValueError, match="scale_bits"):
-        parse_storage("3+z4")
-    parser = argparse.ArgumentParser()
-    add_kv_options(parser)
-    assert quantization_from_args(parser.parse_args(["--kv-bits", "3", "--kv-scale-bits", "8"])).scale_bits == 8
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--kv-bits", "3", "--kv-scale-bits", "4"])
-    with pytest.raises(ProfileError, match="needs --kv-bits") as info:  # alone it would do nothing
-        quantization_from_args(parser.parse_args(["--kv-scale-bits", "8"]))
-    assert info.value.path == "--kv-scale-bits"
-
-    # A scheme without 8-bit scales refuses them by name, in the profile.
     @register_quantizer
     class FloatScalesOnly(Quantizer):
         name = "test-float-scales"

@@ -533,12 +533,14 @@ def test_fused_decode_packed_and_aligned():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
-def test_fused_decode_of_an_unmerged_quantized_layer_is_plain_attention(dtype):
+@pytest.mark.parametrize("scale_bits", [None, 8], ids=["float-scales", "8-bit-scales"])
+def test_fused_decode_of_an_unmerged_quantized_layer_is_plain_attention(dtype, scale_bits):
     from minicache.quant.packed import quantize
 
     g = torch.Generator().manual_seed(7)
     k, v = (torch.randn(2, 2, 136, 64, generator=g).to(dtype).to(DEVICE) for _ in range(2))
-    packed_k, packed_v = quantize(k[..., :128, :], 4, 32, "tokens"), quantize(v[..., :128, :], 4, 32, "channels")
+    packed_k = quantize(k[..., :128, :], 4, 32, "tokens", scale_bits=scale_bits)
+    packed_v = quantize(v[..., :128, :], 4, 32, "channels", scale_bits=scale_bits)
     keys = MergedKVView.of_quantized_layer(k[..., 128:, :], packed_k)
     values = MergedKVView.of_quantized_layer(v[..., 128:, :], packed_v)
     query = torch.randn(2, 8, 1, 64, generator=g).to(dtype).to(DEVICE)

@@ -34,6 +34,7 @@
 #   bash benchmarks/key_storage_results.sh calibrate-scale8  # calibrate-window8 with 8-bit scales, groups of 64 (25 min)
 #   bash benchmarks/key_storage_results.sh calibrate-scale8-half  # the same at --budget 0.005 (25 min)
 #   bash benchmarks/key_storage_results.sh scale8     # 3-bit rotated, groups of 64, with 8-bit scales (15 min)
+#   bash benchmarks/key_storage_results.sh scale8-decode  # decode speed with 8-bit scales vs 4-bit KIVI (15 min)
 #   bash benchmarks/key_storage_results.sh overview   # every row above on one plot and table (seconds)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -219,6 +220,14 @@ if [[ $WHAT == all || $WHAT == scale8 ]]; then
   echo "== 3-bit rotated, 4 sinks, pre-RoPE keys, 8-bit window, 8-bit scales, groups of 64"
   "${EVAL[@]}" --compare none@rotated:3/64+s4+prerope+w8+z8 --json-out "$OUT/scale8.json" \
     --markdown-out "$OUT/scale8.md"
+fi
+
+if [[ $WHAT == all || $WHAT == scale8-decode ]]; then
+  # what decoding 8-bit scales (a table lookup per group, every block) costs a decode step
+  echo "== decode speed with 8-bit scales, blockwise torch path, 2,048 tokens, batch 1"
+  "$PY" benchmarks/lowbit_decode.py --profile "$OUT/auto-rotated-scale8" --baselines \
+    "3-bit rotated,3-bit rotated + 8-bit scales,3-bit rotated + 4 sinks + key groups 64,3-bit rotated + 4 sinks + key groups 64 + 8-bit scales" \
+    --json-out "$OUT/scale8-decode.json" --markdown-out "$OUT/scale8-decode.md"
 fi
 
 if [[ $WHAT == all || $WHAT == merged ]]; then

@@ -24,7 +24,7 @@ A group's scale and zero point may also be stored in 8 bits each instead of 16 (
 the scale as ``2^((c - 128) / 8)`` for a ``uint8`` code ``c`` (eight steps per octave, ``2^-16`` to ``2^15.875``)
 and the zero point in quarter steps of that scale, ``z / 4 · scale`` for an ``int8`` ``z``. Half the bytes of
 scales; a group's step may be up to 4.4 % coarser or finer than its range asks (the codes are clamped), and a
-group whose minimum lies more than 32 steps from zero gets a coarser scale until it fits.
+group whose minimum lies beyond the zero point's reach (32 steps below zero, 31.75 above) gets a coarser scale.
 
 A :class:`QuantizedTensor` only grows by concatenation: the packed data of old tokens never changes.
 Quantizers (:mod:`minicache.quant`) decide which axis and group size each role of the cache uses.

@@ -33,6 +33,7 @@
 #   bash benchmarks/key_storage_results.sh calibrate-window8-half  # the same at --budget 0.005 (25 min)
 #   bash benchmarks/key_storage_results.sh calibrate-scale8  # calibrate-window8 with 8-bit scales, groups of 64 (25 min)
 #   bash benchmarks/key_storage_results.sh calibrate-scale8-half  # the same at --budget 0.005 (25 min)
+#   bash benchmarks/key_storage_results.sh calibrate-scale8-g128  # calibrate-scale8 with key groups of 128 (25 min)
 #   bash benchmarks/key_storage_results.sh scale8     # 3-bit rotated, groups of 64, with 8-bit scales (15 min)
 #   bash benchmarks/key_storage_results.sh scale8-decode  # decode speed with 8-bit scales vs 4-bit KIVI (15 min)
 #   bash benchmarks/key_storage_results.sh overview   # every row above on one plot and table (seconds)
@@ -215,6 +216,13 @@ if [[ $WHAT == all || $WHAT == calibrate-scale8-half ]]; then
   score_profile auto-rotated-scale8-half
 fi
 
+if [[ $WHAT == all || $WHAT == calibrate-scale8-g128 ]]; then
+  # fewer scale bytes (0.18 bits per value against 0.24), coarser key groups: where does the search stop?
+  auto_profile auto-rotated-scale8-g128 2048 16 12 --kv-scheme rotated --kv-pre-rope-keys --kv-window-bits 8 \
+    --kv-scale-bits 8
+  score_profile auto-rotated-scale8-g128
+fi
+
 if [[ $WHAT == all || $WHAT == scale8 ]]; then
   # the window8 block's fixed 3-bit row (+1.47 % at 4.504x) with 8-bit scales and key groups of 64
   echo "== 3-bit rotated, 4 sinks, pre-RoPE keys, 8-bit window, 8-bit scales, groups of 64"
@@ -264,7 +272,7 @@ if [[ $WHAT == all || $WHAT == overview ]]; then
   rows=()
   for name in sinks frontier values2 groups64 groups64-prerope groups64-s8 groups32 lloyd window merged-rotated \
               auto-lloyd auto-rotated-prerope auto-rotated-prerope-g64 auto-4k auto-4k-half window8 auto-rotated-window8 \
-              auto-rotated-window8-half auto-rotated-scale8 auto-rotated-scale8-half scale8; do
+              auto-rotated-window8-half auto-rotated-scale8 auto-rotated-scale8-half auto-rotated-scale8-g128 scale8; do
     rows+=("$OUT/$name.json")
   done
   "$PY" benchmarks/lowbit_table.py benchmarks/results/lowbit-cpu/frontier.json "$OUT/overview" "${rows[@]}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from window_probe import bits_by_part  # benchmarks/ is this script's directory
+from window_probe import bits_by_part, bits_table  # benchmarks/ is this script's directory
 
 from minicache import MergeProfile
 from minicache.models import load_model
@@ -37,12 +37,7 @@ def main() -> None:
         columns[name] = bits_by_part(profile.with_quantization(quant), model.config, args.prefix_length)
     lines = [f"`{args.profile}`'s widths ({profile.quantization.describe()}) on SmolLM2-135M's shapes (bfloat16, "
              f"batch 1) after {args.prefix_length:,} tokens: bits per cached value by part of `memory_report()`.", "",
-             "| part | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    parts = dict.fromkeys(part for bits, _ in columns.values() for part in bits)
-    for part in parts:
-        lines.append(f"| {part} | " + " | ".join(f"{bits.get(part, 0):.3f}" for bits, _ in columns.values()) + " |")
-    lines.append("| **total** | " + " | ".join(f"{sum(bits.values()):.3f}" for bits, _ in columns.values()) + " |")
-    lines.append("| compression | " + " | ".join(f"{ratio:.3f}x" for _, ratio in columns.values()) + " |")
+             *bits_table(columns)]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.markdown_out:

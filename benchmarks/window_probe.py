@@ -39,6 +39,17 @@ def bits_by_part(profile: MergeProfile, config, prefix: int) -> tuple[dict[str, 
     return {part: 8 * n / values for part, n in report["parts"].items() if n}, report["compression_ratio"]
 
 
+def bits_table(columns: dict[str, tuple[dict[str, float], float]]) -> list[str]:
+    """Markdown rows: bits per cached value of each part, their total and the compression, one column per
+    ``name -> (bits_by_part(...))``."""
+    lines = ["| part | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for part in dict.fromkeys(part for bits, _ in columns.values() for part in bits):
+        lines.append(f"| {part} | " + " | ".join(f"{bits.get(part, 0):.3f}" for bits, _ in columns.values()) + " |")
+    lines.append("| **total** | " + " | ".join(f"{sum(bits.values()):.3f}" for bits, _ in columns.values()) + " |")
+    lines.append("| compression | " + " | ".join(f"{ratio:.3f}x" for _, ratio in columns.values()) + " |")
+    return lines
+
+
 def update_ms(spec, rope: RopeAngles, heads: int, dim: int, context: int, steps: int) -> float:
     """Median milliseconds of one decode step's ``update`` over ``steps`` steps, for ``spec``."""
     gen = torch.Generator().manual_seed(1)
@@ -71,15 +82,10 @@ def main() -> None:
         parser.error(f"--profile {args.profile} stores nothing quantized")
     exact = profile.with_quantization(dataclasses.replace(profile.quantization, window_bits=None))
     narrow = profile.with_quantization(dataclasses.replace(profile.quantization, window_bits=8))
-    (exact_bits, exact_ratio), (narrow_bits, narrow_ratio) = (bits_by_part(p, config, args.prefix_length)
-                                                              for p in (exact, narrow))
+    columns = {name: bits_by_part(p, config, args.prefix_length)
+               for name, p in (("exact window", exact), ("8-bit window", narrow))}
     lines = [f"`{args.profile}` on SmolLM2-135M's shapes (bfloat16, batch 1) after {args.prefix_length:,} tokens: "
-             "bits per cached value by part of `memory_report()`.", "",
-             "| part | exact window | 8-bit window |", "|---|---:|---:|"]
-    for part in dict.fromkeys([*exact_bits, *narrow_bits]):
-        lines.append(f"| {part} | {exact_bits.get(part, 0):.3f} | {narrow_bits.get(part, 0):.3f} |")
-    lines.append(f"| **total** | {sum(exact_bits.values()):.3f} | {sum(narrow_bits.values()):.3f} |")
-    lines.append(f"| compression | {exact_ratio:.3f}x | {narrow_ratio:.3f}x |")
+             "bits per cached value by part of `memory_report()`.", "", *bits_table(columns)]
     spec = ModelSpec.from_config(config)
     heads, dim = spec.kv_shape(0)
     rope = RopeAngles.of_model(model)

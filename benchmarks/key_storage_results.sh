@@ -34,6 +34,7 @@
 #   bash benchmarks/key_storage_results.sh calibrate-scale8  # calibrate-window8 with 8-bit scales, groups of 64 (25 min)
 #   bash benchmarks/key_storage_results.sh calibrate-scale8-half  # the same at --budget 0.005 (25 min)
 #   bash benchmarks/key_storage_results.sh calibrate-scale8-g128  # calibrate-scale8 with key groups of 128 (25 min)
+#   bash benchmarks/key_storage_results.sh calibrate-queries  # calibrate-scale8, keys rounded for the queries (25 min)
 #   bash benchmarks/key_storage_results.sh scale8     # 3-bit rotated, groups of 64, with 8-bit scales (15 min)
 #   bash benchmarks/key_storage_results.sh scale8-decode  # decode speed with 8-bit scales vs 4-bit KIVI (15 min)
 #   bash benchmarks/key_storage_results.sh overview   # every row above on one plot and table (seconds)
@@ -221,6 +222,14 @@ if [[ $WHAT == all || $WHAT == calibrate-scale8-g128 ]]; then
   auto_profile auto-rotated-scale8-g128 2048 16 12 --kv-scheme rotated --kv-pre-rope-keys --kv-window-bits 8 \
     --kv-scale-bits 8
   score_profile auto-rotated-scale8-g128
+fi
+
+if [[ $WHAT == all || $WHAT == calibrate-queries ]]; then
+  # calibrate-scale8 with keys rounded for the queries (error feedback, same bytes;
+  # benchmarks/adaptive_rounding_probe.py): how far do the widths go down now?
+  auto_profile auto-rotated-queries 2048 16 12 --kv-scheme rotated --kv-pre-rope-keys --kv-window-bits 8 \
+    --kv-scale-bits 8 --kv-group-size 64 --kv-key-rounding queries
+  score_profile auto-rotated-queries
 fi
 
 if [[ $WHAT == all || $WHAT == scale8 ]]; then

@@ -147,6 +147,14 @@ def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None 
         help="with --kv-bits: store each packed group's scale and zero point as 8-bit codes instead of fp16: half "
         "their bytes, which a smaller --kv-group-size can spend on precision (e.g. --kv-group-size 64)",
     )
+    group.add_argument(
+        # a literal: this module stays free of torch for --help; Quantization checks them
+        "--kv-key-rounding", choices=("nearest", "queries"), default=None,
+        help="with --kv-bits: how unmerged layers round packed keys: to the nearest level (default), or "
+        "'queries': channel by channel with error feedback, so that the error lands where the queries do not "
+        "read (same bytes; rotated schemes; the calibrator fits per-channel query energies and ships them in "
+        "the profile's sidecar)",
+    )
     if residual:
         group.add_argument(
             "--kv-residual-length", type=int, default=128,
@@ -168,7 +176,8 @@ def quantization_from_args(args: argparse.Namespace, residual_length: int | None
         # options that only say how --kv-bits stores the cache: alone they would silently do nothing
         stray = [option for option, given in (("--kv-window-bits", getattr(args, "kv_window_bits", None) is not None),
                                               ("--kv-scale-bits", getattr(args, "kv_scale_bits", None) is not None),
-                                              ("--kv-pre-rope-keys", getattr(args, "kv_pre_rope_keys", False)))
+                                              ("--kv-pre-rope-keys", getattr(args, "kv_pre_rope_keys", False)),
+                                              ("--kv-key-rounding", getattr(args, "kv_key_rounding", None) is not None))
                  if given]
         if stray:
             raise ProfileError("says how quantized storage is held; it needs --kv-bits", stray[0])
@@ -194,6 +203,7 @@ def quantization_from_args(args: argparse.Namespace, residual_length: int | None
             pre_rope_keys=getattr(args, "kv_pre_rope_keys", False),
             window_bits=getattr(args, "kv_window_bits", None),
             scale_bits=getattr(args, "kv_scale_bits", None),
+            key_rounding=getattr(args, "kv_key_rounding", None) or "nearest",
         )
     except ProfileError as err:  # name the option, not the profile field
         option = "--kv-" + err.path.split("[")[0].replace("_", "-")

@@ -104,6 +104,10 @@ SIDECAR_SUFFIX = ".tensors"
 PRESETS = ("paper", "none")
 #: Code widths an unmerged layer's recent window may be stored at (`Quantization.window_bits`).
 WINDOW_BITS = (8,)
+#: How unmerged layers round their packed keys (`Quantization.key_rounding`).
+KEY_ROUNDINGS = ("nearest", "queries")
+#: The sidecar tensor of `key_rounding: queries`: ``[layers, KV heads, head_dim]`` channel weights.
+KEY_WEIGHTS_TENSOR = "quantization.key_weights"
 DEFAULT_METHOD = "slerp"
 
 _LAYERS_ALLOWED = ("a list of strictly consecutive layer indices, e.g. [20, 21] (at least 2 for merges; "
@@ -403,6 +407,15 @@ class Quantization:
         before this field); 8: 8-bit codes each (:func:`~minicache.quant.packed.encode_scales`), half the
         bytes of scales, which smaller groups can spend on precision. The scheme must support it
         (:attr:`~minicache.quant.Quantizer.scale_widths`).
+    key_rounding : str
+        How unmerged layers round their packed keys to the levels of their groups: ``"nearest"`` (the format
+        before this field); ``"queries"``: channel by channel, each channel's error pushed onto the channels not
+        yet rounded so that the error lands where the queries do not read (error feedback, as GPTQ rounds
+        weights), with the profile's per-channel query energies (the sidecar tensor
+        :data:`KEY_WEIGHTS_TENSOR`, fitted by ``minicache-calibrate``). Same levels, scales and bytes: only
+        the codes differ, so every reader is unchanged. The scheme must rotate
+        (:attr:`~minicache.quant.Quantizer.weighted_rounding`): without a rotation the channels' errors are
+        independent and there is nothing to push.
     """
 
     bits: int | tuple[int, ...] = 4
@@ -414,6 +427,7 @@ class Quantization:
     pre_rope_keys: bool = False
     window_bits: int | None = None
     scale_bits: int | None = None
+    key_rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         from minicache.quant import quantizer_names
@@ -455,16 +469,24 @@ class Quantization:
                 allowed = f"{list(widths)}, or leave it out (floats)" if widths else "leave it out (floats)"
                 raise ProfileError(f"{show(self.scale_bits)} is not a scale width of scheme {scheme!r}; allowed: "
                                    f"{allowed}", "scale_bits")
+        object.__setattr__(self, "key_rounding", check_choice(self.key_rounding, "key_rounding", KEY_ROUNDINGS,
+                                                              "a key rounding"))
+        if self.key_rounding != "nearest" and not _quantizer(scheme).weighted_rounding:
+            raise ProfileError(f"scheme {scheme!r} does not round keys by weights (it does not rotate them); "
+                               "allowed: key_rounding nearest, or a rotated scheme", "key_rounding")
 
     @property
     def quantizer(self):
         """The registered :class:`~minicache.quant.Quantizer` of :attr:`scheme`."""
         return _quantizer(self.scheme)
 
-    def pack(self, x, role: str, bits: int):
-        """``x`` ``[..., N, D]`` of ``role`` packed at ``bits`` by this scheme, its group size and scale width:
-        a :class:`~minicache.quant.QuantizedTensor`."""
-        return self.quantizer.quantize(x, role, bits, self.group_size, self.scale_bits)
+    def pack(self, x, role: str, bits: int, weights=None):
+        """``x`` ``[..., H, N, D]`` of ``role`` packed at ``bits`` by this scheme, its group size and scale width:
+        a :class:`~minicache.quant.QuantizedTensor`. ``weights`` ``[H, D]``: round by them
+        (:attr:`key_rounding`; None: to the nearest level)."""
+        if weights is None:  # a scheme written before weighted rounding need not take the argument
+            return self.quantizer.quantize(x, role, bits, self.group_size, self.scale_bits)
+        return self.quantizer.quantize(x, role, bits, self.group_size, self.scale_bits, weights=weights)
 
     def bits_of(self, layer: int, role: str = "keys") -> int:
         """Code width of one layer's keys (``role="keys"``) or values (``"values"``)."""
@@ -510,6 +532,7 @@ class Quantization:
         sinks += ", keys pre-RoPE" if self.pre_rope_keys else ""
         sinks += f", {self.window_bits}-bit window" if self.window_bits else ""
         sinks += f", {self.scale_bits}-bit scales" if self.scale_bits else ""
+        sinks += ", keys rounded for the queries" if self.key_rounding == "queries" else ""
         return f"{bits}-bit {scheme}KV (group {self.group_size}, residual {self.residual_length}{sinks}{mean})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -528,6 +551,8 @@ class Quantization:
             out["window_bits"] = self.window_bits
         if self.scale_bits:
             out["scale_bits"] = self.scale_bits
+        if self.key_rounding != "nearest":
+            out["key_rounding"] = self.key_rounding
         return out
 
 
@@ -650,7 +675,7 @@ _TOP_KEYS = (
     "format_version", "producer", "model", "defaults", "groups", "calibration", "tensors", "quantization"
 )
 _QUANT_KEYS = ("scheme", "bits", "group_size", "residual_length", "value_bits", "sink_tokens", "pre_rope_keys",
-               "window_bits", "scale_bits")
+               "window_bits", "scale_bits", "key_rounding")
 _TENSORS_KEYS = ("file", "sha256")
 _PRODUCER_KEYS = ("name", "version")
 _MODEL_KEYS = tuple(f.name for f in fields(ModelFingerprint))
@@ -774,6 +799,15 @@ class MergeProfile:
                     settings.merge_method.check_tensor_set(
                         settings.params, self.tensors_of(group, component), len(group.layers), shape, path
                     )
+        if self.quantization is not None and self.quantization.key_rounding == "queries":
+            needed.add(KEY_WEIGHTS_TENSOR)
+            tensor = None if self.tensors is None else self.tensors.get(KEY_WEIGHTS_TENSOR)
+            if tensor is None:
+                raise ProfileError(
+                    f"key_rounding queries needs the tensor {KEY_WEIGHTS_TENSOR!r} (per-channel query energies, "
+                    "written by minicache-calibrate), but the profile has none; allowed: key_rounding nearest, or "
+                    "the profile and its sidecar side by side", "quantization.key_rounding")
+            _check_key_weights(tensor, self.model)
         if self.tensors is not None:
             extra = sorted(set(self.tensors.names()) - needed)
             if extra:
@@ -791,6 +825,13 @@ class MergeProfile:
             local: self.tensors[_tensor_name(local, group.label, component)] for local in settings.tensor_names
         }
 
+    def key_weights(self, layer: int):
+        """``[KV heads, head_dim]`` float32 query energies that layer ``layer``'s keys are rounded by
+        (:attr:`Quantization.key_rounding` ``queries``), or None (nearest rounding)."""
+        if self.quantization is None or self.quantization.key_rounding != "queries":
+            return None
+        return self.tensors[KEY_WEIGHTS_TENSOR][layer]
+
     @property
     def uses_tensors(self) -> bool:
         """Whether any group needs sidecar tensors (e.g. aligned SLERP)."""
@@ -805,6 +846,12 @@ class MergeProfile:
             _check_group_widths(quantization, self.groups)
         out = copy.copy(self)
         out.quantization = quantization
+        # the key weights stay while the new storage rounds by them, and go with the storage that does
+        tensors = {} if self.tensors is None else {name: self.tensors[name] for name in self.tensors.names()}
+        if quantization is None or quantization.key_rounding != "queries":
+            tensors.pop(KEY_WEIGHTS_TENSOR, None)
+        out.tensors = _profile_tensors_class()(tensors) if tensors else None
+        out._check_tensors()
         return out
 
     # -- queries ---------------------------------------------------------------------------------
@@ -1422,6 +1469,24 @@ def _parse_yaml(text: str, source: str | None) -> Any:
             "the document is empty; allowed: a YAML mapping with format_version, groups, ...", source=source
         )
     return data
+
+
+def _check_key_weights(tensor: Any, model: ModelFingerprint | None) -> None:
+    """The key weights of ``key_rounding: queries``: ``[layers, KV heads, head_dim]``, finite, non-negative,
+    some weight in every head."""
+    import torch  # a sidecar was read, so torch is there
+
+    path = f"tensors[{KEY_WEIGHTS_TENSOR!r}]"
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
+        raise ProfileError(f"{show(tensor)} is not a 3-d tensor; allowed: [layers, KV heads, head_dim] floats", path)
+    if model is not None:
+        shape = (model.num_hidden_layers, model.num_key_value_heads, model.head_dim)
+        if tuple(tensor.shape) != shape:
+            raise ProfileError(f"shape {list(tensor.shape)} does not fit the model; allowed: {list(shape)}", path)
+    if not tensor.is_floating_point() or not bool(tensor.isfinite().all()) or bool((tensor < 0).any()) or bool(
+            (tensor.sum(-1) <= 0).any()):
+        raise ProfileError("the key weights must be finite, non-negative floats with some weight in every head",
+                           path)
 
 
 def _check_tensors_entry(entry: Mapping) -> dict:

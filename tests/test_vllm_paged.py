@@ -226,15 +226,20 @@ def test_a_quantized_group_is_packed_in_its_pages_as_the_runtime_packs_it(scheme
     assert reference.merged_length > 100
 
 
-@pytest.mark.parametrize("pre_rope,window_bits,first,scale_bits", [(False, None, 45, None), (True, None, 45, None),
-                                                                     (True, 8, 45, None), (False, 8, 1, None),
-                                                                     (True, 8, 45, 8)])
-def test_an_unmerged_quantized_layer_in_pages_is_the_runtime_layer(pre_rope, window_bits, first, scale_bits):
+@pytest.mark.parametrize("pre_rope,window_bits,first,scale_bits,rounded", [
+    (False, None, 45, None, False), (True, None, 45, None, False), (True, 8, 45, None, False),
+    (False, 8, 1, None, False), (True, 8, 45, 8, False), (True, 8, 45, 8, True)])
+def test_an_unmerged_quantized_layer_in_pages_is_the_runtime_layer(pre_rope, window_bits, first, scale_bits, rounded):
     torch.manual_seed(int(pre_rope))
     spec = Quantization(bits=4, group_size=16, residual_length=R, sink_tokens=2, pre_rope_keys=pre_rope,
                         window_bits=window_bits, scale_bits=scale_bits)
+    weights = None
+    if rounded:  # keys rounded for the queries: the layer packs them, so the pages hold the same codes
+        spec = Quantization(bits=3, group_size=16, residual_length=R, sink_tokens=2, pre_rope_keys=pre_rope,
+                            window_bits=window_bits, scale_bits=scale_bits, scheme="rotated", key_rounding="queries")
+        weights = torch.rand(H, D) ** 4 + 1e-3
     rope = RopeAngles(1.0 / 10000 ** (torch.arange(0, D, 2).float() / D))
-    reference = QuantizedLayer(spec, rope=rope)
+    reference = QuantizedLayer(spec, rope=rope, key_weights=weights)
     layout = quantized_layer_layout(reference, H, D, torch.bfloat16)
     pages = torch.zeros(64, layout.units_per_page(32) * layout.unit_bytes, dtype=torch.uint8)
     pool = WindowPool(2, 1, H, D, R + layout.unit_tokens, torch.bfloat16, bits=window_bits)

@@ -17,6 +17,7 @@ from minicache.calibrate.capture import CalibrationCapture, candidate_runs, pref
 from minicache.calibrate.corpus import DEFAULT_CORPUS, SOURCES, kinds
 from minicache.calibrate.data_check import DataCheck
 from minicache.calibrate.defaults import CALIBRATION_DEFAULTS as D
+from minicache.calibrate.key_weights import query_energies
 from minicache.calibrate.search import EXTEND, MAX_VERIFY, Budget, Candidate, SearchResult, search
 from minicache.calibrate.statistics import PairStatistics
 from minicache.data import DataError, Sample, file_sha256, read_samples, split_samples, token_windows
@@ -26,6 +27,7 @@ from minicache.methods import COMPONENTS
 from minicache.methods.base import process_group, tensor_name
 from minicache.model_spec import ModelSpec
 from minicache.profile import (
+    KEY_WEIGHTS_TENSOR,
     PROFILE_FILENAME,
     Defaults,
     MergeGroup,
@@ -233,6 +235,15 @@ def calibrate(
     log(f"statistics of {int(calib_windows.numel())} tokens in {elapsed:.0f}s "
         f"({calib_windows.numel() / max(elapsed, 1e-9):.0f} tokens/s)")
 
+    key_weights = None
+    if quantization is not None and quantization.key_rounding == "queries":
+        began = time.perf_counter()
+        sample = calib_windows[: max(batch_size, min(len(calib_windows), FISHER_WINDOWS))]
+        key_weights = query_energies(model, sample, batch_size=batch_size, sink_tokens=defaults.sink_tokens,
+                                     progress=progress)
+        log(f"query energies per key channel (keys rounded for the queries) from {sample.shape[0]} windows in "
+            f"{time.perf_counter() - began:.0f}s")
+
     # Quality on the held-out windows: data-parallel, rank 0 measures and every process gets its figures,
     # so that every process takes the same search decisions.
     started = time.perf_counter()
@@ -282,8 +293,11 @@ def calibrate(
                     fitted = capture.fitted(settings.merge_method, g.layers)[name]
                     for local, tensor in settings.merge_method.tensors_for(settings.params, fitted).items():
                         tensors[tensor_name(local, g.label, name)] = tensor
+        quant = quant or quantization
+        if quant is not None and quant.key_rounding == "queries":
+            tensors[KEY_WEIGHTS_TENSOR] = key_weights
         return MergeProfile(groups=groups, defaults=defaults, model=fingerprint, calibration=calibration,
-                            tensors=tensors or None, quantization=quant or quantization)
+                            tensors=tensors or None, quantization=quant)
 
     result_search: SearchResult | None = None
     if preset is not None:
@@ -312,7 +326,7 @@ def calibrate(
     if auto_bits:
         quantization, measured, bit_points = _choose_widths(
             model, calib_windows, profile, quantization, budget, spec.num_layers, evaluate, make_profile,
-            batch_size=batch_size, progress=progress, log=log)
+            batch_size=batch_size, progress=progress, log=log, key_weights=key_weights)
     log(f"quality: reference pass {passes[0]:.0f}s + {len(passes) - 1} evaluation passes "
         f"{sum(passes[1:]):.0f}s on {held_windows.shape[0]} held-out windows")
     calibration = {
@@ -368,7 +382,7 @@ def calibrate(
 
 
 def _choose_widths(model, windows, profile, quantization, budget, num_layers, evaluate, make_profile, *,
-                   batch_size, progress, log):
+                   batch_size, progress, log, key_weights=None):
     """``(quantization, measured result, frontier points)`` of :mod:`~minicache.calibrate.bits` for the
     merge groups of ``profile``."""
     widths = sorted(quantization.quantizer.bits, reverse=True)
@@ -376,7 +390,8 @@ def _choose_widths(model, windows, profile, quantization, budget, num_layers, ev
     began = time.perf_counter()
     bar = progress_bar(int(sample.numel()), progress, "sensitivity (forward + backward)")
     try:
-        damage = fisher_damage(model, sample, quantization, widths, batch_size=batch_size, progress=bar.update)
+        damage = fisher_damage(model, sample, quantization, widths, batch_size=batch_size, progress=bar.update,
+                               key_weights=key_weights)
     finally:
         bar.close()
     steps = bit_steps(damage, widths, units_of(profile, num_layers))

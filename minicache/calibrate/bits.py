@@ -35,7 +35,8 @@ ROLES = ("keys", "values")
 
 def fisher_damage(model, windows: torch.Tensor, quant: Quantization, widths: Sequence[int], *,
                   batch_size: int = 4, max_tokens: int = 8192,
-                  progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                  progress: Callable[[int], None] | None = None,
+                  key_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Predicted loss increase of packing each layer's keys or values at each width.
 
     Parameters
@@ -53,6 +54,9 @@ def fisher_damage(model, windows: torch.Tensor, quant: Quantization, widths: Seq
         Tokens per pass, at most (fewer windows per pass for long windows): the backward pass keeps
         every layer's activations, and its memory grows with the tokens in flight (SmolLM2: 7.8 GB
         peak for 4,096 tokens; four 4,096-token windows at once ran out of 24 GB).
+    key_weights : torch.Tensor, optional
+        ``[L, H, D]``: keys rounded by these query energies, as the runtime rounds them with
+        ``quant.key_rounding`` ``"queries"`` (required then).
 
     Returns
     -------
@@ -66,6 +70,8 @@ def fisher_damage(model, windows: torch.Tensor, quant: Quantization, widths: Seq
     from minicache.runtime.rope import RopeAngles
 
     rope = RopeAngles.of_model(model) if quant.pre_rope_keys else None
+    if (quant.key_rounding == "queries") != (key_weights is not None):
+        raise ValueError("key_weights go with quantization.key_rounding 'queries', and only with it")
 
     quantizer, group = quant.quantizer, quant.group_size
     device = next(model.parameters()).device
@@ -103,7 +109,8 @@ def fisher_damage(model, windows: torch.Tensor, quant: Quantization, widths: Seq
                 g2[..., : quant.sink_tokens, :] = 0  # exact sinks (the runtime packs stand-ins there)
                 packed = packing_input(old, role, 0, quant.sink_tokens, rope, dtype=x.dtype)
                 for i, w in enumerate(widths):
-                    restored = quant.pack(packed, role, w).dequantize(torch.float32)
+                    weights = key_weights[layer] if role == "keys" and key_weights is not None else None
+                    restored = quant.pack(packed, role, w, weights).dequantize(torch.float32)
                     if rope is not None and role == "keys":
                         restored = rope.apply(restored, 0)
                     err = restored - old

@@ -41,6 +41,10 @@ class Quantizer(ABC):
     scale_widths : tuple of int
         Widths other than float at which it can store scales and zero points (``quantize(..., scale_bits=)``,
         profiles' ``quantization.scale_bits``); empty: floats only.
+    weighted_rounding : bool
+        Whether :meth:`quantize` takes ``weights`` (per-channel costs of the error, which it then rounds by:
+        profiles' ``quantization.key_rounding``); only meaningful for schemes that rotate, since without a
+        rotation every channel's error is its own.
     kernel_layout : str or None
         Packed layout that fused attention kernels may read directly (``"uniform_groups"``: uniform
         asymmetric groups, codes packed low bits first, as :func:`~minicache.quant.packed.quantize`
@@ -52,13 +56,16 @@ class Quantizer(ABC):
     name: ClassVar[str]
     bits: ClassVar[tuple[int, ...]]
     scale_widths: ClassVar[tuple[int, ...]] = ()
+    weighted_rounding: ClassVar[bool] = False
     kernel_layout: ClassVar[str | None] = None
 
     @abstractmethod
     def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int,
-                 scale_bits: int | None = None) -> QuantizedTensor:
-        """Pack ``x`` ``[..., N, D]`` of ``role``; ``N`` is a multiple of :meth:`chunk_tokens`. ``scale_bits``:
-        None stores scales and zero points as floats, 8 as 8-bit codes (:attr:`QuantizedTensor.scale_bits`)."""
+                 scale_bits: int | None = None, *, weights: torch.Tensor | None = None) -> QuantizedTensor:
+        """Pack ``x`` ``[..., H, N, D]`` of ``role``; ``N`` is a multiple of :meth:`chunk_tokens`. ``scale_bits``:
+        None stores scales and zero points as floats, 8 as 8-bit codes (:attr:`QuantizedTensor.scale_bits`).
+        ``weights`` ``[H, D]`` (schemes with :attr:`weighted_rounding` only): what an error in each channel
+        costs; the codes then minimise the weighted error (:func:`~minicache.quant.packed.quantize`)."""
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         """The ``[..., N, D]`` approximation in ``dtype``."""

@@ -34,8 +34,10 @@ class ClippedRotatedQuantizer(RotatedQuantizer):
     name = "rotated-mse"
 
     def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int,
-                 scale_bits: int | None = None) -> QuantizedTensor:
+                 scale_bits: int | None = None, *, weights: torch.Tensor | None = None) -> QuantizedTensor:
         if role == "keys":
-            return super().quantize(x, role, bits, group_size, scale_bits)
+            return super().quantize(x, role, bits, group_size, scale_bits, weights=weights)
+        if weights is not None:
+            raise ValueError("rotated-mse rounds values by their clipped ranges, not by weights")
         return quantize(x, bits, self.value_group(group_size, x.shape[-1]), "channels", self.rotation_for(x),
                         clip_ratios=CLIP_RATIOS, scale_bits=scale_bits)

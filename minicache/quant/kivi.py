@@ -26,12 +26,15 @@ class KiviQuantizer(Quantizer):
     kernel_layout = "uniform_groups"
 
     def quantize(self, x: torch.Tensor, role: str, bits: int, group_size: int,
-                 scale_bits: int | None = None) -> QuantizedTensor:
+                 scale_bits: int | None = None, *, weights: torch.Tensor | None = None) -> QuantizedTensor:
+        if weights is not None and not self.weighted_rounding:
+            raise ValueError(f"scheme {self.name!r} does not round by weights")
         rotation, levels = self.rotation_for(x), self.levels_for(bits, x)
         if role == "keys":
-            return quantize(x, bits, group_size, "tokens", rotation, levels=levels, scale_bits=scale_bits)
+            return quantize(x, bits, group_size, "tokens", rotation, levels=levels, scale_bits=scale_bits,
+                            weights=weights)
         return quantize(x, bits, self.value_group(group_size, x.shape[-1]), "channels", rotation, levels=levels,
-                        scale_bits=scale_bits)
+                        scale_bits=scale_bits, weights=weights)
 
     def rotation_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """Orthogonal ``[D, D]`` matrix applied before packing (None: none; subclasses rotate)."""

@@ -84,6 +84,7 @@ class RotatedLloydQuantizer(RotatedQuantizer):
     name = "rotated-lloyd"
     bits = (2, 3, 4)
     kernel_layout = "uniform_groups"  # the kernel reads the table too (QuantizedTensor.levels)
+    weighted_rounding = False  # feedback rounds to even levels only
 
     def levels_for(self, bits: int, x: torch.Tensor) -> torch.Tensor | None:
         return levels_table(bits, x.device)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["AXES", "PACKABLE_BITS", "SCALE_BITS", "QuantizedTensor", "append", "checked_levels", "code_values",
-           "decode_scales", "encode_scales", "pack", "quantize", "scale_dtype", "unpack"]
+           "decode_scales", "encode_scales", "feedback_factor", "pack", "quantize", "scale_dtype", "unpack"]
 
 AXES = ("tokens", "channels")
 #: Supported code widths (3 bits: a row's width must be a multiple of 8 codes).
@@ -359,7 +359,8 @@ def checked_levels(values, bits: int) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
              rotation: torch.Tensor | None = None, clip_ratios: tuple[float, ...] = (),
-             levels: torch.Tensor | None = None, scale_bits: int | None = None) -> QuantizedTensor:
+             levels: torch.Tensor | None = None, scale_bits: int | None = None,
+             weights: torch.Tensor | None = None) -> QuantizedTensor:
     """Quantize ``x`` ``[..., N, D]`` group-wise (see :class:`QuantizedTensor` for the layout).
 
     ``axis="tokens"`` needs ``N % group_size == 0``; ``axis="channels"`` needs
@@ -369,6 +370,11 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
     least squared error (values clipped at its ends); the layout is the same. ``levels``
     (:attr:`QuantizedTensor.levels`): round each value to the nearest of these instead of the even levels.
     ``scale_bits`` (:attr:`QuantizedTensor.scale_bits`): 8 stores scales and zero points as 8-bit codes.
+    ``weights`` ``[H, D]`` (``x`` ``[..., H, N, D]``), non-negative: what an error in each channel of each
+    head costs (in ``x``'s frame, before ``rotation``); the channels of every vector are then rounded one at
+    a time, each one's error pushed onto those not yet rounded (:func:`feedback_factor`), which minimises
+    ``Σ_c weights_c · error_c²`` instead of the squared error, with the same levels, scales and zero points:
+    only the codes differ (even levels only, no ``clip_ratios``).
     """
     if bits not in PACKABLE_BITS:
         raise ValueError(f"bits must be one of {PACKABLE_BITS}, got {bits}")
@@ -376,6 +382,8 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
         raise ValueError(f"scale_bits must be None or one of {SCALE_BITS}, got {scale_bits}")
     if axis not in AXES:
         raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+    if weights is not None and (levels is not None or clip_ratios):
+        raise ValueError("weighted rounding takes even levels and min-max ranges (no levels, no clip_ratios)")
     levels_count = 1 << bits
     if levels is not None and levels.shape != (levels_count,):  # the values: checked_levels, once per scheme
         raise ValueError(f"{bits}-bit codes need {levels_count} levels, got shape {tuple(levels.shape)}")
@@ -434,8 +442,57 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
             codes = torch.where(better.unsqueeze(reduce_dim), c, codes)
             scale, zero, error = (torch.where(better, sc, scale), torch.where(better, zo, zero),
                                   torch.minimum(err, error))
-    codes = codes.to(torch.uint8).reshape(*lead, n, d)
-    return QuantizedTensor(pack(codes, bits), scale, zero, bits, g, axis, rotation, levels, scale_bits)
+    codes = codes.reshape(*lead, n, d)
+    if weights is not None:
+        s, z = (scale, zero) if scale_bits is None else decode_scales(scale, zero)
+        s, z = (_per_value(t.float(), axis, g, n, d) for t in (s, z))
+        codes = _feedback_codes(x32, s, z, top, feedback_factor(weights, rotation))
+    return QuantizedTensor(pack(codes.to(torch.uint8), bits), scale, zero, bits, g, axis, rotation, levels,
+                           scale_bits)
+
+
+#: Added to a rounding form's diagonal, as a share of its mean, before it is inverted (GPTQ's damping).
+FEEDBACK_DAMPING = 0.01
+
+
+def feedback_factor(weights: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """``[H, D, D]`` float32: the upper Cholesky factor ``U`` of ``(Rᵀ diag(w) R + λ I)⁻¹`` per head (GPTQ's
+    and LDLQ's, arXiv 2210.17323 / 2307.13304), for channel weights ``weights`` ``[H, D]`` and the frame
+    ``rotation`` (None: the identity) the codes are in; ``λ`` is :data:`FEEDBACK_DAMPING` of the mean weight.
+    Even weights give a diagonal ``U``: no feedback, nearest rounding."""
+    w = weights.double()
+    form = torch.diag_embed(w)
+    if rotation is not None:
+        r = rotation.to(w.device, torch.float64)
+        form = r.T @ form @ r
+    damping = FEEDBACK_DAMPING * w.mean(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    form = form + damping[:, None, None] * torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(form))
+    return torch.linalg.cholesky(inverse, upper=True).float()
+
+
+def _per_value(t: torch.Tensor, axis: str, g: int, n: int, d: int) -> torch.Tensor:
+    """A group's scale or zero point ``[..., groups]`` repeated for every value of the group: ``[..., N, D]``."""
+    if axis == "tokens":  # [..., N // g, D]
+        return t.unsqueeze(-2).expand(*t.shape[:-2], n // g, g, d).reshape(*t.shape[:-2], n, d)
+    return t.unsqueeze(-1).expand(*t.shape[:-1], d // g, g).reshape(*t.shape[:-1], d)  # [..., N, D // g]
+
+
+def _feedback_codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, top: int, factor: torch.Tensor) -> torch.Tensor:
+    """Codes ``[..., H, N, D]`` of ``x`` on levels ``z + c · s`` (``s``, ``z`` per value), channel by channel:
+    channel ``j``'s rounding error, divided by ``U[j, j]``, is taken off the later channels in proportion to
+    ``U[j, j+1:]`` (``factor`` ``[H, D, D]``)."""
+    work = x.clone()
+    codes = torch.empty_like(x)
+    diagonal = factor.diagonal(dim1=-2, dim2=-1)[:, None]  # [H, 1, D]: over the tokens
+    for j in range(x.shape[-1]):
+        step = s[..., j]
+        c = torch.where(step > 0, (work[..., j] - z[..., j]) / torch.where(step > 0, step, 1.0), 0.0)
+        c = c.round_().clamp_(0, top)
+        codes[..., j] = c
+        error = (work[..., j] - (c * step + z[..., j])) / diagonal[..., j]
+        work[..., j + 1:] -= error.unsqueeze(-1) * factor[:, None, j, j + 1:]
+    return codes
 
 
 def append(old: QuantizedTensor | None, new: QuantizedTensor, dim: int = -2) -> QuantizedTensor:

@@ -64,6 +64,9 @@ class RotatedQuantizer(KiviQuantizer):
     # The codes are KIVI's, in the rotated frame: the kernel reads them with the query rotated once
     # (unmerged layers; a merged group's dense tail is not in that frame, see triton_unsupported).
     kernel_layout = "uniform_groups"
+    # The rotation couples the channels' errors, so rounding them in turn can steer the error
+    # (profiles' key_rounding: queries, minicache.quant.packed.feedback_factor).
+    weighted_rounding = True
 
     def rotation_for(self, x: torch.Tensor) -> torch.Tensor:
         return rotation_matrix(x.shape[-1], x.device)

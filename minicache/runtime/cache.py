@@ -27,7 +27,7 @@ import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin
 
 from minicache.model_spec import ModelSpec
-from minicache.profile import PROFILE_FILENAME, MergeProfile
+from minicache.profile import KEY_WEIGHTS_TENSOR, PROFILE_FILENAME, MergeProfile
 from minicache.quant.packed import QuantizedTensor
 from minicache.runtime.layers import MergedLayer, QuantizedLayer, plain_layer_bytes
 from minicache.runtime.rope import RopeAngles
@@ -112,10 +112,15 @@ class MiniCache(Cache):
             if idx in members:
                 layers.append(members[idx])
             elif quant is not None and layer_spec.attention_type == "full_attention":
-                layers.append(QuantizedLayer(quant, quant.bits_of(idx), quant.bits_of(idx, "values"), rope))
+                layers.append(QuantizedLayer(quant, quant.bits_of(idx), quant.bits_of(idx, "values"), rope,
+                                             profile.key_weights(idx)))
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_spec.attention_type](**kwargs))
         super().__init__(layers=layers)
+        # keys rounded for the queries: the profile's weights, which the packed layers' views share
+        packed = any(isinstance(layer, QuantizedLayer) for layer in layers)
+        rounded = packed and profile.key_weights(0) is not None
+        self._key_weights = profile.tensors[KEY_WEIGHTS_TENSOR] if rounded else None
         if model is not None:
             install_padding_hook(model)
             plan = getattr(model, ATTENTION_PLAN_ATTRIBUTE, None)
@@ -338,7 +343,7 @@ class MiniCache(Cache):
             parts, e.g. SLERP's ``directions``, ``magnitudes`` and ``alignment``; with quantization, the method's
             parts count only what is still in the model dtype; a rotated packing adds
             ``rotations``, its matrices, counted once, and uneven levels ``levels``, their tables;
-            pre-RoPE keys add ``rope``, the frequencies)
+            pre-RoPE keys add ``rope``, the frequencies, and keys rounded for the queries ``key_weights``)
             and per group ``merged_tokens`` and
             ``retained_tokens``. A padded batch stored one sequence at a time (:attr:`rows`) gives
             those two per sequence (lists), and ``per_sequence``: each sequence's bytes in its merged
@@ -379,7 +384,7 @@ class MiniCache(Cache):
             shared = {c.method.tensor_part for store in self.stores for c in store.components.values()}
             for i, report in enumerate(reports):
                 add({part: n for part, n in report["parts"].items()
-                     if part not in ("rotations", "levels", "rope") and (i == 0 or part not in shared)})
+                     if part not in ("rotations", "levels", "rope", "key_weights") and (i == 0 or part not in shared)})
             full += sum(layer.full_bytes() for layer in self.layers if isinstance(layer, RowLayer))
             per_sequence = [report["kv_bytes"] for report in reports]
             groups = [
@@ -394,6 +399,8 @@ class MiniCache(Cache):
         parts.update({part: n for part, n in _scheme_constant_bytes(self).items() if n})
         if self._rope is not None:  # pre-RoPE keys: the frequencies that put RoPE back, held once
             parts["rope"] = self._rope.inv_freq.numel() * self._rope.inv_freq.element_size()
+        if self._key_weights is not None:  # keys rounded for the queries: the weights they are packed by, held once
+            parts["key_weights"] = self._key_weights.numel() * self._key_weights.element_size()
         kv_bytes = sum(parts.values())
         report = {
             "kv_bytes": kv_bytes,

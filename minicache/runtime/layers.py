@@ -22,6 +22,7 @@ from minicache.quant.packed import quantize
 from minicache.runtime.rope import RopeAngles
 from minicache.runtime.store import GroupStore, tensor_bytes
 from minicache.runtime.views import MergedKVView
+from minicache.sidecar import held_copy
 
 __all__ = ["MergedLayer", "OwnedLayer", "QuantizedLayer", "packing_input", "plain_layer_bytes", "sink_stand_ins",
            "stored_window"]
@@ -112,6 +113,9 @@ class QuantizedLayer(CacheLayerMixin):
     rope : RopeAngles, optional
         The model's RoPE; required when ``spec.pre_rope_keys`` (keys are packed with it removed at
         their cache indices, and it is put back on every read).
+    key_weights : torch.Tensor, optional
+        ``[H, D]`` query energies of this layer's channels; required when ``spec.key_rounding`` is
+        ``"queries"`` (keys are rounded by them, :func:`minicache.quant.packed.quantize`).
     """
 
     is_compileable = False
@@ -119,11 +123,15 @@ class QuantizedLayer(CacheLayerMixin):
     is_croppable = False  # only the exact window can be cropped; see `crop`
 
     def __init__(self, spec: Quantization, bits: int | None = None, value_bits: int | None = None,
-                 rope: RopeAngles | None = None):
+                 rope: RopeAngles | None = None, key_weights: torch.Tensor | None = None):
         super().__init__()
         if spec.pre_rope_keys and rope is None:
             raise ValueError("pre-RoPE keys (quantization.pre_rope_keys) need the model's RoPE: build the cache "
                              "from the model or its config")
+        if (spec.key_rounding == "queries") != (key_weights is not None):
+            raise ValueError("keys rounded for the queries (quantization.key_rounding: queries) need the profile's "
+                             f"key weights, and only they take them; key_rounding is {spec.key_rounding!r}")
+        self.key_weights = key_weights
         self.rope = rope if spec.pre_rope_keys else None
         self.spec = spec
         self.bits = spec.bits_of(0) if bits is None else bits
@@ -217,11 +225,15 @@ class QuantizedLayer(CacheLayerMixin):
                 self.sink_keys, self.sink_values = (x[..., :sinks, :].clone() for x in (keys, values))
             keys = packing_input(keys, "keys", start, sinks, self.rope)
             values = packing_input(values, "values", start, sinks, self.rope)
-            self.qkeys = append(self.qkeys, self.spec.pack(keys, "keys", self.bits))
+            self.qkeys = append(self.qkeys, self.spec.pack(keys, "keys", self.bits, self._key_weights(keys)))
             self.qvalues = append(self.qvalues, self.spec.pack(values, "values", self.value_bits))
             # Clone so that the old window's storage is freed, not kept alive by a view.
             self.keys, self.values = (_window_slice(w, count, None) for w in (self.keys, self.values))
         return out
+
+    def _key_weights(self, keys: torch.Tensor) -> torch.Tensor | None:
+        """The key weights on ``keys``' device (shared by every cache of the profile, converted once)."""
+        return None if self.key_weights is None else held_copy(self.key_weights, keys.device, torch.float32)
 
     def views_of(self) -> tuple[MergedKVView, MergedKVView]:
         """Snapshots of the packed prefix (with its exact sinks) and the window of keys and values."""

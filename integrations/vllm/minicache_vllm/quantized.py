@@ -116,7 +116,7 @@ class PagedQuantizedLayer:
         slot, window = self._window(table, before)
         packed = before - window.shape[-2]
         t = self.template
-        layer = QuantizedLayer(t.spec, t.bits, t.value_bits, t.rope)
+        layer = QuantizedLayer(t.spec, t.bits, t.value_bits, t.rope, t.key_weights)
         layer.views = views
         layer.lazy_initialization(step[0].unsqueeze(0), step[1].unsqueeze(0))
         if self.pool.bits is None:

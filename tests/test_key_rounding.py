@@ -220,3 +220,22 @@ def test_the_option_needs_kv_bits_and_sets_the_field():
         quantization_from_args(parser.parse_args(["--kv-bits", "3", "--kv-scheme", "kivi", "--kv-key-rounding",
                                                   "queries"]))
     assert info.value.path == "--kv-key-rounding"
+
+
+def test_storage_specs_round_keys_for_the_queries_only_on_a_profile_with_weights(tmp_path):
+    from minicache.evaluate.compare import MethodSpec, parse_storage
+
+    spec = parse_storage("rotated:2/64+s4+prerope+w8+z8+qk")
+    assert spec.key_rounding == "queries" and spec.scale_bits == 8 and spec.window_bits == 8
+    assert parse_storage("rotated:2/64+s4+prerope+w8+z8").key_rounding == "nearest"
+    model = make_model("llama")
+    c = model.config
+    weights = torch.rand(c.num_hidden_layers, c.num_key_value_heads, c.head_dim) + 0.1
+    _profile_with_weights(weights, model).save(tmp_path)
+    method = MethodSpec.parse(f"{tmp_path}@rotated:2/8+qk")
+    profile, _ = method.build(c)
+    assert torch.equal(profile.key_weights(0), weights[0]) and profile.quantization.bits == 2
+    assert method.quantized["kv_key_rounding"] == "queries"
+    assert MethodSpec.parse(f"{tmp_path}@rotated:2/8").build(c)[0].tensors is None
+    with pytest.raises(ProfileError, match="needs the tensor"):
+        MethodSpec.parse("none@rotated:2/8+qk").build(c)

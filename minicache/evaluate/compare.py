@@ -175,21 +175,24 @@ class MethodSpec:
             out["kv_window_bits"] = q.window_bits
         if q.scale_bits:
             out["kv_scale_bits"] = q.scale_bits
+        if q.key_rounding != "nearest":
+            out["kv_key_rounding"] = q.key_rounding
         return out
 
 
 _STORAGE = re.compile(r"(?:(?P<scheme>[^:]+):)?(?P<bits>\d+|k\d+v\d+)(?:/(?P<group>\d+))?"
                       r"(?:\+s(?P<sinks>\d+))?(?:\+r(?P<window>\d+))?(?P<pre>\+prerope)?(?:\+w(?P<wbits>\d+))?"
-                      r"(?:\+z(?P<zbits>\d+))?")
+                      r"(?:\+z(?P<zbits>\d+))?(?P<qk>\+qk)?")
 
 
 def parse_storage(text: str) -> Quantization:
-    """``[SCHEME:]BITS[/GROUP][+sS][+rR][+prerope][+wW][+zZ]`` (after a method's ``@``) as a :class:`Quantization`:
+    """``[SCHEME:]BITS[/GROUP][+sS][+rR][+prerope][+wW][+zZ][+qk]`` (after a method's ``@``) as a :class:`Quantization`:
     scheme default ``kivi``, group default 128. ``BITS`` is one width, or ``kKvV`` (keys ``K`` bits,
     values ``V``); ``+sS`` keeps the first ``S`` tokens exact (``sink_tokens``); ``+rR`` keeps the
     ``R`` most recent tokens exact (``residual_length``, default 128); ``+prerope`` packs keys before
     RoPE (``pre_rope_keys``); ``+wW`` stores that window at ``W`` bits (``window_bits``); ``+zZ`` stores
-    scales and zero points at ``Z`` bits (``scale_bits``).
+    scales and zero points at ``Z`` bits (``scale_bits``); ``+qk`` rounds keys for the queries (``key_rounding``
+    ``queries``: only on a profile whose sidecar holds the key weights, e.g. ``PROFILE@rotated:2/64+qk``).
 
     Raises
     ------
@@ -198,10 +201,11 @@ def parse_storage(text: str) -> Quantization:
     """
     form = _STORAGE.fullmatch(text)
     if form is None:
-        raise ValueError(f"storage {text!r} is not [SCHEME:]BITS[/GROUP][+sS][+rR][+prerope][+wW][+zZ] (BITS: a "
-                         "width, or kKvV for keys K and values V bits; S: exact sink tokens; R: recent tokens kept "
-                         "in the window; W: the window's width, 8; Z: the scales' width, 8; e.g. rotated:3, "
-                         "kivi:2/64, kivi:k2v4, rotated:3+s4+prerope+w8, rotated:3/64+s4+z8)")
+        raise ValueError(f"storage {text!r} is not [SCHEME:]BITS[/GROUP][+sS][+rR][+prerope][+wW][+zZ][+qk] (BITS: "
+                         "a width, or kKvV for keys K and values V bits; S: exact sink tokens; R: recent tokens kept "
+                         "in the window; W: the window's width, 8; Z: the scales' width, 8; qk: keys rounded for "
+                         "the queries; e.g. rotated:3, kivi:2/64, kivi:k2v4, rotated:3+s4+prerope+w8, "
+                         "rotated:3/64+s4+z8)")
     scheme, bits, group, sinks, window, wbits, zbits = form.group("scheme", "bits", "group", "sinks", "window",
                                                                   "wbits", "zbits")
     split = re.fullmatch(r"k(\d+)v(\d+)", bits)
@@ -211,7 +215,8 @@ def parse_storage(text: str) -> Quantization:
         return Quantization(bits=int(keys), value_bits=int(values), group_size=int(group or 128),
                             scheme=scheme or "kivi", sink_tokens=int(sinks or 0), pre_rope_keys=bool(form.group("pre")),
                             residual_length=window, window_bits=None if wbits is None else int(wbits),
-                            scale_bits=None if zbits is None else int(zbits))
+                            scale_bits=None if zbits is None else int(zbits),
+                            key_rounding="queries" if form.group("qk") else "nearest")
     except ProfileError as err:
         raise ValueError(f"storage {text!r}: {err}") from err
 

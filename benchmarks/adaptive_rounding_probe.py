@@ -83,6 +83,21 @@ def pair_diagonal(form: torch.Tensor, rotary: int) -> torch.Tensor:
     return torch.diag_embed(diag)
 
 
+def value_fisher(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer ``[H, D, D]``: ``E[g gᵀ]`` of the loss gradient ``g`` at each cached value vector (the
+    Fisher form of a value's error), from the next-token loss on ``ids``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.enable_grad():
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, cache=cache).logits
+        values = [layer.values for layer in cache.layers]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+        grads = torch.autograd.grad(loss, values)
+    return [torch.einsum("bhtd,bhte->hde", g.float(), g.float()) / (g.shape[0] * g.shape[2]) for g in grads]
+
+
 def value_forms(model) -> list[torch.Tensor]:
     """``Σ_g W_gᵀ W_g`` per layer ``[H, D, D]`` over the query heads ``g`` of each KV head (``o_proj`` columns)."""
     cfg = model.config
@@ -128,10 +143,13 @@ def levels_of(x: torch.Tensor, bits: int, role: str, group: int) -> tuple[torch.
     return s.unsqueeze(-1).expand_as(x), z.unsqueeze(-1).expand_as(x)
 
 
-def VARIANTS(k_factor, k_diag, v_factor, names: str):
+def VARIANTS(k_factor, k_diag, v_factor, v_fisher, v_fisher_diag, names: str):
     every = {"nearest": ("nearest (runtime)", None, None), "keys": ("feedback on keys", k_factor, None),
              "keys-diagonal": ("feedback on keys, diagonal form", k_diag, None),
-             "values": ("feedback on values", None, v_factor), "both": ("feedback on both", k_factor, v_factor)}
+             "values": ("feedback on values", None, v_factor), "both": ("feedback on both", k_factor, v_factor),
+             "values-fisher": ("feedback on values, Fisher form", None, v_fisher),
+             "values-fisher-diagonal": ("feedback on values, Fisher diagonal", None, v_fisher_diag),
+             "diagonal-both": ("keys diagonal form, values Fisher diagonal", k_diag, v_fisher_diag)}
     return [every[name] for name in names.split(",")]
 
 
@@ -161,6 +179,9 @@ def main() -> None:
     forms = key_forms(query_moments(model, calib), angles, range(args.window, args.prefix + args.continuation))
     k_diag = [feedback_factor(pair_diagonal(f, angles.rotary_dim), rotation) for f in forms]
     v_factor = [feedback_factor(f, rotation) for f in value_forms(model)]
+    fisher = value_fisher(model, calib)
+    v_fisher = [feedback_factor(f, rotation) for f in fisher]
+    v_fisher_diag = [feedback_factor(torch.diag_embed(f.diagonal(dim1=-2, dim2=-1)), rotation) for f in fisher]
     length = args.prefix + args.continuation
     evals = torch.cat([token_windows(split_text(Path(p).read_text()), tok, length, args.windows_per_text, spread=True)
                        for p in args.unseen.split(",")])
@@ -196,7 +217,7 @@ def main() -> None:
              "| K/V bits | rounding | ppl increase [95 %] | KL | top-1 |", "|---|---|---|---:|---:|"]
     for widths in args.bits.split(","):
         kb, vb = (int(x) for x in widths.split("/"))
-        for label, kf, vf in VARIANTS(k_factor, k_diag, v_factor, args.variants):
+        for label, kf, vf in VARIANTS(k_factor, k_diag, v_factor, v_fisher, v_fisher_diag, args.variants):
             def make(cache, kb=kb, vb=vb, kf=kf, vf=vf):
                 out = copy.deepcopy(cache)
                 for i, lay in enumerate(out.layers):

@@ -35,6 +35,8 @@
 #   bash benchmarks/key_storage_results.sh calibrate-scale8-half  # the same at --budget 0.005 (25 min)
 #   bash benchmarks/key_storage_results.sh calibrate-scale8-g128  # calibrate-scale8 with key groups of 128 (25 min)
 #   bash benchmarks/key_storage_results.sh calibrate-queries  # calibrate-scale8, keys rounded for the queries (25 min)
+#   bash benchmarks/key_storage_results.sh calibrate-queries-g128  # calibrate-queries with key groups of 128 (25 min)
+#   bash benchmarks/key_storage_results.sh queries    # uniform 3 and 2 bits with keys rounded for the queries (16 min)
 #   bash benchmarks/key_storage_results.sh scale8     # 3-bit rotated, groups of 64, with 8-bit scales (15 min)
 #   bash benchmarks/key_storage_results.sh scale8-decode  # decode speed with 8-bit scales vs 4-bit KIVI (15 min)
 #   bash benchmarks/key_storage_results.sh overview   # every row above on one plot and table (seconds)
@@ -232,6 +234,21 @@ if [[ $WHAT == all || $WHAT == calibrate-queries ]]; then
   score_profile auto-rotated-queries
 fi
 
+if [[ $WHAT == all || $WHAT == calibrate-queries-g128 ]]; then
+  # calibrate-queries with key groups of 128 tokens (half the keys' scale bytes): do rounded keys hold there?
+  auto_profile auto-rotated-queries-g128 2048 16 12 --kv-scheme rotated --kv-pre-rope-keys --kv-window-bits 8 \
+    --kv-scale-bits 8 --kv-key-rounding queries
+  score_profile auto-rotated-queries-g128
+fi
+
+if [[ $WHAT == all || $WHAT == queries ]]; then
+  # uniform widths with keys rounded for the queries (auto-rotated-queries' weights) beside the same storage
+  # rounded to the nearest level (scale8.md: 3 bits, 4.66x at +1.14 %)
+  P=$OUT/auto-rotated-queries
+  "${EVAL[@]}" --compare "$P@rotated:3/64+s4+prerope+w8+z8+qk,$P@rotated:2/64+s4+prerope+w8+z8+qk" \
+    --json-out "$OUT/queries.json" --markdown-out "$OUT/queries.md"
+fi
+
 if [[ $WHAT == all || $WHAT == scale8 ]]; then
   # the window8 block's fixed 3-bit row (+1.47 % at 4.504x) with 8-bit scales and key groups of 64
   echo "== 3-bit rotated, 4 sinks, pre-RoPE keys, 8-bit window, 8-bit scales, groups of 64"
@@ -281,7 +298,8 @@ if [[ $WHAT == all || $WHAT == overview ]]; then
   rows=()
   for name in sinks frontier values2 groups64 groups64-prerope groups64-s8 groups32 lloyd window merged-rotated \
               auto-lloyd auto-rotated-prerope auto-rotated-prerope-g64 auto-4k auto-4k-half window8 auto-rotated-window8 \
-              auto-rotated-window8-half auto-rotated-scale8 auto-rotated-scale8-half auto-rotated-scale8-g128 scale8; do
+              auto-rotated-window8-half auto-rotated-scale8 auto-rotated-scale8-half auto-rotated-scale8-g128 scale8 \
+              auto-rotated-queries auto-rotated-queries-g128 queries; do
     rows+=("$OUT/$name.json")
   done
   "$PY" benchmarks/lowbit_table.py benchmarks/results/lowbit-cpu/frontier.json "$OUT/overview" "${rows[@]}"

@@ -30,7 +30,13 @@ import copy
 from pathlib import Path
 
 import torch
-from transform_coding_probe import packed_span, reference_prefixes, score_variant  # benchmarks/ is this directory
+from transform_coding_probe import (  # benchmarks/ is this directory
+    add_window_options,
+    packed_span,
+    reference_prefixes,
+    score_variant,
+    unseen_windows,
+)
 
 from minicache.data import split_text, token_windows
 from minicache.models import load_model
@@ -155,13 +161,8 @@ def VARIANTS(k_factor, k_diag, v_factor, v_fisher, v_fisher_diag, names: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--unseen", default="/tmp/tc/licences.txt,/tmp/tc/code.txt,/tmp/tc/notes.txt")
+    add_window_options(parser)
     parser.add_argument("--calibration", default="/usr/share/common-licenses/GPL-3")
-    parser.add_argument("--windows-per-text", type=int, default=3)
-    parser.add_argument("--prefix", type=int, default=1024)
-    parser.add_argument("--continuation", type=int, default=256)
-    parser.add_argument("--sinks", type=int, default=4)
-    parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--bits", default="3/3,2/2", help="key/value widths")
     parser.add_argument("--key-group", type=int, default=64)
     parser.add_argument("--variants", default="nearest,keys,keys-diagonal,values,both")
@@ -174,17 +175,14 @@ def main() -> None:
     rotation = rotation_matrix(d)
     angles = RopeAngles.of_model(model)
     calib = token_windows(split_text(Path(args.calibration).read_text()), tok, 1024, 4, spread=True)
-    k_factor = [feedback_factor(f, rotation) for f in key_forms(
-        query_moments(model, calib), angles, range(args.window, args.prefix + args.continuation))]
     forms = key_forms(query_moments(model, calib), angles, range(args.window, args.prefix + args.continuation))
+    k_factor = [feedback_factor(f, rotation) for f in forms]
     k_diag = [feedback_factor(pair_diagonal(f, angles.rotary_dim), rotation) for f in forms]
     v_factor = [feedback_factor(f, rotation) for f in value_forms(model)]
     fisher = value_fisher(model, calib)
     v_fisher = [feedback_factor(f, rotation) for f in fisher]
     v_fisher_diag = [feedback_factor(torch.diag_embed(f.diagonal(dim1=-2, dim2=-1)), rotation) for f in fisher]
-    length = args.prefix + args.continuation
-    evals = torch.cat([token_windows(split_text(Path(p).read_text()), tok, length, args.windows_per_text, spread=True)
-                       for p in args.unseen.split(",")])
+    evals = unseen_windows(args, tok)
     inner = packed_span(slice(args.sinks, args.prefix - args.window), args.key_group)
     prefixes = reference_prefixes(model, evals, args.prefix)
 

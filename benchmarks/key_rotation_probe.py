@@ -22,9 +22,14 @@ import copy
 from pathlib import Path
 
 import torch
-from transform_coding_probe import packed_span, reference_prefixes, score_variant  # benchmarks/ is this directory
+from transform_coding_probe import (  # benchmarks/ is this directory
+    add_window_options,
+    packed_span,
+    reference_prefixes,
+    score_variant,
+    unseen_windows,
+)
 
-from minicache.data import split_text, token_windows
 from minicache.models import load_model
 from minicache.quant.packed import quantize
 from minicache.quant.rotated import rotation_matrix
@@ -37,12 +42,7 @@ KEY_PACKINGS = (("rotated, after RoPE", True, False), ("rotated, before RoPE", T
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--unseen", default="/tmp/tc/licences.txt,/tmp/tc/code.txt,/tmp/tc/notes.txt")
-    parser.add_argument("--windows-per-text", type=int, default=3)
-    parser.add_argument("--prefix", type=int, default=1024)
-    parser.add_argument("--continuation", type=int, default=256)
-    parser.add_argument("--sinks", type=int, default=4)
-    parser.add_argument("--window", type=int, default=128)
+    add_window_options(parser)
     parser.add_argument("--key-bits", default="3,2")
     parser.add_argument("--value-bits", type=int, default=3)
     parser.add_argument("--key-group", type=int, default=64)
@@ -54,9 +54,7 @@ def main() -> None:
     d = model.config.head_dim
     rotation = rotation_matrix(d)
     angles = RopeAngles.of_model(model)
-    length = args.prefix + args.continuation
-    evals = torch.cat([token_windows(split_text(Path(p).read_text()), tok, length, args.windows_per_text, spread=True)
-                       for p in args.unseen.split(",")])
+    evals = unseen_windows(args, tok)
     inner = packed_span(slice(args.sinks, args.prefix - args.window), args.key_group)
     prefixes = reference_prefixes(model, evals, args.prefix)
 

@@ -26,9 +26,14 @@ import copy
 from pathlib import Path
 
 import torch
-from transform_coding_probe import packed_span, reference_prefixes, score_variant  # benchmarks/ is this directory
+from transform_coding_probe import (  # benchmarks/ is this directory
+    add_window_options,
+    packed_span,
+    reference_prefixes,
+    score_variant,
+    unseen_windows,
+)
 
-from minicache.data import split_text, token_windows
 from minicache.models import load_model
 from minicache.quant.rotated import rotation_matrix
 
@@ -74,12 +79,7 @@ def scale_bits_per_value(role: str, group: int, head_dim: int, scale_bits: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--unseen", default="/tmp/tc/licences.txt,/tmp/tc/code.txt,/tmp/tc/notes.txt")
-    parser.add_argument("--windows-per-text", type=int, default=3)
-    parser.add_argument("--prefix", type=int, default=1024)
-    parser.add_argument("--continuation", type=int, default=256)
-    parser.add_argument("--sinks", type=int, default=4)
-    parser.add_argument("--window", type=int, default=128)
+    add_window_options(parser)
     parser.add_argument("--anchors", default="3/3,3/2,2/2", help="key/value widths")
     parser.add_argument("--variants", default="16/128/64,8/128/64,16/64/64,8/64/64,8/64/32",
                         help="scale bits (16: fp16, 8) / key group (tokens) / value group (channels)")
@@ -90,9 +90,7 @@ def main() -> None:
     model, tok = load_model("smollm2-135m", dtype="float32")
     d = model.config.head_dim
     rotation = rotation_matrix(d)
-    length = args.prefix + args.continuation
-    evals = torch.cat([token_windows(split_text(Path(p).read_text()), tok, length, args.windows_per_text, spread=True)
-                       for p in args.unseen.split(",")])
+    evals = unseen_windows(args, tok)
     span = slice(args.sinks, args.prefix - args.window)
     prefixes = reference_prefixes(model, evals, args.prefix)
 

@@ -230,6 +230,23 @@ def score(model, cache, cont: torch.Tensor, reference: torch.Tensor | None):
     return nll, logp, kl_divergence(reference, logp), top1_agreement(reference, logp).float()
 
 
+def add_window_options(parser) -> None:
+    """The scored windows' options the round-trip probes share (unseen texts, prefix, exact sinks and window)."""
+    parser.add_argument("--unseen", default="/tmp/tc/licences.txt,/tmp/tc/code.txt,/tmp/tc/notes.txt")
+    parser.add_argument("--windows-per-text", type=int, default=3)
+    parser.add_argument("--prefix", type=int, default=1024)
+    parser.add_argument("--continuation", type=int, default=256)
+    parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--window", type=int, default=128)
+
+
+def unseen_windows(args, tokenizer) -> torch.Tensor:
+    """``[W, prefix + continuation]`` token windows, ``--windows-per-text`` spread over each ``--unseen`` text."""
+    length = args.prefix + args.continuation
+    return torch.cat([token_windows(split_text(Path(p).read_text()), tokenizer, length, args.windows_per_text,
+                                    spread=True) for p in args.unseen.split(",")])
+
+
 def reference_prefixes(model, evals: torch.Tensor, prefix: int) -> list[tuple]:
     """Per window of ``evals`` ``[W, prefix + C]``: ``(ids, full-cache prefix, reference nll, reference log-probs)``
     of its continuation, one window at a time (memory)."""

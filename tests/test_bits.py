@@ -98,20 +98,24 @@ def test_units_are_merged_groups_and_single_layers():
     assert units_of(profile, 5) == [(2, 3), (0,), (1,), (4,)]
 
 
-def test_calibrate_with_auto_bits_writes_per_layer_widths_it_measured(tmp_path):
+def calibrate_auto_bits(tmp_path, model, quantization: Quantization):
+    """``--kv-bits auto`` on a tiny model: 24 samples of 96 token ids, budget KL 0.002."""
     from minicache.calibrate.api import calibrate
     from minicache.calibrate.search import Budget
 
-    model = _model()
     data = tmp_path / "ids.jsonl"
     stream = _windows(1, 24 * 96, seed=1)[0].tolist()
     data.write_text("".join(json.dumps({"input_ids": stream[i : i + 96]}) + "\n" for i in range(0, len(stream), 96)))
-    result = calibrate(
+    return calibrate(
         model, TinyTokenizer(), data, budget=Budget("kl_mean", 0.002), num_samples=8, max_length=96,
         eval_windows=4, defaults=Defaults(residual_length=16, block_size=16), probes=2, max_group_size=2,
-        quantization=Quantization(bits=2, group_size=16, residual_length=16), auto_bits=True,
-        progress=False, log=lambda _: None,
+        quantization=quantization, auto_bits=True, progress=False, log=lambda _: None,
     )
+
+
+def test_calibrate_with_auto_bits_writes_per_layer_widths_it_measured(tmp_path):
+    model = _model()
+    result = calibrate_auto_bits(tmp_path, model, Quantization(bits=2, group_size=16, residual_length=16))
     q = result.profile.quantization
     points = result.profile.calibration["bits"]["frontier"]
     assert len(points) >= 2 and {p["steps"] for p in points} >= {0}

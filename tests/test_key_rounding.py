@@ -169,25 +169,13 @@ def test_query_energies_are_the_queries_mean_squares_per_kv_head_with_rope_pairs
 
 
 def test_calibration_fits_the_key_weights_ships_them_and_predicts_with_them(tmp_path):
-    import json
-
-    from minicache.calibrate.api import calibrate
     from minicache.calibrate.bits import fisher_damage
-    from minicache.calibrate.search import Budget
-    from minicache.profile import Defaults
-    from tests.test_bits import WIDTHS
-    from tests.test_plugins import TinyTokenizer, _model, _windows
+    from tests.test_bits import WIDTHS, calibrate_auto_bits
+    from tests.test_plugins import _model, _windows
 
     model = _model()
     quant = Quantization(bits=2, group_size=16, residual_length=16, scheme="rotated", key_rounding="queries")
-    data = tmp_path / "ids.jsonl"
-    stream = _windows(1, 24 * 96, seed=1)[0].tolist()
-    data.write_text("".join(json.dumps({"input_ids": stream[i : i + 96]}) + "\n" for i in range(0, len(stream), 96)))
-    result = calibrate(
-        model, TinyTokenizer(), data, budget=Budget("kl_mean", 0.002), num_samples=8, max_length=96,
-        eval_windows=4, defaults=Defaults(residual_length=16, block_size=16), probes=2, max_group_size=2,
-        quantization=quant, auto_bits=True, progress=False, log=lambda _: None,
-    )
+    result = calibrate_auto_bits(tmp_path, model, quant)
     saved = MergeProfile.load(result.profile.save(tmp_path / "profile"))
     c = model.config
     weights = saved.tensors[KEY_WEIGHTS_TENSOR]

@@ -227,3 +227,8 @@ def test_storage_specs_round_keys_for_the_queries_only_on_a_profile_with_weights
     assert MethodSpec.parse(f"{tmp_path}@rotated:2/8").build(c)[0].tensors is None
     with pytest.raises(ProfileError, match="needs the tensor"):
         MethodSpec.parse("none@rotated:2/8+qk").build(c)
+
+
+def test_weights_must_fit_the_heads_and_channels():
+    with pytest.raises(ValueError, match="do not fit"):
+        quantize(_keys(), 3, 16, "tokens", rotation_matrix(32), weights=_weights(2, 32))

@@ -26,6 +26,9 @@ and the zero point in quarter steps of that scale, ``z / 4 · scale`` for an ``i
 scales; a group's step may be up to 4.4 % coarser or finer than its range asks (the codes are clamped), and a
 group whose minimum lies beyond the zero point's reach (32 steps below zero, 31.75 above) gets a coarser scale.
 
+The codes are the nearest levels, or with per-channel ``weights`` (:func:`quantize`) chosen channel by channel with
+error feedback, so that the weighted error is small rather than the plain one (the same levels and bytes).
+
 A :class:`QuantizedTensor` only grows by concatenation: the packed data of old tokens never changes.
 Quantizers (:mod:`minicache.quant`) decide which axis and group size each role of the cache uses.
 """
@@ -384,6 +387,8 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str,
         raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
     if weights is not None and (levels is not None or clip_ratios):
         raise ValueError("weighted rounding takes even levels and min-max ranges (no levels, no clip_ratios)")
+    if weights is not None and (x.dim() < 3 or tuple(weights.shape) != (x.shape[-3], x.shape[-1])):
+        raise ValueError(f"weights {tuple(weights.shape)} do not fit x {tuple(x.shape)}: [H, D] for x [..., H, N, D]")
     levels_count = 1 << bits
     if levels is not None and levels.shape != (levels_count,):  # the values: checked_levels, once per scheme
         raise ValueError(f"{bits}-bit codes need {levels_count} levels, got shape {tuple(levels.shape)}")

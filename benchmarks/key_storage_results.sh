@@ -37,6 +37,7 @@
 #   bash benchmarks/key_storage_results.sh calibrate-queries  # calibrate-scale8, keys rounded for the queries (25 min)
 #   bash benchmarks/key_storage_results.sh calibrate-queries-g128  # calibrate-queries with key groups of 128 (25 min)
 #   bash benchmarks/key_storage_results.sh queries    # uniform 3 and 2 bits with keys rounded for the queries (16 min)
+#   bash benchmarks/key_storage_results.sh queries-decode  # decode speed of the 5x profile; packing cost (8 min)
 #   bash benchmarks/key_storage_results.sh scale8     # 3-bit rotated, groups of 64, with 8-bit scales (15 min)
 #   bash benchmarks/key_storage_results.sh scale8-decode  # decode speed with 8-bit scales vs 4-bit KIVI (15 min)
 #   bash benchmarks/key_storage_results.sh overview   # every row above on one plot and table (seconds)
@@ -247,6 +248,16 @@ if [[ $WHAT == all || $WHAT == queries ]]; then
   P=$OUT/auto-rotated-queries
   "${EVAL[@]}" --compare "$P@rotated:3/64+s4+prerope+w8+z8+qk,$P@rotated:2/64+s4+prerope+w8+z8+qk" \
     --json-out "$OUT/queries.json" --markdown-out "$OUT/queries.md"
+fi
+
+if [[ $WHAT == all || $WHAT == queries-decode ]]; then
+  # keys rounded for the queries change only the codes, so decoding reads them as before: the 5x profile beside
+  # 3-bit rotated and 4-bit KIVI (blockwise torch path, storages alternated run by run), and the packing's cost
+  echo "== decode speed of the 5x profile, blockwise torch path, 2,048 tokens, batch 1"
+  "$PY" benchmarks/lowbit_decode.py --profile "$OUT/auto-rotated-queries-g128" \
+    --baselines "3-bit rotated,3-bit rotated + 4 sinks + key groups 64 + 8-bit scales" \
+    --json-out "$OUT/queries-decode.json" --markdown-out "$OUT/queries-decode.md"
+  "$PY" benchmarks/key_rounding_speed.py --out "$OUT/key-rounding-speed.md"
 fi
 
 if [[ $WHAT == all || $WHAT == scale8 ]]; then

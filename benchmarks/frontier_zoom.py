@@ -20,9 +20,13 @@ def is_profile(method: str) -> bool:
 
 
 def label(method: str) -> str:
-    """A short name: a profile's directory name, or the storage after ``none@``."""
+    """A short name: a profile's directory name, or the storage after ``none@`` (a profile's storage:
+    ``NAME@STORAGE``, the directory's name only)."""
     if is_profile(method):
         return Path(method).name
+    base, at, storage = method.partition("@")
+    if at and "/" in base:
+        return f"{Path(base).name}@{storage}"
     return method.removeprefix("preset:").removeprefix("none@")
 
 

@@ -238,7 +238,7 @@ def calibrate(
     key_weights = None
     if quantization is not None and quantization.key_rounding == "queries":
         began = time.perf_counter()
-        sample = calib_windows[: max(batch_size, min(len(calib_windows), FISHER_WINDOWS))]
+        sample = _measurement_sample(calib_windows, batch_size)
         key_weights = query_energies(model, sample, batch_size=batch_size, sink_tokens=defaults.sink_tokens,
                                      progress=progress)
         log(f"query energies per key channel (keys rounded for the queries) from {sample.shape[0]} windows in "
@@ -381,12 +381,18 @@ def calibrate(
                              summary=summary, spectra=spectra, bit_points=bit_points)
 
 
+def _measurement_sample(windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The calibration windows that per-layer measurements (query energies, Fisher damage) run on: the first
+    :data:`FISHER_WINDOWS`, at least a batch."""
+    return windows[: max(batch_size, min(len(windows), FISHER_WINDOWS))]
+
+
 def _choose_widths(model, windows, profile, quantization, budget, num_layers, evaluate, make_profile, *,
                    batch_size, progress, log, key_weights=None):
     """``(quantization, measured result, frontier points)`` of :mod:`~minicache.calibrate.bits` for the
     merge groups of ``profile``."""
     widths = sorted(quantization.quantizer.bits, reverse=True)
-    sample = windows[: max(batch_size, min(len(windows), FISHER_WINDOWS))]
+    sample = _measurement_sample(windows, batch_size)
     began = time.perf_counter()
     bar = progress_bar(int(sample.numel()), progress, "sensitivity (forward + backward)")
     try:

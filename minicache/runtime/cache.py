@@ -118,9 +118,9 @@ class MiniCache(Cache):
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_spec.attention_type](**kwargs))
         super().__init__(layers=layers)
         # keys rounded for the queries: the profile's weights, which the packed layers' views share
+        rounded = quant is not None and quant.key_rounding == "queries"
         packed = any(isinstance(layer, QuantizedLayer) for layer in layers)
-        rounded = packed and profile.key_weights(0) is not None
-        self._key_weights = profile.tensors[KEY_WEIGHTS_TENSOR] if rounded else None
+        self._key_weights = profile.tensors[KEY_WEIGHTS_TENSOR] if rounded and packed else None
         if model is not None:
             install_padding_hook(model)
             plan = getattr(model, ATTENTION_PLAN_ATTRIBUTE, None)

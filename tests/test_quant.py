@@ -74,6 +74,24 @@ def test_three_bit_codes_form_a_little_endian_bit_stream():
         pack(codes[..., :12], 3)
 
 
+
+@pytest.mark.parametrize("byteorder", ["little", "big"])
+def test_three_bit_words_read_the_same_on_either_path(byteorder, monkeypatch):
+    # Little-endian hosts read a 3-byte word as an int32 after a pad byte; others shift bytes into words.
+    # Both must give the stream's codes, whole and in slices of rows, as uint8 (unpack) and float (code_values).
+    import minicache.quant.packed as packed_module
+
+    monkeypatch.setattr(packed_module.sys, "byteorder", byteorder)
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 8, (3, 7, 64), generator=g, dtype=torch.uint8)
+    packed = pack(codes, 3)
+    assert torch.equal(unpack(packed, 3), codes)
+    assert torch.equal(code_values(packed, 3), codes.float())
+    monkeypatch.setattr(packed_module, "CONVERT_CHUNK", 128)  # two rows of 64 codes at a time
+    assert torch.equal(unpack(packed, 3), codes)
+    assert torch.equal(code_values(packed, 3), codes.float())
+
+
 # ---- quantize / dequantize ------------------------------------------------------------------------
 def _error_bound(q, x):
     """Per-element bound: half a step, plus the zero point's rounding, broadcast to ``x``."""

@@ -356,21 +356,23 @@ class MergedKVView:
         bh = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
         return bh // h, bh % h, csr.pos.long(), csr.row.long()
 
-    def restored_block(self, start: int, end: int, *, in_frame: bool = False) -> torch.Tensor:
+    def restored_block(self, start: int, end: int, *, in_frame: bool = False,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
         """Merged tokens ``[start, end)`` restored, ``[B, H, end - start, D]`` in the model dtype.
 
         Only this block is dequantized and restored, and only the retained vectors inside it are
         read, so attention can walk the prefix a block at a time. ``start`` must be a multiple of
         :attr:`block_alignment`. ``in_frame``: leave the vectors in :attr:`frame` (no per-token map
         back; retained vectors are mapped into it), for callers that map the query (keys) or the
-        output (values) instead.
+        output (values) instead. ``dtype``: restore in this dtype instead of the model's (attention
+        computing in float32 asks for float32: no round trip through the model dtype).
         """
-        dtype = self.dtype
+        dtype = self.dtype if dtype is None else dtype
         if self.method is None:  # an unmerged layer: the prefix holds the vectors (a rotated packing: its frame)
             rotated = in_frame and self.frame is not None
             if self.rope is None:
                 dense = self.stored["vectors"].block(start, end, dtype, rotated=rotated)
-            else:  # unrotated in float32 and turned by RoPE there: one cast, not three
+            else:  # unrotated in float32 and turned by RoPE there: one cast at most, not three
                 dense = self.rope.apply(self.stored["vectors"].block(start, end, torch.float32), start).to(dtype)
             return self.with_retained(dense, start, end, in_frame=in_frame)  # exact sinks
         block = {name: f.block(start, end, dtype) for name, f in self.stored.items()}
@@ -387,14 +389,14 @@ class MergedKVView:
             stop = min(sinks, end)
             exact = self.retained_value.reshape(*dense.shape[:2], sinks, -1)[:, :, start:stop]
             if in_frame and self.frame is not None:
-                exact = self.frame.into(exact).to(self.dtype)
+                exact = self.frame.into(exact).to(dense.dtype)
             dense[:, :, : stop - start] = exact
             return dense
         retained = self._retained_in(start, end)
         if retained is not None:
             b_idx, h_idx, pos, exact = retained
             if in_frame and self.frame is not None:  # x R, each row with its head's R
-                exact = self.frame.rows(exact, h_idx).to(self.dtype)
+                exact = self.frame.rows(exact, h_idx).to(dense.dtype)
             dense[b_idx, h_idx, pos] = exact
         return dense
 
@@ -433,7 +435,8 @@ class MergedKVView:
         against merged tokens ``[start, end)``: from the stored form for :attr:`factored` methods
         (retained tokens exact), else against the restored block."""
         if not self.factored:
-            return torch.einsum("bhgd,bhnd->bhgn", q, self.restored_block(start, end, in_frame=True).float())
+            restored = self.restored_block(start, end, in_frame=True, dtype=torch.float32)
+            return torch.einsum("bhgd,bhnd->bhgn", q, restored)
         block = {name: f.block(start, end, self.dtype) for name, f in self.stored.items()}
         logits = self.method.factored_scores(self.params, q, block, self.member, self.tensors)
         retained = self._retained_in(start, end)
@@ -451,7 +454,8 @@ class MergedKVView:
         :attr:`frame`): from the stored form for :attr:`factored` methods (retained tokens exact),
         else from the restored block."""
         if not self.factored:
-            return torch.einsum("bhgn,bhnd->bhgd", probs, self.restored_block(start, end, in_frame=True).float())
+            return torch.einsum("bhgn,bhnd->bhgd", probs,
+                                self.restored_block(start, end, in_frame=True, dtype=torch.float32))
         block = {name: f.block(start, end, self.dtype) for name, f in self.stored.items()}
         out = self.method.factored_values(self.params, probs, block, self.member, self.tensors)
         retained = self._retained_in(start, end)

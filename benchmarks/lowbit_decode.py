@@ -25,6 +25,7 @@ from minicache.data import split_text, token_windows
 from minicache.evaluate.bench import timed_greedy_decode
 from minicache.models import load_model
 from minicache.profile import Quantization
+from minicache.runtime import blockwise
 from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
 from minicache.runtime.memory import cache_bytes, compression_ratio
 
@@ -42,10 +43,15 @@ def main() -> None:
     parser.add_argument("--markdown-out")
     parser.add_argument("--path", choices=("blockwise", "default"), default="blockwise",
                         help="blockwise: attend a restored block at a time; default: restore each layer whole")
+    parser.add_argument("--block-tokens", type=int, default=None,
+                        help="merged tokens the blockwise path restores at a time "
+                             "(default: minicache.runtime.blockwise.DEFAULT_BLOCK_TOKENS)")
     parser.add_argument("--baselines", default=None,
                         help="comma-separated subset of the uniform storages (default: all; 4-bit kivi always)")
     args = parser.parse_args()
 
+    if args.block_tokens is not None:
+        blockwise.DEFAULT_BLOCK_TOKENS = args.block_tokens
     model, tokenizer = load_model("smollm2-135m", dtype=args.dtype)
     ids = token_windows(split_text(Path(args.data).read_text()), tokenizer, args.context, args.batch)
     mask = torch.ones_like(ids)
@@ -110,7 +116,8 @@ def main() -> None:
     lines = [
         f"{args.context} tokens x {args.batch}, {args.new_tokens} greedy tokens, {args.dtype}, "
         f"{'blockwise torch path' if args.path == 'blockwise' else 'default path (whole-layer restore)'}, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats} x {args.new_tokens} steps, each timed, "
+        f"blocks of {blockwise.DEFAULT_BLOCK_TOKENS} tokens, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} x {args.new_tokens} steps, each timed, "
         "storages alternated run by run",
         "",
         "| storage | s / decode step | speed vs 4-bit KIVI | compression |",

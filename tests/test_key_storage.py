@@ -129,6 +129,25 @@ def test_rope_angles_are_the_models_own(arch):
     torch.testing.assert_close(rope.remove(rope.apply(keys, 5), 5), keys, atol=1e-5, rtol=1e-5)
 
 
+def test_rope_angles_come_from_fixed_tables_so_every_range_reads_the_same_bits():
+    # Packing removes RoPE over one range of indices, decode puts it back block by block over others; a
+    # position must turn by the same bits whichever range reads it, across tables too.
+    import minicache.runtime.rope as rope_module
+
+    rope = RopeAngles(10000.0 ** -(torch.arange(6) / 6), scaling=1.1)  # 12 rotary channels of 14
+    chunk = rope_module.TABLE_CHUNK
+    keys = torch.randn(2, 3 * chunk, 14, generator=torch.Generator().manual_seed(0))
+    whole = rope.apply(keys, 0)
+    for start, end in ((0, 5), (chunk - 3, chunk + 4), (7, 2 * chunk + 9), (2 * chunk, 3 * chunk)):
+        assert torch.equal(rope.apply(keys[:, start:end], start), whole[:, start:end])
+    cos, sin = rope.cos_sin(chunk - 2, 4, "cpu")
+    angles = torch.arange(chunk - 2, chunk + 2, dtype=torch.float64)[:, None] * rope.inv_freq.double()
+    torch.testing.assert_close(cos.double(), angles.cos() * 1.1, atol=1e-4, rtol=0)
+    torch.testing.assert_close(sin.double(), angles.sin() * 1.1, atol=1e-4, rtol=0)
+    assert torch.equal(whole[..., 12:], keys[..., 12:]), "partial rotary: the rest passes through"
+    torch.testing.assert_close(rope.remove(whole[:, 5:chunk + 5], 5), keys[:, 5:chunk + 5], atol=1e-5, rtol=1e-5)
+
+
 def test_rope_angles_refuse_what_cannot_be_undone():
     dynamic = tiny_config("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(ValueError, match="dynamic"):

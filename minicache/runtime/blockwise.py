@@ -32,7 +32,7 @@ def blockwise_decode_attention(
     attention_mask: torch.Tensor | None = None,
     scaling: float | None = None,
     *,
-    block_tokens: int = DEFAULT_BLOCK_TOKENS,
+    block_tokens: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query token over a merged store, a block of the prefix at a time.
 
@@ -47,8 +47,8 @@ def blockwise_decode_attention(
         Decode mask, ``[B or 1, 1, 1, M + r]`` bool (True = attend) or additive float.
     scaling : float, optional
         Logit scale; default ``D ** -0.5``.
-    block_tokens : int
-        Merged tokens restored at a time.
+    block_tokens : int, optional
+        Merged tokens restored at a time (default :data:`DEFAULT_BLOCK_TOKENS`, read at the call).
 
     Returns
     -------
@@ -58,6 +58,7 @@ def blockwise_decode_attention(
     b, hq, q_len, d = query.shape
     if q_len != 1:
         raise ValueError(f"decode attention takes one query token, got {q_len}")
+    block_tokens = DEFAULT_BLOCK_TOKENS if block_tokens is None else block_tokens
     if block_tokens < 1:
         raise ValueError(f"block_tokens must be at least 1, got {block_tokens}")
     h = keys.residual.shape[1]

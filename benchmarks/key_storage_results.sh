@@ -38,6 +38,7 @@
 #   bash benchmarks/key_storage_results.sh calibrate-queries-g128  # calibrate-queries with key groups of 128 (25 min)
 #   bash benchmarks/key_storage_results.sh queries    # uniform 3 and 2 bits with keys rounded for the queries (16 min)
 #   bash benchmarks/key_storage_results.sh queries-decode  # decode speed of the 5x profile; packing cost (8 min)
+#   bash benchmarks/key_storage_results.sh decode-speed  # the 5x profile and its options vs 4-bit KIVI, two allocators (10 min)
 #   bash benchmarks/key_storage_results.sh scale8     # 3-bit rotated, groups of 64, with 8-bit scales (15 min)
 #   bash benchmarks/key_storage_results.sh scale8-decode  # decode speed with 8-bit scales vs 4-bit KIVI (15 min)
 #   bash benchmarks/key_storage_results.sh overview   # every row above on one plot and table (seconds)
@@ -258,6 +259,21 @@ if [[ $WHAT == all || $WHAT == queries-decode ]]; then
     --baselines "3-bit rotated,3-bit rotated + 4 sinks + key groups 64 + 8-bit scales" \
     --json-out "$OUT/queries-decode.json" --markdown-out "$OUT/queries-decode.md"
   "$PY" benchmarks/key_rounding_speed.py --out "$OUT/key-rounding-speed.md"
+fi
+
+if [[ $WHAT == all || $WHAT == decode-speed ]]; then
+  # After 3-bit codes were read as int32 words, packed blocks restored straight to float32, RoPE angles tabled and
+  # blocks grown to 2,048 tokens: the 5x profile and what its options cost, against 4-bit KIVI of the same run.
+  # Twice: glibc's default allocator, then with its mmap and trim thresholds raised, because on this machine
+  # large temporaries page-fault in some processes and not others (one RoPE turn of a 1,024-token block took
+  # 0.15 or 1.0 ms from one process to the next), which moved the ratios by about 15 % between runs.
+  speed=(benchmarks/lowbit_decode.py --profile "$OUT/auto-rotated-queries-g128" --repeats 7 --baselines
+         "3-bit rotated,3-bit rotated + 4 sinks,3-bit rotated + keys pre-RoPE,3-bit rotated + 4 sinks + key groups 64 + 8-bit scales")
+  echo "== decode speed, blockwise torch path, 2,048 tokens, batch 1, default allocator"
+  "$PY" "${speed[@]}" --json-out "$OUT/decode-speed.json" --markdown-out "$OUT/decode-speed.md"
+  echo "== the same with glibc's mmap and trim thresholds raised"
+  MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=268435456 "$PY" "${speed[@]}" \
+    --json-out "$OUT/decode-speed-malloc.json" --markdown-out "$OUT/decode-speed-malloc.md"
 fi
 
 if [[ $WHAT == all || $WHAT == scale8 ]]; then

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -118,7 +119,9 @@ def main() -> None:
         f"{'blockwise torch path' if args.path == 'blockwise' else 'default path (whole-layer restore)'}, "
         f"blocks of {blockwise.DEFAULT_BLOCK_TOKENS} tokens, {torch.get_num_threads()} threads, "
         f"median of {args.repeats} x {args.new_tokens} steps, each timed, "
-        "storages alternated run by run",
+        "storages alternated run by run" + "".join(
+            f", {name}={os.environ[name]}" for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+            if name in os.environ),
         "",
         "| storage | s / decode step | speed vs 4-bit KIVI | compression |",
         "|---|---:|---:|---:|",

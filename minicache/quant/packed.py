@@ -306,12 +306,14 @@ class QuantizedTensor:
         *lead, n, d = codes.shape
         g = self.group_size
         scale, zero = self.scales()
+        # code_values returns a tensor of its own: scaled and shifted in place (the same bits as out of place, and
+        # no second and third block-sized temporary to allocate on every read)
         if self.axis == "tokens":
             grouped = codes.reshape(*lead, n // g, g, d)
-            out = grouped * scale.float().unsqueeze(-2) + zero.float().unsqueeze(-2)
+            out = grouped.mul_(scale.float().unsqueeze(-2)).add_(zero.float().unsqueeze(-2))
         else:
             grouped = codes.reshape(*lead, n, d // g, g)
-            out = grouped * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
+            out = grouped.mul_(scale.float().unsqueeze(-1)).add_(zero.float().unsqueeze(-1))
         out = out.reshape(*lead, n, d)
         if self.rotation is not None and unrotate:
             out = out @ self.rotation.to(out.device).T

@@ -92,6 +92,27 @@ def test_three_bit_words_read_the_same_on_either_path(byteorder, monkeypatch):
     assert torch.equal(code_values(packed, 3), codes.float())
 
 
+
+def test_rotated_packings_rotate_back_in_the_half_dtype_asked_for_where_its_products_are_native(monkeypatch):
+    # bf16 restores multiply in bf16 on CPUs with bf16 kernels (float32 accumulation; the rotation is exact in
+    # bf16): within bf16 rounding of the float32 product, which every other CPU keeps.
+    import minicache.quant.packed as packed_module
+    from minicache.quant.rotated import rotation_matrix
+
+    rotation = rotation_matrix(64)
+    assert torch.equal(rotation.bfloat16().float(), rotation), "±1/8: exact in bf16"
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    q = quantize(x, 3, 64, "channels", rotation=rotation)
+    exact = q.dequantize(torch.float32)
+    monkeypatch.setattr(packed_module, "_cpu_bf16", lambda: True)
+    half = q.dequantize(torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), exact, atol=0.02, rtol=0.01)  # bf16 keeps 8 bits of mantissa
+    monkeypatch.setattr(packed_module, "_cpu_bf16", lambda: False)
+    assert torch.equal(q.dequantize(torch.bfloat16), exact.bfloat16()), "float32 product, rounded once"
+    assert torch.equal(q.dequantize(torch.float32), exact)
+
+
 # ---- quantize / dequantize ------------------------------------------------------------------------
 def _error_bound(q, x):
     """Per-element bound: half a step, plus the zero point's rounding, broadcast to ``x``."""

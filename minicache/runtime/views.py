@@ -372,8 +372,8 @@ class MergedKVView:
             rotated = in_frame and self.frame is not None
             if self.rope is None:
                 dense = self.stored["vectors"].block(start, end, dtype, rotated=rotated)
-            else:  # unrotated in float32 and turned by RoPE there: one cast at most, not three
-                dense = self.rope.apply(self.stored["vectors"].block(start, end, torch.float32), start).to(dtype)
+            else:  # unrotated in the model dtype (its products are fast), turned by RoPE in float32
+                dense = self.rope.apply(self.stored["vectors"].block(start, end, self.dtype), start).to(dtype)
             return self.with_retained(dense, start, end, in_frame=in_frame)  # exact sinks
         block = {name: f.block(start, end, dtype) for name, f in self.stored.items()}
         dense = self.method.decode(self.params, block, self.member, self.tensors, dtype, in_frame=in_frame)

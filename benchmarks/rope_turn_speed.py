@@ -1,6 +1,8 @@
 """Speed of putting RoPE back on a block of keys (minicache.runtime.rope.RopeAngles.apply) against the turn it
 replaced (kept here as the baseline: ``cos``/``sin`` computed on every call, four products into two halves),
-same run, same tensors; checks that both give the same bits.
+same run, same tensors; checks that both give the same bits. Then the step before it for pre-RoPE keys of the
+rotated scheme: rotating a dequantized block back, in float32 (before) and in bf16 (now, on CPUs with bf16
+kernels; the cast included).
 
     OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=268435456 \\
         python benchmarks/rope_turn_speed.py [--tokens 1024] [--repeats 2000]
@@ -18,6 +20,7 @@ import time
 
 import torch
 
+from minicache.quant.rotated import rotation_matrix
 from minicache.runtime.rope import RopeAngles
 
 
@@ -55,6 +58,20 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), keys [1, 3, {args.tokens}, 64]")
     print(f"RoPE turn: tables {now_ms:.3f} ms, before {before_ms:.3f} ms, speed-up {before_ms / now_ms:.2f}x; "
           f"same bits: {same}")
+    rotation = rotation_matrix(64)
+    block = torch.randn(1, 3, 2 * args.tokens, 64, generator=torch.Generator().manual_seed(1))
+    half_rotation = rotation.T.to(torch.bfloat16)
+    in_float, in_half = [], []
+    for _ in range(args.repeats // 4):
+        begin = time.perf_counter()
+        block @ rotation.T
+        in_float.append(time.perf_counter() - begin)
+        begin = time.perf_counter()
+        block.to(torch.bfloat16) @ half_rotation
+        in_half.append(time.perf_counter() - begin)
+    float_ms, half_ms = statistics.median(in_float) * 1e3, statistics.median(in_half) * 1e3
+    print(f"unrotation of [1, 3, {2 * args.tokens}, 64]: float32 {float_ms:.3f} ms, bf16 {half_ms:.3f} ms, "
+          f"speed-up {float_ms / half_ms:.2f}x")
 
 
 if __name__ == "__main__":

@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from minicache.quant.packed import code_values, pack, unpack
+from minicache.quant.packed import code_values, codes_per_word, pack, unpack
 
 
 def unpack_words(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """The previous unpack: bytes widened to int32, shifted into words and summed, then the codes shifted out."""
-    per = 8 // bits if 8 % bits == 0 else 8
+    per = codes_per_word(bits)
     word_bytes = per * bits // 8
     p = packed.shape[-1]
     rows = packed.reshape(-1, p)

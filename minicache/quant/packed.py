@@ -321,7 +321,8 @@ class QuantizedTensor:
             if _half_products(dtype, out.device):
                 # rotated back in the half dtype asked for (float32 accumulation): the result is rounded to it
                 # anyway, and the product takes a third of the time on CPUs with bf16 instructions
-                return out.to(dtype) @ _rotation_in(self.rotation, out.device, dtype).T
+                # (the rotated scheme's matrix, ±1/√D, is exact in bf16 for power-of-two D; converted once)
+                return out.to(dtype) @ held_copy(self.rotation, out.device, dtype).T
             out = out @ self.rotation.to(out.device).T
         return out.to(dtype)
 
@@ -383,12 +384,6 @@ def _cpu_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-def _rotation_in(rotation: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``rotation`` on ``device`` in ``dtype``, converted once per matrix (the rotated scheme's is ``±1/√D``:
-    exact in bf16 for power-of-two ``D``)."""
-    return held_copy(rotation, device, dtype)
 
 
 def _same_constant(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

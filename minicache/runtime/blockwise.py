@@ -64,12 +64,11 @@ def blockwise_decode_attention(
     b, hq, q_len, d = query.shape
     if q_len != 1:
         raise ValueError(f"decode attention takes one query token, got {q_len}")
-    if block_tokens is None:
-        per_token = b * keys.residual.shape[1] * d * 4
-        block_tokens = max(1, min(DEFAULT_BLOCK_TOKENS, BLOCK_BYTES // per_token))
+    h = keys.residual.shape[1]
+    if block_tokens is None:  # float32 [B, H, tokens, D] within BLOCK_BYTES
+        block_tokens = max(1, min(DEFAULT_BLOCK_TOKENS, BLOCK_BYTES // (b * h * d * 4)))
     if block_tokens < 1:
         raise ValueError(f"block_tokens must be at least 1, got {block_tokens}")
-    h = keys.residual.shape[1]
     m_len, total = keys.merged_length, keys.shape[-2]
     if values.shape != keys.shape or hq % h:
         raise ValueError(f"query {tuple(query.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}")

@@ -24,9 +24,9 @@ from minicache_vllm.quantized import PagedQuantizedLayer
 from minicache_vllm.windows import WindowPool, merged_length
 
 from minicache.profile import MergeGroup, MergeSettings, Quantization
-from minicache.quant import QuantizedTensor
+from minicache.quant import QuantizedTensor, quantize
 from minicache.runtime.blockwise import blockwise_decode_attention
-from minicache.runtime.layers import QuantizedLayer
+from minicache.runtime.layers import QuantizedLayer, stored_window
 from minicache.runtime.rope import RopeAngles
 from minicache.runtime.store import GroupStore, PaddingInfo
 
@@ -209,6 +209,27 @@ def test_window_pool_slots():
         WindowPool(2, 2, H, D, 8, torch.float32, bits=4)
 
 
+def test_appending_to_a_window_is_writing_it_whole():
+    g = torch.Generator().manual_seed(3)
+    old, new = torch.randn(2, 2, H, 5, D, generator=g), torch.randn(2, 2, H, 2, D, generator=g)
+    whole, grown = (WindowPool(1, 2, H, D, 8, torch.float32) for _ in range(2))
+    whole.write(0, torch.cat([old, new], dim=-2))
+    grown.write(0, old)
+    grown.append(0, new)
+    assert torch.equal(grown.read(0), whole.read(0))
+    with pytest.raises(RuntimeError, match="exceeds"):
+        grown.append(0, new)
+    with pytest.raises(TypeError, match="stored form"):
+        WindowPool(1, 2, H, D, 8, torch.float32, bits=8).append(0, new)
+    coded_whole, coded_grown = (WindowPool(1, 2, H, D, 8, torch.float32, bits=8) for _ in range(2))
+    coded_whole.write_stored(0, stored_window(torch.cat([old, new], dim=-2), 8))
+    coded_grown.write_stored(0, stored_window(old, 8))
+    coded_grown.append_stored(0, stored_window(new, 8))  # a token is coded on its own: the same codes either way
+    assert torch.equal(coded_grown.read(0), coded_whole.read(0))
+    with pytest.raises(ValueError, match="does not fit"):
+        coded_grown.append_stored(0, quantize(new, 8, D // 2, "channels"))
+
+
 @pytest.mark.parametrize("scheme,bits,group,scale_bits", [("kivi", 4, 16, None), ("rotated", 2, 16, None),
                                                           ("kivi", 3, 8, None), ("rotated-lloyd", 2, 8, None),
                                                           ("rotated", 3, 8, 8)])
@@ -383,7 +404,7 @@ def _lowrank_store():
     (_group_store(None), True, True),  # SLERP views stacked into one padded batch
     (_lowrank_store, True, True),  # low-rank coefficients stacked likewise
     (_group_store(None), False, False),  # restored, one masked SDPA over the padded batch
-    (_group_store(Quantization(bits=4, group_size=8, residual_length=R)), True, False),  # packed: per request
+    (_group_store(Quantization(bits=4, group_size=16, residual_length=R)), True, True),  # packed units, merged tails
     (_quantized_layer_store(), False, False),  # every request's chunks restored at once
     (_quantized_layer_store("rotated", 3, pre_rope=True), False, False),  # a rotated packing, RoPE put back
     (_quantized_layer_store("rotated-lloyd", 2), False, False),  # uneven levels: the table travels with the pages
@@ -438,15 +459,21 @@ def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(b
     assert bool(calls) == stacked and all(c == 3 for c in calls[-2:])
 
 
-def test_decode_rows_read_from_the_pages_at_once_are_each_requests_own_tokens():
-    """:meth:`PagedGroup.stacked_views` (one gather and parse of every request's units, shared by the members)
-    must hold, at each request's own positions, exactly the tokens its own view restores; packed groups refuse."""
-    store, heads, dim = _group_store(None)()
-    assert store.stacks_decode_rows
+@pytest.mark.parametrize("quant", [None, Quantization(bits=4, group_size=16, residual_length=R)],
+                         ids=["dense", "packed"])
+def test_decode_rows_read_from_the_pages_at_once_are_each_requests_own_tokens(quant):
+    """:meth:`PagedGroup.stacked_views` (dense units: one gather and parse of every request's units; packed
+    units: every request's store, its merged tail merged again, stacked; both shared by the members) must hold,
+    at each request's own positions, exactly the tokens its own view restores. Packed: key groups of 16
+    tokens are units of two merge blocks, so a request's keys end in a dense tail of 0 or 8 merged tokens
+    and its values (packed per token) in a packed one."""
+    store, heads, dim = _group_store(quant)()
+    assert store.stacks_decode_rows and (store.unit == 2 * BS) == (quant is not None)
     generator = torch.Generator().manual_seed(3)
     tables = torch.randperm(64).view(4, 16)
     before = [0, 0, 0]
     schedule = [{0: 70, 1: 20}] + [{0: 1, 1: 1}] * 9 + [{0: 1, 1: 1, 2: 3}] + [{0: 1, 1: 1, 2: 1}] * 2
+    tails = set()  # merged tails of a step's decoding requests
     for n, step in enumerate(schedule):
         inputs = {row: torch.randn(2, store.members, heads, k, dim, generator=generator) for row, k in step.items()}
         store.begin_step()
@@ -456,6 +483,7 @@ def test_decode_rows_read_from_the_pages_at_once_are_each_requests_own_tokens():
                 if xs.shape[-2] > 1 or n < 5:
                     store.member_kv(m, row, tables[row], before[row], xs[:, m])
             if n >= 5 and decoding:
+                tails.add(tuple(sorted({merged_length(d[2], R, BS) % store.unit for d in decoding})))
                 own = [store.member_views(m, *d) for d in decoding]
                 keys, values, mask = store.stacked_views(m, decoding)
                 assert keys.shape[0] == len(decoding) and mask.shape == (len(decoding), keys.shape[-2])
@@ -468,7 +496,11 @@ def test_decode_rows_read_from_the_pages_at_once_are_each_requests_own_tokens():
             before[row] += xs.shape[-2]
     lengths = [merged_length(n, store.residual_length, store.block_size) for n in before]
     assert lengths[0] > lengths[1] > 0 and lengths[2] == 0  # padded twice over: merged tokens and windows
-    packed, _, _ = _group_store(Quantization(bits=4, group_size=8, residual_length=R))()
-    assert not packed.stacks_decode_rows
-    with pytest.raises(ValueError, match="cannot be read as one batch"):
-        packed.stacked_views(0, [])
+    if quant is not None:
+        assert (0, BS) in tails  # steps where one request's merged tail was empty and another's was not
+        # key groups of 12 tokens: units of 24, tails of 8 or 16 tokens, packed in part: refused
+        _, reference = group_of(2, quant=Quantization(bits=4, group_size=12, residual_length=R))
+        ragged, _ = paged(reference, torch.float32, room=BS * H * 2, page=48)
+        assert not ragged.stacks_decode_rows
+        with pytest.raises(ValueError, match="cannot be read as one batch"):
+            ragged.stacked_views(0, [])

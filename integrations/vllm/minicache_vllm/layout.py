@@ -256,14 +256,19 @@ class UnitLayout:
         return out
 
 
-def prefix_window_mask(prefix: list[int], window: list[int], device: torch.device) -> torch.Tensor:
-    """``[R, max(prefix) + max(window)]`` bool, True where request ``i``'s own tokens are in a padded batch
-    that holds its ``prefix[i]`` stored tokens from 0 and its ``window[i]`` exact ones from ``max(prefix)``."""
-    longest = max(prefix)
-    positions = torch.arange(longest + max(window), device=device)
-    own = torch.tensor(prefix, device=device).unsqueeze(1)
-    exact = torch.tensor(window, device=device).unsqueeze(1)
-    return (positions < own) | ((positions >= longest) & (positions < longest + exact))
+def prefix_window_mask(prefix: list[int], window: list[int], device: torch.device,
+                       tail: list[int] | None = None) -> torch.Tensor:
+    """``[R, max(prefix) + max(tail) + max(window)]`` bool, True where request ``i``'s own tokens are in a
+    padded batch that holds its ``prefix[i]`` stored tokens from 0, its ``tail[i]`` further stored tokens
+    from ``max(prefix)`` (none by default), and its ``window[i]`` exact ones after the longest tail."""
+    tail = [0] * len(prefix) if tail is None else tail
+    longest, most = max(prefix), max(tail)
+    positions = torch.arange(longest + most + max(window), device=device)
+
+    def within(start: int, lengths: list[int]) -> torch.Tensor:
+        return (positions >= start) & (positions < start + torch.tensor(lengths, device=device).unsqueeze(1))
+
+    return within(0, prefix) | within(longest, tail) | within(longest + most, window)
 
 
 def _field_slots(samples: list[tuple[str, str, Stored]], offset: int = 0) -> tuple[tuple[FieldSlot, ...], int]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from minicache.quant import QuantizedTensor
-from minicache.runtime.store import ComponentStore, GroupStore
+from minicache.runtime.store import ComponentStore, GroupStore, TokenSeries
 from minicache.runtime.views import MergedKVView
 from minicache_vllm.layout import COMPONENTS, PageLayout, RetainedBlock, Stored, prefix_window_mask, select_rows
 from minicache_vllm.windows import WindowPool, merged_length, padded_windows
@@ -23,6 +23,8 @@ from minicache_vllm.windows import WindowPool, merged_length, padded_windows
 logger = logging.getLogger("vllm.minicache_vllm")
 
 __all__ = ["DECODE_PATHS", "PagedGroup", "reads_blockwise"]
+
+Stores = dict[str, ComponentStore]  # a request's (or a stacked batch's) store of each component
 
 #: How a decode step attends a stored prefix (``MINICACHE_VLLM_DECODE``), with what each means.
 #: ``auto`` picks per store the faster path on CPU (``integrations/vllm/bench/step_profile.py``): merged
@@ -236,14 +238,33 @@ class PagedGroup:
     restores_decode_rows = False
 
     @functools.cached_property
-    def stacks_decode_rows(self) -> bool:
-        """Whether :meth:`stacked_views` can serve this group: every stored field and retained vector
-        dense, a unit one merge block (so a request's merged tokens are all in its pages, no dense tail),
-        and a method that restores tokens independently (not a closed-loop chain)."""
+    def _dense_units(self) -> bool:
+        """Every stored field and retained vector dense and a unit one merge block: a request's merged
+        tokens are all in its pages, one grid read of them is the whole prefix (:meth:`_stack_prefix`)."""
         return (self.unit == self.block_size
                 and not any(slot.packed for slot in self.layout.fields)
-                and not any(codec.template is not None for codec in self.layout.retained)
-                and not any(c.method.closed_loop for c in self.template.components.values()))
+                and not any(codec.template is not None for codec in self.layout.retained))
+
+    @functools.cached_property
+    def stacks_decode_rows(self) -> bool:
+        """Whether :meth:`stacked_views` can serve this group: a method that restores tokens independently
+        (not a closed-loop chain), and either dense units (:meth:`_stack_prefix`) or packed fields whose
+        merged tail, the tokens that do not fill a unit yet, is packed alike in every request: never (the
+        field's packing chunk is the unit) or wholly (the chunk divides the merge block), so that every
+        request's prefix splits into packed and dense tokens at the same place (:meth:`_stack_states`)."""
+        if any(c.method.closed_loop for c in self.template.components.values()):
+            return False
+        if self._dense_units:
+            return True
+        for name in COMPONENTS:
+            comp = self.template.components[name]
+            for f in comp.method.fields:
+                role = f.role(name)
+                if comp.quant is not None and role is not None:
+                    chunk = comp.quant.quantizer.chunk_tokens(role, comp.quant.group_size)
+                    if chunk != self.unit and self.block_size % chunk:
+                        return False
+        return True
 
     def stacked_views(self, member: int, rows: list[tuple[int, torch.Tensor, int, torch.Tensor]],
                       ) -> tuple[MergedKVView, MergedKVView, torch.Tensor]:
@@ -272,21 +293,30 @@ class PagedGroup:
         """
         if not self.stacks_decode_rows:
             raise ValueError(f"layers {list(self.layers)}: this store's decode rows cannot be read as one batch "
-                             "(packed fields, units longer than a merge block, or a closed-loop method)")
+                             "(a closed-loop method, or packed fields whose merged tails differ in packing)")
         slots = [self._take_step(member, *row) for row in rows]
+        steps = [step for *_, step in rows]
         key = tuple((int(table[0]), before) for _, table, before, _ in rows)
-        if key not in self._stacked:
-            self._stacked[key] = self._stack_prefix([(table, before) for _, table, before, _ in rows])
-        lengths, stores = self._stacked[key]
-        residual, sizes = padded_windows([self.pool.read(slot)[:, member] for slot in slots],
-                                         [step for *_, step in rows])  # [2, R, H, r_max, D]
+        if self._dense_units:
+            if key not in self._stacked:
+                self._stacked[key] = self._stack_prefix([(table, before) for _, table, before, _ in rows])
+            lengths, stores = self._stacked[key]
+            residual, sizes = self.pool.read_padded(slots, member, steps)  # [2, R, H, r_max, D]
+            mask = prefix_window_mask(lengths, sizes, residual.device)
+        else:
+            if key not in self._stacked:
+                self._stacked[key] = self._stack_states(rows, slots)
+            (paged, tails), stores, states = self._stacked[key]
+            residual, sizes = padded_windows([torch.stack([s[name].residual[member][0] for name in COMPONENTS])
+                                              for s in states], steps)  # [2, R, H, r_max, D]
+            mask = prefix_window_mask(paged, sizes, residual.device, tails)
         views = []
         for c, name in enumerate(COMPONENTS):
             comp = copy.copy(stores[name])  # shares the stacked prefix with the other members
             comp.residual = [None] * self.members
             comp.residual[member] = residual[c]
             views.append(comp.view(member))
-        return views[0], views[1], prefix_window_mask(lengths, sizes, residual.device)
+        return views[0], views[1], mask
 
     def _stack_prefix(self, requests: list[tuple[torch.Tensor, int]]) -> tuple[list[int], dict[str, ComponentStore]]:
         """The requests' merged tokens, ``(tokens each, {component: store of R sequences padded to the
@@ -307,6 +337,48 @@ class PagedGroup:
             comp.retained_value = retained[name].value
         return lengths, stores
 
+    def _stack_states(self, rows: list[tuple[int, torch.Tensor, int, torch.Tensor]], slots: list[int],
+                      ) -> tuple[tuple[list[int], list[int]], Stores, list[Stores]]:
+        """Packed units: every request's store as :meth:`member_views` reads it (its units, its merged tail
+        merged again; :meth:`_state`), stacked into one padded batch for every member of the step.
+
+        Request ``i``'s paged tokens lie at ``0 .. P_i``, the request with the most paged tokens' standing in
+        up to ``P_max``; its merged tail at ``P_max .. P_max + T_i``, the longest tail's standing in up to
+        ``P_max + T_max`` (valid stored forms: the mask drops them). Retained entries move with their tokens.
+
+        Returns
+        -------
+        (paged, tails) : (list of int, list of int)
+            ``P_i`` and ``T_i``.
+        stores : dict
+            ``{component: ComponentStore of R sequences}``, no window.
+        states : list of dict
+            Each request's own stores (their windows: the tokens after its merged ones).
+        """
+        states = [self._state(table, before, self.pool.read(slot))
+                  for (_, table, before, _), slot in zip(rows, slots, strict=True)]
+        paged = [self.paged_length(before) for _, _, before, _ in rows]
+        tails = [s["keys"].length - p for s, p in zip(states, paged, strict=True)]
+        p_max, t_max = max(paged), max(tails)
+        long_paged, long_tail = paged.index(p_max), tails.index(t_max)
+        # each stacked row as runs of (request, its first token, its last + 1), in stacked order
+        runs = [[(i, 0, paged[i]), (long_paged, paged[i], p_max), (i, paged[i], paged[i] + tails[i]),
+                 (long_tail, paged[long_tail] + tails[i], paged[long_tail] + t_max)] for i in range(len(rows))]
+        stores = {}
+        for name in COMPONENTS:
+            comp = self.template.components[name].fresh()
+            for field, series in comp.fields.items():
+                # packed up to the paged tokens' end, or the tails' too where their chunk divides the merge block
+                split = 0
+                if series.quant is not None:
+                    chunk = series.quant.quantizer.chunk_tokens(series.role, series.quant.group_size)
+                    split = p_max + t_max if self.block_size % chunk == 0 else p_max
+                series.packed, series.dense = _stacked_field([s[name].fields[field] for s in states], runs, split)
+            comp.length = p_max + t_max
+            _stack_retained(comp, [s[name] for s in states], paged, p_max)
+            stores[name] = comp
+        return (paged, tails), stores, states
+
     def end_step(self, rows: list[tuple[int, torch.Tensor, int, int]]) -> None:
         """After the last member: merge the whole units that left every window, keep the rest exact.
 
@@ -316,10 +388,12 @@ class PagedGroup:
             slot = self._slots[row]
             paged_before, paged_after = self.paged_length(before), self.paged_length(total)
             steps = torch.stack([self._stash[m][row] for m in range(self.members)], dim=1)  # [2, k, H, n, D]
-            xs = torch.cat([self.pool.read(slot), steps], dim=-2)  # tokens paged_before .. total
             count = paged_after - paged_before
-            if count:
-                self.merge(table, paged_before, xs, count)
+            if not count:  # most steps: the window grows by the step's tokens, nothing else is written
+                self.pool.append(slot, steps)
+                continue
+            xs = torch.cat([self.pool.read(slot), steps], dim=-2)  # tokens paged_before .. total
+            self.merge(table, paged_before, xs, count)
             self.pool.write(slot, xs[..., count:, :].clone())
         self._stash = {}
         self._states = {}
@@ -329,6 +403,54 @@ class PagedGroup:
 def _tokens(x: Stored, start: int, end: int) -> Stored:
     """Tokens ``[start, end)`` of a ``[1, H, N, w]`` field, dense or packed."""
     return x.slice_tokens(start, end) if isinstance(x, QuantizedTensor) else x[:, :, start:end]
+
+
+def _stacked_field(own: list[TokenSeries], runs: list[list[tuple[int, int, int]]], split: int,
+                   ) -> tuple[QuantizedTensor | None, torch.Tensor | None]:
+    """One field of several requests' stores (``own``: their series) as one batch laid out by ``runs``
+    (:meth:`PagedGroup._stack_states`): ``(packed, dense)``, the stacked tokens before ``split`` packed."""
+
+    def take(series: TokenSeries, start: int, end: int) -> Stored:
+        first = 0 if series.packed is None else series.packed.length
+        if end <= first:
+            return series.packed.slice_tokens(start, end)
+        return series.dense[..., start - first : end - first, :]
+
+    packed_rows, dense_rows = [], []
+    for row in runs:
+        parts, edge = ([], []), 0
+        for i, start, end in row:
+            if end > start:
+                parts[0 if edge < split else 1].append(take(own[i], start, end))
+            edge += end - start
+        if parts[0]:
+            packed_rows.append(functools.reduce(lambda a, b: a.cat(b), parts[0]))
+        if parts[1]:
+            dense_rows.append(torch.cat(parts[1], dim=-2))
+    packed = functools.reduce(lambda a, b: a.cat(b, dim=0), packed_rows) if packed_rows else None
+    return packed, (torch.cat(dense_rows) if dense_rows else None)
+
+
+def _stack_retained(comp: ComponentStore, own: list[ComponentStore], paged: list[int], p_max: int) -> None:
+    """Give ``comp`` the retained entries of every request's store ``own[i]`` as sequence ``i``, a tail's
+    tokens moved from after the request's ``paged[i]`` tokens to after ``p_max``."""
+    index, values = [], []
+    for i, store in enumerate(own):
+        if store.retained_index is None or not store.retained_index.shape[0]:
+            continue
+        rows = store.retained_index.clone()
+        rows[:, 0] = i
+        tail = rows[:, 2] >= paged[i]
+        rows[tail, 2] += p_max - paged[i]
+        index.append(rows)
+        values.append(store.retained_value if store.retained_q is None else store.retained_q)
+    if not index:
+        return
+    comp.retained_index = torch.cat(index)
+    if isinstance(values[0], QuantizedTensor):
+        comp.retained_q = functools.reduce(lambda a, b: a.cat(b, dim=0), values)
+    else:
+        comp.retained_value = torch.cat(values)
 
 
 def reads_blockwise(decode: str, store) -> bool:

@@ -22,7 +22,7 @@ from minicache.quant import QuantizedTensor
 from minicache.runtime.layers import QuantizedLayer, stored_window
 from minicache.runtime.views import MergedKVView
 from minicache_vllm.layout import UnitLayout, prefix_window_mask
-from minicache_vllm.windows import WindowPool, padded_windows
+from minicache_vllm.windows import WindowPool
 
 __all__ = ["PagedQuantizedLayer"]
 
@@ -174,9 +174,14 @@ class PagedQuantizedLayer:
         mask : torch.Tensor or None
             ``[R, N_max + r_max]`` bool, True where a request's own tokens are (None: nothing padded).
         """
-        slots, windows = zip(*(self._window(table, before) for _, table, before, _ in rows), strict=True)
-        packed = [before - window.shape[-2] for (_, _, before, _), window in zip(rows, windows, strict=True)]
-        residual, sizes = padded_windows(list(windows), [step for *_, step in rows])  # [2, R, H, r_max, D]
+        slots = [self.pool.slot(int(table[0]), before) for _, table, before, _ in rows]
+        lengths = [self.pool.length[slot] for slot in slots]
+        packed = [before - n for (_, _, before, _), n in zip(rows, lengths, strict=True)]
+        residual, sizes = self.pool.read_padded(slots, 0, [step for *_, step in rows])  # [2, R, H, r_max, D]
+        for i, ((_, _, before, _), slot) in enumerate(zip(rows, slots, strict=True)):
+            known = self._sinks_held(before, packed[i])
+            if self.pool.bits is not None and known and not packed[i]:  # as _window reads them
+                residual[:, i, :, :known] = self.sinks[slot][:, :, :known]
         keys, values = residual[0], residual[1]
         if max(packed):
             grid = self.layout.padded_units(self.pages(), [table for _, table, _, _ in rows],
@@ -192,13 +197,13 @@ class PagedQuantizedLayer:
         mask = prefix_window_mask(packed, sizes, keys.device) if padded else None
         chunk, exact = self.template.chunk, self.template.spec.residual_length
         bits, sinks = self.pool.bits, self.template.spec.sink_tokens
-        for (_, table, before, step), slot, window in zip(rows, slots, windows, strict=True):
-            if (window.shape[-2] + 1 - exact) // chunk > 0 or (bits is not None and before < sinks):
+        for (_, table, before, step), slot, length in zip(rows, slots, lengths, strict=True):
+            if (length + 1 - exact) // chunk > 0 or (bits is not None and before < sinks):
                 self._update(table, before, step, views=True)  # a chunk leaves the window (or a sink arrives)
             elif bits is None:
-                self.pool.write(slot, torch.cat([window, step], dim=-2).unsqueeze(1))
+                self.pool.append(slot, step.unsqueeze(1))
             else:  # the new token coded once, as the runtime codes it; the stored ones as they are
-                self.pool.write_stored(slot, self.pool.read_stored(slot).cat(stored_window(step.unsqueeze(1), bits)))
+                self.pool.append_stored(slot, stored_window(step.unsqueeze(1), bits))
         return keys, values, mask
 
     def end_step(self, rows) -> None:

@@ -128,6 +128,41 @@ class WindowPool:
         self.data[slot, :, :, :, : self._room(window.shape[-2])] = window
         self.length[slot] = window.shape[-2]
 
+    def append(self, slot: int, tokens: torch.Tensor) -> None:
+        """Add ``tokens`` ``[2, k, heads, n, D]`` after a slot's exact window: writes those ``n`` tokens only
+        (a decode step grows every window by one token; :meth:`write` would copy the whole window again)."""
+        if self.bits is not None:
+            raise TypeError("an 8-bit window pool is appended to in stored form (append_stored)")
+        n = self.length[slot]
+        end = self._room(n + tokens.shape[-2])
+        self.data[slot, :, :, :, n:end] = tokens
+        self.length[slot] = end
+
+    def read_padded(self, slots: list[int], member: int, steps: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """Several requests' windows at ``member``, each followed by its step's token ``[2, heads, 1, D]``, as
+        one zero-padded ``[2, R, heads, max(w_i + 1), D]`` batch in the model dtype; and each ``w_i + 1``.
+
+        One gather from the pool for the whole batch (an 8-bit pool's codes restored once), rather than a
+        copy per request: a decode step reads every running request's window at every layer.
+        """
+        lengths = [self.length[slot] for slot in slots]
+        longest = max(lengths)
+        index = torch.tensor(slots, device=self.data.device)
+        windows = self.data[index, :, member, :, :longest]  # [R, 2, heads, w, D]
+        if self.bits is not None:
+            scale, zero = (t[index, :, member, :, :longest] for t in (self.scale, self.zero))
+            windows = QuantizedTensor(windows, scale, zero, self.bits, windows.shape[-1], "channels").dequantize(
+                self.dtype)
+        rows, _, heads, _, dim = windows.shape
+        out = windows.new_zeros(2, rows, heads, longest + 1, dim)
+        out[..., :longest, :] = windows.transpose(0, 1)
+        ends = torch.tensor(lengths, device=out.device)
+        # a slot's tokens beyond its length are an earlier request's: zeros there, as in a fresh batch
+        stale = torch.arange(longest + 1, device=out.device) >= ends[:, None]  # [R, w + 1]
+        out.masked_fill_(stale[None, :, None, :, None], 0)
+        out[:, torch.arange(rows, device=out.device), :, ends] = torch.stack([step[:, :, 0] for step in steps])
+        return out, [n + 1 for n in lengths]
+
     def read_stored(self, slot: int) -> QuantizedTensor:
         """An 8-bit pool's window of ``slot`` as stored: ``[2, k, heads, length, D]`` codes (views)."""
         n, d = self.length[slot], self.data.shape[-1]
@@ -136,14 +171,27 @@ class WindowPool:
 
     def write_stored(self, slot: int, window: QuantizedTensor) -> None:
         """Replace an 8-bit pool's window of ``slot`` with ``window`` ``[2, k, heads, n, D]``, as stored."""
-        if (window.bits, window.axis, window.group_size) != (self.bits, "channels", self.data.shape[-1]):
-            raise ValueError(f"a {window.bits}-bit window in groups of {window.group_size} {window.axis} does not fit "
-                             f"a pool of {self.bits}-bit windows per token and head")
+        self._check_stored(window)
         n = self._room(window.length)
         self.data[slot, :, :, :, :n] = window.data
         self.scale[slot, :, :, :, :n] = window.scale
         self.zero[slot, :, :, :, :n] = window.zero
         self.length[slot] = n
+
+    def append_stored(self, slot: int, tokens: QuantizedTensor) -> None:
+        """Add ``tokens`` ``[2, k, heads, n, D]``, as stored, after an 8-bit pool's window of ``slot``."""
+        self._check_stored(tokens)
+        n = self.length[slot]
+        end = self._room(n + tokens.length)
+        self.data[slot, :, :, :, n:end] = tokens.data
+        self.scale[slot, :, :, :, n:end] = tokens.scale
+        self.zero[slot, :, :, :, n:end] = tokens.zero
+        self.length[slot] = end
+
+    def _check_stored(self, window: QuantizedTensor) -> None:
+        if (window.bits, window.axis, window.group_size) != (self.bits, "channels", self.data.shape[-1]):
+            raise ValueError(f"a {window.bits}-bit window in groups of {window.group_size} {window.axis} does not fit "
+                             f"a pool of {self.bits}-bit windows per token and head")
 
     def _room(self, n: int) -> int:
         if n > self.capacity:
@@ -153,7 +201,8 @@ class WindowPool:
 
 def padded_windows(windows: list[torch.Tensor], steps: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     """Requests' exact windows ``[2, H, w_i, D]``, each followed by its step's token ``[2, H, 1, D]``, as one
-    zero-padded ``[2, R, H, max(w_i + 1), D]`` batch; and each request's ``w_i + 1``."""
+    zero-padded ``[2, R, H, max(w_i + 1), D]`` batch; and each request's ``w_i + 1`` (windows held outside the
+    pool; :meth:`WindowPool.read_padded` reads the pool's own at once)."""
     sizes = [w.shape[-2] + 1 for w in windows]
     _, h, _, d = steps[0].shape
     out = steps[0].new_zeros(2, len(steps), h, max(sizes), d)

@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 import torch
 
-from minicache.quant import QuantizedTensor
+from minicache.quant import QuantizedTensor, append
 from minicache.runtime.store import ComponentStore, GroupStore, TokenSeries
 from minicache.runtime.views import MergedKVView
 from minicache_vllm.layout import COMPONENTS, PageLayout, RetainedBlock, Stored, prefix_window_mask, select_rows
-from minicache_vllm.windows import WindowPool, merged_length, padded_windows
+from minicache_vllm.windows import WindowPool, merged_length
 
 logger = logging.getLogger("vllm.minicache_vllm")
 
@@ -306,9 +306,9 @@ class PagedGroup:
         else:
             if key not in self._stacked:
                 self._stacked[key] = self._stack_states(rows, slots)
-            (paged, tails), stores, states = self._stacked[key]
-            residual, sizes = padded_windows([torch.stack([s[name].residual[member][0] for name in COMPONENTS])
-                                              for s in states], steps)  # [2, R, H, r_max, D]
+            (paged, tails), stores = self._stacked[key]
+            # a window holds the tokens from the paged ones on: the merged tail's are skipped
+            residual, sizes = self.pool.read_padded(slots, member, steps, skip=tails)  # [2, R, H, r_max, D]
             mask = prefix_window_mask(paged, sizes, residual.device, tails)
         views = []
         for c, name in enumerate(COMPONENTS):
@@ -338,13 +338,14 @@ class PagedGroup:
         return lengths, stores
 
     def _stack_states(self, rows: list[tuple[int, torch.Tensor, int, torch.Tensor]], slots: list[int],
-                      ) -> tuple[tuple[list[int], list[int]], Stores, list[Stores]]:
-        """Packed units: every request's store as :meth:`member_views` reads it (its units, its merged tail
-        merged again; :meth:`_state`), stacked into one padded batch for every member of the step.
+                      ) -> tuple[tuple[list[int], list[int]], Stores]:
+        """Packed units: every request's store as :meth:`member_views` reads it (:meth:`_state`: its units,
+        its merged tail merged again), as one padded batch for every member of the step.
 
         Request ``i``'s paged tokens lie at ``0 .. P_i``, the request with the most paged tokens' standing in
-        up to ``P_max``; its merged tail at ``P_max .. P_max + T_i``, the longest tail's standing in up to
-        ``P_max + T_max`` (valid stored forms: the mask drops them). Retained entries move with their tokens.
+        up to ``P_max`` (one gather of every request's units, one parse, as :meth:`_stack_prefix`); its
+        merged tail at ``P_max .. P_max + T_i``, the longest tail's standing in up to ``P_max + T_max``
+        (valid stored forms: the mask drops them). Retained entries move with their tokens.
 
         Returns
         -------
@@ -352,32 +353,53 @@ class PagedGroup:
             ``P_i`` and ``T_i``.
         stores : dict
             ``{component: ComponentStore of R sequences}``, no window.
-        states : list of dict
-            Each request's own stores (their windows: the tokens after its merged ones).
         """
-        states = [self._state(table, before, self.pool.read(slot))
-                  for (_, table, before, _), slot in zip(rows, slots, strict=True)]
+        tables = [table for _, table, _, _ in rows]
         paged = [self.paged_length(before) for _, _, before, _ in rows]
-        tails = [s["keys"].length - p for s, p in zip(states, paged, strict=True)]
+        tails = [merged_length(before, self.residual_length, self.block_size) - p
+                 for (_, _, before, _), p in zip(rows, paged, strict=True)]
         p_max, t_max = max(paged), max(tails)
-        long_paged, long_tail = paged.index(p_max), tails.index(t_max)
-        # each stacked row as runs of (request, its first token, its last + 1), in stacked order
-        runs = [[(i, 0, paged[i]), (long_paged, paged[i], p_max), (i, paged[i], paged[i] + tails[i]),
-                 (long_tail, paged[long_tail] + tails[i], paged[long_tail] + t_max)] for i in range(len(rows))]
-        stores = {}
-        for name in COMPONENTS:
-            comp = self.template.components[name].fresh()
+        stores = {name: self.template.components[name].fresh() for name in COMPONENTS}
+        if p_max:
+            grid = self.layout.padded_units(self.pages(), tables, [p // self.unit for p in paged], self.units_per_page)
+            fields, retained = self.layout.read(grid, batch=len(rows))  # [R, H, P_max, w] each
+            for name, comp in stores.items():
+                for field, x in fields[name].items():
+                    if isinstance(x, QuantizedTensor):
+                        comp.fields[field].packed = x
+                    else:
+                        comp.fields[field].dense = x
+                comp.length = p_max
+                comp.retained_index = retained[name].index
+                if isinstance(retained[name].value, QuantizedTensor):
+                    comp.retained_q = retained[name].value
+                else:
+                    comp.retained_value = retained[name].value
+        if not t_max:
+            return (paged, tails), stores
+        # each request's tail merged again from its window, as _state merges it (a fresh store: tokens from 0)
+        own = []
+        for slot, p, t in zip(slots, paged, tails, strict=True):
+            window = self.pool.read(slot)  # tokens from P_i on
+            own.append({name: self.template.components[name].fresh() for name in COMPONENTS})
+            for c, name in enumerate(COMPONENTS):
+                self._merge_from(own[-1][name], window[c], p, t)
+        longest = tails.index(t_max)
+        runs = [[(i, 0, tails[i]), (longest, tails[i], t_max)] for i in range(len(rows))]
+        for name, comp in stores.items():
             for field, series in comp.fields.items():
-                # packed up to the paged tokens' end, or the tails' too where their chunk divides the merge block
-                split = 0
-                if series.quant is not None:
-                    chunk = series.quant.quantizer.chunk_tokens(series.role, series.quant.group_size)
-                    split = p_max + t_max if self.block_size % chunk == 0 else p_max
-                series.packed, series.dense = _stacked_field([s[name].fields[field] for s in states], runs, split)
+                # a tail is packed wholly where its field's chunk divides the merge block, else not at all
+                packed_tail = series.quant is not None and self.block_size % series.quant.quantizer.chunk_tokens(
+                    series.role, series.quant.group_size) == 0
+                packed, dense = _stacked_field([o[name].fields[field] for o in own], runs,
+                                               t_max if packed_tail else 0)
+                if packed is not None:
+                    series.packed = append(series.packed, packed)
+                if dense is not None:
+                    series.dense = dense if series.dense is None else torch.cat([series.dense, dense], dim=-2)
             comp.length = p_max + t_max
-            _stack_retained(comp, [s[name] for s in states], paged, p_max)
-            stores[name] = comp
-        return (paged, tails), stores, states
+            _stack_retained(comp, [o[name] for o in own], p_max)
+        return (paged, tails), stores
 
     def end_step(self, rows: list[tuple[int, torch.Tensor, int, int]]) -> None:
         """After the last member: merge the whole units that left every window, keep the rest exact.
@@ -431,20 +453,20 @@ def _stacked_field(own: list[TokenSeries], runs: list[list[tuple[int, int, int]]
     return packed, (torch.cat(dense_rows) if dense_rows else None)
 
 
-def _stack_retained(comp: ComponentStore, own: list[ComponentStore], paged: list[int], p_max: int) -> None:
-    """Give ``comp`` the retained entries of every request's store ``own[i]`` as sequence ``i``, a tail's
-    tokens moved from after the request's ``paged[i]`` tokens to after ``p_max``."""
-    index, values = [], []
+def _stack_retained(comp: ComponentStore, own: list[ComponentStore], offset: int) -> None:
+    """Add to ``comp``'s retained entries those of every request's tail store ``own[i]`` (tokens from 0), as
+    sequence ``i``, its tokens from ``offset`` on."""
+    index = [] if comp.retained_index is None else [comp.retained_index]
+    values = [v for v in (comp.retained_value, comp.retained_q) if v is not None]
     for i, store in enumerate(own):
         if store.retained_index is None or not store.retained_index.shape[0]:
             continue
         rows = store.retained_index.clone()
         rows[:, 0] = i
-        tail = rows[:, 2] >= paged[i]
-        rows[tail, 2] += p_max - paged[i]
+        rows[:, 2] += offset
         index.append(rows)
         values.append(store.retained_value if store.retained_q is None else store.retained_q)
-    if not index:
+    if not values:
         return
     comp.retained_index = torch.cat(index)
     if isinstance(values[0], QuantizedTensor):

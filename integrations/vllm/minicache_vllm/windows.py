@@ -24,7 +24,7 @@ import torch
 from minicache.quant import QuantizedTensor
 from minicache.quant.packed import scale_dtype
 
-__all__ = ["WindowPool", "merged_length", "padded_windows"]
+__all__ = ["WindowPool", "merged_length"]
 
 
 def merged_length(tokens: int, residual_length: int, block_size: int) -> int:
@@ -138,28 +138,42 @@ class WindowPool:
         self.data[slot, :, :, :, n:end] = tokens
         self.length[slot] = end
 
-    def read_padded(self, slots: list[int], member: int, steps: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-        """Several requests' windows at ``member``, each followed by its step's token ``[2, heads, 1, D]``, as
-        one zero-padded ``[2, R, heads, max(w_i + 1), D]`` batch in the model dtype; and each ``w_i + 1``.
+    def read_padded(self, slots: list[int], member: int, steps: list[torch.Tensor],
+                    skip: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Several requests' windows at ``member`` (request ``i``'s from its token ``skip[i]`` on, default 0),
+        each followed by its step's token ``[2, heads, 1, D]``, as one padded ``[2, R, heads, max(w_i + 1), D]``
+        batch in the model dtype (what lies beyond a row's ``w_i + 1`` tokens is finite and meaningless: readers
+        mask it); and each ``w_i + 1``.
 
         One gather from the pool for the whole batch (an 8-bit pool's codes restored once), rather than a
         copy per request: a decode step reads every running request's window at every layer.
         """
-        lengths = [self.length[slot] for slot in slots]
+        skip = [0] * len(slots) if skip is None else skip
+        lengths = [self.length[slot] - first for slot, first in zip(slots, skip, strict=True)]
         longest = max(lengths)
         index = torch.tensor(slots, device=self.data.device)
-        windows = self.data[index, :, member, :, :longest]  # [R, 2, heads, w, D]
+        if any(skip):  # token j of row i is the slot's token skip[i] + j
+            tokens = torch.tensor(skip, device=index.device)[:, None] + torch.arange(longest, device=index.device)
+            tokens = tokens.clamp_max(self.capacity - 1)[:, None, None, :, None]
+
+            def select(t: torch.Tensor) -> torch.Tensor:
+                rows = t[index, :, member]  # [R, 2, heads, capacity, width]
+                return rows.gather(3, tokens.expand(*rows.shape[:3], longest, rows.shape[-1]))
+        else:
+            def select(t: torch.Tensor) -> torch.Tensor:
+                return t[index, :, member, :, :longest]
+        windows = select(self.data)  # [R, 2, heads, w, D]
         if self.bits is not None:
-            scale, zero = (t[index, :, member, :, :longest] for t in (self.scale, self.zero))
-            windows = QuantizedTensor(windows, scale, zero, self.bits, windows.shape[-1], "channels").dequantize(
-                self.dtype)
+            windows = QuantizedTensor(windows, select(self.scale), select(self.zero), self.bits, windows.shape[-1],
+                                      "channels").dequantize(self.dtype)
         rows, _, heads, _, dim = windows.shape
-        out = windows.new_zeros(2, rows, heads, longest + 1, dim)
+        out = windows.new_empty(2, rows, heads, longest + 1, dim)
+        # Row i's tokens beyond w_i + 1 are left as read: an earlier request's tokens (finite: the pool starts at
+        # zeros and only ever holds model keys and values), which every reader masks out. Zeroing them cost
+        # 6 % of a 10-request decode step (integrations/vllm/bench/step_profile.py --quantized --requests 10).
         out[..., :longest, :] = windows.transpose(0, 1)
+        out[..., longest, :] = 0  # the one column no window fills (allocated, not read from the pool)
         ends = torch.tensor(lengths, device=out.device)
-        # a slot's tokens beyond its length are an earlier request's: zeros there, as in a fresh batch
-        stale = torch.arange(longest + 1, device=out.device) >= ends[:, None]  # [R, w + 1]
-        out.masked_fill_(stale[None, :, None, :, None], 0)
         out[:, torch.arange(rows, device=out.device), :, ends] = torch.stack([step[:, :, 0] for step in steps])
         return out, [n + 1 for n in lengths]
 
@@ -197,16 +211,3 @@ class WindowPool:
         if n > self.capacity:
             raise RuntimeError(f"minicache_vllm: a window of {n} tokens exceeds the pool's {self.capacity}")
         return n
-
-
-def padded_windows(windows: list[torch.Tensor], steps: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """Requests' exact windows ``[2, H, w_i, D]``, each followed by its step's token ``[2, H, 1, D]``, as one
-    zero-padded ``[2, R, H, max(w_i + 1), D]`` batch; and each request's ``w_i + 1`` (windows held outside the
-    pool; :meth:`WindowPool.read_padded` reads the pool's own at once)."""
-    sizes = [w.shape[-2] + 1 for w in windows]
-    _, h, _, d = steps[0].shape
-    out = steps[0].new_zeros(2, len(steps), h, max(sizes), d)
-    for i, (window, step) in enumerate(zip(windows, steps, strict=True)):
-        out[:, i, :, : sizes[i] - 1] = window
-        out[:, i, :, sizes[i] - 1] = step[:, :, 0]
-    return out, sizes

@@ -409,8 +409,10 @@ def _lowrank_store():
     (_quantized_layer_store("rotated", 3, pre_rope=True), False, False),  # a rotated packing, RoPE put back
     (_quantized_layer_store("rotated-lloyd", 2), False, False),  # uneven levels: the table travels with the pages
     (_quantized_layer_store("rotated", 3, pre_rope=True, window_bits=8), False, False),  # 8-bit windows in the pool
+    (_quantized_layer_store(), True, False),  # every request's chunks as one batch of views, read a block at a time
+    (_quantized_layer_store("rotated", 3, pre_rope=True, window_bits=8), True, False),
 ], ids=["slerp-stacked", "lowrank-stacked", "slerp-restored", "packed-group", "packed-layer", "packed-layer-rotated",
-        "packed-layer-lloyd", "packed-layer-window8"])
+        "packed-layer-lloyd", "packed-layer-window8", "packed-layer-blockwise", "packed-layer-window8-blockwise"])
 def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(build, blockwise, stacked, monkeypatch):
     """Requests of different lengths (one with nothing merged yet, one joining late), decoding together:
     the batched decode attention of each member must be what each request's own restored keys and values

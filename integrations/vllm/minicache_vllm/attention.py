@@ -90,11 +90,12 @@ def decode_attention(store, member: int, rows: list[DecodeRow], blockwise: bool,
     """Attention of every decode row of a step at member ``member`` of ``store``, batched.
 
     ``store`` is a :class:`~minicache_vllm.paged.PagedGroup` or a
-    :class:`~minicache_vllm.quantized.PagedQuantizedLayer`. ``blockwise``: a group whose stored form is
-    dense in whole merge blocks (:attr:`~minicache_vllm.paged.PagedGroup.stacks_decode_rows`) reads every
-    request's pages into one padded batch, once per step for all its members
-    (:meth:`~minicache_vllm.paged.PagedGroup.stacked_views`), and attends it a block at a time in one call;
-    a packed stored form is attended request by request.
+    :class:`~minicache_vllm.quantized.PagedQuantizedLayer`. ``blockwise``: every request's stored prefix is
+    read into one padded batch of views, once per step for all of a group's members (``stacked_views``:
+    one gather of every request's units; a packed group's merged tails, which do not fill a unit yet,
+    merged again per request), and attended a block at a time in one call; stores that cannot stack
+    (:attr:`~minicache_vllm.paged.PagedGroup.stacks_decode_rows` false: closed-loop methods, tails packed in
+    part) are attended request by request.
     Otherwise the rows are restored into one padded batch and attended in one masked SDPA call (float32 on
     CPU, :func:`attention_dtype`): a packed unmerged layer restores every request's chunks at once
     (:meth:`~minicache_vllm.quantized.PagedQuantizedLayer.restored_rows`), a group one request at a time.
@@ -125,7 +126,7 @@ def _decode_chunk(store, member: int, rows: list[DecodeRow], blockwise: bool, sc
         # read from the pages into one padded batch, once per step for all members
         keys, values, mask = store.stacked_views(member, [(r.row, r.table, r.before, r.step) for r in rows])
         return blockwise_decode_attention(query, keys, values, mask[:, None, None, :], scale)[:, 0]
-    if blockwise:  # a packed stored form splits packed and dense tokens differently per request
+    if blockwise:  # one request, or a store whose requests' prefixes do not stack
         return torch.cat([blockwise_decode_attention(r.query, *store.member_views(member, r.row, r.table, r.before,
                                                                                   r.step), None, scale)[:, 0]
                           for r in rows])

@@ -48,8 +48,8 @@ class PagedQuantizedLayer:
     """
 
     members = 1
-    #: Packed chunks: a block-at-a-time decode reads each request's views (see :attr:`PagedGroup.stacks_decode_rows`).
-    stacks_decode_rows = False
+    #: A block-at-a-time decode reads every request's chunks at once, as views (:meth:`stacked_views`).
+    stacks_decode_rows = True
     #: A restoring decode reads every request's chunks at once (:meth:`restored_rows`).
     restores_decode_rows = True
 
@@ -147,6 +147,13 @@ class PagedQuantizedLayer:
             self.pool.write_stored(slot, _stack(layer.keys, layer.values))
         return keys, values
 
+    def stacked_views(self, member: int, rows: list[tuple[int, torch.Tensor, int, torch.Tensor]],
+                      ) -> tuple[MergedKVView, MergedKVView, torch.Tensor]:
+        """The keys and values of :meth:`restored_rows` as views that attention reads a block at a time
+        (packed), not restored; the mask is always given. Each request's step is stored the same way."""
+        keys, values, packed, sizes = self._batch(rows)
+        return keys, values, prefix_window_mask(packed, sizes, keys.device)
+
     def restored_rows(self, member: int, rows: list[tuple[int, torch.Tensor, int, torch.Tensor]],
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys and values several requests' decode rows attend, restored as one padded batch; then each
@@ -174,6 +181,15 @@ class PagedQuantizedLayer:
         mask : torch.Tensor or None
             ``[R, N_max + r_max]`` bool, True where a request's own tokens are (None: nothing padded).
         """
+        keys, values, packed, sizes = self._batch(rows)
+        keys, values = keys.materialize(), values.materialize()
+        padded = min(packed) < max(packed) or min(sizes) < max(sizes)
+        return keys, values, prefix_window_mask(packed, sizes, keys.device) if padded else None
+
+    def _batch(self, rows: list[tuple[int, torch.Tensor, int, torch.Tensor]],
+               ) -> tuple[MergedKVView, MergedKVView, list[int], list[int]]:
+        """Views of several requests' packed prefixes and windows as one padded batch (:meth:`restored_rows`),
+        each request's packed and window tokens; then each request's step stored."""
         slots = [self.pool.slot(int(table[0]), before) for _, table, before, _ in rows]
         lengths = [self.pool.length[slot] for slot in slots]
         packed = [before - n for (_, _, before, _), n in zip(rows, lengths, strict=True)]
@@ -182,29 +198,27 @@ class PagedQuantizedLayer:
             known = self._sinks_held(before, packed[i])
             if self.pool.bits is not None and known and not packed[i]:  # as _window reads them
                 residual[:, i, :, :known] = self.sinks[slot][:, :, :known]
-        keys, values = residual[0], residual[1]
+        t = self.template
+        fields = {"keys": {"vectors": None}, "values": {"vectors": None}}
+        exact = [None, None]  # the sinks of keys and values
         if max(packed):
             grid = self.layout.padded_units(self.pages(), [table for _, table, _, _ in rows],
                                             [n // self.unit for n in packed], self.units_per_page)
             fields = self.layout.read_fields(grid, batch=len(rows))
-            sinks = [None, None] if self.sinks is None else self.sinks[torch.tensor(slots)].unbind(1)  # [R, H, S, D]
-            t = self.template
-            keys = MergedKVView.of_quantized_layer(keys, fields["keys"]["vectors"], t.quantizer, sinks[0],
-                                                   t.rope).materialize()
-            values = MergedKVView.of_quantized_layer(values, fields["values"]["vectors"], t.quantizer,
-                                                     sinks[1]).materialize()
-        padded = min(packed) < max(packed) or min(sizes) < max(sizes)
-        mask = prefix_window_mask(packed, sizes, keys.device) if padded else None
-        chunk, exact = self.template.chunk, self.template.spec.residual_length
+            if self.sinks is not None:
+                exact = self.sinks[torch.tensor(slots)].unbind(1)  # [R, H, S, D]
+        keys = MergedKVView.of_quantized_layer(residual[0], fields["keys"]["vectors"], t.quantizer, exact[0], t.rope)
+        values = MergedKVView.of_quantized_layer(residual[1], fields["values"]["vectors"], t.quantizer, exact[1])
+        chunk, window = self.template.chunk, self.template.spec.residual_length
         bits, sinks = self.pool.bits, self.template.spec.sink_tokens
         for (_, table, before, step), slot, length in zip(rows, slots, lengths, strict=True):
-            if (length + 1 - exact) // chunk > 0 or (bits is not None and before < sinks):
+            if (length + 1 - window) // chunk > 0 or (bits is not None and before < sinks):
                 self._update(table, before, step, views=True)  # a chunk leaves the window (or a sink arrives)
             elif bits is None:
                 self.pool.append(slot, step.unsqueeze(1))
             else:  # the new token coded once, as the runtime codes it; the stored ones as they are
                 self.pool.append_stored(slot, stored_window(step.unsqueeze(1), bits))
-        return keys, values, mask
+        return keys, values, packed, sizes
 
     def end_step(self, rows) -> None:
         """Nothing left to do: each call packs its own layer."""

@@ -107,17 +107,7 @@ class PagedGroup:
         for c, name in enumerate(COMPONENTS):
             comp = self.template.components[name].fresh()
             if paged:
-                for field, x in fields[name].items():
-                    if isinstance(x, QuantizedTensor):
-                        comp.fields[field].packed = x
-                    else:
-                        comp.fields[field].dense = x
-                comp.length = paged
-                comp.retained_index = retained[name].index
-                if isinstance(retained[name].value, QuantizedTensor):
-                    comp.retained_q = retained[name].value
-                else:
-                    comp.retained_value = retained[name].value
+                _hold(comp, fields[name], retained[name], paged)
             self._merge_from(comp, window[c], paged, merged - paged)
             state[name] = comp
         self._states[key] = state
@@ -330,11 +320,7 @@ class PagedGroup:
                                         [m // self.unit for m in lengths], self.units_per_page)
         fields, retained = self.layout.read(grid, batch=len(requests))  # [R, H, M_max, w] each
         for name, comp in stores.items():
-            for field, x in fields[name].items():
-                comp.fields[field].dense = x
-            comp.length = m_max
-            comp.retained_index = retained[name].index
-            comp.retained_value = retained[name].value
+            _hold(comp, fields[name], retained[name], m_max)
         return lengths, stores
 
     def _stack_states(self, rows: list[tuple[int, torch.Tensor, int, torch.Tensor]], slots: list[int],
@@ -364,17 +350,7 @@ class PagedGroup:
             grid = self.layout.padded_units(self.pages(), tables, [p // self.unit for p in paged], self.units_per_page)
             fields, retained = self.layout.read(grid, batch=len(rows))  # [R, H, P_max, w] each
             for name, comp in stores.items():
-                for field, x in fields[name].items():
-                    if isinstance(x, QuantizedTensor):
-                        comp.fields[field].packed = x
-                    else:
-                        comp.fields[field].dense = x
-                comp.length = p_max
-                comp.retained_index = retained[name].index
-                if isinstance(retained[name].value, QuantizedTensor):
-                    comp.retained_q = retained[name].value
-                else:
-                    comp.retained_value = retained[name].value
+                _hold(comp, fields[name], retained[name], p_max)
         if not t_max:
             return (paged, tails), stores
         # each request's tail merged again from its window, as _state merges it (a fresh store: tokens from 0)
@@ -420,6 +396,22 @@ class PagedGroup:
         self._stash = {}
         self._states = {}
         self._stacked = {}
+
+
+def _hold(comp: ComponentStore, fields: dict[str, Stored], retained: RetainedBlock, length: int) -> None:
+    """Give an empty store ``comp`` units read from the pages: ``length`` tokens of ``fields`` (packed ones as
+    packed, the others dense) and their retained entries."""
+    for field, x in fields.items():
+        if isinstance(x, QuantizedTensor):
+            comp.fields[field].packed = x
+        else:
+            comp.fields[field].dense = x
+    comp.length = length
+    comp.retained_index = retained.index
+    if isinstance(retained.value, QuantizedTensor):
+        comp.retained_q = retained.value
+    else:
+        comp.retained_value = retained.value
 
 
 def _tokens(x: Stored, start: int, end: int) -> Stored:

@@ -53,6 +53,7 @@ PARTS = [
     ("blockwise attention (restores included)", [("runtime/blockwise.py", "blockwise_decode_attention", None)]),
     ("a group's rows read into one batch", [("minicache_vllm/paged.py", "stacked_views", None)]),
     ("a packed layer's rows restored as one batch", [("minicache_vllm/quantized.py", "restored_rows", None)]),
+    ("a packed layer's rows read as one batch", [("minicache_vllm/quantized.py", "stacked_views", None)]),
 ]
 
 

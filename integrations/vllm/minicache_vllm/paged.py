@@ -246,15 +246,8 @@ class PagedGroup:
             return False
         if self._dense_units:
             return True
-        for name in COMPONENTS:
-            comp = self.template.components[name]
-            for f in comp.method.fields:
-                role = f.role(name)
-                if comp.quant is not None and role is not None:
-                    chunk = comp.quant.quantizer.chunk_tokens(role, comp.quant.group_size)
-                    if chunk != self.unit and self.block_size % chunk:
-                        return False
-        return True
+        chunks = [_chunk(series) for comp in self.template.components.values() for series in comp.fields.values()]
+        return all(chunk is None or chunk == self.unit or self.block_size % chunk == 0 for chunk in chunks)
 
     def stacked_views(self, member: int, rows: list[tuple[int, torch.Tensor, int, torch.Tensor]],
                       ) -> tuple[MergedKVView, MergedKVView, torch.Tensor]:
@@ -365,8 +358,8 @@ class PagedGroup:
         for name, comp in stores.items():
             for field, series in comp.fields.items():
                 # a tail is packed wholly where its field's chunk divides the merge block, else not at all
-                packed_tail = series.quant is not None and self.block_size % series.quant.quantizer.chunk_tokens(
-                    series.role, series.quant.group_size) == 0
+                chunk = _chunk(series)
+                packed_tail = chunk is not None and self.block_size % chunk == 0
                 packed, dense = _stacked_field([o[name].fields[field] for o in own], runs,
                                                t_max if packed_tail else 0)
                 if packed is not None:
@@ -419,6 +412,11 @@ def _tokens(x: Stored, start: int, end: int) -> Stored:
     return x.slice_tokens(start, end) if isinstance(x, QuantizedTensor) else x[:, :, start:end]
 
 
+def _chunk(series: TokenSeries) -> int | None:
+    """Tokens a field's quantizer packs together (:meth:`~minicache.quant.Quantizer.chunk_tokens`), None unpacked."""
+    return None if series.quant is None else series.quant.quantizer.chunk_tokens(series.role, series.quant.group_size)
+
+
 def _stacked_field(own: list[TokenSeries], runs: list[list[tuple[int, int, int]]], split: int,
                    ) -> tuple[QuantizedTensor | None, torch.Tensor | None]:
     """One field of several requests' stores (``own``: their series) as one batch laid out by ``runs``
@@ -426,9 +424,7 @@ def _stacked_field(own: list[TokenSeries], runs: list[list[tuple[int, int, int]]
 
     def take(series: TokenSeries, start: int, end: int) -> Stored:
         first = 0 if series.packed is None else series.packed.length
-        if end <= first:
-            return series.packed.slice_tokens(start, end)
-        return series.dense[..., start - first : end - first, :]
+        return _tokens(series.packed, start, end) if end <= first else _tokens(series.dense, start - first, end - first)
 
     packed_rows, dense_rows = [], []
     for row in runs:

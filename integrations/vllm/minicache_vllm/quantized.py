@@ -99,10 +99,15 @@ class PagedQuantizedLayer:
         until they are packed)."""
         slot = self.pool.slot(int(table[0]), before)
         window = self.pool.read(slot)[:, 0]
-        known = self._sinks_held(before, before - window.shape[-2])
-        if self.pool.bits is not None and known and before == window.shape[-2]:
+        known = self._sinks_over_window(before, before - window.shape[-2])
+        if known:
             window[:, :, :known] = self.sinks[slot][:, :, :known]
         return slot, window
+
+    def _sinks_over_window(self, before: int, packed: int) -> int:
+        """Exact sinks written over the first rows of a request's restored window: an 8-bit window's, while
+        nothing is packed (after that the sinks belong to the packed prefix)."""
+        return self._sinks_held(before, packed) if self.pool.bits is not None and not packed else 0
 
     def _sinks_held(self, before: int, packed: int) -> int:
         """Exact sinks :attr:`sinks` holds for a request: all of them once a chunk is packed; an 8-bit
@@ -195,8 +200,8 @@ class PagedQuantizedLayer:
         packed = [before - n for (_, _, before, _), n in zip(rows, lengths, strict=True)]
         residual, sizes = self.pool.read_padded(slots, 0, [step for *_, step in rows])  # [2, R, H, r_max, D]
         for i, ((_, _, before, _), slot) in enumerate(zip(rows, slots, strict=True)):
-            known = self._sinks_held(before, packed[i])
-            if self.pool.bits is not None and known and not packed[i]:  # as _window reads them
+            known = self._sinks_over_window(before, packed[i])  # as _window reads them
+            if known:
                 residual[:, i, :, :known] = self.sinks[slot][:, :, :known]
         t = self.template
         fields = {"keys": {"vectors": None}, "values": {"vectors": None}}

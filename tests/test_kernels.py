@@ -265,6 +265,27 @@ def test_kernel_views_of_a_store_restore_like_the_torch_path():
     assert torch.equal(dataclasses.replace(keys, retained_index=None).materialize(), keys.materialize())
 
 
+def test_fused_decode_groups_retained_lists_given_in_store_order_only():
+    """Views holding their retained tokens only in store order (no CSR: the vLLM plugin's batch gathered
+    from its pages) must be attended as the store's own kernel views are, not with the retained tokens
+    dropped."""
+    import dataclasses
+
+    from minicache.runtime.kernels import fused_decode_attention
+
+    store = _store(False, PaddingInfo())
+    g = torch.Generator().manual_seed(4)
+    ka, kb, va, vb = (torch.randn(2, 3, 40, 16, generator=g).to(DEVICE) for _ in range(4))
+    store.update(0, ka, va)
+    store.update(1, kb, vb)
+    query = torch.randn(2, 6, 1, 16, generator=g).to(DEVICE)
+    keys, values = store.kernel_views(1)
+    assert keys.retained_count and keys.retained is not None
+    want = fused_decode_attention(query, keys, values)
+    coo = [dataclasses.replace(v, retained=None) for v in (keys, values)]
+    torch.testing.assert_close(fused_decode_attention(query, *coo), want, rtol=0, atol=0)
+
+
 # ---- transformers integration ----------------------------------------------------------------------
 def _tiny_llama(kv_heads: int = 2, dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "v
 
 from minicache_vllm.attention import DecodeRow, attention_dtype, decode_attention, restored_attention
 from minicache_vllm.layout import PageLayout, quantized_layer_layout
-from minicache_vllm.paged import DECODE_PATHS, PagedGroup, reads_blockwise
+from minicache_vllm.paged import DECODE_PATHS, PagedGroup, reads_blockwise, reads_fused
 from minicache_vllm.quantized import PagedQuantizedLayer
 from minicache_vllm.windows import WindowPool, merged_length
 
@@ -330,17 +330,11 @@ def test_other_merge_methods_are_paged_as_the_runtime_stores_them(quant):
     run_against_runtime(stores[1], heads, dim, torch.float32, page=16)
 
 
-def test_decode_paths_choose_blockwise_per_kind_of_store():
-    _, reference = group_of(2)
-    group, _ = paged(reference, torch.float32, room=BS * H * 2)
-    spec = Quantization(bits=4, group_size=16, residual_length=R)
-    layer_template = QuantizedLayer(spec)
-    layout = quantized_layer_layout(layer_template, H, D, torch.bfloat16)
-    pool = WindowPool(1, 1, H, D, R + layout.unit_tokens, torch.bfloat16)
-    layer = PagedQuantizedLayer(layer_template, layout, pool, 32, lambda: None)
-    assert [reads_blockwise(path, group) for path in DECODE_PATHS] == [True, True, False]
-    assert [reads_blockwise(path, layer) for path in DECODE_PATHS] == [False, True, False]
-    assert list(DECODE_PATHS) == ["auto", "blockwise", "restore"]
+def test_decode_paths_read_blockwise_and_fuse_only_where_asked_or_a_gpu_runs_the_kernel():
+    assert list(DECODE_PATHS) == ["auto", "blockwise", "fused", "restore"]
+    assert [reads_blockwise(path) for path in DECODE_PATHS] == [True, True, True, False]
+    # on CPU `auto` never takes the interpreter (minutes per step), `fused` is asked for
+    assert [reads_fused(path, torch.device("cpu")) for path in DECODE_PATHS] == [False, False, True, False]
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -421,6 +415,39 @@ def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(b
     read_together = PagedGroup.stacked_views
     monkeypatch.setattr(PagedGroup, "stacked_views",
                         lambda self, member, rows: calls.append(len(rows)) or read_together(self, member, rows))
+    batched, before = _decode_rows_against_each_request_alone(build, blockwise)
+    if isinstance(batched, PagedGroup):  # one long request, one with nothing merged (SLERP's windows)
+        merged = [merged_length(n, batched.residual_length, batched.block_size) for n in before]
+        assert merged[0] > 3 * batched.block_size and merged[2] == (0 if batched.residual_length == R else 8)
+    assert bool(calls) == stacked and all(c == 3 for c in calls[-2:])
+
+
+@pytest.mark.parametrize("build,kernel", [
+    (_group_store(None), True),  # SLERP units gathered from the pages into one batch, read by the kernel
+    (_group_store(Quantization(bits=4, group_size=16, residual_length=R)), True),  # packed units + merged tails
+    (_quantized_layer_store("rotated", 3, pre_rope=True, window_bits=8), True),  # rotated, pre-RoPE, 8-bit window
+    (_lowrank_store, False),  # a layout the kernel does not read: the PyTorch blockwise path, logged
+], ids=["slerp", "packed-group", "packed-layer-rotated-window8", "lowrank-falls-back"])
+def test_the_fused_kernel_reads_a_steps_gathered_decode_rows_as_each_request_alone(build, kernel, monkeypatch, caplog):
+    """``MINICACHE_VLLM_DECODE=fused`` (Triton's interpreter here): the batch gathered from the block tables
+    goes to minicache's fused decode kernel, which must give each request's own attention; stores it does not
+    read fall back to the PyTorch path with one log line."""
+    import minicache.runtime.kernels.decode as decode
+
+    launches = []
+    kernel_call = decode.fused_decode_attention
+    monkeypatch.setattr(decode, "fused_decode_attention",
+                        lambda *args, **kwargs: launches.append(args[0].shape[0]) or kernel_call(*args, **kwargs))
+    with caplog.at_level("WARNING", logger="vllm.minicache_vllm"):
+        _decode_rows_against_each_request_alone(build, True, fused=True, steps=14)
+    assert bool(launches) == kernel and (not kernel or max(launches) == 2)
+    assert kernel or "fused decode attention not used" in caplog.text
+
+
+def _decode_rows_against_each_request_alone(build, blockwise: bool, fused: bool = False, steps: int = 33):
+    """Drive two copies of a store: requests decoding together through ``decode_attention`` in one, each
+    request's own restored keys and values in the other; their attention must agree at every step. Returns
+    the batched store and each request's tokens."""
     (batched, heads, dim), (alone, _, _) = build(), build()
     members = getattr(batched, "members", 1)
     generator = torch.Generator().manual_seed(5)
@@ -428,7 +455,7 @@ def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(b
     before = [0, 0, 0]
     # request 0 starts long, 1 joins with a short prompt, 2 joins later (nothing merged while decoding)
     schedule = [{0: 70}, {0: 1, 1: 20}] + [{0: 1, 1: 1}] * 20 + [{0: 1, 1: 1, 2: 5}] + [{0: 1, 1: 1, 2: 1}] * 12
-    for step in schedule:
+    for step in schedule[:2 + steps]:
         inputs = {row: torch.randn(2, members, heads, n, dim, generator=generator) for row, n in step.items()}
         queries = {row: torch.randn(1, 2 * heads, n, dim, generator=generator) for row, n in step.items()}
         for store in (batched, alone):
@@ -441,7 +468,7 @@ def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(b
                 else:
                     batched.member_kv(m, row, tables[row], before[row], xs[:, m])
             if decoding:
-                got = decode_attention(batched, m, decoding, blockwise, 0.25)  # [R, Hq, D]
+                got = decode_attention(batched, m, decoding, blockwise, 0.25, fused)  # [R, Hq, D]
                 for i, d in enumerate(decoding):
                     keys, values = alone.member_kv(m, d.row, d.table, d.before, d.step)
                     want = F.scaled_dot_product_attention(d.query.double(), keys.double(), values.double(),
@@ -455,10 +482,7 @@ def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(b
             store.end_step(rows)
         for row, xs in inputs.items():
             before[row] += xs.shape[-2]
-    if isinstance(batched, PagedGroup):  # one long request, one with nothing merged (SLERP's windows)
-        merged = [merged_length(n, batched.residual_length, batched.block_size) for n in before]
-        assert merged[0] > 3 * batched.block_size and merged[2] == (0 if batched.residual_length == R else 8)
-    assert bool(calls) == stacked and all(c == 3 for c in calls[-2:])
+    return batched, before
 
 
 @pytest.mark.parametrize("quant", [None, Quantization(bits=4, group_size=16, residual_length=R)],

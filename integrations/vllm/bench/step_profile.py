@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minicache_vllm.attention import DecodeRow, decode_attention
 from minicache_vllm.models import plan_stores
-from minicache_vllm.paged import DECODE_PATHS, PagedGroup, reads_blockwise
+from minicache_vllm.paged import DECODE_PATHS, PagedGroup, reads_blockwise, reads_fused
 from minicache_vllm.quantized import PagedQuantizedLayer
 from minicache_vllm.windows import WindowPool
 
@@ -90,7 +90,8 @@ def main() -> None:
     def step(sizes: list[int]) -> None:
         for store in stores:
             store.begin_step()
-            blockwise = reads_blockwise(args.decode, store)
+            blockwise = reads_blockwise(args.decode)
+            fused = blockwise and reads_fused(args.decode, torch.device("cpu"))
             for member in range(store.members):
                 rows = []
                 for r, n in enumerate(sizes):
@@ -102,9 +103,9 @@ def main() -> None:
                     rows.append(DecodeRow(r, tables[r], before[r], kv, query))
                 if rows and args.one_at_a_time:
                     for row in rows:
-                        decode_attention(store, member, [row], blockwise, HEAD_DIM**-0.5)
+                        decode_attention(store, member, [row], blockwise, HEAD_DIM**-0.5, fused)
                 elif rows:
-                    decode_attention(store, member, rows, blockwise, HEAD_DIM**-0.5)
+                    decode_attention(store, member, rows, blockwise, HEAD_DIM**-0.5, fused)
             store.end_step([(r, tables[r], before[r], before[r] + n) for r, n in enumerate(sizes)])
         for r, n in enumerate(sizes):
             before[r] += n

@@ -5,14 +5,20 @@ Nothing here imports vLLM.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from minicache.runtime.attention import triton_unsupported
 from minicache.runtime.blockwise import blockwise_decode_attention
+from minicache.runtime.views import MergedKVView
 
-__all__ = ["DecodeRow", "attention_dtype", "decode_attention", "restored_attention"]
+__all__ = ["DecodeRow", "attend_views", "attention_dtype", "decode_attention", "restored_attention"]
+
+logger = logging.getLogger("vllm.minicache_vllm")
+_warned: set[str] = set()
 
 
 def attention_dtype(dtype: torch.dtype, device: torch.device, rows: int) -> torch.dtype:
@@ -86,7 +92,45 @@ class DecodeRow:
 STACK_BYTES = 64 * 2**20
 
 
-def decode_attention(store, member: int, rows: list[DecodeRow], blockwise: bool, scale: float) -> torch.Tensor:
+def attend_views(query: torch.Tensor, keys: MergedKVView, values: MergedKVView, mask: torch.Tensor | None,
+                 scale: float, fused: bool = False) -> torch.Tensor:
+    """Decode attention read from stored views a block at a time, never restoring the whole prefix.
+
+    ``fused``: through minicache's fused Triton decode kernel
+    (:func:`~minicache.runtime.kernels.decode.fused_decode_attention`) where it reads these views and can
+    run on their device; elsewhere (and always without ``fused``) the PyTorch blockwise path
+    (:func:`~minicache.runtime.blockwise.blockwise_decode_attention`), the reason logged once.
+
+    Parameters
+    ----------
+    query : torch.Tensor
+        ``[B, Hq, 1, D]``.
+    keys, values : MergedKVView
+        ``[B, H, T, D]`` logically.
+    mask : torch.Tensor, optional
+        ``[B, 1, 1, T]`` bool, True where a key is attended (padding of a stacked batch is False).
+    scale : float
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, Hq, D]`` in the query's dtype.
+    """
+    if fused:
+        reason = triton_unsupported(keys, values, query.device)
+        if reason is None:
+            from minicache.runtime.kernels.decode import fused_decode_attention
+
+            return fused_decode_attention(query, keys, values, mask, scale)[:, 0]
+        if reason not in _warned:
+            _warned.add(reason)
+            logger.warning("minicache_vllm: fused decode attention not used (%s); the PyTorch blockwise path runs",
+                           reason)
+    return blockwise_decode_attention(query, keys, values, mask, scale)[:, 0]
+
+
+def decode_attention(store, member: int, rows: list[DecodeRow], blockwise: bool, scale: float,
+                     fused: bool = False) -> torch.Tensor:
     """Attention of every decode row of a step at member ``member`` of ``store``, batched.
 
     ``store`` is a :class:`~minicache_vllm.paged.PagedGroup` or a
@@ -100,6 +144,8 @@ def decode_attention(store, member: int, rows: list[DecodeRow], blockwise: bool,
     CPU, :func:`attention_dtype`): a packed unmerged layer restores every request's chunks at once
     (:meth:`~minicache_vllm.quantized.PagedQuantizedLayer.restored_rows`), a group one request at a time.
     Requests go in chunks of at most :data:`STACK_BYTES` of padded keys and values.
+    ``fused`` (with ``blockwise``): the views go to the fused Triton decode kernel where it reads them
+    (:func:`attend_views`).
 
     Returns
     -------
@@ -113,23 +159,23 @@ def decode_attention(store, member: int, rows: list[DecodeRow], blockwise: bool,
     for r in rows:
         longest = max(longest, r.before + 1)
         if chunk and (len(chunk) + 1) * longest * per_token > STACK_BYTES:
-            out.append(_decode_chunk(store, member, chunk, blockwise, scale))
+            out.append(_decode_chunk(store, member, chunk, blockwise, scale, fused))
             chunk, longest = [], r.before + 1
         chunk.append(r)
-    out.append(_decode_chunk(store, member, chunk, blockwise, scale))
+    out.append(_decode_chunk(store, member, chunk, blockwise, scale, fused))
     return torch.cat(out)
 
 
-def _decode_chunk(store, member: int, rows: list[DecodeRow], blockwise: bool, scale: float) -> torch.Tensor:
+def _decode_chunk(store, member: int, rows: list[DecodeRow], blockwise: bool, scale: float,
+                  fused: bool) -> torch.Tensor:
     query = torch.cat([r.query for r in rows])  # [R, Hq, 1, D]
     if blockwise and len(rows) > 1 and store.stacks_decode_rows:
         # read from the pages into one padded batch, once per step for all members
         keys, values, mask = store.stacked_views(member, [(r.row, r.table, r.before, r.step) for r in rows])
-        return blockwise_decode_attention(query, keys, values, mask[:, None, None, :], scale)[:, 0]
+        return attend_views(query, keys, values, mask[:, None, None, :], scale, fused)
     if blockwise:  # one request, or a store whose requests' prefixes do not stack
-        return torch.cat([blockwise_decode_attention(r.query, *store.member_views(member, r.row, r.table, r.before,
-                                                                                  r.step), None, scale)[:, 0]
-                          for r in rows])
+        return torch.cat([attend_views(r.query, *store.member_views(member, r.row, r.table, r.before, r.step), None,
+                                       scale, fused) for r in rows])
     compute = attention_dtype(query.dtype, query.device, 1)
     if len(rows) > 1 and store.restores_decode_rows:  # one restore of every request's packed prefix
         keys, values, mask = store.restored_rows(member, [(r.row, r.table, r.before, r.step) for r in rows])

@@ -16,8 +16,9 @@ Per merged group of layers ``l .. l+k−1`` (``docs/vllm-plugin-design.md``):
 In a quantized profile every other layer is served the same way (one store layer, one member:
 :class:`~minicache_vllm.quantized.PagedQuantizedLayer`), its pages holding packed chunks.
 
-This is the reference path: plain torch. Each request's store is read on its own; a step's decode rows
-are attended together (:func:`~minicache_vllm.attention.decode_attention`).
+Prefill steps restore each request's store; a step's decode rows are attended together, read a block at a
+time from the stored form (:func:`~minicache_vllm.attention.decode_attention`): plain PyTorch on CPU, the
+fused Triton decode kernel on the gathered batch where it reads the store (``MINICACHE_VLLM_DECODE``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from minicache_vllm.attention import DecodeRow, decode_attention, restored_attention
 from minicache_vllm.layout import UnitLayout
-from minicache_vllm.paged import DECODE_PATHS, PagedGroup, reads_blockwise
+from minicache_vllm.paged import DECODE_PATHS, PagedGroup, reads_blockwise, reads_fused
 from minicache_vllm.quantized import PagedQuantizedLayer
 
 __all__ = ["MergedAttention", "StoreLayer"]
@@ -119,14 +120,15 @@ class MergedAttention(torch.nn.Module):
     ``forward(q, k, v)`` takes and returns what vLLM's ``Attention`` does: ``q`` ``[T, Hq·D]``,
     ``k``/``v`` ``[T, H·D]``, output ``[T, Hq·D]``.
 
-    ``decode``: how a request's decode step (one new token) attends. ``"blockwise"`` reads the stored
-    prefix a block at a time without restoring it whole
-    (:func:`~minicache.runtime.blockwise.blockwise_decode_attention`: the query is turned into an
-    aligned group's frame once instead of every token turned back, SLERP and low-rank stores are scored
-    from their stored form); ``"restore"`` restores the whole prefix and runs SDPA, as prefill steps
-    always do; ``"auto"`` (default) is blockwise for merged groups and restore for the packed layers of a
-    quantized profile, the faster of the two for each on CPU (``integrations/vllm/bench/step_profile.py``:
-    the shipped groups 20.6 ms blockwise vs 25.3 ms restored; shipped + 4-bit 140 vs 129 ms, bf16).
+    ``decode``: how a step's decode rows (one new token each) attend, one of
+    :data:`~minicache_vllm.paged.DECODE_PATHS`. ``"blockwise"`` reads the stored prefix a block at a time
+    without restoring it whole (:func:`~minicache.runtime.blockwise.blockwise_decode_attention`: the query is
+    turned into an aligned group's frame once instead of every token turned back, SLERP and low-rank stores
+    are scored from their stored form, packed chunks dequantized a block at a time); ``"fused"`` hands the
+    same views to the fused Triton decode kernel where it reads them; ``"restore"`` restores the whole prefix
+    and runs SDPA, as prefill steps always do; ``"auto"`` (default) is ``"fused"`` where the kernels run on
+    the queries' device without the interpreter (a GPU), else ``"blockwise"``, the faster path on CPU for
+    every kind of store (``benchmarks/results/vllm-cpu/decode-paths.txt``).
     """
 
     def __init__(self, group: PagedGroup | PagedQuantizedLayer, member: int, num_heads: int, num_kv_heads: int,
@@ -137,7 +139,8 @@ class MergedAttention(torch.nn.Module):
         self.group = group
         self.member = member
         self.decode = decode
-        self.blockwise = reads_blockwise(decode, group)
+        self.blockwise = reads_blockwise(decode)
+        self.fused: bool | None = None  # decided on the first decode step, from the queries' device
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -172,7 +175,9 @@ class MergedAttention(torch.nn.Module):
             att = restored_attention(query, keys, values, before, self.scale)  # [1, Hq, new, D]
             out[lo:hi] = att[0].transpose(0, 1).reshape(hi - lo, -1).to(out.dtype)
         if decoding:
-            att = decode_attention(g, self.member, decoding, self.blockwise, self.scale)  # [R, Hq, D]
+            if self.fused is None:
+                self.fused = self.blockwise and reads_fused(self.decode, q.device)
+            att = decode_attention(g, self.member, decoding, self.blockwise, self.scale, self.fused)  # [R, Hq, D]
             at = torch.tensor([starts[d.row] for d in decoding], device=out.device)
             out[at] = att.reshape(len(decoding), -1).to(out.dtype)
         if self.member == g.members - 1:

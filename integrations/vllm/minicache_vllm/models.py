@@ -15,9 +15,10 @@ PROFILE_FILENAME = "minicache_config.yaml"  # minicache.profile.PROFILE_FILENAME
 #: SmolLM2's shipped profile retains about 1/35 on average and at most 1/12 per block on 12k tokens of
 #: code, release notes and licences; a block that retains more leaves the excess merged (logged).
 RETAINED_FRACTION = float(os.environ.get("MINICACHE_VLLM_RETAINED_FRACTION", 1 / 12))
-#: How decode steps attend the stored layers (:class:`~minicache_vllm.merged.MergedAttention`): "auto"
-#: (merged groups a block at a time from their stored form, packed layers restored whole), "blockwise"
-#: (every store a block at a time) or "restore" (every store restored whole, then SDPA).
+#: How decode steps attend the stored layers (:class:`~minicache_vllm.merged.MergedAttention`), one of
+#: :data:`~minicache_vllm.paged.DECODE_PATHS`: "auto" (every store a block at a time from its stored form;
+#: the fused Triton kernel where a GPU runs it), "blockwise" (PyTorch), "fused" (the Triton kernel, also on
+#: CPU under TRITON_INTERPRET=1) or "restore" (every store restored whole, then SDPA).
 DECODE_PATH = os.environ.get("MINICACHE_VLLM_DECODE", "auto")
 
 logger = init_logger("vllm.minicache_vllm")
@@ -205,10 +206,8 @@ def install(model, vllm_config, path: Path) -> dict:
         f" and packs {packed} more layers ({profile.quantization.describe()})" if packed else "",
         page_bytes, page_bytes + saved, max_seqs, window_bytes / 2**20,
     )
-    logger.info("minicache_vllm: these layers attend through the reference path (PyTorch; each request's store "
-                "read on its own, a step's decode rows attended together: %s); the Triton decode kernel is not "
-                "ported to vLLM's block tables yet",
-                DECODE_PATHS.get(DECODE_PATH, DECODE_PATH))
+    logger.info("minicache_vllm: prefill steps restore each request's store; a step's decode rows are attended "
+                "together (MINICACHE_VLLM_DECODE=%s: %s)", DECODE_PATH, DECODE_PATHS.get(DECODE_PATH, DECODE_PATH))
     return {"groups": groups, "window_bytes": window_bytes, "requests": max_seqs, "page_bytes_per_token": page_bytes,
             "saved_bytes_per_token": saved}
 

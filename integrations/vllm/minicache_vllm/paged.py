@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from minicache.quant import QuantizedTensor, append
+from minicache.runtime.kernels import kernels_usable
 from minicache.runtime.store import ComponentStore, GroupStore, TokenSeries
 from minicache.runtime.views import MergedKVView
 from minicache_vllm.layout import COMPONENTS, PageLayout, RetainedBlock, Stored, prefix_window_mask, select_rows
@@ -22,20 +23,21 @@ from minicache_vllm.windows import WindowPool, merged_length
 
 logger = logging.getLogger("vllm.minicache_vllm")
 
-__all__ = ["DECODE_PATHS", "PagedGroup", "reads_blockwise"]
+__all__ = ["DECODE_PATHS", "PagedGroup", "reads_blockwise", "reads_fused"]
 
 Stores = dict[str, ComponentStore]  # a request's (or a stacked batch's) store of each component
 
-#: How a decode step attends a stored prefix (``MINICACHE_VLLM_DECODE``), with what each means.
-#: ``auto`` picks per store the faster path on CPU (``integrations/vllm/bench/step_profile.py``): merged
-#: groups are attended from their stored form, packed unmerged layers restore faster than they attend
-#: a block at a time.
+#: How a decode step attends a stored prefix (``MINICACHE_VLLM_DECODE``), with what each means. On CPU
+#: ``auto`` is ``blockwise``, the faster path for merged groups (nothing restored) and, since packed groups
+#: and layers stack a step's decode rows, for packed layers too (``benchmarks/results/vllm-cpu/decode-paths.txt``).
 DECODE_PATHS = {
-    "auto": "merged groups a block at a time, packed layers restored whole",
-    "blockwise": "a block at a time",
+    "auto": "every store a block at a time: the fused Triton kernel where it reads the store and a GPU runs it, "
+            "else PyTorch",
+    "blockwise": "every store a block at a time, PyTorch",
+    "fused": "every store a block at a time through the fused Triton decode kernel where it reads the store "
+             "(CPU only under TRITON_INTERPRET=1), else PyTorch",
     "restore": "the whole prefix restored",
 }
-
 
 class PagedGroup:
     """One merged group: its settings (from minicache's own store), pages, windows and step state.
@@ -463,7 +465,14 @@ def _stack_retained(comp: ComponentStore, own: list[ComponentStore], offset: int
         comp.retained_value = torch.cat(values)
 
 
-def reads_blockwise(decode: str, store) -> bool:
-    """Whether a decode step of ``store`` (a :class:`PagedGroup` or a packed unmerged layer) reads its
-    views a block at a time under ``decode`` (one of :data:`DECODE_PATHS`), rather than restoring them."""
-    return decode == "blockwise" or (decode == "auto" and isinstance(store, PagedGroup))
+def reads_blockwise(decode: str) -> bool:
+    """Whether decode steps under ``decode`` (one of :data:`DECODE_PATHS`) read the stored views a block at a
+    time, rather than restoring them."""
+    return decode != "restore"
+
+
+def reads_fused(decode: str, device: torch.device) -> bool:
+    """Whether decode steps under ``decode`` hand the views to the fused Triton decode kernel (which still
+    falls back to PyTorch, logged, for views it does not read): ``fused`` always, ``auto`` where the kernels
+    run on ``device`` without the interpreter."""
+    return decode == "fused" or (decode == "auto" and kernels_usable(device, allow_interpreter=False))

@@ -686,6 +686,18 @@ def _unmerged_sinks(keys: MergedKVView, values: MergedKVView, b: int, h: int):
     return dataclasses.replace(keys, retained=csr_k), dataclasses.replace(values, retained=csr_v), sinks
 
 
+def _grouped_retained(keys: MergedKVView, values: MergedKVView, b: int, h: int):
+    """``(keys, values)`` with a merged group's retained lists grouped by (b, h) (CSR, which the kernel's
+    splits read), built here when the views hold them only in store order (``retained_index``: views not
+    made by :meth:`GroupStore.kernel_views`, such as the vLLM plugin's batch gathered from its pages)."""
+    if keys.method is None or (keys.retained is not None and values.retained is not None):
+        return keys, values
+    if not (keys.retained_count or values.retained_count):
+        return keys, values
+    csr_k, csr_v = retained_csr_pair(keys.retained_index, values.retained_index, b, h)
+    return dataclasses.replace(keys, retained=csr_k), dataclasses.replace(values, retained=csr_v)
+
+
 @functools.lru_cache(maxsize=64)
 def _sink_csr(b: int, h: int, s: int, device: torch.device):
     index = sink_index(b, h, s, device)
@@ -803,6 +815,7 @@ def fused_decode_attention(
     k_rot = keys.rotation if has_mag or keys.method is None else None
     v_rot = values.rotation if has_mag or values.method is None else None
     keys, values, n_skip = _unmerged_sinks(keys, values, b, h)
+    keys, values = _grouped_retained(keys, values, b, h)
     if k_rot is not None:
         # q · (m e Rᵀ) = m (q R) · e: one [G, D] × [D, D] product per KV head and step.
         q_al = torch.einsum("bhgd,hde->bhge", q.float().reshape(b, h, group, d), k_rot.float())

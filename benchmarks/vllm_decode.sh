@@ -7,8 +7,8 @@
 #   bash benchmarks/vllm_decode.sh shipped shipped-restore # only those engines
 #
 # Engines: stock, shipped, shipped-4bit, auto-4k-half (the default: all four), with the plugin's
-# default decode path (MINICACHE_VLLM_DECODE=auto: merged groups read a block at a time, packed layers
-# restored whole); a name ending in -restore or -blockwise uses that path for every store instead.
+# default decode path (MINICACHE_VLLM_DECODE=auto: on CPU every store read a block at a time, as
+# blockwise); a name ending in -restore or -blockwise uses that path for every store instead.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 source benchmarks/unseen_text.sh && write_unseen_text "$WORK"

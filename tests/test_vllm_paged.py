@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "v
 
 from minicache_vllm.attention import DecodeRow, attention_dtype, decode_attention, restored_attention
 from minicache_vllm.layout import PageLayout, quantized_layer_layout
-from minicache_vllm.paged import DECODE_PATHS, PagedGroup, reads_blockwise, reads_fused
+from minicache_vllm.paged import DECODE_PATHS, PagedGroup, decode_path, reads_blockwise, reads_fused
 from minicache_vllm.quantized import PagedQuantizedLayer
 from minicache_vllm.windows import WindowPool, merged_length
 
@@ -335,6 +335,9 @@ def test_decode_paths_read_blockwise_and_fuse_only_where_asked_or_a_gpu_runs_the
     assert [reads_blockwise(path) for path in DECODE_PATHS] == [True, True, True, False]
     # on CPU `auto` never takes the interpreter (minutes per step), `fused` is asked for
     assert [reads_fused(path, torch.device("cpu")) for path in DECODE_PATHS] == [False, False, True, False]
+    assert decode_path("fused") == "fused"
+    with pytest.raises(ValueError, match=r"MINICACHE_VLLM_DECODE='triton' is not a decode path .*blockwise: every"):
+        decode_path("triton")
 
 
 @pytest.mark.parametrize("rows", [1, 5])

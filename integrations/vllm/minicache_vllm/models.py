@@ -43,6 +43,12 @@ def check_engine(path: Path, vllm_config) -> None:
     from vllm.config import CompilationMode
     from vllm.platforms import current_platform
 
+    from minicache_vllm.paged import decode_path
+
+    try:
+        decode_path(DECODE_PATH)
+    except ValueError as err:
+        raise _refuse(path, str(err)) from None
     if not current_platform.is_cpu():
         # The store layers reuse vLLM's CPU backend for their pages; on CUDA they need a backend (and
         # the Triton decode kernel on block tables) that is not built or tested yet.

@@ -23,7 +23,7 @@ from minicache_vllm.windows import WindowPool, merged_length
 
 logger = logging.getLogger("vllm.minicache_vllm")
 
-__all__ = ["DECODE_PATHS", "PagedGroup", "reads_blockwise", "reads_fused"]
+__all__ = ["DECODE_PATHS", "PagedGroup", "decode_path", "reads_blockwise", "reads_fused"]
 
 Stores = dict[str, ComponentStore]  # a request's (or a stacked batch's) store of each component
 
@@ -463,6 +463,15 @@ def _stack_retained(comp: ComponentStore, own: list[ComponentStore], offset: int
         comp.retained_q = functools.reduce(lambda a, b: a.cat(b, dim=0), values)
     else:
         comp.retained_value = torch.cat(values)
+
+
+def decode_path(value: str) -> str:
+    """``value`` (``MINICACHE_VLLM_DECODE``) when it names one of :data:`DECODE_PATHS`; else a ValueError that
+    lists them, with what each does."""
+    if value not in DECODE_PATHS:
+        choices = "; ".join(f"{name}: {what}" for name, what in DECODE_PATHS.items())
+        raise ValueError(f"MINICACHE_VLLM_DECODE={value!r} is not a decode path ({choices})")
+    return value
 
 
 def reads_blockwise(decode: str) -> bool:

@@ -2,7 +2,8 @@
 # Everything issue 8 measures on a GPU, in one run that fits a short device lease (~9 minutes on an
 # H100/H200; each step has its own time limit and a failed step does not stop the others):
 #
-#   1. the kernel tests, compiled for the GPU (tests/test_kernels.py, not slow);
+#   1. the kernel tests, compiled for the GPU (tests/test_kernels.py, not slow), and the vLLM plugin's decode
+#      batch read by the fused kernel (tests/test_vllm_paged.py -k fused_kernel: its stores on the GPU, no vLLM);
 #   2. benchmarks/kernel_bench.py: fused decode attention vs no-magnitude kernel, restore-then-SDPA and
 #      SDPA on the full cache, Llama-2-7B and Llama-3-8B shapes, bf16; then the same with the store
 #      packed to 4 bits (--kv-bits 4); benchmarks/lowbit_kernel_bench.py: the kernel over issue 18's
@@ -63,6 +64,7 @@ cat "$OUT/versions.txt"
 if [[ $SMOKE == 1 ]]; then
   export TRITON_INTERPRET=1
   step kernel-tests 600 "$PY" -m pytest -q -x tests/test_kernels.py -k "packed and float32"
+  step vllm-fused 300 "$PY" -m pytest -q tests/test_vllm_paged.py -k fused_kernel
   step kernels-bf16 300 "$PY" benchmarks/kernel_bench.py --reduced --out "$OUT/kernels.json"
   step kernels-4bit 300 "$PY" benchmarks/kernel_bench.py --reduced --kv-bits 4 --out "$OUT/kernels-4bit.json"
   step lowbit-kernels 300 "$PY" benchmarks/lowbit_kernel_bench.py --reduced --out "$OUT/lowbit-kernels.json"
@@ -70,6 +72,7 @@ if [[ $SMOKE == 1 ]]; then
          --kv-budget-mib 1 --kv-group-size 16 --kv-residual-length 16)
 else
   step kernel-tests 240 "$PY" -m pytest -q -x tests/test_kernels.py -m "not slow"
+  step vllm-fused 90 "$PY" -m pytest -q tests/test_vllm_paged.py -k fused_kernel
   step kernels-bf16 150 "$PY" benchmarks/kernel_bench.py --out "$OUT/kernels.json"
   step kernels-4bit 150 "$PY" benchmarks/kernel_bench.py --kv-bits 4 --out "$OUT/kernels-4bit.json"
   step lowbit-kernels 150 "$PY" benchmarks/lowbit_kernel_bench.py --out "$OUT/lowbit-kernels.json"

@@ -40,11 +40,11 @@ def group_of(k: int, gamma: float = 0.3, quant: Quantization | None = None) -> t
 
 
 def paged(template: GroupStore, dtype: torch.dtype, room: int, num_blocks: int = 64,
-          page: int = PAGE) -> tuple[PagedGroup, torch.Tensor]:
+          page: int = PAGE, device: str = "cpu") -> tuple[PagedGroup, torch.Tensor]:
     k = len(template.layers)
     layout = PageLayout.build(template.components, H, D, BS, dtype, room)
-    pages = torch.zeros(num_blocks, layout.units_per_page(page) * layout.unit_bytes, dtype=torch.uint8)
-    pool = WindowPool(4, k, H, D, R + layout.unit_tokens, dtype)
+    pages = torch.zeros(num_blocks, layout.units_per_page(page) * layout.unit_bytes, dtype=torch.uint8, device=device)
+    pool = WindowPool(4, k, H, D, R + layout.unit_tokens, dtype, device=device)
     return PagedGroup(template, layout, pool, page, lambda: pages), pages
 
 
@@ -359,28 +359,34 @@ def test_restored_attention_is_causal_sdpa_and_upcasts_only_decode_rows_on_cpu(r
     assert attention_dtype(torch.bfloat16, torch.device("cuda"), 1) == torch.bfloat16
 
 
-def _quantized_layer_store(scheme: str = "kivi", bits: int = 4, pre_rope: bool = False, window_bits=None):
+def _quantized_layer_store(scheme: str = "kivi", bits: int = 4, pre_rope: bool = False, window_bits=None,
+                           device: str = "cpu"):
     def build():
         return _quantized_layer(Quantization(scheme=scheme, bits=bits, group_size=16, residual_length=R, sink_tokens=2,
-                                             pre_rope_keys=pre_rope, window_bits=window_bits))
+                                             pre_rope_keys=pre_rope, window_bits=window_bits), device)
     return build
 
 
-def _quantized_layer(spec: Quantization):
+def _quantized_layer(spec: Quantization, device: str = "cpu"):
     rope = RopeAngles(1.0 / 10000 ** (torch.arange(0, D, 2).float() / D))
     template = QuantizedLayer(spec, rope=rope)
     layout = quantized_layer_layout(template, H, D, torch.float32)
-    pages = torch.zeros(64, layout.units_per_page(32) * layout.unit_bytes, dtype=torch.uint8)
-    pool = WindowPool(4, 1, H, D, R + layout.unit_tokens, torch.float32, bits=spec.window_bits)
+    pages = torch.zeros(64, layout.units_per_page(32) * layout.unit_bytes, dtype=torch.uint8, device=device)
+    pool = WindowPool(4, 1, H, D, R + layout.unit_tokens, torch.float32, device=device, bits=spec.window_bits)
     return PagedQuantizedLayer(template, layout, pool, 32, lambda: pages), H, D
 
 
-def _group_store(quant: Quantization | None):
+def _group_store(quant: Quantization | None, device: str = "cpu"):
     def build():
         torch.manual_seed(0)
         _, reference = group_of(2, quant=quant)
-        return paged(reference, torch.float32, room=BS * H * 2)[0], H, D
+        return paged(reference, torch.float32, room=BS * H * 2, device=device)[0], H, D
     return build
+
+
+#: Where the fused kernel's plugin test runs: a GPU when there is one (benchmarks/gpu_results.sh runs it there),
+#: else the CPU through Triton's interpreter (tests/conftest.py).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _lowrank_store():
@@ -426,13 +432,13 @@ def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(b
 
 
 @pytest.mark.parametrize("build,kernel", [
-    (_group_store(None), True),  # SLERP units gathered from the pages into one batch, read by the kernel
-    (_group_store(Quantization(bits=4, group_size=16, residual_length=R)), True),  # packed units + merged tails
-    (_quantized_layer_store("rotated", 3, pre_rope=True, window_bits=8), True),  # rotated, pre-RoPE, 8-bit window
+    (_group_store(None, KERNEL_DEVICE), True),  # SLERP units gathered from the pages into one batch, read by the kernel
+    (_group_store(Quantization(bits=4, group_size=16, residual_length=R), KERNEL_DEVICE), True),  # + merged tails
+    (_quantized_layer_store("rotated", 3, pre_rope=True, window_bits=8, device=KERNEL_DEVICE), True),  # 8-bit window
     (_lowrank_store, False),  # a layout the kernel does not read: the PyTorch blockwise path, logged
 ], ids=["slerp", "packed-group", "packed-layer-rotated-window8", "lowrank-falls-back"])
 def test_the_fused_kernel_reads_a_steps_gathered_decode_rows_as_each_request_alone(build, kernel, monkeypatch, caplog):
-    """``MINICACHE_VLLM_DECODE=fused`` (Triton's interpreter here): the batch gathered from the block tables
+    """``MINICACHE_VLLM_DECODE=fused`` (a GPU, or Triton's interpreter): the batch gathered from the block tables
     goes to minicache's fused decode kernel, which must give each request's own attention; stores it does not
     read fall back to the PyTorch path with one log line."""
     import minicache.runtime.kernels.decode as decode
@@ -453,14 +459,17 @@ def _decode_rows_against_each_request_alone(build, blockwise: bool, fused: bool 
     the batched store and each request's tokens."""
     (batched, heads, dim), (alone, _, _) = build(), build()
     members = getattr(batched, "members", 1)
+    device = batched.pool.data.device
     generator = torch.Generator().manual_seed(5)
     tables = torch.randperm(64).view(4, 16)
     before = [0, 0, 0]
     # request 0 starts long, 1 joins with a short prompt, 2 joins later (nothing merged while decoding)
     schedule = [{0: 70}, {0: 1, 1: 20}] + [{0: 1, 1: 1}] * 20 + [{0: 1, 1: 1, 2: 5}] + [{0: 1, 1: 1, 2: 1}] * 12
     for step in schedule[:2 + steps]:
-        inputs = {row: torch.randn(2, members, heads, n, dim, generator=generator) for row, n in step.items()}
-        queries = {row: torch.randn(1, 2 * heads, n, dim, generator=generator) for row, n in step.items()}
+        inputs = {row: torch.randn(2, members, heads, n, dim, generator=generator).to(device)
+                  for row, n in step.items()}
+        queries = {row: torch.randn(1, 2 * heads, n, dim, generator=generator).to(device)
+                   for row, n in step.items()}
         for store in (batched, alone):
             store.begin_step()
         for m in range(members):

@@ -456,8 +456,9 @@ class PageLayout(UnitLayout):
         vstart = self._values_offset()
         entries = blocks[:, vstart : vstart + self.retained_capacity * self.entry_bytes]
         entries = entries.reshape(n, self.retained_capacity, self.entry_bytes)
-        valid = torch.arange(self.retained_capacity).unsqueeze(0) < counts.unsqueeze(1)  # [n, cap]
-        block_of = torch.arange(n).unsqueeze(1).expand_as(valid)
+        slots = torch.arange(self.retained_capacity, device=blocks.device)
+        valid = slots.unsqueeze(0) < counts.unsqueeze(1)  # [n, cap]
+        block_of = torch.arange(n, device=blocks.device).unsqueeze(1).expand_as(valid)
         retained = {}
         for c, (component, codec) in enumerate(zip(COMPONENTS, self.retained, strict=True)):
             mask = valid & (index[..., 0] == c)

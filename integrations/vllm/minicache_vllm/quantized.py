@@ -71,7 +71,8 @@ class PagedQuantizedLayer:
         sinks = template.spec.sink_tokens
         slots, _, _, heads, _, head_dim = pool.data.shape
         # [slots, keys/values, H, S, D]: the first tokens, exact (their packed rows hold a stand-in)
-        self.sinks = torch.zeros(slots, 2, heads, sinks, head_dim, dtype=pool.dtype) if sinks else None
+        self.sinks = (torch.zeros(slots, 2, heads, sinks, head_dim, dtype=pool.dtype, device=pool.data.device)
+                      if sinks else None)
 
     @property
     def nbytes(self) -> int:
@@ -211,7 +212,7 @@ class PagedQuantizedLayer:
                                             [n // self.unit for n in packed], self.units_per_page)
             fields = self.layout.read_fields(grid, batch=len(rows))
             if self.sinks is not None:
-                exact = self.sinks[torch.tensor(slots)].unbind(1)  # [R, H, S, D]
+                exact = self.sinks[torch.tensor(slots, device=self.sinks.device)].unbind(1)  # [R, H, S, D]
         keys = MergedKVView.of_quantized_layer(residual[0], fields["keys"]["vectors"], t.quantizer, exact[0], t.rope)
         values = MergedKVView.of_quantized_layer(residual[1], fields["values"]["vectors"], t.quantizer, exact[1])
         chunk, window = self.template.chunk, self.template.spec.residual_length

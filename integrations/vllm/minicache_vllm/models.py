@@ -50,8 +50,9 @@ def check_engine(path: Path, vllm_config) -> None:
     except ValueError as err:
         raise _refuse(path, str(err)) from None
     if not current_platform.is_cpu():
-        # The store layers reuse vLLM's CPU backend for their pages; on CUDA they need a backend (and
-        # the Triton decode kernel on block tables) that is not built or tested yet.
+        # The store layers reuse vLLM's CPU backend for their pages (and copy block tables to the host each
+        # step); on CUDA they need a backend of their own, not built or tested yet. The fused Triton decode
+        # kernel already reads a step's batch gathered from the pages (MINICACHE_VLLM_DECODE=fused).
         raise _refuse(path, f"profiles are served on vLLM's CPU build only, not on {current_platform.device_name}; "
                             "use minicache's transformers runtime (MiniCache) on GPUs")
     if vllm_config.cache_config.enable_prefix_caching:

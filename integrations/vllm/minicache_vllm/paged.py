@@ -39,6 +39,7 @@ DECODE_PATHS = {
     "restore": "the whole prefix restored",
 }
 
+
 class PagedGroup:
     """One merged group: its settings (from minicache's own store), pages, windows and step state.
 

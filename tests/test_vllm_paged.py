@@ -441,13 +441,15 @@ def test_the_fused_kernel_reads_a_steps_gathered_decode_rows_as_each_request_alo
     """``MINICACHE_VLLM_DECODE=fused`` (a GPU, or Triton's interpreter): the batch gathered from the block tables
     goes to minicache's fused decode kernel, which must give each request's own attention; stores it does not
     read fall back to the PyTorch path with one log line."""
+    import minicache.runtime.attention as runtime_attention
     import minicache.runtime.kernels.decode as decode
 
+    monkeypatch.setattr(runtime_attention, "_WARNED", set())  # said once per process: not by an earlier test
     launches = []
     kernel_call = decode.fused_decode_attention
     monkeypatch.setattr(decode, "fused_decode_attention",
                         lambda *args, **kwargs: launches.append(args[0].shape[0]) or kernel_call(*args, **kwargs))
-    with caplog.at_level("WARNING", logger="vllm.minicache_vllm"):
+    with caplog.at_level("WARNING", logger="minicache.runtime.attention"):
         _decode_rows_against_each_request_alone(build, True, fused=True, steps=14)
     assert bool(launches) == kernel and (not kernel or max(launches) == 2)
     assert kernel or "fused decode attention not used" in caplog.text

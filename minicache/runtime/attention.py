@@ -42,6 +42,7 @@ from minicache.runtime.views import MergedKVView
 
 __all__ = [
     "BACKENDS",
+    "decode_views",
     "disable_fused_attention",
     "enable_fused_attention",
     "minicache_attention_forward",
@@ -107,6 +108,25 @@ def triton_unsupported(keys: MergedKVView, values: MergedKVView, device: torch.d
     return why_unusable(device, allow_interpreter=True)
 
 
+def decode_views(query: torch.Tensor, keys: MergedKVView, values: MergedKVView, attention_mask: torch.Tensor | None,
+                 scaling: float | None, *, fused: bool) -> torch.Tensor:
+    """Decode attention (one query token) read from stored views, never restoring them whole.
+
+    ``fused``: through the fused Triton decode kernel where it reads the views and runs on their device
+    (:func:`triton_unsupported`); elsewhere, and without ``fused``, the blockwise torch path, the reason
+    logged once. Shapes as :func:`~minicache.runtime.kernels.decode.fused_decode_attention`: ``query``
+    ``[B, Hq, 1, D]``, output ``[B, 1, Hq, D]``.
+    """
+    if fused:
+        reason = triton_unsupported(keys, values, query.device)
+        if reason is None:
+            from minicache.runtime.kernels.decode import fused_decode_attention
+
+            return fused_decode_attention(query, keys, values, attention_mask, scaling)
+        _warn_once("minicache: fused decode attention not used (%s); blockwise torch path", reason)
+    return blockwise.blockwise_decode_attention(query, keys, values, attention_mask, scaling)
+
+
 def _attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -135,14 +155,7 @@ def _attention_forward(
         blocker = None if query.shape[2] == 1 else "prefill"
         blocker = blocker or _call_blocker(module, query, key, attention_mask, dropout, kwargs)
         if blocker is None:
-            if backend == "triton":
-                reason = triton_unsupported(key, value, query.device)
-                if reason is None:
-                    from minicache.runtime.kernels.decode import fused_decode_attention
-
-                    return fused_decode_attention(query, key, value, attention_mask, scaling), None
-                _warn_once("minicache: fused decode attention not used (%s); blockwise torch path", reason)
-            return blockwise.blockwise_decode_attention(query, key, value, attention_mask, scaling), None
+            return decode_views(query, key, value, attention_mask, scaling, fused=backend == "triton"), None
         if blocker != "prefill":
             _warn_once("minicache: %s decode attention not used (%s); restoring the cache",
                        "fused" if backend == "triton" else "blockwise", blocker)

@@ -87,11 +87,12 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     before = [0] * args.requests
 
+    blockwise = reads_blockwise(args.decode)
+    fused = reads_fused(args.decode, torch.device("cpu"))
+
     def step(sizes: list[int]) -> None:
         for store in stores:
             store.begin_step()
-            blockwise = reads_blockwise(args.decode)
-            fused = blockwise and reads_fused(args.decode, torch.device("cpu"))
             for member in range(store.members):
                 rows = []
                 for r, n in enumerate(sizes):

@@ -5,20 +5,15 @@ Nothing here imports vLLM.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from minicache.runtime.attention import triton_unsupported
-from minicache.runtime.blockwise import blockwise_decode_attention
+from minicache.runtime.attention import decode_views
 from minicache.runtime.views import MergedKVView
 
 __all__ = ["DecodeRow", "attend_views", "attention_dtype", "decode_attention", "restored_attention"]
-
-logger = logging.getLogger("vllm.minicache_vllm")
-_warned: set[str] = set()
 
 
 def attention_dtype(dtype: torch.dtype, device: torch.device, rows: int) -> torch.dtype:
@@ -94,12 +89,9 @@ STACK_BYTES = 64 * 2**20
 
 def attend_views(query: torch.Tensor, keys: MergedKVView, values: MergedKVView, mask: torch.Tensor | None,
                  scale: float, fused: bool = False) -> torch.Tensor:
-    """Decode attention read from stored views a block at a time, never restoring the whole prefix.
-
-    ``fused``: through minicache's fused Triton decode kernel
-    (:func:`~minicache.runtime.kernels.decode.fused_decode_attention`) where it reads these views and can
-    run on their device; elsewhere (and always without ``fused``) the PyTorch blockwise path
-    (:func:`~minicache.runtime.blockwise.blockwise_decode_attention`), the reason logged once.
+    """Decode attention read from stored views a block at a time, never restoring the whole prefix
+    (:func:`minicache.runtime.attention.decode_views`: with ``fused``, the fused Triton decode kernel where it
+    reads these views and can run on their device, else the blockwise torch path, the reason logged once).
 
     Parameters
     ----------
@@ -116,17 +108,7 @@ def attend_views(query: torch.Tensor, keys: MergedKVView, values: MergedKVView, 
     torch.Tensor
         ``[B, Hq, D]`` in the query's dtype.
     """
-    if fused:
-        reason = triton_unsupported(keys, values, query.device)
-        if reason is None:
-            from minicache.runtime.kernels.decode import fused_decode_attention
-
-            return fused_decode_attention(query, keys, values, mask, scale)[:, 0]
-        if reason not in _warned:
-            _warned.add(reason)
-            logger.warning("minicache_vllm: fused decode attention not used (%s); the PyTorch blockwise path runs",
-                           reason)
-    return blockwise_decode_attention(query, keys, values, mask, scale)[:, 0]
+    return decode_views(query, keys, values, mask, scale, fused=fused)[:, 0]
 
 
 def decode_attention(store, member: int, rows: list[DecodeRow], blockwise: bool, scale: float,

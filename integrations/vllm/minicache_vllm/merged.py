@@ -176,7 +176,7 @@ class MergedAttention(torch.nn.Module):
             out[lo:hi] = att[0].transpose(0, 1).reshape(hi - lo, -1).to(out.dtype)
         if decoding:
             if self.fused is None:
-                self.fused = self.blockwise and reads_fused(self.decode, q.device)
+                self.fused = reads_fused(self.decode, q.device)
             att = decode_attention(g, self.member, decoding, self.blockwise, self.scale, self.fused)  # [R, Hq, D]
             at = torch.tensor([starts[d.row] for d in decoding], device=out.device)
             out[at] = att.reshape(len(decoding), -1).to(out.dtype)

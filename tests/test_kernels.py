@@ -19,6 +19,7 @@ Tolerances (kernel vs the float32 reference on the same stored data):
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -251,7 +252,6 @@ def test_kernel_views_of_a_store_restore_like_the_torch_path():
         keys, values = store.kernel_views(member)
         assert isinstance(keys, MergedKVView) and keys.shape == (2, 3, 23, 16)
         # The view's two ways to the retained tokens (CSR for kernels, COO for torch) agree.
-        import dataclasses
 
         for view in (keys, values):
             csr_only = dataclasses.replace(view, retained_index=None)
@@ -269,7 +269,6 @@ def test_fused_decode_groups_retained_lists_given_in_store_order_only():
     """Views holding their retained tokens only in store order (no CSR: the vLLM plugin's batch gathered
     from its pages) must be attended as the store's own kernel views are, not with the retained tokens
     dropped."""
-    import dataclasses
 
     from minicache.runtime.kernels import fused_decode_attention
 
@@ -579,7 +578,6 @@ def test_fused_decode_of_an_unmerged_quantized_layer_is_plain_attention(dtype, s
 
 
 def test_fused_decode_reads_keys_and_values_of_different_widths():
-    import dataclasses
 
     from minicache.runtime.kernels.synthetic import quantize_views
 
@@ -592,12 +590,14 @@ def test_fused_decode_reads_keys_and_values_of_different_widths():
     _assert_decode_close(got, query, k4, v2, mask, torch.float32)
     # ... which differs from 4/4 (each side really reads its own width).
     assert (got - fused_decode_attention(query, k4, v4, mask, split_tokens=64)).abs().max() > 1e-3
-    # One side's parts at two widths, or a quantized store's retained vectors left exact: refused.
+    # One side's parts at two widths: refused.
     with pytest.raises(ValueError, match="different bit widths"):
         fused_decode_attention(query, dataclasses.replace(v2, retained_q=v4.retained_q), v2, mask)
+    # Exact retained vectors beside packed directions (what the launcher makes of a rotated merged group's
+    # retained lists, in_packing_frame) are read as they are.
     unpacked_retained = dataclasses.replace(k4, retained_q=None, retained_value=keys.retained_value)
-    with pytest.raises(ValueError, match="retained_q"):
-        fused_decode_attention(query, unpacked_retained, v4, mask)
+    got = fused_decode_attention(query, unpacked_retained, v4, mask, split_tokens=64)
+    _assert_decode_close(got, query, unpacked_retained, v4, mask, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
@@ -633,7 +633,6 @@ def test_fused_decode_of_a_rotated_layer_with_sinks_is_its_restore(dtype, sinks,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
 @pytest.mark.parametrize("scheme", ["kivi", "rotated"])
 def test_fused_decode_puts_rope_back_on_keys_packed_before_it(dtype, scheme):
-    import dataclasses
 
     from minicache.profile import Quantization
     from minicache.runtime.blockwise import blockwise_decode_attention
@@ -666,20 +665,46 @@ def test_fused_decode_puts_rope_back_on_keys_packed_before_it(dtype, scheme):
     assert "shared memory" in rope_unsupported(256, torch.bfloat16)
 
 
-def test_fused_decode_refuses_a_rotated_packing_in_a_merged_group():
-    import dataclasses
+def _rotated_packing(view: MergedKVView, rotation: torch.Tensor, levels: torch.Tensor | None) -> MergedKVView:
+    """The same codes read as a rotated packing (``x R`` held) of a merged group, retained lists too."""
+    field = view.stored["direction"]
+    packed = dataclasses.replace(field.packed, rotation=rotation)
+    retained_q = dataclasses.replace(view.retained_q, rotation=rotation, levels=levels)
+    return dataclasses.replace(view, stored={**view.stored, "direction": dataclasses.replace(field, packed=packed)},
+                               retained_q=retained_q)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("aligned", [False, True], ids=["plain", "aligned"])
+@pytest.mark.parametrize("uneven", [False, True], ids=["even-levels", "uneven-retained"])
+def test_fused_decode_reads_a_rotated_packing_in_a_merged_group(dtype, aligned, uneven):
+    """A merged group packed rotated (``rotated``, ``rotated-lloyd``): the packed directions hold ``e R``, the
+    dense tail ``e``, retained vectors ``x R`` (uneven levels with ``rotated-lloyd``). The kernel reads them in
+    the frame ``A R`` (alignment times packing rotation) after the launcher rotates the tail in."""
+    from minicache.quant.lloyd import levels_table
     from minicache.quant.rotated import rotation_matrix
-    from minicache.runtime.kernels.synthetic import quantize_views
+    from minicache.runtime.kernels.support import packing_unsupported
+    from tests.alignment_helpers import random_rotations
 
-    _, keys, values, mask = _decode_case(torch.float32, 1, 64, merged=166)
-    k4, v4 = quantize_views(keys, values, 4, key_group=32, value_group=32, key_tail=6)
-    field = k4.stored["direction"]
-    rotated = dataclasses.replace(field, packed=dataclasses.replace(field.packed, rotation=rotation_matrix(64)))
-    k_rot = dataclasses.replace(k4, stored={**k4.stored, "direction": rotated})
-    assert "unmerged layers only" in attention.triton_unsupported(k_rot, v4, DEVICE)
-    with pytest.raises(ValueError, match="unmerged layers only"):
-        fused_decode_attention(torch.randn(2, 2, 1, 64, device=DEVICE), k_rot, v4, mask)
+    query, _, (qkeys, qvalues), mask = _quantized_case(dtype, 4, 2 if uneven else 3)
+    assert qkeys.direction is not None and qkeys.direction.shape[-2] == 6, "a dense tail beside the packed chunks"
+    if aligned:
+        rot = random_rotations(2, 2, 64, seed=5, identity_last=False).to(DEVICE)
+        qkeys, qvalues = with_rotation(qkeys, rot[0]), with_rotation(qvalues, rot[1])
+    rotation = rotation_matrix(64).to(DEVICE)
+    levels = levels_table(2, DEVICE) if uneven else None
+    keys, values = (_rotated_packing(v, rotation, levels) for v in (qkeys, qvalues))
+    for view, role in ((keys, "keys"), (values, "values")):
+        assert packing_unsupported(view, role) is None
+    assert attention.triton_unsupported(keys, values, DEVICE) is None
+    got = fused_decode_attention(query, keys, values, mask, split_tokens=64)
+    _assert_decode_close(got, query, keys, values, mask, dtype)
+    # The blockwise torch path reads the same frame (the query rotated once, no packed block rotated back).
+    _assert_decode_close(attention.decode_views(query, keys, values, mask, None, fused=False), query, keys, values,
+                         mask, dtype)
+    # The rotation and the levels change what the codes mean: reading them as before would be far off.
+    unrotated = fused_decode_reference(query.float(), qkeys, qvalues, mask)
+    assert (got.float() - unrotated).abs().max() > 10 * DECODE_TOL[dtype]
 
 
 def _quantized_profile(groups=((0, 1),), scale_bits=None) -> MergeProfile:
@@ -729,6 +754,30 @@ def test_generate_fused_on_rotated_layers_with_sinks_and_mixed_widths_matches_th
     got = _generate(model, cache)
     attention.disable_fused_attention(model)
     assert sequence(cache, 1).layers[3].qkeys is not None and sequence(cache, 1).layers[3].sink_keys is not None
+    assert len(fused_calls) == 11 * 4 * 2, "every layer of every decode step reads its packing in the kernel"
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("scheme", ["rotated", "rotated-lloyd"])
+def test_generate_fused_on_a_rotated_merged_group_matches_the_torch_path(monkeypatch, scheme):
+    """Layers 0-1 merged and packed rotated (2 bits: uneven levels in the packed prefix and retained lists with
+    ``rotated-lloyd``), layers 2-3 unmerged: every layer of every decode step is read by the kernel."""
+    from minicache.profile import Quantization
+
+    model = _tiny_llama(kv_heads=2)
+    quant = Quantization(bits=(2, 2, 3, 4), value_bits=(2, 2, 4, 3), group_size=8, residual_length=8, scheme=scheme)
+    profile = _quantized_profile().with_quantization(quant)
+    want = _generate(model, MiniCache(profile, model))
+    fused_calls = _count_calls(monkeypatch, decode_module, "fused_decode_attention")
+    assert attention.enable_fused_attention(model, force=True)
+    cache = MiniCache(profile, model)
+    got = _generate(model, cache)
+    attention.disable_fused_attention(model)
+    keys = sequence(cache, 1).views(0)[0]
+    assert keys.qdirection.rotation is not None and keys.retained_q.rotation is not None
+    assert (keys.retained_q.levels is not None) == (scheme == "rotated-lloyd")
     assert len(fused_calls) == 11 * 4 * 2, "every layer of every decode step reads its packing in the kernel"
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):

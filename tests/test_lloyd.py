@@ -112,9 +112,11 @@ def test_a_rotated_lloyd_profile_decodes_the_same_on_both_torch_paths_and_counts
     keys_view, values_view = restore.layers[2].views_of()[:2]
     for view, role in ((keys_view, "keys"), (values_view, "values")):
         assert packing_unsupported(view, role) is None, "the Triton kernel reads a layer's table (test_kernels.py)"
-    # ... but not in retained lists (merged groups' packings are never rotated, so never uneven)
-    uneven_list = dataclasses.replace(keys_view, retained_q=keys_view.qdirection)
-    assert "not in retained lists" in packing_unsupported(uneven_list, "keys")
+    # ... and a merged group's rotated packing (uneven 2-bit retained lists too: test_kernels.py)
+    merged_keys, merged_values = restore.views(0)[:2]
+    assert merged_keys.qdirection.rotation is not None and merged_keys.retained_q is not None
+    for view, role in ((merged_keys, "keys"), (merged_values, "values")):
+        assert packing_unsupported(view, role) is None
     report = restore.memory_report()
     # one table of 4 float32 levels (2-bit codes), however many tensors use it
     assert report["parts"]["levels"] == 4 * 4

@@ -36,7 +36,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from minicache.runtime import blockwise
 from minicache.runtime.cache import ATTENTION_PLAN_ATTRIBUTE, MiniCache, install_padding_hook
 from minicache.runtime.kernels import interpreter_enabled, why_unusable
-from minicache.runtime.kernels.support import packing_unsupported
+from minicache.runtime.kernels.support import in_packing_frame, packing_unsupported
 from minicache.runtime.rows import RowKV
 from minicache.runtime.views import MergedKVView
 
@@ -115,8 +115,10 @@ def decode_views(query: torch.Tensor, keys: MergedKVView, values: MergedKVView, 
     ``fused``: through the fused Triton decode kernel where it reads the views and runs on their device
     (:func:`triton_unsupported`); elsewhere, and without ``fused``, the blockwise torch path, the reason
     logged once. Shapes as :func:`~minicache.runtime.kernels.decode.fused_decode_attention`: ``query``
-    ``[B, Hq, 1, D]``, output ``[B, 1, Hq, D]``.
+    ``[B, Hq, 1, D]``, output ``[B, 1, Hq, D]``. A merged group packed rotated is read in the packing's frame
+    on both paths (:func:`~minicache.runtime.kernels.support.in_packing_frame`).
     """
+    keys, values = in_packing_frame(keys), in_packing_frame(values)
     if fused:
         reason = triton_unsupported(keys, values, query.device)
         if reason is None:

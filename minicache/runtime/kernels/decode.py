@@ -44,7 +44,9 @@ the few retained keys whose value is merged), never once per token.
 
 Rotated packings (issue 18, :mod:`minicache.quant.rotated`) of an unmerged layer are the same frame
 with one ``R`` for every head: the packed prefix holds ``x R``, so the query is rotated once and the
-dense splits' numerators rotated back once, exactly as for an aligned group. An unmerged layer's
+dense splits' numerators rotated back once, exactly as for an aligned group. In a merged group the
+frame is the alignment times the packing's rotation, and the launcher rotates the group's short dense
+tail into it first (:func:`~minicache.runtime.kernels.support.in_packing_frame`). An unmerged layer's
 exact sinks are its retained tokens (key and value both exact); the first ``n_skip`` packed rows hold
 stand-ins for them and the dense splits skip them. Keys and values may be packed to different widths.
 Keys packed before RoPE (``quantization.pre_rope_keys``) are turned back per tile (:func:`_rope_keys`).
@@ -62,7 +64,7 @@ import triton.language as tl
 
 from minicache.methods.geometry import NORM_EPS
 from minicache.runtime.kernels import check_usable, interpreter_enabled
-from minicache.runtime.kernels.support import packing_unsupported
+from minicache.runtime.kernels.support import in_packing_frame, packing_unsupported
 from minicache.runtime.views import MergedKVView, decode_mask_row, retained_csr_pair, sink_index
 
 _LOG2E = 1.4426950408889634
@@ -612,9 +614,6 @@ def _quant_layout(keys: MergedKVView, values: MergedKVView) -> tuple[int, int, i
         if view.retained_q is not None and view.retained_q.axis != "channels":
             raise ValueError("retained vectors must be packed per token (axis 'channels'), "
                              f"got {view.retained_q.axis!r}")
-        if (view.method is not None and view.qdirection is not None and view.retained_value is not None
-                and view.retained_q is None and view.retained is not None):
-            raise ValueError("a quantized store keeps its retained vectors packed (retained_q)")
     groups = {q.group_size for q in (keys.retained_q, values.retained_q) if q is not None}
     if len(groups) > 1:
         raise ValueError(f"retained keys and values are packed in different groups: {sorted(groups)}")
@@ -807,6 +806,7 @@ def fused_decode_attention(
     # Alignment (only meaningful with magnitudes: the no-magnitude variant is the benchmark baseline),
     # or the rotated packing of an unmerged layer (its frame).
     has_mag = use_magnitude and m_len > 0 and keys.magnitude is not None and values.magnitude is not None
+    keys, values = in_packing_frame(keys), in_packing_frame(values)
     for view, role in ((keys, "keys"), (values, "values")):
         reason = packing_unsupported(view, role)
         if reason:
@@ -833,8 +833,8 @@ def fused_decode_attention(
     k_bits, v_bits, kr_bits, vr_bits, k_group, k_per_token, v_group, v_per_token, r_group = _quant_layout(keys, values)
     code_dummy = _stand_in(torch.uint8, device)
     scale_dummy = _stand_in(torch.float16, device)
-    # uneven levels (a scheme's table, float32): the packed prefix only (retained lists are merged groups',
-    # whose packings are not rotated, so not uneven: packing_unsupported)
+    # uneven levels (a scheme's table, float32): the packed prefix only (a merged group's retained lists with
+    # uneven levels were restored by in_packing_frame)
     k_levels, v_levels = (None if v.qdirection is None or v.qdirection.levels is None
                           else v.qdirection.levels.to(device=device, dtype=torch.float32).contiguous()
                           for v in (keys, values))

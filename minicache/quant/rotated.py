@@ -15,8 +15,9 @@ token): rotated keys still carry a per-channel offset (RoPE keeps it), and per-c
 absorbing it. Measured on SmolLM2 (bf16, 4,096-token prefix, 2 windows, KL to the full cache):
 keys per channel after the rotation 0.030 at 3 bits and 0.27 at 2 bits (KIVI 0.036 and 0.37; the
 rotation with keys per token 0.034 and 0.50); rotated values at 2 bits under 4-bit keys 0.020
-(KIVI 0.044). The Triton decode kernel reads an unmerged layer's rotated packing in its frame (query
-rotated once per step); inside merged groups the blockwise torch path reads it.
+(KIVI 0.044). Both decode paths (Triton kernel, blockwise torch) read a rotated packing in its frame (query
+rotated once per step): an unmerged layer's as it is, a merged group's after its short dense tail is
+rotated in (:func:`minicache.runtime.kernels.support.in_packing_frame`).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class RotatedQuantizer(KiviQuantizer):
     name = "rotated"
     bits = (2, 3, 4)
     # The codes are KIVI's, in the rotated frame: the kernel reads them with the query rotated once
-    # (unmerged layers; a merged group's dense tail is not in that frame, see triton_unsupported).
+    # (a merged group's dense tail is rotated into that frame first: in_packing_frame).
     kernel_layout = "uniform_groups"
     # The rotation couples the channels' errors, so rounding them in turn can steer the error
     # (profiles' key_rounding: queries, minicache.quant.packed.feedback_factor).

@@ -803,8 +803,8 @@ def fused_decode_attention(
         q = q.contiguous()
     if q.dtype != dtype:
         q = q.to(dtype)
-    # Alignment (only meaningful with magnitudes: the no-magnitude variant is the benchmark baseline),
-    # or the rotated packing of an unmerged layer (its frame).
+    # Alignment (only meaningful with magnitudes: the no-magnitude variant is the benchmark baseline), times a
+    # merged group's rotated packing (in_packing_frame), or the rotated packing of an unmerged layer (its frame).
     has_mag = use_magnitude and m_len > 0 and keys.magnitude is not None and values.magnitude is not None
     keys, values = in_packing_frame(keys), in_packing_frame(values)
     for view, role in ((keys, "keys"), (values, "values")):

@@ -434,9 +434,11 @@ def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(b
 @pytest.mark.parametrize("build,kernel", [
     (_group_store(None, KERNEL_DEVICE), True),  # SLERP units gathered from the pages into one batch, read by the kernel
     (_group_store(Quantization(bits=4, group_size=16, residual_length=R), KERNEL_DEVICE), True),  # + merged tails
+    # a rotated packing in a merged group: its merged tails rotated into the packing's frame at launch
+    (_group_store(Quantization(bits=3, group_size=16, residual_length=R, scheme="rotated"), KERNEL_DEVICE), True),
     (_quantized_layer_store("rotated", 3, pre_rope=True, window_bits=8, device=KERNEL_DEVICE), True),  # 8-bit window
     (_lowrank_store, False),  # a layout the kernel does not read: the PyTorch blockwise path, logged
-], ids=["slerp", "packed-group", "packed-layer-rotated-window8", "lowrank-falls-back"])
+], ids=["slerp", "packed-group", "packed-group-rotated", "packed-layer-rotated-window8", "lowrank-falls-back"])
 def test_the_fused_kernel_reads_a_steps_gathered_decode_rows_as_each_request_alone(build, kernel, monkeypatch, caplog):
     """``MINICACHE_VLLM_DECODE=fused`` (a GPU, or Triton's interpreter): the batch gathered from the block tables
     goes to minicache's fused decode kernel, which must give each request's own attention; stores it does not

@@ -716,25 +716,32 @@ def _quantized_profile(groups=((0, 1),), scale_bits=None) -> MergeProfile:
                                                                                          scale_bits=scale_bits))
 
 
-@pytest.mark.parametrize("scale_bits", [None, 8], ids=["float-scales", "8-bit-scales"])
-def test_generate_fused_on_a_quantized_cache_matches_the_torch_path(monkeypatch, scale_bits):
-    model = _tiny_llama(kv_heads=2)
-    want = _generate(model, MiniCache(_quantized_profile(scale_bits=scale_bits), model))
+def _fused_generate_matches_the_torch_path(monkeypatch, model, profile: MergeProfile) -> MiniCache:
+    """Greedy generation of ``profile`` through the fused kernel equals the torch path's (tokens, scores within
+    1e-4), and every layer of every decode step went to the kernel; returns the fused run's cache."""
+    want = _generate(model, MiniCache(profile, model))
     fused_calls = _count_calls(monkeypatch, decode_module, "fused_decode_attention")
     assert attention.enable_fused_attention(model, force=True)
-    cache = MiniCache(_quantized_profile(scale_bits=scale_bits), model)
+    cache = MiniCache(profile, model)
     got = _generate(model, cache)
     attention.disable_fused_attention(model)
+    assert len(fused_calls) == 11 * 4 * 2, "every layer of every decode step (per sequence: the batch is padded)"
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+    return cache
+
+
+@pytest.mark.parametrize("scale_bits", [None, 8], ids=["float-scales", "8-bit-scales"])
+def test_generate_fused_on_a_quantized_cache_matches_the_torch_path(monkeypatch, scale_bits):
+    cache = _fused_generate_matches_the_torch_path(monkeypatch, _tiny_llama(kv_heads=2),
+                                                   _quantized_profile(scale_bits=scale_bits))
     # Layers 0-1 merged and packed; layers 2-3 unmerged and packed: every layer attends on packed data.
     assert sequence(cache, 1).views(0)[0].qdirection is not None
     assert sequence(cache, 1).layers[2].qkeys is not None
     assert sequence(cache, 1).layers[2].qkeys.scale_bits == scale_bits
     assert sequence(cache, 1).views(0)[0].qdirection.scale_bits == scale_bits
     assert sequence(cache, 1).views(0)[0].retained_q.scale_bits == scale_bits
-    assert len(fused_calls) == 11 * 4 * 2  # per sequence: the batch is padded
-    assert torch.equal(got.sequences, want.sequences)
-    for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
 
 
 @pytest.mark.parametrize(("pre_rope", "scheme"), [(False, "rotated"), (True, "rotated"), (False, "rotated-lloyd")],
@@ -746,18 +753,9 @@ def test_generate_fused_on_rotated_layers_with_sinks_and_mixed_widths_matches_th
     model = _tiny_llama(kv_heads=2)
     quant = Quantization(bits=(4, 3, 4, 2), value_bits=(3, 4, 2, 2), group_size=8, residual_length=8,
                          scheme=scheme, sink_tokens=2, pre_rope_keys=pre_rope)
-    profile = _quantized_profile(groups=()).with_quantization(quant)
-    want = _generate(model, MiniCache(profile, model))
-    fused_calls = _count_calls(monkeypatch, decode_module, "fused_decode_attention")
-    assert attention.enable_fused_attention(model, force=True)
-    cache = MiniCache(profile, model)
-    got = _generate(model, cache)
-    attention.disable_fused_attention(model)
+    cache = _fused_generate_matches_the_torch_path(monkeypatch, model,
+                                                   _quantized_profile(groups=()).with_quantization(quant))
     assert sequence(cache, 1).layers[3].qkeys is not None and sequence(cache, 1).layers[3].sink_keys is not None
-    assert len(fused_calls) == 11 * 4 * 2, "every layer of every decode step reads its packing in the kernel"
-    assert torch.equal(got.sequences, want.sequences)
-    for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
 
 
 @pytest.mark.parametrize("scheme", ["rotated", "rotated-lloyd"])
@@ -768,20 +766,10 @@ def test_generate_fused_on_a_rotated_merged_group_matches_the_torch_path(monkeyp
 
     model = _tiny_llama(kv_heads=2)
     quant = Quantization(bits=(2, 2, 3, 4), value_bits=(2, 2, 4, 3), group_size=8, residual_length=8, scheme=scheme)
-    profile = _quantized_profile().with_quantization(quant)
-    want = _generate(model, MiniCache(profile, model))
-    fused_calls = _count_calls(monkeypatch, decode_module, "fused_decode_attention")
-    assert attention.enable_fused_attention(model, force=True)
-    cache = MiniCache(profile, model)
-    got = _generate(model, cache)
-    attention.disable_fused_attention(model)
+    cache = _fused_generate_matches_the_torch_path(monkeypatch, model, _quantized_profile().with_quantization(quant))
     keys = sequence(cache, 1).views(0)[0]
     assert keys.qdirection.rotation is not None and keys.retained_q.rotation is not None
     assert (keys.retained_q.levels is not None) == (scheme == "rotated-lloyd")
-    assert len(fused_calls) == 11 * 4 * 2, "every layer of every decode step reads its packing in the kernel"
-    assert torch.equal(got.sequences, want.sequences)
-    for step, (a, b) in enumerate(zip(got.scores, want.scores, strict=True)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
 
 
 def test_interpreter_switched_on_after_triton_import_is_reported():

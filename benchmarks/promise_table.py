@@ -4,10 +4,11 @@
         [--markdown-out promise.md]
 
 For every calibrated profile in the ``--compare`` results, the promise is what its calibration
-states: budget ``B`` and the 95 % interval ``[low, high]`` of its held-out perplexity increase. It
-holds on an unseen text when the increase measured there is at most ``B + (high - low) / 2``, the
-budget plus the half-width of the interval the profile states (issue 21's acceptance). Rows that
-are not profile directories (``full``, ``paper``, ...) are skipped. Exits 1 if a promise is broken.
+states: budget ``B`` and the 95 % interval ``[low, high]`` of its held-out perplexity increase (or of
+its KL to the full cache, for a profile calibrated with ``--budget-metric kl_mean``). It holds on an
+unseen text when the same measure there is at most ``B + (high - low) / 2``, the budget plus the
+half-width of the interval the profile states (issue 21's acceptance). Rows that are not profile
+directories (``full``, ``paper``, ...) are skipped. Exits 1 if a promise is broken.
 """
 
 from __future__ import annotations
@@ -20,6 +21,18 @@ from pathlib import Path
 from minicache.evaluate.quality import format_interval
 from minicache.profile import MergeProfile
 
+#: How each budget metric is shown: perplexity increase as a signed percentage, KL in nats per token.
+FORMATS = {"ppl_increase": "{:+.2%}", "kl_mean": "{:.4f}"}
+NAMES = {"ppl_increase": "ppl increase", "kl_mean": "KL"}
+
+
+def _shown(metric: str, value: float) -> str:
+    return FORMATS[metric].format(value)
+
+
+def _interval(metric: str, interval) -> str:
+    return format_interval(interval) if metric == "ppl_increase" else "..".join(f"{v:.4f}" for v in interval)
+
 
 def promise(profile_dir: str) -> dict | None:
     """Budget, stated point and interval of a calibrated profile (None for other methods)."""
@@ -29,11 +42,12 @@ def promise(profile_dir: str) -> dict | None:
     profile = MergeProfile.load(path)
     calibration = profile.calibration or {}
     measured = calibration.get("measured", {})
-    interval = measured.get("ppl_increase_ci95")
     budget = calibration.get("budget", {})
-    if budget.get("metric") != "ppl_increase" or interval is None:
+    metric = budget.get("metric")
+    interval = measured.get(f"{metric}_ci95")
+    if metric not in FORMATS or interval is None:
         return None
-    return {"budget": float(budget["max"]), "point": float(measured["ppl_increase"]),
+    return {"metric": metric, "budget": float(budget["max"]), "point": float(measured[metric]),
             "interval": tuple(interval), "groups": len(profile.groups),
             "windows": calibration.get("data", {}).get("held_out_windows")}
 
@@ -48,29 +62,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give one name per results file")
     runs = [json.loads(Path(p).read_text()) for p in args.results]
     methods = [r["method"] for r in runs[0]["results"]]
+    metrics = {p["metric"] for p in map(promise, methods) if p is not None}
+    measure = NAMES[metrics.pop()] if len(metrics) == 1 else "budget's measure"
     header = ["profile", "budget", "groups", "stated (held-out)", "allowed on unseen"]
-    header += [f"{n}: ppl increase [95 %]" for n in args.names] + ["compression", "holds"]
+    header += [f"{n}: {measure} [95 %]" for n in args.names] + ["compression", "holds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     broken = 0
     for method in methods:
         stated = promise(method)
         if stated is None:
             continue
+        metric = stated["metric"]
         low, high = stated["interval"]
         allowed = stated["budget"] + (high - low) / 2
         cells, holds, compression = [], True, None
         for run in runs:
             row = next(r for r in run["results"] if r["method"] == method)
-            interval = row.get("ppl_increase_ci95")
-            shown = f"{row['ppl_increase']:+.2%}" + (f" [{format_interval(interval)}]" if interval else "")
-            cells.append(shown)
-            holds &= row["ppl_increase"] <= allowed
+            interval = row.get(f"{metric}_ci95")
+            cells.append(_shown(metric, row[metric]) + (f" [{_interval(metric, interval)}]" if interval else ""))
+            holds &= row[metric] <= allowed
             compression = row["compression_ratio"]
         broken += not holds
+        budget = f"{stated['budget']:.1%}" if metric == "ppl_increase" else f"KL {stated['budget']:.4f}"
         lines.append(
-            f"| `{method}` | {stated['budget']:.1%} | {stated['groups']} | {stated['point']:+.2%} "
-            f"[{format_interval(stated['interval'])}] on {stated['windows']} windows | ≤ {allowed:+.2%} | "
-            + " | ".join(cells) + f" | {compression:.3f}x | {'yes' if holds else '**no**'} |"
+            f"| `{method}` | {budget} | {stated['groups']} | {_shown(metric, stated['point'])} "
+            f"[{_interval(metric, stated['interval'])}] on {stated['windows']} windows | "
+            f"≤ {_shown(metric, allowed)} | " + " | ".join(cells)
+            + f" | {compression:.3f}x | {'yes' if holds else '**no**'} |"
         )
     tokens = ", ".join(f"{n}: {run['results'][0]['tokens_scored']:,} tokens in {run['results'][0]['windows']} "
                        f"windows" for n, run in zip(args.names, runs, strict=True))

@@ -14,6 +14,7 @@
 #
 #   bash benchmarks/promise_results.sh            # everything
 #   bash benchmarks/promise_results.sh evaluate   # only re-score the profiles already there
+#   bash benchmarks/promise_results.sh kl         # KL budgets (0.003, 0.004 nats) on the full data, into kl/ (25 min)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WHAT=${1:-all}
@@ -28,6 +29,7 @@ calibrate() {  # name, then minicache-calibrate arguments
   local name=$1
   shift
   echo "== minicache-calibrate $* --out $OUT/$name"
+  mkdir -p "$(dirname "$WORK/$name")"
   local began=$SECONDS
   "$PY" -m minicache.calibrate.cli "$@" --out "$WORK/$name" --no-progress --force
   echo "   ($name: $((SECONDS - began)) s)"
@@ -57,6 +59,14 @@ EOF
       calibrate "full-$budget" --data "$DATA" --budget "$budget"
       calibrate "cut-$budget" --data "$WORK/cut-16x512.jsonl" --max-length 512 --num-samples 16 --budget "$budget"
     done
+  fi
+  if [[ $WHAT == kl ]]; then
+    # the same unseen windows, profiles calibrated with --budget-metric kl_mean; promises checked in KL
+    for budget in 0.003 0.004; do
+      calibrate "kl/full-kl-$budget" --data "$DATA" --budget-metric kl_mean --budget "$budget"
+    done
+    score_promises "$WORK" "$OUT/kl" "$OUT/kl/full-kl-0.003" "$OUT/kl/full-kl-0.004"
+    exit 0
   fi
   score_promises "$WORK" "$OUT" $(for p in main-job full-0.005 full-0.01 full-0.02 cut-0.005 cut-0.01 cut-0.02; do echo "$OUT/$p"; done)
 } 2>&1 | grep --line-buffered -v "Loading weights" | tee "$LOG"

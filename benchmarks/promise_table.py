@@ -61,17 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.names) != len(args.results):
         parser.error("give one name per results file")
     runs = [json.loads(Path(p).read_text()) for p in args.results]
-    methods = [r["method"] for r in runs[0]["results"]]
-    metrics = {p["metric"] for p in map(promise, methods) if p is not None}
+    # each profile's promise, read once (a profile directory is loaded from disk)
+    promises = {m: promise(m) for m in (r["method"] for r in runs[0]["results"])}
+    promises = {m: p for m, p in promises.items() if p is not None}
+    metrics = {p["metric"] for p in promises.values()}
     measure = NAMES[metrics.pop()] if len(metrics) == 1 else "budget's measure"
     header = ["profile", "budget", "groups", "stated (held-out)", "allowed on unseen"]
     header += [f"{n}: {measure} [95 %]" for n in args.names] + ["compression", "holds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     broken = 0
-    for method in methods:
-        stated = promise(method)
-        if stated is None:
-            continue
+    for method, stated in promises.items():
         metric = stated["metric"]
         low, high = stated["interval"]
         allowed = stated["budget"] + (high - low) / 2

@@ -37,6 +37,9 @@
 #   bash benchmarks/key_storage_results.sh calibrate-queries  # calibrate-scale8, keys rounded for the queries (25 min)
 #   bash benchmarks/key_storage_results.sh calibrate-queries-g128  # calibrate-queries with key groups of 128 (25 min)
 #   bash benchmarks/key_storage_results.sh queries    # uniform 3 and 2 bits with keys rounded for the queries (16 min)
+#   bash benchmarks/key_storage_results.sh window6    # auto-rotated-queries with its 8-bit window, and at 6 bits (35 min)
+#   bash benchmarks/key_storage_results.sh calibrate-window6  # calibrate-queries with a 6-bit window (30 min)
+#   bash benchmarks/key_storage_results.sh calibrate-window6-g128  # the same with key groups of 128 (30 min)
 #   bash benchmarks/key_storage_results.sh queries-decode  # decode speed of the 5x profile; packing cost (8 min)
 #   bash benchmarks/key_storage_results.sh decode-speed  # the 5x profile and its options vs 4-bit KIVI, two allocators (10 min)
 #   bash benchmarks/key_storage_results.sh scale8     # 3-bit rotated, groups of 64, with 8-bit scales (15 min)
@@ -249,6 +252,35 @@ if [[ $WHAT == all || $WHAT == queries ]]; then
   P=$OUT/auto-rotated-queries
   "${EVAL[@]}" --compare "$P@rotated:3/64+s4+prerope+w8+z8+qk,$P@rotated:2/64+s4+prerope+w8+z8+qk" \
     --json-out "$OUT/queries.json" --markdown-out "$OUT/queries.md"
+fi
+
+if [[ $WHAT == all || $WHAT == window6 ]]; then
+  # The 8-bit window is 0.27 of the ~3.2 bits a value costs at 4,096 tokens (window8-probe.md). 6-bit codes of the
+  # rotated head vector take 6.5 bits a value (fp16 scale and zero point per token and head) instead of 8.5, and
+  # round a token packed later to 2-4 bits a second time by at most 1/63 of its range. At fixed widths (those of
+  # auto-rotated-queries, the 4.92x profile), both windows in one run: what the 6-bit window costs and saves.
+  P=$OUT/auto-rotated-queries
+  "$PY" - "$P" "$OUT/auto-rotated-queries-widths-w6" <<'PYEOF'
+import dataclasses, sys
+from minicache import MergeProfile
+profile = MergeProfile.load(sys.argv[1])
+profile.with_quantization(dataclasses.replace(profile.quantization, window_bits=6)).save(sys.argv[2], overwrite=True)
+PYEOF
+  echo "== auto-rotated-queries with its 8-bit window and with a 6-bit one"
+  "${EVAL[@]}" --compare "$P,$OUT/auto-rotated-queries-widths-w6" --json-out "$OUT/window6.json" --markdown-out "$OUT/window6.md"
+fi
+
+if [[ $WHAT == all || $WHAT == calibrate-window6 ]]; then
+  # calibrate-queries with a 6-bit window: the search chooses the widths with the window it will have
+  auto_profile auto-rotated-queries-w6 2048 16 12 --kv-scheme rotated --kv-pre-rope-keys --kv-window-bits 6 \
+    --kv-scale-bits 8 --kv-group-size 64 --kv-key-rounding queries
+  score_profile auto-rotated-queries-w6
+fi
+
+if [[ $WHAT == all || $WHAT == calibrate-window6-g128 ]]; then
+  auto_profile auto-rotated-queries-w6-g128 2048 16 12 --kv-scheme rotated --kv-pre-rope-keys --kv-window-bits 6 \
+    --kv-scale-bits 8 --kv-key-rounding queries
+  score_profile auto-rotated-queries-w6-g128
 fi
 
 if [[ $WHAT == all || $WHAT == queries-decode ]]; then

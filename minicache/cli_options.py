@@ -137,9 +137,10 @@ def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None 
         "them better; undone on every read)",
     )
     group.add_argument(
-        "--kv-window-bits", type=int, choices=(8,), metavar="8",
+        "--kv-window-bits", type=int, choices=(6, 8), metavar="{6,8}",
         help="with --kv-bits: store unmerged layers' recent window (--kv-residual-length tokens, and those "
-        "waiting for a whole key group) as 8-bit codes per token and head instead of exact: about half its bytes",
+        "waiting for a whole key group) as codes per token and head instead of exact: 8 bits, about half its "
+        "bytes; 6 bits (rotated first), about 40 %%",
     )
     group.add_argument(
         # a literal: this module stays free of torch for --help; Quantization checks the scheme's widths

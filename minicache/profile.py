@@ -103,7 +103,7 @@ SIDECAR_SUFFIX = ".tensors"
 #: Built-in profiles: "paper" = the paper's layout, "none" = no groups (the full-cache baseline).
 PRESETS = ("paper", "none")
 #: Code widths an unmerged layer's recent window may be stored at (`Quantization.window_bits`).
-WINDOW_BITS = (8,)
+WINDOW_BITS = (6, 8)
 #: How unmerged layers round their packed keys (`Quantization.key_rounding`).
 KEY_ROUNDINGS = ("nearest", "queries")
 #: The sidecar tensor of `key_rounding: queries`: ``[layers, KV heads, head_dim]`` channel weights.
@@ -400,8 +400,10 @@ class Quantization:
         How unmerged layers hold their recent window (the ``residual_length`` tokens and the tokens
         waiting for a whole chunk): None exact in the model dtype (the format before this field);
         8: 8-bit codes per token and head (asymmetric, a scale and zero point per head vector), about
-        half the bytes. Each token is stored once when it arrives (after the step that brought it
-        attended it exact) and packed to ``bits`` from that storage when it leaves the window.
+        half the bytes; 6: 6-bit codes of the head vector turned by the ``rotated`` scheme's Hadamard
+        rotation first (without it a key's outlier channels would take the range), 41 % of the bytes in
+        bf16. Each token is stored once when it arrives (after the step that brought it attended it
+        exact) and packed to ``bits`` from that storage when it leaves the window.
     scale_bits : int or None
         How packed groups hold their scale and zero point: None as fp16 (fp32 for fp32 models; the format
         before this field); 8: 8-bit codes each (:func:`~minicache.quant.packed.encode_scales`), half the

@@ -217,11 +217,14 @@ def test_pre_rope_keys_decode_the_same_on_every_torch_path():
     assert not torch.equal(logits, full), "old keys really are packed"
 
 
-# ---- 8-bit recent windows -----------------------------------------------------------------------------
-def test_an_8_bit_window_stores_each_token_once_in_about_half_the_bytes():
+# ---- coded recent windows (8 bits; 6 bits, rotated) ----------------------------------------------------------
+@pytest.mark.parametrize("window_bits", [8, 6])
+def test_a_coded_window_stores_each_token_once_in_half_the_bytes_or_less(window_bits):
+    from minicache.quant.rotated import rotation_matrix
+
     keys, values = _outlier_keys(3)
     spec = Quantization(bits=3, group_size=8, residual_length=8, scheme="rotated", sink_tokens=2)
-    exact, narrow = QuantizedLayer(spec), QuantizedLayer(Quantization(**{**spec.__dict__, "window_bits": 8}))
+    exact, narrow = QuantizedLayer(spec), QuantizedLayer(Quantization(**{**spec.__dict__, "window_bits": window_bits}))
     start = 0
     for size in (13, 1, 1, 9, 3):
         new_k, new_v = keys[..., start : start + size, :], values[..., start : start + size, :]
@@ -233,8 +236,13 @@ def test_an_8_bit_window_stores_each_token_once_in_about_half_the_bytes():
     assert narrow.quantized_length == exact.quantized_length == 16 and narrow.window_length == 11
     k_narrow, v_narrow = narrow.update(keys[..., :0, :], values[..., :0, :])
     k_exact, _ = exact.update(keys[..., :0, :], values[..., :0, :])
-    window_error = (k_narrow[..., 16:, :] - keys[..., 16:27, :]).abs()
-    step = (keys[..., 16:27, :].amax(-1) - keys[..., 16:27, :].amin(-1)) / 255
+    # Each token rounded once to the nearest of 2^bits levels of its own range, in the frame it is coded in
+    # (6 bits: rotated first, so the outlier channels of _outlier_keys do not take the range).
+    frame = torch.eye(16) if window_bits == 8 else rotation_matrix(16)
+    assert (narrow.keys.rotation is None) == (window_bits == 8)
+    window_error = ((k_narrow[..., 16:, :] - keys[..., 16:27, :]) @ frame).abs()
+    coded = keys[..., 16:27, :] @ frame
+    step = (coded.amax(-1) - coded.amin(-1)) / (2**window_bits - 1)
     assert window_error.max() > 0 and bool((window_error <= step.unsqueeze(-1) / 2 + 1e-5).all())
     assert torch.equal(k_narrow[..., :2, :], keys[..., :2, :]), "sinks stay exact"
     # Packed from what the window stored: close to the exact window's packing, and the same however fed.
@@ -242,10 +250,12 @@ def test_an_8_bit_window_stores_each_token_once_in_about_half_the_bytes():
     once = QuantizedLayer(narrow.spec)
     once.update(keys[..., :27, :], values[..., :27, :])
     assert torch.equal(once.qkeys.data, narrow.qkeys.data) and torch.equal(once.qvalues.zero, narrow.qvalues.zero)
-    # Bytes: one code per channel and a scale and zero point per token and head, all counted.
+    # Bytes: bits / 8 per channel and a scale and zero point per token and head, all counted (the rotation is the
+    # rotated scheme's, regenerated from its seed).
     parts, exact_parts = narrow.memory_parts(), exact.memory_parts()
-    assert parts["residual"] == 2 * 2 * 3 * 11 * (16 + 2 * 4)  # K and V, batch 2, 3 heads, fp32 scales
-    assert parts["residual"] < 0.4 * exact_parts["residual"]
+    code_bytes = 16 * window_bits // 8
+    assert parts["residual"] == 2 * 2 * 3 * 11 * (code_bytes + 2 * 4)  # K and V, batch 2, 3 heads, fp32 scales
+    assert parts["residual"] < (0.4 if window_bits == 8 else 0.32) * exact_parts["residual"]
     assert sum(parts.values()) == sum(t.numel() * t.element_size() for t in narrow.tensors())
     assert narrow.full_bytes() == exact.full_bytes()
     # Crops and batch selection act on the stored window.
@@ -256,25 +266,26 @@ def test_an_8_bit_window_stores_each_token_once_in_about_half_the_bytes():
     torch.testing.assert_close(k_swapped, k_narrow[[1, 0], :, :24, :])
 
 
-def test_8_bit_windows_decode_the_same_on_every_torch_path_and_are_counted():
+@pytest.mark.parametrize("window_bits", [8, 6])
+def test_coded_windows_decode_the_same_on_every_torch_path_and_are_counted(window_bits):
     from minicache.runtime.attention import triton_unsupported
 
     model = make_model("llama")
     ids, mask = left_padded_batch(model.config.vocab_size, [40, 29])
     quant = Quantization(bits=3, group_size=8, residual_length=8, scheme="rotated", sink_tokens=2,
-                         pre_rope_keys=True, window_bits=8)
+                         pre_rope_keys=True, window_bits=window_bits)
     profile = profile_for(model, groups=((0, 1),)).with_quantization(quant)
     restore = decode_on_both_torch_paths(model, ids, mask, profile)
     layer = sequence(restore).layers[2]
-    assert layer.quantized_length > 0 and layer.keys.bits == 8
+    assert layer.quantized_length > 0 and layer.keys.bits == window_bits
     assert restore.memory_report()["kv_bytes"] == sum_of_storages(restore)
     assert triton_unsupported(*layer.views_of(), torch.device("cpu")) is None  # the kernel reads the dequantized window
-    # Quality: the 8-bit window costs far less than the packed prefix does.
+    # Quality: the coded window costs far less than the packed prefix does.
     full = model(input_ids=ids[:1]).logits[:, -8:]
     errors = []
-    for window_bits in (None, 8):
+    for bits in (None, window_bits):
         cache = MiniCache(MergeProfile().with_quantization(
-            Quantization(bits=4, group_size=8, residual_length=16, window_bits=window_bits)), model)
+            Quantization(bits=4, group_size=8, residual_length=16, window_bits=bits)), model)
         model(input_ids=ids[:1, :32], cache=cache)
         errors.append((model(input_ids=ids[:1, 32:], cache=cache).logits - full).abs().max().item())
     assert errors[0] > 0 and errors[1] < 1.5 * errors[0]
@@ -314,3 +325,9 @@ def test_8_bit_storage_fields_in_profiles_storage_specs_and_options(tmp_path, fi
         quantization_from_args(parser.parse_args([option, "8"]))
     assert info.value.path == option
     assert quantization_from_args(parser.parse_args([])) is None
+    if field == "window_bits":  # windows also take 6-bit codes (rotated first)
+        assert quantization_from_args(parser.parse_args(["--kv-bits", "3", option, "6"])).window_bits == 6
+        assert parse_storage("rotated:3+w6").window_bits == 6 and "6-bit window" in MergeProfile().with_quantization(
+            Quantization(3, window_bits=6)).describe()
+        with pytest.raises(ProfileError, match=r"allowed: \[6, 8\]"):
+            Quantization(3, window_bits=7)

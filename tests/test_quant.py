@@ -32,7 +32,22 @@ def test_pack_round_trip_and_bit_layout(bits):
     assert unpack(packed[:, :0], bits).shape == (3, 0, 16)  # no rows
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize(("bits", "per"), [(3, 8), (6, 4)])
+def test_words_spanning_bytes_round_trip_with_the_stream_little_endian(bits, per):
+    # 3- and 6-bit codes fill whole bytes only as words of `per` codes (3 bytes); code j of a row sits in bits
+    # [j * bits, (j + 1) * bits) of the row's little-endian stream, whichever word it is in.
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (3, 5, 16), generator=g, dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.shape == (3, 5, 16 * bits // 8)
+    assert torch.equal(unpack(packed, bits), codes)
+    stream = sum(int(b) << (8 * i) for i, b in enumerate(packed[1, 2].tolist()))
+    assert [(stream >> (j * bits)) & ((1 << bits) - 1) for j in range(16)] == codes[1, 2].tolist()
+    with pytest.raises(ValueError, match=f"a multiple of {per}"):
+        pack(codes[..., : per + 2], bits)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])
 def test_code_values_look_bytes_up_as_unpacking_would(bits):
     # code_values reads 1- and 2-bit codes a byte at a time from a table, wider ones by unpacking; every
     # width must mean what unpack says.

@@ -205,7 +205,7 @@ def test_window_pool_slots():
     assert coded.nbytes == 2 * 2 * 2 * H * 8 * (D + 2 * 4)  # a byte per channel, fp32 scale and zero per vector
     with pytest.raises(TypeError, match="stored form"):
         coded.write(0, torch.ones(2, 2, H, 3, D))
-    with pytest.raises(ValueError, match="exact or 8-bit"):
+    with pytest.raises(ValueError, match="exact, 8-bit or 6-bit"):
         WindowPool(2, 2, H, D, 8, torch.float32, bits=4)
 
 
@@ -249,7 +249,8 @@ def test_a_quantized_group_is_packed_in_its_pages_as_the_runtime_packs_it(scheme
 
 @pytest.mark.parametrize("pre_rope,window_bits,first,scale_bits,rounded", [
     (False, None, 45, None, False), (True, None, 45, None, False), (True, 8, 45, None, False),
-    (False, 8, 1, None, False), (True, 8, 45, 8, False), (True, 8, 45, 8, True)])
+    (False, 8, 1, None, False), (True, 8, 45, 8, False), (True, 8, 45, 8, True), (True, 6, 45, 8, True),
+    (False, 6, 1, None, False)])
 def test_an_unmerged_quantized_layer_in_pages_is_the_runtime_layer(pre_rope, window_bits, first, scale_bits, rounded):
     torch.manual_seed(int(pre_rope))
     spec = Quantization(bits=4, group_size=16, residual_length=R, sink_tokens=2, pre_rope_keys=pre_rope,
@@ -281,9 +282,9 @@ def test_an_unmerged_quantized_layer_in_pages_is_the_runtime_layer(pre_rope, win
         before += n
     assert reference.quantized_length >= 80 and reference.sink_keys is not None
     assert reference.qkeys.scale_bits == scale_bits
-    if window_bits is not None:  # stored as the runtime stores it: a byte per channel, fp16 scale and zero
+    if window_bits is not None:  # stored as the runtime stores it: bits / 8 bytes per channel, fp16 scale and zero
         assert torch.equal(pool.read_stored(0).data[0], reference.keys.data)
-        assert pool.nbytes == 2 * 2 * H * (R + layout.unit_tokens) * (D + 2 * 2)
+        assert pool.nbytes == 2 * 2 * H * (R + layout.unit_tokens) * (D * window_bits // 8 + 2 * 2)
 
 
 def run_against_runtime(reference: GroupStore, heads: int, dim: int, dtype: torch.dtype, page: int) -> None:
@@ -414,8 +415,10 @@ def _lowrank_store():
     (_quantized_layer_store("rotated", 3, pre_rope=True, window_bits=8), False, False),  # 8-bit windows in the pool
     (_quantized_layer_store(), True, False),  # every request's chunks as one batch of views, read a block at a time
     (_quantized_layer_store("rotated", 3, pre_rope=True, window_bits=8), True, False),
+    (_quantized_layer_store("rotated", 3, pre_rope=True, window_bits=6), True, False),  # 6-bit windows, rotated
 ], ids=["slerp-stacked", "lowrank-stacked", "slerp-restored", "packed-group", "packed-layer", "packed-layer-rotated",
-        "packed-layer-lloyd", "packed-layer-window8", "packed-layer-blockwise", "packed-layer-window8-blockwise"])
+        "packed-layer-lloyd", "packed-layer-window8", "packed-layer-blockwise", "packed-layer-window8-blockwise",
+        "packed-layer-window6-blockwise"])
 def test_a_steps_decode_rows_attended_together_are_each_requests_own_attention(build, blockwise, stacked, monkeypatch):
     """Requests of different lengths (one with nothing merged yet, one joining late), decoding together:
     the batched decode attention of each member must be what each request's own restored keys and values

@@ -203,7 +203,7 @@ def parse_storage(text: str) -> Quantization:
     if form is None:
         raise ValueError(f"storage {text!r} is not [SCHEME:]BITS[/GROUP][+sS][+rR][+prerope][+wW][+zZ][+qk] (BITS: "
                          "a width, or kKvV for keys K and values V bits; S: exact sink tokens; R: recent tokens kept "
-                         "in the window; W: the window's width, 8; Z: the scales' width, 8; qk: keys rounded for "
+                         "in the window; W: the window's width, 6 or 8; Z: the scales' width, 8; qk: keys rounded for "
                          "the queries; e.g. rotated:3, kivi:2/64, kivi:k2v4, rotated:3+s4+prerope+w8, "
                          "rotated:3/64+s4+z8)")
     scheme, bits, group, sinks, window, wbits, zbits = form.group("scheme", "bits", "group", "sinks", "window",

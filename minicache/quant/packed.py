@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,8 +50,8 @@ __all__ = ["AXES", "PACKABLE_BITS", "SCALE_BITS", "QuantizedTensor", "append", "
            "decode_scales", "encode_scales", "feedback_factor", "pack", "quantize", "scale_dtype", "unpack"]
 
 AXES = ("tokens", "channels")
-#: Supported code widths (3 bits: a row's width must be a multiple of 8 codes).
-PACKABLE_BITS = (1, 2, 3, 4, 8)
+#: Supported code widths (3 bits: a row's width must be a multiple of 8 codes; 6 bits: of 4).
+PACKABLE_BITS = (1, 2, 3, 4, 6, 8)
 
 
 def scale_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,8 +109,9 @@ def decode_scales(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor
 
 
 def codes_per_word(bits: int) -> int:
-    """Codes that fill a whole number of bytes: ``8 // bits`` for widths dividing 8, else 8."""
-    return 8 // bits if 8 % bits == 0 else 8
+    """The fewest codes that fill a whole number of bytes: ``8 // bits`` for widths dividing 8, 8 for 3 bits
+    (3 bytes), 4 for 6 bits (3 bytes). A word spans at most 3 bytes, so it fits the int32 of :func:`pack`."""
+    return 8 // math.gcd(bits, 8)
 
 
 #: Codes converted at a time by :func:`pack` and :func:`unpack`: their int32 intermediates stay

@@ -19,6 +19,7 @@ from transformers.cache_utils import CacheLayerMixin
 from minicache.profile import Quantization
 from minicache.quant import QuantizedTensor, append
 from minicache.quant.packed import quantize
+from minicache.quant.rotated import rotation_matrix
 from minicache.runtime.rope import RopeAngles
 from minicache.runtime.store import GroupStore, tensor_bytes
 from minicache.runtime.views import MergedKVView
@@ -89,7 +90,7 @@ class QuantizedLayer(CacheLayerMixin):
     ``keys``/``values`` are the residual window of ``r`` tokens as stored: ``[B, H, r, D]`` in the model
     dtype (exact, as in transformers' dynamic layers), or with ``spec.window_bits`` a
     :class:`QuantizedTensor` of that width per token and head; ``qkeys``/``qvalues`` are the packed
-    prefix of ``Q`` tokens. An 8-bit window stores each token once, as it arrives (the step that brings
+    prefix of ``Q`` tokens. A coded window stores each token once, as it arrives (the step that brings
     it attends it exact), and the prefix packs it from that storage, so what is packed does not depend
     on how the tokens were fed.
     Whenever the window holds at least ``residual_length`` tokens plus a whole chunk (a key group of
@@ -163,7 +164,7 @@ class QuantizedLayer(CacheLayerMixin):
         return stored_window(x, self.spec.window_bits)
 
     def _exact_window(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored window's keys and values in the model dtype ``[B, H, r, D]``. An 8-bit window's
+        """The stored window's keys and values in the model dtype ``[B, H, r, D]``. A coded window's
         sinks are held exact from their arrival (:meth:`_keep_sinks`) and read exact until they are packed."""
         if self.spec.window_bits is None:
             return self.keys, self.values
@@ -174,7 +175,7 @@ class QuantizedLayer(CacheLayerMixin):
         return keys, values
 
     def _keep_sinks(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """An 8-bit window keeps exact copies of the first ``sink_tokens`` tokens as they arrive (an exact
+        """A coded window keeps exact copies of the first ``sink_tokens`` tokens as they arrive (an exact
         window hands its own to the sinks when it packs them)."""
         seen, sinks = self.get_seq_length(), self.spec.sink_tokens
         take = min(sinks - seen, key_states.shape[-2])
@@ -283,7 +284,9 @@ class QuantizedLayer(CacheLayerMixin):
     def full_bytes(self) -> int:
         if not self.is_initialized:
             return 0
-        b, h, _, d = _window_tensors(self.values)[0].shape  # 8-bit codes: one byte per channel
+        window = self.values
+        b, h = window.shape[:2] if isinstance(window, torch.Tensor) else window.data.shape[:2]
+        d = window.shape[-1] if isinstance(window, torch.Tensor) else window.head_dim  # not the codes' bytes
         return 2 * b * h * self.get_seq_length() * d * self.dtype.itemsize
 
     def reset(self) -> None:
@@ -305,7 +308,7 @@ class QuantizedLayer(CacheLayerMixin):
                 f"({window} tokens) can be cropped; quantized tokens cannot be un-quantized"
             )
         self.keys, self.values = (_window_slice(w, 0, window - count) for w in (self.keys, self.values))
-        if self.quantized_length == 0 and self.sink_keys is not None:  # an 8-bit window's sinks, not yet packed
+        if self.quantized_length == 0 and self.sink_keys is not None:  # a coded window's sinks, not yet packed
             self.sink_keys, self.sink_values = (x[..., : window - count, :].clone()
                                                 for x in (self.sink_keys, self.sink_values))
 
@@ -356,8 +359,13 @@ class QuantizedLayer(CacheLayerMixin):
 
 def stored_window(x: torch.Tensor, bits: int | None) -> torch.Tensor | QuantizedTensor:
     """Window tokens ``[..., n, D]`` as a :class:`QuantizedLayer` with ``window_bits = bits`` stores them:
-    themselves (None), or ``bits``-bit codes per token and head (one group of ``D`` channels)."""
-    return x if bits is None else quantize(x, bits, x.shape[-1], "channels")
+    themselves (None), or ``bits``-bit codes per token and head (one group of ``D`` channels). Below 8 bits
+    the head vector is turned by the ``rotated`` scheme's rotation first: a key's few outlier channels would
+    otherwise set its range, leaving the other channels a handful of levels."""
+    if bits is None:
+        return x
+    rotation = None if bits >= 8 else rotation_matrix(x.shape[-1], x.device)
+    return quantize(x, bits, x.shape[-1], "channels", rotation=rotation)
 
 
 def _window_tensors(window: torch.Tensor | QuantizedTensor) -> tuple[torch.Tensor, ...]:

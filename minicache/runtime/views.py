@@ -183,7 +183,7 @@ class MergedKVView:
     member : int
         Which layer of the group (0 = the shallowest).
     residual : torch.Tensor
-        ``[B, H, r, D]`` window (model dtype): exact, or an 8-bit window's tokens as stored (the step's
+        ``[B, H, r, D]`` window (model dtype): exact, or a coded window's tokens as stored (the step's
         own new tokens exact).
     stored : mapping of str to FieldSnapshot
         The merged prefix in the method's stored form (``{}`` when nothing is merged yet). For an

@@ -126,8 +126,9 @@ class StorePlan:
 
         item = torch.empty((), dtype=self.layout.dtype).element_size()
         d = self.layout.head_dim
-        # an 8-bit window: a byte per channel, and a scale and zero point per token and head
-        per_token = d * item if self.window_bits is None else d + 2 * scale_dtype(self.layout.dtype).itemsize
+        # a coded window: bits / 8 bytes per channel, and a scale and zero point per token and head
+        per_token = (d * item if self.window_bits is None
+                     else d * self.window_bits // 8 + 2 * scale_dtype(self.layout.dtype).itemsize)
         tokens = len(self.layers) * self.window_tokens
         return requests * 2 * self.layout.heads * (tokens * per_token + self.sink_tokens * d * item)
 

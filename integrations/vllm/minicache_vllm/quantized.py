@@ -69,7 +69,8 @@ class PagedQuantizedLayer:
             raise ValueError(f"the layer stores its window at {template.spec.window_bits or 'full'} bits, the pool at "
                              f"{pool.bits or 'full'}")
         sinks = template.spec.sink_tokens
-        slots, _, _, heads, _, head_dim = pool.data.shape
+        slots, _, _, heads, _, _ = pool.data.shape  # its last: the codes' bytes in a coded pool
+        head_dim = pool.head_dim
         # [slots, keys/values, H, S, D]: the first tokens, exact (their packed rows hold a stand-in)
         self.sinks = (torch.zeros(slots, 2, heads, sinks, head_dim, dtype=pool.dtype, device=pool.data.device)
                       if sinks else None)
@@ -96,7 +97,7 @@ class PagedQuantizedLayer:
 
     def _window(self, table: torch.Tensor, before: int) -> tuple[int, torch.Tensor]:
         """A request's window slot and its tokens ``[2, H, w, D]`` (those after its packed ones) as the
-        runtime's layer reads them (an 8-bit window: restored, with the exact sinks over its first rows
+        runtime's layer reads them (a coded window: restored, with the exact sinks over its first rows
         until they are packed)."""
         slot = self.pool.slot(int(table[0]), before)
         window = self.pool.read(slot)[:, 0]
@@ -106,12 +107,12 @@ class PagedQuantizedLayer:
         return slot, window
 
     def _sinks_over_window(self, before: int, packed: int) -> int:
-        """Exact sinks written over the first rows of a request's restored window: an 8-bit window's, while
+        """Exact sinks written over the first rows of a request's restored window: a coded window's, while
         nothing is packed (after that the sinks belong to the packed prefix)."""
         return self._sinks_held(before, packed) if self.pool.bits is not None and not packed else 0
 
     def _sinks_held(self, before: int, packed: int) -> int:
-        """Exact sinks :attr:`sinks` holds for a request: all of them once a chunk is packed; an 8-bit
+        """Exact sinks :attr:`sinks` holds for a request: all of them once a chunk is packed; a coded
         window's, from their arrival (the runtime keeps them as they come, see ``QuantizedLayer``)."""
         sinks = self.template.spec.sink_tokens
         if not sinks:

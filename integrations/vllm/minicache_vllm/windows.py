@@ -11,8 +11,9 @@ block id is its own (prefix caching, which would share blocks, is refused), so i
 request starting at position 0 takes a slot, a later step finds it again, and a slot whose key did
 not appear in the last step it was needed is free for the next request.
 
-An unmerged quantized layer whose profile stores its window at 8 bits (``quantization.window_bits``)
-gets a pool of such windows: codes and their scales, about half the bytes, as the runtime holds them.
+An unmerged quantized layer whose profile stores its window coded (``quantization.window_bits``: 8 bits,
+or 6 bits in the rotated frame) gets a pool of such windows: codes and their scales, about half the
+bytes or less, as the runtime holds them.
 
 Nothing here imports vLLM.
 """
@@ -23,6 +24,7 @@ import torch
 
 from minicache.quant import QuantizedTensor
 from minicache.quant.packed import scale_dtype
+from minicache.quant.rotated import rotation_matrix
 
 __all__ = ["WindowPool", "merged_length"]
 
@@ -48,20 +50,25 @@ class WindowPool:
         The model's: exact windows hold it; coded ones restore to it.
     device : torch.device or str
     bits : int, optional
-        Hold the windows as the runtime's 8-bit windows (``Quantization.window_bits``): codes per token
-        and head (:attr:`data`, uint8) with a scale and zero point each (:attr:`scale`, :attr:`zero`), read
-        and written in that form (:meth:`read_stored`, :meth:`write_stored`). None: exact.
+        Hold the windows as the runtime's coded windows (``Quantization.window_bits``, 8 or 6): codes per
+        token and head (:attr:`data`, uint8, ``head_dim * bits / 8`` bytes; 6-bit codes in the rotated
+        frame of :func:`~minicache.runtime.layers.stored_window`) with a scale and zero point each
+        (:attr:`scale`, :attr:`zero`), read and written in that form (:meth:`read_stored`,
+        :meth:`write_stored`). None: exact.
     """
 
     def __init__(self, slots: int, members: int, heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu", bits: int | None = None):
         if slots < 1 or capacity < 1:
             raise ValueError(f"a window pool needs at least one slot and one token, got {slots} slots x {capacity}")
-        if bits not in (None, 8):
-            raise ValueError(f"a window pool holds exact or 8-bit windows, got bits={bits}")
+        if bits not in (None, 6, 8):
+            raise ValueError(f"a window pool holds exact, 8-bit or 6-bit windows, got bits={bits}")
         shape = (slots, 2, members, heads, capacity, head_dim)
-        self.bits, self.dtype = bits, dtype
-        self.data = torch.zeros(shape, dtype=dtype if bits is None else torch.uint8, device=device)
+        self.bits, self.dtype, self.head_dim = bits, dtype, head_dim
+        # the rotation of the runtime's 6-bit windows (None: 8 bits and exact windows are not turned)
+        self.rotation = rotation_matrix(head_dim, device) if bits is not None and bits < 8 else None
+        width = head_dim if bits is None else head_dim * bits // 8
+        self.data = torch.zeros(*shape[:-1], width, dtype=dtype if bits is None else torch.uint8, device=device)
         self.scale = self.zero = None
         if bits is not None:
             self.scale, self.zero = (torch.zeros(*shape[:-1], 1, dtype=scale_dtype(dtype), device=device)
@@ -124,7 +131,7 @@ class WindowPool:
     def write(self, slot: int, window: torch.Tensor) -> None:
         """Replace a slot's exact window with ``[2, k, heads, n, D]`` (n ≤ capacity)."""
         if self.bits is not None:  # coding a restored window again would round its tokens twice
-            raise TypeError("an 8-bit window pool is written in stored form (write_stored)")
+            raise TypeError("a coded window pool is written in stored form (write_stored)")
         self.data[slot, :, :, :, : self._room(window.shape[-2])] = window
         self.length[slot] = window.shape[-2]
 
@@ -132,7 +139,7 @@ class WindowPool:
         """Add ``tokens`` ``[2, k, heads, n, D]`` after a slot's exact window: writes those ``n`` tokens only
         (a decode step grows every window by one token; :meth:`write` would copy the whole window again)."""
         if self.bits is not None:
-            raise TypeError("an 8-bit window pool is appended to in stored form (append_stored)")
+            raise TypeError("a coded window pool is appended to in stored form (append_stored)")
         n = self.length[slot]
         end = self._room(n + tokens.shape[-2])
         self.data[slot, :, :, :, n:end] = tokens
@@ -145,7 +152,7 @@ class WindowPool:
         batch in the model dtype (what lies beyond a row's ``w_i + 1`` tokens is finite and meaningless: readers
         mask it); and each ``w_i + 1``.
 
-        One gather from the pool for the whole batch (an 8-bit pool's codes restored once), rather than a
+        One gather from the pool for the whole batch (a coded pool's codes restored once), rather than a
         copy per request: a decode step reads every running request's window at every layer.
         """
         skip = [0] * len(slots) if skip is None else skip
@@ -164,8 +171,8 @@ class WindowPool:
                 return t[index, :, member, :, :longest]
         windows = select(self.data)  # [R, 2, heads, w, D]
         if self.bits is not None:
-            windows = QuantizedTensor(windows, select(self.scale), select(self.zero), self.bits, windows.shape[-1],
-                                      "channels").dequantize(self.dtype)
+            windows = QuantizedTensor(windows, select(self.scale), select(self.zero), self.bits, self.head_dim,
+                                      "channels", self.rotation).dequantize(self.dtype)
         rows, _, heads, _, dim = windows.shape
         out = windows.new_empty(2, rows, heads, longest + 1, dim)
         # Row i's tokens beyond w_i + 1 are left as read: an earlier request's tokens (finite: the pool starts at
@@ -178,13 +185,13 @@ class WindowPool:
         return out, [n + 1 for n in lengths]
 
     def read_stored(self, slot: int) -> QuantizedTensor:
-        """An 8-bit pool's window of ``slot`` as stored: ``[2, k, heads, length, D]`` codes (views)."""
-        n, d = self.length[slot], self.data.shape[-1]
+        """A coded pool's window of ``slot`` as stored: ``[2, k, heads, length, D]`` codes (views)."""
+        n = self.length[slot]
         data, scale, zero = (t[slot, :, :, :, :n] for t in (self.data, self.scale, self.zero))
-        return QuantizedTensor(data, scale, zero, self.bits, d, "channels")
+        return QuantizedTensor(data, scale, zero, self.bits, self.head_dim, "channels", self.rotation)
 
     def write_stored(self, slot: int, window: QuantizedTensor) -> None:
-        """Replace an 8-bit pool's window of ``slot`` with ``window`` ``[2, k, heads, n, D]``, as stored."""
+        """Replace a coded pool's window of ``slot`` with ``window`` ``[2, k, heads, n, D]``, as stored."""
         self._check_stored(window)
         n = self._room(window.length)
         self.data[slot, :, :, :, :n] = window.data
@@ -193,7 +200,7 @@ class WindowPool:
         self.length[slot] = n
 
     def append_stored(self, slot: int, tokens: QuantizedTensor) -> None:
-        """Add ``tokens`` ``[2, k, heads, n, D]``, as stored, after an 8-bit pool's window of ``slot``."""
+        """Add ``tokens`` ``[2, k, heads, n, D]``, as stored, after a coded pool's window of ``slot``."""
         self._check_stored(tokens)
         n = self.length[slot]
         end = self._room(n + tokens.length)
@@ -203,7 +210,8 @@ class WindowPool:
         self.length[slot] = end
 
     def _check_stored(self, window: QuantizedTensor) -> None:
-        if (window.bits, window.axis, window.group_size) != (self.bits, "channels", self.data.shape[-1]):
+        if ((window.bits, window.axis, window.group_size) != (self.bits, "channels", self.head_dim)
+                or (window.rotation is None) != (self.rotation is None)):
             raise ValueError(f"a {window.bits}-bit window in groups of {window.group_size} {window.axis} does not fit "
                              f"a pool of {self.bits}-bit windows per token and head")
 

@@ -1,14 +1,16 @@
-"""What a quantized profile's bytes are made of, and what an 8-bit recent window costs a decode step.
+"""What a quantized profile's bytes are made of, and what a coded recent window costs a decode step.
 
     python benchmarks/window_probe.py --profile benchmarks/results/keys-cpu/auto-rotated-prerope \
         --markdown-out benchmarks/results/keys-cpu/window8-probe.md
+    python benchmarks/window_probe.py --profile benchmarks/results/keys-cpu/auto-rotated-queries --window-bits 8,6 \
+        --markdown-out benchmarks/results/keys-cpu/window6-probe.md
 
 1. Bytes: a real :class:`~minicache.MiniCache` of the profile is fed SmolLM2-135M's shapes (random
    bfloat16 keys and values, as ``window_bytes.py`` does: bytes do not depend on them) up to
-   ``--prefix-length`` tokens, with the profile's window as stored and at 8 bits
+   ``--prefix-length`` tokens, with an exact window and at each of ``--window-bits``
    (``quantization.window_bits``); ``memory_report()["parts"]`` in bits per cached value.
 2. Time: one unmerged layer's ``update`` of a decode step (one token, views on, as the fused attention
-   paths read it) with an exact and an 8-bit window, in one process and alternated, so that both see the
+   paths read it) with each window, in one process and alternated, so that all see the
    same machine; the window is cropped back after each step so that it keeps its size.
 """
 
@@ -73,25 +75,27 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048, help="tokens in the timed layer (default 2048)")
     parser.add_argument("--rounds", type=int, default=6, help="alternated rounds of timed steps per window")
     parser.add_argument("--steps", type=int, default=200, help="timed steps per round")
+    parser.add_argument("--window-bits", default="8", help="comma-separated widths of the coded windows (default 8)")
     parser.add_argument("--markdown-out")
     args = parser.parse_args()
+    widths = [int(b) for b in args.window_bits.split(",")]
     model, _ = load_model("smollm2-135m", dtype=torch.bfloat16)
     config = model.config
     profile = MergeProfile.load(args.profile)
     if profile.quantization is None:
         parser.error(f"--profile {args.profile} stores nothing quantized")
-    exact = profile.with_quantization(dataclasses.replace(profile.quantization, window_bits=None))
-    narrow = profile.with_quantization(dataclasses.replace(profile.quantization, window_bits=8))
-    columns = {name: bits_by_part(p, config, args.prefix_length)
-               for name, p in (("exact window", exact), ("8-bit window", narrow))}
+    windows = {"exact": profile.with_quantization(dataclasses.replace(profile.quantization, window_bits=None))}
+    windows.update({f"{b}-bit": profile.with_quantization(dataclasses.replace(profile.quantization, window_bits=b))
+                    for b in widths})
+    columns = {f"{name} window": bits_by_part(p, config, args.prefix_length) for name, p in windows.items()}
     lines = [f"`{args.profile}` on SmolLM2-135M's shapes (bfloat16, batch 1) after {args.prefix_length:,} tokens: "
              "bits per cached value by part of `memory_report()`.", "", *bits_table(columns)]
     spec = ModelSpec.from_config(config)
     heads, dim = spec.kv_shape(0)
     rope = RopeAngles.of_model(model)
-    times: dict[str, list[float]] = {"exact": [], "8-bit": []}
-    for _ in range(args.rounds):  # alternated: both windows see the same machine
-        for name, quant in (("exact", exact.quantization), ("8-bit", narrow.quantization)):
+    times: dict[str, list[float]] = {name: [] for name in windows}
+    for _ in range(args.rounds):  # alternated: every window sees the same machine
+        for name, quant in ((name, p.quantization) for name, p in windows.items()):
             layer_spec = dataclasses.replace(quant, bits=quant.bits_of(0), value_bits=quant.bits_of(0, "values"))
             times[name].append(update_ms(layer_spec, rope, heads, dim, args.context, args.steps))
     lines += ["", f"One layer's `update` of a decode step (layer 0's widths, {args.context:,} tokens, views on, "
@@ -103,8 +107,8 @@ def main() -> None:
     print(text)
     if args.markdown_out:
         with open(args.markdown_out, "w") as f:
-            f.write(text + f"\nMade by `python benchmarks/window_probe.py --profile {args.profile} --markdown-out "
-                    f"{args.markdown_out}`.\n")
+            f.write(text + f"\nMade by `python benchmarks/window_probe.py --profile {args.profile} --window-bits "
+                    f"{args.window_bits} --markdown-out {args.markdown_out}`.\n")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,10 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in windows}
     for _ in range(args.rounds):  # alternated: every window sees the same machine
         for name, quant in ((name, p.quantization) for name, p in windows.items()):
-            layer_spec = dataclasses.replace(quant, bits=quant.bits_of(0), value_bits=quant.bits_of(0, "values"))
+            # nearest rounding: the timed steps never pack (the window is cropped back), so how keys are rounded when
+            # packed does not enter, and the layer needs no key weights
+            layer_spec = dataclasses.replace(quant, bits=quant.bits_of(0), value_bits=quant.bits_of(0, "values"),
+                                             key_rounding="nearest")
             times[name].append(update_ms(layer_spec, rope, heads, dim, args.context, args.steps))
     lines += ["", f"One layer's `update` of a decode step (layer 0's widths, {args.context:,} tokens, views on, "
               f"{torch.get_num_threads()} threads; median of {args.steps} steps, {args.rounds} alternated rounds; "

@@ -10,6 +10,7 @@ its memory as parts (:meth:`memory_parts`) and what a `DynamicCache` would hold 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -168,7 +169,7 @@ class QuantizedLayer(CacheLayerMixin):
         sinks are held exact from their arrival (:meth:`_keep_sinks`) and read exact until they are packed."""
         if self.spec.window_bits is None:
             return self.keys, self.values
-        keys, values = self.keys.dequantize(self.dtype), self.values.dequantize(self.dtype)
+        keys, values = restored_pair(self.keys, self.values, self.dtype)
         if self.quantized_length == 0 and self.sink_keys is not None:
             s = self.sink_keys.shape[-2]
             keys[..., :s, :], values[..., :s, :] = self.sink_keys, self.sink_values
@@ -208,8 +209,8 @@ class QuantizedLayer(CacheLayerMixin):
             window = tuple(torch.cat([old, new], dim=-2)
                            for old, new in zip(self._exact_window(), (key_states, value_states), strict=True))
             self._keep_sinks(key_states, value_states)
-            self.keys, self.values = (old.cat(self._stored(new))
-                                      for old, new in ((self.keys, key_states), (self.values, value_states)))
+            new_keys, new_values = stored_pair(key_states, value_states, self.spec.window_bits)
+            self.keys, self.values = self.keys.cat(new_keys), self.values.cat(new_values)
         if self.views:  # every step, packed prefix or not: one kind of object per configuration
             out = self._views(*window)
         elif self.qkeys is None:
@@ -366,6 +367,26 @@ def stored_window(x: torch.Tensor, bits: int | None) -> torch.Tensor | Quantized
         return x
     rotation = None if bits >= 8 else rotation_matrix(x.shape[-1], x.device)
     return quantize(x, bits, x.shape[-1], "channels", rotation=rotation)
+
+
+def stored_pair(keys: torch.Tensor, values: torch.Tensor, bits: int | None) -> tuple:
+    """:func:`stored_window` of a step's keys and values ``[..., n, D]``, coded in one call when their shapes
+    match: per-token groups code each vector alone, so the codes are the same, for half the small operations
+    a decode step's token costs (`benchmarks/window_probe.py`)."""
+    if bits is None or keys.shape != values.shape:
+        return stored_window(keys, bits), stored_window(values, bits)
+    both = stored_window(torch.stack([keys, values]), bits)
+    return tuple(dataclasses.replace(both, data=both.data[i], scale=both.scale[i], zero=both.zero[i]) for i in (0, 1))
+
+
+def restored_pair(keys: QuantizedTensor, values: QuantizedTensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """A coded window's keys and values ``[..., r, D]`` in ``dtype``, restored in one call when their shapes match
+    (the codes are stacked first: a copy of a few KiB, for half the small operations a decode step costs)."""
+    if keys.data.shape != values.data.shape:
+        return keys.dequantize(dtype), values.dequantize(dtype)
+    both = dataclasses.replace(keys, **{name: torch.stack([getattr(keys, name), getattr(values, name)])
+                                        for name in ("data", "scale", "zero")})
+    return tuple(both.dequantize(dtype).unbind(0))
 
 
 def _window_tensors(window: torch.Tensor | QuantizedTensor) -> tuple[torch.Tensor, ...]:

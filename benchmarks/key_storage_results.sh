@@ -38,6 +38,7 @@
 #   bash benchmarks/key_storage_results.sh calibrate-queries-g128  # calibrate-queries with key groups of 128 (25 min)
 #   bash benchmarks/key_storage_results.sh queries    # uniform 3 and 2 bits with keys rounded for the queries (16 min)
 #   bash benchmarks/key_storage_results.sh window6    # auto-rotated-queries with its 8-bit window, and at 6 bits (35 min)
+#   bash benchmarks/key_storage_results.sh window6-decode  # decode speed with the 6-bit window vs 4-bit KIVI (10 min)
 #   bash benchmarks/key_storage_results.sh calibrate-window6  # calibrate-queries with a 6-bit window (30 min)
 #   bash benchmarks/key_storage_results.sh calibrate-window6-g128  # the same with key groups of 128 (30 min)
 #   bash benchmarks/key_storage_results.sh queries-decode  # decode speed of the 5x profile; packing cost (8 min)
@@ -268,6 +269,15 @@ profile.with_quantization(dataclasses.replace(profile.quantization, window_bits=
 PYEOF
   echo "== auto-rotated-queries with its 8-bit window and with a 6-bit one"
   "${EVAL[@]}" --compare "$P,$OUT/auto-rotated-queries-widths-w6" --json-out "$OUT/window6.json" --markdown-out "$OUT/window6.md"
+fi
+
+if [[ $WHAT == all || $WHAT == window6-decode ]]; then
+  # What the 6-bit window costs a decode step (its tokens are coded and restored through the rotation): the 4.92x
+  # profile with its 8-bit window, the same widths calibrated with a 6-bit one, and the 5.03x profile
+  echo "== decode speed with a 6-bit window, blockwise torch path, 2,048 tokens, batch 1"
+  "$PY" benchmarks/lowbit_decode.py --profile "$OUT/auto-rotated-queries" --profile "$OUT/auto-rotated-queries-w6" \
+    --profile "$OUT/auto-rotated-queries-g128" --baselines "3-bit rotated" --repeats 5 \
+    --json-out "$OUT/window6-decode.json" --markdown-out "$OUT/window6-decode.md"
 fi
 
 if [[ $WHAT == all || $WHAT == calibrate-window6 ]]; then

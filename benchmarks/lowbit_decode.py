@@ -33,7 +33,8 @@ from minicache.runtime.memory import cache_bytes, compression_ratio
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", help="also time this (calibrated) profile as it is stored")
+    parser.add_argument("--profile", action="append", default=[],
+                        help="also time this (calibrated) profile as it is stored (repeat for several)")
     parser.add_argument("--data", default="/usr/share/common-licenses/GPL-3")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
@@ -85,8 +86,8 @@ def main() -> None:
         if unknown:
             parser.error(f"--baselines: unknown {sorted(unknown)}; allowed: {sorted(stores)}")
         stores = {name: p for name, p in stores.items() if name in keep}
-    if args.profile:
-        stores[f"profile {args.profile}"] = MergeProfile.load(args.profile)
+    for path in args.profile:
+        stores[f"profile {path}"] = MergeProfile.load(path)
 
     def generate(profile):
         cache = MiniCache(profile, model)

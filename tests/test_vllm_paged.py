@@ -549,3 +549,4 @@ def test_decode_rows_read_from_the_pages_at_once_are_each_requests_own_tokens(qu
         assert not ragged.stacks_decode_rows
         with pytest.raises(ValueError, match="cannot be read as one batch"):
             ragged.stacked_views(0, [])
+

@@ -123,3 +123,30 @@ def test_windows_that_leave_no_kv_budget_are_refused_with_what_to_lower(quantize
     assert run.returncode != 0
     out = run.stdout + run.stderr
     assert "recent windows of max_num_seqs=400 requests" in out and "lower max_num_seqs" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("window_bits", [None, 8, 6])
+def test_a_plans_window_bytes_are_what_the_engine_allocates(window_bits):
+    """vLLM's KV budget is predicted with ``StorePlan.window_bytes``; ``install`` takes the pools and sinks it
+    allocates off that budget: the two must agree at every window width (6-bit codes: 3/4 of a byte a channel).
+    No engine: the plan, pool and layer that ``install`` builds, on a small layer."""
+    from minicache_vllm.layout import quantized_layer_layout
+    from minicache_vllm.models import StorePlan
+    from minicache_vllm.quantized import PagedQuantizedLayer
+    from minicache_vllm.windows import WindowPool
+
+    from minicache.profile import Quantization
+    from minicache.runtime.layers import QuantizedLayer
+    from minicache.runtime.rope import RopeAngles
+
+    heads, dim, requests = 2, 16, 3
+    spec = Quantization(bits=3, scheme="rotated", group_size=16, residual_length=8, sink_tokens=2,
+                        pre_rope_keys=True, window_bits=window_bits)
+    template = QuantizedLayer(spec, rope=RopeAngles(1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)))
+    layout = quantized_layer_layout(template, heads, dim, torch.bfloat16)
+    plan = StorePlan((0,), template, layout, spec.residual_length + layout.unit_tokens, spec.sink_tokens, window_bits)
+    pool = WindowPool(requests, 1, heads, dim, plan.window_tokens, torch.bfloat16, bits=window_bits)
+    layer = PagedQuantizedLayer(template, layout, pool, 32, lambda: None)
+    assert plan.window_bytes(requests) == layer.nbytes
+    per_channel = {None: 2, 8: 1, 6: 0.75}[window_bits]  # bfloat16 exact windows
+    assert pool.data.numel() * pool.data.element_size() == requests * 2 * heads * plan.window_tokens * dim * per_channel

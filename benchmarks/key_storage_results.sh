@@ -269,6 +269,8 @@ profile.with_quantization(dataclasses.replace(profile.quantization, window_bits=
 PYEOF
   echo "== auto-rotated-queries with its 8-bit window and with a 6-bit one"
   "${EVAL[@]}" --compare "$P,$OUT/auto-rotated-queries-widths-w6" --json-out "$OUT/window6.json" --markdown-out "$OUT/window6.md"
+  # the 6-bit window's own cost, paired over the same windows
+  "$PY" benchmarks/paired_difference.py "$OUT/window6.json" --baseline "$P" --markdown-out "$OUT/window6-paired.md"
 fi
 
 if [[ $WHAT == all || $WHAT == window6-decode ]]; then

@@ -148,6 +148,11 @@ def test_merged_profile_scores_are_the_metrics_of_its_log_probs():
     assert result.ppl == pytest.approx(perplexity(token_nll(lp, windows[:, 32:])), rel=1e-6)
     assert result.ppl_increase == pytest.approx(result.ppl / result.ppl_full - 1)
     assert result.kl_mean > 0 and result.compression_ratio > 1.0
+    # Per window, the NLL increase over the full cache: equal tokens per window, so their mean is the increase.
+    per_window = token_nll(lp, windows[:, 32:]).double().mean(1) - ref.nll.double().mean(1)
+    assert result.window_nll_increase == pytest.approx(per_window.tolist(), abs=1e-6)
+    assert math.expm1(sum(result.window_nll_increase) / 2) == pytest.approx(result.ppl_increase, abs=1e-6)
+    assert result.to_dict()["window_nll_increase"] == list(result.window_nll_increase)
 
 
 # ---- the 95 % interval of the perplexity increase --------------------------------------------------
@@ -172,6 +177,26 @@ def test_ppl_increase_interval_is_paired_and_shrinks_with_more_windows():
     with pytest.raises(ValueError, match="one shape"):
         ppl_increase_interval(full, worse[:, :5])
 
+
+def test_paired_difference_of_two_profiles_cancels_what_their_windows_share():
+    from minicache.evaluate.quality import paired_ppl_difference, ppl_increase_interval
+
+    g = torch.Generator().manual_seed(2)
+    full = torch.rand(48, 16, generator=g, dtype=torch.float64) * 4
+    a = full + torch.log1p(0.006 + 0.01 * torch.randn(48, 1, generator=g, dtype=torch.float64))
+    b = a + torch.log1p(0.002 + 0.001 * torch.randn(48, 1, generator=g, dtype=torch.float64))  # B: 0.2 % above A
+    increase = [(x.mean(1) - full.mean(1)).tolist() for x in (a, b)]
+    point, (low, high) = paired_ppl_difference(*increase)
+    assert point == pytest.approx(torch.expm1((b - a).mean()).item())
+    assert 0.0 < low < point < high < 0.004, "B's extra damage is resolved..."
+    a_high = ppl_increase_interval(full, a)[1]
+    b_low = ppl_increase_interval(full, b)[0]
+    assert b_low < a_high, "...where the two intervals against the full cache overlap"
+    assert paired_ppl_difference(increase[0], increase[0]) == (0.0, (0.0, 0.0))
+    assert paired_ppl_difference(increase[1], increase[0])[0] < 0, "A costs less than B"
+    assert paired_ppl_difference([0.1], [0.2])[1] is None
+    with pytest.raises(ValueError, match="one length"):
+        paired_ppl_difference(increase[0], increase[1][:5])
 
 
 def test_window_mean_interval_covers_the_mean_and_needs_two_windows():

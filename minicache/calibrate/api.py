@@ -337,6 +337,7 @@ def calibrate(
         "measured": {
             k: (_round(v) if isinstance(v, float) else [_round(x) for x in v] if isinstance(v, list) else v)
             for k, v in measured.to_dict().items()
+            if k != "window_nll_increase"  # per-window numbers: in minicache-eval's JSON, not in the profile
         },
         "method": "preset:" + preset if preset else "search",
     }

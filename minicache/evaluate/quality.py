@@ -32,6 +32,8 @@ class QualityResult:
     ``kl_mean`` from a bootstrap over the windows (:func:`ppl_increase_interval`,
     :func:`window_mean_interval`; None for a single window): how far the point estimate could move
     on other text like this. The calibrator accepts a profile on the upper end.
+    ``window_nll_increase``: each window's mean NLL increase over the full cache (nats per token), so that
+    two profiles scored on the same windows can be compared paired (:func:`paired_ppl_difference`).
     """
 
     ppl_full: float
@@ -49,10 +51,11 @@ class QualityResult:
     continuation_length: int
     ppl_increase_ci95: tuple[float, float] | None = None
     kl_mean_ci95: tuple[float, float] | None = None
+    window_nll_increase: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        for name in ("ppl_increase_ci95", "kl_mean_ci95"):
+        for name in ("ppl_increase_ci95", "kl_mean_ci95", "window_nll_increase"):
             if out[name] is not None:
                 out[name] = list(out[name])  # JSON and YAML have lists, not tuples
         return out
@@ -175,6 +178,35 @@ def ppl_increase_interval(
     difference = nll.double().mean(dim=1) - nll_full.double().mean(dim=1)  # [windows]
     # equal tokens per window: the exp of the mean difference is the ratio of perplexities
     return _percentiles(torch.expm1(_bootstrap_means(difference, resamples, seed)), confidence)
+
+
+def paired_ppl_difference(
+    increase_a: Sequence[float], increase_b: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, tuple[float, float] | None]:
+    """How much more perplexity profile B costs than profile A on the same windows, with a paired interval.
+
+    Parameters
+    ----------
+    increase_a, increase_b : sequence of float
+        ``[windows]`` each window's mean NLL increase over the full cache
+        (:attr:`QualityResult.window_nll_increase`), the same windows in the same order.
+
+    Returns
+    -------
+    (float, tuple of float or None)
+        ``ppl_B / ppl_A - 1`` (0.01 = B's perplexity 1 % above A's), and its percentile interval from a
+        bootstrap over windows, both profiles resampled together (what the windows share cancels, as in
+        :func:`ppl_increase_interval`); None with fewer than 2 windows.
+    """
+    a, b = torch.tensor(list(increase_a), dtype=torch.float64), torch.tensor(list(increase_b), dtype=torch.float64)
+    if a.dim() != 1 or a.shape != b.shape or a.numel() == 0:
+        raise ValueError(f"expected two per-window lists of one length, got {len(increase_a)} and {len(increase_b)}")
+    difference = b - a
+    point = math.expm1(difference.mean().item())
+    if difference.numel() < 2:
+        return point, None
+    return point, _percentiles(torch.expm1(_bootstrap_means(difference, resamples, seed)), confidence)
 
 
 def kl_divergence(ref_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
@@ -331,6 +363,7 @@ def evaluate_profile(
         continuation_length=windows.shape[1] - prefix_length,
         ppl_increase_ci95=ppl_increase_interval(reference.nll, nll_t),
         kl_mean_ci95=window_mean_interval(kl_t),
+        window_nll_increase=tuple((nll_t.double().mean(dim=1) - reference.nll.double().mean(dim=1)).tolist()),
     )
 
 

@@ -39,7 +39,7 @@ import dataclasses
 import functools
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -358,6 +358,17 @@ class QuantizedTensor:
         moved = self._map(lambda t: t.to(device, non_blocking=True))
         return dataclasses.replace(moved, rotation=None if self.rotation is None else self.rotation.to(device),
                                    levels=None if self.levels is None else self.levels.to(device))
+
+    def pick(self, index: int) -> QuantizedTensor:
+        """Entry ``index`` of the first dimension (views): e.g. keys (0) or values (1) of :meth:`stack`'s result."""
+        return self._map(lambda t: t[index])
+
+    @staticmethod
+    def stack(tensors: Sequence[QuantizedTensor]) -> QuantizedTensor:
+        """Tensors quantized alike (same width, groups, rotation, levels) along a new first dimension (a copy)."""
+        first = tensors[0]
+        return dataclasses.replace(first, **{name: torch.stack([getattr(t, name) for t in tensors])
+                                             for name in ("data", "scale", "zero")})
 
     def cat(self, other: QuantizedTensor, dim: int = -2) -> QuantizedTensor:
         """Concatenate along tokens (``dim=-2``) or a leading dimension; both keep their own codes."""

@@ -10,7 +10,6 @@ its memory as parts (:meth:`memory_parts`) and what a `DynamicCache` would hold 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -286,7 +285,7 @@ class QuantizedLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         window = self.values
-        b, h = window.shape[:2] if isinstance(window, torch.Tensor) else window.data.shape[:2]
+        b, h = _window_tensors(window)[0].shape[:2]
         d = window.shape[-1] if isinstance(window, torch.Tensor) else window.head_dim  # not the codes' bytes
         return 2 * b * h * self.get_seq_length() * d * self.dtype.itemsize
 
@@ -365,8 +364,13 @@ def stored_window(x: torch.Tensor, bits: int | None) -> torch.Tensor | Quantized
     otherwise set its range, leaving the other channels a handful of levels."""
     if bits is None:
         return x
-    rotation = None if bits >= 8 else rotation_matrix(x.shape[-1], x.device)
-    return quantize(x, bits, x.shape[-1], "channels", rotation=rotation)
+    return quantize(x, bits, x.shape[-1], "channels", rotation=window_rotation(bits, x.shape[-1], x.device))
+
+
+def window_rotation(bits: int, head_dim: int, device) -> torch.Tensor | None:
+    """The rotation a ``bits``-bit coded window turns its head vectors by: the ``rotated`` scheme's below 8 bits,
+    none at 8 (the format before 6-bit windows)."""
+    return None if bits >= 8 else rotation_matrix(head_dim, device)
 
 
 def stored_pair(keys: torch.Tensor, values: torch.Tensor, bits: int | None) -> tuple:
@@ -376,7 +380,7 @@ def stored_pair(keys: torch.Tensor, values: torch.Tensor, bits: int | None) -> t
     if bits is None or keys.shape != values.shape:
         return stored_window(keys, bits), stored_window(values, bits)
     both = stored_window(torch.stack([keys, values]), bits)
-    return tuple(dataclasses.replace(both, data=both.data[i], scale=both.scale[i], zero=both.zero[i]) for i in (0, 1))
+    return both.pick(0), both.pick(1)
 
 
 def restored_pair(keys: QuantizedTensor, values: QuantizedTensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -384,9 +388,7 @@ def restored_pair(keys: QuantizedTensor, values: QuantizedTensor, dtype: torch.d
     (the codes are stacked first: a copy of a few KiB, for half the small operations a decode step costs)."""
     if keys.data.shape != values.data.shape:
         return keys.dequantize(dtype), values.dequantize(dtype)
-    both = dataclasses.replace(keys, **{name: torch.stack([getattr(keys, name), getattr(values, name)])
-                                        for name in ("data", "scale", "zero")})
-    return tuple(both.dequantize(dtype).unbind(0))
+    return tuple(QuantizedTensor.stack([keys, values]).dequantize(dtype).unbind(0))
 
 
 def _window_tensors(window: torch.Tensor | QuantizedTensor) -> tuple[torch.Tensor, ...]:

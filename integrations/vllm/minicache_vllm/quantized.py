@@ -13,7 +13,6 @@ Nothing here imports vLLM.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -130,7 +129,7 @@ class PagedQuantizedLayer:
             layer.keys, layer.values = window[0].unsqueeze(0), window[1].unsqueeze(0)
         else:  # as stored: the layer restores them itself, and packs from its codes
             stored = self.pool.read_stored(slot)  # [2, 1, H, w, D]
-            layer.keys, layer.values = (_pick(stored, i) for i in range(2))
+            layer.keys, layer.values = stored.pick(0), stored.pick(1)
         known = self._sinks_held(before, packed)
         if known:
             layer.sink_keys, layer.sink_values = (s[:, :known].unsqueeze(0) for s in self.sinks[slot])
@@ -151,7 +150,7 @@ class PagedQuantizedLayer:
         if self.pool.bits is None:
             self.pool.write(slot, torch.stack([layer.keys[0], layer.values[0]]).unsqueeze(1))
         else:
-            self.pool.write_stored(slot, _stack(layer.keys, layer.values))
+            self.pool.write_stored(slot, QuantizedTensor.stack([layer.keys, layer.values]))
         return keys, values
 
     def stacked_views(self, member: int, rows: list[tuple[int, torch.Tensor, int, torch.Tensor]],
@@ -229,14 +228,3 @@ class PagedQuantizedLayer:
 
     def end_step(self, rows) -> None:
         """Nothing left to do: each call packs its own layer."""
-
-
-def _pick(stored: QuantizedTensor, role: int) -> QuantizedTensor:
-    """Keys (0) or values (1) ``[1, H, w, D]`` of a pool's stored window ``[2, 1, H, w, D]`` (views)."""
-    return dataclasses.replace(stored, data=stored.data[role], scale=stored.scale[role], zero=stored.zero[role])
-
-
-def _stack(keys: QuantizedTensor, values: QuantizedTensor) -> QuantizedTensor:
-    """A layer's stored keys and values ``[1, H, w, D]`` as a pool's window ``[2, 1, H, w, D]``."""
-    return dataclasses.replace(keys, **{name: torch.stack([getattr(keys, name), getattr(values, name)])
-                                        for name in ("data", "scale", "zero")})

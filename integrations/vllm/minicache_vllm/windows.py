@@ -24,7 +24,7 @@ import torch
 
 from minicache.quant import QuantizedTensor
 from minicache.quant.packed import scale_dtype
-from minicache.quant.rotated import rotation_matrix
+from minicache.runtime.layers import window_rotation
 
 __all__ = ["WindowPool", "merged_length"]
 
@@ -66,7 +66,7 @@ class WindowPool:
         shape = (slots, 2, members, heads, capacity, head_dim)
         self.bits, self.dtype, self.head_dim = bits, dtype, head_dim
         # the rotation of the runtime's 6-bit windows (None: 8 bits and exact windows are not turned)
-        self.rotation = rotation_matrix(head_dim, device) if bits is not None and bits < 8 else None
+        self.rotation = None if bits is None else window_rotation(bits, head_dim, device)
         width = head_dim if bits is None else head_dim * bits // 8
         self.data = torch.zeros(*shape[:-1], width, dtype=dtype if bits is None else torch.uint8, device=device)
         self.scale = self.zero = None

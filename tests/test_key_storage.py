@@ -291,6 +291,24 @@ def test_coded_windows_decode_the_same_on_every_torch_path_and_are_counted(windo
     assert errors[0] > 0 and errors[1] < 1.5 * errors[0]
 
 
+@pytest.mark.parametrize("window_bits", [8, 6])
+def test_a_coded_window_with_sinks_runs_with_autograd_on(window_bits):
+    """A plain ``model(...)`` call, outside ``torch.no_grad``: the window's sinks are written over its restored
+    keys and values, which must be tensors autograd lets us write to (views of ``unbind`` are not)."""
+    model = make_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    quant = Quantization(bits=3, group_size=8, residual_length=8, scheme="rotated", sink_tokens=2,
+                         window_bits=window_bits)
+    logits = {}
+    for grad in (False, True):
+        cache = MiniCache(MergeProfile().with_quantization(quant), model)
+        with torch.set_grad_enabled(grad):
+            model(input_ids=ids[:, :12], cache=cache)
+            logits[grad] = model(input_ids=ids[:, 12:], cache=cache).logits.detach()
+    assert sequence(cache).layers[0].quantized_length > 0
+    torch.testing.assert_close(logits[True], logits[False])
+
+
 @pytest.mark.parametrize(("field", "option", "storage", "bad_storage", "described"), [
     ("window_bits", "--kv-window-bits", "rotated:3+s4+prerope+w8", "3+w4", "8-bit window"),
     ("scale_bits", "--kv-scale-bits", "rotated:3/64+s4+prerope+w8+z8", "3+z4", "8-bit scales"),

@@ -388,7 +388,10 @@ def restored_pair(keys: QuantizedTensor, values: QuantizedTensor, dtype: torch.d
     (the codes are stacked first: a copy of a few KiB, for half the small operations a decode step costs)."""
     if keys.data.shape != values.data.shape:
         return keys.dequantize(dtype), values.dequantize(dtype)
-    return tuple(QuantizedTensor.stack([keys, values]).dequantize(dtype).unbind(0))
+    both = QuantizedTensor.stack([keys, values]).dequantize(dtype)
+    # Indexed, not unbind(): callers write exact sinks over these, and autograd refuses in-place writes to
+    # the views of a function with several outputs (a plain model call, outside torch.no_grad).
+    return both[0], both[1]
 
 
 def _window_tensors(window: torch.Tensor | QuantizedTensor) -> tuple[torch.Tensor, ...]:

@@ -129,17 +129,24 @@ def test_rope_angles_are_the_models_own(arch):
     torch.testing.assert_close(rope.remove(rope.apply(keys, 5), 5), keys, atol=1e-5, rtol=1e-5)
 
 
-def test_rope_angles_come_from_fixed_tables_so_every_range_reads_the_same_bits():
+@pytest.mark.parametrize("span_held", [4, 1])
+def test_rope_angles_come_from_fixed_tables_so_every_range_reads_the_same_bits(monkeypatch, span_held):
     # Packing removes RoPE over one range of indices, decode puts it back block by block over others; a
-    # position must turn by the same bits whichever range reads it, across tables too.
+    # position must turn by the same bits whichever range reads it, across tables too, from a held run of
+    # tables or from rows copied for one read (span_held 1: every range over two tables is copied).
     import minicache.runtime.rope as rope_module
 
+    monkeypatch.setattr(rope_module, "SPAN_HELD", span_held)
     rope = RopeAngles(10000.0 ** -(torch.arange(6) / 6), scaling=1.1)  # 12 rotary channels of 14
     chunk = rope_module.TABLE_CHUNK
     keys = torch.randn(2, 3 * chunk, 14, generator=torch.Generator().manual_seed(0))
     whole = rope.apply(keys, 0)
     for start, end in ((0, 5), (chunk - 3, chunk + 4), (7, 2 * chunk + 9), (2 * chunk, 3 * chunk)):
         assert torch.equal(rope.apply(keys[:, start:end], start), whole[:, start:end])
+    # Reads within a held run are slices of it, not copies made per read (decode reads every step).
+    first, second = (rope.cos_sin(chunk - 3, 7, "cpu")[0] for _ in range(2))
+    shared = first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+    assert shared == (span_held > 1)
     cos, sin = rope.cos_sin(chunk - 2, 4, "cpu")
     angles = torch.arange(chunk - 2, chunk + 2, dtype=torch.float64)[:, None] * rope.inv_freq.double()
     torch.testing.assert_close(cos.double(), angles.cos() * 1.1, atol=1e-4, rtol=0)

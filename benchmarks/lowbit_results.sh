@@ -6,6 +6,7 @@
 #   bash benchmarks/lowbit_results.sh calibrate   # only the calibrations
 #   bash benchmarks/lowbit_results.sh frontier    # only the 4,096-token comparison (uses $OUT/auto-rotated)
 #   bash benchmarks/lowbit_results.sh decode      # only the decode-speed ratios
+#   bash benchmarks/lowbit_results.sh schemes     # rotated-mse at 4/3/2 and rotated-lloyd at 2 bits, same windows
 #
 # 1. minicache-calibrate --preset none --kv-bits auto --kv-scheme rotated at 2,048-token windows on the
 #    built-in corpus + the shipped profile's data (the widths alone; budget +1 % ppl) -> $OUT/auto-rotated;
@@ -55,6 +56,17 @@ if [[ $WHAT == all || $WHAT == frontier ]]; then
     --continuation-length 1024 --num-windows 16 --batch-size 2 --compare "$methods" \
     --json-out "$OUT/frontier.json" --markdown-out "$OUT/frontier.md" --force
   "$PY" benchmarks/lowbit_table.py "$OUT/frontier.json" "$OUT"
+fi
+
+if [[ $WHAT == all || $WHAT == schemes ]]; then
+  # The other registered quantizers at each width, on the frontier's windows (no sinks, as its rows):
+  # rotated-mse (value ranges by squared error) at 4/3/2 bits, rotated-lloyd (uneven levels) at 2 bits;
+  # rotated-lloyd's 3- and 4-bit codes are rotated's, bit for bit (minicache/quant/lloyd.py)
+  methods=none@rotated-mse:4,none@rotated-mse:3,none@rotated-mse:2,none@rotated-lloyd:2
+  echo "== 4,096-token prefixes, 16 windows x 1,024 scored tokens: $methods"
+  "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length 4096 \
+    --continuation-length 1024 --num-windows 16 --batch-size 2 --compare "$methods" \
+    --json-out "$OUT/schemes.json" --markdown-out "$OUT/schemes.md" --force
 fi
 
 if [[ $WHAT == all || $WHAT == decode ]]; then

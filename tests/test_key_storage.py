@@ -356,3 +356,30 @@ def test_8_bit_storage_fields_in_profiles_storage_specs_and_options(tmp_path, fi
             Quantization(3, window_bits=6)).describe()
         with pytest.raises(ProfileError, match=r"allowed: \[6, 8\]"):
             Quantization(3, window_bits=7)
+
+
+def test_kv_compact_fills_in_the_5x_settings_and_options_given_win():
+    from minicache.cli_options import KV_COMPACT, ArgumentParser, add_kv_options, quantization_from_args
+    from minicache.validation import ProfileError
+
+    def parse(*argv, scheme="kivi", sinks=0):
+        parser = ArgumentParser()
+        add_kv_options(parser, auto=True, scheme=scheme, sink_tokens=sinks)
+        return quantization_from_args(parser.parse_args(list(argv)))
+
+    compact = parse("--kv-bits", "auto", "--kv-compact")
+    assert (compact.scheme, compact.sink_tokens, compact.pre_rope_keys, compact.group_size, compact.window_bits,
+            compact.scale_bits, compact.key_rounding) == tuple(KV_COMPACT.values())
+    assert compact.bits == 4  # auto: the search starts at the scheme's widest
+    # Given options win, even when they equal the command's defaults (128 is --kv-group-size's default).
+    mine = parse("--kv-bits", "3", "--kv-compact", "--kv-group-size", "128", "--kv-window-bits", "6",
+                 "--kv-scheme", "kivi", "--kv-key-rounding", "nearest", "--kv-sink-tokens", "0")
+    assert (mine.group_size, mine.window_bits, mine.scheme, mine.key_rounding, mine.sink_tokens) == (
+        128, 6, "kivi", "nearest", 0)
+    assert mine.pre_rope_keys and mine.scale_bits == 8
+    # Without it, the command's own defaults, as before.
+    plain = parse("--kv-bits", "3", scheme="rotated", sinks=4)
+    assert (plain.group_size, plain.window_bits, plain.pre_rope_keys, plain.key_rounding) == (128, None, False, "nearest")
+    with pytest.raises(ProfileError, match="needs --kv-bits") as info:
+        parse("--kv-compact")
+    assert info.value.path == "--kv-compact"

@@ -26,6 +26,41 @@ def test_the_readme_has_python_blocks_that_compile():
     assert "calibrate(" in "".join(blocks) and "sample.jsonl" not in "".join(blocks), "runnable on shipped data"
 
 
+def command_lines(markdown: str) -> list[str]:
+    """Every ``minicache-*`` command of the fenced ```bash blocks: continuation lines joined, comments dropped, and
+    ``[--option value]`` (the README's notation for an optional part) unbracketed."""
+    lines = []
+    for block in re.findall(r"^```bash\n(.*?)^```", markdown, flags=re.S | re.M):
+        for command in re.sub(r"\\\n\s*", " ", block).splitlines():
+            command = re.sub(r"\s#.*$", "", command).strip()
+            if command.startswith("minicache-"):
+                lines.append(re.sub(r"\[(--[^\]]*)\]", r"\1", command))
+    return lines
+
+
+def test_every_readme_command_line_parses_with_its_tool():
+    # The README's command lines are not run (they need data and minutes), but each must still be accepted by its
+    # tool's parser: a renamed or removed option would otherwise leave the README quietly wrong.
+    import shlex
+
+    from minicache import convert, demo
+    from minicache.calibrate import cli as calibrate_cli
+    from minicache.evaluate import bench_cli
+    from minicache.evaluate import cli as eval_cli
+
+    parsers = {"minicache-calibrate": calibrate_cli, "minicache-eval": eval_cli, "minicache-bench": bench_cli,
+               "minicache-convert": convert, "minicache-demo": demo}
+    commands = command_lines((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert len(commands) >= 20 and any("--kv-compact" in c for c in commands)
+    for command in commands:
+        tool, *argv = shlex.split(command)
+        parser = parsers[tool].build_parser()
+        try:
+            parser.parse_args(argv)
+        except SystemExit as exit_:
+            raise AssertionError(f"the README's command does not parse: {command}") from exit_
+
+
 @pytest.mark.slow  # loads SmolLM2, generates, and calibrates on the shipped data: ~6 minutes on 2 cores
 def test_the_readme_python_blocks_run_verbatim(smollm2):
     code = "\n".join(python_blocks((ROOT / "README.md").read_text(encoding="utf-8")))

@@ -379,7 +379,8 @@ def test_kv_compact_fills_in_the_5x_settings_and_options_given_win():
     assert mine.pre_rope_keys and mine.scale_bits == 8
     # Without it, the command's own defaults, as before.
     plain = parse("--kv-bits", "3", scheme="rotated", sinks=4)
-    assert (plain.group_size, plain.window_bits, plain.pre_rope_keys, plain.key_rounding) == (128, None, False, "nearest")
+    assert (plain.group_size, plain.window_bits, plain.pre_rope_keys, plain.key_rounding) == (
+        128, None, False, "nearest")
     with pytest.raises(ProfileError, match="needs --kv-bits") as info:
         parse("--kv-compact")
     assert info.value.path == "--kv-compact"

@@ -156,7 +156,7 @@ class RopeAngles:
             last = (start + max(length, 1) - 1) // TABLE_CHUNK
             first = start // TABLE_CHUNK
             chunks = [_table(self._freqs, self.scaling, k, str(device)) for k in range(first, last + 1)]
-            cos, sin = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+            cos, sin = chunks[0] if len(chunks) == 1 else (torch.cat(parts) for parts in zip(*chunks, strict=True))
         offset = start - first * TABLE_CHUNK
         return cos[offset : offset + length], sin[offset : offset + length]
 

@@ -103,13 +103,9 @@ def add_allow_mismatch_option(parser: Any) -> None:
     parser.add_argument("--allow-model-mismatch", action="store_true", help="use a profile made for another model")
 
 
-#: The ``--kv-*`` options whose defaults are values (not None or False): they record being given (:class:`_Given`).
-_GIVEN_OPTIONS = ("kv_group_size", "kv_scheme", "kv_sink_tokens")
-
-
 class _Given(argparse.Action):
     """Store the value and remember that the option was given (``args.kv_given``): ``--kv-compact`` fills in only
-    the options left at their defaults, and a default cannot be told apart from the same value given."""
+    the options not given, and a default cannot be told apart from the same value given."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         setattr(namespace, self.dest, values)
@@ -156,20 +152,20 @@ def add_kv_options(parser: Any, *, residual: bool = True, bits_help: str | None 
         "them better; undone on every read)",
     )
     group.add_argument(
-        "--kv-window-bits", type=int, choices=(6, 8), metavar="{6,8}",
+        "--kv-window-bits", type=int, choices=(6, 8), metavar="{6,8}", action=_Given,
         help="with --kv-bits: store unmerged layers' recent window (--kv-residual-length tokens, and those "
         "waiting for a whole key group) as codes per token and head instead of exact: 8 bits, about half its "
         "bytes; 6 bits (rotated first), about 40 %%",
     )
     group.add_argument(
         # a literal: this module stays free of torch for --help; Quantization checks the scheme's widths
-        "--kv-scale-bits", type=int, choices=(8,), metavar="8",
+        "--kv-scale-bits", type=int, choices=(8,), metavar="8", action=_Given,
         help="with --kv-bits: store each packed group's scale and zero point as 8-bit codes instead of fp16: half "
         "their bytes, which a smaller --kv-group-size can spend on precision (e.g. --kv-group-size 64)",
     )
     group.add_argument(
         # a literal: this module stays free of torch for --help; Quantization checks them
-        "--kv-key-rounding", choices=("nearest", "queries"), default=None,
+        "--kv-key-rounding", choices=("nearest", "queries"), default=None, action=_Given,
         help="with --kv-bits: how unmerged layers round packed keys: to the nearest level (default), or "
         "'queries': channel by channel with error feedback, so that the error lands where the queries do not "
         "read (same bytes; rotated schemes; the calibrator fits per-channel query energies and ships them in "
@@ -214,9 +210,8 @@ def quantization_from_args(args: argparse.Namespace, residual_length: int | None
 
     if getattr(args, "kv_compact", False):
         given = getattr(args, "kv_given", None) or set()
-        for name, value in KV_COMPACT.items():
-            # options with a value for default say when they were given (_Given); the others default to None or False
-            if name not in given and (name in _GIVEN_OPTIONS or getattr(args, name, None) in (None, False)):
+        for name, value in KV_COMPACT.items():  # --kv-pre-rope-keys (a flag) is only ever set to True
+            if name not in given:
                 setattr(args, name, value)
     window = getattr(args, "kv_residual_length", None)
     window = residual_length if window is None else window

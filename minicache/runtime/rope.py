@@ -67,9 +67,8 @@ def _span(freqs: tuple[float, ...], scaling: float, first: int, count: int, devi
     return chunks[0] if count == 1 else tuple(torch.cat(parts) for parts in zip(*chunks, strict=True))
 
 
-def _covering(start: int, length: int) -> tuple[int, int]:
-    """``(first, count)``: the aligned power-of-two run of tables that holds indices ``start .. start + length − 1``."""
-    low, high = start // TABLE_CHUNK, (start + max(length, 1) - 1) // TABLE_CHUNK
+def _covering(low: int, high: int) -> tuple[int, int]:
+    """``(first, count)``: the aligned power-of-two run of tables that holds tables ``low .. high``."""
     count = 1
     while low // count != high // count:
         count *= 2
@@ -148,15 +147,13 @@ class RopeAngles:
 
     def _rows(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos`` and signed ``sin`` ``[length, R]`` of indices ``start ..`` (rows of :func:`_table`)."""
-        device = torch.device(device)
-        first, count = _covering(start, length)
+        low, high = start // TABLE_CHUNK, (start + max(length, 1) - 1) // TABLE_CHUNK
+        first, count = _covering(low, high)
         if count <= SPAN_HELD:
-            cos, sin = _span(self._freqs, self.scaling, first, count, str(device))
-        else:  # a long range: copied for this read
-            last = (start + max(length, 1) - 1) // TABLE_CHUNK
-            first = start // TABLE_CHUNK
-            chunks = [_table(self._freqs, self.scaling, k, str(device)) for k in range(first, last + 1)]
-            cos, sin = chunks[0] if len(chunks) == 1 else (torch.cat(parts) for parts in zip(*chunks, strict=True))
+            cos, sin = _span(self._freqs, self.scaling, first, count, str(torch.device(device)))
+        else:  # a long range: its own tables joined for this read only (not kept)
+            first, count = low, high - low + 1
+            cos, sin = _span.__wrapped__(self._freqs, self.scaling, first, count, str(torch.device(device)))
         offset = start - first * TABLE_CHUNK
         return cos[offset : offset + length], sin[offset : offset + length]
 

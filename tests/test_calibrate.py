@@ -132,6 +132,23 @@ def test_budget_decides_on_the_upper_end_of_the_interval():
     assert "upper +0.0090" in budget.describe(_fake_result(0.006, 1, spread=0.003))
 
 
+def test_a_kl_guard_also_holds_the_kl_to_a_perplexity_budget():
+    """A set whose held-out perplexity fits but whose KL, R times over, would not is refused with a guard."""
+    calm = replace(_fake_result(0.002, 1, spread=0.001), kl_mean=0.004, kl_mean_ci95=(0.003, 0.005))
+    plain, guarded = Budget("ppl_increase", 0.01), Budget("ppl_increase", 0.01, kl_guard=3.0)
+    assert plain.fits(calm) and plain.upper(calm) == pytest.approx(0.003)
+    assert guarded.upper(calm) == pytest.approx(math.expm1(3 * 0.005)), "the guard at the KL's upper end"
+    assert guarded.value(calm) == pytest.approx(math.expm1(3 * 0.004))
+    assert not guarded.fits(calm)
+    assert Budget("ppl_increase", 0.02, kl_guard=3.0).fits(calm)
+    loud = replace(calm, ppl_increase=0.015, ppl_increase_ci95=(0.012, 0.018))
+    assert guarded.upper(loud) == pytest.approx(0.018), "the guard never loosens the perplexity bound"
+    assert guarded.upper(replace(calm, kl_mean_ci95=None)) == float("inf"), "an unresolved KL never fits"
+    assert "guard 3" in guarded.describe(calm) and "guard" not in plain.describe(calm)
+    assert guarded.to_dict() == {"metric": "ppl_increase", "max": 0.01, "kl_guard": 3.0}
+    assert plain.to_dict() == {"metric": "ppl_increase", "max": 0.01}, "profiles without a guard read as before"
+
+
 def test_search_keeps_less_when_the_measurements_are_uncertain():
     """The winner's curse: with wide intervals, a set whose point estimate fits is not accepted."""
     layers = 8
@@ -187,6 +204,10 @@ def test_budget_validation():
         Budget("accuracy", 0.01)
     with pytest.raises(ValueError, match="positive"):
         Budget("ppl_increase", 0.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        Budget("ppl_increase", 0.01, kl_guard=-1.0)
+    with pytest.raises(ValueError, match="needs none"):
+        Budget("kl_mean", 0.01, kl_guard=3.0)
 
 
 # -- the CLI on the real model -----------------------------------------------------------------------
@@ -262,6 +283,22 @@ def test_cli_impossible_budget_gives_valid_empty_profile(tmp_path, capsys, calib
     profile = MergeProfile.load(out)
     assert profile.groups == ()
     assert (tmp_path / "p_report.md").exists(), "named after the profile file"
+
+
+def test_cli_kl_guard_is_recorded_and_refused_with_a_kl_budget(tmp_path, capsys, calib_data):
+    out = tmp_path / "g"
+    code, _, err = run_cli(["--data", str(calib_data), "--out", str(out), "--budget-metric", "kl_mean",
+                            "--kl-guard", "3", *SMALL], capsys)
+    assert code == 2 and "needs none" in err and not out.exists()
+    # a guard no merge can meet (any KL times 1e6): nothing merged, the guard recorded and reported
+    code, stdout, err = run_cli(["--data", str(calib_data), "--out", str(out), "--budget", "0.05",
+                                 "--kl-guard", "1e6", *SMALL], capsys)
+    assert code == 0, err
+    assert "KL guard 1e+06" in stdout and "no group fits the budget" in stdout
+    profile = MergeProfile.load(out)
+    assert profile.groups == ()
+    assert profile.calibration["budget"] == {"metric": "ppl_increase", "max": 0.05, "kl_guard": 1e6}
+    assert "KL guard 1e+06: the search also held" in (out / "minicache_report.md").read_text()
 
 
 def test_cli_kv_bits_writes_the_default_storage_and_measures_it(tmp_path, capsys, calib_data):

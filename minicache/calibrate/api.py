@@ -312,8 +312,9 @@ def calibrate(
     else:
         shown = "/".join(methods)
         log(f"searching groups of {smallest}..{max_group_size} layers ({shown}{', fitted or not' if align else ''}) "
-            f"within {budget.metric} <= {budget.max:g} on held-out data")
-        merge_budget = Budget(budget.metric, budget.max * MERGE_SHARE_WITH_AUTO_BITS) if auto_bits else budget
+            f"within {budget.metric} <= {budget.max:g} on held-out data"
+            + (f", KL guard {budget.kl_guard:g}: expm1({budget.kl_guard:g} x KL) too" if budget.kl_guard else ""))
+        merge_budget = replace(budget, max=budget.max * MERGE_SHARE_WITH_AUTO_BITS) if auto_bits else budget
         if auto_bits:
             log(f"merging first, at {quantization.describe()}, on {MERGE_SHARE_WITH_AUTO_BITS:.0%} of the budget "
                 f"({merge_budget.metric} <= {merge_budget.max:g}); the widths take the rest")
@@ -333,7 +334,7 @@ def calibrate(
         "data": {**data_info, "samples": len(samples), "tokens": int(calib_windows.numel()), "seed": seed,
                  "held_out_windows": int(held_windows.shape[0]), "max_length": max_length,
                  "prefix_length": prefix_length},
-        "budget": {"metric": budget.metric, "max": budget.max},
+        "budget": budget.to_dict(),
         "measured": {
             k: (_round(v) if isinstance(v, float) else [_round(x) for x in v] if isinstance(v, list) else v)
             for k, v in measured.to_dict().items()
@@ -369,7 +370,9 @@ def calibrate(
     )
     if result_search is not None and profile.groups:
         summary += (f"; within the budget {budget.metric} <= {budget.max:g} at the upper end of its interval "
-                    f"({budget.upper(measured):+.4f})")
+                    f"({budget.upper(measured):+.4f}"
+                    + (f", the larger of perplexity and expm1({budget.kl_guard:g} x KL)" if budget.kl_guard else "")
+                    + ")")
     spectra: dict[str, dict[str, tuple[torch.Tensor, int]]] = {}
     for g in profile.groups:
         for name, settings in g.components():

@@ -18,6 +18,9 @@ class CalibrationDefaults:
     ----------
     budget, budget_metric
         Largest quality loss accepted on held-out data: ``ppl_increase`` 0.01 = +1 % perplexity.
+    kl_guard
+        With a perplexity budget, also hold ``expm1(kl_guard * KL)`` to it (0: off; see
+        :class:`~minicache.calibrate.search.Budget`).
     num_samples, max_length, eval_windows, held_out, seed
         Calibration windows (of ``max_length`` tokens) and held-out windows; the share of samples held
         out and the seed of that split.
@@ -36,6 +39,7 @@ class CalibrationDefaults:
 
     budget: float = 0.01
     budget_metric: str = "ppl_increase"
+    kl_guard: float = 0.0
     num_samples: int = 32
     max_length: int = 768
     eval_windows: int = 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -307,6 +308,20 @@ def _settings(s: MergeSettings) -> str:
     return text if s.method == "slerp" else f"{s.method}: {text}"
 
 
+def _coverage_lines(kl_guard: float, measured: dict, budget: float) -> list[str]:
+    """What the stated interval covers, and the KL guard's bound where the search used one."""
+    if not kl_guard:
+        return ["- what the interval covers: text like these data. On a kind of text they lack, the loss can be "
+                "several times larger (minicache's README, \"What a profile promises\"): calibrate on every kind "
+                "of text you will run, or pass --kl-guard"]
+    interval = measured.get("kl_mean_ci95")
+    bound = f"{math.expm1(min(kl_guard * interval[1], 700.0)):+.2%}" if interval else "unresolved (no interval)"
+    return [f"- KL guard {kl_guard:g}: the search also held expm1({kl_guard:g} x KL) within the budget, at the upper "
+            f"end of the KL's interval ({bound} here, budget {budget:+.2%}): the perplexity increase on a kind of "
+            f"text the data lacks, if there the loss rises at most {kl_guard:g} times the held-out KL (measured up "
+            "to 3.7 times; README, \"What a profile promises\")"]
+
+
 def write_report(
     directory: Path,
     profile: MergeProfile,
@@ -317,8 +332,11 @@ def write_report(
     summary: str,
     stem: str = DEFAULT_STEM,
     spectra: dict[str, dict[str, tuple[torch.Tensor, int]]] | None = None,
+    kl_guard: float = 0.0,
 ) -> list[Path]:
-    """Write the Markdown report and its plots into ``directory`` as ``<stem>_*``; returns the paths written."""
+    """Write the Markdown report and its plots into ``directory`` as ``<stem>_*``; returns the paths written.
+
+    ``kl_guard``: the search's :attr:`~minicache.calibrate.search.Budget.kl_guard` (0: none)."""
     directory.mkdir(parents=True, exist_ok=True)
     files = report_files(directory, stem)
     written = []
@@ -353,9 +371,7 @@ def write_report(
         f"- budget: {metric} ≤ {budget:g} on held-out data, for the upper end of the 95 % interval (bootstrap "
         f"over the held-out windows), not only the point estimate",
         *_held_out_line(data, measured),
-        "- what the interval covers: text like these data. On a kind of text they lack, the loss can be "
-        "several times larger (minicache's README, \"What a profile promises\"): calibrate on every kind of "
-        "text you will run",
+        *_coverage_lines(kl_guard, measured, budget),
         "",
         "## Result on held-out data",
         "",
@@ -451,7 +467,7 @@ def write_report(
             f"| step | groups | {metric} | 95 % interval | fits | compression |",
             "|---|---|---|---|---|---|",
         ]
-        rule = Budget(metric, budget)
+        rule = Budget(metric, budget, kl_guard)
         for s in search.steps:
             interval = getattr(s.result, f"{metric}_ci95")
             shown = f"{interval[0]:+.5f}..{interval[1]:+.5f}" if interval else "none (1 window)"

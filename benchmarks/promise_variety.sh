@@ -41,7 +41,7 @@ with open(out, "w") as f:
                 f.write(json.dumps(records[i]) + "\n")
 EOF
     for name in corpus mixed; do
-      data=()
+      data=(--kl-guard 0)  # as measured, before --kl-guard auto guarded calibrations without --data
       [[ $name == mixed ]] && data=(--data "$WORK/mixed.jsonl")
       echo "== minicache-calibrate ${data[*]} --budget 0.005 --out $OUT/$name"
       "$PY" -m minicache.calibrate.cli "${data[@]}" --budget 0.005 --out "$WORK/$name" --no-progress --force

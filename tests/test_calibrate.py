@@ -285,6 +285,19 @@ def test_cli_impossible_budget_gives_valid_empty_profile(tmp_path, capsys, calib
     assert (tmp_path / "p_report.md").exists(), "named after the profile file"
 
 
+def test_kl_guard_auto_guards_the_built_in_corpus_only():
+    from minicache.calibrate.cli import budget_from_args, build_parser
+
+    def budget(*argv):
+        return budget_from_args(build_parser().parse_args(list(argv)))
+
+    assert budget().kl_guard == 4.0, "no --data: the promise is for text nobody has seen"
+    assert budget("--data", "x.jsonl").kl_guard == 0.0, "your own data: text like what you will run"
+    assert budget("--budget-metric", "kl_mean").kl_guard == 0.0, "a KL budget needs no guard"
+    assert budget("--kl-guard", "0").kl_guard == 0.0 and budget("--data", "x", "--kl-guard", "2.5").kl_guard == 2.5
+    assert budget("--kl-guard", "auto", "--data", "x").kl_guard == 0.0
+
+
 def test_cli_kl_guard_is_recorded_and_refused_with_a_kl_budget(tmp_path, capsys, calib_data):
     out = tmp_path / "g"
     code, _, err = run_cli(["--data", str(calib_data), "--out", str(out), "--budget-metric", "kl_mean",

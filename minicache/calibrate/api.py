@@ -104,7 +104,8 @@ def calibrate(
         JSON Lines (``text`` / ``messages`` / ``input_ids``) or ``.txt``. None: the built-in corpus
         (:data:`minicache.calibrate.corpus.DEFAULT_CORPUS`: prose, documentation, code and chat).
     budget : Budget
-        Largest quality loss accepted on the held-out part (default: perplexity +1 %).
+        Largest quality loss accepted on the held-out part (default: perplexity +1 %, no KL guard;
+        ``minicache-calibrate`` without ``--data`` adds ``kl_guard=4``, see :class:`Budget`).
     preset : str, optional
         ``"paper"``: skip the search and measure the paper's profile instead.
     num_samples : int
@@ -360,7 +361,9 @@ def calibrate(
     if not profile.groups and preset is None:
         log(
             f"no group fits the budget {budget.metric} <= {budget.max:g}: the profile merges nothing "
-            "(a valid profile; the cache then behaves as a full cache). Try a larger --budget."
+            "(a valid profile; the cache then behaves as a full cache). Try a larger --budget"
+            + (f", or a smaller --kl-guard than {budget.kl_guard:g} (and calibrate on text like what you will run)."
+               if budget.kl_guard else ".")
         )
     summary = (
         f"{len(profile.groups)} groups merged {[list(g.layers) for g in profile.groups]}: KV memory -{saved:.1%} "

@@ -57,11 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "on held-out data (bootstrap over the held-out windows), not only the point estimate")
     parser.add_argument("--budget-metric", choices=["ppl_increase", "kl_mean"], default=D.budget_metric)
     parser.add_argument(
-        "--kl-guard", type=float, default=D.kl_guard, metavar="R",
+        "--kl-guard", type=_kl_guard, default="auto", metavar="R",
         help="a perplexity budget for kinds of text the data lacks: also require expm1(R x KL) within --budget, "
         "at the upper end of the KL's interval. The held-out interval covers text like the data; on other "
         "kinds the loss rose up to 3.7x the held-out KL in our measurements (README, 'What a profile "
-        "promises'), so R=4 keeps the promise there, at the price of merging much less. 0: off",
+        f"promises'), so R=4 kept the promise there, at the price of merging less. 0: off. auto: "
+        f"{D.kl_guard_without_data:g} without --data (the built-in corpus stands in for text nobody has seen), "
+        f"{D.kl_guard:g} with --data (calibrate on text like what you will run)",
     )
     parser.add_argument("--preset", choices=["paper", "none"],
                         help="write this preset without searching; still measured (none: no merging, e.g. with "
@@ -137,6 +139,28 @@ def _default_out(model: str) -> Path:
     return Path(f"minicache-{name}")
 
 
+def budget_from_args(args: argparse.Namespace):
+    """The search's :class:`~minicache.calibrate.search.Budget`; ``--kl-guard auto`` resolved: a perplexity
+    budget without ``--data`` is guarded (the built-in corpus stands in for text nobody has seen)."""
+    from minicache.calibrate.search import Budget
+
+    kl_guard = args.kl_guard
+    if kl_guard is None:
+        unseen = not args.data and args.budget_metric == "ppl_increase"
+        kl_guard = D.kl_guard_without_data if unseen else D.kl_guard
+    return Budget(args.budget_metric, args.budget, kl_guard)
+
+
+def _kl_guard(text: str) -> float | None:
+    """``--kl-guard``: a number, or ``auto`` (None: decided by whether --data is given)."""
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or auto, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_group_size < 2:
@@ -148,12 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from minicache.calibrate.api import read_calibration_data, resolve_output
     from minicache.calibrate.data_check import check_data
-    from minicache.calibrate.search import Budget
     from minicache.methods import method_names
     from minicache.profile import Defaults
 
     try:
-        budget = Budget(args.budget_metric, args.budget, args.kl_guard)
+        budget = budget_from_args(args)
         defaults = Defaults(residual_length=args.residual_length, block_size=args.block_size)
         quantization = quantization_from_args(args, residual_length=args.residual_length)
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())

@@ -144,7 +144,7 @@ def test_a_kl_guard_also_holds_the_kl_to_a_perplexity_budget():
     loud = replace(calm, ppl_increase=0.015, ppl_increase_ci95=(0.012, 0.018))
     assert guarded.upper(loud) == pytest.approx(0.018), "the guard never loosens the perplexity bound"
     assert guarded.upper(replace(calm, kl_mean_ci95=None)) == float("inf"), "an unresolved KL never fits"
-    assert "guard 3" in guarded.describe(calm) and "guard" not in plain.describe(calm)
+    assert "expm1(3 x KL 0.0040)" in guarded.describe(calm) and "guard" not in plain.describe(calm)
     assert guarded.to_dict() == {"metric": "ppl_increase", "max": 0.01, "kl_guard": 3.0}
     assert plain.to_dict() == {"metric": "ppl_increase", "max": 0.01}, "profiles without a guard read as before"
 

@@ -126,8 +126,9 @@ class Budget:
     def describe(self, result: QualityResult) -> str:
         """``"ppl_increase +0.0041 (upper +0.0072)"``: the point and the bound the decision uses."""
         text = f"{self.metric} {self.value(result):+.4f} (upper {self.upper(result):+.4f})"
-        if self.kl_guard:
-            text += f" [ppl {result.ppl_increase:+.4f}, KL {result.kl_mean:.4f} x guard {self.kl_guard:g}]"
+        if self.kl_guard:  # the value is the larger of the two: say what each was
+            text = (f"guarded {text} [ppl {result.ppl_increase:+.4f}, expm1({self.kl_guard:g} x KL "
+                    f"{result.kl_mean:.4f}) {math.expm1(min(self.kl_guard * result.kl_mean, 700.0)):+.4f}]")
         return text
 
     def to_dict(self) -> dict:

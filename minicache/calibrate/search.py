@@ -82,9 +82,10 @@ class Budget:
     kl_guard : float
         Perplexity budgets only; 0 turns it off. The held-out interval covers text like the calibration
         data; on a kind of text the data lacks, the loss rose up to about 3.7 times the held-out KL's upper
-        end on the texts we measured, while the KL itself moved much less (README, "What a profile
-        promises"). With a guard ``R``, ``expm1(R * KL)`` (the perplexity increase if the loss rose ``R``
-        times the KL) must fit the budget as well: a promise meant for text nobody measured.
+        end on the texts we measured: the KL itself moves, and the loss rises faster than the KL there
+        (README, "What a profile promises"). With a guard ``R``, ``expm1(R * KL)`` (the perplexity
+        increase if the loss rose ``R`` times the KL) must fit the budget as well: a promise meant for
+        text nobody measured.
     """
 
     metric: str = "ppl_increase"

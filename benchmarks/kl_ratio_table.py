@@ -11,10 +11,11 @@ what ``minicache-calibrate --kl-guard`` must be at least for a perplexity promis
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
+
+from promise_table import parse_results_args  # this folder: the same --results / --names arguments
 
 from minicache.profile import MergeProfile
 
@@ -29,13 +30,7 @@ def held_out_kl_upper(profile_dir: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", nargs="+", required=True, help="minicache-eval --compare --json-out files")
-    parser.add_argument("--names", nargs="+", required=True, help="a short name per results file (kind of text)")
-    parser.add_argument("--markdown-out", help="also write the table here")
-    args = parser.parse_args(argv)
-    if len(args.names) != len(args.results):
-        parser.error("give one name per results file")
+    args = parse_results_args(__doc__, argv)
     lines = ["| text | profile | ppl increase [95 %] | ΔCE (nats) | KL there | held-out KL, upper | ΔCE / KL there "
              "| ΔCE / held-out KL upper |", "|---|---|---|---:|---:|---:|---:|---:|"]
     worst = 0.0

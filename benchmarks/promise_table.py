@@ -52,14 +52,20 @@ def promise(profile_dir: str) -> dict | None:
             "windows": calibration.get("data", {}).get("held_out_windows")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_results_args(description: str, argv: list[str] | None) -> argparse.Namespace:
+    """``--results`` (minicache-eval JSON files), one ``--names`` entry each, ``--markdown-out``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", nargs="+", required=True, help="minicache-eval --compare --json-out files")
     parser.add_argument("--names", nargs="+", required=True, help="a short name per results file (kind of text)")
     parser.add_argument("--markdown-out", help="also write the table here")
     args = parser.parse_args(argv)
     if len(args.names) != len(args.results):
         parser.error("give one name per results file")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_results_args(__doc__, argv)
     runs = [json.loads(Path(p).read_text()) for p in args.results]
     # each profile's promise, read once (a profile directory is loaded from disk)
     promises = {m: promise(m) for m in (r["method"] for r in runs[0]["results"])}

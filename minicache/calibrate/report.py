@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -308,14 +307,15 @@ def _settings(s: MergeSettings) -> str:
     return text if s.method == "slerp" else f"{s.method}: {text}"
 
 
-def _coverage_lines(kl_guard: float, measured: dict, budget: float) -> list[str]:
+def _coverage_lines(rule: Budget, measured: dict) -> list[str]:
     """What the stated interval covers, and the KL guard's bound where the search used one."""
+    kl_guard, budget = rule.kl_guard, rule.max
     if not kl_guard:
         return ["- what the interval covers: text like these data. On a kind of text they lack, the loss can be "
                 "several times larger (minicache's README, \"What a profile promises\"): calibrate on every kind "
                 "of text you will run, or pass --kl-guard"]
     interval = measured.get("kl_mean_ci95")
-    bound = f"{math.expm1(min(kl_guard * interval[1], 700.0)):+.2%}" if interval else "unresolved (no interval)"
+    bound = f"{rule.guard_bound(interval[1]):+.2%}" if interval else "unresolved (no interval)"
     return [f"- KL guard {kl_guard:g}: the search also held expm1({kl_guard:g} x KL) within the budget, at the upper "
             f"end of the KL's interval ({bound} here, budget {budget:+.2%}): the perplexity increase on a kind of "
             f"text the data lacks, if there the loss rises at most {kl_guard:g} times the held-out KL (measured up "
@@ -352,6 +352,7 @@ def write_report(
         plot_spectra(spectra, files["spectra.png"])
         written.append(files["spectra.png"])
 
+    rule = Budget(metric, budget, kl_guard)
     cal = profile.calibration or {}
     bits = cal.get("bits")
     if bits and profile.quantization is not None:
@@ -371,7 +372,7 @@ def write_report(
         f"- budget: {metric} ≤ {budget:g} on held-out data, for the upper end of the 95 % interval (bootstrap "
         f"over the held-out windows), not only the point estimate",
         *_held_out_line(data, measured),
-        *_coverage_lines(kl_guard, measured, budget),
+        *_coverage_lines(rule, measured),
         "",
         "## Result on held-out data",
         "",
@@ -467,7 +468,6 @@ def write_report(
             f"| step | groups | {metric} | 95 % interval | fits | compression |",
             "|---|---|---|---|---|---|",
         ]
-        rule = Budget(metric, budget, kl_guard)
         for s in search.steps:
             interval = getattr(s.result, f"{metric}_ci95")
             shown = f"{interval[0]:+.5f}..{interval[1]:+.5f}" if interval else "none (1 window)"

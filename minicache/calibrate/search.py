@@ -102,13 +102,16 @@ class Budget:
         if self.kl_guard and self.metric != "ppl_increase":
             raise ValueError("the KL guard bounds a perplexity budget; a KL budget needs none")
 
+    def guard_bound(self, kl: float) -> float:
+        """``expm1(kl_guard * kl)``: the perplexity increase if the loss rose ``kl_guard`` times ``kl``."""
+        return math.expm1(min(self.kl_guard * kl, 700.0))  # 700: no overflow for absurd guards
+
     def _guarded(self, ppl: float, kl: float) -> float:
-        return max(ppl, math.expm1(min(self.kl_guard * kl, 700.0))) if self.kl_guard else ppl  # 700: no overflow
+        return max(ppl, self.guard_bound(kl)) if self.kl_guard else ppl
 
     def value(self, result: QualityResult) -> float:
         """The point estimate of the budget's metric (with a KL guard: the larger of the two)."""
-        value = float(getattr(result, self.metric))
-        return self._guarded(value, float(result.kl_mean)) if self.kl_guard else value
+        return self._guarded(float(getattr(result, self.metric)), float(result.kl_mean))
 
     def upper(self, result: QualityResult) -> float:
         """The upper end of the metric's 95 % interval (``inf`` without one; with a KL guard, the larger of
@@ -129,7 +132,7 @@ class Budget:
         text = f"{self.metric} {self.value(result):+.4f} (upper {self.upper(result):+.4f})"
         if self.kl_guard:  # the value is the larger of the two: say what each was
             text = (f"guarded {text} [ppl {result.ppl_increase:+.4f}, expm1({self.kl_guard:g} x KL "
-                    f"{result.kl_mean:.4f}) {math.expm1(min(self.kl_guard * result.kl_mean, 700.0)):+.4f}]")
+                    f"{result.kl_mean:.4f}) {self.guard_bound(result.kl_mean):+.4f}]")
         return text
 
     def to_dict(self) -> dict:

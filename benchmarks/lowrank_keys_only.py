@@ -23,6 +23,7 @@ from minicache.methods.lowrank import SecondMoments
 from minicache.model_spec import ModelSpec
 from minicache.models import load_model
 from minicache.profile import Defaults, MergeGroup, MergeProfile, ModelFingerprint
+from minicache.runtime.rope import RopeAngles
 
 
 def layer_list(text: str) -> list[int]:
@@ -43,6 +44,10 @@ def main() -> None:
     parser.add_argument("--heads", default="joint", choices=["joint", "each"])
     parser.add_argument("--basis", default="pca", choices=["pca", "query"],
                         help="key bases by PCA, or weighted by the calibration queries (minicache.methods.moments)")
+    parser.add_argument("--pre-rope", action="store_true",
+                        help="bases fitted on keys with RoPE removed, stored so (pre_rope: true)")
+    parser.add_argument("--group-size", type=int, default=1,
+                        help="layers sharing one set of key coefficients (groups of adjacent layers)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -51,24 +56,31 @@ def main() -> None:
     defaults = Defaults()
     windows = token_windows(read_calibration_data(args.data), tokenizer, args.max_length,
                             max_windows=args.num_samples, spread=True)
-    stat = SecondMoments(spec.num_layers, spec.kv_heads, spec.head_dim, max_offset=0)
+    stat = SecondMoments(spec.num_layers, spec.kv_heads, spec.head_dim, max_offset=args.group_size - 1)
+    rope = RopeAngles.of_model(model) if args.pre_rope else None
     for _, _, kv in prefill_batches(model, windows, desc="second moments",
                                     on_queries=lambda layer, q: stat.add_queries(layer, q, defaults.sink_tokens)):
+        if rope is not None:  # calibration windows start at position 0
+            kv = [(rope.remove(k, 0), v) for k, v in kv]
         stat.add(kv, defaults.sink_tokens)
     lowrank = get_method("lowrank")
-    keys = defaults.settings("lowrank", rank=args.rank, heads=args.heads, basis=args.basis)
+    keys = defaults.settings("lowrank", rank=args.rank, heads=args.heads, basis=args.basis, pre_rope=args.pre_rope)
     values = defaults.settings("exact")
     groups, tensors = [], {}
-    for layer in layer_list(args.layers):
-        label = f"{layer}-{layer}"
-        fitted = lowrank.fit(stat, (layer,))
+    chosen = layer_list(args.layers)
+    for first in range(0, len(chosen), args.group_size):
+        layers = tuple(chosen[first : first + args.group_size])
+        label = f"{layers[0]}-{layers[-1]}"
+        fitted = lowrank.fit(stat, layers)
         for local, t in lowrank.tensors_for(keys.params, fitted["keys"]).items():
             tensors[tensor_name(local, label, "keys")] = t
-        groups.append(MergeGroup((layer,), keys, values))
+        groups.append(MergeGroup(layers, keys, values))
     profile = MergeProfile(groups=tuple(groups), defaults=defaults, model=ModelFingerprint.from_spec(spec),
                            tensors=tensors)
     path = profile.save(args.out)
-    print(f"keys lowrank rank {args.rank} ({args.heads}, {args.basis}), values exact, layers {args.layers}: {path}")
+    where = "pre-RoPE" if args.pre_rope else "post-RoPE"
+    print(f"keys lowrank rank {args.rank} ({args.heads}, {args.basis}, {where}, groups of {args.group_size}), "
+          f"values exact, layers {args.layers}: {path}")
 
 
 if __name__ == "__main__":

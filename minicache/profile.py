@@ -170,6 +170,13 @@ class MergeSettings:
     sink_tokens : int
         The first tokens of every sequence that are never merged (the BOS/sink token is the most
         divergent of all).
+    pre_rope : bool
+        Keys only: the method stores the keys with the model's RoPE removed at their cache indices, and
+        restoring puts it back (:mod:`minicache.runtime.rope`). Before RoPE a key's structure does not
+        turn with its position, so a basis shared by every token holds it better (SmolLM2: a quarter of
+        the width restores 2-3x closer, ``benchmarks/results/lowrank-cpu/probe.md``); attention then
+        restores the prefix a block at a time instead of scoring the stored form. False: keys as the
+        cache receives them (the format before this field).
 
     Examples
     --------
@@ -183,6 +190,7 @@ class MergeSettings:
     gamma: float = 0.05
     retention: str = "distinct"
     sink_tokens: int = 1
+    pre_rope: bool = False
 
     def __post_init__(self) -> None:
         method = self.method
@@ -195,12 +203,14 @@ class MergeSettings:
         object.__setattr__(self, "retention", check_choice(self.retention, "retention", RETENTION_RULES,
                                                            "a retention rule"))
         object.__setattr__(self, "sink_tokens", check_int(self.sink_tokens, "sink_tokens", 0))
+        object.__setattr__(self, "pre_rope", check_bool(self.pre_rope, "pre_rope"))
 
     @classmethod
     def create(cls, method: str = DEFAULT_METHOD, *, gamma: float = 0.05, retention: str = "distinct",
-               sink_tokens: int = 1, **params: Any) -> MergeSettings:
+               sink_tokens: int = 1, pre_rope: bool = False, **params: Any) -> MergeSettings:
         """Settings from plain values: ``create("slerp", t=0.5, align=True, gamma=0.1)``."""
-        return cls(params=params, method=method, gamma=gamma, retention=retention, sink_tokens=sink_tokens)
+        return cls(params=params, method=method, gamma=gamma, retention=retention, sink_tokens=sink_tokens,
+                   pre_rope=pre_rope)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], path: str = "", inherited: Mapping[str, Any] | None = None
@@ -217,9 +227,11 @@ class MergeSettings:
             raise err.within(path) from None
         impl = _method(method)
         own = tuple(f.name for f in fields(impl.Params))
-        check_keys(data, path, ("method", *own, *_SHARED_KEYS))
+        check_keys(data, path, ("method", *own, *_SHARED_KEYS, "pre_rope"))
         shared = {k: data.get(k, inherited.get(k)) for k in _SHARED_KEYS}
         shared = {k: v for k, v in shared.items() if v is not None or k in data}
+        if "pre_rope" in data:
+            shared["pre_rope"] = data["pre_rope"]
         params = impl.params({k: v for k, v in data.items() if k in own}, path)
         return build(cls, path, {"params": params, "method": method, **shared})
 
@@ -231,6 +243,7 @@ class MergeSettings:
             "gamma": self.gamma,
             "retention": self.retention,
             "sink_tokens": self.sink_tokens,
+            **({"pre_rope": True} if self.pre_rope else {}),  # profiles without it read as before
         }
 
     @property
@@ -246,6 +259,8 @@ class MergeSettings:
     def summary(self) -> str:
         """``"t 0.6, gamma 0.05, retention distinct, sink 1"`` (plus ``", method X"`` unless SLERP)."""
         text = f"{self.params.summary()}, gamma {self.gamma:g}, retention {self.retention}, sink {self.sink_tokens}"
+        if self.pre_rope:
+            text += ", pre-RoPE"
         return text if self.method == DEFAULT_METHOD else f"{text}, method {self.method}"
 
 
@@ -352,6 +367,8 @@ class MergeGroup:
                 settings.merge_method.check_members(settings.params, len(layers))
             except ProfileError as err:
                 raise err.within(component) from None
+        if self.values.pre_rope:
+            raise ProfileError("true; allowed: false (only keys carry RoPE)", "values.pre_rope")
 
     @property
     def label(self) -> str:

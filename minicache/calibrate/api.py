@@ -36,6 +36,7 @@ from minicache.profile import (
     ModelFingerprint,
     Quantization,
 )
+from minicache.runtime.rope import RopeAngles
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ def calibrate(
     allow_small_data: bool = False,
     auto_bits: bool = False,
     method_options: Mapping[str, Any] | None = None,
+    key_rope: str = "post",
 ) -> CalibrationResult:
     """Measure KV similarity on sample data and choose a merge profile within a quality budget.
 
@@ -137,6 +139,10 @@ def calibrate(
         Settings handed to the methods' :meth:`~minicache.methods.MergeMethod.param_options`, e.g.
         ``{"lowrank_basis": "query"}``: low-rank key bases fitted for the logits of the calibration
         queries instead of the least restore error (:mod:`minicache.methods.moments`).
+    key_rope : str
+        Keys of methods whose stored form depends on RoPE (low rank): offered as the cache receives them
+        (``"post"``), with RoPE removed (``"pre"``: the profile stores them so, ``pre_rope: true``), or both
+        ways (``"both"``, the search picks per group). See :mod:`minicache.calibrate.capture`.
     allow_small_data : bool
         Calibrate even below the floor of :mod:`~minicache.calibrate.data_check` (4 calibration and 4
         held-out windows); shortfalls against ``num_samples`` / ``eval_windows`` are logged as warnings.
@@ -165,6 +171,12 @@ def calibrate(
             raise ValueError(f"method {unfitted[0]!r} stores only with tensors fitted on the data: "
                              "calibrate with alignment/fitting on (drop --no-align)")
     spec = ModelSpec.from_config(model)
+    rope = None
+    if key_rope != "post":
+        if (method_options or {}).get("lowrank_basis") == "query":
+            raise ValueError("query-weighted key bases are fitted for the queries' post-RoPE logits: use "
+                             "key_rope 'post' with them")
+        rope = RopeAngles.of_model(model)  # ValueError: no RoPE, or one whose angles depend on the length
 
     group = process_group()  # (rank, world size) when data-parallel
     if data is None:
@@ -207,7 +219,7 @@ def calibrate(
     capture = CalibrationCapture(
         merge_methods, runs, fit=align, num_layers=spec.num_layers,
         num_heads=spec.kv_heads, head_dim=spec.head_dim, max_offset=span - 1, gamma=defaults.gamma,
-        window=defaults.block_size, defaults=dict(method_options or {}),
+        window=defaults.block_size, defaults=dict(method_options or {}), rope=rope, key_rope=key_rope,
     )
     # Two phases with a progress bar each, because their batches cost very different amounts of work:
     # the second half also measures every candidate group under every option.
@@ -291,7 +303,7 @@ def calibrate(
         for g in groups:
             for name, settings in g.components():
                 if settings.tensor_names:
-                    fitted = capture.fitted(settings.merge_method, g.layers)[name]
+                    fitted = capture.fitted(settings.merge_method, g.layers, pre_rope=settings.pre_rope)[name]
                     for local, tensor in settings.merge_method.tensors_for(settings.params, fitted).items():
                         tensors[tensor_name(local, g.label, name)] = tensor
         quant = quant or quantization
@@ -381,7 +393,8 @@ def calibrate(
         for name, settings in g.components():
             method = settings.merge_method
             if capture.fittable(method) and settings.tensor_names:
-                curve = method.kept_variance(settings.params, capture.fitted(method, g.layers)[name])
+                fitted = capture.fitted(method, g.layers, pre_rope=settings.pre_rope)[name]
+                curve = method.kept_variance(settings.params, fitted)
                 if curve is not None:
                     spectra.setdefault(g.label, {})[name] = (curve, int(getattr(settings.params, "rank", 0)))
     return CalibrationResult(profile=profile, statistics=stats, search=result_search, measured=measured,
@@ -563,7 +576,7 @@ def choose_candidates(capture: CalibrationCapture, defaults: Defaults, head_dim:
             for (options, rel, saved, _), i in zip(per_component, pick, strict=True):
                 settings = MergeSettings(params=options[i].params, method=options[i].method.name,
                                          gamma=defaults.gamma, retention=defaults.retention,
-                                         sink_tokens=defaults.sink_tokens)
+                                         sink_tokens=defaults.sink_tokens, pre_rope=options[i].pre_rope)
                 chosen.append((settings, rel[i], saved[i]))
             (keys, k_err, k_saved), (values, v_err, v_saved) = chosen
             if (k_saved + v_saved) / 2 <= 0:

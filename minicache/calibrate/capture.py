@@ -10,6 +10,11 @@ time. Everything the calibrator measures on the model's KV is a sum over these b
   methods offer, measured on the second half of the windows with tensors fitted on the first half
   (out-of-sample, so that fitted alignment does not look better than it is).
 
+Methods whose stored keys depend on RoPE (:attr:`~minicache.methods.MergeMethod.rope_sensitive`) can
+have their key options offered before RoPE as well (``key_rope``): their fit statistics then also see
+every batch with the keys' RoPE removed (calibration windows start at position 0, so a token's
+position is its index), and those options are measured on such keys.
+
 :class:`CalibrationCapture` runs the last two in the order that keeps every sum reproducible.
 
 Data-parallel (``torch.distributed`` initialised with several processes): each process captures its
@@ -26,13 +31,22 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minicache.calibrate.defaults import KEY_ROPE_CHOICES
 from minicache.methods import COMPONENTS, MergeMethod, MethodParams
 from minicache.methods.base import FitStatistic, all_reduce_sum, energy, process_group
 from minicache.runtime.retention import retention_mask
+from minicache.runtime.rope import RopeAngles
 
-__all__ = ["CalibrationCapture", "Option", "RestoreErrors", "candidate_runs", "prefill_batches", "progress_bar"]
+__all__ = ["KEY_ROPE_CHOICES", "CalibrationCapture", "Option", "RestoreErrors", "candidate_runs", "prefill_batches",
+           "progress_bar", "without_rope"]
 
 KV = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+def without_rope(kv: KV, rope: RopeAngles) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``kv`` with every layer's keys turned back to before RoPE (float32; positions ``0 ..``: a prefill
+    of whole windows)."""
+    return [(rope.remove(keys, 0), values) for keys, values in kv]
 
 
 def progress_bar(total: int, enabled: bool, desc: str, unit: str = "tok"):
@@ -142,6 +156,7 @@ class Option:
     method: MergeMethod
     params: MethodParams
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    pre_rope: bool = False  # keys stored before RoPE (measured on such keys, tensors fitted on them)
 
 
 class RestoreErrors:
@@ -176,7 +191,9 @@ class RestoreErrors:
             for key, opts in options.items()
         }
 
-    def add(self, kv: KV, sink_tokens: int = 1) -> None:
+    def add(self, kv: KV, sink_tokens: int = 1, kv_pre: KV | None = None, pre_scale: float = 1.0) -> None:
+        """Add one batch; ``kv_pre``: the same with the keys before RoPE, for options with ``pre_rope``
+        (``pre_scale``: RoPE's ``scaling²``, which turns their squared errors into the cache's)."""
         for (layers, component), options in self.options.items():
             c = COMPONENTS.index(component)
             xs = [kv[layer][c] for layer in layers]
@@ -189,7 +206,15 @@ class RestoreErrors:
             s["energy"] += (sq.sum(-1) * counted).sum(dim=(0, 2)).cpu()
             keep = last = None
             for o, option in enumerate(options):
-                distance, err = option.method.restore_error(option.params, xs, option.tensors)
+                inputs = xs
+                if option.pre_rope:  # RoPE is a rotation per token: errors compare with the others' as they are
+                    if kv_pre is None:
+                        raise ValueError(f"option {o} of {list(layers)} {component} stores keys before RoPE: "
+                                         "add the batch's keys without RoPE too (kv_pre)")
+                    inputs = [kv_pre[layer][c] for layer in layers]
+                distance, err = option.method.restore_error(option.params, inputs, option.tensors)
+                if option.pre_rope and pre_scale != 1.0:
+                    err = err * pre_scale
                 # Options that share the distance (e.g. SLERP's t grid) share the retention decision.
                 if keep is None or not torch.equal(distance, last):
                     keep = retention_mask(distance, self.gamma, window=self.window, sink=sink)
@@ -229,11 +254,22 @@ class CalibrationCapture:
     gamma, window, defaults
         Retention at which errors are counted, its look-ahead, and the defaults handed to
         :meth:`~minicache.methods.MergeMethod.param_options`.
+    rope : RopeAngles, optional
+        The model's RoPE; required unless ``key_rope`` is ``"post"``.
+    key_rope : str
+        One of :data:`KEY_ROPE_CHOICES`: the key options of RoPE-sensitive methods are offered on keys as
+        the cache receives them (``"post"``), before RoPE (``"pre"``), or both ways.
     """
 
     def __init__(self, methods: Sequence[MergeMethod], runs: list[tuple[int, ...]] | None, *, fit: bool,
                  num_layers: int, num_heads: int, head_dim: int, max_offset: int, gamma: float, window: int,
-                 defaults: dict | None = None):
+                 defaults: dict | None = None, rope: RopeAngles | None = None, key_rope: str = "post"):
+        if key_rope not in KEY_ROPE_CHOICES:
+            raise ValueError(f"key_rope {key_rope!r}; allowed: {', '.join(KEY_ROPE_CHOICES)}")
+        if key_rope != "post" and rope is None:
+            raise ValueError(f"key_rope {key_rope!r} needs the model's RoPE")
+        self.rope = rope if key_rope != "post" else None
+        self.key_rope = key_rope
         self.methods = list(methods)
         self.runs = runs
         self.fit_enabled = fit
@@ -241,6 +277,8 @@ class CalibrationCapture:
         self.gamma, self.window = gamma, window
         self.defaults = {"head_dim": head_dim, **(defaults or {})}
         self.fit_statistics: dict[str, FitStatistic] = {}
+        # the same statistics of the RoPE-sensitive methods on keys before RoPE (key_rope pre or both)
+        self.pre_rope_statistics: dict[str, FitStatistic] = {}
         self._shape = (num_layers, num_heads, head_dim, max_offset)
         self._fit_methods: dict[str, MergeMethod] = {}
         if fit:
@@ -250,11 +288,24 @@ class CalibrationCapture:
                     if stat is not None:
                         self.fit_statistics[method.fit_key] = stat
                         self._fit_methods[method.fit_key] = method
+            if self.rope is not None:
+                for key, method in self._fit_methods.items():
+                    if any(m.rope_sensitive for m in self.methods if m.fit_key == key):
+                        self.pre_rope_statistics[key] = method.new_fit_statistic(*self._shape)
         self.errors: RestoreErrors | None = None
-        self._fitted: dict[tuple[str, tuple[int, ...]], dict] = {}
+        self._fitted: dict[tuple[str, tuple[int, ...], bool], dict] = {}
 
     def fittable(self, method: MergeMethod) -> bool:
         return method.fit_key in self.fit_statistics
+
+    def rope_modes(self, method: MergeMethod, component: str) -> tuple[bool, ...]:
+        """``pre_rope`` values the options of ``method`` for ``component`` are offered with."""
+        if component != "keys" or not method.rope_sensitive or self.rope is None:
+            return (False,)
+        return {"post": (False,), "pre": (True,), "both": (False, True)}[self.key_rope]
+
+    def _without_rope(self, kv: KV) -> KV | None:
+        return None if self.rope is None else without_rope(kv, self.rope)
 
     def measure_from(self, num_batches: int) -> int:
         """First batch (of ``num_batches``) measured for restore errors; ``num_batches`` when none is."""
@@ -264,6 +315,7 @@ class CalibrationCapture:
         """Options measured per batch: every method's parameter options for every run and component."""
         return sum(
             len(method.param_options(len(layers), self.fittable(method), {**self.defaults, "component": component}))
+            * len(self.rope_modes(method, component))
             for layers in self.runs or () for method in self.methods if len(layers) >= method.min_members
             for component in COMPONENTS
         )
@@ -288,19 +340,28 @@ class CalibrationCapture:
         """
         fit_added = False
         split = self.measure_from(num_batches)
+        kv_pre = self._without_rope(kv)
         if batch >= split:
             if self.errors is None:
                 if batch == 0:  # one batch only: the fit sees it before the measurement
-                    self._fit_add(kv, sink_tokens)
+                    self._fit_add(kv, sink_tokens, kv_pre)
                     fit_added = True
                 self.errors = RestoreErrors(self._options(), self.num_heads, gamma=self.gamma, window=self.window)
-            self.errors.add(kv, sink_tokens)
+            self._errors_add(kv, sink_tokens, kv_pre)
         if not fit_added:
-            self._fit_add(kv, sink_tokens)
+            self._fit_add(kv, sink_tokens, kv_pre)
 
-    def _fit_add(self, kv: KV, sink_tokens: int) -> None:
+    def _fit_add(self, kv: KV, sink_tokens: int, kv_pre: KV | None = None) -> None:
         for stat in self.fit_statistics.values():
             stat.add(kv, sink_tokens)
+        if self.pre_rope_statistics:
+            kv_pre = self._without_rope(kv) if kv_pre is None else kv_pre
+            for stat in self.pre_rope_statistics.values():
+                stat.add(kv_pre, sink_tokens)
+
+    def _errors_add(self, kv: KV, sink_tokens: int, kv_pre: KV | None) -> None:
+        scale = 1.0 if self.rope is None else self.rope.scaling**2
+        self.errors.add(kv, sink_tokens, kv_pre, scale)
 
     # -- data-parallel: the two phases made explicit, so that every process joins the phase boundary
     def add_fit(self, kv: KV, sink_tokens: int = 1) -> None:
@@ -318,18 +379,20 @@ class CalibrationCapture:
             raise ValueError("no candidate groups to measure (runs=None)")
         group = process_group()
         if group is not None:
-            for stat in self.fit_statistics.values():
+            for stat in (*self.fit_statistics.values(), *self.pre_rope_statistics.values()):
                 stat.all_reduce()
         self.errors = RestoreErrors(self._options(), self.num_heads, gamma=self.gamma, window=self.window)
         if group is not None and group[0] != 0:
             for key, method in self._fit_methods.items():
                 self.fit_statistics[key] = method.new_fit_statistic(*self._shape)
+                if key in self.pre_rope_statistics:
+                    self.pre_rope_statistics[key] = method.new_fit_statistic(*self._shape)
 
     def add_measured(self, kv: KV, sink_tokens: int = 1) -> None:
         """Add one batch to the candidates' restore errors (after :meth:`start_measurement`)."""
         if self.errors is None:
             raise ValueError("call start_measurement() before add_measured()")
-        self.errors.add(kv, sink_tokens)
+        self._errors_add(kv, sink_tokens, self._without_rope(kv))
 
     def _options(self) -> dict[tuple[tuple[int, ...], str], list[Option]]:
         """Every method's parameter options per candidate run and component, tensors fitted so far."""
@@ -339,26 +402,35 @@ class CalibrationCapture:
                 if len(layers) < method.min_members:
                     continue
                 fitted = self.fittable(method)
-                tensors = method.fit(self.fit_statistics[method.fit_key], layers) if fitted else {}
+                tensors = {mode: method.fit(self._statistic(method, mode), layers) if fitted else {}
+                           for mode in {m for c in COMPONENTS for m in self.rope_modes(method, c)}}
                 for component in COMPONENTS:
                     options = method.param_options(len(layers), fitted, {**self.defaults, "component": component})
-                    for params in options:
-                        own = method.tensors_for(params, tensors.get(component, {})) if method.fitted_params(
-                            params) else {}
-                        out.setdefault((layers, component), []).append(Option(method, params, own))
+                    for pre_rope in self.rope_modes(method, component):
+                        for params in options:
+                            own = method.tensors_for(params, tensors[pre_rope].get(component, {})) if (
+                                method.fitted_params(params)) else {}
+                            out.setdefault((layers, component), []).append(Option(method, params, own, pre_rope))
         return out
 
+    def _statistic(self, method: MergeMethod, pre_rope: bool) -> FitStatistic:
+        return (self.pre_rope_statistics if pre_rope else self.fit_statistics)[method.fit_key]
+
     def all_reduce(self) -> None:
-        for stat in self.fit_statistics.values():
+        for stat in (*self.fit_statistics.values(), *self.pre_rope_statistics.values()):
             stat.all_reduce()
         if self.errors is not None:
             self.errors.all_reduce()
 
-    def fitted(self, method: MergeMethod, layers: tuple[int, ...]) -> dict[str, dict[str, torch.Tensor]]:
-        """Tensors of one group fitted on every batch: ``{component: {local: tensor}}`` (cached)."""
-        key = (method.name, tuple(layers))
+    def fitted(self, method: MergeMethod, layers: tuple[int, ...], *,
+               pre_rope: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensors of one group fitted on every batch: ``{component: {local: tensor}}`` (cached);
+        ``pre_rope``: fitted on keys before RoPE (their ``keys`` are what a ``pre_rope`` component uses)."""
+        key = (method.name, tuple(layers), pre_rope)
         if key not in self._fitted:
             if not self.fittable(method):
                 raise ValueError(f"{method.name!r} tensors for {list(layers)} were not fitted (fit=False)")
-            self._fitted[key] = method.fit(self.fit_statistics[method.fit_key], tuple(layers))
+            if pre_rope and method.fit_key not in self.pre_rope_statistics:
+                raise ValueError(f"{method.name!r} tensors before RoPE were not fitted (key_rope {self.key_rope!r})")
+            self._fitted[key] = method.fit(self._statistic(method, pre_rope), tuple(layers))
         return self._fitted[key]

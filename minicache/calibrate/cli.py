@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from minicache.calibrate.defaults import CALIBRATION_DEFAULTS as D
+from minicache.calibrate.defaults import KEY_ROPE_CHOICES
 from minicache.cli_options import (
     ArgumentParser,
     add_dtype_option,
@@ -107,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         "query keeps the most of the attention logits q.k the calibration queries compute (the basis is "
         "weighted by the queries' second moment; the profile then ships an encoder beside each key basis). "
         "Values are fitted by pca either way",
+    )
+    parser.add_argument(
+        "--key-rope", choices=KEY_ROPE_CHOICES, default="post",
+        help="which keys the low-rank options see: post (default): as the cache receives them, after RoPE, so "
+        "attention can score the stored coefficients without restoring them; pre: with the model's RoPE removed "
+        "(a basis then holds keys 2-3x closer at the same width; the profile stores such keys with pre_rope: "
+        "true and attention restores them a block at a time); both: offer both, the search picks per group. "
+        "pre and both need a model with position-only RoPE, and --lowrank-basis pca",
     )
     add_kv_options(
         parser, residual=False, auto=True,
@@ -316,6 +325,7 @@ def _run(args, budget, defaults, quantization, methods, profile_path: Path, repo
         allow_small_data=args.allow_small_data,
         auto_bits=args.kv_bits == "auto",
         method_options={"lowrank_basis": args.lowrank_basis},
+        key_rope=args.key_rope,
         progress=write and not args.no_progress,
         log=(lambda line: print(line, flush=True)) if write else (lambda line: None),
     )

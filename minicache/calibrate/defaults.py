@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CALIBRATION_DEFAULTS", "CalibrationDefaults"]
+__all__ = ["CALIBRATION_DEFAULTS", "KEY_ROPE_CHOICES", "CalibrationDefaults"]
+
+#: Which keys the options of RoPE-sensitive methods (low rank) see: as the cache receives them, before
+#: RoPE, or both (:mod:`minicache.calibrate.capture`).
+KEY_ROPE_CHOICES = ("post", "pre", "both")
 
 
 @dataclass(frozen=True)

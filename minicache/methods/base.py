@@ -272,6 +272,11 @@ class MergeMethod(ABC):
     retains : bool
         Retention applies (γ and sink tokens keep the most distant tokens exact). False for a method
         whose stored form is already exact: it never retains a token.
+    rope_sensitive : bool
+        Its stored form for keys depends on how RoPE turned them: one fitted basis serves every token
+        (a low-rank basis), and RoPE smears it across position. The calibration then offers its key
+        options before RoPE too (``pre_rope``, with tensors fitted on keys with RoPE removed). False for
+        methods that compare the members of one token (RoPE turns them alike: SLERP's angle is the same).
     tensors_in_cache_dtype : bool
         A cache of a 16-bit float dtype holds the method's sidecar tensors in that dtype (the sidecar
         keeps them in float32; every method computes in float32 either way). For tensors whose
@@ -290,6 +295,7 @@ class MergeMethod(ABC):
     factored: ClassVar[bool] = False
     closed_loop: ClassVar[bool] = False
     retains: ClassVar[bool] = True
+    rope_sensitive: ClassVar[bool] = False
     tensors_in_cache_dtype: ClassVar[bool] = False
 
     # -- parameters and tensors (profile side) -------------------------------------------------

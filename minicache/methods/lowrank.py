@@ -111,6 +111,7 @@ class LowRankMethod(MergeMethod):
     tensor_part = "bases"
     min_members = 1
     factored = True
+    rope_sensitive = True
     tensors_in_cache_dtype = True
 
     # -- profile side -------------------------------------------------------------------------------

@@ -84,6 +84,16 @@ class MiniCache(Cache):
         self._bound = False
         self._merge_kernel: bool | None = None  # use_kernels' choice, which binding keeps
         members: dict[int, MergedLayer] = {}
+        quant = profile.quantization
+        pre_rope = [f"groups[{i}].keys.pre_rope" for i, g in enumerate(profile.groups) if g.keys.pre_rope]
+        if quant is not None and quant.pre_rope_keys:
+            pre_rope.append("quantization.pre_rope_keys")
+        if pre_rope and rope is None:
+            try:
+                rope = RopeAngles.of_model(config_or_model)
+            except ValueError as err:
+                raise ProfileError(str(err), pre_rope[0]) from None
+        self._rope = rope if pre_rope else None
         for group in profile.groups:
             for layer in group.layers:
                 kind = spec.layers[layer].attention_type
@@ -95,19 +105,13 @@ class MiniCache(Cache):
             tensors = {name: profile.tensors_of(group, name) for name, _ in group.components()}
             store = GroupStore(
                 group, profile.defaults.residual_length, profile.defaults.block_size, self.padding, tensors,
-                quant=profile.quantization,
+                quant=profile.quantization, rope=self._rope,
             )
             self.stores.append(store)
             for member, layer in enumerate(group.layers):
                 members[layer] = MergedLayer(store, member)
         layers: list[CacheLayerMixin] = []
         quant = profile.quantization
-        if quant is not None and quant.pre_rope_keys and rope is None:
-            try:
-                rope = RopeAngles.of_model(config_or_model)
-            except ValueError as err:
-                raise ProfileError(str(err), "quantization.pre_rope_keys") from None
-        self._rope = rope
         for idx, (layer_spec, kwargs) in enumerate(zip(spec.layers, spec.cache_layer_kwargs, strict=True)):
             if idx in members:
                 layers.append(members[idx])

@@ -36,6 +36,7 @@ from minicache.methods.base import Field
 from minicache.profile import MergeGroup, MergeSettings, Quantization
 from minicache.quant import QuantizedTensor, append
 from minicache.runtime.retention import retention_mask
+from minicache.runtime.rope import RopeAngles
 from minicache.runtime.views import FieldSnapshot, MergedKVView, RetainedCSR, retained_csr_pair
 from minicache.sidecar import held_copy
 
@@ -160,10 +161,19 @@ class ComponentStore:
         Integer storage; ``bits`` is this group's width.
     bits : int
         Code width of this group (a profile may give one per layer; a group's members share it).
+    rope : RopeAngles, optional
+        The model's RoPE, required for keys with ``settings.pre_rope``: the method then sees the keys with
+        RoPE removed at their cache indices (which are the positions: a padded batch keeps one cache per
+        sequence), and every restore puts it back.
     """
 
     def __init__(self, name: str, settings: MergeSettings, members: int,
-                 tensors: dict[str, torch.Tensor] | None = None, quant: Quantization | None = None, bits: int = 0):
+                 tensors: dict[str, torch.Tensor] | None = None, quant: Quantization | None = None, bits: int = 0,
+                 rope: RopeAngles | None = None):
+        if settings.pre_rope and rope is None:
+            raise ValueError(f"{name} stored before RoPE (pre_rope) need the model's RoPE: build the cache with "
+                             "the model or its config")
+        self.rope = rope if settings.pre_rope else None
         self.name = name
         self.settings = settings
         self.method = settings.merge_method
@@ -187,7 +197,7 @@ class ComponentStore:
 
     def fresh(self) -> ComponentStore:
         """An empty store with the same settings (``reset``)."""
-        return ComponentStore(self.name, self.settings, self.members, self.tensors, self.quant, self.bits)
+        return ComponentStore(self.name, self.settings, self.members, self.tensors, self.quant, self.bits, self.rope)
 
     # -- device ---------------------------------------------------------------------------------
     def _like(self) -> torch.Tensor | None:
@@ -233,15 +243,17 @@ class ComponentStore:
         sink = real & (exclusive_rank < s.sink_tokens)
         dtype = xs[0].dtype
         tensors = self.tensors_on_device()
-        fused = self.method.fused_encode(self.params, self.members) if use_kernel else None
+        # before RoPE: the window turned back at its cache indices, float32 (what the method computes in)
+        inputs = xs if self.rope is None else [self.rope.remove(x, merged_before) for x in xs]
+        fused = self.method.fused_encode(self.params, self.members) if use_kernel and self.rope is None else None
         if fused is not None:
             fields, keep = fused(xs, tensors, s.gamma, s.retention, real, sink, window, count, dtype)
         else:
             if self.method.closed_loop:
-                encoded = self.method.encode(self.params, xs, tensors, roundtrip=self._roundtrip(dtype))
+                encoded = self.method.encode(self.params, inputs, tensors, roundtrip=self._roundtrip(dtype))
                 self._check_separable(encoded, dtype)
             else:
-                encoded = self.method.encode(self.params, xs, tensors)
+                encoded = self.method.encode(self.params, inputs, tensors)
             if self.method.retains:
                 keep = retention_mask(
                     encoded.distance, s.gamma, s.retention, valid=real, sink=sink, window=window, count=count
@@ -324,13 +336,15 @@ class ComponentStore:
             method=self.method,
             params=self.params,
             tensors=tensors,
-            frame=self.method.frame(self.params, tensors, member),
+            # a frame is a fixed map; RoPE's turns with the position, so a pre-RoPE prefix is restored instead
+            frame=self.method.frame(self.params, tensors, member) if self.rope is None else None,
             retained_value=self.retained_value,
             retained_q=self.retained_q,
             retained_index=self.retained_index,
             retained=csr,
             quantizer=None if self.quant is None else self.quant.quantizer,
             bits=self.bits,
+            rope=self.rope,
         )
 
     def restored(self, member: int) -> torch.Tensor:
@@ -347,7 +361,8 @@ class ComponentStore:
         below, block = memo[2:] if memo is not None and memo[:2] == (self.length, member - 1) else (None, None)
         chain, block = view.chain_block(0, self.length, below, block)
         self._chain = (self.length, member, chain, block) if member < self.members - 1 else None
-        dense = view.with_retained(chain.to(view.dtype, copy=True), 0, self.length)  # the memo stays as restored
+        turned = chain if self.rope is None else self.rope.apply(chain, 0)
+        dense = view.with_retained(turned.to(view.dtype, copy=True), 0, self.length)  # the memo stays as restored
         return torch.cat([dense, view.residual], dim=-2)
 
     # -- batch and memory -----------------------------------------------------------------------
@@ -420,6 +435,8 @@ class GroupStore:
         ``{"keys": {local: tensor}, "values": {...}}``: the methods' sidecar tensors.
     quant : Quantization, optional
         Integer storage (the group's width is that of its first layer).
+    rope : RopeAngles, optional
+        The model's RoPE, for keys stored before it (``pre_rope``).
 
     Attributes
     ----------
@@ -442,6 +459,7 @@ class GroupStore:
         padding: PaddingInfo,
         tensors: dict[str, dict[str, torch.Tensor]] | None = None,
         quant: Quantization | None = None,
+        rope: RopeAngles | None = None,
     ):
         self.layers = tuple(group.layers)
         self.quant = quant
@@ -455,7 +473,7 @@ class GroupStore:
             if missing:
                 raise ValueError(f"group {list(self.layers)}: {name} need the tensors {missing}, which were not given")
         self.components = {
-            name: ComponentStore(name, settings, k, tensors.get(name), quant, bits(name))
+            name: ComponentStore(name, settings, k, tensors.get(name), quant, bits(name), rope)
             for name, settings in group.components()
         }
         self.residual_length = residual_length

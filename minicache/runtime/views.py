@@ -209,7 +209,9 @@ class MergedKVView:
     bits : int
         Their code width (0: nothing is packed).
     rope : RopeAngles or None
-        An unmerged layer's keys packed before RoPE: restoring puts it back at the prefix's indices.
+        Keys stored before RoPE (an unmerged layer's packing, or a merged group's ``pre_rope`` keys):
+        restoring puts it back at the prefix's indices. Such a prefix has no :attr:`frame` and is not
+        :attr:`factored`: it is restored a block at a time.
     """
 
     member: int
@@ -376,6 +378,9 @@ class MergedKVView:
                 dense = self.rope.apply(self.stored["vectors"].block(start, end, self.dtype), start).to(dtype)
             return self.with_retained(dense, start, end, in_frame=in_frame)  # exact sinks
         block = {name: f.block(start, end, dtype) for name, f in self.stored.items()}
+        if self.rope is not None:  # restored before RoPE in float32, then turned at the block's indices
+            dense = self.method.decode(self.params, block, self.member, self.tensors, torch.float32)
+            return self.with_retained(self.rope.apply(dense, start).to(dtype), start, end)
         dense = self.method.decode(self.params, block, self.member, self.tensors, dtype, in_frame=in_frame)
         return self.with_retained(dense, start, end, in_frame=in_frame)
 
@@ -413,7 +418,7 @@ class MergedKVView:
     @property
     def factored(self) -> bool:
         """Attention can score and sum this prefix from its stored form (:meth:`scores_block`) without restoring."""
-        return self.method is not None and self.method.factored
+        return self.method is not None and self.method.factored and self.rope is None
 
     def _retained_in(self, start: int, end: int):
         """Retained entries inside ``[start, end)``: ``(b, h, pos - start, exact [n, D])`` or None."""

@@ -13,6 +13,10 @@
 #   bash benchmarks/lowrank_results.sh bf16-bases    # 2c. the shipped low-rank profile, bases held in bfloat16, 512
 #   bash benchmarks/lowrank_results.sh bf16-bases-2048  # 2d. the same at 2,048 tokens (about 12 minutes)
 #   bash benchmarks/lowrank_results.sh variants   # 1g. three variants of the search of 1c. (about 60 minutes)
+#   bash benchmarks/lowrank_results.sh prerope-keys  # 1h. keys-only profiles of 1d. with keys before RoPE, at 512
+#   bash benchmarks/lowrank_results.sh prerope    # 1i. the search of 1c. with keys before RoPE (--key-rope pre)
+#   bash benchmarks/lowrank_results.sh prerope-eval  # 1j. its profile on the unseen text: float32 512 and 2,048
+#   bash benchmarks/lowrank_results.sh prerope-bf16  # 1k. the same in bfloat16
 #
 # 1. minicache-calibrate --methods slerp,lowrank on the shipped profile's data (default budget +1 %)
 #    -> $OUT/profile (the search picks per group: SLERP, a low-rank basis of some rank, or nothing).
@@ -28,6 +32,10 @@
 #    1,024 scored), 16 calibration + 8 held-out -> $OUT/profile-3072. Each scored on the unseen text of 2.
 # 1d. Every layer's keys at rank 8 and 16 (joint), values exact, no search (benchmarks/lowrank_keys_only.py)
 #    -> $OUT/keys-only-r{8,16}, scored at 512 only.
+# 1h.-1k. Keys stored before RoPE (pre_rope: true): bases fitted on keys with the model's RoPE removed,
+#    which they hold 2-3x closer at the same width (6.). 1h: every layer's keys at rank 8 and 16, values
+#    exact, no search -> $OUT/prerope-keys-only-r{8,16}; 1i: the search of 1c. offering only such key
+#    options -> $OUT/profile-prerope; 1j/1k: it beside the shipped profiles on the windows of 2.
 # 2. minicache-eval --compare of the shipped (SLERP-only) profile and that profile on the same windows,
 #    at 512 and 2,048 tokens, float32 and bfloat16: 16,384 scored tokens (64 windows x 256 at 512,
 #    32 windows x 512 at 2,048) over several kinds of text no profile was calibrated on, in this order:
@@ -192,6 +200,37 @@ if [[ $WHAT == keys-only ]]; then
   "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype float32 --prefix-length 512 \
     --continuation-length 256 --num-windows 64 --compare "$OUT/profile,$OUT/keys-only-r8,$OUT/keys-only-r16" \
     --json-out "$OUT/keys-only-512.json" --markdown-out "$OUT/keys-only-512.md" --force
+  exit 0
+fi
+if [[ $WHAT == prerope-keys ]]; then
+  for rank in 8 16; do
+    "$PY" benchmarks/lowrank_keys_only.py --layers 0-29 --rank "$rank" --pre-rope --out "$OUT/prerope-keys-only-r$rank"
+  done
+  echo "== float32, prefix 512: every layer's keys low rank before RoPE, values exact"
+  "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype float32 --prefix-length 512 \
+    --continuation-length 256 --num-windows 64 --compare "$OUT/prerope-keys-only-r16,$OUT/prerope-keys-only-r8" \
+    --json-out "$OUT/prerope-keys-only-512.json" --markdown-out "$OUT/prerope-keys-only-512.md" --force
+  exit 0
+fi
+if [[ $WHAT == prerope ]]; then
+  echo "== minicache-calibrate --data $DATA --methods slerp,lowrank,exact --key-rope pre"
+  began=$SECONDS
+  "$PY" -m minicache.calibrate.cli --data "$DATA" --methods slerp,lowrank,exact --key-rope pre \
+    --out "$WORK/profile-prerope" --no-progress
+  echo "   (calibration: $((SECONDS - began)) s)"
+  rm -rf "$OUT/profile-prerope" && mkdir -p "$OUT/profile-prerope"
+  cp "$WORK/profile-prerope"/minicache_* "$OUT/profile-prerope/"
+  exit 0
+fi
+if [[ $WHAT == prerope-eval || $WHAT == prerope-bf16 ]]; then
+  dtype=float32 && [[ $WHAT == prerope-bf16 ]] && dtype=bfloat16
+  for spec in "512 64 256" "2048 32 512"; do
+    read -r length windows scored <<<"$spec"
+    echo "== $dtype, prefix $length: the search with keys before RoPE, $windows windows x $scored scored tokens"
+    "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype "$dtype" --prefix-length "$length" \
+      --continuation-length "$scored" --num-windows "$windows" --compare "$OUT/profile-prerope" \
+      --json-out "$OUT/compare-prerope-$dtype-$length.json" --markdown-out "$OUT/compare-prerope-$dtype-$length.md" --force
+  done
   exit 0
 fi
 if [[ $WHAT == all || ! -d $OUT/paper-lowrank ]]; then

@@ -27,8 +27,15 @@ With ``basis: query`` (keys), the basis is fitted for the logits of the calibrat
 than for the keys themselves (:mod:`minicache.methods.moments`): ``basis`` is then the decoder
 ``S⁻¹U`` and an ``encoder`` ``S U`` of the same shape stores the coefficients
 (``c = (X − μ) E``); the two are biorthogonal (``EᵀB = I``), which is what the profile checks.
-Keys are projected as they are stored (post-RoPE), so attention can score a query against the
-coefficients without restoring (``q · x̂_l = q · μ_l + (q U_l) · c``, see :meth:`LowRankMethod.scores`).
+Keys are projected as the cache receives them (post-RoPE), so attention can score a query against the
+coefficients without restoring (``q · x̂_l = q · μ_l + (q U_l) · c``, see :meth:`LowRankMethod.factored_scores`),
+or, with the group's ``pre_rope: true`` (a setting of the store, not of this method), with RoPE removed:
+RoPE turns every channel pair by an angle that grows with the position, which smears a basis shared by
+all tokens; before it the same width restores SmolLM2's keys 2-3x closer
+(``benchmarks/results/lowrank-cpu/probe.md``) and every layer's keys at a quarter of their width cost
++0.80 % perplexity instead of +3.43 % (``prerope-keys-only-512.md``). The price: attention restores such
+a prefix a block at a time (the store turns it back), since a query cannot be projected once for keys
+whose rotation differs per token.
 
 The retention distance is the relative restore error of the token at a head, ``‖X̂_h − X_h‖ /
 ‖X_h‖`` over the members (clamped to 1). The calibration offers a grid of ranks for both layouts;

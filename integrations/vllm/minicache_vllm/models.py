@@ -179,6 +179,9 @@ def install(model, vllm_config, path: Path) -> dict:
             if component.method.closed_loop:
                 raise _refuse(path, f"group {list(template.layers)}: {name} are merged by {component.method.name!r}, "
                                     "which restores each layer from the one below; not served yet")
+            if component.rope is not None:  # the paged merge encodes a unit apart from its position
+                raise _refuse(path, f"group {list(template.layers)}: {name} are stored before RoPE (pre_rope); "
+                                    "not served yet")
     page_tokens = vllm_config.cache_config.block_size
     max_seqs = vllm_config.scheduler_config.max_num_seqs
     context = vllm_config.compilation_config.static_forward_context

@@ -210,6 +210,14 @@ if [[ $WHAT == prerope-keys ]]; then
   "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype float32 --prefix-length 512 \
     --continuation-length 256 --num-windows 64 --compare "$OUT/prerope-keys-only-r16,$OUT/prerope-keys-only-r8" \
     --json-out "$OUT/prerope-keys-only-512.json" --markdown-out "$OUT/prerope-keys-only-512.md" --force
+  for spec in "float32 2048 32 512" "bfloat16 512 64 256" "bfloat16 2048 32 512"; do
+    read -r dtype length windows scored <<<"$spec"
+    echo "== $dtype, prefix $length: every layer's keys at rank 16 before RoPE, values exact"
+    "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype "$dtype" --prefix-length "$length" \
+      --continuation-length "$scored" --num-windows "$windows" --compare "$OUT/prerope-keys-only-r16" \
+      --json-out "$OUT/prerope-keys-only-r16-$dtype-$length.json" \
+      --markdown-out "$OUT/prerope-keys-only-r16-$dtype-$length.md" --force
+  done
   exit 0
 fi
 if [[ $WHAT == prerope ]]; then

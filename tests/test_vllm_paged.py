@@ -550,3 +550,21 @@ def test_decode_rows_read_from_the_pages_at_once_are_each_requests_own_tokens(qu
         with pytest.raises(ValueError, match="cannot be read as one batch"):
             ragged.stacked_views(0, [])
 
+
+
+def test_groups_the_paged_stores_cannot_serve_are_named():
+    """Keys stored before RoPE are encoded at their cache index; the paged merge encodes a unit apart from
+    it, so such profiles are refused (with the group), as closed-loop methods are."""
+    from minicache_vllm.paged import unservable_groups
+
+    from minicache import MergeProfile, MiniCache
+    from minicache.profile import Defaults
+    from tests.tiny_configs import tiny_config
+
+    config = tiny_config("llama", num_hidden_layers=4)
+    d = Defaults()
+    plain = MergeGroup((1, 2), d.settings(t=0.6), d.settings(t=0.6))
+    assert unservable_groups(MiniCache(MergeProfile(groups=(plain,), defaults=d), config)) is None
+    pre = MergeGroup((1, 2), d.settings("average", pre_rope=True), d.settings("average"))
+    problem = unservable_groups(MiniCache(MergeProfile(groups=(pre,), defaults=d), config))
+    assert problem is not None and "[1, 2]" in problem and "before RoPE" in problem

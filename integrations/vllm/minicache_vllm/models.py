@@ -165,7 +165,7 @@ def install(model, vllm_config, path: Path) -> dict:
     from minicache.runtime.cache import MiniCache
     from minicache.runtime.store import GroupStore
     from minicache_vllm.merged import MergedAttention, StoreLayer
-    from minicache_vllm.paged import DECODE_PATHS, PagedGroup
+    from minicache_vllm.paged import DECODE_PATHS, PagedGroup, unservable_groups
     from minicache_vllm.quantized import PagedQuantizedLayer
     from minicache_vllm.windows import WindowPool
 
@@ -174,14 +174,9 @@ def install(model, vllm_config, path: Path) -> dict:
     hf_config = vllm_config.model_config.hf_config
     profile.check_model(hf_config)  # a profile made for another model fails here, with its own message
     cache = MiniCache(profile, hf_config)
-    for template in cache.stores:
-        for name, component in template.components.items():
-            if component.method.closed_loop:
-                raise _refuse(path, f"group {list(template.layers)}: {name} are merged by {component.method.name!r}, "
-                                    "which restores each layer from the one below; not served yet")
-            if component.rope is not None:  # the paged merge encodes a unit apart from its position
-                raise _refuse(path, f"group {list(template.layers)}: {name} are stored before RoPE (pre_rope); "
-                                    "not served yet")
+    problem = unservable_groups(cache)
+    if problem is not None:
+        raise _refuse(path, problem)
     page_tokens = vllm_config.cache_config.block_size
     max_seqs = vllm_config.scheduler_config.max_num_seqs
     context = vllm_config.compilation_config.static_forward_context

@@ -23,7 +23,7 @@ from minicache_vllm.windows import WindowPool, merged_length
 
 logger = logging.getLogger("vllm.minicache_vllm")
 
-__all__ = ["DECODE_PATHS", "PagedGroup", "decode_path", "reads_blockwise", "reads_fused"]
+__all__ = ["DECODE_PATHS", "PagedGroup", "decode_path", "reads_blockwise", "reads_fused", "unservable_groups"]
 
 Stores = dict[str, ComponentStore]  # a request's (or a stacked batch's) store of each component
 
@@ -38,6 +38,20 @@ DECODE_PATHS = {
              "(CPU only under TRITON_INTERPRET=1), else PyTorch",
     "restore": "the whole prefix restored",
 }
+
+
+
+def unservable_groups(cache) -> str | None:
+    """What in a :class:`~minicache.runtime.cache.MiniCache`'s merged groups the paged stores cannot serve yet,
+    or None."""
+    for template in cache.stores:
+        for name, component in template.components.items():
+            if component.method.closed_loop:
+                return (f"group {list(template.layers)}: {name} are merged by {component.method.name!r}, which "
+                        "restores each layer from the one below; not served yet")
+            if component.rope is not None:  # the paged merge encodes a unit apart from its cache index
+                return f"group {list(template.layers)}: {name} are stored before RoPE (pre_rope); not served yet"
+    return None
 
 
 class PagedGroup:

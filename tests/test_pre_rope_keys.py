@@ -3,6 +3,8 @@ their cache indices, and every restore turns them back; the calibration offers s
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -146,3 +148,32 @@ def test_calibration_offers_key_options_before_rope_and_ships_their_bases(tmp_pa
     assert cache.memory_report()["compression_ratio"] > 1.0
     with pytest.raises(ValueError, match="query-weighted"):
         calibrate_tiny(model, tmp_path, ("lowrank",), key_rope="pre", method_options={"lowrank_basis": "query"})
+
+
+def test_the_capture_fits_and_measures_key_options_on_keys_without_rope():
+    from minicache.calibrate.capture import CalibrationCapture
+
+    model = _model()
+    rope = RopeAngles.of_model(model)
+    h, d, layers = model.config.num_key_value_heads, model.config.head_dim, model.config.num_hidden_layers
+    capture = CalibrationCapture([LOWRANK], [(2,), (2, 3)], fit=True, num_layers=layers, num_heads=h, head_dim=d,
+                                 max_offset=1, gamma=0.0, window=4, rope=rope, key_rope="both")
+    batches = [_kv(model, _windows(2, 32, seed=s) % model.config.vocab_size) for s in (1, 2)]
+    for i, kv in enumerate(batches):
+        capture.add(kv, i, len(batches))
+    options = capture.errors.options
+    assert {o.pre_rope for o in options[(2,), "keys"]} == {False, True}
+    assert {o.pre_rope for o in options[(2,), "values"]} == {False}
+    # the fit before RoPE is the statistic of the keys turned back: its mean is theirs (sinks left out)
+    fitted = capture.fitted(LOWRANK, (2,), pre_rope=True)["keys"]["mean"]
+    turned = torch.cat([without_rope(kv, rope)[2][0][..., 1:, :] for kv in batches], dim=0)
+    torch.testing.assert_close(fitted[0], turned.mean(dim=(0, 2)), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(capture.fitted(LOWRANK, (2,))["keys"]["mean"], fitted, atol=1e-3)
+    # the pre-RoPE options are measured on the keys they encode: error falls as the rank grows
+    rel = capture.errors.relative_error((2,), "keys")
+    joint = sorted((o.params.rank, float(rel[i])) for i, o in enumerate(options[(2,), "keys"])
+                   if o.pre_rope and o.params.heads == "joint")
+    assert all(b <= a + 1e-9 for (_, a), (_, b) in itertools.pairwise(joint)) and 0 < joint[0][1] < 1
+    with pytest.raises(ValueError, match="needs the model's RoPE"):
+        CalibrationCapture([LOWRANK], None, fit=True, num_layers=layers, num_heads=h, head_dim=d, max_offset=0,
+                           gamma=0.0, window=4, key_rope="pre")

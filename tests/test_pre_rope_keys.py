@@ -133,11 +133,12 @@ def test_a_model_without_rope_refuses_pre_rope_keys_clearly():
 def test_calibration_offers_key_options_before_rope_and_ships_their_bases(tmp_path):
     model = _model()
     both = calibrate_tiny(model, tmp_path, ("lowrank",), key_rope="both").search.candidates.values()
-    post = calibrate_tiny(model, tmp_path, ("lowrank",)).search.candidates.values()
+    post = calibrate_tiny(model, tmp_path, ("lowrank",), key_rope="post").search.candidates.values()
     assert any(c.keys.pre_rope for c in both) and not any(c.values.pre_rope for c in both)
-    assert not any(c.keys.pre_rope for c in post), "post (the default) offers keys as the cache receives them"
-    only = calibrate_tiny(model, tmp_path, ("lowrank",), key_rope="pre")
+    assert not any(c.keys.pre_rope for c in post), "post offers keys as the cache receives them"
+    only = calibrate_tiny(model, tmp_path, ("lowrank",))  # auto: before RoPE, the model's RoPE can be removed
     profile = only.profile
+    assert profile.calibration["key_rope"] == "pre"
     keyed = [g for g in profile.groups if g.keys.method == "lowrank"]
     assert keyed and all(g.keys.pre_rope for g in keyed)
     # the shipped key bases are the ones fitted before RoPE: they restore the calibration keys turned back
@@ -148,6 +149,10 @@ def test_calibration_offers_key_options_before_rope_and_ships_their_bases(tmp_pa
     assert cache.memory_report()["compression_ratio"] > 1.0
     with pytest.raises(ValueError, match="query-weighted"):
         calibrate_tiny(model, tmp_path, ("lowrank",), key_rope="pre", method_options={"lowrank_basis": "query"})
+    # auto with query-weighted bases (fitted for post-RoPE logits) offers keys after RoPE
+    queried = calibrate_tiny(model, tmp_path, ("lowrank",), method_options={"lowrank_basis": "query"})
+    assert queried.profile.calibration["key_rope"] == "post"
+    assert not any(g.keys.pre_rope for g in queried.profile.groups)
 
 
 def test_the_capture_fits_and_measures_key_options_on_keys_without_rope():

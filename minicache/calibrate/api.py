@@ -17,6 +17,7 @@ from minicache.calibrate.capture import CalibrationCapture, candidate_runs, pref
 from minicache.calibrate.corpus import DEFAULT_CORPUS, SOURCES, kinds
 from minicache.calibrate.data_check import DataCheck
 from minicache.calibrate.defaults import CALIBRATION_DEFAULTS as D
+from minicache.calibrate.defaults import KEY_ROPE_CHOICES, KEY_ROPE_DEFAULT
 from minicache.calibrate.key_weights import query_energies
 from minicache.calibrate.search import EXTEND, MAX_VERIFY, Budget, Candidate, SearchResult, search
 from minicache.calibrate.statistics import PairStatistics
@@ -93,7 +94,7 @@ def calibrate(
     allow_small_data: bool = False,
     auto_bits: bool = False,
     method_options: Mapping[str, Any] | None = None,
-    key_rope: str = "post",
+    key_rope: str = KEY_ROPE_DEFAULT,
 ) -> CalibrationResult:
     """Measure KV similarity on sample data and choose a merge profile within a quality budget.
 
@@ -142,7 +143,8 @@ def calibrate(
     key_rope : str
         Keys of methods whose stored form depends on RoPE (low rank): offered as the cache receives them
         (``"post"``), with RoPE removed (``"pre"``: the profile stores them so, ``pre_rope: true``), or both
-        ways (``"both"``, the search picks per group). See :mod:`minicache.calibrate.capture`.
+        ways (``"both"``, the search picks per group); ``"auto"`` (default): ``"pre"`` where the model's RoPE
+        can be removed and the key bases are PCA, else ``"post"``. See :mod:`minicache.calibrate.capture`.
     allow_small_data : bool
         Calibrate even below the floor of :mod:`~minicache.calibrate.data_check` (4 calibration and 4
         held-out windows); shortfalls against ``num_samples`` / ``eval_windows`` are logged as warnings.
@@ -172,11 +174,22 @@ def calibrate(
                              "calibrate with alignment/fitting on (drop --no-align)")
     spec = ModelSpec.from_config(model)
     rope = None
-    if key_rope != "post":
-        if (method_options or {}).get("lowrank_basis") == "query":
+    query_bases = (method_options or {}).get("lowrank_basis") == "query"
+    if key_rope == "auto":
+        key_rope = "post"
+        if any(m.rope_sensitive for m in merge_methods) and preset is None and not query_bases:
+            try:
+                rope = RopeAngles.of_model(model)
+                key_rope = "pre"
+            except ValueError as err:
+                log(f"low-rank keys after RoPE: {err}")
+    elif key_rope != "post":
+        if query_bases:
             raise ValueError("query-weighted key bases are fitted for the queries' post-RoPE logits: use "
                              "key_rope 'post' with them")
         rope = RopeAngles.of_model(model)  # ValueError: no RoPE, or one whose angles depend on the length
+    if key_rope not in KEY_ROPE_CHOICES:
+        raise ValueError(f"key_rope {key_rope!r}; allowed: auto, {', '.join(KEY_ROPE_CHOICES)}")
 
     group = process_group()  # (rank, world size) when data-parallel
     if data is None:
@@ -362,6 +375,8 @@ def calibrate(
         }
     if tuple(methods) != ("slerp",):
         calibration["methods"] = list(methods)
+    if any(m.rope_sensitive for m in merge_methods) and preset is None:
+        calibration["key_rope"] = key_rope  # which keys the low-rank options were offered on
     if auto_bits:
         calibration["bits"] = {
             "method": "auto: Fisher-ordered steps, longest prefix measured within the budget",

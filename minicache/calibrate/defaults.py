@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CALIBRATION_DEFAULTS", "KEY_ROPE_CHOICES", "CalibrationDefaults"]
+__all__ = ["CALIBRATION_DEFAULTS", "KEY_ROPE_CHOICES", "KEY_ROPE_DEFAULT", "CalibrationDefaults"]
 
 #: Which keys the options of RoPE-sensitive methods (low rank) see: as the cache receives them, before
-#: RoPE, or both (:mod:`minicache.calibrate.capture`).
+#: RoPE, or both (:mod:`minicache.calibrate.capture`); ``auto`` (the default): before RoPE where the model's
+#: RoPE can be removed (a RoPE whose angles depend on the position alone) and the key bases are PCA.
 KEY_ROPE_CHOICES = ("post", "pre", "both")
+KEY_ROPE_DEFAULT = "auto"
 
 
 @dataclass(frozen=True)

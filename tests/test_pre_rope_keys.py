@@ -182,3 +182,21 @@ def test_the_capture_fits_and_measures_key_options_on_keys_without_rope():
     with pytest.raises(ValueError, match="needs the model's RoPE"):
         CalibrationCapture([LOWRANK], None, fit=True, num_layers=layers, num_heads=h, head_dim=d, max_offset=0,
                            gamma=0.0, window=4, key_rope="pre")
+
+
+def test_the_shipped_pre_rope_lowrank_profile_fits_smollm2_and_stores_less(smollm2):
+    from pathlib import Path
+
+    model, tokenizer = smollm2
+    profile = MergeProfile.load(Path(__file__).parent.parent / "profiles" / "smollm2-135m-instruct-lowrank-prerope")
+    profile.check_model(model.config)
+    keyed = [g for g in profile.groups if g.keys.method == "lowrank"]
+    assert keyed and all(g.keys.pre_rope for g in keyed) and not any(g.values.pre_rope for g in profile.groups)
+    text = Path("/usr/share/common-licenses/GPL-3").read_text()
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :1024]
+    cache = MiniCache(profile, model)
+    with torch.no_grad():
+        logits = model(input_ids=ids, cache=cache).logits
+    report = cache.memory_report()
+    assert torch.isfinite(logits).all() and report["compression_ratio"] > 1.1  # its bases count, once per cache
+    assert report["parts"]["rope"] > 0

@@ -301,7 +301,7 @@ def _settings(s: MergeSettings) -> str:
     else:
         shown = ", ".join(f"{k} {v}" for k, v in params.items()) or "defaults"
         params = {}
-    text = f"{shown} / {s.gamma:g}" + (" (aligned)" if fitted else "")
+    text = f"{shown} / {s.gamma:g}" + (" (aligned)" if fitted else "") + (" (pre-RoPE)" if s.pre_rope else "")
     if params:
         text += " (" + ", ".join(f"{k} {v}" for k, v in params.items()) + ")"
     return text if s.method == "slerp" else f"{s.method}: {text}"

@@ -17,6 +17,7 @@
 #   bash benchmarks/lowrank_results.sh prerope    # 1i. the search of 1c. with keys before RoPE (--key-rope pre)
 #   bash benchmarks/lowrank_results.sh prerope-eval  # 1j. its profile on the unseen text: float32 512 and 2,048
 #   bash benchmarks/lowrank_results.sh prerope-bf16  # 1k. the same in bfloat16
+#   bash benchmarks/lowrank_results.sh prerope-decode  # 4b. decode with its groups (run it on an idle machine)
 #
 # 1. minicache-calibrate --methods slerp,lowrank on the shipped profile's data (default budget +1 %)
 #    -> $OUT/profile (the search picks per group: SLERP, a low-rank basis of some rank, or nothing).
@@ -241,6 +242,11 @@ if [[ $WHAT == prerope-eval || $WHAT == prerope-bf16 ]]; then
       --continuation-length "$scored" --num-windows "$windows" --compare "$OUT/profile-prerope" \
       --json-out "$OUT/compare-prerope-$dtype-$length.json" --markdown-out "$OUT/compare-prerope-$dtype-$length.md" --force
   done
+  exit 0
+fi
+if [[ $WHAT == prerope-decode ]]; then
+  "$PY" benchmarks/lowrank_decode.py --data "$WORK/licences.txt" --profile "$OUT/profile-prerope" \
+    --json-out "$OUT/decode-prerope.json"
   exit 0
 fi
 if [[ $WHAT == all || ! -d $OUT/paper-lowrank ]]; then

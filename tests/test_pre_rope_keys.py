@@ -200,3 +200,34 @@ def test_the_shipped_pre_rope_lowrank_profile_fits_smollm2_and_stores_less(smoll
     report = cache.memory_report()
     assert torch.isfinite(logits).all() and report["compression_ratio"] > 1.1  # its bases count, once per cache
     assert report["parts"]["rope"] > 0
+
+
+def test_a_closed_loop_method_restores_pre_rope_keys_in_layer_order_exactly():
+    """The predictive residual stores every member exactly when unquantized: with its keys before RoPE,
+    the restore path and the blockwise path must still give the full cache's tokens (RoPE turned back
+    on the chain it restores, layer after layer)."""
+    from dataclasses import replace
+
+    from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
+    from tests.test_predictive import _profile as predictive_profile
+
+    model = _model()
+    plain = predictive_profile(model, [(1, 2, 3, 4)])
+    groups = tuple(replace(g, keys=replace(g.keys, pre_rope=True)) for g in plain.groups)
+    profile = replace(plain, groups=groups)
+    ids = _windows(2, 30, seed=3)
+
+    def generate(cache):
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=8,
+                              do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+
+    full = generate(None)
+    restored = generate(MiniCache(profile, model))
+    assert enable_fused_attention(model, backend="torch")
+    cache = MiniCache(profile, model)
+    blockwise = generate(cache)
+    disable_fused_attention(model)
+    assert cache.memory_report()["groups"][0]["merged_tokens"] > 0
+    assert torch.equal(restored.sequences, full.sequences) and torch.equal(blockwise.sequences, full.sequences)
+    for a, b in zip(blockwise.scores, restored.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

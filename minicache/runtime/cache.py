@@ -111,7 +111,6 @@ class MiniCache(Cache):
             for member, layer in enumerate(group.layers):
                 members[layer] = MergedLayer(store, member)
         layers: list[CacheLayerMixin] = []
-        quant = profile.quantization
         for idx, (layer_spec, kwargs) in enumerate(zip(spec.layers, spec.cache_layer_kwargs, strict=True)):
             if idx in members:
                 layers.append(members[idx])

@@ -18,6 +18,7 @@
 #   bash benchmarks/lowrank_results.sh prerope-eval  # 1j. its profile on the unseen text: float32 512 and 2,048
 #   bash benchmarks/lowrank_results.sh prerope-bf16  # 1k. the same in bfloat16
 #   bash benchmarks/lowrank_results.sh prerope-decode  # 4b. decode with its groups (run it on an idle machine)
+#   bash benchmarks/lowrank_results.sh prerope-4bit  # 5c. its shipped profile with 4-bit storage, 4,096 tokens
 #
 # 1. minicache-calibrate --methods slerp,lowrank on the shipped profile's data (default budget +1 %)
 #    -> $OUT/profile (the search picks per group: SLERP, a low-rank basis of some rank, or nothing).
@@ -64,6 +65,16 @@ exec > >(tee "$OUT/log-$WHAT.txt") 2>&1
 machine_line
 
 source benchmarks/unseen_text.sh && write_unseen_text "$WORK"
+
+calibrate_to() {  # name, calibration arguments...: minicache-calibrate on $DATA -> $OUT/name
+  local name=$1
+  shift
+  echo "== minicache-calibrate --data $DATA $* -> $name"
+  began=$SECONDS
+  "$PY" -m minicache.calibrate.cli --data "$DATA" "$@" --out "$WORK/$name" --no-progress
+  echo "   (calibration: $((SECONDS - began)) s)"
+  rm -rf "${OUT:?}/$name" && mkdir -p "$OUT/$name" && cp "$WORK/$name"/minicache_* "$OUT/$name/"
+}
 
 if [[ $WHAT == all ]]; then
   echo "== minicache-calibrate --data $DATA --methods slerp,lowrank"
@@ -137,13 +148,7 @@ if [[ $WHAT == query ]]; then
 fi
 if [[ $WHAT == query-search ]]; then
   # 1f. The search of 1c. with query-weighted key bases -> $OUT/profile-query, scored beside 1. and 1c.
-  echo "== minicache-calibrate --data $DATA --methods slerp,lowrank,exact --lowrank-basis query"
-  began=$SECONDS
-  "$PY" -m minicache.calibrate.cli --data "$DATA" --methods slerp,lowrank,exact --lowrank-basis query \
-    --out "$WORK/profile-query" --no-progress
-  echo "   (calibration: $((SECONDS - began)) s)"
-  rm -rf "$OUT/profile-query" && mkdir -p "$OUT/profile-query"
-  cp "$WORK/profile-query"/minicache_* "$OUT/profile-query/"
+  calibrate_to profile-query --methods slerp,lowrank,exact --lowrank-basis query
   for prefix in "512 64 256" "2048 32 512"; do
     read -r length windows scored <<<"$prefix"
     # the other searches' profiles were scored on the same windows (compare-exact-$length.md)
@@ -176,6 +181,14 @@ if [[ $WHAT == shipped-4bit ]]; then
     --continuation-length 1024 --num-windows 16 --kv-bits 4 \
     --compare profiles/smollm2-135m-instruct,profiles/smollm2-135m-instruct-lowrank \
     --json-out "$OUT/quantized-4bit-shipped-4096.json" --markdown-out "$OUT/quantized-4bit-shipped-4096.md" --force
+  exit 0
+fi
+if [[ $WHAT == prerope-4bit ]]; then
+  # 5c. 4-bit storage on top of the profile with keys before RoPE, on the windows of 5b. (about 20 minutes)
+  echo "== bfloat16, prefix 4096, 4-bit: shipped low rank with keys before RoPE"
+  "$PY" -m minicache.evaluate.cli --data "$WORK/unseen.txt" --dtype bfloat16 --prefix-length 4096 \
+    --continuation-length 1024 --num-windows 16 --kv-bits 4 --compare profiles/smollm2-135m-instruct-lowrank-prerope \
+    --json-out "$OUT/quantized-4bit-prerope-4096.json" --markdown-out "$OUT/quantized-4bit-prerope-4096.md" --force
   exit 0
 fi
 if [[ $WHAT == bf16-bases ]]; then
@@ -224,13 +237,7 @@ if [[ $WHAT == prerope-keys ]]; then
   exit 0
 fi
 if [[ $WHAT == prerope ]]; then
-  echo "== minicache-calibrate --data $DATA --methods slerp,lowrank,exact --key-rope pre"
-  began=$SECONDS
-  "$PY" -m minicache.calibrate.cli --data "$DATA" --methods slerp,lowrank,exact --key-rope pre \
-    --out "$WORK/profile-prerope" --no-progress
-  echo "   (calibration: $((SECONDS - began)) s)"
-  rm -rf "$OUT/profile-prerope" && mkdir -p "$OUT/profile-prerope"
-  cp "$WORK/profile-prerope"/minicache_* "$OUT/profile-prerope/"
+  calibrate_to profile-prerope --methods slerp,lowrank,exact --key-rope pre
   exit 0
 fi
 if [[ $WHAT == prerope-eval || $WHAT == prerope-bf16 ]]; then

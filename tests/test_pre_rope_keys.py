@@ -231,3 +231,30 @@ def test_a_closed_loop_method_restores_pre_rope_keys_in_layer_order_exactly():
     assert torch.equal(restored.sequences, full.sequences) and torch.equal(blockwise.sequences, full.sequences)
     for a, b in zip(blockwise.scores, restored.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["kivi", "rotated"])
+def test_a_direction_method_with_pre_rope_keys_reads_alike_on_both_paths(scheme):
+    """Averaging (direction and magnitudes, the kernels' layout) with keys before RoPE: the blockwise path
+    restores them per block even where a rotated packing would otherwise be read in its frame."""
+    from minicache.profile import Quantization
+    from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
+
+    model = _model()
+    d = Defaults(residual_length=8, block_size=4, gamma=0.05)
+    group = MergeGroup((2, 3), d.settings("average", pre_rope=True), d.settings("average"))
+    profile = MergeProfile(groups=(group,), defaults=d,
+                           quantization=Quantization(bits=4, group_size=8, residual_length=8, scheme=scheme))
+    ids = _windows(2, 30, seed=3)
+
+    def generate(cache):
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=8,
+                              do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+
+    want = generate(MiniCache(profile, model))
+    assert enable_fused_attention(model, backend="torch")
+    got = generate(MiniCache(profile, model))
+    disable_fused_attention(model)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

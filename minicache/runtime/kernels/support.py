@@ -50,6 +50,8 @@ def in_packing_frame(view: MergedKVView) -> MergedKVView:
     """
     if view.layout != "direction_magnitude":  # unmerged layers are attended in their packing's frame already
         return view
+    if view.rope is not None:  # keys stored before RoPE are restored and turned per block, never read in a frame
+        return view
     packed = view.qdirection
     retained_q = view.retained_q
     out = view

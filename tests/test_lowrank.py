@@ -185,15 +185,27 @@ def test_a_half_precision_cache_holds_the_bases_in_its_dtype_once():
     assert bases == {id(held[1][0]["basis"])}
 
 
-def assert_generation_paths_agree(model, profile: MergeProfile, ids: torch.Tensor) -> None:
+#: Storage the generation paths are compared under unless told otherwise: unquantized, and 4-bit.
+PATH_QUANTIZATIONS = (None, Quantization(bits=4, group_size=8, residual_length=8))
+
+
+def greedy_with_scores(model, ids: torch.Tensor, cache):
+    """8 greedy tokens after ``ids`` with their scores (``cache`` None: the model's own cache)."""
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=8,
+                          do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+
+
+def assert_generation_paths_agree(model, profile: MergeProfile, ids: torch.Tensor,
+                                  quantizations=PATH_QUANTIZATIONS) -> list:
     """Greedy generation through the restore path and the blockwise torch path gives the same tokens and
-    scores, unquantized and with 4-bit storage (whose fields must then be packed)."""
+    scores, unquantized and with 4-bit storage (whose fields must then be packed), or with each of
+    ``quantizations``. Returns the restore path's generations, one per quantization."""
 
     def generate(cache):
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=8,
-                              do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        return greedy_with_scores(model, ids, cache)
 
-    for quantization in (None, Quantization(bits=4, group_size=8, residual_length=8)):
+    restored = []
+    for quantization in quantizations:
         p = profile.with_quantization(quantization)
         want = generate(MiniCache(p, model))
         assert enable_fused_attention(model, backend="torch")
@@ -206,6 +218,8 @@ def assert_generation_paths_agree(model, profile: MergeProfile, ids: torch.Tenso
         assert torch.equal(got.sequences, want.sequences)
         for a, b in zip(got.scores, want.scores, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        restored.append(want)
+    return restored
 
 
 def calibrate_tiny(model, tmp_path, methods: tuple[str, ...], **options):

@@ -14,7 +14,14 @@ from minicache.methods import get_method
 from minicache.methods.lowrank import SecondMoments, fit_bases
 from minicache.profile import Defaults, MergeGroup, MergeSettings, ProfileError
 from minicache.runtime.rope import RopeAngles
-from tests.test_lowrank import _kv, _model, _windows, assert_generation_paths_agree, calibrate_tiny
+from tests.test_lowrank import (
+    _kv,
+    _model,
+    _windows,
+    assert_generation_paths_agree,
+    calibrate_tiny,
+    greedy_with_scores,
+)
 
 LOWRANK = get_method("lowrank")
 
@@ -208,7 +215,6 @@ def test_a_closed_loop_method_restores_pre_rope_keys_in_layer_order_exactly():
     on the chain it restores, layer after layer)."""
     from dataclasses import replace
 
-    from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
     from tests.test_predictive import _profile as predictive_profile
 
     model = _model()
@@ -216,21 +222,8 @@ def test_a_closed_loop_method_restores_pre_rope_keys_in_layer_order_exactly():
     groups = tuple(replace(g, keys=replace(g.keys, pre_rope=True)) for g in plain.groups)
     profile = replace(plain, groups=groups)
     ids = _windows(2, 30, seed=3)
-
-    def generate(cache):
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=8,
-                              do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-
-    full = generate(None)
-    restored = generate(MiniCache(profile, model))
-    assert enable_fused_attention(model, backend="torch")
-    cache = MiniCache(profile, model)
-    blockwise = generate(cache)
-    disable_fused_attention(model)
-    assert cache.memory_report()["groups"][0]["merged_tokens"] > 0
-    assert torch.equal(restored.sequences, full.sequences) and torch.equal(blockwise.sequences, full.sequences)
-    for a, b in zip(blockwise.scores, restored.scores, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    (restored,) = assert_generation_paths_agree(model, profile, ids, quantizations=(None,))
+    assert torch.equal(restored.sequences, greedy_with_scores(model, ids, None).sequences)
 
 
 @pytest.mark.parametrize("scheme", ["kivi", "rotated"])
@@ -238,23 +231,10 @@ def test_a_direction_method_with_pre_rope_keys_reads_alike_on_both_paths(scheme)
     """Averaging (direction and magnitudes, the kernels' layout) with keys before RoPE: the blockwise path
     restores them per block even where a rotated packing would otherwise be read in its frame."""
     from minicache.profile import Quantization
-    from minicache.runtime.attention import disable_fused_attention, enable_fused_attention
 
     model = _model()
     d = Defaults(residual_length=8, block_size=4, gamma=0.05)
     group = MergeGroup((2, 3), d.settings("average", pre_rope=True), d.settings("average"))
-    profile = MergeProfile(groups=(group,), defaults=d,
-                           quantization=Quantization(bits=4, group_size=8, residual_length=8, scheme=scheme))
-    ids = _windows(2, 30, seed=3)
-
-    def generate(cache):
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=8,
-                              do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-
-    want = generate(MiniCache(profile, model))
-    assert enable_fused_attention(model, backend="torch")
-    got = generate(MiniCache(profile, model))
-    disable_fused_attention(model)
-    assert torch.equal(got.sequences, want.sequences)
-    for a, b in zip(got.scores, want.scores, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    quantization = Quantization(bits=4, group_size=8, residual_length=8, scheme=scheme)
+    assert_generation_paths_agree(model, MergeProfile(groups=(group,), defaults=d), _windows(2, 30, seed=3),
+                                  quantizations=(quantization,))

@@ -173,6 +173,8 @@ def calibrate(
             raise ValueError(f"method {unfitted[0]!r} stores only with tensors fitted on the data: "
                              "calibrate with alignment/fitting on (drop --no-align)")
     spec = ModelSpec.from_config(model)
+    if key_rope not in (KEY_ROPE_DEFAULT, *KEY_ROPE_CHOICES):
+        raise ValueError(f"key_rope {key_rope!r}; allowed: {', '.join((KEY_ROPE_DEFAULT, *KEY_ROPE_CHOICES))}")
     rope = None
     query_bases = (method_options or {}).get("lowrank_basis") == "query"
     if key_rope == "auto":
@@ -188,8 +190,6 @@ def calibrate(
             raise ValueError("query-weighted key bases are fitted for the queries' post-RoPE logits: use "
                              "key_rope 'post' with them")
         rope = RopeAngles.of_model(model)  # ValueError: no RoPE, or one whose angles depend on the length
-    if key_rope not in KEY_ROPE_CHOICES:
-        raise ValueError(f"key_rope {key_rope!r}; allowed: auto, {', '.join(KEY_ROPE_CHOICES)}")
 
     group = process_group()  # (rank, world size) when data-parallel
     if data is None:

@@ -37,8 +37,8 @@ from minicache.methods.base import FitStatistic, all_reduce_sum, energy, process
 from minicache.runtime.retention import retention_mask
 from minicache.runtime.rope import RopeAngles
 
-__all__ = ["KEY_ROPE_CHOICES", "CalibrationCapture", "Option", "RestoreErrors", "candidate_runs", "prefill_batches",
-           "progress_bar", "without_rope"]
+__all__ = ["CalibrationCapture", "Option", "RestoreErrors", "candidate_runs", "prefill_batches", "progress_bar",
+           "without_rope"]
 
 KV = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -268,9 +268,10 @@ class CalibrationCapture:
             raise ValueError(f"key_rope {key_rope!r}; allowed: {', '.join(KEY_ROPE_CHOICES)}")
         if key_rope != "post" and rope is None:
             raise ValueError(f"key_rope {key_rope!r} needs the model's RoPE")
-        self.rope = rope if key_rope != "post" else None
-        self.key_rope = key_rope
         self.methods = list(methods)
+        # only RoPE-sensitive methods see keys before RoPE: without one, no batch is turned back
+        self.rope = rope if key_rope != "post" and any(m.rope_sensitive for m in self.methods) else None
+        self.key_rope = key_rope
         self.runs = runs
         self.fit_enabled = fit
         self.num_heads = num_heads

@@ -40,7 +40,6 @@ DECODE_PATHS = {
 }
 
 
-
 def unservable_groups(cache) -> str | None:
     """What in a :class:`~minicache.runtime.cache.MiniCache`'s merged groups the paged stores cannot serve yet,
     or None."""
